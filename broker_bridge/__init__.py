@@ -1,0 +1,27 @@
+"""Everything between the host and a sandbox: a DSPy 3.4 ``CodeInterpreter`` over local and Daytona
+sandboxes, with an in-sandbox Flask broker for tool calls. Knows sandboxes and DSPy, not Celery or Redis.
+"""
+
+from broker_bridge.backends.base import (
+    SandboxCapacityError,
+    SandboxDied,
+    SandboxError,
+    SandboxInfo,
+    SandboxStartError,
+    SandboxTimeout,
+)
+from broker_bridge.factory import InterpreterFactory, destroy_sandbox, interpreter_factory
+from broker_bridge.interpreter import SandboxInterpreter
+
+__all__ = [
+    "InterpreterFactory",
+    "SandboxCapacityError",
+    "SandboxDied",
+    "SandboxError",
+    "SandboxInfo",
+    "SandboxInterpreter",
+    "SandboxStartError",
+    "SandboxTimeout",
+    "destroy_sandbox",
+    "interpreter_factory",
+]

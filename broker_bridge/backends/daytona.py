@@ -1,0 +1,604 @@
+"""Daytona sandboxes (SDK 0.226): one cloud sandbox per interpreter.
+
+Boot: create a private sandbox named and labelled after the spec (no env vars, no secrets), upload
+the runtime files, make sure Flask is importable, start the broker in a background session, and
+wait for its ``/health`` through the preview link (the host sends the link's token in
+``X-Daytona-Preview-Token``). Code runs in one code-interpreter context, never retried: a retried
+``run_code`` can run the code twice. The sync client starts a thread, so it is made lazily, once
+per process, and forgotten in a forked child.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shlex
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from broker_bridge.backends.base import (
+    BrokerEndpoint, SandboxBackend, SandboxCapacityError, SandboxDied, SandboxError, SandboxInfo,
+    SandboxSpec, SandboxStartError, SandboxTimeout, broker_command, runtime_file_contents,
+)
+
+try:
+    from broker_bridge.sandbox.protocol import KEEPALIVE_MARKER
+except ImportError:  # the runtime's protocol module predates the constant
+    KEEPALIVE_MARKER = "\x1e[rlmq keep-alive]"
+
+__all__ = [
+    "DaytonaOptions", "DaytonaSandbox", "OutputLog", "PREVIEW_TOKEN_HEADER", "SANDBOX_LABEL",
+    "build_create_params", "daytona_client", "delete_daytona_sandbox", "describe_daytona_error",
+    "preview_headers", "reap_daytona_sandboxes",
+]
+
+log = logging.getLogger(__name__)
+
+SANDBOX_LABEL = "rlmq.sandbox"
+BROKER_SESSION = "rlmq-broker"
+PREVIEW_TOKEN_HEADER = "X-Daytona-Preview-Token"  # Sandbox.get_preview_link docstring, SDK 0.226
+SKIP_WARNING_HEADER = "X-Daytona-Skip-Preview-Warning"  # no HTML interstitial in front of the broker
+MISSING_KEY = ("DAYTONA_API_KEY is not set: export it (or pass api_key=) to run code in Daytona "
+               "sandboxes, or use the local sandbox backend (--sandbox local)")
+_SECRETISH = re.compile(r"(?i)(api[_-]?key|token|secret|passw(or)?d|credential)")
+_TOTAL_QUOTA = re.compile(r"(?i)quota|limit exceeded|maximum allowed:|no available runners|"
+                          r"insufficient (credits|balance|funds)")
+_PER_SANDBOX_LIMIT = re.compile(r"(?i)exceeds maximum allowed per sandbox")
+_NOT_RUNNING = re.compile(r"(?i)SANDBOX_NOT_RUNNING|not running|is stopped|context not found|"
+                          r"context is not active|worker process ended|context shutdown")
+
+
+# ---------------------------------------------------------------- client, one per process
+
+_clients: dict[tuple[int, str, str | None, str | None], Any] = {}
+_clients_lock = threading.Lock()
+
+
+def _forget_clients_after_fork() -> None:
+    global _clients_lock
+    _clients.clear()  # the parent's clients hold its threads and sockets: useless here
+    _clients_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_clients_after_fork)
+
+
+def daytona_client(api_key: str | None = None, api_url: str | None = None, target: str | None = None):
+    """This process's ``daytona.Daytona`` for these credentials (created on first use)."""
+    key = api_key or os.environ.get("DAYTONA_API_KEY", "").strip()
+    if not key:
+        raise SandboxStartError(MISSING_KEY)
+    cache_key = (os.getpid(), hashlib.sha256(key.encode()).hexdigest(), api_url, target)
+    with _clients_lock:
+        client = _clients.get(cache_key)
+        if client is None:
+            from daytona import Daytona, DaytonaConfig, DaytonaError
+
+            try:
+                client = Daytona(DaytonaConfig(api_key=key, api_url=api_url, target=target))
+            except DaytonaError as exc:
+                raise describe_daytona_error(exc, during="connecting to Daytona") from exc
+            _clients[cache_key] = client
+    return client
+
+
+# ---------------------------------------------------------------- pure helpers
+
+@dataclass(frozen=True)
+class DaytonaOptions:
+    """How sandboxes are created. Intervals are minutes, as the Daytona API takes them."""
+
+    api_key: str | None = None  # default: DAYTONA_API_KEY, read at boot
+    api_url: str | None = None  # default: DAYTONA_API_URL, else https://app.daytona.io/api
+    target: str | None = None  # region; default: DAYTONA_TARGET, else the organization's
+    snapshot: str | None = None  # default: Daytona's default Python snapshot
+    image: str | None = None  # build from an image instead (slow first time)
+    resources: dict[str, int] | None = None  # {"cpu":, "memory": GiB, "disk": GiB}; image only
+    auto_stop_interval: int = 15  # stop after this long without activity (0 = never)
+    auto_delete_interval: int = 0  # delete this long after stopping: 0 = at once, negative = never
+    ephemeral: bool | None = None  # SDK sugar for auto_delete_interval=0
+    ttl_minutes: int | None = None  # hard wall-clock cap (destroyed even if busy); None = off
+    network_block_all: bool | None = None  # True needs Flask already in the snapshot
+    boot_timeout: float = 180.0  # seconds for create + install + broker health
+    broker_port: int = 8765
+    run_grace: float = 30.0  # host-side watchdog beyond the daemon's own run timeout
+
+    def __post_init__(self) -> None:
+        if self.snapshot and self.image:
+            raise ValueError("give snapshot= or image=, not both")
+        if self.resources and not self.image:
+            raise ValueError("resources= needs image=: a snapshot fixes its own resources")
+        if self.ephemeral and self.auto_delete_interval > 0:
+            raise ValueError("ephemeral=True means auto_delete_interval=0")
+
+
+def sandbox_labels(spec: SandboxSpec) -> dict[str, str]:
+    return {**{str(k): str(v) for k, v in spec.labels.items()}, SANDBOX_LABEL: spec.sandbox_id}
+
+
+def build_create_params(spec: SandboxSpec, options: DaytonaOptions):
+    """The SDK's create params for ``spec``: private, named and labelled, no env, no secrets."""
+    from daytona import CreateSandboxFromImageParams, CreateSandboxFromSnapshotParams, Resources
+
+    common: dict[str, Any] = dict(
+        name=spec.sandbox_id,
+        language="python",
+        labels=sandbox_labels(spec),
+        public=False,
+        env_vars=None,
+        secrets=None,
+        auto_stop_interval=options.auto_stop_interval,
+        auto_delete_interval=options.auto_delete_interval,
+        ephemeral=options.ephemeral,
+        ttl_minutes=options.ttl_minutes,
+        network_block_all=options.network_block_all,
+        target=options.target,
+    )
+    if options.image:
+        params = CreateSandboxFromImageParams(
+            image=options.image, resources=Resources(**options.resources) if options.resources else None,
+            **common)
+    else:
+        params = CreateSandboxFromSnapshotParams(snapshot=options.snapshot, **common)
+    check_no_secrets(params, spec, api_key=options.api_key or os.environ.get("DAYTONA_API_KEY"))
+    return params
+
+
+def check_no_secrets(params: Any, spec: SandboxSpec, api_key: str | None = None) -> None:
+    """Refuse to create a sandbox that would carry a secret (explicit check, survives ``-O``)."""
+    if params.env_vars or getattr(params, "secrets", None):
+        raise SandboxStartError("refusing to pass environment variables or secrets into a Daytona sandbox")
+    values = [params.name or "", *(params.labels or {}).values()]
+    for key in params.labels or {}:
+        if _SECRETISH.search(key):
+            raise SandboxStartError(f"refusing to create a sandbox with the secret-looking label {key!r}")
+    for secret in (api_key, spec.sandbox_token):
+        if secret and any(secret in value for value in values):
+            raise SandboxStartError("refusing to put a token or API key into a sandbox's name or labels")
+
+
+def preview_headers(token: str | None) -> dict[str, str]:
+    """Headers the host sends through a private sandbox's preview link."""
+    headers = {SKIP_WARNING_HEADER: "true"}
+    if token:
+        headers[PREVIEW_TOKEN_HEADER] = token
+    return headers
+
+
+def _message(exc: BaseException) -> str:
+    text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    return " ".join(str(text).split())[:500]
+
+
+def describe_daytona_error(
+    exc: BaseException, *, during: str = "creating the sandbox", booting: bool | None = None
+) -> SandboxError:
+    """The ``SandboxError`` to raise for a Daytona SDK error met while doing ``during``.
+
+    While booting (the default unless ``during`` says "running"/"uploading") anything that is not a
+    rate limit or quota is a ``SandboxStartError``; afterwards a lost sandbox is ``SandboxDied``.
+    """
+    from daytona import (
+        DaytonaAuthenticationError, DaytonaConflictError, DaytonaConnectionError, DaytonaError,
+        DaytonaForbiddenError, DaytonaNotFoundError, DaytonaRateLimitError, DaytonaTimeoutError,
+    )
+    from daytona.common.errors import (
+        DaytonaBadGatewayError, DaytonaQueueTimeoutError, DaytonaServiceUnavailableError,
+    )
+
+    if isinstance(exc, SandboxError):
+        return exc
+    msg = _message(exc)
+    if booting is None:
+        booting = not during.startswith(("running", "uploading"))
+    status = getattr(exc, "status_code", None)
+    if isinstance(exc, DaytonaRateLimitError) or status == 429:
+        headers = {str(k).lower(): v for k, v in (getattr(exc, "headers", None) or {}).items()}
+        after = f" (Retry-After: {headers['retry-after']}s)" if headers.get("retry-after") else ""
+        return SandboxCapacityError(f"Daytona rate limit hit while {during}{after}; retry later ({msg})")
+    if isinstance(exc, DaytonaAuthenticationError) or status == 401:
+        return SandboxStartError(f"Daytona rejected the API key while {during}: check DAYTONA_API_KEY ({msg})")
+    if _PER_SANDBOX_LIMIT.search(msg):
+        return SandboxStartError(f"Daytona refused the requested resources (per-sandbox limit): {msg}")
+    if (isinstance(exc, DaytonaForbiddenError) or status in (400, 403)) and _TOTAL_QUOTA.search(msg):
+        return SandboxCapacityError(
+            f"Daytona quota or capacity exhausted while {during}: {msg}. Stop or delete sandboxes "
+            "(rlmq reap), raise the organization's limits, or retry later")
+    if isinstance(exc, DaytonaForbiddenError):
+        return SandboxStartError(f"Daytona refused {during} (HTTP 403): {msg}")
+    if isinstance(exc, (DaytonaQueueTimeoutError, DaytonaServiceUnavailableError, DaytonaBadGatewayError)):
+        return SandboxCapacityError(f"Daytona has no capacity right now ({during}); retry later ({msg})")
+    if booting:
+        if isinstance(exc, DaytonaConflictError):
+            return SandboxStartError(f"a Daytona sandbox with this name already exists ({msg}); "
+                                     "a previous attempt may still be alive: reap it first")
+        if isinstance(exc, DaytonaTimeoutError):
+            return SandboxStartError(f"Daytona timed out while {during}: {msg}")
+        return SandboxStartError(f"Daytona failed while {during}: {msg}")
+    if isinstance(exc, DaytonaNotFoundError):
+        return SandboxDied(f"the Daytona sandbox is gone ({during}): {msg}")
+    if _NOT_RUNNING.search(msg) or getattr(exc, "code", None) == "SANDBOX_NOT_RUNNING":
+        return SandboxDied(f"the Daytona sandbox or its Python context stopped ({during}): {msg}")
+    if isinstance(exc, (DaytonaConnectionError, DaytonaError)):
+        return SandboxDied(f"lost the Daytona sandbox while {during}: {msg}")
+    return SandboxDied(f"{type(exc).__name__} while {during}: {msg}")
+
+
+def _is_celery_time_limit(exc: BaseException) -> bool:
+    # broker_bridge does not import Celery; its time limits must pass through untouched
+    return any(cls.__name__ in ("SoftTimeLimitExceeded", "TimeLimitExceeded") for cls in type(exc).__mro__)
+
+
+class OutputLog:
+    """Logs a sandbox's streamed output line by line, minus the runtime's keep-alive lines."""
+
+    def __init__(self, name: str, logger: logging.Logger = log, tail_chars: int = 4000,
+                 max_line: int = 64 * 1024) -> None:
+        self.name, self.logger, self.max_line = name, logger, max_line
+        self._partial = {"stdout": "", "stderr": ""}
+        self._tail: collections.deque[str] = collections.deque()
+        self._tail_chars, self._tail_size = tail_chars, 0
+        self._lock = threading.Lock()
+
+    def feed(self, stream: str, text: str) -> None:
+        with self._lock:
+            buffered = self._partial[stream] + text
+            *lines, rest = buffered.split("\n")
+            while len(rest) > self.max_line:  # a runaway line is logged in pieces, never hoarded
+                lines.append(rest[: self.max_line])
+                rest = rest[self.max_line:]
+            self._partial[stream] = rest
+            for line in lines:
+                self._emit(stream, line)
+
+    def flush(self) -> None:
+        with self._lock:
+            for stream, rest in self._partial.items():
+                if rest:
+                    self._emit(stream, rest)
+                self._partial[stream] = ""
+
+    def tail(self) -> str:
+        with self._lock:
+            return "\n".join(self._tail)
+
+    def _emit(self, stream: str, line: str) -> None:
+        line = line.replace(KEEPALIVE_MARKER, "").rstrip("\r")
+        if not line.strip():
+            return
+        self.logger.log(logging.INFO if stream == "stderr" else logging.DEBUG, "[%s %s] %s",
+                        self.name, stream, line)
+        self._tail.append(line)
+        self._tail_size += len(line)
+        while self._tail_size > self._tail_chars and len(self._tail) > 1:
+            self._tail_size -= len(self._tail.popleft())
+
+
+# ---------------------------------------------------------------- the backend
+
+class DaytonaSandbox(SandboxBackend):
+    """One Daytona sandbox. ``destroy`` is safe from any thread; the rest is single-threaded."""
+
+    kind = "daytona"
+
+    def __init__(self, *, client: Any = None, runtime_subdir: str = "rlmq", **options: Any) -> None:
+        super().__init__()
+        self.options = DaytonaOptions(**options)
+        self._client = client  # tests and callers with their own client; else daytona_client()
+        self._runtime_subdir = runtime_subdir
+        self._runtime_dir: str | None = None
+        self._spec: SandboxSpec | None = None
+        self._sandbox: Any = None
+        self._context: Any = None
+        self._lock = threading.Lock()
+        self._destroyed = False
+        self.broker_log = ""  # the broker's output when it failed to come up
+        self.last_execution_error: Any = None  # an exception that escaped the driver code itself
+
+    # -- identity
+
+    @property
+    def runtime_dir(self) -> str:
+        if self._runtime_dir is None:
+            raise RuntimeError("runtime_dir is known once boot() has found the sandbox user's home")
+        return self._runtime_dir
+
+    @property
+    def daytona_id(self) -> str | None:
+        return getattr(self._sandbox, "id", None)
+
+    def info(self) -> SandboxInfo:
+        if self._spec is None:
+            raise RuntimeError("info() before boot()")
+        return SandboxInfo(backend=self.kind, sandbox_id=self._spec.sandbox_id, labels=sandbox_labels(self._spec))
+
+    # -- lifecycle
+
+    def boot(self, spec: SandboxSpec) -> BrokerEndpoint:
+        if self._spec is not None:
+            raise RuntimeError("a DaytonaSandbox boots once")
+        self._spec = spec
+        opts = self.options
+        deadline = time.monotonic() + opts.boot_timeout
+        params = build_create_params(spec, opts)
+        client = self._client or daytona_client(opts.api_key, opts.api_url, opts.target)
+        try:
+            sandbox = client.create(params, timeout=max(1.0, _left(deadline)))
+        except BaseException as exc:
+            self._delete_half_created(client, spec, exc)
+            if isinstance(exc, Exception) and not _is_celery_time_limit(exc):
+                raise describe_daytona_error(exc) from exc
+            raise
+        with self._lock:
+            self._sandbox = sandbox
+            destroyed_meanwhile = self._destroyed
+        if destroyed_meanwhile:  # destroy() ran in another thread while create was in flight
+            _delete(sandbox)
+            raise SandboxStartError("the sandbox was destroyed while it was being created")
+        try:
+            return self._install_and_start(sandbox, spec, deadline)
+        except BaseException as exc:
+            destroyed_meanwhile = self._destroyed
+            self.destroy()
+            if not isinstance(exc, Exception) or _is_celery_time_limit(exc):
+                raise
+            if destroyed_meanwhile and not isinstance(exc, SandboxError):
+                raise SandboxStartError("the sandbox was destroyed while it was booting") from exc
+            raise describe_daytona_error(exc, during="starting the broker") from exc
+
+    def _install_and_start(self, sandbox: Any, spec: SandboxSpec, deadline: float) -> BrokerEndpoint:
+        from daytona import FileUpload, SessionExecuteRequest
+
+        opts = self.options
+        home = (sandbox.get_user_home_dir() or "/home/daytona").rstrip("/")
+        self._runtime_dir = f"{home}/{self._runtime_subdir}"
+        setup = (f"mkdir -p {shlex.quote(self._runtime_dir)} && "
+                 "{ python3 -c 'import flask' >/dev/null 2>&1 || python3 -m pip install -q flask 2>&1 || "
+                 "python3 -m pip install -q --user --break-system-packages flask 2>&1; } && "
+                 "python3 -c 'import flask'")
+        command = f"sh -c {shlex.quote(setup)}"
+        self.bytes_sent += len(command.encode())
+        result = sandbox.process.exec(command, timeout=max(1, int(_left(deadline))))
+        if result.exit_code != 0:
+            raise SandboxStartError("could not make Flask importable in the Daytona sandbox (exit "
+                                    f"{result.exit_code}): {(result.result or '')[-1500:]}")
+        files = runtime_file_contents()
+        sandbox.fs.upload_files([FileUpload(source=data, destination=f"{self._runtime_dir}/{name}")
+                                 for name, data in files.items()])
+        self.bytes_sent += sum(len(data) for data in files.values())
+
+        argv = broker_command("python3", self._runtime_dir, spec, port=opts.broker_port, bind="0.0.0.0")
+        line = f"cd {shlex.quote(self._runtime_dir)} && exec {shlex.join(argv)}"
+        sandbox.process.create_session(BROKER_SESSION)
+        self.bytes_sent += len(line.encode())
+        started = sandbox.process.execute_session_command(
+            BROKER_SESSION, SessionExecuteRequest(command=line, run_async=True))
+        link = sandbox.get_preview_link(opts.broker_port)
+        endpoint = BrokerEndpoint(url=str(link.url).rstrip("/"), inside_url=f"http://127.0.0.1:{opts.broker_port}",
+                                  headers=preview_headers(getattr(link, "token", None)))
+        self._wait_for_health(sandbox, endpoint, started.cmd_id, deadline)
+        self._context = sandbox.code_interpreter.create_context(cwd=self._runtime_dir)
+        log.info("daytona sandbox %s (%s) ready, broker at %s", spec.sandbox_id, sandbox.id, endpoint.url)
+        return endpoint
+
+    def _wait_for_health(self, sandbox: Any, endpoint: BrokerEndpoint, cmd_id: str, deadline: float) -> None:
+        last, next_probe = "no answer yet", time.monotonic() + 3.0
+        while True:
+            try:
+                request = urllib.request.Request(f"{endpoint.url}/health", headers=endpoint.headers)
+                with urllib.request.urlopen(request, timeout=max(1.0, min(10.0, _left(deadline)))) as resp:
+                    json.loads(resp.read() or b"{}")
+                    if resp.status == 200:
+                        return
+                    last = f"HTTP {resp.status}"
+            except urllib.error.HTTPError as exc:
+                last = f"HTTP {exc.code}"
+            except (OSError, ValueError) as exc:  # URLError, timeouts, resets, a non-JSON page
+                last = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() >= next_probe:  # fail fast when the broker process already exited
+                next_probe = time.monotonic() + 3.0
+                command = sandbox.process.get_session_command(BROKER_SESSION, cmd_id)
+                if command.exit_code is not None:
+                    self.broker_log = self._broker_output(sandbox, cmd_id)
+                    raise SandboxStartError(f"the broker exited with code {command.exit_code}: "
+                                            f"{self.broker_log[-1500:]}")
+            if _left(deadline) <= 0:
+                self.broker_log = self._broker_output(sandbox, cmd_id)
+                raise SandboxStartError(f"the broker did not answer /health through the preview link within "
+                                        f"{self.options.boot_timeout:.0f}s (last: {last}); broker output: "
+                                        f"{self.broker_log[-1500:] or '(none)'}")
+            time.sleep(min(0.5, max(0.0, _left(deadline))))
+
+    @staticmethod
+    def _broker_output(sandbox: Any, cmd_id: str) -> str:
+        try:
+            logs = sandbox.process.get_session_command_logs(BROKER_SESSION, cmd_id)
+            return (logs.output or f"{logs.stdout or ''}{logs.stderr or ''}").strip()
+        except Exception as exc:  # diagnostics only
+            return f"(broker output unavailable: {_message(exc)})"
+
+    def _delete_half_created(self, client: Any, spec: SandboxSpec, exc: BaseException) -> None:
+        """After a failed create, delete the sandbox if Daytona made one (never a conflicting one)."""
+        from daytona import (DaytonaAuthenticationError, DaytonaConflictError, DaytonaForbiddenError,
+                             DaytonaRateLimitError)
+
+        if isinstance(exc, (DaytonaConflictError, DaytonaRateLimitError, DaytonaAuthenticationError,
+                            DaytonaForbiddenError, SandboxError)):
+            return  # nothing of ours exists (or the name belongs to someone else)
+        sandbox_id = getattr(exc, "sandbox_id", None) or spec.sandbox_id
+        try:
+            sandbox = client.get(sandbox_id)
+            if sandbox_id == spec.sandbox_id and (sandbox.labels or {}).get(SANDBOX_LABEL) != spec.sandbox_id:
+                return
+            _delete(sandbox)
+        except Exception as cleanup:  # best effort: auto-stop + auto-delete catch what this misses
+            if type(cleanup).__name__ != "DaytonaNotFoundError":
+                log.warning("could not delete half-created sandbox %s: %s", sandbox_id, _message(cleanup))
+
+    def destroy(self) -> None:
+        with self._lock:
+            if self._destroyed:
+                return
+            self._destroyed = True
+            sandbox, self._context = self._sandbox, None
+        if sandbox is not None:  # deleting the sandbox also ends its contexts and the broker session
+            _delete(sandbox)
+
+    def keep_alive(self) -> None:
+        """Reset Daytona's auto-stop timer (a long ``run_code`` is not activity by itself)."""
+        sandbox = self._sandbox
+        if sandbox is not None and not self._destroyed:
+            try:
+                sandbox.refresh_activity()
+            except Exception as exc:  # advisory
+                log.debug("refresh_activity failed for %s: %s", self.daytona_id, _message(exc))
+
+    # -- work
+
+    def _live(self) -> tuple[Any, Any]:
+        with self._lock:
+            if self._destroyed:
+                raise SandboxDied("the Daytona sandbox was destroyed")
+            if self._sandbox is None or self._context is None:
+                raise SandboxDied("the Daytona sandbox is not booted")
+            return self._sandbox, self._context
+
+    def put_file(self, relative_path: str, data: bytes) -> None:
+        from daytona import FileUpload
+
+        parts = relative_path.replace("\\", "/").split("/")
+        if relative_path.startswith("/") or ".." in parts or not relative_path:
+            raise ValueError(f"not a relative path inside the runtime dir: {relative_path!r}")
+        sandbox, _ = self._live()
+        try:
+            sandbox.fs.upload_files([FileUpload(source=bytes(data), destination=f"{self.runtime_dir}/{relative_path}")])
+        except Exception as exc:
+            if _is_celery_time_limit(exc):
+                raise
+            raise describe_daytona_error(exc, during=f"uploading {relative_path}", booting=False) from exc
+        self.bytes_sent += len(data)
+
+    def run_code(self, code: str, timeout: float) -> None:
+        sandbox, context = self._live()
+        sid = self._spec.sandbox_id if self._spec else "?"
+        output = OutputLog(sid)
+        outcome: dict[str, Any] = {}
+        self.last_execution_error = None
+
+        def run() -> None:
+            try:
+                outcome["result"] = sandbox.code_interpreter.run_code(
+                    code, context=context, timeout=max(1, math.ceil(timeout)),
+                    on_stdout=lambda msg: output.feed("stdout", msg.output),
+                    on_stderr=lambda msg: output.feed("stderr", msg.output))
+            except BaseException as exc:  # handed to the caller's thread
+                outcome["error"] = exc
+
+        self.bytes_sent += len(code.encode())
+        started = time.monotonic()
+        worker = threading.Thread(target=run, name=f"daytona-run-{sid}", daemon=True)
+        worker.start()
+        activity_every = max(60.0, self.options.auto_stop_interval * 60 / 3) if self.options.auto_stop_interval else 0
+        hard_deadline = started + timeout + self.options.run_grace
+        next_activity = started + activity_every
+        while worker.is_alive() and time.monotonic() < hard_deadline:
+            worker.join(min(5.0, max(0.01, hard_deadline - time.monotonic())))
+            if activity_every and time.monotonic() >= next_activity and worker.is_alive():
+                self.keep_alive()
+                next_activity = time.monotonic() + activity_every
+        output.flush()
+        elapsed = time.monotonic() - started
+        if worker.is_alive():
+            self.destroy()
+            raise SandboxTimeout(f"code ran past {timeout:.0f}s (no answer from Daytona for {elapsed:.0f}s); "
+                                 f"sandbox {sid} destroyed")
+        error = outcome.get("error")
+        if error is not None:
+            from daytona import DaytonaConnectionError, DaytonaTimeoutError
+
+            if _is_celery_time_limit(error) or not isinstance(error, Exception):
+                raise error
+            destroyed_meanwhile = self._destroyed
+            self.destroy()
+            if isinstance(error, DaytonaTimeoutError) and not isinstance(error, DaytonaConnectionError):
+                raise SandboxTimeout(f"code ran past {timeout:.0f}s ({elapsed:.0f}s elapsed); "
+                                     f"sandbox {sid} destroyed") from error
+            if destroyed_meanwhile:
+                raise SandboxDied(f"sandbox {sid} was destroyed while code was running") from error
+            died = describe_daytona_error(error, during="running code", booting=False)
+            tail = output.tail()
+            raise type(died)(f"{died}" + (f"\nlast output:\n{tail[-1500:]}" if tail else "")) from error
+        result = outcome.get("result")
+        if getattr(result, "error", None) is not None:  # the driver itself raised: the context lives on
+            self.last_execution_error = result.error
+            log.error("sandbox %s: code raised %s: %s\n%s", sid, result.error.name, result.error.value,
+                      result.error.traceback)
+
+
+# ---------------------------------------------------------------- reaping
+
+def _left(deadline: float) -> float:
+    return deadline - time.monotonic()
+
+
+def _delete(sandbox: Any, attempts: int = 3) -> bool:
+    """Delete one sandbox; already gone counts as done. Retries transient errors (delete is idempotent)."""
+    from daytona import DaytonaNotFoundError
+
+    for attempt in range(attempts):
+        try:
+            sandbox.delete()
+            return True
+        except DaytonaNotFoundError:
+            return True
+        except Exception as exc:
+            if _is_celery_time_limit(exc):
+                raise
+            if attempt == attempts - 1:
+                log.error("could not delete Daytona sandbox %s: %s", getattr(sandbox, "id", "?"), _message(exc))
+                return False
+            time.sleep(0.5 * 2 ** attempt)
+    return False
+
+
+def reap_daytona_sandboxes(labels: dict[str, str], *, client: Any = None) -> int:
+    """Delete every sandbox carrying all of ``labels``; return how many were deleted."""
+    from daytona import ListSandboxesQuery
+
+    if not labels:
+        raise ValueError("refusing to reap without labels: that would delete every sandbox")
+    wanted = {str(k): str(v) for k, v in labels.items()}
+    client = client or daytona_client()
+    found = list(client.list(ListSandboxesQuery(labels=wanted)))  # materialize before deleting
+    deleted = 0
+    for sandbox in found:
+        have = sandbox.labels or {}
+        if any(have.get(k) != v for k, v in wanted.items()):
+            continue  # the server filter is trusted, but verified
+        if str(getattr(sandbox, "state", "") or "").lower().endswith(("destroyed", "destroying")):
+            continue
+        deleted += _delete(sandbox)
+    return deleted
+
+
+def delete_daytona_sandbox(sandbox_id: str, *, client: Any = None) -> bool:
+    """Delete the sandbox rlmq created for ``sandbox_id`` (its name and label); False if none."""
+    from daytona import DaytonaNotFoundError
+
+    client = client or daytona_client()
+    try:
+        sandbox = client.get(sandbox_id)
+    except DaytonaNotFoundError:
+        return reap_daytona_sandboxes({SANDBOX_LABEL: sandbox_id}, client=client) > 0
+    if (sandbox.labels or {}).get(SANDBOX_LABEL) != sandbox_id:
+        raise SandboxError(f"Daytona sandbox {sandbox_id!r} exists but was not created by rlmq; not deleting it")
+    return _delete(sandbox)

@@ -1,0 +1,118 @@
+"""Keeping a local sandbox's processes countable and killable.
+
+Best: a pids cgroup of its own (a hard cap on processes and threads, and an exact list to kill),
+available where the cgroup tree is writable (root on most Linux hosts and containers). Otherwise
+RLIMIT_NPROC, which the kernel enforces per user and ignores for root, plus a scan of /proc for the
+sandbox's environment marker. This is process isolation, not a security boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
+SANDBOX_MARKER_VAR = "RLMQ_SANDBOX_ID"
+_CGROUP_ROOTS = (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup"))
+
+
+def _writable_pids_root() -> Path | None:
+    for root in _CGROUP_ROOTS:
+        has_pids = (root / "pids.max").exists() or root.name == "pids" or "pids" in _read(root / "cgroup.controllers")
+        if has_pids and (root / "cgroup.procs").exists() and os.access(root, os.W_OK):
+            return root
+    return None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+class ProcessJail:
+    """The processes of one local sandbox."""
+
+    def __init__(self, sandbox_id: str, max_processes: int) -> None:
+        self.sandbox_id = sandbox_id
+        self.max_processes = max_processes
+        self.cgroup: Path | None = None
+        root = _writable_pids_root()
+        if root is not None:
+            path = root / "rlmq" / sandbox_id
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                (path / "pids.max").write_text(str(max_processes))
+                self.cgroup = path
+            except OSError:
+                self.cgroup = None
+
+    @property
+    def nproc_limit(self) -> int | None:
+        """RLIMIT_NPROC for the sandbox when no cgroup caps it (per user: count what the user runs already)."""
+        if self.cgroup is not None or os.geteuid() == 0:
+            return None
+        return _tasks_of_user(os.getuid()) + self.max_processes
+
+    def admit(self, pid: int) -> None:
+        """Move a freshly started sandbox process into the cgroup before it runs any sandbox code."""
+        if self.cgroup is not None:
+            (self.cgroup / "cgroup.procs").write_text(str(pid))
+
+    def pids(self) -> set[int]:
+        found: set[int] = set()
+        if self.cgroup is not None:
+            found.update(int(p) for p in _read(self.cgroup / "cgroup.procs").split())
+        found.update(pids_with_marker(self.sandbox_id))
+        found.discard(os.getpid())
+        return found
+
+    def kill_all(self, settle_seconds: float = 5.0) -> None:
+        """SIGKILL every process of the sandbox until none is left (a fork bomb keeps forking for a while)."""
+        deadline = time.monotonic() + settle_seconds
+        while True:
+            pids = self.pids()
+            if not pids or time.monotonic() > deadline:
+                break
+            if self.cgroup is not None and (self.cgroup / "cgroup.freeze").exists():
+                with contextlib.suppress(OSError):
+                    (self.cgroup / "cgroup.freeze").write_text("1")
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.02)
+        if self.cgroup is not None:
+            with contextlib.suppress(OSError):
+                self.cgroup.rmdir()
+
+
+def pids_with_marker(sandbox_id: str) -> set[int]:
+    """Processes whose starting environment carries this sandbox's marker (they may have left its group)."""
+    needle = f"{SANDBOX_MARKER_VAR}={sandbox_id}\0".encode()
+    found = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as handle:
+                if needle in handle.read():
+                    found.add(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _tasks_of_user(uid: int) -> int:
+    count = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid == uid:
+                count += sum(1 for _ in os.scandir(f"/proc/{entry.name}/task"))
+        except OSError:
+            continue
+    return count

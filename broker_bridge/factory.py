@@ -1,0 +1,80 @@
+"""``interpreter_factory``: the zero-argument callable ``dspy.RLM(interpreter_factory=...)`` takes."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from broker_bridge.backends.base import SandboxBackend, SandboxInfo
+from broker_bridge.interpreter import EXECUTION_INSTRUCTIONS, SandboxInterpreter
+
+BACKENDS = ("local", "daytona")
+_INTERPRETER_OPTIONS = frozenset(
+    name for name in inspect.signature(SandboxInterpreter.__init__).parameters
+    if name not in {"self", "backend_factory", "tools", "output_fields"}
+)
+
+
+def backend_class(backend: str) -> type[SandboxBackend]:
+    if backend == "local":
+        from broker_bridge.backends.local import LocalSandbox
+
+        return LocalSandbox
+    if backend == "daytona":
+        from broker_bridge.backends.daytona import DaytonaSandbox
+
+        return DaytonaSandbox
+    raise ValueError(f"unknown sandbox backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+class InterpreterFactory:
+    """Creates one ``SandboxInterpreter`` (so one sandbox) per call; DSPy shuts each one down."""
+
+    execution_instructions = EXECUTION_INSTRUCTIONS
+
+    def __init__(self, backend: str = "local", **options: Any) -> None:
+        self.backend = backend
+        self._backend_class = backend_class(backend)
+        self._interpreter_options = {k: v for k, v in options.items() if k in _INTERPRETER_OPTIONS}
+        self._backend_options = {k: v for k, v in options.items() if k not in _INTERPRETER_OPTIONS}
+        accepted = set(inspect.signature(self._backend_class.__init__).parameters) - {"self"}
+        unknown = sorted(set(self._backend_options) - accepted)
+        if unknown:
+            raise TypeError(
+                f"unknown option(s) for the {backend} sandbox: {', '.join(unknown)} "
+                f"(accepted: {', '.join(sorted(accepted | _INTERPRETER_OPTIONS))})"
+            )
+
+    def __call__(self) -> SandboxInterpreter:
+        return SandboxInterpreter(
+            lambda: self._backend_class(**self._backend_options), **self._interpreter_options
+        )
+
+    def __repr__(self) -> str:
+        return f"InterpreterFactory(backend={self.backend!r})"
+
+
+def interpreter_factory(backend: str = "local", **options: Any) -> InterpreterFactory:
+    """The factory for ``dspy.RLM(interpreter_factory=...)``.
+
+    ``backend`` is ``"local"`` (subprocess sandbox) or ``"daytona"``. Options are the interpreter's
+    (``execution_timeout``, ``labels``, ``on_sandbox_created``, ``on_sandbox_destroyed``,
+    ``tool_concurrency``, ``output_limit``, ...) and the backend's (e.g. ``memory_limit_mb`` for
+    local, ``auto_stop_interval`` for Daytona); an unknown option is a ``TypeError`` now, not later.
+    """
+    return InterpreterFactory(backend, **options)
+
+
+def destroy_sandbox(info: SandboxInfo) -> None:
+    """For reapers: release a sandbox known only by its ``SandboxInfo`` (e.g. after its worker died)."""
+    if info.backend == "local":
+        from broker_bridge.backends.local import destroy_local_sandbox
+
+        destroy_local_sandbox(info.sandbox_id)
+    elif info.backend == "daytona":
+        from broker_bridge.backends.daytona import delete_daytona_sandbox
+
+        delete_daytona_sandbox(info.sandbox_id)
+    else:
+        raise ValueError(f"unknown sandbox backend {info.backend!r}")
+

@@ -1,0 +1,281 @@
+"""The in-sandbox broker: a Flask app between sandbox code and the host (same code on every backend).
+
+Sandbox code posts a tool call and blocks on it; the host long-polls for *all* queued messages at
+once, runs the calls, and posts results back, which wakes the blocked callers. Nothing here sleeps
+for a fixed interval: every wait is on a condition variable that the other side signals.
+
+Run as ``python broker.py --port N --host-token-sha256 H --sandbox-token-sha256 S``; with ``--port 0``
+it binds a free port and prints ``RLMQ-BROKER-PORT <n>``.
+"""
+
+import argparse
+import http.server
+import io
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+from collections import deque
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import protocol  # noqa: E402  (shipped beside this file)
+from flask import Flask, Response, request  # noqa: E402
+
+CALL_HOLD_SECONDS = 10.0  # a call answered within this returns at once; slower ones continue on /wait
+MAX_POLL_SECONDS = 30.0
+
+
+class Mailbox:
+    """Queued messages for the host, and the calls waiting for their results."""
+
+    def __init__(self):
+        self.lock = threading.Condition()
+        self.outbox = deque()
+        self.waiting = {}  # call id -> [threading.Event, result or None]
+        self.cancelled = None  # reason, once the host cancelled everything
+
+    def post(self, message):
+        with self.lock:
+            self.outbox.append(message)
+            self.lock.notify_all()
+
+    def submit_call(self, call):
+        slot = [threading.Event(), None]
+        with self.lock:
+            if self.cancelled:
+                return self._cancel_result(call["id"])
+            self.waiting[call["id"]] = slot
+            self.outbox.append(call)
+            self.lock.notify_all()
+        return None
+
+    def wait_result(self, call_id, timeout):
+        with self.lock:
+            slot = self.waiting.get(call_id)
+        if slot is None:
+            return {"type": "result", "id": call_id, "ok": False, "error_type": "RuntimeError",
+                    "error": f"unknown call id {call_id!r}"}
+        if not slot[0].wait(timeout):
+            return None
+        with self.lock:
+            self.waiting.pop(call_id, None)
+        return slot[1]
+
+    def deliver(self, result):
+        with self.lock:
+            slot = self.waiting.get(result["id"])
+        if slot is not None:
+            slot[1] = result
+            slot[0].set()
+
+    def take_all(self, timeout):
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while not self.outbox:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                self.lock.wait(remaining)
+            messages = list(self.outbox)
+            self.outbox.clear()
+            return messages
+
+    def wake(self):
+        with self.lock:
+            self.outbox.append({"type": "wake"})
+            self.lock.notify_all()
+
+    def cancel(self, reason):
+        with self.lock:
+            self.cancelled = reason
+            pending = list(self.waiting.items())
+        for call_id, slot in pending:
+            slot[1] = self._cancel_result(call_id)
+            slot[0].set()
+
+    def _cancel_result(self, call_id):
+        return {"type": "result", "id": call_id, "ok": False, "error_type": "RuntimeError",
+                "error": f"the host cancelled this call: {self.cancelled}"}
+
+
+def create_app(host_digest, sandbox_digest):
+    app = Flask("rlmq-broker")
+    mailbox = Mailbox()
+
+    def reply(payload, status=200):
+        return Response(protocol.dumps(payload), status=status, mimetype="application/json")
+
+    def refuse(who):
+        return reply({"error": f"invalid or missing {who} token"}, 403)
+
+    def host_only():
+        return protocol.token_matches(request.headers.get(protocol.HOST_TOKEN_HEADER), host_digest)
+
+    def sandbox_only():
+        return protocol.token_matches(request.headers.get(protocol.SANDBOX_TOKEN_HEADER), sandbox_digest)
+
+    def body():
+        return protocol.loads(request.get_data())
+
+    @app.errorhandler(protocol.ProtocolError)
+    def bad_message(exc):
+        return reply({"error": f"bad message: {exc}"}, 400)
+
+    @app.get(protocol.PATH_HEALTH)
+    def health():
+        return reply({"ok": True, "pid": os.getpid()})
+
+    @app.post(protocol.PATH_CALL)
+    def call():
+        if not sandbox_only():
+            return refuse("sandbox")
+        message = protocol.validate_call(body())
+        result = mailbox.submit_call(message) or mailbox.wait_result(message["id"], CALL_HOLD_SECONDS)
+        return reply(result if result is not None else {"type": "pending", "id": message["id"]})
+
+    @app.get(protocol.PATH_WAIT + "<call_id>")
+    def wait(call_id):
+        if not sandbox_only():
+            return refuse("sandbox")
+        result = mailbox.wait_result(call_id, CALL_HOLD_SECONDS)
+        return reply(result if result is not None else {"type": "pending", "id": call_id})
+
+    @app.post(protocol.PATH_OUTCOME)
+    def outcome():
+        if not sandbox_only():
+            return refuse("sandbox")
+        mailbox.post(protocol.validate_outcome(body()))
+        return reply({"ok": True})
+
+    @app.get(protocol.PATH_POLL)
+    def poll():
+        if not host_only():
+            return refuse("host")
+        wait_seconds = min(float(request.args.get("wait", "0")), MAX_POLL_SECONDS)
+        return reply({"messages": mailbox.take_all(wait_seconds)})
+
+    @app.post(protocol.PATH_RESULTS)
+    def results():
+        if not host_only():
+            return refuse("host")
+        for message in body().get("results", []):
+            mailbox.deliver(protocol.validate_result(message))
+        return reply({"ok": True})
+
+    @app.post(protocol.PATH_WAKE)
+    def wake():
+        if not host_only():
+            return refuse("host")
+        mailbox.wake()
+        return reply({"ok": True})
+
+    @app.post(protocol.PATH_CANCEL)
+    def cancel():
+        if not host_only():
+            return refuse("host")
+        mailbox.cancel(body().get("reason", "cancelled"))
+        return reply({"ok": True})
+
+    return app
+
+
+class KeepAliveHandler(http.server.BaseHTTPRequestHandler):
+    """Serves the Flask app over HTTP/1.1 keep-alive connections.
+
+    Werkzeug's development server closes every connection after one response, which costs a TCP
+    handshake per tool call. Every request and response here has a Content-Length, so keeping the
+    connection open is safe.
+    """
+
+    protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        super().setup()
+        # Headers and body go out as separate writes; without NODELAY, Nagle adds ~40 ms.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, *args):
+        pass
+
+    def _serve(self):
+        path, _, query = self.path.partition("?")
+        length = int(self.headers.get("Content-Length") or 0)
+        environ = {
+            "REQUEST_METHOD": self.command,
+            "PATH_INFO": urllib.parse.unquote(path),
+            "QUERY_STRING": query,
+            "SERVER_NAME": "rlmq-broker",
+            "SERVER_PORT": str(self.server.server_port),
+            "SERVER_PROTOCOL": self.request_version,
+            "REMOTE_ADDR": self.client_address[0],
+            "CONTENT_LENGTH": str(length),
+            "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(self.rfile.read(length) if length else b""),
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+        }
+        for name, value in self.headers.items():
+            environ["HTTP_" + name.upper().replace("-", "_")] = value
+        status_headers = []
+
+        def start_response(status, headers, exc_info=None):
+            status_headers[:] = [status, headers]
+
+        body = b"".join(self.server.app(environ, start_response))
+        status, headers = status_headers
+        self.send_response_only(int(status.split()[0]), status.partition(" ")[2])
+        for name, value in headers:
+            if name.lower() != "content-length":
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _serve
+
+
+class KeepAliveWSGIServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, app):
+        super().__init__(address, KeepAliveHandler)
+        self.app = app
+
+
+def exit_with_parent(parent_pid):
+    """Local backend: the broker must not outlive the worker that started it."""
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(0)
+        time.sleep(0.5)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="rlmq in-sandbox broker")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--bind", default="127.0.0.1")
+    parser.add_argument("--host-token-sha256", required=True)
+    parser.add_argument("--sandbox-token-sha256", required=True)
+    parser.add_argument("--parent-pid", type=int)
+    parser.add_argument("--limits", default="{}", help="JSON resource limits (see protocol.apply_limits)")
+    args = parser.parse_args(argv)
+    protocol.apply_limits(json.loads(args.limits))
+
+    app = create_app(args.host_token_sha256, args.sandbox_token_sha256)
+    server = KeepAliveWSGIServer((args.bind, args.port), app)
+    if args.parent_pid:
+        threading.Thread(target=exit_with_parent, args=(args.parent_pid,), daemon=True).start()
+    print(f"{protocol.PORT_ANNOUNCEMENT} {server.server_port}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""The local backend's persistent Python context (what Daytona's code interpreter is on Daytona).
+
+Reads one JSON line per run on stdin (``{"code": ...}``), executes it in one namespace that lives
+as long as the process, and answers ``{"ok": true}`` or ``{"ok": false, "error": ...}`` on a private
+copy of stdout. File descriptors 1 and 2 point at /dev/null, so nothing sandbox code writes there can
+corrupt the protocol; the runtime captures code output itself.
+"""
+
+import argparse
+import builtins
+import json
+import os
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import protocol  # noqa: E402
+
+
+def exit_with_parent(parent_pid):
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(0)
+        time.sleep(0.5)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="rlmq local sandbox kernel")
+    parser.add_argument("--limits", default="{}", help="JSON resource limits (see protocol.apply_limits)")
+    parser.add_argument("--parent-pid", type=int)
+    args = parser.parse_args(argv)
+    protocol.apply_limits(json.loads(args.limits))
+
+    replies = os.fdopen(os.dup(1), "w", encoding="utf-8")  # os.dup: not inherited by children
+    sink = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(sink, 1)
+    os.dup2(sink, 2)
+    os.close(sink)
+    if args.parent_pid:
+        threading.Thread(target=exit_with_parent, args=(args.parent_pid,), daemon=True).start()
+
+    pid = os.getpid()
+    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    replies.write(json.dumps({"ready": True}) + "\n")
+    replies.flush()
+    for line in sys.stdin:
+        try:
+            code = json.loads(line)["code"]
+            exec(compile(code, "<rlmq-driver>", "exec"), namespace)
+            reply = {"ok": True}
+        except BaseException as exc:  # the runtime catches code errors; this is a broken driver
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        if os.getpid() != pid:
+            os._exit(0)  # a fork made by sandbox code must not answer for the kernel
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The bridge's wire format, shared by the host and the sandbox (stdlib only: it is shipped into sandboxes).
+
+Three parties speak it:
+- sandbox code (through ``runtime.py``) posts tool **calls** and one **outcome** per execute;
+- the in-sandbox broker (``broker.py``) queues them for the host;
+- the host takes every queued message in one long-poll and posts **results** back.
+
+Messages are JSON objects tagged by ``type``:
+
+    call     {"type": "call", "id": str, "name": str, "args": list, "kwargs": dict}
+    result   {"type": "result", "id": str, "ok": true, "value": any}
+             {"type": "result", "id": str, "ok": false, "error_type": str, "error": str}
+    outcome  {"type": "outcome", "exec_id": str, "kind": "result"|"final"|"syntax"|"error",
+              "output": str, "value": any, "error": str}
+
+Tokens: the host's token authorizes the host endpoints; the sandbox token authorizes calls and
+outcomes. The broker keeps only their SHA-256 digests, so no file, argument or environment variable
+in the sandbox reveals the host's token.
+"""
+
+import hashlib
+import hmac
+import json
+import resource
+
+HOST_TOKEN_HEADER = "X-Rlmq-Host-Token"
+SANDBOX_TOKEN_HEADER = "X-Rlmq-Sandbox-Token"
+PORT_ANNOUNCEMENT = "RLMQ-BROKER-PORT"
+# Written to the real stdout while sandbox code waits on the host, so idle timeouts do not fire.
+KEEPALIVE_MARKER = "\x1e[rlmq keep-alive]"
+
+PATH_HEALTH = "/health"
+PATH_CALL = "/call"
+PATH_WAIT = "/wait/"  # + call id
+PATH_OUTCOME = "/outcome"
+PATH_POLL = "/host/poll"
+PATH_RESULTS = "/host/results"
+PATH_WAKE = "/host/wake"
+PATH_CANCEL = "/host/cancel"
+
+OUTCOME_KINDS = ("result", "final", "syntax", "error")
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this module's format."""
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def token_matches(presented, digest: str) -> bool:
+    if not presented:
+        return False
+    return hmac.compare_digest(token_digest(presented), digest)
+
+
+def dumps(message) -> bytes:
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def loads(data):
+    try:
+        message = json.loads(data)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"not JSON: {exc}") from exc
+    if not isinstance(message, dict):
+        raise ProtocolError("a message must be a JSON object")
+    return message
+
+
+def _require(message, key, kind):
+    if not isinstance(message.get(key), kind):
+        raise ProtocolError(f"{message.get('type', 'message')!s} needs {key!r} of type {kind.__name__}")
+
+
+def validate_call(message):
+    if message.get("type") != "call":
+        raise ProtocolError("expected a call")
+    _require(message, "id", str)
+    _require(message, "name", str)
+    _require(message, "args", list)
+    _require(message, "kwargs", dict)
+    return message
+
+
+def validate_result(message):
+    if message.get("type") != "result":
+        raise ProtocolError("expected a result")
+    _require(message, "id", str)
+    _require(message, "ok", bool)
+    if not message["ok"]:
+        _require(message, "error", str)
+        _require(message, "error_type", str)
+    return message
+
+
+def validate_outcome(message):
+    if message.get("type") != "outcome":
+        raise ProtocolError("expected an outcome")
+    _require(message, "exec_id", str)
+    if message.get("kind") not in OUTCOME_KINDS:
+        raise ProtocolError(f"outcome kind must be one of {OUTCOME_KINDS}")
+    _require(message, "output", str)
+    return message
+
+
+def apply_limits(limits):
+    """Set resource limits on the current process: {"as_bytes", "cpu_seconds", "open_files", "processes"}.
+
+    Done by the sandbox processes themselves at start, so the host never needs a ``preexec_fn``
+    (unsafe in a multi-threaded worker).
+    """
+    names = {
+        "as_bytes": resource.RLIMIT_AS,
+        "cpu_seconds": resource.RLIMIT_CPU,
+        "open_files": resource.RLIMIT_NOFILE,
+        "processes": resource.RLIMIT_NPROC,
+    }
+    for key, value in (limits or {}).items():
+        if value is None:
+            continue
+        limit = names[key]
+        _, hard = resource.getrlimit(limit)
+        value = int(value)
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
+        resource.setrlimit(limit, (value, value))

@@ -1,0 +1,283 @@
+"""Sandbox side of one interpreter session (stdlib only; runs inside the sandbox's Python context).
+
+The host bootstraps one ``Runtime`` into the persistent namespace as ``__rlmq`` and then sends, per
+execute, one line: ``__rlmq.execute(<request json>, globals())``. The runtime binds the tools,
+``SUBMIT`` and the variables, runs the code with its output captured and capped, and posts the
+outcome to the broker. Large inputs arrive as files named by content hash and are read once.
+"""
+
+import ast
+import builtins
+import http.client
+import json
+import os
+import socket
+import sys
+import threading
+import traceback
+import urllib.parse
+import uuid
+
+import protocol
+
+CODE_FILENAME = "<rlmq-code>"
+
+
+class Submission(BaseException):
+    """Raised by SUBMIT; a BaseException so ``except Exception`` in generated code cannot swallow it."""
+
+    def __init__(self, value):
+        super().__init__("SUBMIT")
+        self.value = value
+
+
+class ToolError(RuntimeError):
+    """A host tool failed with an exception type that does not exist in the sandbox."""
+
+
+class CappedOutput:
+    """A stdout/stderr stand-in that keeps at most ``limit`` characters and cuts very long lines."""
+
+    def __init__(self, limit, line_limit):
+        self.limit = limit
+        self.line_limit = line_limit
+        self.parts = []
+        self.kept = 0
+        self.dropped = 0
+        self.line_length = 0
+        self.line_cut = False
+        self.lock = threading.Lock()
+
+    def write(self, text):
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        with self.lock:
+            for piece in text.splitlines(keepends=True):
+                self._write_piece(piece)
+        return len(text)
+
+    def _write_piece(self, piece):
+        ends_line = piece.endswith("\n")
+        body = piece[:-1] if ends_line else piece
+        room_on_line = self.line_limit - self.line_length
+        if len(body) > room_on_line:
+            self.dropped += len(body) - room_on_line
+            body = body[:room_on_line] + ("" if self.line_cut else "…")
+            self.line_cut = True
+        self.line_length += min(len(body), room_on_line)
+        if ends_line:
+            body += "\n"
+            self.line_length, self.line_cut = 0, False
+        room = self.limit - self.kept
+        if len(body) > room:
+            self.dropped += len(body) - room
+            body = body[:room]
+        if body:
+            self.parts.append(body)
+            self.kept += len(body)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
+
+    def text(self):
+        text = "".join(self.parts).rstrip("\n")
+        if self.dropped:
+            text += (
+                f"\n[rlmq: output capped at {self.limit} characters per execute and {self.line_limit} per line;"
+                f" {self.dropped} characters not shown]"
+            )
+        return text
+
+
+class BrokerConnection:
+    """Keep-alive HTTP to the broker, one connection per thread (sandbox code may call from many)."""
+
+    def __init__(self, url, token, keepalive_seconds):
+        parsed = urllib.parse.urlsplit(url)
+        self.host, self.port = parsed.hostname, parsed.port
+        self.headers = {protocol.SANDBOX_TOKEN_HEADER: token, "Content-Type": "application/json"}
+        self.keepalive_seconds = keepalive_seconds
+        self.local = threading.local()
+
+    def _connection(self):
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            conn = self.local.conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+        if conn.sock is None:  # new, or closed by the server after the last response
+            conn.connect()
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def request(self, method, path, payload=None):
+        data = None if payload is None else protocol.dumps(payload)
+        for attempt in (1, 2):
+            conn = self._connection()
+            try:
+                conn.request(method, path, body=data, headers=self.headers)
+                response = conn.getresponse()
+                raw = response.read()
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                self.local.conn = None
+                if attempt == 2:
+                    raise
+                continue
+            if response.status != 200:
+                raise RuntimeError(f"rlmq broker refused {method} {path}: HTTP {response.status} {raw[:200]!r}")
+            return protocol.loads(raw)
+
+    def call(self, message):
+        reply = self.request("POST", protocol.PATH_CALL, message)
+        while reply.get("type") == "pending":
+            # Slow host tool (e.g. a big llm_query_batched): show life so idle timeouts do not fire.
+            sys.__stdout__.write(protocol.KEEPALIVE_MARKER + "\n")
+            sys.__stdout__.flush()
+            reply = self.request("GET", protocol.PATH_WAIT + message["id"])
+        return protocol.validate_result(reply)
+
+
+def _raise_tool_error(name, reply):
+    error_type = getattr(builtins, reply["error_type"], None)
+    message = reply["error"]
+    if isinstance(error_type, type) and issubclass(error_type, Exception) and error_type is not ToolError:
+        try:
+            raise error_type(message)
+        except TypeError:
+            pass
+    raise ToolError(f"{reply['error_type']}: {message}")
+
+
+class Runtime:
+    def __init__(self, broker_url, sandbox_token, runtime_dir, output_limit=100_000, line_limit=10_000,
+                 keepalive_seconds=10.0):
+        self.broker = BrokerConnection(broker_url, sandbox_token, keepalive_seconds)
+        self.runtime_dir = runtime_dir
+        self.output_limit = output_limit
+        self.line_limit = line_limit
+        self.pid = os.getpid()
+        self.raw_inputs = {}  # content hash -> file text, read once per sandbox
+        self.tool_names = set()
+
+    # ---- binding ---------------------------------------------------------------------------
+    def make_tool(self, name):
+        broker = self.broker
+
+        def tool(*args, **kwargs):
+            message = {"type": "call", "id": uuid.uuid4().hex, "name": name, "args": list(args), "kwargs": kwargs}
+            try:
+                json.dumps(message, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"arguments to {name}() must be JSON-serializable: {exc}") from None
+            reply = broker.call(message)
+            if not reply["ok"]:
+                _raise_tool_error(name, reply)
+            return reply.get("value")
+
+        tool.__name__ = tool.__qualname__ = name
+        tool.__doc__ = f"Host tool {name!r} (runs outside the sandbox)."
+        return tool
+
+    @staticmethod
+    def make_submit(output_fields):
+        names = [field["name"] for field in output_fields] if output_fields else None
+
+        def SUBMIT(*args, **kwargs):
+            if names is None:
+                if kwargs and not args:
+                    raise Submission(dict(kwargs))
+                if len(args) != 1 or kwargs:
+                    raise TypeError("SUBMIT takes exactly one value")
+                raise Submission({"output": args[0]})
+            if args and kwargs:
+                raise TypeError("SUBMIT takes the output values either all positionally or all by keyword")
+            if args:
+                if len(args) != len(names):
+                    raise TypeError(
+                        f"SUBMIT takes {len(names)} value(s) ({', '.join(names)}) but {len(args)} were given"
+                    )
+                raise Submission(dict(zip(names, args)))
+            missing = [name for name in names if name not in kwargs]
+            unexpected = [name for name in kwargs if name not in names]
+            if missing or unexpected:
+                raise TypeError(
+                    f"SUBMIT needs exactly the fields {names}; missing {missing}, unexpected {unexpected}"
+                )
+            raise Submission(dict(kwargs))
+
+        return SUBMIT
+
+    def bind(self, request, namespace):
+        for name in self.tool_names - set(request["tools"]):
+            namespace.pop(name, None)
+        self.tool_names = set(request["tools"])
+        for name in request["tools"]:
+            namespace[name] = self.make_tool(name)
+        namespace["SUBMIT"] = self.make_submit(request.get("output_fields"))
+        namespace.update(request.get("inline", {}))
+        for name, ref in request.get("files", {}).items():
+            namespace[name] = self.load_input(ref)
+
+    def load_input(self, ref):
+        digest, fmt = ref["sha256"], ref["format"]
+        raw = self.raw_inputs.get(digest)
+        if raw is None:
+            with open(os.path.join(self.runtime_dir, "inputs", digest), encoding="utf-8") as handle:
+                raw = self.raw_inputs[digest] = handle.read()
+        # A fresh object each execute: code that mutates an input does not change the next iteration's.
+        return raw if fmt == "text" else json.loads(raw)
+
+    # ---- running ---------------------------------------------------------------------------
+    def execute(self, request_json, namespace):
+        request = json.loads(request_json)
+        captured = CappedOutput(self.output_limit, self.line_limit)
+        outcome = {"type": "outcome", "exec_id": request["exec_id"], "kind": "result", "value": None}
+        saved = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = captured
+        try:
+            self.bind(request, namespace)
+            outcome["value"] = self.run(request["code"], namespace)
+        except Submission as submission:
+            outcome.update(kind="final", value=submission.value)
+        except SyntaxError as exc:
+            outcome.update(kind="syntax", error=_describe_syntax_error(exc))
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt from code are the code's errors too
+            outcome.update(kind="error", error=_describe_error(exc))
+        finally:
+            sys.stdout, sys.stderr = saved
+            if os.getpid() != self.pid:
+                os._exit(0)  # a fork of the session must never report or continue the session
+        outcome["output"] = captured.text()
+        self.broker.request("POST", protocol.PATH_OUTCOME, _jsonable_outcome(outcome))
+
+    @staticmethod
+    def run(code, namespace):
+        tree = ast.parse(code, filename=CODE_FILENAME, mode="exec")
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        exec(compile(tree, CODE_FILENAME, "exec"), namespace)
+        if last is None:
+            return None
+        return eval(compile(ast.Expression(last.value), CODE_FILENAME, "eval"), namespace)
+
+
+def _jsonable_outcome(outcome):
+    try:
+        json.dumps(outcome)
+        return outcome
+    except (TypeError, ValueError):
+        return json.loads(json.dumps(outcome, default=repr))
+
+
+def _describe_syntax_error(exc):
+    where = f" (line {exc.lineno})" if exc.lineno else ""
+    return f"{type(exc).__name__}: {exc.msg}{where}"
+
+
+def _describe_error(exc):
+    """The traceback limited to the generated code's own frames: what the model can act on."""
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__) if frame.filename == CODE_FILENAME]
+    lines = [f"  line {frame.lineno}, in {frame.name}" for frame in frames[-5:]]
+    head = f"{type(exc).__name__}: {exc}"
+    return "\n".join(["Traceback (most recent call last):", *lines, head]) if lines else head
