@@ -88,6 +88,11 @@ class SandboxInterpreter:
 
     # ---- lifecycle -------------------------------------------------------------------------
     @property
+    def runtime_dir(self) -> str | None:
+        """Where the runtime and the uploaded inputs live inside the sandbox (while it is alive)."""
+        return self._backend.runtime_dir if self._backend is not None else None
+
+    @property
     def bytes_sent(self) -> int:
         return self._backend.bytes_sent if self._backend is not None else 0
 

@@ -33,7 +33,7 @@ from broker_bridge.backends.base import (
     runtime_file_contents,
 )
 from broker_bridge.backends.process_jail import SANDBOX_MARKER_VAR, ProcessJail, pids_with_marker
-from broker_bridge.sandbox.protocol import PORT_ANNOUNCEMENT
+from broker_bridge.sandbox.protocol import PORT_ANNOUNCEMENT, protect_host_process
 
 # Variables a sandbox may inherit; everything else (API keys, tokens, cloud credentials) stays out.
 ENV_ALLOWLIST = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM")
@@ -106,6 +106,7 @@ class LocalSandbox(SandboxBackend):
     # ---- lifecycle -------------------------------------------------------------------------
     def boot(self, spec: SandboxSpec) -> BrokerEndpoint:
         self._spec = spec
+        protect_host_process()
         try:
             self._dir = Path(tempfile.mkdtemp(prefix=f"{SANDBOX_DIR_PREFIX}{spec.sandbox_id}-", dir=self.base_dir))
             files = runtime_file_contents() | runtime_file_contents(("kernel.py",))
@@ -119,14 +120,14 @@ class LocalSandbox(SandboxBackend):
                 self.python, str(self._dir), spec, port=0, parent_pid=os.getpid(),
                 limits={k: v for k, v in limits.items() if v is not None and k != "as_bytes"},
             )
-            self._broker = self._spawn([command[0], "-I", *command[1:]], env, stdin=subprocess.DEVNULL)
+            self._broker = self._spawn([command[0], "-I", *command[1:]], env, "broker", stdin=subprocess.DEVNULL)
             port = self._read_port(self._broker)
             kernel_command = [
                 self.python, "-I", str(self._dir / "kernel.py"),
                 "--limits", json.dumps({k: v for k, v in limits.items() if v is not None}),
                 "--parent-pid", str(os.getpid()),
             ]
-            self._kernel = self._spawn(kernel_command, env, stdin=subprocess.PIPE)
+            self._kernel = self._spawn(kernel_command, env, "kernel", stdin=subprocess.PIPE)
             threading.Thread(target=self._read_replies, args=(self._kernel,), daemon=True).start()
             ready = self._next_reply(self.boot_timeout)
             if ready is None or not json.loads(ready).get("ready"):
@@ -140,7 +141,7 @@ class LocalSandbox(SandboxBackend):
         url = f"http://127.0.0.1:{port}"
         return BrokerEndpoint(url=url, inside_url=url)
 
-    def _spawn(self, command: list[str], env: dict[str, str], stdin) -> subprocess.Popen:
+    def _spawn(self, command: list[str], env: dict[str, str], role: str, stdin) -> subprocess.Popen:
         process = subprocess.Popen(
             command,
             stdin=stdin,
@@ -152,7 +153,7 @@ class LocalSandbox(SandboxBackend):
             text=True,
         )
         assert self._jail is not None
-        self._jail.admit(process.pid)
+        self._jail.admit(process.pid, role)
         return process
 
     def _read_port(self, broker: subprocess.Popen) -> int:
@@ -234,12 +235,7 @@ class LocalSandbox(SandboxBackend):
 
 def destroy_local_sandbox(sandbox_id: str) -> None:
     """For reapers: kill what is left of a local sandbox on this machine and remove its directory."""
-    jail = ProcessJail.__new__(ProcessJail)
-    jail.sandbox_id, jail.cgroup = sandbox_id, None
-    for root in (Path("/sys/fs/cgroup/pids/rlmq"), Path("/sys/fs/cgroup/rlmq")):
-        if (root / sandbox_id).is_dir():
-            jail.cgroup = root / sandbox_id
-    jail.kill_all()
+    ProcessJail.existing(sandbox_id).kill_all()
     for leftover in Path(tempfile.gettempdir()).glob(f"{SANDBOX_DIR_PREFIX}{sandbox_id}-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     if pids_with_marker(sandbox_id):

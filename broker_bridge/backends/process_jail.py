@@ -33,22 +33,43 @@ def _read(path: Path) -> str:
         return ""
 
 
-class ProcessJail:
-    """The processes of one local sandbox."""
+def process_cap_available() -> bool:
+    """Whether a local sandbox's processes can be capped here (a pids cgroup, or RLIMIT_NPROC as non-root)."""
+    return _writable_pids_root() is not None or os.geteuid() != 0
 
-    def __init__(self, sandbox_id: str, max_processes: int) -> None:
+
+class ProcessJail:
+    """The processes of one local sandbox.
+
+    With cgroups, sandbox code (the kernel) gets a pids cgroup of its own inside the sandbox's, so a
+    fork bomb exhausts only its own budget while the broker keeps serving.
+    """
+
+    ROLES = ("kernel", "broker")
+
+    def __init__(self, sandbox_id: str, max_processes: int, *, create: bool = True) -> None:
         self.sandbox_id = sandbox_id
         self.max_processes = max_processes
         self.cgroup: Path | None = None
         root = _writable_pids_root()
-        if root is not None:
-            path = root / "rlmq" / sandbox_id
-            try:
-                path.mkdir(parents=True, exist_ok=True)
-                (path / "pids.max").write_text(str(max_processes))
-                self.cgroup = path
-            except OSError:
-                self.cgroup = None
+        if root is None:
+            return
+        path = root / "rlmq" / sandbox_id
+        if not create:
+            self.cgroup = path if path.is_dir() else None
+            return
+        try:
+            for role in self.ROLES:
+                (path / role).mkdir(parents=True, exist_ok=True)
+            (path / "kernel" / "pids.max").write_text(str(max_processes))
+            self.cgroup = path
+        except OSError:
+            self.cgroup = None
+
+    @classmethod
+    def existing(cls, sandbox_id: str) -> "ProcessJail":
+        """The jail of a sandbox started elsewhere in this machine (for reapers)."""
+        return cls(sandbox_id, 0, create=False)
 
     @property
     def nproc_limit(self) -> int | None:
@@ -57,15 +78,20 @@ class ProcessJail:
             return None
         return _tasks_of_user(os.getuid()) + self.max_processes
 
-    def admit(self, pid: int) -> None:
-        """Move a freshly started sandbox process into the cgroup before it runs any sandbox code."""
+    def admit(self, pid: int, role: str) -> None:
+        """Move a freshly started sandbox process into its cgroup before it runs any sandbox code."""
         if self.cgroup is not None:
-            (self.cgroup / "cgroup.procs").write_text(str(pid))
+            (self.cgroup / role / "cgroup.procs").write_text(str(pid))
+
+    def _cgroups(self) -> list[Path]:
+        if self.cgroup is None:
+            return []
+        return [self.cgroup / role for role in self.ROLES] + [self.cgroup]
 
     def pids(self) -> set[int]:
         found: set[int] = set()
-        if self.cgroup is not None:
-            found.update(int(p) for p in _read(self.cgroup / "cgroup.procs").split())
+        for group in self._cgroups():
+            found.update(int(p) for p in _read(group / "cgroup.procs").split())
         found.update(pids_with_marker(self.sandbox_id))
         found.discard(os.getpid())
         return found
@@ -77,16 +103,13 @@ class ProcessJail:
             pids = self.pids()
             if not pids or time.monotonic() > deadline:
                 break
-            if self.cgroup is not None and (self.cgroup / "cgroup.freeze").exists():
-                with contextlib.suppress(OSError):
-                    (self.cgroup / "cgroup.freeze").write_text("1")
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.02)
-        if self.cgroup is not None:
+        for group in self._cgroups():
             with contextlib.suppress(OSError):
-                self.cgroup.rmdir()
+                group.rmdir()
 
 
 def pids_with_marker(sandbox_id: str) -> set[int]:

@@ -268,6 +268,7 @@ def main(argv=None):
     parser.add_argument("--limits", default="{}", help="JSON resource limits (see protocol.apply_limits)")
     args = parser.parse_args(argv)
     protocol.apply_limits(json.loads(args.limits))
+    protocol.drop_privileges()
 
     app = create_app(args.host_token_sha256, args.sandbox_token_sha256)
     server = KeepAliveWSGIServer((args.bind, args.port), app)

@@ -26,12 +26,29 @@ def exit_with_parent(parent_pid):
         time.sleep(0.5)
 
 
+def reap_children():
+    """Collect exited children and orphans (we are their subreaper), as init would.
+
+    Unreaped zombies would keep counting against the sandbox's process cap. A ``subprocess.Popen``
+    from an earlier step that ended since then reads as exit code 0 afterwards: the price of that.
+    """
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="rlmq local sandbox kernel")
     parser.add_argument("--limits", default="{}", help="JSON resource limits (see protocol.apply_limits)")
     parser.add_argument("--parent-pid", type=int)
     args = parser.parse_args(argv)
     protocol.apply_limits(json.loads(args.limits))
+    protocol.become_subreaper()
+    protocol.drop_privileges()
 
     replies = os.fdopen(os.dup(1), "w", encoding="utf-8")  # os.dup: not inherited by children
     sink = os.open(os.devnull, os.O_WRONLY)
@@ -54,6 +71,7 @@ def main(argv=None):
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         if os.getpid() != pid:
             os._exit(0)  # a fork made by sandbox code must not answer for the kernel
+        reap_children()
         replies.write(json.dumps(reply) + "\n")
         replies.flush()
 

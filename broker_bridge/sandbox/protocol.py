@@ -18,6 +18,7 @@ outcomes. The broker keeps only their SHA-256 digests, so no file, argument or e
 in the sandbox reveals the host's token.
 """
 
+import ctypes
 import hashlib
 import hmac
 import json
@@ -126,3 +127,51 @@ def apply_limits(limits):
         if hard != resource.RLIM_INFINITY:
             value = min(value, hard)
         resource.setrlimit(limit, (value, value))
+
+
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_CAPBSET_DROP = 24
+_PR_SET_DUMPABLE = 4
+_PR_SET_CHILD_SUBREAPER = 36
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def drop_privileges():
+    """Give up every Linux capability, for this process and anything it executes.
+
+    A sandbox running as root (as in a container) could otherwise read the worker's memory and
+    environment through /proc despite the worker being non-dumpable (``protect_host_process``).
+    Best effort: a non-Linux or unprivileged process has nothing to drop.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    for capability in range(64):
+        libc.prctl(_PR_CAPBSET_DROP, capability, 0, 0, 0)  # fails harmlessly past the last capability
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    libc.capset(ctypes.byref(Header(_LINUX_CAPABILITY_VERSION_3, 0)), (Data * 2)())
+
+
+def become_subreaper():
+    """Orphaned descendants (a fork bomb's) are re-parented to this process, which reaps them."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except OSError:
+        pass
+
+
+def protect_host_process():
+    """Make the calling (host) process non-dumpable: unprivileged processes of the same user, such as
+    a sandbox, can then no longer read its /proc/<pid>/environ or memory, where API keys live."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except OSError:
+        pass

@@ -139,15 +139,17 @@ class BrokerConnection:
         return protocol.validate_result(reply)
 
 
-def _raise_tool_error(name, reply):
+def _raise_tool_error(reply):
+    """Re-raise a host tool's failure as the same built-in exception type where one exists."""
     error_type = getattr(builtins, reply["error_type"], None)
     message = reply["error"]
-    if isinstance(error_type, type) and issubclass(error_type, Exception) and error_type is not ToolError:
+    error = None
+    if isinstance(error_type, type) and issubclass(error_type, Exception):
         try:
-            raise error_type(message)
-        except TypeError:
-            pass
-    raise ToolError(f"{reply['error_type']}: {message}")
+            error = error_type(message)
+        except Exception:  # an exception type whose constructor wants other arguments
+            error = None
+    raise error if error is not None else ToolError(f"{reply['error_type']}: {message}")
 
 
 class Runtime:
@@ -158,6 +160,8 @@ class Runtime:
         self.output_limit = output_limit
         self.line_limit = line_limit
         self.pid = os.getpid()
+        # Connect now: after a fork bomb the broker may be unable to start a thread for a new connection.
+        self.broker.request("GET", protocol.PATH_HEALTH)
         self.raw_inputs = {}  # content hash -> file text, read once per sandbox
         self.tool_names = set()
 
@@ -173,7 +177,7 @@ class Runtime:
                 raise TypeError(f"arguments to {name}() must be JSON-serializable: {exc}") from None
             reply = broker.call(message)
             if not reply["ok"]:
-                _raise_tool_error(name, reply)
+                _raise_tool_error(reply)
             return reply.get("value")
 
         tool.__name__ = tool.__qualname__ = name
