@@ -1,0 +1,319 @@
+"""The ``rlmq`` command: submit and follow RLM runs, run workers, Flower, a local stack, the demo.
+
+Exit codes: 0 success; 1 the run failed or was cancelled; 2 bad usage or input; 3 Redis or the
+stack cannot be reached or started; 4 no such run; 5 timed out waiting. Errors are one line on
+stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NO_RUN, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
+EPILOG = (
+    "exit codes: 0 ok, 1 run failed or cancelled, 2 bad usage or input, 3 Redis/stack unreachable, "
+    "4 no such run, 5 timed out"
+)
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ---- helpers -------------------------------------------------------------------------------
+def _client(args: argparse.Namespace):
+    from tasks.client import Client
+
+    return Client(getattr(args, "redis_url", None))
+
+
+def format_progress(record) -> str:
+    p = record.progress or {}
+    parts = [record.status.value.lower()]
+    if p.get("iteration") is not None:
+        parts.append(f"iteration {p.get('iteration')}/{p.get('max_iters', '?')}")
+    parts.append(f"sub-LLM calls {p.get('llm_calls', 0)}")
+    parts.append(f"cache hits {p.get('cache_hits', 0)}")
+    started = record.started_at or record.spec.submitted_at
+    end = record.finished_at or time.time()
+    parts.append(f"elapsed {end - started:.1f}s")
+    if record.error:
+        parts.append(f"error: {record.error}")
+    return " · ".join(parts)
+
+
+def _progress_printer(stream=sys.stderr) -> Callable[[Any], None]:
+    live = stream.isatty()
+    last = [""]
+
+    def show(record) -> None:
+        line = format_progress(record)
+        if line == last[0]:
+            return
+        last[0] = line
+        if live:
+            stream.write("\r\033[K" + line)
+            if record.status.finished:
+                stream.write("\n")
+        else:
+            stream.write(line + "\n")
+        stream.flush()
+
+    return show
+
+
+def _finish_code(record) -> int:
+    return EXIT_OK if record.status.value == "SUCCEEDED" else EXIT_RUN_FAILED
+
+
+def _wait(client, run_id: str, timeout: float | None) -> int:
+    record = client.wait(run_id, timeout=timeout, on_progress=_progress_printer())
+    if record.status.value != "SUCCEEDED":
+        print(f"rlmq: run {run_id} {record.status.value.lower()}: {record.error or 'no detail'}", file=sys.stderr)
+    return _finish_code(record)
+
+
+# ---- commands ------------------------------------------------------------------------------
+def cmd_submit(args: argparse.Namespace) -> int:
+    from tasks.inputs import load_input_value, parse_input_arg
+
+    inputs: dict[str, Any] = {}
+    for text in args.input:
+        name, value = parse_input_arg(text)
+        if name in inputs:
+            raise CliError(f"input {name!r} is given twice")
+        inputs[name] = load_input_value(value, split=args.split if value.startswith("@") else None)
+    client = _client(args)
+    run_id = client.submit(
+        args.signature, inputs, lm=args.lm, sub_lm=args.sub_lm, lm_api_base=args.api_base,
+        sandbox=args.sandbox, max_iters=args.max_iters, max_llm_calls=args.max_llm_calls,
+    )
+    print(run_id)
+    sys.stdout.flush()
+    return _wait(client, run_id, args.timeout) if args.wait else EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    record = _client(args).status(args.run)
+    if args.json:
+        print(record.to_json())
+    else:
+        print(f"{record.spec.run_id}  {format_progress(record)}")
+    return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    return _wait(_client(args), args.run, args.timeout)
+
+
+def cmd_result(args: argparse.Namespace) -> int:
+    result = _client(args).result(args.run)
+    text = json.dumps(result, indent=2, ensure_ascii=False)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        print(text)
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    client = _client(args)
+    record = client.cancel(args.run)
+    if args.wait and not record.status.finished:
+        record = client.wait(args.run, timeout=args.wait)
+    print(f"{record.spec.run_id}  {record.status.value.lower()}")
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    for record in _client(args).list_runs(args.limit):
+        submitted = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.spec.submitted_at))
+        print(f"{record.spec.run_id}  {submitted}  {record.status.value:<9}  {record.spec.signature}")
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.stack import worker_command
+
+    pool = args.pool or ("threads" if args.queue == "llm" else "prefork")
+    concurrency = args.concurrency or (32 if args.queue == "llm" else max(2, os.cpu_count() or 2))
+    command = worker_command(args.queue, name=args.name or args.queue, concurrency=concurrency, pool=pool)
+    os.execv(sys.executable, [sys.executable, *command[1:], *args.celery_args])
+    return EXIT_OK  # not reached
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    command = [sys.executable, "-m", "celery", "-A", "tasks", "flower", f"--port={args.port}", f"--address={args.address}"]
+    auth = os.environ.get("FLOWER_BASIC_AUTH")
+    if auth:
+        command.append(f"--basic-auth={auth}")
+    os.execv(sys.executable, command)
+    return EXIT_OK  # not reached
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import signal
+
+    from workers.settings import redis_url_from_env
+    from workers.stack import LocalStack, running_stack_url
+
+    if running_stack_url():
+        raise CliError("a stack started by `rlmq up` is already running on this machine", EXIT_UNREACHABLE)
+    stack = LocalStack(
+        redis_url=args.redis_url or redis_url_from_env(), rlm_concurrency=args.rlm_concurrency,
+        llm_concurrency=args.llm_concurrency, flower_port=None if args.no_flower else args.flower_port,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        start_stack(stack)
+        flower = "" if args.no_flower else f"  flower: http://127.0.0.1:{args.flower_port}"
+        print(f"rlmq stack is up: REDIS_URL={stack.redis_url}{flower}  logs: {stack.log_dir}", flush=True)
+        print("Ctrl-C stops everything.", flush=True)
+        while True:
+            dead = stack.dead_children()
+            if dead:
+                raise CliError(f"{dead[0].name} stopped unexpectedly: {last_error_line(dead[0])}", EXIT_UNREACHABLE)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("stopping the stack...", file=sys.stderr, flush=True)
+        return EXIT_OK
+    finally:
+        stack.stop()
+
+
+def start_stack(stack) -> None:
+    try:
+        stack.start()
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        lines = str(exc).splitlines() or [type(exc).__name__]
+        reason = next((line for line in reversed(lines) if line.startswith("rlmq")), lines[0])
+        raise CliError(f"could not start the stack: {reason}", EXIT_UNREACHABLE) from None
+
+
+def last_error_line(child) -> str:
+    """The one line that explains why a stack process stopped (rlmq's own message, if it printed one)."""
+    lines = child.log_tail(60).splitlines()
+    for line in reversed(lines):
+        if line.startswith("rlmq"):
+            return line
+    return lines[-1] if lines else f"exit code {child.process.returncode}"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tasks.demo import run_demo
+
+    return run_demo(args)
+
+
+# ---- parser --------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlmq", description="Run DSPy Recursive Language Models on a Celery fleet.",
+                                     epilog=EPILOG)
+    parser.add_argument("--redis-url", help="Redis of the fleet (default: REDIS_URL, .env, or the `rlmq up` stack)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("submit", cmd_submit, "submit an RLM run")
+    p.add_argument("--signature", required=True, help='DSPy signature, e.g. "chapters: list[str], task: str -> answer: str"')
+    p.add_argument("--input", action="append", default=[], metavar="NAME=VALUE",
+                   help="an input: a literal value, or @path for a file, directory or glob (text, .json, .jsonl)")
+    p.add_argument("--split", help="split @-inputs into lists: 'chapters' for a book, or a regex")
+    p.add_argument("--lm", help="root model (LiteLLM string); default RLMQ_LM")
+    p.add_argument("--sub-lm", help="model for llm_query sub-calls; default RLMQ_SUB_LM or the root model")
+    p.add_argument("--api-base", help="OpenAI-compatible endpoint for both models; default RLMQ_LM_API_BASE")
+    p.add_argument("--max-iters", type=int, help="REPL iterations before the model must answer")
+    p.add_argument("--max-llm-calls", type=int, help="sub-LLM calls allowed for the run")
+    p.add_argument("--sandbox", choices=["local", "daytona"], help="where generated code runs")
+    p.add_argument("--wait", action="store_true", help="wait for the run and show progress")
+    p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+
+    p = add("status", cmd_status, "show a run's status and progress")
+    p.add_argument("run")
+    p.add_argument("--json", action="store_true", help="the whole record as JSON")
+
+    p = add("watch", cmd_watch, "follow a run's progress until it ends")
+    p.add_argument("run")
+    p.add_argument("--timeout", type=float)
+
+    p = add("result", cmd_result, "print or save a finished run's result")
+    p.add_argument("run")
+    p.add_argument("-o", "--output", help="write the result JSON to this file")
+
+    p = add("cancel", cmd_cancel, "stop a run (a running one stops promptly and its sandbox is deleted)")
+    p.add_argument("run")
+    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the run to stop (0: don't)")
+
+    p = add("list", cmd_list, "list recent runs")
+    p.add_argument("--limit", type=int, default=20)
+
+    p = add("worker", cmd_worker, "start a worker for one queue (rlm: runs, llm: sub-LLM calls)")
+    p.add_argument("queue", choices=["rlm", "llm"])
+    p.add_argument("--concurrency", "-c", type=int, help="default: 32 threads for llm, max(2, cores) processes for rlm")
+    p.add_argument("--pool", "-P", help="Celery pool (default: threads for llm, prefork for rlm)")
+    p.add_argument("--name", "-n", help="node name (default: the queue name)")
+    p.add_argument("celery_args", nargs=argparse.REMAINDER, help="further arguments for `celery worker`")
+
+    p = add("flower", cmd_flower, "start Flower, Celery's monitor (basic auth from FLOWER_BASIC_AUTH)")
+    p.add_argument("--port", type=int, default=5555)
+    p.add_argument("--address", default="127.0.0.1")
+
+    p = add("up", cmd_up, "run the whole stack on this machine in the foreground (Ctrl-C stops it all)")
+    p.add_argument("--rlm-concurrency", type=int, default=2)
+    p.add_argument("--llm-concurrency", type=int, default=32)
+    p.add_argument("--flower-port", type=int, default=5555)
+    p.add_argument("--no-flower", action="store_true")
+
+    p = add("demo", cmd_demo, "run a reference analysis (brings up a local stack if none is running)")
+    p.add_argument("name", choices=["monte-cristo"])
+    p.add_argument("--output-dir", default="rlmq-output", help="where the JSON and the PNG go")
+    p.add_argument("--lm", help="root model; default RLMQ_LM")
+    p.add_argument("--sub-lm", help="sub-call model; default RLMQ_SUB_LM or the root model")
+    p.add_argument("--max-iters", type=int, default=20)
+    p.add_argument("--max-llm-calls", type=int, default=800)
+    p.add_argument("--sandbox", choices=["local", "daytona"])
+    p.add_argument("--timeout", type=float, default=3 * 3600)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tasks.client import ClientError, UnknownRun
+    from tasks.inputs import InputError
+
+    try:
+        return args.func(args)
+    except UnknownRun as exc:
+        return _fail(str(exc), EXIT_NO_RUN)
+    except ClientError as exc:
+        code = EXIT_UNREACHABLE if "cannot reach Redis" in str(exc) or "no Redis" in str(exc) else EXIT_USAGE
+        return _fail(str(exc), code)
+    except (InputError, CliError) as exc:
+        return _fail(str(exc), getattr(exc, "code", EXIT_USAGE))
+    except TimeoutError as exc:
+        return _fail(str(exc), EXIT_TIMEOUT)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except OSError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"rlmq: error: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

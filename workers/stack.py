@@ -1,0 +1,169 @@
+"""The whole rlmq stack on one machine, as child processes: Redis, an ``rlm`` worker, an ``llm``
+worker and Flower (what ``rlmq up`` runs, and what tests use to run workers the way users do).
+
+Every child gets its own session, so stopping kills each one's whole process group (prefork
+children included) and nothing is left running. The stack writes a small state file so that
+``rlmq submit`` in another terminal finds its Redis without any configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workers.local_redis import PrivateRedis, start_private_redis
+
+__all__ = ["ChildProcess", "LocalStack", "running_stack_url", "state_file", "worker_command"]
+
+READY_MARK = " ready."  # Celery logs "<node> ready." once a worker consumes
+
+
+def state_file() -> Path:
+    base = os.environ.get("RLMQ_STATE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "rlmq")
+    return Path(base) / "stack.json"
+
+
+def running_stack_url() -> str | None:
+    """The Redis URL of a stack started by ``rlmq up`` that is still running, if any."""
+    try:
+        state = json.loads(state_file().read_text())
+        os.kill(int(state["pid"]), 0)
+        return str(state["redis_url"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def worker_command(queue: str, *, name: str, concurrency: int, pool: str) -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", queue, "-P", pool, "-c", str(concurrency),
+        "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-l", "INFO",
+        *(["--prefetch-multiplier", "1", "-E"] if queue == "rlm" else []),
+    ]
+
+
+@dataclass
+class ChildProcess:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM (Celery's warm shutdown: running tasks finish), then SIGKILL the whole group."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(grace)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(10)
+
+
+@dataclass
+class LocalStack:
+    """Redis (``redis_url`` or a private one), workers and Flower as children of this process."""
+
+    redis_url: str | None = None
+    rlm_concurrency: int = 2
+    llm_concurrency: int = 32
+    flower_port: int | None = 5555  # None: no Flower
+    env: dict[str, str] = field(default_factory=dict)
+    log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="rlmq-stack-")))
+    children: list[ChildProcess] = field(default_factory=list)
+    private_redis: PrivateRedis | None = None
+
+    def start(self, *, timeout: float = 90.0) -> LocalStack:
+        try:
+            if self.redis_url is None:
+                self.private_redis = start_private_redis()
+                self.redis_url = self.private_redis.url
+            self.start_worker("rlm", name=f"rlm-{os.getpid()}", concurrency=self.rlm_concurrency, pool="prefork")
+            self.start_worker("llm", name=f"llm-{os.getpid()}", concurrency=self.llm_concurrency, pool="threads")
+            if self.flower_port is not None:
+                self.spawn("flower", [sys.executable, "-m", "celery", "-A", "tasks", "flower",
+                                      f"--port={self.flower_port}", "--address=127.0.0.1"])
+            self.wait_ready([c for c in self.children if c.name != "flower"], timeout)
+            self._write_state()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def spawn(self, name: str, command: list[str]) -> ChildProcess:
+        assert self.redis_url is not None
+        env = {**os.environ, **self.env, "REDIS_URL": self.redis_url}
+        log_path = self.log_dir / f"{name}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        child = ChildProcess(name, process, log_path)
+        self.children.append(child)
+        return child
+
+    def start_worker(self, queue: str, *, name: str, concurrency: int, pool: str) -> ChildProcess:
+        return self.spawn(name, worker_command(queue, name=name, concurrency=concurrency, pool=pool))
+
+    def wait_ready(self, children: list[ChildProcess], timeout: float = 90.0) -> None:
+        """Until each worker logged that it is ready; a worker that exits first fails with its log."""
+        pending = list(children)
+        deadline = time.monotonic() + timeout
+        while pending:
+            for child in list(pending):
+                if not child.alive:
+                    raise RuntimeError(f"{child.name} exited with code {child.process.returncode}:\n{child.log_tail()}")
+                with contextlib.suppress(OSError):
+                    if READY_MARK in child.log_path.read_text(errors="replace"):
+                        pending.remove(child)
+            if pending and time.monotonic() > deadline:
+                tails = "\n".join(f"--- {c.name}\n{c.log_tail()}" for c in pending)
+                raise TimeoutError(f"not ready after {timeout:g}s:\n{tails}")
+            time.sleep(0.1)
+
+    def node_name(self, child: ChildProcess) -> str:
+        return f"{child.name}@{socket.gethostname()}"
+
+    def dead_children(self) -> list[ChildProcess]:
+        return [c for c in self.children if not c.alive]
+
+    def stop(self, grace: float = 10.0) -> None:
+        # Runs first (their warm shutdown may still need the llm workers), then the rest.
+        for child in self.children:
+            child.stop(grace if child.name.startswith("rlm") else 5.0)
+        self.children.clear()
+        if self.private_redis is not None:
+            self.private_redis.stop()
+            self.private_redis = None
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            path = state_file()
+            if json.loads(path.read_text())["pid"] == os.getpid():
+                path.unlink()
+
+    def _write_state(self) -> None:
+        path = state_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"pid": os.getpid(), "redis_url": self.redis_url, "logs": str(self.log_dir)}))
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
