@@ -1,0 +1,355 @@
+"""Turn ``rlmq submit --input NAME=VALUE`` arguments into run inputs.
+
+``VALUE`` is taken as a plain string unless it starts with ``@``:
+
+* ``@path/to/file``  — the file's contents: ``.json`` → parsed JSON, ``.jsonl`` → list of
+  parsed lines (blank lines skipped), anything else → UTF-8 text;
+* ``@path/to/dir``   — every regular, non-hidden file directly in the directory, sorted by
+  name → list of their contents (each loaded as above);
+* ``@glob/*.txt``    — every regular file the glob matches (``**`` recurses), sorted → list;
+* ``@@text``         — the literal string ``@text`` (escape for a value that starts with @).
+
+``split`` turns text into a list: ``"chapters"`` cuts a book into chapters (Project Gutenberg
+header/footer and table of contents dropped); any other value is a regular expression for
+:func:`re.split` (compiled with ``re.MULTILINE``; empty parts dropped, parts stripped).
+
+Every problem raises :class:`InputError`, whose message is one human-readable line naming the
+argument or file at fault. This module only uses the standard library, so the CLI can parse
+its arguments before importing anything heavy.
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import json
+import keyword
+import os
+import re
+from pathlib import Path
+
+__all__ = [
+    "InputError",
+    "parse_input_arg",
+    "load_input_value",
+    "split_text",
+    "split_chapters",
+    "strip_gutenberg",
+]
+
+
+class InputError(ValueError):
+    """A ``--input`` argument that cannot be turned into a run input (one-line message)."""
+
+    def __init__(self, message: str) -> None:
+        # Keep the message on one line whatever the cause text contains.
+        super().__init__(" ".join(str(message).split()))
+
+
+# --------------------------------------------------------------------------- NAME=VALUE
+
+
+def parse_input_arg(text: str) -> tuple[str, str]:
+    """Split ``"name=value"`` at the first ``=``; the name must be a Python identifier.
+
+    The value is returned untouched (it may be empty, contain ``=``, or start with ``@``).
+    """
+    if "=" not in text:
+        raise InputError(
+            f"--input {text!r} has no '=': write --input NAME=VALUE "
+            f"(for example --input question='Who is richest?' or --input book=@book.txt)"
+        )
+    name, value = text.split("=", 1)
+    name = name.strip()
+    if not name:
+        raise InputError(f"--input {text!r} has an empty name before '=': write --input NAME=VALUE")
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise InputError(
+            f"--input name {name!r} is not a valid input field name: use letters, digits and "
+            f"underscores, not starting with a digit, and not a Python keyword (e.g. book_text)"
+        )
+    return name, value
+
+
+# --------------------------------------------------------------------------- values
+
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def load_input_value(value: str, *, split: str | None = None) -> object:
+    """Turn the VALUE of ``--input NAME=VALUE`` into the run input (see the module doc)."""
+    if split is not None and not isinstance(split, str):
+        raise InputError(f"split must be a string or None, not {type(split).__name__}")
+    if value.startswith("@@"):
+        return _apply_split(value[1:], split, "the --input value")
+    if not value.startswith("@"):
+        return _apply_split(value, split, "the --input value")
+
+    spec = value[1:]
+    if not spec.strip():
+        raise InputError("'@' must be followed by a file, directory or glob, e.g. @book.txt")
+    path = Path(os.path.expanduser(spec))
+
+    if _exists(path):
+        if path.is_dir():
+            return _load_directory(path, split)
+        return _load_file(path, split)
+    if _GLOB_CHARS.search(spec):
+        return _load_glob(os.path.expanduser(spec), split)
+    if path.is_symlink():
+        raise InputError(f"input file {spec} is a broken symbolic link")
+    raise InputError(f"input file {spec} does not exist (current directory: {os.getcwd()})")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        os.stat(path)
+        return True
+    except FileNotFoundError:
+        return False
+    except NotADirectoryError:
+        return False
+    except PermissionError as exc:
+        raise InputError(f"cannot access {path}: permission denied") from exc
+    except OSError as exc:
+        raise InputError(f"cannot access {path}: {exc.strerror or exc}") from exc
+
+
+def _load_directory(path: Path, split: str | None) -> list:
+    try:
+        entries = sorted(os.scandir(path), key=lambda e: e.name)
+    except PermissionError as exc:
+        raise InputError(f"cannot list directory {path}: permission denied") from exc
+    except OSError as exc:
+        raise InputError(f"cannot list directory {path}: {exc.strerror or exc}") from exc
+    files = [Path(e.path) for e in entries if not e.name.startswith(".") and _is_regular(e)]
+    if not files:
+        raise InputError(f"input directory {path} is empty (no regular, non-hidden files in it)")
+    return _load_many(files, split)
+
+
+def _is_regular(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file(follow_symlinks=True)
+    except OSError:
+        return False
+
+
+def _load_glob(pattern: str, split: str | None) -> list:
+    matches = sorted(_glob.glob(pattern, recursive=True))
+    files = [Path(m) for m in matches if os.path.isfile(m)]
+    if not files:
+        if matches:
+            raise InputError(f"glob {pattern} matches no regular files (only {len(matches)} directories)")
+        raise InputError(f"glob {pattern} matches no files (current directory: {os.getcwd()})")
+    return _load_many(files, split)
+
+
+def _load_many(files: list[Path], split: str | None) -> list:
+    out: list = []
+    for f in files:
+        item = _load_file(f, split)
+        if split is not None:
+            out.extend(item)  # each file's parts, in file order
+        else:
+            out.append(item)
+    return out
+
+
+def _load_file(path: Path, split: str | None) -> object:
+    if not path.is_file():
+        raise InputError(f"input {path} is not a regular file")
+    try:
+        data = path.read_bytes()
+    except PermissionError as exc:
+        raise InputError(f"cannot read input file {path}: permission denied") from exc
+    except OSError as exc:
+        raise InputError(f"cannot read input file {path}: {exc.strerror or exc}") from exc
+
+    if not data.strip():
+        raise InputError(f"input file {path} is empty")
+    if b"\x00" in data:
+        raise InputError(f"input file {path} looks binary (it contains NUL bytes); inputs must be UTF-8 text")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"input file {path} is not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at offset "
+            f"{exc.start}); convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from exc
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+
+    suffix = path.suffix.lower()
+    if suffix in (".json", ".jsonl") and split is not None:
+        raise InputError(f"split={split!r} applies to text, but {path} is {suffix[1:].upper()}")
+    if suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(
+                f"input file {path} is not valid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})"
+            ) from exc
+    if suffix == ".jsonl":
+        rows = []
+        for lineno, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise InputError(
+                    f"input file {path} line {lineno} is not valid JSON: {exc.msg} (column {exc.colno})"
+                ) from exc
+        return rows
+    return _apply_split(text, split, f"input file {path}")
+
+
+def _apply_split(text: str, split: str | None, what: str) -> object:
+    if split is None:
+        return text
+    return split_text(text, split, what=what)
+
+
+def split_text(text: str, split: str, *, what: str = "the text") -> list[str]:
+    """Split ``text`` by ``split``: ``"chapters"`` or a regular expression (see module doc)."""
+    if split == "chapters":
+        return split_chapters(text, what=what)
+    if split == "":
+        raise InputError("split pattern is empty: give a regular expression or 'chapters'")
+    try:
+        pattern = re.compile(split, re.MULTILINE)
+    except re.error as exc:
+        raise InputError(f"split pattern {split!r} is not a valid regular expression: {exc}") from exc
+    parts = [p.strip() for p in pattern.split(text) if p is not None]
+    parts = [p for p in parts if p]
+    if not parts:
+        raise InputError(f"{what} is empty after splitting by {split!r}")
+    return parts
+
+
+# --------------------------------------------------------------------------- books
+
+
+_GUTENBERG_START = re.compile(
+    r"^[ \t]*\*{3}[ \t]*START OF (?:THE|THIS) PROJECT GUTENBERG E-?(?:BOOK|TEXT)[^\n]*$",
+    re.IGNORECASE | re.MULTILINE,
+)
+_GUTENBERG_END = re.compile(
+    r"^[ \t]*(?:\*{3}[ \t]*END OF (?:THE|THIS) PROJECT GUTENBERG E-?(?:BOOK|TEXT)"
+    r"|End of (?:the )?Project Gutenberg(?:'s|’s)? E-?(?:book|text))[^\n]*$",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+def strip_gutenberg(text: str) -> str:
+    """Drop the Project Gutenberg header and licence footer, if the markers are there."""
+    start = _GUTENBERG_START.search(text)
+    if start:
+        text = text[start.end():]
+    end = _GUTENBERG_END.search(text)
+    if end:
+        text = text[: end.start()]
+    return text
+
+
+_NUMBER_WORDS = (
+    "one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|fourteen|fifteen|"
+    "sixteen|seventeen|eighteen|nineteen|twenty|thirty|forty|fifty|sixty|seventy|eighty|ninety|"
+    "hundred|first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|last"
+)
+# A heading line: "Chapter 1. Marseilles—The Arrival", "CHAPTER XII", "Chapter One: ...".
+# After the number: end of line, punctuation, or a capitalised title — so prose such as
+# "chapter of the Life of Pope" or "Chapter 3 of his book" is not a heading.
+_HEADING = re.compile(
+    r"^[ \t]*(?:CHAPTER|Chapter)[ \t]+"
+    r"(?P<num>\d+|[IVXLCDM]+|(?i:(?:" + _NUMBER_WORDS + r")(?:[- ](?:" + _NUMBER_WORDS + r"))?))"
+    r"(?![\w’'])"
+    r"(?:[ \t]*$|[ \t]*[.:—–-][^\n]{0,200}$|[ \t]+[A-Z“\"‘'(][^\n]{0,200}$)",
+    re.MULTILINE,
+)
+# Text between a table-of-contents entry and the next heading is (nearly) nothing.
+_MIN_CHAPTER_CHARS = 200
+_TRAILING_DIVISION = re.compile(
+    r"^[ \t]*(?:VOLUME|Volume|BOOK|Book|PART|Part)[ \t]+"
+    r"(?:\d+|[IVXLCDM]+|(?i:" + _NUMBER_WORDS + r"))(?![\w’'])[^\n]{0,80}$",
+    re.MULTILINE,
+)
+_BACK_MATTER = re.compile(r"^[ \t]*(?:FOOTNOTES|Footnotes|ENDNOTES|Endnotes)[ \t]*:?[ \t]*$", re.MULTILINE)
+_ROMAN = {"I": 1, "V": 5, "X": 10, "L": 50, "C": 100, "D": 500, "M": 1000}
+
+
+def _heading_number(num: str) -> int | None:
+    if num.isdigit():
+        return int(num)
+    if set(num) <= set(_ROMAN):
+        total = 0
+        for i, ch in enumerate(num):
+            v = _ROMAN[ch]
+            total += -v if i + 1 < len(num) and _ROMAN[num[i + 1]] > v else v
+        return total
+    return None
+
+
+def _nonspace_len(s: str) -> int:
+    return len(s) - sum(1 for c in s if c.isspace())
+
+
+def split_chapters(text: str, *, what: str = "the text") -> list[str]:
+    """Cut a book into chapters; each item starts with its heading line.
+
+    Drops the Project Gutenberg header/footer, front matter before the first chapter, the
+    table of contents (heading lines with next to no text before the next heading), a
+    volume/part heading left at the end of a chapter, and a closing FOOTNOTES section.
+    """
+    body = strip_gutenberg(text)
+    if not body.strip():
+        raise InputError(f"{what} is empty")
+    headings = list(_HEADING.finditer(body))
+    if not headings:
+        raise InputError(
+            f"no chapter headings (lines like 'Chapter 1. Title' or 'CHAPTER I') found in {what}; "
+            f"use a regular expression as split instead"
+        )
+
+    # 1. A heading followed by (almost) no text before the next heading is a contents entry.
+    bounds = [m.start() for m in headings[1:]] + [len(body)]
+    substantial = [
+        _nonspace_len(body[m.end():nxt]) >= _MIN_CHAPTER_CHARS for m, nxt in zip(headings, bounds)
+    ]
+    # 2. The last contents entry may be followed by a long preface: drop a heading that comes
+    #    right after a run of contents entries when numbering then goes backwards (117 → 1).
+    kept: list[re.Match] = []
+    for i, m in enumerate(headings):
+        if not substantial[i]:
+            continue
+        after_toc = i >= 1 and not substantial[i - 1]
+        if after_toc:
+            nxt = next((headings[j] for j in range(i + 1, len(headings)) if substantial[j]), None)
+            here, there = _heading_number(m["num"]), nxt and _heading_number(nxt["num"])
+            if here is not None and there is not None and there <= here:
+                continue
+        kept.append(m)
+    if not kept:
+        raise InputError(f"{what} has chapter headings but no chapter text after them")
+
+    chapters = []
+    ends = [m.start() for m in kept[1:]] + [len(body)]
+    for n, (m, end) in enumerate(zip(kept, ends)):
+        chunk = body[m.start():end]
+        if n == len(kept) - 1:
+            back = _BACK_MATTER.search(chunk, m.end() - m.start())
+            if back:
+                chunk = chunk[: back.start()]
+        chunk = _strip_trailing_division(chunk.strip())
+        chapters.append(chunk)
+    return chapters
+
+
+def _strip_trailing_division(chunk: str) -> str:
+    """Remove "VOLUME TWO" (plus illustration ids etc.) left at the end of a chapter."""
+    last = None
+    for last in _TRAILING_DIVISION.finditer(chunk):
+        pass
+    if last is not None and last.start() > 0 and _nonspace_len(chunk[last.end():]) < 100:
+        return chunk[: last.start()].rstrip()
+    return chunk
