@@ -4,8 +4,10 @@ Boot: create a private sandbox named and labelled after the spec (no env vars, n
 the runtime files, make sure Flask is importable, start the broker in a background session, and
 wait for its ``/health`` through the preview link (the host sends the link's token in
 ``X-Daytona-Preview-Token``). Code runs in one code-interpreter context, never retried: a retried
-``run_code`` can run the code twice. The sync client starts a thread, so it is made lazily, once
-per process, and forgotten in a forked child.
+``run_code`` can run the code twice. The host enforces each run's timeout (destroy, then
+``SandboxTimeout``); the daemon's own timeout is a later backstop, because the runtime catches the
+``KeyboardInterrupt`` the daemon would use. The sync client starts a thread, so it is made lazily,
+once per process, and forgotten in a forked child.
 """
 
 from __future__ import annotations
@@ -22,18 +24,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from broker_bridge.backends.base import (
     BrokerEndpoint, SandboxBackend, SandboxCapacityError, SandboxDied, SandboxError, SandboxInfo,
     SandboxSpec, SandboxStartError, SandboxTimeout, broker_command, runtime_file_contents,
 )
-
-try:
-    from broker_bridge.sandbox.protocol import KEEPALIVE_MARKER
-except ImportError:  # the runtime's protocol module predates the constant
-    KEEPALIVE_MARKER = "\x1e[rlmq keep-alive]"
+from broker_bridge.sandbox.protocol import KEEPALIVE_MARKER, PATH_HEALTH
 
 __all__ = [
     "DaytonaOptions", "DaytonaSandbox", "OutputLog", "PREVIEW_TOKEN_HEADER", "SANDBOX_LABEL",
@@ -53,6 +51,9 @@ _SECRETISH = re.compile(r"(?i)(api[_-]?key|token|secret|passw(or)?d|credential)"
 _TOTAL_QUOTA = re.compile(r"(?i)quota|limit exceeded|maximum allowed:|no available runners|"
                           r"insufficient (credits|balance|funds)")
 _PER_SANDBOX_LIMIT = re.compile(r"(?i)exceeds maximum allowed per sandbox")
+_PROBE_EVERY = 3.0  # seconds between checks that the starting broker has not exited
+_ACTIVITY_EVERY_MIN = 60.0  # during a long run_code, refresh_activity() at most this often ...
+_ACTIVITY_FRACTION = 1 / 3  # ... and at least every third of the auto-stop interval
 _NOT_RUNNING = re.compile(r"(?i)SANDBOX_NOT_RUNNING|not running|is stopped|context not found|"
                           r"context is not active|worker process ended|context shutdown")
 
@@ -97,7 +98,7 @@ def daytona_client(api_key: str | None = None, api_url: str | None = None, targe
 class DaytonaOptions:
     """How sandboxes are created. Intervals are minutes, as the Daytona API takes them."""
 
-    api_key: str | None = None  # default: DAYTONA_API_KEY, read at boot
+    api_key: str | None = field(default=None, repr=False)  # default: DAYTONA_API_KEY, read at boot
     api_url: str | None = None  # default: DAYTONA_API_URL, else https://app.daytona.io/api
     target: str | None = None  # region; default: DAYTONA_TARGET, else the organization's
     snapshot: str | None = None  # default: Daytona's default Python snapshot
@@ -110,7 +111,7 @@ class DaytonaOptions:
     network_block_all: bool | None = None  # True needs Flask already in the snapshot
     boot_timeout: float = 180.0  # seconds for create + install + broker health
     broker_port: int = 8765
-    run_grace: float = 30.0  # host-side watchdog beyond the daemon's own run timeout
+    run_grace: float = 30.0  # the daemon's own run timeout is the host's plus this (a backstop)
 
     def __post_init__(self) -> None:
         if self.snapshot and self.image:
@@ -211,8 +212,8 @@ def describe_daytona_error(
         return SandboxStartError(f"Daytona refused the requested resources (per-sandbox limit): {msg}")
     if (isinstance(exc, DaytonaForbiddenError) or status in (400, 403)) and _TOTAL_QUOTA.search(msg):
         return SandboxCapacityError(
-            f"Daytona quota or capacity exhausted while {during}: {msg}. Stop or delete sandboxes "
-            "(rlmq reap), raise the organization's limits, or retry later")
+            f"Daytona quota or capacity exhausted while {during}: {msg}. Stop or delete sandboxes, "
+            "raise the organization's limits, or retry later")
     if isinstance(exc, DaytonaForbiddenError):
         return SandboxStartError(f"Daytona refused {during} (HTTP 403): {msg}")
     if isinstance(exc, (DaytonaQueueTimeoutError, DaytonaServiceUnavailableError, DaytonaBadGatewayError)):
@@ -290,9 +291,35 @@ class DaytonaSandbox(SandboxBackend):
 
     kind = "daytona"
 
-    def __init__(self, *, client: Any = None, runtime_subdir: str = "rlmq", **options: Any) -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        api_url: str | None = None,
+        target: str | None = None,
+        snapshot: str | None = None,
+        image: str | None = None,
+        resources: dict[str, int] | None = None,
+        auto_stop_interval: int = 15,
+        auto_delete_interval: int = 0,
+        ephemeral: bool | None = None,
+        ttl_minutes: int | None = None,
+        network_block_all: bool | None = None,
+        boot_timeout: float = 180.0,
+        broker_port: int = 8765,
+        run_grace: float = 30.0,
+        runtime_subdir: str = "rlmq",
+        client: Any = None,
+    ) -> None:
+        """Options as in ``DaytonaOptions`` (explicit here: the factory checks names against this
+        signature). ``client``: a ``daytona.Daytona`` to use instead of this process's own."""
         super().__init__()
-        self.options = DaytonaOptions(**options)
+        self.options = DaytonaOptions(
+            api_key=api_key, api_url=api_url, target=target, snapshot=snapshot, image=image,
+            resources=resources, auto_stop_interval=auto_stop_interval,
+            auto_delete_interval=auto_delete_interval, ephemeral=ephemeral, ttl_minutes=ttl_minutes,
+            network_block_all=network_block_all, boot_timeout=boot_timeout, broker_port=broker_port,
+            run_grace=run_grace)
         self._client = client  # tests and callers with their own client; else daytona_client()
         self._runtime_subdir = runtime_subdir
         self._runtime_dir: str | None = None
@@ -301,6 +328,7 @@ class DaytonaSandbox(SandboxBackend):
         self._context: Any = None
         self._lock = threading.Lock()
         self._destroyed = False
+        self._folders: set[str] = set()  # folders known to exist in the sandbox
         self.broker_log = ""  # the broker's output when it failed to come up
         self.last_execution_error: Any = None  # an exception that escaped the driver code itself
 
@@ -309,7 +337,7 @@ class DaytonaSandbox(SandboxBackend):
     @property
     def runtime_dir(self) -> str:
         if self._runtime_dir is None:
-            raise RuntimeError("runtime_dir is known once boot() has found the sandbox user's home")
+            raise SandboxError("the Daytona sandbox has not been booted (runtime_dir is under its user's home)")
         return self._runtime_dir
 
     @property
@@ -361,6 +389,7 @@ class DaytonaSandbox(SandboxBackend):
         opts = self.options
         home = (sandbox.get_user_home_dir() or "/home/daytona").rstrip("/")
         self._runtime_dir = f"{home}/{self._runtime_subdir}"
+        self._folders.add(self._runtime_dir)
         setup = (f"mkdir -p {shlex.quote(self._runtime_dir)} && "
                  "{ python3 -c 'import flask' >/dev/null 2>&1 || python3 -m pip install -q flask 2>&1 || "
                  "python3 -m pip install -q --user --break-system-packages flask 2>&1; } && "
@@ -377,7 +406,7 @@ class DaytonaSandbox(SandboxBackend):
         self.bytes_sent += sum(len(data) for data in files.values())
 
         argv = broker_command("python3", self._runtime_dir, spec, port=opts.broker_port, bind="0.0.0.0")
-        line = f"cd {shlex.quote(self._runtime_dir)} && exec {shlex.join(argv)}"
+        line = f"cd {shlex.quote(self._runtime_dir)} && {shlex.join(argv)}"  # no exec: the session shell stays
         sandbox.process.create_session(BROKER_SESSION)
         self.bytes_sent += len(line.encode())
         started = sandbox.process.execute_session_command(
@@ -391,10 +420,10 @@ class DaytonaSandbox(SandboxBackend):
         return endpoint
 
     def _wait_for_health(self, sandbox: Any, endpoint: BrokerEndpoint, cmd_id: str, deadline: float) -> None:
-        last, next_probe = "no answer yet", time.monotonic() + 3.0
+        last, next_probe = "no answer yet", time.monotonic() + _PROBE_EVERY
         while True:
             try:
-                request = urllib.request.Request(f"{endpoint.url}/health", headers=endpoint.headers)
+                request = urllib.request.Request(endpoint.url + PATH_HEALTH, headers=endpoint.headers)
                 with urllib.request.urlopen(request, timeout=max(1.0, min(10.0, _left(deadline)))) as resp:
                     json.loads(resp.read() or b"{}")
                     if resp.status == 200:
@@ -405,7 +434,7 @@ class DaytonaSandbox(SandboxBackend):
             except (OSError, ValueError) as exc:  # URLError, timeouts, resets, a non-JSON page
                 last = f"{type(exc).__name__}: {exc}"
             if time.monotonic() >= next_probe:  # fail fast when the broker process already exited
-                next_probe = time.monotonic() + 3.0
+                next_probe = time.monotonic() + _PROBE_EVERY
                 command = sandbox.process.get_session_command(BROKER_SESSION, cmd_id)
                 if command.exit_code is not None:
                     self.broker_log = self._broker_output(sandbox, cmd_id)
@@ -476,11 +505,15 @@ class DaytonaSandbox(SandboxBackend):
         from daytona import FileUpload
 
         parts = relative_path.replace("\\", "/").split("/")
-        if relative_path.startswith("/") or ".." in parts or not relative_path:
+        if not relative_path or relative_path.startswith("/") or ".." in parts or "" in parts:
             raise ValueError(f"not a relative path inside the runtime dir: {relative_path!r}")
         sandbox, _ = self._live()
+        folder = "/".join([self.runtime_dir, *parts[:-1]])
         try:
-            sandbox.fs.upload_files([FileUpload(source=bytes(data), destination=f"{self.runtime_dir}/{relative_path}")])
+            if folder not in self._folders:  # current daemons create parents on upload; older ones did not
+                sandbox.fs.create_folder(folder, "755")
+                self._folders.add(folder)
+            sandbox.fs.upload_files([FileUpload(source=bytes(data), destination=f"{folder}/{parts[-1]}")])
         except Exception as exc:
             if _is_celery_time_limit(exc):
                 raise
@@ -488,6 +521,8 @@ class DaytonaSandbox(SandboxBackend):
         self.bytes_sent += len(data)
 
     def run_code(self, code: str, timeout: float) -> None:
+        """Run ``code`` in the context, once. The host enforces ``timeout`` (destroy, then
+        ``SandboxTimeout``); the daemon gets ``timeout + run_grace`` as a backstop for a dead host."""
         sandbox, context = self._live()
         sid = self._spec.sandbox_id if self._spec else "?"
         output = OutputLog(sid)
@@ -497,40 +532,43 @@ class DaytonaSandbox(SandboxBackend):
         def run() -> None:
             try:
                 outcome["result"] = sandbox.code_interpreter.run_code(
-                    code, context=context, timeout=max(1, math.ceil(timeout)),
+                    code, context=context, timeout=max(1, math.ceil(timeout + self.options.run_grace)),
                     on_stdout=lambda msg: output.feed("stdout", msg.output),
                     on_stderr=lambda msg: output.feed("stderr", msg.output))
-            except BaseException as exc:  # handed to the caller's thread
+            except BaseException as exc:  # handed over to the caller's thread
                 outcome["error"] = exc
 
         self.bytes_sent += len(code.encode())
         started = time.monotonic()
         worker = threading.Thread(target=run, name=f"daytona-run-{sid}", daemon=True)
         worker.start()
-        activity_every = max(60.0, self.options.auto_stop_interval * 60 / 3) if self.options.auto_stop_interval else 0
-        hard_deadline = started + timeout + self.options.run_grace
+        auto_stop = self.options.auto_stop_interval
+        activity_every = max(_ACTIVITY_EVERY_MIN, auto_stop * 60 * _ACTIVITY_FRACTION) if auto_stop > 0 else 0.0
         next_activity = started + activity_every
-        while worker.is_alive() and time.monotonic() < hard_deadline:
-            worker.join(min(5.0, max(0.01, hard_deadline - time.monotonic())))
-            if activity_every and time.monotonic() >= next_activity and worker.is_alive():
+        while worker.is_alive():
+            left = timeout - (time.monotonic() - started)
+            if left <= 0:
+                break
+            step = min(5.0, left, next_activity - time.monotonic()) if activity_every else min(5.0, left)
+            worker.join(max(0.01, step))
+            if activity_every and worker.is_alive() and time.monotonic() >= next_activity:
                 self.keep_alive()
                 next_activity = time.monotonic() + activity_every
         output.flush()
         elapsed = time.monotonic() - started
         if worker.is_alive():
-            self.destroy()
-            raise SandboxTimeout(f"code ran past {timeout:.0f}s (no answer from Daytona for {elapsed:.0f}s); "
-                                 f"sandbox {sid} destroyed")
+            self.destroy()  # ends the run in the sandbox; a retry could run the code twice
+            raise SandboxTimeout(f"code ran past {timeout:g}s; Daytona sandbox {sid} destroyed")
         error = outcome.get("error")
         if error is not None:
             from daytona import DaytonaConnectionError, DaytonaTimeoutError
 
-            if _is_celery_time_limit(error) or not isinstance(error, Exception):
+            if not isinstance(error, Exception) or _is_celery_time_limit(error):
                 raise error
             destroyed_meanwhile = self._destroyed
             self.destroy()
             if isinstance(error, DaytonaTimeoutError) and not isinstance(error, DaytonaConnectionError):
-                raise SandboxTimeout(f"code ran past {timeout:.0f}s ({elapsed:.0f}s elapsed); "
+                raise SandboxTimeout(f"Daytona stopped the code after {elapsed:.0f}s (limit {timeout:g}s); "
                                      f"sandbox {sid} destroyed") from error
             if destroyed_meanwhile:
                 raise SandboxDied(f"sandbox {sid} was destroyed while code was running") from error

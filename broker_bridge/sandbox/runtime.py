@@ -101,6 +101,21 @@ class BrokerConnection:
         self.headers = {protocol.SANDBOX_TOKEN_HEADER: token, "Content-Type": "application/json"}
         self.keepalive_seconds = keepalive_seconds
         self.local = threading.local()
+        # The stream the sandbox's code runner reads for this run (set per execute). Not
+        # sys.__stdout__: on Daytona that is the worker's JSON pipe to its daemon.
+        self.run_stdout = None
+        self.keepalive_lock = threading.Lock()
+
+    def keep_alive(self):
+        stream = self.run_stdout
+        if stream is None:
+            return
+        with self.keepalive_lock:
+            try:
+                stream.write(protocol.KEEPALIVE_MARKER + "\n")
+                stream.flush()
+            except (OSError, ValueError):
+                pass
 
     def _connection(self):
         conn = getattr(self.local, "conn", None)
@@ -133,8 +148,7 @@ class BrokerConnection:
         reply = self.request("POST", protocol.PATH_CALL, message)
         while reply.get("type") == "pending":
             # Slow host tool (e.g. a big llm_query_batched): show life so idle timeouts do not fire.
-            sys.__stdout__.write(protocol.KEEPALIVE_MARKER + "\n")
-            sys.__stdout__.flush()
+            self.keep_alive()
             reply = self.request("GET", protocol.PATH_WAIT + message["id"])
         return protocol.validate_result(reply)
 
@@ -239,6 +253,7 @@ class Runtime:
         captured = CappedOutput(self.output_limit, self.line_limit)
         outcome = {"type": "outcome", "exec_id": request["exec_id"], "kind": "result", "value": None}
         saved = sys.stdout, sys.stderr
+        self.broker.run_stdout = saved[0]
         sys.stdout = sys.stderr = captured
         try:
             self.bind(request, namespace)
