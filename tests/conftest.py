@@ -1,0 +1,69 @@
+"""Shared fixtures: a private Redis for the session (flushed per test) and a stub LLM per test.
+
+More fixtures live in modules under tests/support and are imported here or by the tests.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Iterator
+from multiprocessing.context import BaseContext
+
+# LiteLLM (and DSPy's model metadata) otherwise fetch a price map from the internet on first
+# use, retrying for seconds when offline. Set before anything imports them; children inherit it.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import pytest  # noqa: E402
+import redis  # noqa: E402
+
+from tests.support.stub_llm import StubLLM  # noqa: E402
+from workers.local_redis import PrivateRedis, start_private_redis  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[PrivateRedis]:
+    server = start_private_redis()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: PrivateRedis) -> str:
+    """URL of the private Redis, emptied before the test."""
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def mp_context() -> BaseContext:
+    """Multiprocessing for tests that need separate OS processes.
+
+    A forkserver does the heavy imports (dspy, redis) once per session; each child is then a
+    fork of that single-threaded server, which spawn (seconds of imports per child) is not,
+    and a fork of pytest's threads is not safe.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["redis", "workers.cache", "workers.ratelimit", "tests.support.stub_llm"])
+    return ctx
+
+
+@pytest.fixture
+def stub_llm() -> Iterator[StubLLM]:
+    with StubLLM() as stub:
+        yield stub

@@ -1,0 +1,270 @@
+"""Fleet-wide LM caches in Redis.
+
+``ResponseCache`` caches sub-LM responses (JSON dicts) by a hash of model, messages and sampling
+parameters, with ``single_flight``: when many workers ask the same uncached prompt at once,
+one computes (one paid call) and the rest wait to be woken, not polling.
+
+Single flight, per cache key (names from ``workers.keys``):
+
+* the leader holds ``inflight`` (``SET NX PX lock_ttl``, value = a random flight token) and, on
+  taking it, clears ``done``; when finished it stores the value (if cacheable), releases the
+  lock (only if still its own) and pushes one wake-up ``{"flight": token, ...}`` onto ``done``;
+* a waiter blocks in ``BLPOP done`` for at most the lock's remaining TTL. A wake-up of the
+  flight it waits for is pushed back (so the next waiter wakes too: one list element wakes
+  everybody in turn) and then the waiter re-reads the cache. A wake-up of an older flight is
+  dropped. If the BLPOP times out, the leader died or overran ``lock_ttl``: the lock has
+  expired, and the waiter takes over. Values that must not be cached (errors) are handed to
+  the current waiters inside the wake-up, so one failing prompt is still only paid once per
+  flight; an exception in ``compute`` hands over nothing and a waiter computes again.
+
+``install_redis_dspy_cache`` makes ``dspy.cache`` (root-LM calls) Redis-backed, so that another
+process, or a replayed run, re-reads hits. Values are stored as JSON when they round-trip
+exactly, else pickled and loaded back with DSPy's restricted unpickler (litellm/openai types
+only, plus ``safe_types``): nothing in Redis can make this process run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import redis
+from dspy.clients.cache import Cache
+from dspy.clients.disk_serialization import DeserializationError, _restricted_load
+
+from workers.keys import dspy_cache_key, inflight_done_key, inflight_key, response_cache_key
+
+__all__ = ["RedisCacheTier", "RedisDspyCache", "ResponseCache", "install_redis_dspy_cache"]
+
+# Client settings that do not change an answer, so they stay out of the cache key.
+_NON_SAMPLING_PARAMS = frozenset({
+    "api_key", "api_base", "base_url", "api_version", "organization", "project", "timeout",
+    "num_retries", "headers", "extra_headers", "cache", "metadata", "stream",
+})
+_DONE_TTL_MS = 10_000  # a wake-up is consumed at once; the TTL only sweeps leftovers
+
+# Take the lock, clearing stale wake-ups; else report the holder's token and its PTTL.
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.call('DEL', KEYS[2])
+  return {1, ARGV[1], tonumber(ARGV[2])}
+end
+return {0, redis.call('GET', KEYS[1]) or '', redis.call('PTTL', KEYS[1])}
+"""
+
+# Release the lock if it is still ours, then push one wake-up.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class ResponseCache:
+    """JSON dicts in Redis with a TTL, plus fleet-wide single-flight computation."""
+
+    def __init__(self, redis_client: redis.Redis, ttl_seconds: int) -> None:
+        if ttl_seconds <= 0:
+            raise ValueError("ttl_seconds must be positive")
+        self.redis = redis_client
+        self.ttl_seconds = int(ttl_seconds)
+        self._acquire = redis_client.register_script(_ACQUIRE)
+        self._release = redis_client.register_script(_RELEASE)
+
+    @staticmethod
+    def key_for(model: str, messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
+        """sha256 of the canonical JSON of model, messages and the parameters that shape the answer."""
+        sampling = {k: v for k, v in params.items() if k not in _NON_SAMPLING_PARAMS}
+        canonical = json.dumps(
+            {"model": model, "messages": messages, "params": sampling},
+            sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=repr,
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        raw = self.redis.get(response_cache_key(key))
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            self.redis.delete(response_cache_key(key))  # corrupt: treat as a miss
+            return None
+        return value if isinstance(value, dict) else None
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        self.redis.set(response_cache_key(key), json.dumps(value, allow_nan=False), ex=self.ttl_seconds)
+
+    def single_flight(
+        self,
+        key: str,
+        compute: Callable[[], dict[str, Any]],
+        *,
+        lock_ttl: float,
+        wait_timeout: float,
+        cacheable: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """Return ``(value, was_cached)``; at most one caller fleet-wide runs ``compute`` per flight.
+
+        ``was_cached`` is False only for the caller that ran ``compute``. ``cacheable(value)``
+        (default: always) decides whether the value is stored. ``lock_ttl`` must exceed the
+        longest compute (a slower leader gets a second, concurrent compute); the Redis client's
+        ``socket_timeout``, if set, must exceed the lock TTL (waiters block in BLPOP).
+        Raises TimeoutError after ``wait_timeout`` seconds of waiting for other callers.
+        """
+        lock, done = inflight_key(key), inflight_done_key(key)
+        lock_ms = max(1, int(lock_ttl * 1000))
+        deadline = time.monotonic() + wait_timeout
+        while True:
+            hit = self.get(key)
+            if hit is not None:
+                return hit, True
+            token = uuid.uuid4().hex
+            acquired, holder, pttl = self._acquire(keys=[lock, done], args=[token, lock_ms])
+            if acquired:
+                return self._lead(key, token, compute, cacheable), False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"single_flight({key[:12]}…): still computing elsewhere after {wait_timeout:.1f}s")
+            # Wake at the latest when the lock expires: then its holder is presumed dead.
+            lock_left = (pttl if pttl > 0 else lock_ms) / 1000.0
+            popped = self.redis.blpop([done], timeout=max(0.01, min(remaining, lock_left + 0.02)))
+            if popped is None:
+                continue
+            payload = popped[1]
+            try:
+                message = json.loads(payload)
+            except ValueError:
+                continue  # not ours to read: drop it, re-check
+            if message.get("flight") != _text(holder):
+                continue  # left over from an earlier flight: drop it, re-check
+            self.redis.rpush(done, payload)  # pass the wake-up on to the next waiter
+            if message.get("value") is not None:
+                return message["value"], True
+
+    def _lead(
+        self,
+        key: str,
+        token: str,
+        compute: Callable[[], dict[str, Any]],
+        cacheable: Callable[[dict[str, Any]], bool] | None,
+    ) -> dict[str, Any]:
+        wake: dict[str, Any] = {"flight": token, "failed": True}
+        try:
+            value = compute()
+            if cacheable is None or cacheable(value):
+                self.put(key, value)
+                wake = {"flight": token, "value": None}  # waiters read the cache
+            else:
+                wake = {"flight": token, "value": value}  # not cached: hand it over directly
+            return value
+        finally:
+            self._release(keys=[inflight_key(key), inflight_done_key(key)],
+                          args=[token, json.dumps(wake), _DONE_TTL_MS])
+
+
+# -- dspy.cache in Redis --------------------------------------------------------------------
+
+_JSON, _PICKLE = b"J", b"P"
+
+
+def _encode(value: Any) -> bytes:
+    """JSON when it round-trips to an equal value (tuples, int keys do not), else pickle."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+        if json.loads(text) == value:
+            return _JSON + text.encode()
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        pass
+    return _PICKLE + pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _decode(raw: bytes, allowed: frozenset[tuple[str, str]]) -> Any:
+    tag, body = raw[:1], raw[1:]
+    if tag == _JSON:
+        try:
+            return json.loads(body)
+        except ValueError as exc:
+            raise DeserializationError(f"corrupt JSON cache entry: {exc}") from exc
+    if tag == _PICKLE:
+        return _restricted_load(io.BytesIO(body), allowed)  # raises DeserializationError
+    raise DeserializationError(f"unknown cache entry tag {tag!r}")
+
+
+def _binary_client(client: redis.Redis) -> redis.Redis:
+    """The same server with decode_responses off: cache entries are bytes."""
+    kwargs = client.connection_pool.connection_kwargs
+    if not kwargs.get("decode_responses"):
+        return client
+    pool = redis.ConnectionPool(connection_class=client.connection_pool.connection_class,
+                                **{**kwargs, "decode_responses": False})
+    return redis.Redis(connection_pool=pool)
+
+
+class RedisCacheTier:
+    """The mapping dspy's Cache uses as its disk tier (get/set/delete/in), kept in Redis."""
+
+    def __init__(self, redis_client: redis.Redis, ttl_seconds: int, safe_types: Iterable[type] = ()) -> None:
+        self.redis = _binary_client(redis_client)
+        self.ttl_seconds = int(ttl_seconds)
+        self.allowed = frozenset((t.__module__, t.__qualname__) for t in safe_types)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        raw = self.redis.get(dspy_cache_key(key))
+        return default if raw is None else _decode(raw, self.allowed)
+
+    def set(self, key: str, value: Any) -> bool:
+        return bool(self.redis.set(dspy_cache_key(key), _encode(value), ex=self.ttl_seconds))
+
+    def delete(self, key: str) -> bool:
+        return bool(self.redis.delete(dspy_cache_key(key)))
+
+    def __contains__(self, key: str) -> bool:
+        return bool(self.redis.exists(dspy_cache_key(key)))
+
+
+class RedisDspyCache(Cache):
+    """dspy's two-tier Cache: a per-process LRU in front of Redis instead of a local disk."""
+
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        ttl_seconds: int,
+        *,
+        memory_max_entries: int = 10_000,
+        safe_types: Iterable[type] = (),
+    ) -> None:
+        super().__init__(
+            enable_disk_cache=False,  # no diskcache directory: the tier is replaced below
+            enable_memory_cache=memory_max_entries > 0,
+            disk_cache_dir=None,
+            memory_max_entries=max(1, memory_max_entries),
+        )
+        self.enable_disk_cache = True
+        self.disk_cache = RedisCacheTier(redis_client, ttl_seconds, safe_types)
+
+
+def install_redis_dspy_cache(
+    redis_client: redis.Redis,
+    ttl_seconds: int,
+    *,
+    memory_max_entries: int = 10_000,
+    safe_types: Iterable[type] = (),
+) -> RedisDspyCache:
+    """Assign ``dspy.cache`` to a Redis-backed cache (read by every LM call) and return it."""
+    import dspy
+
+    cache = RedisDspyCache(redis_client, ttl_seconds, memory_max_entries=memory_max_entries, safe_types=safe_types)
+    dspy.cache = cache
+    return cache

@@ -1,0 +1,139 @@
+"""The one place that spells rlmq's Redis key names.
+
+Every key starts with ``NAMESPACE`` (``rlmq``). Celery's own keys (``celery-task-meta-*``,
+``_kombu.*``, queue lists) are Celery's business and are not listed here.
+
+Schema (``{x}`` is an argument; ``digest`` is a sha256 hex digest):
+
+==================================  ======  =================================================
+key                                 type    holds
+==================================  ======  =================================================
+rlmq:blob:{digest}                  string  an input blob, stored once by content hash
+rlmq:run:{run_id}                   hash    the run record (spec, status, timestamps)
+rlmq:run:{run_id}:owner             string  worker currently owning the run (SET NX + TTL)
+rlmq:run:{run_id}:result            string  the run's final result (JSON)
+rlmq:run:{run_id}:cancel            string  present when a cancel was requested
+rlmq:runs                           zset    run ids scored by submit time (unix seconds)
+rlmq:usage:{run_id}                 hash    counters (calls, tokens, cache hits) of a run
+rlmq:resp:{digest}                  string  cached LM response (JSON), TTL
+rlmq:resp:{digest}:inflight         string  single-flight lock: token of the computing worker
+rlmq:resp:{digest}:done             list    wake-ups for single-flight waiters (BLPOP), TTL
+rlmq:rate:{name}                    string  GCRA theoretical arrival time, requests bucket
+rlmq:tpm:{name}                     string  GCRA theoretical arrival time, tokens bucket
+rlmq:cooldown:{name}                string  fleet-wide pause (e.g. after a 429); PTTL = pause
+rlmq:lease:{sandbox_id}             record  a live sandbox's lease (run id, backend, expiry)
+rlmq:leases                         zset    sandbox ids scored by lease expiry (unix seconds)
+rlmq:dspy:{key}                     string  a dspy.cache entry (root-LM calls), TTL
+==================================  ======  =================================================
+
+Identifiers that sit in the middle of a key (run ids, digests, sandbox ids) may not contain
+``:`` or whitespace, so ``run_key("a:owner")`` can never alias ``run_owner_key("a")``.
+Names at the end of a key (rate-limit and cooldown names, often LiteLLM model strings such as
+``ollama_chat/llama3:8b``) may contain ``:`` because their prefixes are unique.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "NAMESPACE",
+    "blob_key",
+    "cooldown_key",
+    "dspy_cache_key",
+    "inflight_done_key",
+    "inflight_key",
+    "lease_key",
+    "leases_index_key",
+    "rate_limit_key",
+    "rate_limit_tokens_key",
+    "response_cache_key",
+    "run_cancel_key",
+    "run_key",
+    "run_owner_key",
+    "run_result_key",
+    "runs_index_key",
+    "usage_key",
+]
+
+NAMESPACE = "rlmq"
+
+
+def _ident(value: str) -> str:
+    """An identifier that sits inside a key: non-empty, no ':' and no whitespace."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"key part must be a non-empty string, got {value!r}")
+    if ":" in value or any(ch.isspace() for ch in value):
+        raise ValueError(f"key part may not contain ':' or whitespace: {value!r}")
+    return value
+
+
+def _name(value: str) -> str:
+    """A name at the end of a key: non-empty and without whitespace (':' is allowed)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"key name must be a non-empty string, got {value!r}")
+    if any(ch.isspace() for ch in value):
+        raise ValueError(f"key name may not contain whitespace: {value!r}")
+    return value
+
+
+def blob_key(digest: str) -> str:
+    return f"{NAMESPACE}:blob:{_ident(digest)}"
+
+
+def run_key(run_id: str) -> str:
+    return f"{NAMESPACE}:run:{_ident(run_id)}"
+
+
+def run_owner_key(run_id: str) -> str:
+    return f"{run_key(run_id)}:owner"
+
+
+def run_result_key(run_id: str) -> str:
+    return f"{run_key(run_id)}:result"
+
+
+def run_cancel_key(run_id: str) -> str:
+    return f"{run_key(run_id)}:cancel"
+
+
+def runs_index_key() -> str:
+    return f"{NAMESPACE}:runs"
+
+
+def usage_key(run_id: str) -> str:
+    return f"{NAMESPACE}:usage:{_ident(run_id)}"
+
+
+def response_cache_key(digest: str) -> str:
+    return f"{NAMESPACE}:resp:{_ident(digest)}"
+
+
+def inflight_key(digest: str) -> str:
+    return f"{response_cache_key(digest)}:inflight"
+
+
+def inflight_done_key(digest: str) -> str:
+    return f"{response_cache_key(digest)}:done"
+
+
+def rate_limit_key(name: str) -> str:
+    return f"{NAMESPACE}:rate:{_name(name)}"
+
+
+def rate_limit_tokens_key(name: str) -> str:
+    return f"{NAMESPACE}:tpm:{_name(name)}"
+
+
+def cooldown_key(name: str) -> str:
+    return f"{NAMESPACE}:cooldown:{_name(name)}"
+
+
+def lease_key(sandbox_id: str) -> str:
+    return f"{NAMESPACE}:lease:{_ident(sandbox_id)}"
+
+
+def leases_index_key() -> str:
+    return f"{NAMESPACE}:leases"
+
+
+def dspy_cache_key(key: str) -> str:
+    return f"{NAMESPACE}:dspy:{_ident(key)}"
