@@ -18,8 +18,9 @@ from typing import Any, Callable
 
 import redis
 
-from tasks.app import RUN_TASK, app, configure
+from tasks.app import configure
 from tasks.records import RunRecord, RunSpec, RunStatus, RunStore, new_run_id
+from tasks.run import enqueue_run, request_cancel
 from workers.blobs import put_blobs
 from workers.settings import Settings, SettingsError, redis_url_from_env
 from workers.stack import running_stack_url
@@ -86,8 +87,7 @@ class Client:
 
         def enqueue() -> None:
             refs = put_blobs(self.redis, inputs)
-            self.store.create(RunSpec(run_id=run_id, signature=signature, inputs=refs, options=run_options))
-            app.send_task(RUN_TASK, args=[run_id], task_id=run_id)
+            enqueue_run(RunSpec(run_id=run_id, signature=signature, inputs=refs, options=run_options), client=self.redis)
 
         self._call("submit", enqueue)
         return run_id
@@ -130,8 +130,7 @@ class Client:
             return record
 
         def request() -> None:
-            self.store.request_cancel(run_id)
-            app.control.revoke(run_id)  # a queued message is dropped by whichever worker gets it
+            request_cancel(run_id, client=self.redis)
             if record.status is RunStatus.QUEUED:
                 self.store.finish(run_id, RunStatus.CANCELLED, error="cancelled before it started")
 

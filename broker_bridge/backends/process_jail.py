@@ -112,9 +112,10 @@ class ProcessJail:
                 group.rmdir()
 
 
-def pids_with_marker(sandbox_id: str) -> set[int]:
-    """Processes whose starting environment carries this sandbox's marker (they may have left its group)."""
-    needle = f"{SANDBOX_MARKER_VAR}={sandbox_id}\0".encode()
+def pids_with_marker(sandbox_id: str | None = None) -> set[int]:
+    """Processes whose starting environment carries this sandbox's marker (they may have left its
+    group); with ``None``, the processes of every local sandbox on this machine."""
+    needle = f"{SANDBOX_MARKER_VAR}={sandbox_id}\0".encode() if sandbox_id else f"{SANDBOX_MARKER_VAR}=".encode()
     found = set()
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():

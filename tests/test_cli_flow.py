@@ -1,0 +1,149 @@
+"""The ``rlmq`` command end to end, as a user runs it: ``rlmq up`` in the background, submit, status,
+result, cancel, list, the Monte Cristo demo; Ctrl-C on ``rlmq up`` leaves nothing running.
+
+The LLM provider is the only stand-in: a stub OpenAI-compatible endpoint on loopback whose root
+model is scripted and whose sub-model answers from the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from broker_bridge.backends.process_jail import pids_with_marker
+
+from tasks.demo import CHARACTERS
+from tests.support.cli import RLMQ, cli_env, processes_with_env, rlmq, wait_until
+from tests.support.stub_llm import ScriptedRoot, last_user_text, route
+
+pytestmark = pytest.mark.slow
+
+CORPUS = Path(__file__).resolve().parents[1] / "tasks" / "data" / "monte_cristo.txt"
+SIGNATURE = "chapters: list[str], task: str -> richest: list[dict]"
+
+ANALYSIS = ScriptedRoot([
+    "answers = llm_query_batched([f'richest in chapter {i + 1}? ' + c[:500] for i, c in enumerate(chapters[:12])])\n"
+    "print(answers[:2])",
+    "SUBMIT(richest=[{'chapter': i + 1, 'answer': a} for i, a in enumerate(answers)])",
+])
+LONG_RUN = ScriptedRoot(["import time\nfor _ in range(1200):\n    time.sleep(0.1)", "SUBMIT(richest=[])"])
+DEMO = ScriptedRoot([
+    "import json\n"
+    "prompts = [f'Chapter {i + 1}: rate the wealth of {characters} as JSON.\\n' + c[:800] for i, c in enumerate(chapters)]\n"
+    "answers = llm_query_batched(prompts)\nprint(len(answers), answers[0])",
+    "rows = []\nfor i, a in enumerate(answers):\n    values = json.loads(a)\n"
+    "    rows += [{'chapter': i + 1, 'character': n, 'wealth': int(values[n])} for n in characters]\n"
+    "SUBMIT(wealth_data=rows)",
+])
+
+
+def scripted_wealth(chapter: int) -> dict[str, int]:
+    """Plausible trajectories (prison, treasure, revenge), so the plot has something to show."""
+    dantes = 3 if chapter < 8 else 1 if chapter < 24 else 10
+    fernand = min(9, 2 + chapter // 12) if chapter < 95 else 2
+    danglars = min(10, 4 + chapter // 15) if chapter < 105 else 1
+    villefort = 7 if chapter < 110 else 2
+    caderousse = 2 if chapter < 45 else 5 if chapter < 80 else 1
+    return dict(zip(CHARACTERS, (dantes, fernand, danglars, villefort, caderousse)))
+
+
+def sub_answer(prompt: str) -> str:
+    if match := re.search(r"^Chapter (\d+): rate the wealth", prompt):
+        return json.dumps(scripted_wealth(int(match.group(1))))
+    if match := re.search(r"richest in chapter (\d+)", prompt):
+        return f"richest-{match.group(1)}"
+    return "unknown"
+
+
+def root(messages, body):
+    if "wealth_data" in json.dumps(messages):
+        return DEMO(messages, body)
+    return (LONG_RUN if "LONGRUN" in last_user_text(messages) else ANALYSIS)(messages, body)
+
+
+@pytest.fixture
+def llm_env(tmp_path, stub_llm):
+    stub_llm.set_responder(route(root=root, sub=sub_answer))
+    return cli_env(tmp_path, RLMQ_LM="openai/scripted-root", RLMQ_SUB_LM="openai/stub-sub",
+                   RLMQ_LM_API_BASE=stub_llm.api_base, OPENAI_API_KEY="stub-key")
+
+
+def start_up(env, cwd) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen([*RLMQ, "up", "--no-flower", "--llm-concurrency", "8"], env=env, cwd=cwd,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    seen = []
+    while True:
+        try:
+            line = lines.get(timeout=180)
+        except queue.Empty:
+            process.kill()
+            raise AssertionError("rlmq up did not come up:\n" + "".join(seen)) from None
+        seen.append(line)
+        if match := re.search(r"REDIS_URL=(\S+)", line):
+            return process, match.group(1)
+        if process.poll() is not None and lines.empty():
+            raise AssertionError("rlmq up exited:\n" + "".join(seen))
+
+
+def test_cli_end_to_end_with_rlmq_up(tmp_path, llm_env):
+    up, redis_url = start_up(llm_env, tmp_path)
+    try:
+        # submit --wait: a scripted analysis over the first chapters of the book
+        done = rlmq("submit", "--signature", SIGNATURE, "--input", f"chapters=@{CORPUS}", "--split", "chapters",
+                    "--input", "task=find the richest", "--wait", "--timeout", "240", env=llm_env, cwd=tmp_path,
+                    timeout=300)
+        assert done.code == 0, done.stderr
+        run_id = done.stdout.split()[0]
+        assert "succeeded" in done.stderr and "sub-LLM calls 12" in done.stderr
+
+        status = rlmq("status", run_id, env=llm_env, cwd=tmp_path)
+        assert status.code == 0 and "succeeded" in status.stdout and "iteration 2/" in status.stdout
+
+        out = tmp_path / "result.json"
+        saved = rlmq("result", run_id, "-o", str(out), env=llm_env, cwd=tmp_path)
+        assert saved.code == 0
+        richest = json.loads(out.read_text())["outputs"]["richest"]
+        assert richest == [{"chapter": n, "answer": f"richest-{n}"} for n in range(1, 13)]
+
+        # a long run, cancelled while its code runs: its sandbox is gone within seconds
+        long = rlmq("submit", "--signature", SIGNATURE, "--input", f"chapters=@{CORPUS}", "--split", "chapters",
+                    "--input", "task=LONGRUN", env=llm_env, cwd=tmp_path)
+        assert long.code == 0, long.stderr
+        long_id = long.stdout.strip()
+        wait_until(lambda: pids_with_marker(), 120, message="the long run's sandbox")
+        cancelled = rlmq("cancel", long_id, env=llm_env, cwd=tmp_path)
+        assert cancelled.code == 0 and cancelled.stdout.split() == [long_id, "cancelled"], cancelled
+        wait_until(lambda: not pids_with_marker(), 10, message="the cancelled run's sandbox to be gone")
+
+        listed = rlmq("list", env=llm_env, cwd=tmp_path)
+        assert listed.code == 0
+        assert [line.split()[0] for line in listed.stdout.splitlines()] == [long_id, run_id]
+        assert "CANCELLED" in listed.stdout and "SUCCEEDED" in listed.stdout
+    finally:
+        up.send_signal(signal.SIGINT)  # Ctrl-C
+        code = up.wait(90)
+    assert code == 0
+    wait_until(lambda: not processes_with_env(f"REDIS_URL={redis_url}"), 15, message="every stack process to exit")
+    assert not pids_with_marker()
+
+
+def test_demo_brings_up_its_own_stack_and_plots(tmp_path, llm_env):
+    result = rlmq("demo", "monte-cristo", "--output-dir", str(tmp_path / "out"), env=llm_env, cwd=tmp_path,
+                  timeout=600)
+    assert result.code == 0, result.stderr
+    rows = json.loads((tmp_path / "out" / "monte_cristo_wealth.json").read_text())
+    assert len(rows) == 117 * 5
+    assert rows[0] == {"chapter": 1, "character": CHARACTERS[0], "wealth": 3}
+    assert {r["wealth"] for r in rows if r["chapter"] == 117} == {10, 2, 1}
+    png = (tmp_path / "out" / "monte_cristo_wealth.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 20_000
+    assert not pids_with_marker()
