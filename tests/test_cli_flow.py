@@ -20,6 +20,7 @@ import pytest
 from broker_bridge.backends.process_jail import pids_with_marker
 
 from tasks.demo import CHARACTERS
+from tests.support.demo_script import DEMO, DEMO_PROMPT, demo_sub_answer, is_demo_prompt, scripted_wealth
 from tests.support.cli import RLMQ, cli_env, processes_with_env, rlmq, wait_until
 from tests.support.stub_llm import ScriptedRoot, last_user_text, route
 
@@ -34,36 +35,16 @@ ANALYSIS = ScriptedRoot([
     "SUBMIT(richest=[{'chapter': i + 1, 'answer': a} for i, a in enumerate(answers)])",
 ])
 LONG_RUN = ScriptedRoot(["import time\nfor _ in range(1200):\n    time.sleep(0.1)", "SUBMIT(richest=[])"])
-DEMO = ScriptedRoot([
-    "import json\n"
-    "prompts = [f'Chapter {i + 1}: rate the wealth of {characters} as JSON.\\n' + c[:800] for i, c in enumerate(chapters)]\n"
-    "answers = llm_query_batched(prompts)\nprint(len(answers), answers[0])",
-    "rows = []\nfor i, a in enumerate(answers):\n    values = json.loads(a)\n"
-    "    rows += [{'chapter': i + 1, 'character': n, 'wealth': int(values[n])} for n in characters]\n"
-    "SUBMIT(wealth_data=rows)",
-])
-
-
-def scripted_wealth(chapter: int) -> dict[str, int]:
-    """Plausible trajectories (prison, treasure, revenge), so the plot has something to show."""
-    dantes = 3 if chapter < 8 else 1 if chapter < 24 else 10
-    fernand = min(9, 2 + chapter // 12) if chapter < 95 else 2
-    danglars = min(10, 4 + chapter // 15) if chapter < 105 else 1
-    villefort = 7 if chapter < 110 else 2
-    caderousse = 2 if chapter < 45 else 5 if chapter < 80 else 1
-    return dict(zip(CHARACTERS, (dantes, fernand, danglars, villefort, caderousse)))
-
-
 def sub_answer(prompt: str) -> str:
-    if match := re.search(r"^Chapter (\d+): rate the wealth", prompt):
-        return json.dumps(scripted_wealth(int(match.group(1))))
+    if DEMO_PROMPT.search(prompt):
+        return demo_sub_answer(prompt)
     if match := re.search(r"richest in chapter (\d+)", prompt):
         return f"richest-{match.group(1)}"
     return "unknown"
 
 
 def root(messages, body):
-    if "wealth_data" in json.dumps(messages):
+    if is_demo_prompt(messages):
         return DEMO(messages, body)
     return (LONG_RUN if "LONGRUN" in last_user_text(messages) else ANALYSIS)(messages, body)
 
@@ -142,7 +123,7 @@ def test_demo_brings_up_its_own_stack_and_plots(tmp_path, llm_env):
     assert result.code == 0, result.stderr
     rows = json.loads((tmp_path / "out" / "monte_cristo_wealth.json").read_text())
     assert len(rows) == 117 * 5
-    assert rows[0] == {"chapter": 1, "character": CHARACTERS[0], "wealth": 3}
+    assert rows[:5] == [{"chapter": 1, "character": name, "wealth": w} for name, w in zip(CHARACTERS, scripted_wealth(1))]
     assert {r["wealth"] for r in rows if r["chapter"] == 117} == {10, 2, 1}
     png = (tmp_path / "out" / "monte_cristo_wealth.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 20_000

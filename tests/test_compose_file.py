@@ -164,7 +164,8 @@ def test_rlm_worker(compose):
     cmd = _command(svc)
     text = " ".join(cmd)
     assert "worker" in cmd and "-Q rlm" in text and "llm" not in text.split("-Q ")[1].split()[0]
-    assert "--pool threads" in text or "--pool=threads" in text
+    # prefork: Celery's soft time limit (RLMQ_RUN_TIME_LIMIT) only works in process pools
+    assert "--pool prefork" in text or "--pool=prefork" in text
     assert "--concurrency 4" in text and "--prefetch-multiplier 1" in text
     assert "-E" in cmd and "-n rlm@%h" in text
     assert _duration_seconds(svc["stop_grace_period"]) >= 600, "a deploy must not kill running RLM runs"

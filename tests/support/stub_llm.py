@@ -385,11 +385,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each reply")
+    parser.add_argument("--demo", action="store_true", help="script the LLM of `rlmq demo monte-cristo`")
     args = parser.parse_args(argv)
     stopped = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopped.set())
-    with StubLLM(latency=args.latency, port=args.port) as stub:
+    responder = None
+    if args.demo:
+        from tests.support.demo_script import DEMO, demo_sub_answer
+
+        responder = route(root=DEMO, sub=demo_sub_answer)
+    with StubLLM(latency=args.latency, port=args.port, responder=responder) as stub:
         print(stub.api_base, flush=True)
         stopped.wait()
     return 0
