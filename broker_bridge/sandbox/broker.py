@@ -250,13 +250,6 @@ class KeepAliveWSGIServer(http.server.ThreadingHTTPServer):
         self.app = app
 
 
-def exit_with_parent(parent_pid):
-    """Local backend: the broker must not outlive the worker that started it."""
-    while True:
-        if os.getppid() != parent_pid:
-            os._exit(0)
-        time.sleep(0.5)
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="rlmq in-sandbox broker")
@@ -273,7 +266,7 @@ def main(argv=None):
     app = create_app(args.host_token_sha256, args.sandbox_token_sha256)
     server = KeepAliveWSGIServer((args.bind, args.port), app)
     if args.parent_pid:
-        threading.Thread(target=exit_with_parent, args=(args.parent_pid,), daemon=True).start()
+        threading.Thread(target=protocol.exit_with_parent, args=(args.parent_pid,), daemon=True).start()
     print(f"{protocol.PORT_ANNOUNCEMENT} {server.server_port}", flush=True)
     server.serve_forever()
 

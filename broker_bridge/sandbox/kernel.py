@@ -12,18 +12,11 @@ import json
 import os
 import sys
 import threading
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import protocol  # noqa: E402
 
-
-def exit_with_parent(parent_pid):
-    while True:
-        if os.getppid() != parent_pid:
-            os._exit(0)
-        time.sleep(0.5)
 
 
 def reap_children():
@@ -56,7 +49,7 @@ def main(argv=None):
     os.dup2(sink, 2)
     os.close(sink)
     if args.parent_pid:
-        threading.Thread(target=exit_with_parent, args=(args.parent_pid,), daemon=True).start()
+        threading.Thread(target=protocol.exit_with_parent, args=(args.parent_pid,), daemon=True).start()
 
     pid = os.getpid()
     namespace = {"__name__": "__main__", "__builtins__": builtins}

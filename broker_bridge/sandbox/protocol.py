@@ -22,7 +22,9 @@ import ctypes
 import hashlib
 import hmac
 import json
+import os
 import resource
+import time
 
 HOST_TOKEN_HEADER = "X-Rlmq-Host-Token"
 SANDBOX_TOKEN_HEADER = "X-Rlmq-Sandbox-Token"
@@ -175,3 +177,12 @@ def protect_host_process():
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
     except OSError:
         pass
+
+
+def exit_with_parent(parent_pid):
+    """Local backend (run in a daemon thread): a sandbox process must not outlive the worker that
+    started it, even when that worker is SIGKILLed."""
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(0)
+        time.sleep(0.5)
