@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,20 @@ def test_no_host_secret_reaches_the_sandbox_environment_files_or_host_memory(tmp
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[] False True"
+
+
+def test_ctrl_c_on_the_host_during_execute_releases_the_sandbox():
+    interpreter = interpreter_factory("local", execution_timeout=60)()
+    interpreter.start()
+    sandbox_id, runtime_dir = interpreter.sandbox_id, interpreter.runtime_dir
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            interpreter.execute("import time\ntime.sleep(30)")
+    finally:
+        timer.cancel()
+    assert_local_sandbox_gone(sandbox_id, runtime_dir)
+    with pytest.raises(SandboxDied, match="interrupted by KeyboardInterrupt"):
+        interpreter.execute("print(1)")
+    interpreter.shutdown()
