@@ -1,0 +1,114 @@
+"""Benchmark: ``llm_query_batched`` over N prompts, DSPy's built-in batch vs rlmq's fan-out.
+
+Prints, side by side, the wall time of one batch of ``--prompts`` prompts (default 500) against
+the stub LLM answering after ``--latency`` seconds (default 0.2):
+
+  (a) DSPy 3.4.1's built-in ``llm_query_batched``: 8 threads in one process;
+  (b) rlmq: one Celery group on queue ``llm``, served by ``--workers`` worker processes
+      (default 2) x ``--threads`` threads (default 32);
+  (c) the ideal N * latency / (workers * threads);
+
+then the same rlmq batch again with a warm Redis response cache. The fleet answers one untimed
+warm-up batch of other prompts first, as a long-lived fleet would have. Everything is real: a private
+Redis, ``celery -A tasks worker`` processes, HTTP to the stub through LiteLLM (rlmq) or
+``dspy.LM`` (DSPy). Run: ``python bench/fanout.py`` from the repo root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import dspy  # noqa: E402
+
+from tasks.app import configure  # noqa: E402
+from tests.support.fleet import Fleet  # noqa: E402
+from tests.support.stub_llm import StubLLM  # noqa: E402
+from workers.local_redis import start_private_redis  # noqa: E402
+from workers.settings import Settings  # noqa: E402
+
+
+def dspy_builtin(stub: StubLLM, prompts: list[str]) -> float:
+    sub = dspy.LM("openai/stub-sub", api_base=stub.api_base, api_key="stub", cache=False, num_retries=0)
+    rlm = dspy.RLM("context -> answer", sub_lm=sub, max_llm_calls=len(prompts))
+    tools = rlm._make_llm_tools()
+    t0 = time.perf_counter()
+    out = tools["llm_query_batched"](prompts)
+    elapsed = time.perf_counter() - t0
+    assert len(out) == len(prompts) and not any(o.startswith("[ERROR]") for o in out), out[:3]
+    return elapsed
+
+
+def rlmq_fanout(stub: StubLLM, redis_url: str, prompts: list[str], args: argparse.Namespace) -> tuple[float, float]:
+    from dspy.predict.rlm import _LLMCallBudget
+
+    from tasks.fanout import Fanout, make_llm_tools
+
+    settings = Settings(redis_url=redis_url, lm="openai/stub-root", sub_lm="openai/stub-sub",
+                        lm_api_base=stub.api_base, fanout_width=args.workers * args.threads)
+    # Warm-up (not timed): long-lived workers have their connections, scripts and pools ready.
+    Fanout(settings).query([f"warm-up {i}" for i in range(2 * args.workers * args.threads)])
+    stub.reset_stats()
+    times = []
+    for _ in range(2):  # cold cache, then warm cache
+        tools = make_llm_tools(Fanout(settings), _LLMCallBudget(len(prompts)))
+        t0 = time.perf_counter()
+        out = tools["llm_query_batched"](prompts)
+        times.append(time.perf_counter() - t0)
+        assert len(out) == len(prompts) and not any(o.startswith("[ERROR]") for o in out), out[:3]
+    return times[0], times[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=500)
+    parser.add_argument("--latency", type=float, default=0.2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=32)
+    args = parser.parse_args(argv)
+    prompts = [f"bench prompt {i}: who is the richest?" for i in range(args.prompts)]
+
+    server = start_private_redis()
+    configure(server.url)
+    try:
+        with StubLLM(latency=args.latency) as stub:
+            print(f"stub latency {args.latency * 1000:.0f} ms, {args.prompts} prompts", flush=True)
+            builtin = dspy_builtin(stub, prompts)
+            sent_builtin = stub.request_count
+            stub.reset_stats()
+            env = {"RLMQ_LM": "openai/stub-sub", "RLMQ_LM_API_BASE": stub.api_base,
+                   "RLMQ_RATE_LIMIT_RPS": "100000", "RLMQ_RATE_LIMIT_BURST": "100000"}
+            with Fleet(server.url, env) as fleet:
+                workers = [fleet.start("llm", name=f"bench{i}", concurrency=args.threads, wait=False)
+                           for i in range(args.workers)]
+                fleet.wait_ready(workers, timeout=120)
+                cold, warm = rlmq_fanout(stub, server.url, prompts, args)
+            sent_fleet = stub.request_count
+    finally:
+        server.stop()
+
+    slots = args.workers * args.threads
+    ideal = args.prompts * args.latency / slots
+    rows = [
+        ("(a) DSPy built-in, 8 threads, 1 process", builtin, sent_builtin),
+        (f"(b) rlmq fan-out, {args.workers} llm workers x {args.threads} threads", cold, sent_fleet),
+        (f"(c) ideal N*latency/{slots}", ideal, None),
+        ("    rlmq rerun, warm Redis cache", warm, 0),
+    ]
+    print(f"\n{'':52s} {'wall s':>8s} {'requests':>9s}")
+    for label, seconds, sent in rows:
+        print(f"{label:52s} {seconds:8.2f} {'' if sent is None else sent:>9}")
+    print(f"\nspeed-up (a)/(b): {builtin / cold:.1f}x   (b)/ideal: {cold / ideal:.2f}x   "
+          f"warm/cold: {warm / cold:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

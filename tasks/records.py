@@ -1,0 +1,191 @@
+"""Typed run records and their home in Redis.
+
+``RunSpec`` is what a client submits (inputs as blob digests, never the data itself);
+``RunStatus`` the life of a run; ``RunStore`` reads and writes the run record, a Redis hash
+under ``keys.run_key(run_id)`` (one field per concern, so progress updates never rewrite the
+spec), the final result under ``keys.run_result_key``, and the submit-time index
+``keys.runs_index_key``. Everything is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+import redis
+
+from workers import keys
+
+__all__ = ["RunRecord", "RunSpec", "RunStatus", "RunStore", "new_run_id"]
+
+
+class RunStatus(str, Enum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One RLM run as submitted: the signature, input blob refs and per-run options.
+
+    ``options`` holds per-run overrides of :class:`workers.settings.Settings` fields
+    (``lm``, ``sub_lm``, ``max_iters``, ``max_llm_calls``, ``sandbox``, limits, ...).
+    """
+
+    run_id: str
+    signature: str
+    inputs: dict[str, str]  # input name -> sha256 of the blob in keys.blob_key
+    options: dict[str, Any] = field(default_factory=dict)
+    submitted_at: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), allow_nan=False)
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> RunSpec:
+        raw = json.loads(data)
+        return cls(
+            run_id=str(raw["run_id"]),
+            signature=str(raw["signature"]),
+            inputs={str(k): str(v) for k, v in raw["inputs"].items()},
+            options=dict(raw.get("options") or {}),
+            submitted_at=float(raw.get("submitted_at") or 0.0),
+        )
+
+
+@dataclass
+class RunRecord:
+    """What Redis knows about a run (the spec plus everything that happened to it)."""
+
+    spec: RunSpec
+    status: RunStatus
+    worker: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    progress: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        out = asdict(self)
+        out["status"] = self.status.value
+        return json.dumps(out, allow_nan=False)
+
+    @classmethod
+    def from_hash(cls, fields: dict[bytes, bytes]) -> RunRecord:
+        def get(name: str) -> str | None:
+            value = fields.get(name.encode())
+            return value.decode() if value is not None else None
+
+        def num(name: str) -> float | None:
+            value = get(name)
+            return float(value) if value else None
+
+        return cls(
+            spec=RunSpec.from_json(get("spec") or "{}"),
+            status=RunStatus(get("status") or RunStatus.QUEUED.value),
+            worker=get("worker") or None,
+            started_at=num("started_at"),
+            finished_at=num("finished_at"),
+            error=get("error") or None,
+            progress=json.loads(get("progress") or "{}"),
+        )
+
+
+class RunStore:
+    """Run records in Redis; every write is a single command or one pipeline."""
+
+    def __init__(self, client: redis.Redis, *, expire_seconds: int | None = None) -> None:
+        self.redis = client
+        self.expire_seconds = expire_seconds
+
+    def create(self, spec: RunSpec) -> None:
+        pipe = self.redis.pipeline()
+        pipe.hset(keys.run_key(spec.run_id), mapping={"spec": spec.to_json(), "status": RunStatus.QUEUED.value})
+        pipe.zadd(keys.runs_index_key(), {spec.run_id: spec.submitted_at})
+        pipe.execute()
+
+    def get(self, run_id: str) -> RunRecord | None:
+        fields = self.redis.hgetall(keys.run_key(run_id))
+        if not fields or b"spec" not in fields:
+            return None
+        return RunRecord.from_hash(fields)
+
+    def status(self, run_id: str) -> RunStatus | None:
+        raw = self.redis.hget(keys.run_key(run_id), "status")
+        return RunStatus(raw.decode()) if raw else None
+
+    def mark_running(self, run_id: str, worker: str) -> None:
+        self.redis.hset(keys.run_key(run_id), mapping={
+            "status": RunStatus.RUNNING.value, "worker": worker, "started_at": repr(time.time()),
+        })
+
+    def set_progress(self, run_id: str, progress: dict[str, Any]) -> None:
+        self.redis.hset(keys.run_key(run_id), "progress", json.dumps(progress, allow_nan=False))
+
+    def finish(self, run_id: str, status: RunStatus, *, result: dict[str, Any] | None = None,
+               error: str | None = None, progress: dict[str, Any] | None = None) -> None:
+        """Record the end of a run: status, error text, last progress, and the result document."""
+        mapping: dict[str, str] = {"status": status.value, "finished_at": repr(time.time()), "error": error or ""}
+        if progress is not None:
+            mapping["progress"] = json.dumps(progress, allow_nan=False)
+        pipe = self.redis.pipeline()
+        pipe.hset(keys.run_key(run_id), mapping=mapping)
+        if result is not None:
+            pipe.set(keys.run_result_key(run_id), json.dumps(result, allow_nan=False, default=str))
+        if self.expire_seconds:
+            for key in (keys.run_key(run_id), keys.run_result_key(run_id)):
+                pipe.expire(key, self.expire_seconds)
+        pipe.execute()
+
+    def result(self, run_id: str) -> dict[str, Any] | None:
+        raw = self.redis.get(keys.run_result_key(run_id))
+        return json.loads(raw) if raw else None
+
+    def list(self, limit: int = 50) -> list[str]:
+        """Most recent run ids first."""
+        return [r.decode() for r in self.redis.zrevrange(keys.runs_index_key(), 0, limit - 1)]
+
+    # ownership and cancellation
+    def claim(self, run_id: str, owner: str, ttl_seconds: float) -> bool:
+        """SET NX: True for the one copy of this run that may execute it."""
+        return bool(self.redis.set(keys.run_owner_key(run_id), owner, nx=True, px=int(ttl_seconds * 1000)))
+
+    def renew_claim(self, run_id: str, owner: str, ttl_seconds: float) -> bool:
+        """Extend the claim only while we still hold it (compare-and-expire in Lua)."""
+        return bool(self.redis.eval(_RENEW_LUA, 1, keys.run_owner_key(run_id), owner, int(ttl_seconds * 1000)))
+
+    def fail_if_orphaned(self, run_id: str, reason: str) -> bool:
+        """Mark a RUNNING run whose owner is gone (claim expired) as FAILED; True if it was."""
+        if self.status(run_id) is not RunStatus.RUNNING or self.redis.exists(keys.run_owner_key(run_id)):
+            return False
+        self.finish(run_id, RunStatus.FAILED, error=reason)
+        return True
+
+    def request_cancel(self, run_id: str, ttl_seconds: int = 7 * 24 * 3600) -> None:
+        self.redis.set(keys.run_cancel_key(run_id), repr(time.time()), ex=ttl_seconds)
+
+    def cancel_requested(self, run_id: str) -> bool:
+        return bool(self.redis.exists(keys.run_cancel_key(run_id)))
+
+
+_RENEW_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""

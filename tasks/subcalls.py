@@ -1,0 +1,114 @@
+"""``llm_batch``: one sub-task answering a chunk of prompts on the ``llm`` queue.
+
+Each prompt goes through the fleet's Redis response cache with single-flight (one paid call
+per distinct prompt, fleet-wide), the fleet-wide rate limiter (plus the shared cooldown that a
+429 ``Retry-After`` sets), and retries with backoff on 429/5xx/timeouts/bad replies. A prompt
+that still fails comes back as an :class:`~workers.llm_call.Answer` with ``error`` set: data,
+never an exception, so one bad prompt cannot fail the chunk. Answers carry usage, cost and the
+serving worker's hostname.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any
+
+from tasks.app import LLM_TASK, app, redis_client, worker_settings
+from workers.cache import ResponseCache
+from workers.llm_call import Answer, FailureKind, LMCallError, LMReply, call_lm, prompt_messages
+from workers.ratelimit import FleetRateLimiter
+from workers.settings import Settings
+
+__all__ = ["SUBTASK_DEADLINE_SECONDS", "answer_prompt", "llm_batch"]
+
+logger = logging.getLogger(__name__)
+
+# A sub-task stops starting new prompts after this long (the parent's gather timeout and the
+# broker's visibility timeout are both larger); late prompts come back as errors.
+SUBTASK_DEADLINE_SECONDS = 900.0
+_MAX_BACKOFF = 20.0
+# The provider counts requests when they arrive, not when Redis grants them; grant-to-arrival
+# delays vary by tens of ms, which can put one extra request into a provider's 1-s window.
+RATE_MARGIN = 0.97
+
+
+@app.task(name=LLM_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, send_events=False,
+          soft_time_limit=SUBTASK_DEADLINE_SECONDS + 60, time_limit=SUBTASK_DEADLINE_SECONDS + 120)
+def llm_batch(self: Any, prompts: list[Any], model: str, options: dict[str, Any] | None = None,
+              params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Answer ``prompts`` (strings or chat-message lists) with ``model``; one answer dict each, in order.
+
+    ``options`` are per-run settings overrides (``lm_api_base``, rate limits, cache TTL,
+    ``lm_timeout``, ``lm_retries``); ``params`` are sampling parameters sent to the model.
+    """
+    settings = worker_settings().with_options(options)
+    worker = str(self.request.hostname or "")
+    client = redis_client()
+    cache = ResponseCache(client, ttl_seconds=settings.cache_ttl_seconds)
+    limiter = FleetRateLimiter(client, model, settings.rate_limit_rps * RATE_MARGIN,
+                               burst=settings.rate_limit_burst, tokens_per_minute=settings.tokens_per_minute)
+    deadline = time.monotonic() + SUBTASK_DEADLINE_SECONDS
+    answers = []
+    for prompt in prompts:
+        if time.monotonic() > deadline:
+            answers.append(Answer(error="sub-task deadline passed before this prompt was tried", worker=worker))
+            continue
+        answers.append(answer_prompt(prompt, model, settings, cache, limiter, params=params or {},
+                                     worker=worker, deadline=deadline))
+    return [a.to_json_dict() for a in answers]
+
+
+def answer_prompt(prompt: Any, model: str, settings: Settings, cache: ResponseCache, limiter: FleetRateLimiter,
+                  *, params: dict[str, Any], worker: str, deadline: float) -> Answer:
+    """One prompt through cache -> single-flight -> rate limit -> LM with retries; never raises."""
+    attempts = 0
+
+    def compute() -> dict[str, Any]:
+        """The reply as a dict, or ``{"error": ...}`` (handed to concurrent askers, never cached)."""
+        nonlocal attempts
+        messages = prompt_messages(prompt)
+        estimate = sum(len(str(m.get("content", ""))) for m in messages) // 4 + int(params.get("max_tokens") or 0)
+        for attempt in range(settings.lm_retries + 1):
+            attempts += 1
+            limiter.acquire(tokens=estimate if settings.tokens_per_minute else 0,
+                            timeout=max(0.1, deadline - time.monotonic()))
+            try:
+                reply = call_lm(model, messages, api_base=settings.lm_api_base, timeout=settings.lm_timeout,
+                                params=params, client=settings.lm_client)
+                return reply.to_json_dict()
+            except LMCallError as exc:
+                if exc.kind is FailureKind.PERMANENT or attempt == settings.lm_retries:
+                    return {"error": f"{exc.kind.value} after {attempts} attempt(s): {exc}"}
+                if exc.kind is FailureKind.RATE_LIMITED:
+                    # Pause the whole fleet; every worker's acquire() waits the cooldown out.
+                    pause = exc.retry_after if exc.retry_after is not None else _backoff(attempt)
+                    limiter.cooldown(pause)
+                    logger.info("429 from %s: fleet cooldown %.2fs", model, pause)
+                else:
+                    time.sleep(min(_backoff(attempt), max(0.0, deadline - time.monotonic())))
+        return {"error": "no attempt made"}
+
+    try:
+        key = cache.key_for(model, prompt_messages(prompt), params)
+        value, cached = cache.single_flight(key, compute, lock_ttl=_lock_ttl(settings),
+                                            wait_timeout=max(1.0, deadline - time.monotonic()),
+                                            cacheable=lambda v: "error" not in v)
+        if "error" in value:
+            return Answer(error=str(value["error"]), worker=worker, attempts=attempts)
+        reply = LMReply.from_json_dict(value)
+        return Answer(text=reply.text, cached=bool(cached), usage=reply.usage, cost=reply.cost,
+                      worker=worker, attempts=attempts)
+    except Exception as exc:  # Redis trouble, the limiter or a waiter timing out: still an answer
+        logger.warning("prompt failed outside the LM call: %r", exc)
+        return Answer(error=f"{type(exc).__name__}: {exc}", worker=worker, attempts=attempts)
+
+
+def _backoff(attempt: int) -> float:
+    return min(_MAX_BACKOFF, 0.25 * 2 ** attempt) * (0.5 + random.random())
+
+
+def _lock_ttl(settings: Settings) -> float:
+    """How long a single-flight leader may hold the lock: every attempt, timeout and backoff."""
+    return (settings.lm_retries + 1) * (settings.lm_timeout + _MAX_BACKOFF) + 30.0

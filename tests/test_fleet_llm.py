@@ -1,0 +1,232 @@
+"""Sub-LLM fan-out through real ``llm`` worker processes, a real Redis and the stub LLM over HTTP.
+
+Three ``celery -A tasks worker -Q llm -P threads`` processes serve the whole module; each test
+gets an empty rlmq key space and a fresh stub record. Per-test limits travel as per-run options,
+exactly as a run spec's overrides do.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import dspy
+import pytest
+import redis
+
+from tasks.app import configure as configure_app
+from tasks.fanout import Fanout, FleetLM, make_llm_tools, plan_chunks
+from tests.support.fleet import Fleet
+from tests.support.stub_llm import FaultKind, StubLLM, chat_adapter_reply, default_responder
+from workers.settings import Settings
+from dspy.predict.rlm import _LLMCallBudget
+
+pytestmark = pytest.mark.slow
+
+SUB_MODEL = "openai/stub-sub"
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[StubLLM]:
+    with StubLLM() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def fleet(redis_server, stub: StubLLM) -> Iterator[Fleet]:
+    configure_app(redis_server.url)
+    env = {"RLMQ_LM": SUB_MODEL, "RLMQ_LM_API_BASE": stub.api_base,
+           "RLMQ_RATE_LIMIT_RPS": "1000", "RLMQ_RATE_LIMIT_BURST": "1000"}
+    with Fleet(redis_server.url, env) as fl:
+        workers = [fl.start("llm", name=f"llm{i}", concurrency=16, wait=False) for i in range(3)]
+        fl.wait_ready(workers, timeout=90)
+        yield fl
+
+
+@pytest.fixture
+def r(redis_server) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
+    keys = list(client.scan_iter("rlmq:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    yield client
+    client.close()
+
+
+@pytest.fixture(autouse=True)
+def fresh_stub(stub: StubLLM) -> None:
+    stub.clear_faults()
+    stub.reset_stats()
+    stub.latency = 0.0
+    stub.set_responder(None)
+
+
+def make_fanout(stub: StubLLM, redis_server, **overrides) -> Fanout:
+    options = overrides.pop("options", {})
+    settings = Settings(redis_url=redis_server.url, lm="openai/stub-root", sub_lm=SUB_MODEL,
+                        lm_api_base=stub.api_base, **overrides)
+    return Fanout(settings, options=options)
+
+
+def expected(prompt: str) -> str:
+    return default_responder([{"role": "user", "content": prompt}], {})
+
+
+def test_plan_chunks_keeps_order_and_spreads() -> None:
+    assert plan_chunks(0, 8, 64) == []
+    assert plan_chunks(3, 8, 64) == [(0, 1), (1, 2), (2, 3)]
+    big = plan_chunks(500, 8, 64)
+    assert len(big) == 64 and big[0][0] == 0 and big[-1][1] == 500
+    assert all(a[1] == b[0] for a, b in zip(big, big[1:]))
+    assert {e - s for s, e in big} <= {7, 8}
+    assert len(plan_chunks(5000, 8, 64)) == 625
+
+
+def test_batch_in_prompt_order_spread_over_workers(fleet: Fleet, stub: StubLLM, r, redis_server) -> None:
+    stub.latency = 0.05
+    fanout = make_fanout(stub, redis_server)
+    tools = make_llm_tools(fanout, _LLMCallBudget(1000))
+    prompts = [f"chapter {i}: who is rich?" for i in range(200)]
+    out = tools["llm_query_batched"](prompts)
+    assert out == [expected(p) for p in prompts]
+    assert stub.request_count == 200
+    served = fanout.stats.snapshot()["llm_workers"]
+    assert len(served) >= 2, served
+    assert set(served) <= {w.name for w in fleet.workers}
+    assert tools["llm_query"]("one more") == expected("one more")
+
+
+def test_batch_is_reserved_against_budget_up_front(fleet: Fleet, stub: StubLLM, r, redis_server) -> None:
+    tools = make_llm_tools(make_fanout(stub, redis_server), _LLMCallBudget(10))
+    with pytest.raises(RuntimeError, match="LLM call limit exceeded"):
+        tools["llm_query_batched"]([f"p{i}" for i in range(11)])
+    assert stub.request_count == 0  # nothing was sent for the refused batch
+    assert len(tools["llm_query_batched"]([f"p{i}" for i in range(10)])) == 10
+    with pytest.raises(RuntimeError, match="LLM call limit exceeded"):
+        tools["llm_query"]("over budget")
+
+
+def test_cached_rerun_makes_no_requests_and_is_faster(fleet: Fleet, stub: StubLLM, r, redis_server) -> None:
+    stub.latency = 0.2
+    prompts = [f"summarise chapter {i}" for i in range(64)]
+    first = make_fanout(stub, redis_server, fanout_width=16)
+    t0 = time.perf_counter()
+    cold = first.query(prompts)
+    cold_s = time.perf_counter() - t0
+    assert stub.request_count == 64 and not any(a.cached for a in cold)
+    second = make_fanout(stub, redis_server, fanout_width=16)
+    t0 = time.perf_counter()
+    warm = second.query(prompts)
+    warm_s = time.perf_counter() - t0
+    assert stub.request_count == 64, "the rerun reached the LLM"
+    assert [a.text for a in warm] == [a.text for a in cold]
+    assert second.stats.snapshot()["cache_hits"] == 64
+    assert warm_s < cold_s / 3, (cold_s, warm_s)
+
+
+def test_50_identical_concurrent_prompts_cost_one_request(fleet: Fleet, stub: StubLLM, r, redis_server) -> None:
+    stub.latency = 0.5
+    fanout = make_fanout(stub, redis_server, fanout_width=64)  # 50 sub-tasks of one prompt each
+    answers = fanout.query(["What is the Count's fortune?"] * 50)
+    assert stub.request_count == 1
+    assert len({a.text for a in answers}) == 1 and all(a.ok for a in answers)
+    assert sum(not a.cached for a in answers) == 1
+    assert len({a.worker for a in answers}) >= 2  # the waiters really were on other processes
+
+
+def test_rate_limit_holds_across_three_workers(fleet: Fleet, stub: StubLLM, r, redis_server) -> None:
+    rate, burst = 20, 5
+    fanout = make_fanout(stub, redis_server, fanout_width=48,
+                         options={"rate_limit_rps": rate, "rate_limit_burst": burst})
+    answers = fanout.query([f"rate {i}" for i in range(130)])
+    assert all(a.ok for a in answers)
+    times = sorted(rec.at for rec in stub.requests)
+    assert len(times) == 130
+    worst = max(sum(1 for t in times[i:] if t < start + 1.0) for i, start in enumerate(times))
+    assert worst <= rate + burst, f"{worst} requests in one second"
+    assert times[-1] - times[0] >= (130 - burst) / rate - 0.5  # it really was paced
+    assert len(fanout.stats.snapshot()["llm_workers"]) == 3
+
+
+def test_429_retry_after_pauses_the_whole_fleet(fleet: Fleet, stub: StubLLM, r, redis_server) -> None:
+    stub.latency = 0.1
+    stub.add_fault(FaultKind.RATE_LIMIT, count=1, retry_after=2)
+    fanout = make_fanout(stub, redis_server, chunk_size=8, fanout_width=24)
+    prompts = [f"paced {i}" for i in range(192)]
+    answers = fanout.query(prompts)
+    assert [a.text for a in answers] == [expected(p) for p in prompts]
+    records = sorted(stub.requests, key=lambda rec: rec.at)
+    t429 = next(rec.at for rec in records if rec.status == 429)
+    # Requests already past the limiter when the 429 was read still land; then nothing for ~2 s.
+    arrivals = [t429] + [rec.at for rec in records if rec.at > t429]
+    gap, gap_start = max((b - a, a) for a, b in zip(arrivals, arrivals[1:]))
+    # (tolerances leave room for a loaded 2-core box; without the cooldown the gap is ~0.1 s)
+    assert 1.5 <= gap <= 2.8 and gap_start - t429 < 1.0, (gap, gap_start - t429, [
+        (round(a - t429, 3)) for a in arrivals if a < t429 + 3])
+    assert len(fanout.stats.snapshot()["llm_workers"]) >= 2
+
+
+def test_faults_end_as_answer_or_error_and_workers_survive(fleet: Fleet, stub: StubLLM, r, redis_server) -> None:
+    stub.add_fault(FaultKind.SERVER_ERROR, count=None, marker="ALWAYS500")
+    stub.add_fault(FaultKind.SERVER_ERROR, count=1, marker="ONCE500")
+    stub.add_fault(FaultKind.TIMEOUT, count=None, marker="HANG", hang_seconds=5)
+    stub.add_fault(FaultKind.MALFORMED, count=None, marker="ALWAYSBAD")
+    stub.add_fault(FaultKind.MALFORMED, count=1, marker="ONCEBAD")
+    stub.add_fault(FaultKind.EMPTY, count=None, marker="ALWAYSEMPTY")
+    stub.add_fault(FaultKind.EMPTY, count=1, marker="ONCEEMPTY")
+    fanout = make_fanout(stub, redis_server, options={"lm_timeout": 1, "lm_retries": 2})
+    tools = make_llm_tools(fanout, _LLMCallBudget(100))
+    prompts = ["ALWAYS500", "ONCE500", "HANG", "ALWAYSBAD", "ONCEBAD", "ALWAYSEMPTY", "ONCEEMPTY", "fine"]
+    out = dict(zip(prompts, tools["llm_query_batched"](prompts)))
+    for p in ("ONCE500", "ONCEBAD", "ONCEEMPTY", "fine"):
+        assert out[p] == expected(p), (p, out[p])
+    for p in ("ALWAYS500", "HANG", "ALWAYSBAD", "ALWAYSEMPTY"):
+        assert out[p].startswith("[ERROR] "), (p, out[p])
+    assert "empty completion" in out["ALWAYSEMPTY"]
+    assert tools["llm_query"]("ALWAYS500").startswith("[ERROR] ")
+    # errors are not cached: the stub sees the always-failing prompt again
+    before = stub.request_count
+    assert tools["llm_query"]("ALWAYSBAD").startswith("[ERROR] ")
+    assert stub.request_count == before + 3
+    assert all(w.alive for w in fleet.workers)
+    fleet.wait_ready(timeout=10)
+
+
+def test_gather_timeout_revokes_stragglers(fleet: Fleet, stub: StubLLM, r, redis_server) -> None:
+    stub.add_fault(FaultKind.TIMEOUT, count=None, marker="STUCK", hang_seconds=3)
+    fanout = make_fanout(stub, redis_server, gather_timeout=1.0, options={"lm_timeout": 2.5, "lm_retries": 0})
+    t0 = time.perf_counter()
+    answers = fanout.query(["quick one", "STUCK forever", "quick two"])
+    assert time.perf_counter() - t0 < 2.0
+    assert answers[0].text == expected("quick one") and answers[2].text == expected("quick two")
+    assert not answers[1].ok and "timed out" in (answers[1].error or "")
+    time.sleep(2.6)  # let the hung call end so the next test starts clean
+
+
+def test_fleet_lm_routes_dspy_sub_agents(fleet: Fleet, stub: StubLLM, r, redis_server) -> None:
+    stub.set_responder(lambda messages, body: chat_adapter_reply({"answer": "Edmond Dantès"}))
+    fanout = make_fanout(stub, redis_server)
+    lm = FleetLM(fanout)
+    assert isinstance(lm, dspy.BaseLM) and lm.model == SUB_MODEL
+    pred = dspy.Predict("question -> answer")(question="Who is the Count?", lm=lm)
+    assert pred.answer == "Edmond Dantès"
+    assert stub.request_count == 1 and stub.requests[0].model == "stub-sub"
+    assert fanout.stats.snapshot()["llm_calls"] == 1
+    stub.add_fault(FaultKind.SERVER_ERROR, count=None)
+    with pytest.raises(dspy.LMError):
+        dspy.Predict("question -> answer")(question="And now?", lm=lm)
+
+
+@pytest.mark.parametrize("client", ["litellm", "http"])
+def test_both_lm_clients_retry_and_report_usage_and_cost(client, fleet: Fleet, stub: StubLLM, r, redis_server) -> None:
+    stub.add_fault(FaultKind.SERVER_ERROR, count=1, marker="first")
+    stub.add_fault(FaultKind.RATE_LIMIT, count=1, marker="second", retry_after=0.3)
+    settings_model = "openai/gpt-4o-mini"  # a model LiteLLM has a price for, served by the stub
+    fanout = Fanout(Settings(redis_url=redis_server.url, lm="openai/x", sub_lm=settings_model,
+                             lm_api_base=stub.api_base), options={"lm_client": client})
+    answers = fanout.query(["first prompt", "second prompt", "third prompt"])
+    assert [a.text for a in answers] == [expected(p) for p in ("first prompt", "second prompt", "third prompt")]
+    assert [a.attempts for a in answers] == [2, 2, 1]
+    assert all(a.usage["total_tokens"] > 0 and (a.cost or 0) > 0 for a in answers)
+    assert {rec.model for rec in stub.requests} == {"gpt-4o-mini"}
+    assert fanout.stats.snapshot()["cost_usd"] > 0

@@ -1,0 +1,69 @@
+"""Worker start checks and sandbox lease reaping, on real processes and a real local sandbox."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+
+from broker_bridge import interpreter_factory
+from tests.support.fleet import REPO_ROOT
+from workers.sandbox_registry import LeaseRegistry, SandboxLease, reap_expired
+from workers import keys
+
+
+def start_worker(env_overrides: dict[str, str], *queue_args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RLMQ_", "REDIS_URL"))}
+    env.update(env_overrides)
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    cmd = [sys.executable, "-m", "celery", "-A", "tasks", "worker", *queue_args, "-P", "solo", "--without-mingle"]
+    return subprocess.run(cmd, cwd="/tmp", env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("env, args, expect", [
+    ({"REDIS_URL": "redis://127.0.0.1:1/0"}, ("-Q", "llm"), "RLMQ_LM is not set"),
+    ({"RLMQ_LM": "openai/x"}, ("-Q", "rlm"), "REDIS_URL is not set"),
+    ({"REDIS_URL": "redis://127.0.0.1:1/0", "RLMQ_LM": "openai/x", "RLMQ_MAX_ITERS": "many"}, ("-Q", "rlm"),
+     "RLMQ_MAX_ITERS='many' is not a number"),
+    ({"REDIS_URL": "redis://127.0.0.1:1/0", "RLMQ_LM": "openai/x"}, ("-Q", "rlm,llm"), "must not consume both"),
+    ({"REDIS_URL": "redis://127.0.0.1:1/0", "RLMQ_LM": "openai/x"}, (), "pass -Q rlm"),
+])
+def test_bad_worker_settings_stop_it_with_one_line(env, args, expect) -> None:
+    done = start_worker(env, *args)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("rlmq worker: ") and expect in lines[0], done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_reaper_destroys_expired_local_sandboxes_only(redis_client: redis.Redis) -> None:
+    registry = LeaseRegistry(redis_client, ttl_seconds=0.5)
+    created = []
+    factory = interpreter_factory("local", labels={"rlmq.run": "r1"}, on_sandbox_created=created.append)
+    interp = factory()
+    try:
+        interp.start()
+        assert interp.execute("print(6 * 7)").strip() == "42"
+        (info,) = created
+        registry.register(info, run_id="r1", owner="test")
+        # a lease of a local sandbox on another host, and one not yet expired
+        other = SandboxLease("local", "elsewhere-1", "another-host", "r2", "w", time.time() - 5)
+        redis_client.set(keys.lease_key(other.sandbox_id), other.to_json())
+        redis_client.zadd(keys.leases_index_key(), {other.sandbox_id: other.expires_at})
+        LeaseRegistry(redis_client, 60).register(
+            type(info)(backend="local", sandbox_id="fresh-1", labels={}, host=socket.gethostname()),
+            run_id="r3", owner="w")
+        assert reap_expired(redis_client, time.time()) == []  # nothing expired yet on this host
+        time.sleep(0.6)
+        reaped = reap_expired(redis_client, time.time())
+        assert [lease.sandbox_id for lease in reaped] == [info.sandbox_id]
+        assert sorted(registry.live()) == ["elsewhere-1", "fresh-1"]
+        with pytest.raises(Exception):
+            interp.execute("print('still alive?')")
+    finally:
+        interp.shutdown()

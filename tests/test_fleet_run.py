@@ -1,0 +1,276 @@
+"""Whole RLM runs through the fleet: one ``rlm`` worker process, two ``llm`` worker processes, a real
+Redis, local sandboxes, and the stub LLM over HTTP playing both the scripted root LM and the sub-LM.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from celery.result import AsyncResult
+
+from tasks.app import configure as configure_app
+from tasks.inputs import load_input_value
+from tasks.records import RunSpec, RunStatus, RunStore, new_run_id
+from tasks.run import enqueue_run, request_cancel
+from tests.support.fleet import Fleet
+from tests.support.stub_llm import FaultKind, ScriptedRoot, StubLLM, chat_adapter_reply, route
+from workers.blobs import put_blobs
+from workers.sandbox_registry import LeaseRegistry
+
+pytestmark = pytest.mark.slow
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "monte_cristo.txt"
+SIGNATURE = "chapters: list[str] -> richest: list[dict], verdict: str"
+PROMPT = "Which character is richest in chapter {n}? Answer with one name.\n\n{text}"
+STEPS = [
+    "print(len(chapters), chapters[0][:30])",
+    "prompts = [" + repr(PROMPT) + ".format(n=i + 1, text=c[:800]) for i, c in enumerate(chapters)]\n"
+    "answers = llm_query_batched(prompts)\n"
+    "import dspy\n"
+    "verdict = dspy.Predict('question -> answer')(question='Who ends richest?').answer\n"
+    "print(len(answers), answers[:2], verdict)",
+    "SUBMIT(richest=[{'chapter': i + 1, 'answer': a} for i, a in enumerate(answers)], verdict=verdict)",
+]
+
+
+def sub_answer(prompt: str) -> str:
+    if "[[ ## question ## ]]" in prompt:
+        return chat_adapter_reply({"answer": "Monte Cristo"})
+    match = re.search(r"richest in chapter (\d+)", prompt)
+    return f"richest-{match.group(1)}" if match else "unknown"
+
+
+@pytest.fixture(scope="module")
+def chapters() -> list[str]:
+    value = load_input_value(f"@{CORPUS}", split="chapters")
+    assert len(value) == 117
+    return value
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[StubLLM]:
+    with StubLLM() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def fleet(redis_server, stub: StubLLM) -> Iterator[Fleet]:
+    configure_app(redis_server.url)
+    env = {"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub", "RLMQ_LM_API_BASE": stub.api_base,
+           "RLMQ_RATE_LIMIT_RPS": "1000", "RLMQ_RATE_LIMIT_BURST": "1000", "RLMQ_LEASE_TTL": "30"}
+    with Fleet(redis_server.url, env) as fl:
+        workers = [fl.start("rlm", name="rlm1", concurrency=2, wait=False),
+                   fl.start("llm", name="llmA", concurrency=16, wait=False),
+                   fl.start("llm", name="llmB", concurrency=16, wait=False)]
+        fl.wait_ready(workers, timeout=120)
+        yield fl
+
+
+@pytest.fixture
+def r(redis_server) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
+    keys = list(client.scan_iter("rlmq:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    yield client
+    client.close()
+
+
+@pytest.fixture(autouse=True)
+def fresh_stub(stub: StubLLM) -> None:
+    stub.clear_faults()
+    stub.reset_stats()
+    stub.latency = 0.0
+
+
+def submit(r: redis.Redis, chapters: list[str], *, steps: list[str] = STEPS, options: dict | None = None,
+           signature: str = SIGNATURE, stub: StubLLM) -> tuple[str, ScriptedRoot]:
+    script = ScriptedRoot(steps)
+    stub.set_responder(route(root=script, sub=sub_answer))
+    run_id = new_run_id()
+    spec = RunSpec(run_id=run_id, signature=signature, inputs=put_blobs(r, {"chapters": chapters}),
+                   options={"max_iters": 6, "max_llm_calls": 300, **(options or {})})
+    enqueue_run(spec, client=r)
+    return run_id, script
+
+
+def wait_finished(r: redis.Redis, run_id: str, timeout: float = 120.0) -> RunStatus:
+    store = RunStore(r)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = store.status(run_id)
+        if status is not None and status.finished:
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"run {run_id} still {store.status(run_id)} after {timeout}s")
+
+
+def test_full_run_over_monte_cristo(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
+    run_id, script = submit(r, chapters, stub=stub)
+    t0 = time.monotonic()
+    assert wait_finished(r, run_id) is RunStatus.SUCCEEDED, RunStore(r).get(run_id)
+    cold = time.monotonic() - t0
+    result = RunStore(r).result(run_id)
+    assert result["outputs"]["richest"] == [{"chapter": n, "answer": f"richest-{n}"} for n in range(1, 118)]
+    assert result["outputs"]["verdict"] == "Monte Cristo"  # the sandbox sub-agent went through the fleet
+    assert len(result["trajectory"]) == 3 and "117 Chapter" in result["trajectory"][0]["output"]
+    progress = result["progress"]
+    assert progress["llm_calls"] == 118 and progress["iteration"] == 3
+    served = set(progress["llm_workers"])
+    assert len(served) == 2 and served == {w.name for w in fleet.workers if w.queue == "llm"}
+    assert script.calls == [0, 1, 2]
+    assert AsyncResult(run_id).get(timeout=10)["status"] == "SUCCEEDED"
+    assert LeaseRegistry(r, 30).live() == []  # the sandbox was released
+
+    # The same run again: every root and sub call comes from Redis, none reaches the LLM.
+    stub.reset_stats()
+    rerun_id, _ = submit(r, chapters, stub=stub)
+    t0 = time.monotonic()
+    assert wait_finished(r, rerun_id) is RunStatus.SUCCEEDED
+    warm = time.monotonic() - t0
+    assert stub.request_count == 0
+    assert RunStore(r).result(rerun_id)["outputs"] == result["outputs"]
+    assert RunStore(r).result(rerun_id)["progress"]["cache_hits"] == 118
+    assert warm < cold, (cold, warm)
+
+
+def test_faults_in_a_run_end_as_errors_and_the_run_finishes(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
+    stub.add_fault(FaultKind.SERVER_ERROR, count=None, marker="chapter 3?")
+    stub.add_fault(FaultKind.MALFORMED, count=None, marker="chapter 5?")
+    stub.add_fault(FaultKind.EMPTY, count=None, marker="chapter 7?")
+    stub.add_fault(FaultKind.TIMEOUT, count=None, marker="chapter 9?", hang_seconds=3)
+    stub.add_fault(FaultKind.SERVER_ERROR, count=1, marker="chapter 11?")
+    run_id, _ = submit(r, chapters, stub=stub, options={"lm_timeout": 1, "lm_retries": 1})
+    assert wait_finished(r, run_id) is RunStatus.SUCCEEDED, RunStore(r).get(run_id)
+    answers = {row["chapter"]: row["answer"] for row in RunStore(r).result(run_id)["outputs"]["richest"]}
+    for n in (3, 5, 7, 9):
+        assert answers[n].startswith("[ERROR] "), (n, answers[n])
+    assert answers[11] == "richest-11" and answers[1] == "richest-1"
+    assert all(w.alive for w in fleet.workers)
+
+
+def test_bad_input_is_a_failed_record_and_the_worker_lives(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
+    run_id, _ = submit(r, chapters[:3], stub=stub, signature="chapters: list[str] -> -> nonsense")
+    assert wait_finished(r, run_id) is RunStatus.FAILED
+    record = RunStore(r).get(run_id)
+    assert record.error and record.error.startswith("ValueError:") and "->" in record.error, record.error
+    assert AsyncResult(run_id).state == "FAILURE"
+    crash_id, _ = submit(r, chapters[:3], stub=stub, steps=["import os\nos._exit(3)"], options={"max_iters": 2})
+    assert wait_finished(r, crash_id) in (RunStatus.FAILED, RunStatus.SUCCEEDED)
+    assert RunStore(r).get(crash_id).status.finished
+    assert all(w.alive for w in fleet.workers)
+    fleet.wait_ready(timeout=10)
+    assert LeaseRegistry(r, 30).live() == []
+
+
+def test_duplicate_delivery_does_not_run_twice(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
+    steps = ["import time\ntime.sleep(1.5)\nprint('slept')", "SUBMIT(richest=[], verdict='done')"]
+    run_id, script = submit(r, chapters[:2], stub=stub, steps=steps)
+    from tasks.run import run_rlm
+
+    run_rlm.apply_async((run_id,), task_id=run_id)  # a redelivered copy of the same run
+    assert wait_finished(r, run_id) is RunStatus.SUCCEEDED
+    time.sleep(1.0)
+    assert script.calls == [0, 1]  # one root LM conversation, not two
+
+
+def test_progress_and_cancel(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
+    steps = ["print('warming up')", "import time\nfor _ in range(120):\n    time.sleep(0.5)\nprint('done')",
+             "SUBMIT(richest=[], verdict='never')"]
+    run_id, _ = submit(r, chapters[:5], stub=stub, steps=steps)
+    result = AsyncResult(run_id)
+    deadline = time.monotonic() + 60
+    while not (result.state == "PROGRESS" and (result.info or {}).get("iteration") == 2):
+        assert time.monotonic() < deadline, (result.state, result.info)
+        time.sleep(0.1)
+    info = result.info
+    assert info["max_iters"] == 6 and info["elapsed"] > 0 and "llm_calls" in info and "cache_hits" in info
+    assert RunStore(r).get(run_id).status is RunStatus.RUNNING
+    assert len(LeaseRegistry(r, 30).live()) == 1
+    t0 = time.monotonic()
+    request_cancel(run_id, client=r)
+    assert wait_finished(r, run_id, timeout=20) is RunStatus.CANCELLED
+    assert time.monotonic() - t0 < 8
+    assert LeaseRegistry(r, 30).live() == []
+    assert all(w.alive for w in fleet.workers)
+
+
+def test_runs_send_task_events_and_sub_calls_send_none(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
+    import threading
+
+    from tasks.app import app
+
+    events: list[dict] = []
+    stop = threading.Event()
+
+    def listen() -> None:
+        with app.connection_for_read() as conn:
+            receiver = app.events.Receiver(conn, handlers={"*": events.append})
+            while not stop.is_set():
+                try:
+                    receiver.capture(limit=None, timeout=0.5, wakeup=False)
+                except TimeoutError:
+                    pass
+                except Exception:  # socket.timeout and friends from the transport
+                    pass
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    time.sleep(1.0)  # the receiver's queue must exist before events are sent
+    run_id, _ = submit(r, chapters[:20], stub=stub)
+    assert wait_finished(r, run_id) is RunStatus.SUCCEEDED
+    time.sleep(1.0)
+    stop.set()
+    thread.join(5)
+    task_events = [e for e in events if e.get("type", "").startswith("task-")]
+    assert {e["uuid"] for e in task_events} == {run_id}, "a sub-call sent task events"
+    kinds = {e["type"] for e in task_events}
+    assert {"task-received", "task-started", "task-progress", "task-succeeded"} <= kinds, kinds
+    progress = [e for e in task_events if e["type"] == "task-progress"]
+    assert max(e["iteration"] for e in progress) == 3 and max(e["llm_calls"] for e in progress) == 21
+    assert RunStore(r).result(run_id)["progress"]["llm_calls"] == 21
+
+
+def test_cancel_before_start_and_the_worker_skips_it(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
+    from tasks.run import run_rlm
+
+    script = ScriptedRoot(["SUBMIT(richest=[], verdict='ran')"])
+    stub.set_responder(route(root=script, sub=sub_answer))
+    spec = RunSpec(run_id=new_run_id(), signature=SIGNATURE, inputs=put_blobs(r, {"chapters": chapters[:2]}))
+    RunStore(r).create(spec)
+    request_cancel(spec.run_id, client=r)
+    assert RunStore(r).status(spec.run_id) is RunStatus.CANCELLED
+    run_rlm.apply_async((spec.run_id,), task_id=spec.run_id)  # delivered anyway (revoke raced)
+    time.sleep(2.0)
+    assert RunStore(r).status(spec.run_id) is RunStatus.CANCELLED and script.calls == []
+
+
+def test_beat_reaper_destroys_orphaned_sandbox_and_fails_its_run(fleet: Fleet, r) -> None:
+    from broker_bridge import interpreter_factory
+    from tasks.app import reap_leases
+
+    created = []
+    interp = interpreter_factory("local", on_sandbox_created=created.append)()
+    try:
+        interp.start()
+        spec = RunSpec(run_id=new_run_id(), signature=SIGNATURE, inputs={})
+        RunStore(r).create(spec)
+        RunStore(r).mark_running(spec.run_id, "dead-worker@nowhere")  # and it never renews anything
+        LeaseRegistry(r, 0.2).register(created[0], run_id=spec.run_id, owner="dead-worker@nowhere")
+        time.sleep(0.3)
+        reap_leases.delay()
+        deadline = time.monotonic() + 20
+        while LeaseRegistry(r, 1).live() or not RunStore(r).status(spec.run_id).finished:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        record = RunStore(r).get(spec.run_id)
+        assert record.status is RunStatus.FAILED and "worker lost" in record.error
+        with pytest.raises(Exception):
+            interp.execute("print(1)")
+    finally:
+        interp.shutdown()

@@ -1,0 +1,277 @@
+"""One sub-LLM call through LiteLLM, with its failure classified.
+
+``call_lm`` makes exactly one HTTP attempt (LiteLLM's and the OpenAI SDK's own retries are
+off: retries, rate limiting and caching belong to ``tasks/subcalls.py``, which must see every
+attempt). Failures become :class:`LMCallError` with a :class:`FailureKind` that says what to
+do next: wait ``retry_after`` and retry (rate limited), retry with backoff (transient), or
+give up (permanent). An empty completion is an error, so it is never cached.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from functools import lru_cache
+
+# LiteLLM otherwise fetches its price map from the internet at import (seconds, or a hang
+# offline); the copy it ships is enough to price known models.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+__all__ = [
+    "Answer", "FailureKind", "LMCallError", "LMClient", "LMReply",
+    "call_lm", "litellm_module", "preload", "prompt_messages",
+]
+
+
+@lru_cache(maxsize=1)
+def litellm_module() -> Any:
+    """LiteLLM, imported on first need: the import costs ~6 s of CPU, which clients and run
+    workers should not pay; ``llm`` workers preload it at start."""
+    import litellm
+
+    litellm.suppress_debug_info = True
+    return litellm
+
+Messages = list[dict[str, Any]]
+
+
+class FailureKind(str, Enum):
+    RATE_LIMITED = "rate_limited"  # 429: wait (Retry-After) and retry, and pause the fleet
+    TRANSIENT = "transient"  # 5xx, timeouts, connection errors, malformed or empty replies
+    PERMANENT = "permanent"  # auth, bad request, unknown model, context too long
+
+
+class LMCallError(Exception):
+    def __init__(self, kind: FailureKind, message: str, *, retry_after: float | None = None,
+                 status: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.retry_after = retry_after
+        self.status = status
+
+
+@dataclass(frozen=True)
+class LMReply:
+    """A successful completion: the text plus what it cost."""
+
+    text: str
+    usage: dict[str, int]
+    cost: float | None  # USD, where LiteLLM knows the model's price
+    model: str
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json_dict(cls, raw: dict[str, Any]) -> LMReply:
+        return cls(text=str(raw["text"]), usage={k: int(v) for k, v in (raw.get("usage") or {}).items()},
+                   cost=raw.get("cost"), model=str(raw.get("model", "")))
+
+
+@dataclass
+class Answer:
+    """One prompt's outcome as an ``llm_batch`` sub-task returns it (JSON on the wire)."""
+
+    text: str | None = None
+    error: str | None = None
+    cached: bool = False
+    usage: dict[str, int] = field(default_factory=dict)
+    cost: float | None = None
+    worker: str = ""
+    attempts: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.text is not None
+
+    def for_sandbox(self) -> str:
+        """What sandbox code sees: the text, or ``[ERROR] ...``."""
+        return self.text if self.ok else f"[ERROR] {self.error or 'no answer'}"  # type: ignore[return-value]
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json_dict(cls, raw: dict[str, Any]) -> Answer:
+        return cls(**{k: raw[k] for k in ("text", "error", "cached", "usage", "cost", "worker", "attempts") if k in raw})
+
+
+def prompt_messages(prompt: str | Messages) -> Messages:
+    """A prompt string as chat messages; messages pass through."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return prompt
+
+
+class LMClient(str, Enum):
+    AUTO = "auto"  # direct HTTP for an OpenAI-compatible api_base, LiteLLM for everything else
+    LITELLM = "litellm"
+    HTTP = "http"
+
+
+def call_lm(model: str, messages: Messages, *, api_base: str | None = None, timeout: float = 120.0,
+            params: dict[str, Any] | None = None, client: LMClient | str = LMClient.AUTO) -> LMReply:
+    """Make one completion request; raise :class:`LMCallError` on any failure.
+
+    ``openai/<name>`` with an ``api_base`` (vLLM, Ollama, LM Studio, proxies, the test stub) is
+    plain JSON over HTTP, so under ``auto`` it skips LiteLLM, whose per-call CPU (~11 ms,
+    measured) would cap a 2-core worker near 150 calls/s.
+    """
+    client = LMClient(client)
+    direct = client is LMClient.HTTP or (client is LMClient.AUTO and bool(api_base) and model.startswith("openai/"))
+    if direct:
+        if not api_base:
+            raise LMCallError(FailureKind.PERMANENT, "the direct HTTP client needs an api_base")
+        return _call_http(model, messages, api_base=api_base, timeout=timeout, params=params or {})
+    return _call_litellm(model, messages, api_base=api_base, timeout=timeout, params=params or {})
+
+
+def _call_litellm(model: str, messages: Messages, *, api_base: str | None, timeout: float,
+                  params: dict[str, Any]) -> LMReply:
+    kwargs: dict[str, Any] = dict(params)
+    if api_base:
+        kwargs["api_base"] = api_base
+        # OpenAI-compatible local endpoints often need no key, but the SDK insists on one.
+        if model.startswith("openai/") and not os.environ.get("OPENAI_API_KEY"):
+            kwargs.setdefault("api_key", "not-needed")
+    litellm = litellm_module()
+    try:
+        response = litellm.completion(model=model, messages=messages, timeout=timeout,
+                                      num_retries=0, max_retries=0, **kwargs)
+    except Exception as exc:  # LiteLLM raises many types; classify them all
+        raise classify(exc) from exc
+    try:
+        text = response.choices[0].message.content
+    except (AttributeError, IndexError, TypeError) as exc:
+        raise LMCallError(FailureKind.TRANSIENT, f"malformed completion: {exc}") from exc
+    usage_obj = getattr(response, "usage", None)
+    usage = {k: int(getattr(usage_obj, k, 0) or 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    return _reply(model, text, usage, _cost(response))
+
+
+def preload() -> None:
+    """Import LiteLLM and open the HTTP pool before the first call (worker start)."""
+    litellm_module()
+    _http_client()
+
+
+@lru_cache(maxsize=1)
+def _http_client() -> Any:
+    import httpx
+
+    # One pooled, thread-safe client per process: keep-alive to the endpoint across calls.
+    return httpx.Client(limits=httpx.Limits(max_connections=512, max_keepalive_connections=128))
+
+
+def _call_http(model: str, messages: Messages, *, api_base: str, timeout: float, params: dict[str, Any]) -> LMReply:
+    import httpx
+
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get("OPENAI_API_KEY"):
+        headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
+    body = {**params, "model": model.split("/", 1)[1], "messages": messages}
+    try:
+        response = _http_client().post(api_base.rstrip("/") + "/chat/completions", json=body, headers=headers,
+                                       timeout=timeout)
+    except httpx.TimeoutException as exc:
+        raise LMCallError(FailureKind.TRANSIENT, f"timeout after {timeout:g}s: {type(exc).__name__}") from exc
+    except httpx.HTTPError as exc:
+        raise LMCallError(FailureKind.TRANSIENT, _short(exc)) from exc
+    status = response.status_code
+    if status == 429:
+        raise LMCallError(FailureKind.RATE_LIMITED, f"HTTP 429: {response.text[:200]}",
+                          retry_after=_retry_after_headers(response.headers), status=429)
+    if status >= 500 or status == 408:
+        raise LMCallError(FailureKind.TRANSIENT, f"HTTP {status}: {response.text[:200]}", status=status)
+    if status >= 400:
+        raise LMCallError(FailureKind.PERMANENT, f"HTTP {status}: {response.text[:200]}", status=status)
+    try:
+        data = response.json()
+        text = data["choices"][0]["message"]["content"]
+        usage_raw = data.get("usage") or {}
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise LMCallError(FailureKind.TRANSIENT, f"malformed completion: {_short(exc, 120)}") from exc
+    usage = {k: int(usage_raw.get(k) or 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    return _reply(model, text, usage, _price(model, usage))
+
+
+def _reply(model: str, text: Any, usage: dict[str, int], cost: float | None) -> LMReply:
+    if not isinstance(text, str) or not text.strip():
+        raise LMCallError(FailureKind.TRANSIENT, "empty completion")
+    return LMReply(text=text, usage=usage, cost=cost, model=model)
+
+
+def _price(model: str, usage: dict[str, int]) -> float | None:
+    """LiteLLM's price for a known model name (e.g. a proxy serving openai/gpt-4o-mini); else None."""
+    try:
+        prompt_cost, completion_cost = litellm_module().cost_per_token(
+            model=model, prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"])
+    except Exception:  # unknown model: no price
+        return None
+    total = float(prompt_cost) + float(completion_cost)
+    return total or None
+
+
+def _cost(response: Any) -> float | None:
+    try:
+        cost = litellm_module().completion_cost(completion_response=response)
+    except Exception:  # unknown model: no price
+        return None
+    return float(cost) if cost else None
+
+
+_PERMANENT_STATUS = {400, 401, 403, 404, 413, 422}
+
+
+def classify(exc: BaseException) -> LMCallError:
+    """Map a LiteLLM/OpenAI/httpx exception to an :class:`LMCallError`."""
+    litellm = litellm_module()
+    status = getattr(exc, "status_code", None)
+    message = _short(exc)
+    if isinstance(exc, litellm.RateLimitError) or status == 429:
+        return LMCallError(FailureKind.RATE_LIMITED, message, retry_after=_retry_after(exc), status=429)
+    if isinstance(exc, (litellm.Timeout, litellm.APIConnectionError, litellm.InternalServerError,
+                        litellm.ServiceUnavailableError, litellm.BadGatewayError)):
+        return LMCallError(FailureKind.TRANSIENT, message, status=status)
+    if isinstance(exc, (litellm.AuthenticationError, litellm.BadRequestError, litellm.NotFoundError,
+                        litellm.PermissionDeniedError, litellm.ContextWindowExceededError)):
+        return LMCallError(FailureKind.PERMANENT, message, status=status)
+    if isinstance(status, int) and status in _PERMANENT_STATUS:
+        return LMCallError(FailureKind.PERMANENT, message, status=status)
+    # Unknown: a bad reply body, a dropped connection, a 5xx we have no class for.
+    return LMCallError(FailureKind.TRANSIENT, message, status=status if isinstance(status, int) else None)
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    headers = getattr(getattr(exc, "response", None), "headers", None) or getattr(exc, "litellm_response_headers", None)
+    return _retry_after_headers(headers) if headers else None
+
+
+def _retry_after_headers(headers: Any) -> float | None:
+    raw = headers.get("retry-after-ms")
+    if raw is not None:
+        try:
+            return max(0.0, float(raw) / 1000.0)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+        import time
+
+        try:
+            return max(0.0, parsedate_to_datetime(raw).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
