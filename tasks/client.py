@@ -129,12 +129,7 @@ class Client:
         if record.status.finished:
             return record
 
-        def request() -> None:
-            request_cancel(run_id, client=self.redis)
-            if record.status is RunStatus.QUEUED:
-                self.store.finish(run_id, RunStatus.CANCELLED, error="cancelled before it started")
-
-        self._call("cancel", request)
+        self._call("cancel", lambda: request_cancel(run_id, client=self.redis))
         return self.status(run_id)
 
     def list_runs(self, limit: int = 50) -> list[RunRecord]:

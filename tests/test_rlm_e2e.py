@@ -33,7 +33,7 @@ def sub_answer(prompt: str) -> str:
 
 
 def sub_prompts(stub) -> list[str]:
-    return [p for p in stub.prompts() if "richest in chapter" in p and "[[ ## repl_history ## ]]" not in p]
+    return [r.prompt for r in stub.requests if "richest in chapter" in r.prompt and "[[ ## repl_history ## ]]" not in r.prompt]
 
 
 def lms(stub):
@@ -97,4 +97,4 @@ def test_dspy_facade_in_sandbox_code_runs_on_the_host_and_is_charged(stub_llm, c
     first, refusal = result.trajectory[0]["output"].splitlines()
     assert first == "Marseilles"
     assert refusal.startswith("refused:") and "LLM call limit exceeded: 1 + 1 > 1" in refusal
-    assert any("[[ ## question ## ]]" in p for p in stub_llm.prompts())
+    assert any("[[ ## question ## ]]" in r.prompt for r in stub_llm.requests)

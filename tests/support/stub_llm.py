@@ -25,6 +25,7 @@ import itertools
 import json
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -247,6 +248,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         pass  # quiet: tests read the stub's records instead
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body are separate writes; without NODELAY, Nagle + delayed ACK add ~40 ms.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
