@@ -1,0 +1,80 @@
+"""The commands docker-compose.yml runs, run natively (no Docker engine here): each service of the
+fleet starts from its exact compose command and does its job against a real Redis."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shlex
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from workers.stack import LocalStack
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+FLOWER_AUTH = "admin:compose-test-password"
+
+
+def compose_command(service: str) -> list[str]:
+    """The service's command as the container runs it (compose turns "$$" into "$")."""
+    spec = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"][service]["command"]
+    command = list(spec) if isinstance(spec, list) else shlex.split(spec)
+    return [part.replace("$$", "$") for part in command]
+
+
+def wait_for_log(child, text: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in child.log_path.read_text(errors="replace"):
+        assert child.alive, f"{child.name} exited:\n{child.log_tail()}"
+        assert time.monotonic() < deadline, f"{child.name} never logged {text!r}:\n{child.log_tail()}"
+        time.sleep(0.2)
+
+
+def http_status(url: str, auth: str | None = None) -> int:
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+@pytest.fixture
+def stack(redis_url, tmp_path):
+    env = {
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        "PYTHONPATH": str(REPO), "RLMQ_LM": "openai/compose-check", "FLOWER_BASIC_AUTH": FLOWER_AUTH,
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+    }
+    stack = LocalStack(redis_url=redis_url, flower_port=None, env=env, log_dir=tmp_path)
+    yield stack
+    stack.stop(grace=5)
+
+
+def test_compose_services_start_from_their_exact_commands(stack, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # beat writes its schedule file; nothing may land in the repo
+    workers = [stack.spawn(name, compose_command(name)) for name in ("rlm-worker", "llm-worker")]
+    beat = stack.spawn("beat", compose_command("beat"))
+    flower = stack.spawn("flower", compose_command("flower"))
+    stack.wait_ready(workers)
+    wait_for_log(beat, "beat: Starting")
+    deadline = time.monotonic() + 60
+    while http_status("http://127.0.0.1:5555/") == 0:
+        assert flower.alive, flower.log_tail()
+        assert time.monotonic() < deadline, flower.log_tail()
+        time.sleep(0.3)
+    assert http_status("http://127.0.0.1:5555/") == 401  # basic auth from FLOWER_BASIC_AUTH
+    assert http_status("http://127.0.0.1:5555/", FLOWER_AUTH) == 200
+    assert all(child.alive for child in stack.children)
