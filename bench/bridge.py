@@ -16,9 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from broker_bridge import interpreter_factory  # noqa: E402
+from tasks.demo import CORPUS  # noqa: E402
 from tasks.inputs import load_input_value  # noqa: E402
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "monte_cristo.txt"
 
 
 def round_trips(interp, calls: int) -> list[float]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any
 
 from broker_bridge.backends.base import SandboxBackend, SandboxInfo
 from broker_bridge.interpreter import EXECUTION_INSTRUCTIONS, SandboxInterpreter

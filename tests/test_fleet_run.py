@@ -7,12 +7,12 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
 from celery.result import AsyncResult
 
+from tasks.demo import CORPUS
 from tasks.app import configure as configure_app
 from tasks.inputs import load_input_value
 from tasks.records import RunSpec, RunStatus, RunStore, new_run_id
@@ -24,7 +24,6 @@ from workers.sandbox_registry import LeaseRegistry
 
 pytestmark = pytest.mark.slow
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "monte_cristo.txt"
 SIGNATURE = "chapters: list[str] -> richest: list[dict], verdict: str"
 PROMPT = "Which character is richest in chapter {n}? Answer with one name.\n\n{text}"
 STEPS = [

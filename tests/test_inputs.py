@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from tasks.demo import CORPUS
 from tasks.inputs import InputError, load_input_value, parse_input_arg, split_chapters, strip_gutenberg
 
 REPO = Path(__file__).resolve().parents[1]
-MONTE_CRISTO = REPO.parent / "shared" / "data" / "monte_cristo.txt"
+MONTE_CRISTO = CORPUS  # the demo corpus rlmq ships
 
 
 def _one_line(exc: pytest.ExceptionInfo) -> str:

@@ -4,16 +4,15 @@ the stub endpoint through the real dspy.LM, over the Monte Cristo chapters."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import dspy
 import pytest
 
 from broker_bridge import interpreter_factory
+from tasks.demo import CORPUS
 from tasks.inputs import load_input_value
 from tests.support.stub_llm import chat_adapter_reply, route, ScriptedRoot
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "monte_cristo.txt"
 CHAPTER_PROMPT = "Which character is richest in chapter {n}? Answer with one name.\n\n{text}"
 
 
