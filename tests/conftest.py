@@ -64,6 +64,18 @@ def mp_context() -> BaseContext:
 
 
 @pytest.fixture
+def r(redis_server: PrivateRedis) -> Iterator[redis.Redis]:
+    """The private Redis with rlmq's own keys removed, but Celery's left alone: for tests whose
+    module-scoped workers keep their queue bindings in the same Redis."""
+    client = redis.Redis.from_url(redis_server.url)
+    keys = list(client.scan_iter("rlmq:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    yield client
+    client.close()
+
+
+@pytest.fixture
 def stub_llm() -> Iterator[StubLLM]:
     with StubLLM() as stub:
         yield stub

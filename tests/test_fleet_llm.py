@@ -12,7 +12,6 @@ from collections.abc import Iterator
 
 import dspy
 import pytest
-import redis
 
 from tasks.app import configure as configure_app
 from tasks.fanout import Fanout, FleetLM, make_llm_tools, plan_chunks
@@ -41,16 +40,6 @@ def fleet(redis_server, stub: StubLLM) -> Iterator[Fleet]:
         workers = [fl.start("llm", name=f"llm{i}", concurrency=16, wait=False) for i in range(3)]
         fl.wait_ready(workers, timeout=90)
         yield fl
-
-
-@pytest.fixture
-def r(redis_server) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url)
-    keys = list(client.scan_iter("rlmq:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    yield client
-    client.close()
 
 
 @pytest.fixture(autouse=True)

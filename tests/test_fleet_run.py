@@ -70,16 +70,6 @@ def fleet(redis_server, stub: StubLLM) -> Iterator[Fleet]:
         yield fl
 
 
-@pytest.fixture
-def r(redis_server) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url)
-    keys = list(client.scan_iter("rlmq:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    yield client
-    client.close()
-
-
 @pytest.fixture(autouse=True)
 def fresh_stub(stub: StubLLM) -> None:
     stub.clear_faults()

@@ -108,9 +108,9 @@ class LocalStack:
             raise
         return self
 
-    def spawn(self, name: str, command: list[str]) -> ChildProcess:
+    def spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> ChildProcess:
         assert self.redis_url is not None
-        env = {**os.environ, **self.env, "REDIS_URL": self.redis_url}
+        env = {**os.environ, **self.env, **(env or {}), "REDIS_URL": self.redis_url}
         log_path = self.log_dir / f"{name}.log"
         with open(log_path, "wb") as log:
             process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -119,8 +119,9 @@ class LocalStack:
         self.children.append(child)
         return child
 
-    def start_worker(self, queue: str, *, name: str, concurrency: int, pool: str) -> ChildProcess:
-        return self.spawn(name, worker_command(queue, name=name, concurrency=concurrency, pool=pool))
+    def start_worker(self, queue: str, *, name: str, concurrency: int, pool: str,
+                     env: dict[str, str] | None = None) -> ChildProcess:
+        return self.spawn(name, worker_command(queue, name=name, concurrency=concurrency, pool=pool), env)
 
     def wait_ready(self, children: list[ChildProcess], timeout: float = 90.0) -> None:
         """Until each worker logged that it is ready; a worker that exits first fails with its log."""
