@@ -172,7 +172,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         redis_url=args.redis_url or redis_url_from_env(), rlm_concurrency=args.rlm_concurrency,
         llm_concurrency=args.llm_concurrency, flower_port=None if args.no_flower else args.flower_port,
     )
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Ctrl-C and SIGTERM both stop the stack, also when started as a background job (SIGINT ignored).
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     try:
         start_stack(stack)
         flower = "" if args.no_flower else f"  flower: http://127.0.0.1:{args.flower_port}"
@@ -188,6 +190,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         stack.stop()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def start_stack(stack) -> None:
