@@ -46,24 +46,36 @@ def dspy_builtin(stub: StubLLM, prompts: list[str]) -> float:
     return elapsed
 
 
-def rlmq_fanout(stub: StubLLM, redis_url: str, prompts: list[str], args: argparse.Namespace) -> tuple[float, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rlmq_fanout(stub: StubLLM, redis_url: str, prompts: list[str], args: argparse.Namespace,
+                cpu_pids: dict[str, list[int]]) -> tuple[float, float, dict[str, float]]:
     from dspy.predict.rlm import _LLMCallBudget
 
     from tasks.fanout import Fanout, make_llm_tools
 
     settings = Settings(redis_url=redis_url, lm="openai/stub-root", sub_lm="openai/stub-sub",
-                        lm_api_base=stub.api_base, fanout_width=args.workers * args.threads)
+                        lm_api_base=stub.api_base, fanout_width=args.workers * args.threads,
+                        chunk_size=args.chunk_size)
     # Warm-up (not timed): long-lived workers have their connections, scripts and pools ready.
     Fanout(settings).query([f"warm-up {i}" for i in range(2 * args.workers * args.threads)])
     stub.reset_stats()
     times = []
+    cpu: dict[str, float] = {}
     for _ in range(2):  # cold cache, then warm cache
         tools = make_llm_tools(Fanout(settings), _LLMCallBudget(len(prompts)))
+        before = {name: sum(cpu_seconds(p) for p in pids) for name, pids in cpu_pids.items()}
         t0 = time.perf_counter()
         out = tools["llm_query_batched"](prompts)
         times.append(time.perf_counter() - t0)
+        if not cpu:  # where the cold batch's CPU went: on a small box, CPU bounds (b)
+            cpu = {name: sum(cpu_seconds(p) for p in pids) - before[name] for name, pids in cpu_pids.items()}
         assert len(out) == len(prompts) and not any(o.startswith("[ERROR]") for o in out), out[:3]
-    return times[0], times[1]
+    return times[0], times[1], cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", type=float, default=0.2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=32)
+    parser.add_argument("--chunk-size", type=int, default=8, help="prompts per sub-task message")
     args = parser.parse_args(argv)
     prompts = [f"bench prompt {i}: who is the richest?" for i in range(args.prompts)]
 
@@ -89,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
                 workers = [fleet.start("llm", name=f"bench{i}", concurrency=args.threads, wait=False)
                            for i in range(args.workers)]
                 fleet.wait_ready(workers, timeout=120)
-                cold, warm = rlmq_fanout(stub, server.url, prompts, args)
+                cpu_pids = {"this process (client + stub LLM)": [os.getpid()],
+                            "llm workers": [w.proc.pid for w in workers], "redis": [server.process.pid]}
+                cold, warm, cpu = rlmq_fanout(stub, server.url, prompts, args, cpu_pids)
             sent_fleet = stub.request_count
     finally:
         server.stop()
@@ -107,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:52s} {seconds:8.2f} {'' if sent is None else sent:>9}")
     print(f"\nspeed-up (a)/(b): {builtin / cold:.1f}x   (b)/ideal: {cold / ideal:.2f}x   "
           f"warm/cold: {warm / cold:.3f}")
+    total = sum(cpu.values())
+    print(f"\nCPU during (b): {total:.2f} s = {total * 1000 / args.prompts:.1f} ms per prompt "
+          f"over {os.cpu_count()} cores ({total / (os.cpu_count() or 1):.2f} s of wall at the least)")
+    for name, seconds in cpu.items():
+        print(f"    {name:40s} {seconds:6.2f} s")
     return 0
 
 

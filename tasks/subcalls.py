@@ -50,18 +50,41 @@ def llm_batch(self: Any, prompts: list[Any], model: str, options: dict[str, Any]
     limiter = FleetRateLimiter(client, model, settings.rate_limit_rps * RATE_MARGIN,
                                burst=settings.rate_limit_burst, tokens_per_minute=settings.tokens_per_minute)
     deadline = time.monotonic() + SUBTASK_DEADLINE_SECONDS
+    params = params or {}
+    keys, hits = _look_up(cache, model, prompts, params)
     answers = []
-    for prompt in prompts:
-        if time.monotonic() > deadline:
+    for prompt, key, hit in zip(prompts, keys, hits):
+        if hit is not None and "error" not in hit:
+            answers.append(_answer(hit, cached=True, worker=worker, attempts=0))
+        elif time.monotonic() > deadline:
             answers.append(Answer(error="sub-task deadline passed before this prompt was tried", worker=worker))
-            continue
-        answers.append(answer_prompt(prompt, model, settings, cache, limiter, params=params or {},
-                                     worker=worker, deadline=deadline))
+        else:
+            answers.append(answer_prompt(prompt, model, settings, cache, limiter, params=params,
+                                         worker=worker, deadline=deadline, key=key))
     return [a.to_json_dict() for a in answers]
 
 
+def _look_up(cache: ResponseCache, model: str, prompts: list[Any],
+             params: dict[str, Any]) -> tuple[list[str | None], list[dict[str, Any] | None]]:
+    """Cache keys and cached values of a whole sub-task in one round trip; on any trouble, all
+    misses (each prompt then meets the trouble itself and reports it as its answer)."""
+    try:
+        keys = [cache.key_for(model, prompt_messages(p), params) for p in prompts]
+        return list(keys), cache.get_many(keys)
+    except Exception as exc:
+        logger.warning("batch cache look-up failed: %r", exc)
+        return [None] * len(prompts), [None] * len(prompts)
+
+
+def _answer(value: dict[str, Any], *, cached: bool, worker: str, attempts: int) -> Answer:
+    if "error" in value:
+        return Answer(error=str(value["error"]), worker=worker, attempts=attempts)
+    reply = LMReply.from_json_dict(value)
+    return Answer(text=reply.text, cached=cached, usage=reply.usage, cost=reply.cost, worker=worker, attempts=attempts)
+
+
 def answer_prompt(prompt: Any, model: str, settings: Settings, cache: ResponseCache, limiter: FleetRateLimiter,
-                  *, params: dict[str, Any], worker: str, deadline: float) -> Answer:
+                  *, params: dict[str, Any], worker: str, deadline: float, key: str | None = None) -> Answer:
     """One prompt through cache -> single-flight -> rate limit -> LM with retries; never raises."""
     attempts = 0
 
@@ -91,15 +114,12 @@ def answer_prompt(prompt: Any, model: str, settings: Settings, cache: ResponseCa
         return {"error": "no attempt made"}
 
     try:
-        key = cache.key_for(model, prompt_messages(prompt), params)
+        known_miss = key is not None  # llm_batch looked the batch up already
+        key = key or cache.key_for(model, prompt_messages(prompt), params)
         value, cached = cache.single_flight(key, compute, lock_ttl=_lock_ttl(settings),
                                             wait_timeout=max(1.0, deadline - time.monotonic()),
-                                            cacheable=lambda v: "error" not in v)
-        if "error" in value:
-            return Answer(error=str(value["error"]), worker=worker, attempts=attempts)
-        reply = LMReply.from_json_dict(value)
-        return Answer(text=reply.text, cached=bool(cached), usage=reply.usage, cost=reply.cost,
-                      worker=worker, attempts=attempts)
+                                            cacheable=lambda v: "error" not in v, known_miss=known_miss)
+        return _answer(value, cached=bool(cached), worker=worker, attempts=attempts)
     except Exception as exc:  # Redis trouble, the limiter or a waiter timing out: still an answer
         logger.warning("prompt failed outside the LM call: %r", exc)
         return Answer(error=f"{type(exc).__name__}: {exc}", worker=worker, attempts=attempts)

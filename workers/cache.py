@@ -93,7 +93,16 @@ class ResponseCache:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def get(self, key: str) -> dict[str, Any] | None:
-        raw = self.redis.get(response_cache_key(key))
+        return self._decode_entry(key, self.redis.get(response_cache_key(key)))
+
+    def get_many(self, keys: list[str]) -> list[dict[str, Any] | None]:
+        """One MGET for a whole batch: a sub-task checks all its prompts in one round trip."""
+        if not keys:
+            return []
+        raws = self.redis.mget([response_cache_key(k) for k in keys])
+        return [self._decode_entry(k, raw) for k, raw in zip(keys, raws)]
+
+    def _decode_entry(self, key: str, raw: bytes | None) -> dict[str, Any] | None:
         if raw is None:
             return None
         try:
@@ -114,6 +123,7 @@ class ResponseCache:
         lock_ttl: float,
         wait_timeout: float,
         cacheable: Callable[[dict[str, Any]], bool] | None = None,
+        known_miss: bool = False,
     ) -> tuple[dict[str, Any], bool]:
         """Return ``(value, was_cached)``; at most one caller fleet-wide runs ``compute`` per flight.
 
@@ -122,12 +132,14 @@ class ResponseCache:
         longest compute (a slower leader gets a second, concurrent compute); the Redis client's
         ``socket_timeout``, if set, must exceed the lock TTL (waiters block in BLPOP).
         Raises TimeoutError after ``wait_timeout`` seconds of waiting for other callers.
+        ``known_miss``: the caller has just looked (``get_many``), so the first look is skipped.
         """
         lock, done = inflight_key(key), inflight_done_key(key)
         lock_ms = max(1, int(lock_ttl * 1000))
         deadline = time.monotonic() + wait_timeout
         while True:
-            hit = self.get(key)
+            hit = None if known_miss else self.get(key)
+            known_miss = False
             if hit is not None:
                 return hit, True
             token = uuid.uuid4().hex
