@@ -75,6 +75,23 @@ def r(redis_server: PrivateRedis) -> Iterator[redis.Redis]:
     client.close()
 
 
+@pytest.fixture(scope="module")
+def stub() -> Iterator[StubLLM]:
+    """One stub LLM for a module whose long-lived workers were started with its address."""
+    with StubLLM() as server:
+        yield server
+
+
+@pytest.fixture
+def fresh_stub(stub: StubLLM) -> StubLLM:
+    """The module's stub as new: no faults, no latency, no records, the default responder."""
+    stub.clear_faults()
+    stub.reset_stats()
+    stub.latency = 0.0
+    stub.set_responder(None)
+    return stub
+
+
 @pytest.fixture
 def stub_llm() -> Iterator[StubLLM]:
     with StubLLM() as stub:

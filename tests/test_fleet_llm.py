@@ -20,15 +20,9 @@ from tests.support.stub_llm import FaultKind, StubLLM, chat_adapter_reply, defau
 from workers.settings import Settings
 from dspy.predict.rlm import _LLMCallBudget
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]
 
 SUB_MODEL = "openai/stub-sub"
-
-
-@pytest.fixture(scope="module")
-def stub() -> Iterator[StubLLM]:
-    with StubLLM() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +34,6 @@ def fleet(redis_server, stub: StubLLM) -> Iterator[Fleet]:
         workers = [fl.start("llm", name=f"llm{i}", concurrency=16, wait=False) for i in range(3)]
         fl.wait_ready(workers, timeout=90)
         yield fl
-
-
-@pytest.fixture(autouse=True)
-def fresh_stub(stub: StubLLM) -> None:
-    stub.clear_faults()
-    stub.reset_stats()
-    stub.latency = 0.0
-    stub.set_responder(None)
 
 
 def make_fanout(stub: StubLLM, redis_server, **overrides) -> Fanout:

@@ -22,7 +22,7 @@ from tests.support.stub_llm import FaultKind, ScriptedRoot, StubLLM, chat_adapte
 from workers.blobs import put_blobs
 from workers.sandbox_registry import LeaseRegistry
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]
 
 SIGNATURE = "chapters: list[str] -> richest: list[dict], verdict: str"
 PROMPT = "Which character is richest in chapter {n}? Answer with one name.\n\n{text}"
@@ -52,12 +52,6 @@ def chapters() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def stub() -> Iterator[StubLLM]:
-    with StubLLM() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def fleet(redis_server, stub: StubLLM) -> Iterator[Fleet]:
     configure_app(redis_server.url)
     env = {"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub", "RLMQ_LM_API_BASE": stub.api_base,
@@ -68,13 +62,6 @@ def fleet(redis_server, stub: StubLLM) -> Iterator[Fleet]:
                    fl.start("llm", name="llmB", concurrency=16, wait=False)]
         fl.wait_ready(workers, timeout=120)
         yield fl
-
-
-@pytest.fixture(autouse=True)
-def fresh_stub(stub: StubLLM) -> None:
-    stub.clear_faults()
-    stub.reset_stats()
-    stub.latency = 0.0
 
 
 def submit(r: redis.Redis, chapters: list[str], *, steps: list[str] = STEPS, options: dict | None = None,
