@@ -115,15 +115,20 @@ class ProcessJail:
 def pids_with_marker(sandbox_id: str | None = None) -> set[int]:
     """Processes whose starting environment carries this sandbox's marker (they may have left its
     group); with ``None``, the processes of every local sandbox on this machine."""
-    needle = f"{SANDBOX_MARKER_VAR}={sandbox_id}\0".encode() if sandbox_id else f"{SANDBOX_MARKER_VAR}=".encode()
+    return pids_with_env(f"{SANDBOX_MARKER_VAR}={sandbox_id}\0" if sandbox_id else f"{SANDBOX_MARKER_VAR}=")
+
+
+def pids_with_env(entry: str) -> set[int]:
+    """Processes whose starting environment (``/proc/<pid>/environ``) contains ``entry``."""
+    needle = entry.encode()
     found = set()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
+    for proc in os.scandir("/proc"):
+        if not proc.name.isdigit():
             continue
         try:
-            with open(f"/proc/{entry.name}/environ", "rb") as handle:
+            with open(f"/proc/{proc.name}/environ", "rb") as handle:
                 if needle in handle.read():
-                    found.add(int(entry.name))
+                    found.add(int(proc.name))
         except OSError:
             continue
     return found

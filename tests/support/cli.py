@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker_bridge.backends.process_jail import pids_with_env
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RLMQ = [sys.executable, "-m", "tasks.cli"]
 
@@ -35,18 +37,8 @@ def rlmq(*args: str, env: dict[str, str], cwd: Path, timeout: float = 120) -> Re
 
 
 def processes_with_env(entry: str) -> list[int]:
-    """Pids whose initial environment contains ``entry`` (e.g. ``REDIS_URL=...``)."""
-    needle = (entry + "\0").encode()
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            if needle in Path(f"/proc/{name}/environ").read_bytes():
-                found.append(int(name))
-        except OSError:
-            continue
-    return found
+    """Pids other than this test's whose initial environment contains ``entry`` (e.g. ``REDIS_URL=...``)."""
+    return sorted(pids_with_env(entry + "\0") - {os.getpid()})
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.2, message: str = "condition") -> None:
