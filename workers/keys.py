@@ -34,6 +34,8 @@ Names at the end of a key (rate-limit and cooldown names, often LiteLLM model st
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "NAMESPACE",
     "blob_key",
@@ -57,11 +59,16 @@ __all__ = [
 NAMESPACE = "rlmq"
 
 
+# One regex search instead of a Python loop per character: keys are built for every sub-call.
+_COLON_OR_SPACE = re.compile(r"[:\s]")
+_SPACE = re.compile(r"\s")
+
+
 def _ident(value: str) -> str:
     """An identifier that sits inside a key: non-empty, no ':' and no whitespace."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"key part must be a non-empty string, got {value!r}")
-    if ":" in value or any(ch.isspace() for ch in value):
+    if _COLON_OR_SPACE.search(value):
         raise ValueError(f"key part may not contain ':' or whitespace: {value!r}")
     return value
 
@@ -70,7 +77,7 @@ def _name(value: str) -> str:
     """A name at the end of a key: non-empty and without whitespace (':' is allowed)."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"key name must be a non-empty string, got {value!r}")
-    if any(ch.isspace() for ch in value):
+    if _SPACE.search(value):
         raise ValueError(f"key name may not contain whitespace: {value!r}")
     return value
 
