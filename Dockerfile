@@ -25,8 +25,9 @@ RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['p
  && pip install -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
-# The project itself (the layout is fixed: broker_bridge/, tasks/, workers/).
+# The project itself: the user's package rlmq/, and broker_bridge/, tasks/, workers/.
 COPY README.md ./
+COPY rlmq ./rlmq
 COPY broker_bridge ./broker_bridge
 COPY tasks ./tasks
 COPY workers ./workers

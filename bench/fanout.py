@@ -28,11 +28,12 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import dspy  # noqa: E402
 
-from tasks.app import configure  # noqa: E402
+from rlmq.celery_config import point_at  # noqa: E402
+from tasks.app import app  # noqa: E402
 from tests.support.fleet import Fleet  # noqa: E402
 from tests.support.stub_llm import StubLLM  # noqa: E402
-from workers.local_redis import start_private_redis  # noqa: E402
-from workers.settings import Settings  # noqa: E402
+from rlmq.local_redis import start_private_redis  # noqa: E402
+from rlmq.settings import Settings  # noqa: E402
 
 
 def dspy_builtin(stub: StubLLM, prompts: list[str]) -> float:
@@ -56,18 +57,18 @@ def rlmq_fanout(stub: StubLLM, redis_url: str, prompts: list[str], args: argpars
                 cpu_pids: dict[str, list[int]]) -> tuple[float, float, dict[str, float]]:
     from dspy.predict.rlm import _LLMCallBudget
 
-    from tasks.fanout import Fanout, make_llm_tools
+    from workers.fanout import Fanout, make_llm_tools
 
     settings = Settings(redis_url=redis_url, lm="openai/stub-root", sub_lm="openai/stub-sub",
                         lm_api_base=stub.api_base, fanout_width=args.workers * args.threads,
                         chunk_size=args.chunk_size)
     # Warm-up (not timed): long-lived workers have their connections, scripts and pools ready.
-    Fanout(settings).query([f"warm-up {i}" for i in range(2 * args.workers * args.threads)])
+    Fanout(settings, app=app).query([f"warm-up {i}" for i in range(2 * args.workers * args.threads)])
     stub.reset_stats()
     times = []
     cpu: dict[str, float] = {}
     for _ in range(2):  # cold cache, then warm cache
-        tools = make_llm_tools(Fanout(settings), _LLMCallBudget(len(prompts)))
+        tools = make_llm_tools(Fanout(settings, app=app), _LLMCallBudget(len(prompts)))
         before = {name: sum(cpu_seconds(p) for p in pids) for name, pids in cpu_pids.items()}
         t0 = time.perf_counter()
         out = tools["llm_query_batched"](prompts)
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [f"bench prompt {i}: who is the richest?" for i in range(args.prompts)]
 
     server = start_private_redis()
-    configure(server.url)
+    point_at(app, server.url)
     try:
         with StubLLM(latency=args.latency) as stub:
             print(f"stub latency {args.latency * 1000:.0f} ms, {args.prompts} prompts", flush=True)

@@ -1,10 +1,12 @@
-"""The Celery face of rlmq: the app (``celery -A tasks worker -Q rlm|llm``) and its tasks.
+"""The Celery face of rlmq: the app (``celery -A tasks worker -Q rlm|llm``, beat, flower) and its tasks.
 
 Importing the package registers every task, so a worker started with ``-A tasks`` knows them.
+The tasks are thin: the work is done in ``workers/``.
 """
 
-from tasks.app import LLM_QUEUE, RLM_QUEUE, app
-from tasks import run as _run  # noqa: F401  (registers rlmq.run_rlm)
+from tasks.app import app
+from tasks import maintenance as _maintenance  # noqa: F401  (registers rlmq.reap_leases)
+from tasks import runs as _runs  # noqa: F401  (registers rlmq.run_rlm)
 from tasks import subcalls as _subcalls  # noqa: F401  (registers rlmq.llm_batch)
 
-__all__ = ["LLM_QUEUE", "RLM_QUEUE", "app"]
+__all__ = ["app"]

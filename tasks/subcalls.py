@@ -1,37 +1,14 @@
-"""``llm_batch``: one sub-task answering a chunk of prompts on the ``llm`` queue.
-
-Each prompt goes through the fleet's Redis response cache with single-flight (one paid call
-per distinct prompt, fleet-wide), the fleet-wide rate limiter (plus the shared cooldown that a
-429 ``Retry-After`` sets), and retries with backoff on 429/5xx/timeouts/bad replies. A prompt
-that still fails comes back as an :class:`~workers.llm_call.Answer` with ``error`` set: data,
-never an exception, so one bad prompt cannot fail the chunk. Answers carry usage, cost and the
-serving worker's hostname.
-"""
+"""``llm_batch``: the sub-task answering a chunk of a run's prompts (the work is ``workers.subcalls``)."""
 
 from __future__ import annotations
 
-import logging
-import random
-import time
 from typing import Any
 
-from tasks.app import LLM_TASK, app, redis_client, worker_settings
-from workers.cache import ResponseCache
-from workers.llm_call import Answer, FailureKind, LMCallError, LMReply, call_lm, prompt_messages
-from workers.ratelimit import FleetRateLimiter
-from workers.settings import Settings
+from rlmq.celery_config import LLM_TASK
+from tasks.app import app
+from workers.subcalls import SUBTASK_DEADLINE_SECONDS, answer_batch
 
-__all__ = ["SUBTASK_DEADLINE_SECONDS", "answer_prompt", "llm_batch"]
-
-logger = logging.getLogger(__name__)
-
-# A sub-task stops starting new prompts after this long (the parent's gather timeout and the
-# broker's visibility timeout are both larger); late prompts come back as errors.
-SUBTASK_DEADLINE_SECONDS = 900.0
-_MAX_BACKOFF = 20.0
-# The provider counts requests when they arrive, not when Redis grants them; grant-to-arrival
-# delays vary by tens of ms, which can put one extra request into a provider's 1-s window.
-RATE_MARGIN = 0.97
+__all__ = ["llm_batch"]
 
 
 @app.task(name=LLM_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, send_events=False,
@@ -40,95 +17,6 @@ def llm_batch(self: Any, prompts: list[Any], model: str, options: dict[str, Any]
               params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Answer ``prompts`` (strings or chat-message lists) with ``model``; one answer dict each, in order.
 
-    ``options`` are per-run settings overrides (``lm_api_base``, rate limits, cache TTL,
-    ``lm_timeout``, ``lm_retries``); ``params`` are sampling parameters sent to the model.
+    ``options`` are the run's per-run settings; ``params`` are sampling parameters sent to the model.
     """
-    settings = worker_settings().with_options(options)
-    worker = str(self.request.hostname or "")
-    client = redis_client()
-    cache = ResponseCache(client, ttl_seconds=settings.cache_ttl_seconds)
-    limiter = FleetRateLimiter(client, model, settings.rate_limit_rps * RATE_MARGIN,
-                               burst=settings.rate_limit_burst, tokens_per_minute=settings.tokens_per_minute)
-    deadline = time.monotonic() + SUBTASK_DEADLINE_SECONDS
-    params = params or {}
-    keys, hits = _look_up(cache, model, prompts, params)
-    answers = []
-    for prompt, key, hit in zip(prompts, keys, hits):
-        if hit is not None and "error" not in hit:
-            answers.append(_answer(hit, cached=True, worker=worker, attempts=0))
-        elif time.monotonic() > deadline:
-            answers.append(Answer(error="sub-task deadline passed before this prompt was tried", worker=worker))
-        else:
-            answers.append(answer_prompt(prompt, model, settings, cache, limiter, params=params,
-                                         worker=worker, deadline=deadline, key=key))
-    return [a.to_json_dict() for a in answers]
-
-
-def _look_up(cache: ResponseCache, model: str, prompts: list[Any],
-             params: dict[str, Any]) -> tuple[list[str | None], list[dict[str, Any] | None]]:
-    """Cache keys and cached values of a whole sub-task in one round trip; on any trouble, all
-    misses (each prompt then meets the trouble itself and reports it as its answer)."""
-    try:
-        keys = [cache.key_for(model, prompt_messages(p), params) for p in prompts]
-        return list(keys), cache.get_many(keys)
-    except Exception as exc:
-        logger.warning("batch cache look-up failed: %r", exc)
-        return [None] * len(prompts), [None] * len(prompts)
-
-
-def _answer(value: dict[str, Any], *, cached: bool, worker: str, attempts: int) -> Answer:
-    if "error" in value:
-        return Answer(error=str(value["error"]), worker=worker, attempts=attempts)
-    reply = LMReply.from_json_dict(value)
-    return Answer(text=reply.text, cached=cached, usage=reply.usage, cost=reply.cost, worker=worker, attempts=attempts)
-
-
-def answer_prompt(prompt: Any, model: str, settings: Settings, cache: ResponseCache, limiter: FleetRateLimiter,
-                  *, params: dict[str, Any], worker: str, deadline: float, key: str | None = None) -> Answer:
-    """One prompt through cache -> single-flight -> rate limit -> LM with retries; never raises."""
-    attempts = 0
-
-    def compute() -> dict[str, Any]:
-        """The reply as a dict, or ``{"error": ...}`` (handed to concurrent askers, never cached)."""
-        nonlocal attempts
-        messages = prompt_messages(prompt)
-        estimate = sum(len(str(m.get("content", ""))) for m in messages) // 4 + int(params.get("max_tokens") or 0)
-        for attempt in range(settings.lm_retries + 1):
-            attempts += 1
-            limiter.acquire(tokens=estimate if settings.tokens_per_minute else 0,
-                            timeout=max(0.1, deadline - time.monotonic()))
-            try:
-                reply = call_lm(model, messages, api_base=settings.lm_api_base, timeout=settings.lm_timeout,
-                                params=params, client=settings.lm_client)
-                return reply.to_json_dict()
-            except LMCallError as exc:
-                if exc.kind is FailureKind.PERMANENT or attempt == settings.lm_retries:
-                    return {"error": f"{exc.kind.value} after {attempts} attempt(s): {exc}"}
-                if exc.kind is FailureKind.RATE_LIMITED:
-                    # Pause the whole fleet; every worker's acquire() waits the cooldown out.
-                    pause = exc.retry_after if exc.retry_after is not None else _backoff(attempt)
-                    limiter.cooldown(pause)
-                    logger.info("429 from %s: fleet cooldown %.2fs", model, pause)
-                else:
-                    time.sleep(min(_backoff(attempt), max(0.0, deadline - time.monotonic())))
-        return {"error": "no attempt made"}
-
-    try:
-        known_miss = key is not None  # llm_batch looked the batch up already
-        key = key or cache.key_for(model, prompt_messages(prompt), params)
-        value, cached = cache.single_flight(key, compute, lock_ttl=_lock_ttl(settings),
-                                            wait_timeout=max(1.0, deadline - time.monotonic()),
-                                            cacheable=lambda v: "error" not in v, known_miss=known_miss)
-        return _answer(value, cached=bool(cached), worker=worker, attempts=attempts)
-    except Exception as exc:  # Redis trouble, the limiter or a waiter timing out: still an answer
-        logger.warning("prompt failed outside the LM call: %r", exc)
-        return Answer(error=f"{type(exc).__name__}: {exc}", worker=worker, attempts=attempts)
-
-
-def _backoff(attempt: int) -> float:
-    return min(_MAX_BACKOFF, 0.25 * 2 ** attempt) * (0.5 + random.random())
-
-
-def _lock_ttl(settings: Settings) -> float:
-    """How long a single-flight leader may hold the lock: every attempt, timeout and backoff."""
-    return (settings.lm_retries + 1) * (settings.lm_timeout + _MAX_BACKOFF) + 30.0
+    return answer_batch(prompts, model, options, params, worker=str(self.request.hostname or ""))

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 import redis  # noqa: E402
 
 from tests.support.stub_llm import StubLLM  # noqa: E402
-from workers.local_redis import PrivateRedis, start_private_redis  # noqa: E402
+from rlmq.local_redis import PrivateRedis, start_private_redis  # noqa: E402
 
 
 @pytest.fixture(scope="session")

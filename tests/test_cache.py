@@ -21,7 +21,7 @@ import redis
 
 from tests.support.stub_llm import StubLLM, default_responder
 from workers.cache import ResponseCache, install_redis_dspy_cache
-from workers.keys import dspy_cache_key, inflight_key, response_cache_key
+from rlmq.keys import dspy_cache_key, inflight_key, response_cache_key
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS, STARTED = "test:results", "test:started"  # test-only lists; not rlmq keys

@@ -74,3 +74,67 @@ def test_redis_unreachable_and_unconfigured(tmp_path):
     assert_one_line_error(rlmq("list", env=down, cwd=tmp_path), 3, "cannot reach Redis at redis://127.0.0.1:1/0")
     nowhere = cli_env(tmp_path)
     assert_one_line_error(rlmq("status", "x", env=nowhere, cwd=tmp_path), 3, "REDIS_URL", "rlmq up")
+
+
+LONG = "x" * 10_000
+# (arguments, exit code, a fragment of the one-line error): every argument of every subcommand,
+# empty, oversized, odd characters and the wrong type.
+BAD_ARGUMENTS = [
+    *[((command, run), 2, "is not a run id") for command in ("status", "watch", "result", "cancel")
+      for run in ("", LONG, "a:b", "two words", "ünïcode", "$(touch /tmp/x)", "../../etc")],
+    (("watch", "r1", "--timeout", "-1"), 2, "out of range"),
+    (("watch", "r1", "--timeout", "nan"), 2, "out of range"),
+    (("watch", "r1", "--timeout", "soon"), 2, "is not a number of seconds"),
+    (("submit", "--signature", "a -> b", "--input", "a=1", "--wait", "--timeout", "0"), 2, "out of range"),
+    (("cancel", "r1", "--wait", "-1"), 2, "out of range"),
+    (("cancel", "r1", "--wait", "x"), 2, "is not a number"),
+    (("list", "--limit", "0"), 2, "out of range"),
+    (("list", "--limit", "-3"), 2, "out of range"),
+    (("list", "--limit", "ten"), 2, "is not a whole number"),
+    (("list", "--limit", "9" * 40), 2, "out of range"),
+    (("status", "r1", "--json", "extra"), 2, "unrecognized arguments"),
+    (("result", "r1", "-o"), 2, "expected one argument"),
+    (("submit",), 2, "--signature"),
+    (("submit", "--signature", "", "--input", "a=1"), 2, "does not parse"),
+    (("submit", "--signature", LONG, "--input", "a=1"), 2, "does not parse"),
+    (("submit", "--signature", "a b -> c", "--input", "a=1"), 2, "is not a field name"),
+    (("submit", "--signature", "a ->", "--input", "a=1"), 2, "has no outputs"),
+    (("submit", "--signature", "a, a -> b", "--input", "a=1"), 2, "more than once"),
+    (("submit", "--signature", "a -> b", "--input", "a="), 2, "empty"),
+    (("submit", "--signature", "a -> b", "--input", "=1"), 2, ""),
+    (("submit", "--signature", "a -> b", "--input", "ä-b=1"), 2, ""),
+    (("submit", "--signature", "a -> b", "--input", "a=1", "--max-iters", "0"), 2, "out of range"),
+    (("submit", "--signature", "a -> b", "--input", "a=1", "--max-iters", "1e3"), 2, "is not a whole number"),
+    (("submit", "--signature", "a -> b", "--input", "a=1", "--max-llm-calls", "-5"), 2, "out of range"),
+    (("submit", "--signature", "a -> b", "--input", "a=1", "--lm", ""), 2, "LiteLLM model string"),
+    (("submit", "--signature", "a -> b", "--input", "a=1", "--lm", "two words"), 2, "LiteLLM model string"),
+    (("submit", "--signature", "a -> b", "--input", "a=1", "--sub-lm", LONG + " x"), 2, "LiteLLM model string"),
+    (("submit", "--signature", "a -> b", "--input", "a=1", "--api-base", "not-a-url"), 2, "must be a URL"),
+    (("submit", "--signature", "a -> b", "--input", "a=1", "--api-base", ""), 2, "must be a URL"),
+    (("submit", "--signature", "a -> b", "--input", "a=1", "--sandbox", "vm"), 2, "invalid choice"),
+    (("submit", "--signature", "a -> b", "--input", "a=1", "--tool", "nocolon"), 2, "package.module:function"),
+    (("submit", "--signature", "a -> b", "--input", "a=1", "--tool", ""), 2, "package.module:function"),
+    (("submit", "--signature", "a -> b", "--input", "a=1", "--tool", "a b:c"), 2, "package.module:function"),
+    (("submit", "--signature", "a -> b", "--input", "a=@missing.txt", "--split", "["), 2, ""),
+    (("worker", "both"), 2, "invalid choice"),
+    (("worker", "rlm", "-c", "0"), 2, "out of range"),
+    (("flower", "--port", "0"), 2, "out of range"),
+    (("flower", "--port", "70000"), 2, "out of range"),
+    (("flower", "--port", "http"), 2, "is not a TCP port"),
+    (("up", "--flower-port", "-1"), 2, "out of range"),
+    (("up", "--rlm-concurrency", "0"), 2, "out of range"),
+    (("up", "--llm-concurrency", "many"), 2, "is not a whole number"),
+    (("demo", "war-and-peace"), 2, "invalid choice"),
+    (("demo", "monte-cristo", "--max-iters", "0"), 2, "out of range"),
+    (("demo", "monte-cristo", "--timeout", "-1"), 2, "out of range"),
+    (("demo", "monte-cristo", "--sandbox", ""), 2, "invalid choice"),
+    (("--redis-url", "not-a-url", "list"), 2, "--redis-url"),
+    (("--redis-url", "", "list"), 2, "--redis-url"),
+    (("--redis-url", "redis://127.0.0.1:notaport/0", "list"), 2, "--redis-url"),
+]
+
+
+@pytest.mark.parametrize("arguments, code, fragment", BAD_ARGUMENTS,
+                         ids=[" ".join(a)[:60] for a, _, _ in BAD_ARGUMENTS])
+def test_every_bad_argument_gets_a_one_line_error(arguments, code, fragment, env, tmp_path):
+    assert_one_line_error(rlmq(*arguments, env=env, cwd=tmp_path), code, fragment)

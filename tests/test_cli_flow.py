@@ -18,7 +18,7 @@ import pytest
 
 from broker_bridge.backends.process_jail import pids_with_marker
 
-from tasks.demo import CHARACTERS, CORPUS
+from rlmq.demo import CHARACTERS, CORPUS
 from tests.support.demo_script import DEMO, DEMO_PROMPT, demo_sub_answer, is_demo_prompt, scripted_wealth
 from tests.support.cli import RLMQ, cli_env, processes_with_env, rlmq, wait_until
 from tests.support.stub_llm import ScriptedRoot, last_user_text, route

@@ -308,7 +308,7 @@ def test_dockerignore_keeps_secrets_out_and_sources_in():
     lines = [l.strip() for l in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()]
     patterns = [l for l in lines if l and not l.startswith("#")]
     assert ".env" in patterns and ".git" in patterns
-    for needed in ("pyproject.toml", "README.md", "tasks", "workers", "broker_bridge"):
+    for needed in ("pyproject.toml", "README.md", "rlmq", "tasks", "workers", "broker_bridge"):
         assert needed not in patterns
 
 
@@ -346,7 +346,7 @@ def test_env_example_documents_every_setting_with_a_comment():
 def test_env_example_covers_the_settings_the_code_reads():
     import dataclasses
 
-    settings = pytest.importorskip("workers.settings")
+    settings = pytest.importorskip("rlmq.settings")
     names = _env_example_names()
     for f in dataclasses.fields(settings.Settings):
         assert f.metadata["env"] in names, f"{f.metadata['env']} (workers/settings.py) is not in .env.example"

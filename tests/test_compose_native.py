@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workers.stack import LocalStack
+from rlmq.stack import LocalStack
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """DSPy's private surface that rlmq depends on; a DSPy upgrade that changes it fails here first.
 
-``tasks.fanout.FleetRLM`` overrides ``RLM._make_llm_tools(budget, max_workers)`` (its signature
+``workers.fanout.FleetRLM`` overrides ``RLM._make_llm_tools(budget, max_workers)`` (its signature
 changed between 3.3 and 3.4) and uses ``dspy.predict.rlm._LLMCallBudget``.
 """
 
@@ -12,8 +12,8 @@ import dspy
 import pytest
 from dspy.predict.rlm import _LLMCallBudget
 
-from tasks.fanout import Fanout, FleetLM, FleetRLM
-from workers.settings import Settings
+from workers.fanout import Fanout, FleetLM, FleetRLM
+from rlmq.settings import Settings
 
 
 def test_make_llm_tools_signature_is_what_fleet_rlm_overrides() -> None:
@@ -24,7 +24,7 @@ def test_make_llm_tools_signature_is_what_fleet_rlm_overrides() -> None:
 
 
 def test_rlm_builds_its_tools_through_the_hook_with_the_run_budget() -> None:
-    fanout = Fanout(Settings(redis_url="redis://127.0.0.1:1/0", lm="openai/x"))
+    fanout = Fanout(Settings(redis_url="redis://127.0.0.1:1/0", lm="openai/x"), app=None)
     rlm = FleetRLM("context -> answer", fanout=fanout, max_llm_calls=3)
     budget = _LLMCallBudget(3)
     tools = rlm._prepare_execution_tools(budget)

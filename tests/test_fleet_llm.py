@@ -13,11 +13,11 @@ from collections.abc import Iterator
 import dspy
 import pytest
 
-from tasks.app import configure as configure_app
-from tasks.fanout import Fanout, FleetLM, make_llm_tools, plan_chunks
-from tests.support.fleet import Fleet
+from workers.fanout import Fanout, FleetLM, make_llm_tools, plan_chunks
+from tests.support.fleet import Fleet, configure_app
+from tasks.app import app
 from tests.support.stub_llm import FaultKind, StubLLM, chat_adapter_reply, default_responder
-from workers.settings import Settings
+from rlmq.settings import Settings
 from dspy.predict.rlm import _LLMCallBudget
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]
@@ -40,7 +40,7 @@ def make_fanout(stub: StubLLM, redis_server, **overrides) -> Fanout:
     options = overrides.pop("options", {})
     settings = Settings(redis_url=redis_server.url, lm="openai/stub-root", sub_lm=SUB_MODEL,
                         lm_api_base=stub.api_base, **overrides)
-    return Fanout(settings, options=options)
+    return Fanout(settings, app=app, options=options)
 
 
 def expected(prompt: str) -> str:
@@ -199,8 +199,8 @@ def test_both_lm_clients_retry_and_report_usage_and_cost(client, fleet: Fleet, s
     stub.add_fault(FaultKind.SERVER_ERROR, count=1, marker="first")
     stub.add_fault(FaultKind.RATE_LIMIT, count=1, marker="second", retry_after=0.3)
     settings_model = "openai/gpt-4o-mini"  # a model LiteLLM has a price for, served by the stub
-    fanout = Fanout(Settings(redis_url=redis_server.url, lm="openai/x", sub_lm=settings_model,
-                             lm_api_base=stub.api_base), options={"lm_client": client})
+    settings = Settings(redis_url=redis_server.url, lm="openai/x", sub_lm=settings_model, lm_api_base=stub.api_base)
+    fanout = Fanout(settings, app=app, options={"lm_client": client})
     answers = fanout.query(["first prompt", "second prompt", "third prompt"])
     assert [a.text for a in answers] == [expected(p) for p in ("first prompt", "second prompt", "third prompt")]
     assert [a.attempts for a in answers] == [2, 2, 1]

@@ -12,14 +12,14 @@ import pytest
 import redis
 from celery.result import AsyncResult
 
-from tasks.demo import CORPUS
-from tasks.app import configure as configure_app
-from tasks.inputs import load_input_value
-from tasks.records import RunSpec, RunStatus, RunStore, new_run_id
-from tasks.run import enqueue_run, request_cancel
-from tests.support.fleet import Fleet
+from rlmq.demo import CORPUS
+from rlmq.inputs import load_input_value
+from rlmq.records import RunSpec, RunStatus, RunStore, new_run_id
+from rlmq.client import Client
+from tests.support.fleet import configure_app
+from tests.support.fleet import Fleet, redis_url_of
 from tests.support.stub_llm import FaultKind, ScriptedRoot, StubLLM, chat_adapter_reply, route
-from workers.blobs import put_blobs
+from rlmq.blobs import put_blobs
 from workers.sandbox_registry import LeaseRegistry
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]
@@ -71,7 +71,7 @@ def submit(r: redis.Redis, chapters: list[str], *, steps: list[str] = STEPS, opt
     run_id = new_run_id()
     spec = RunSpec(run_id=run_id, signature=signature, inputs=put_blobs(r, {"chapters": chapters}),
                    options={"max_iters": 6, "max_llm_calls": 300, **(options or {})})
-    enqueue_run(spec, client=r)
+    Client(redis_url_of(r)).enqueue(spec)
     return run_id, script
 
 
@@ -147,7 +147,7 @@ def test_bad_input_is_a_failed_record_and_the_worker_lives(fleet: Fleet, stub: S
 def test_duplicate_delivery_does_not_run_twice(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
     steps = ["import time\ntime.sleep(1.5)\nprint('slept')", "SUBMIT(richest=[], verdict='done')"]
     run_id, script = submit(r, chapters[:2], stub=stub, steps=steps)
-    from tasks.run import run_rlm
+    from tasks.runs import run_rlm
 
     run_rlm.apply_async((run_id,), task_id=run_id)  # a redelivered copy of the same run
     assert wait_finished(r, run_id) is RunStatus.SUCCEEDED
@@ -169,7 +169,7 @@ def test_progress_and_cancel(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
     assert RunStore(r).get(run_id).status is RunStatus.RUNNING
     assert len(LeaseRegistry(r, 30).live()) == 1
     t0 = time.monotonic()
-    request_cancel(run_id, client=r)
+    Client(redis_url_of(r)).cancel(run_id)
     assert wait_finished(r, run_id, timeout=20) is RunStatus.CANCELLED
     assert time.monotonic() - t0 < 8
     assert LeaseRegistry(r, 30).live() == []
@@ -213,13 +213,13 @@ def test_runs_send_task_events_and_sub_calls_send_none(fleet: Fleet, stub: StubL
 
 
 def test_cancel_before_start_and_the_worker_skips_it(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
-    from tasks.run import run_rlm
+    from tasks.runs import run_rlm
 
     script = ScriptedRoot(["SUBMIT(richest=[], verdict='ran')"])
     stub.set_responder(route(root=script, sub=sub_answer))
     spec = RunSpec(run_id=new_run_id(), signature=SIGNATURE, inputs=put_blobs(r, {"chapters": chapters[:2]}))
     RunStore(r).create(spec)
-    request_cancel(spec.run_id, client=r)
+    Client(redis_url_of(r)).cancel(spec.run_id)
     assert RunStore(r).status(spec.run_id) is RunStatus.CANCELLED
     run_rlm.apply_async((spec.run_id,), task_id=spec.run_id)  # delivered anyway (revoke raced)
     time.sleep(2.0)
@@ -228,7 +228,7 @@ def test_cancel_before_start_and_the_worker_skips_it(fleet: Fleet, stub: StubLLM
 
 def test_beat_reaper_destroys_orphaned_sandbox_and_fails_its_run(fleet: Fleet, r) -> None:
     from broker_bridge import interpreter_factory
-    from tasks.app import reap_leases
+    from tasks.maintenance import reap_leases
 
     created = []
     interp = interpreter_factory("local", on_sandbox_created=created.append)()

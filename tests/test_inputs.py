@@ -1,4 +1,4 @@
-"""tasks.inputs: --input NAME=VALUE parsing, @file/@dir/@glob loading, splitting books."""
+"""rlmq.inputs: --input NAME=VALUE parsing, @file/@dir/@glob loading, splitting books."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.demo import CORPUS
-from tasks.inputs import InputError, load_input_value, parse_input_arg, split_chapters, strip_gutenberg
+from rlmq.demo import CORPUS
+from rlmq.inputs import InputError, load_input_value, parse_input_arg, split_chapters, strip_gutenberg
 
 REPO = Path(__file__).resolve().parents[1]
 MONTE_CRISTO = CORPUS  # the demo corpus rlmq ships

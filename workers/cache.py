@@ -4,7 +4,7 @@
 parameters, with ``single_flight``: when many workers ask the same uncached prompt at once,
 one computes (one paid call) and the rest wait to be woken, not polling.
 
-Single flight, per cache key (names from ``workers.keys``):
+Single flight, per cache key (names from ``rlmq.keys``):
 
 * the leader holds ``inflight`` (``SET NX PX lock_ttl``, value = a random flight token) and, on
   taking it, clears ``done``; when finished it stores the value (if cacheable), releases the
@@ -38,7 +38,7 @@ import redis
 from dspy.clients.cache import Cache
 from dspy.clients.disk_serialization import DeserializationError, _restricted_load
 
-from workers.keys import dspy_cache_key, inflight_done_key, inflight_key, response_cache_key
+from rlmq.keys import dspy_cache_key, inflight_done_key, inflight_key, response_cache_key
 
 __all__ = ["RedisCacheTier", "RedisDspyCache", "ResponseCache", "install_redis_dspy_cache"]
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import redis
 
-from workers.keys import cooldown_key, rate_limit_key, rate_limit_tokens_key
+from rlmq.keys import cooldown_key, rate_limit_key, rate_limit_tokens_key
 
 __all__ = ["Decision", "FleetRateLimiter"]
 

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import redis
 
 from broker_bridge import SandboxInfo, destroy_sandbox
-from workers import keys
+from rlmq import keys
 
 __all__ = ["LeaseKeeper", "LeaseRegistry", "SandboxLease", "reap_expired"]
 
@@ -84,10 +84,6 @@ class LeaseRegistry:
         pipe.zrem(keys.leases_index_key(), sandbox_id)
         pipe.delete(keys.lease_key(sandbox_id))
         pipe.execute()
-
-    def get(self, sandbox_id: str) -> SandboxLease | None:
-        raw = self.redis.get(keys.lease_key(sandbox_id))
-        return SandboxLease.from_json(raw) if raw else None
 
     def live(self) -> list[str]:
         return [m.decode() for m in self.redis.zrange(keys.leases_index_key(), 0, -1)]

@@ -12,7 +12,7 @@ from pathlib import Path
 from broker_bridge.backends.process_jail import pids_with_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RLMQ = [sys.executable, "-m", "tasks.cli"]
+RLMQ = [sys.executable, "-m", "rlmq.cli"]
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Real Celery workers as separate OS processes, started the way `rlmq up` starts them.
 
-``Fleet(redis_url, env)`` is ``workers.stack.LocalStack`` without Redis or Flower of its own: each
+``Fleet(redis_url, env)`` is ``rlmq.stack.LocalStack`` without Redis or Flower of its own: each
 ``start`` runs ``celery -A tasks worker -Q <queue>`` in its own session, ``wait_ready`` waits for
 the worker's "ready." line (failing with its log if it exits first), and ``stop`` sends a warm
 shutdown, then kills each worker's whole process group: nothing is left running.
@@ -18,11 +18,26 @@ from types import TracebackType
 
 from celery import Celery
 
-from workers.stack import ChildProcess, LocalStack
+from rlmq.stack import ChildProcess, LocalStack
 
-__all__ = ["Fleet", "WorkerProcess", "REPO_ROOT"]
+__all__ = ["Fleet", "WorkerProcess", "REPO_ROOT", "configure_app", "redis_url_of"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def configure_app(redis_url: str) -> None:
+    """Point the workers' Celery app (what ``AsyncResult`` and task ``.delay`` use in tests) at ``redis_url``."""
+    from rlmq.celery_config import point_at
+    from tasks.app import app
+
+    point_at(app, redis_url)
+
+
+def redis_url_of(client) -> str:
+    """The URL a redis-py client was made from (tests hand it to ``rlmq.Client``)."""
+    kw = client.connection_pool.connection_kwargs
+    auth = f":{kw['password']}@" if kw.get("password") else ""
+    return f"redis://{auth}{kw['host']}:{kw['port']}/{kw.get('db', 0)}"
 
 
 @dataclass

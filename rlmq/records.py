@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from workers import keys
+from rlmq import keys
 
 __all__ = ["RunRecord", "RunSpec", "RunStatus", "RunStore", "new_run_id"]
 
@@ -43,8 +43,8 @@ def new_run_id() -> str:
 class RunSpec:
     """One RLM run as submitted: the signature, input blob refs and per-run options.
 
-    ``options`` holds per-run overrides of :class:`workers.settings.Settings` fields
-    (``lm``, ``sub_lm``, ``max_iters``, ``max_llm_calls``, ``sandbox``, limits, ...).
+    ``options`` holds per-run overrides of :class:`rlmq.settings.Settings` fields (the names in
+    ``rlmq.settings.RUN_OPTIONS``).
     """
 
     run_id: str
@@ -52,6 +52,7 @@ class RunSpec:
     inputs: dict[str, str]  # input name -> sha256 of the blob in keys.blob_key
     options: dict[str, Any] = field(default_factory=dict)
     submitted_at: float = field(default_factory=time.time)
+    tools: list[str] = field(default_factory=list)  # "package.module:function", imported by the worker
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), allow_nan=False)
@@ -65,6 +66,7 @@ class RunSpec:
             inputs={str(k): str(v) for k, v in raw["inputs"].items()},
             options=dict(raw.get("options") or {}),
             submitted_at=float(raw.get("submitted_at") or 0.0),
+            tools=[str(t) for t in raw.get("tools") or []],
         )
 
 

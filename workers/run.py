@@ -1,7 +1,8 @@
-"""``run_rlm``: one Celery task owns one RLM run, from spec to result.
+"""The run engine: one RLM run inside one worker process, from spec to result.
 
-The task loads the spec and inputs from Redis, claims ownership (``SET NX``: a second delivery
-of the same run id does not execute), builds :class:`~tasks.fanout.FleetRLM` on the sandbox
+``tasks.runs.run_rlm`` hands its Celery task to :class:`RunExecution`, which loads the spec and
+inputs from Redis, claims ownership (``SET NX``: a second delivery of the same run id does not
+execute), builds :class:`~workers.fanout.FleetRLM` on the sandbox
 interpreter factory (sandboxes labelled ``rlmq.run=<id>`` and leased), runs it inside
 ``dspy.context(lm=root_lm)`` with the Redis-backed ``dspy.cache``, stores result and
 trajectory, and always releases its sandbox. Every ending is recorded: SUCCEEDED, CANCELLED,
@@ -23,37 +24,24 @@ import time
 from typing import Any
 
 import dspy
-from celery import signals, states
+from celery import states
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
-from celery.result import AsyncResult
 from dspy.utils.callback import BaseCallback
 
 from broker_bridge import interpreter_factory
-from tasks.app import RUN_TASK, app, redis_client, worker_settings
-from tasks.fanout import Fanout, FanoutCancelled, FanoutStats, FleetRLM
-from tasks.records import RunSpec, RunStatus, RunStore
-from workers.blobs import get_blobs
+from rlmq.blobs import get_blobs
+from rlmq.records import RunSpec, RunStatus, RunStore
+from rlmq.settings import Settings
 from workers.cache import install_redis_dspy_cache
-from workers.sandbox_registry import LeaseKeeper, LeaseRegistry, reap_expired
-from workers.settings import Settings, SettingsError
+from workers.context import redis_client, worker_settings
+from workers.fanout import Fanout, FanoutCancelled, FanoutStats, FleetRLM
+from workers.sandbox_registry import LeaseKeeper, LeaseRegistry
+from workers.user_tools import ToolLoadError, load_tools
 
-__all__ = ["RunCancelled", "RunFailed", "enqueue_run", "request_cancel", "run_rlm"]
+__all__ = ["RunCancelled", "RunExecution", "RunFailed", "root_lm"]
 
 logger = logging.getLogger(__name__)
 
-
-
-def _run_time_limit() -> float:
-    """The worker's RLMQ_RUN_TIME_LIMIT when its settings are valid (a bad setting stops the
-    worker at start anyway), else the default."""
-    try:
-        return worker_settings().run_time_limit
-    except SettingsError:
-        return Settings().run_time_limit
-
-
-_TIME_LIMIT = _run_time_limit()
-_PUBLISH_EVERY = 0.5  # seconds between counter-only progress updates
 
 
 class RunFailed(Exception):
@@ -62,32 +50,6 @@ class RunFailed(Exception):
 
 class RunCancelled(Exception):
     """A cancel was requested for this run."""
-
-
-@app.task(name=RUN_TASK, bind=True, acks_late=False, track_started=True,
-          soft_time_limit=_TIME_LIMIT, time_limit=_TIME_LIMIT + 120)
-def run_rlm(self: Any, run_id: str) -> dict[str, Any]:
-    """Execute the run whose spec is stored under ``keys.run_key(run_id)``."""
-    return RunExecution(self, run_id).run()
-
-
-def enqueue_run(spec: RunSpec, *, client: Any = None) -> AsyncResult:
-    """Store the run record and enqueue ``run_rlm`` with the run id as task id."""
-    RunStore(client or redis_client()).create(spec)
-    return run_rlm.apply_async((spec.run_id,), task_id=spec.run_id)
-
-
-def request_cancel(run_id: str, *, client: Any = None) -> None:
-    """Flag the run as cancelled (a running run stops within ~1 s) and revoke a queued one.
-
-    A run still QUEUED is recorded CANCELLED at once: a revoked message never reaches
-    ``run_rlm``, and a worker that takes it anyway sees a finished record and skips it.
-    """
-    store = RunStore(client or redis_client())
-    store.request_cancel(run_id)
-    app.control.revoke(run_id)
-    if store.status(run_id) is RunStatus.QUEUED:
-        store.finish(run_id, RunStatus.CANCELLED, error="cancelled before it started")
 
 
 class _IterationCallback(BaseCallback):
@@ -156,6 +118,10 @@ class RunExecution:
             raise RunCancelled()
         self.store.mark_running(self.run_id, self.hostname)
         install_redis_dspy_cache(self.client, settings.cache_ttl_seconds)
+        try:
+            tools = load_tools(spec.tools)  # before any sandbox or LM call: a bad tool costs nothing
+        except ToolLoadError as exc:
+            raise RunFailed(str(exc)) from None
         inputs = get_blobs(self.client, spec.inputs)
         registry = LeaseRegistry(self.client, self.base.lease_ttl)
         self.keeper = LeaseKeeper(registry, run_id=self.run_id, owner=self.owner, on_tick=self._tick).start()
@@ -164,8 +130,9 @@ class RunExecution:
             labels={"rlmq.run": self.run_id},
             on_sandbox_created=self.keeper.created, on_sandbox_destroyed=self.keeper.destroyed,
         )
-        fanout = Fanout(settings, options=spec.options, stats=self.stats, should_stop=self.cancelled.is_set)
-        rlm = FleetRLM(spec.signature, fanout=fanout, max_iters=settings.max_iters,
+        fanout = Fanout(settings, app=self.task.app, options=spec.options, stats=self.stats,
+                        should_stop=self.cancelled.is_set)
+        rlm = FleetRLM(spec.signature, fanout=fanout, tools=tools, max_iters=settings.max_iters,
                        max_llm_calls=settings.max_llm_calls, interpreter_factory=factory)
         self.publish(force=True)
         with dspy.context(lm=root_lm(settings), callbacks=[_IterationCallback(self, rlm.generate_action)]):
@@ -187,6 +154,8 @@ class RunExecution:
             raise Ignore()
         if isinstance(exc, SoftTimeLimitExceeded):
             message = f"time limit: the run took longer than {self.base.run_time_limit:g}s"
+        elif isinstance(exc, RunFailed):
+            message = str(exc)
         else:
             message = f"{type(exc).__name__}: {exc}"
         logger.error("run %s failed: %s", self.run_id, message, exc_info=exc)
@@ -211,7 +180,7 @@ class RunExecution:
             self._last_publish, self._last_counts = now, counts
             try:
                 self.task.update_state(task_id=self.run_id, state="PROGRESS", meta=meta)
-                with app.events.default_dispatcher(hostname=self.hostname) as dispatcher:
+                with self.task.app.events.default_dispatcher(hostname=self.hostname) as dispatcher:
                     dispatcher.send("task-progress", uuid=self.run_id, state="PROGRESS", **meta)
                 self.store.set_progress(self.run_id, meta)
             except Exception:  # monitoring must never break the run
@@ -249,14 +218,3 @@ def _jsonable(value: Any) -> Any:
     if callable(dump):
         return _jsonable(dump(mode="json"))
     return str(value)
-
-
-@signals.worker_ready.connect
-def _reap_on_start(sender: Any = None, **_: Any) -> None:
-    """A restarted worker first cleans up sandboxes its predecessor on this host left behind."""
-    try:
-        reaped = reap_expired(redis_client(), time.time())
-        if reaped:
-            logger.warning("reaped %d expired sandbox lease(s) at start", len(reaped))
-    except Exception:
-        logger.exception("lease reaping at worker start failed")

@@ -1,34 +1,32 @@
 """The Python client: submit RLM runs to the fleet and follow them.
 
-    from tasks.client import Client
+    from rlmq import Client
     client = Client()                      # REDIS_URL, .env, or the stack `rlmq up` started
     run_id = client.submit("chapters: list[str], task: str -> wealth_data: list[dict]",
                            {"chapters": chapters, "task": "..."}, max_iters=20)
     record = client.wait(run_id, timeout=3600)
     print(client.result(run_id)["outputs"])
 
-Inputs go to Redis once, by content hash (``workers.blobs``); the task message carries the run id
-only, and runs that share a corpus share its blob.
+Inputs go to Redis once, by content hash (``rlmq.blobs``); the task message carries the run id
+only, and runs that share a corpus share its blob. The client sends ``run_rlm`` by name through
+``rlmq.celery_config.client_app``: it never imports the worker runtime, dspy or litellm.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Callable
 
 import redis
 
-from tasks.app import configure
-from tasks.records import RunRecord, RunSpec, RunStatus, RunStore, new_run_id
-from tasks.run import enqueue_run, request_cancel
-from workers.blobs import put_blobs
-from workers.settings import Settings, SettingsError, redis_url_from_env
-from workers.stack import running_stack_url
+from rlmq.blobs import put_blobs
+from rlmq.celery_config import RLM_QUEUE, RUN_TASK, client_app
+from rlmq.records import RunRecord, RunSpec, RunStatus, RunStore, new_run_id
+from rlmq.settings import RUN_OPTIONS, Settings, SettingsError, redis_url_from_env
+from rlmq.stack import running_stack_url
 
-__all__ = ["Client", "ClientError", "UnknownRun"]
-
-# Run options a client may set per run (names of workers.settings.Settings fields).
-RUN_OPTIONS = ("lm", "sub_lm", "lm_api_base", "sandbox", "max_iters", "max_llm_calls")
+__all__ = ["Client", "ClientError", "UnknownRun", "check_run_id", "check_signature", "check_tool_path"]
 
 
 class ClientError(RuntimeError):
@@ -51,9 +49,9 @@ def resolve_redis_url(explicit: str | None = None) -> str:
 class Client:
     def __init__(self, redis_url: str | None = None) -> None:
         self.redis_url = resolve_redis_url(redis_url)
-        configure(self.redis_url)
         self.redis = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5)
         self.store = RunStore(self.redis)
+        self.celery = client_app(self.redis_url)
 
     def _call(self, what: str, action: Callable[[], Any]) -> Any:
         try:
@@ -62,9 +60,15 @@ class Client:
             raise ClientError(f"cannot reach Redis at {self.redis_url} ({what}): {exc}") from None
 
     # ---- submit ----------------------------------------------------------------------------
-    def submit(self, signature: str, inputs: dict[str, Any], **options: Any) -> str:
-        """Store the inputs (once per content), record the run, enqueue it; return its run id."""
+    def submit(self, signature: str, inputs: dict[str, Any], *, tools: list[str] | tuple[str, ...] = (),
+               **options: Any) -> str:
+        """Store the inputs (once per content), record the run, enqueue it; return its run id.
+
+        ``tools`` are ``"package.module:function"`` paths, imported on the worker and callable
+        from the run's sandbox code by the function's name.
+        """
         input_names = check_signature(signature)
+        tool_paths = [check_tool_path(t) for t in tools]
         unknown = sorted(set(inputs) - set(input_names))
         missing = sorted(set(input_names) - set(inputs))
         if unknown:
@@ -85,15 +89,22 @@ class Client:
 
         run_id = new_run_id()
 
-        def enqueue() -> None:
+        def store_and_enqueue() -> None:
             refs = put_blobs(self.redis, inputs)
-            enqueue_run(RunSpec(run_id=run_id, signature=signature, inputs=refs, options=run_options), client=self.redis)
+            self.enqueue(RunSpec(run_id=run_id, signature=signature, inputs=refs, options=run_options,
+                                 tools=tool_paths))
 
-        self._call("submit", enqueue)
+        self._call("submit", store_and_enqueue)
         return run_id
+
+    def enqueue(self, spec: RunSpec) -> None:
+        """Record a run whose inputs are stored already and send ``run_rlm`` for it (the run id is the task id)."""
+        self.store.create(spec)
+        self.celery.send_task(RUN_TASK, args=(spec.run_id,), task_id=spec.run_id, queue=RLM_QUEUE)
 
     # ---- follow ----------------------------------------------------------------------------
     def status(self, run_id: str) -> RunRecord:
+        check_run_id(run_id)
         record = self._call("status", lambda: self.store.get(run_id))
         if record is None:
             raise UnknownRun(f"no run with id {run_id!r}")
@@ -124,12 +135,22 @@ class Client:
         return result
 
     def cancel(self, run_id: str) -> RunRecord:
-        """Ask the run to stop: a queued run never starts; a running one stops and deletes its sandbox."""
+        """Ask the run to stop: a queued run never starts; a running one stops and deletes its sandbox.
+
+        A run still QUEUED is recorded CANCELLED at once: a revoked message never reaches
+        ``run_rlm``, and a worker that takes it anyway sees a finished record and skips it.
+        """
         record = self.status(run_id)
         if record.status.finished:
             return record
 
-        self._call("cancel", lambda: request_cancel(run_id, client=self.redis))
+        def cancel() -> None:
+            self.store.request_cancel(run_id)  # a running run sees it within ~1 s
+            self.celery.control.revoke(run_id)
+            if self.store.status(run_id) is RunStatus.QUEUED:
+                self.store.finish(run_id, RunStatus.CANCELLED, error="cancelled before it started")
+
+        self._call("cancel", cancel)
         return self.status(run_id)
 
     def list_runs(self, limit: int = 50) -> list[RunRecord]:
@@ -139,16 +160,66 @@ class Client:
 
     def close(self) -> None:
         self.redis.close()
+        self.celery.close()
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def check_signature(signature: str) -> list[str]:
-    """The signature's input names, or a ClientError saying why it does not parse."""
-    import dspy
+    """The signature's input names, or a ClientError saying why it does not parse.
 
-    try:
-        parsed = dspy.Signature(signature)
-    except Exception as exc:  # dspy raises ValueError, SyntaxError, TypeError... for bad strings
-        raise ClientError(f"the signature {signature!r} does not parse: {exc}") from None
-    if not parsed.output_fields:
+    DSPy's string form is ``"name[: type], ... -> name[: type], ..."``. This reads the names only
+    (the worker parses the whole signature with DSPy and fails the run if a type does not), so
+    the client never imports dspy.
+    """
+    if not isinstance(signature, str) or signature.count("->") != 1:
+        raise ClientError(f"the signature {signature!r} does not parse: write 'inputs -> outputs', "
+                          "e.g. 'chapters: list[str], task: str -> answer: str'")
+    sides = [_field_names(side, signature) for side in signature.split("->")]
+    if not sides[1]:
         raise ClientError(f"the signature {signature!r} has no outputs (write 'inputs -> outputs')")
-    return list(parsed.input_fields)
+    names = sides[0] + sides[1]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ClientError(f"the signature {signature!r} names {', '.join(repeated)} more than once")
+    return sides[0]
+
+
+def _field_names(side: str, signature: str) -> list[str]:
+    names, depth, current = [], 0, ""
+    for ch in side + ",":
+        if ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        if ch == "," and depth == 0:
+            if current.strip():
+                names.append(current.split(":", 1)[0].strip())
+            current = ""
+        else:
+            current += ch
+    for name in names:
+        if not _NAME.fullmatch(name):
+            raise ClientError(f"the signature {signature!r} does not parse: {name!r} is not a field name")
+    return names
+
+
+_RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id as rlmq makes them (hex) or as a user may choose one; ClientError otherwise."""
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+        shown = run_id if len(str(run_id)) <= 40 else str(run_id)[:40] + "..."
+        raise ClientError(f"{shown!r} is not a run id (1-128 letters, digits, '.', '_' or '-'; see `rlmq list`)")
+    return run_id
+
+
+def check_tool_path(path: str) -> str:
+    """A user tool as ``package.module:function``, checked for form (the worker imports it)."""
+    module, sep, function = str(path).strip().partition(":")
+    if not (sep and function.isidentifier() and module
+            and all(part.isidentifier() for part in module.split("."))):
+        raise ClientError(f"tool {path!r} must be written as package.module:function")
+    return f"{module}:{function}"

@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any, Callable
 
+from rlmq.progress import format_progress, progress_printer
+
 EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NO_RUN, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
 EPILOG = (
     "exit codes: 0 ok, 1 run failed or cancelled, 2 bad usage or input, 3 Redis/stack unreachable, "
@@ -29,44 +31,9 @@ class CliError(Exception):
 
 # ---- helpers -------------------------------------------------------------------------------
 def _client(args: argparse.Namespace):
-    from tasks.client import Client
+    from rlmq.client import Client
 
     return Client(getattr(args, "redis_url", None))
-
-
-def format_progress(record) -> str:
-    p = record.progress or {}
-    parts = [record.status.value.lower()]
-    if p.get("iteration") is not None:
-        parts.append(f"iteration {p.get('iteration')}/{p.get('max_iters', '?')}")
-    parts.append(f"sub-LLM calls {p.get('llm_calls', 0)}")
-    parts.append(f"cache hits {p.get('cache_hits', 0)}")
-    started = record.started_at or record.spec.submitted_at
-    end = record.finished_at or time.time()
-    parts.append(f"elapsed {end - started:.1f}s")
-    if record.error:
-        parts.append(f"error: {record.error}")
-    return " · ".join(parts)
-
-
-def _progress_printer(stream=sys.stderr) -> Callable[[Any], None]:
-    live = stream.isatty()
-    last = [""]
-
-    def show(record) -> None:
-        line = format_progress(record)
-        if line == last[0]:
-            return
-        last[0] = line
-        if live:
-            stream.write("\r\033[K" + line)
-            if record.status.finished:
-                stream.write("\n")
-        else:
-            stream.write(line + "\n")
-        stream.flush()
-
-    return show
 
 
 def _finish_code(record) -> int:
@@ -74,7 +41,7 @@ def _finish_code(record) -> int:
 
 
 def _wait(client, run_id: str, timeout: float | None) -> int:
-    record = client.wait(run_id, timeout=timeout, on_progress=_progress_printer())
+    record = client.wait(run_id, timeout=timeout, on_progress=progress_printer())
     if record.status.value != "SUCCEEDED":
         print(f"rlmq: run {run_id} {record.status.value.lower()}: {record.error or 'no detail'}", file=sys.stderr)
     return _finish_code(record)
@@ -82,7 +49,7 @@ def _wait(client, run_id: str, timeout: float | None) -> int:
 
 # ---- commands ------------------------------------------------------------------------------
 def cmd_submit(args: argparse.Namespace) -> int:
-    from tasks.inputs import load_input_value, parse_input_arg
+    from rlmq.inputs import load_input_value, parse_input_arg
 
     inputs: dict[str, Any] = {}
     for text in args.input:
@@ -92,7 +59,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         inputs[name] = load_input_value(value, split=args.split if value.startswith("@") else None)
     client = _client(args)
     run_id = client.submit(
-        args.signature, inputs, lm=args.lm, sub_lm=args.sub_lm, lm_api_base=args.api_base,
+        args.signature, inputs, tools=args.tool, lm=args.lm, sub_lm=args.sub_lm, lm_api_base=args.api_base,
         sandbox=args.sandbox, max_iters=args.max_iters, max_llm_calls=args.max_llm_calls,
     )
     print(run_id)
@@ -142,7 +109,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.stack import worker_command
+    from rlmq.stack import worker_command
 
     pool = args.pool or ("threads" if args.queue == "llm" else "prefork")
     concurrency = args.concurrency or (32 if args.queue == "llm" else max(2, os.cpu_count() or 2))
@@ -152,10 +119,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
-    command = [sys.executable, "-m", "celery", "-A", "tasks", "flower", f"--port={args.port}", f"--address={args.address}"]
-    auth = os.environ.get("FLOWER_BASIC_AUTH")
-    if auth:
-        command.append(f"--basic-auth={auth}")
+    from rlmq.stack import flower_command
+
+    command = flower_command(port=args.port, address=args.address, basic_auth=os.environ.get("FLOWER_BASIC_AUTH"))
     os.execv(sys.executable, command)
     return EXIT_OK  # not reached
 
@@ -163,8 +129,8 @@ def cmd_flower(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     import signal
 
-    from workers.settings import redis_url_from_env
-    from workers.stack import LocalStack, running_stack_url
+    from rlmq.settings import redis_url_from_env
+    from rlmq.stack import LocalStack, running_stack_url
 
     if running_stack_url():
         raise CliError("a stack started by `rlmq up` is already running on this machine", EXIT_UNREACHABLE)
@@ -176,14 +142,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _interrupt)
     try:
-        start_stack(stack)
+        stack.start_or_explain()
         flower = "" if args.no_flower else f"  flower: http://127.0.0.1:{args.flower_port}"
         print(f"rlmq stack is up: REDIS_URL={stack.redis_url}{flower}  logs: {stack.log_dir}", flush=True)
         print("Ctrl-C stops everything.", flush=True)
         while True:
             dead = stack.dead_children()
             if dead:
-                raise CliError(f"{dead[0].name} stopped unexpectedly: {last_error_line(dead[0])}", EXIT_UNREACHABLE)
+                raise CliError(f"{dead[0].name} stopped unexpectedly: {dead[0].last_error_line()}", EXIT_UNREACHABLE)
             time.sleep(0.5)
     except KeyboardInterrupt:
         print("stopping the stack...", file=sys.stderr, flush=True)
@@ -196,35 +162,55 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def start_stack(stack) -> None:
-    try:
-        stack.start()
-    except (RuntimeError, TimeoutError, OSError) as exc:
-        lines = str(exc).splitlines() or [type(exc).__name__]
-        reason = next((line for line in reversed(lines) if line.startswith("rlmq")), lines[0])
-        raise CliError(f"could not start the stack: {reason}", EXIT_UNREACHABLE) from None
-
-
-def last_error_line(child) -> str:
-    """The one line that explains why a stack process stopped (rlmq's own message, if it printed one)."""
-    lines = child.log_tail(60).splitlines()
-    for line in reversed(lines):
-        if line.startswith("rlmq"):
-            return line
-    return lines[-1] if lines else f"exit code {child.process.returncode}"
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tasks.demo import run_demo
+    from rlmq.demo import run_demo
 
-    return run_demo(args)
+    return EXIT_OK if run_demo(args) else EXIT_RUN_FAILED
 
 
 # ---- parser --------------------------------------------------------------------------------
+def _number(kind: type, *, low: float, high: float, what: str) -> Callable[[str], Any]:
+    """An argparse type: a number of ``kind`` in [low, high], else argparse's one-line usage error."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not (low <= value <= high):  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: {what} from {low:g} to {high:g}")
+        return value
+
+    return parse
+
+
+def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type from one of rlmq.settings' parsers (their ValueError says what is wrong)."""
+
+    def check(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} {exc}") from None
+
+    return check
+
+
+COUNT = _number(int, low=1, high=1_000_000, what="a whole number")
+SECONDS = _number(float, low=0.001, high=366 * 24 * 3600, what="a number of seconds")
+WAIT_SECONDS = _number(float, low=0, high=366 * 24 * 3600, what="a number of seconds")
+PORT = _number(int, low=1, high=65535, what="a TCP port")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from rlmq.celery_config import QUEUES
+    from rlmq.settings import SandboxBackend, redis_url_argument
+
+    SANDBOXES = [b.value for b in SandboxBackend]
     parser = argparse.ArgumentParser(prog="rlmq", description="Run DSPy Recursive Language Models on a Celery fleet.",
                                      epilog=EPILOG)
-    parser.add_argument("--redis-url", help="Redis of the fleet (default: REDIS_URL, .env, or the `rlmq up` stack)")
+    parser.add_argument("--redis-url", type=_checked(redis_url_argument),
+                        help="Redis of the fleet (default: REDIS_URL, .env, or the `rlmq up` stack)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
@@ -240,11 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm", help="root model (LiteLLM string); default RLMQ_LM")
     p.add_argument("--sub-lm", help="model for llm_query sub-calls; default RLMQ_SUB_LM or the root model")
     p.add_argument("--api-base", help="OpenAI-compatible endpoint for both models; default RLMQ_LM_API_BASE")
-    p.add_argument("--max-iters", type=int, help="REPL iterations before the model must answer")
-    p.add_argument("--max-llm-calls", type=int, help="sub-LLM calls allowed for the run")
-    p.add_argument("--sandbox", choices=["local", "daytona"], help="where generated code runs")
+    p.add_argument("--max-iters", type=COUNT, help="REPL iterations before the model must answer")
+    p.add_argument("--max-llm-calls", type=COUNT, help="sub-LLM calls allowed for the run")
+    p.add_argument("--sandbox", choices=SANDBOXES, help="where generated code runs")
+    p.add_argument("--tool", action="append", default=[], metavar="MODULE:FUNCTION",
+                   help="a Python function sandbox code may call by its name (repeatable); imported on the "
+                        "workers, so its module must be installed or on their PYTHONPATH")
     p.add_argument("--wait", action="store_true", help="wait for the run and show progress")
-    p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+    p.add_argument("--timeout", type=SECONDS, help="with --wait: give up after this many seconds")
 
     p = add("status", cmd_status, "show a run's status and progress")
     p.add_argument("run")
@@ -252,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("watch", cmd_watch, "follow a run's progress until it ends")
     p.add_argument("run")
-    p.add_argument("--timeout", type=float)
+    p.add_argument("--timeout", type=SECONDS)
 
     p = add("result", cmd_result, "print or save a finished run's result")
     p.add_argument("run")
@@ -260,26 +249,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("cancel", cmd_cancel, "stop a run (a running one stops promptly and its sandbox is deleted)")
     p.add_argument("run")
-    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the run to stop (0: don't)")
+    p.add_argument("--wait", type=WAIT_SECONDS, default=30.0, help="seconds to wait for the run to stop (0: don't)")
 
     p = add("list", cmd_list, "list recent runs")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=COUNT, default=20)
 
     p = add("worker", cmd_worker, "start a worker for one queue (rlm: runs, llm: sub-LLM calls)")
-    p.add_argument("queue", choices=["rlm", "llm"])
-    p.add_argument("--concurrency", "-c", type=int, help="default: 32 threads for llm, max(2, cores) processes for rlm")
+    p.add_argument("queue", choices=QUEUES)
+    p.add_argument("--concurrency", "-c", type=COUNT, help="default: 32 threads for llm, max(2, cores) processes for rlm")
     p.add_argument("--pool", "-P", help="Celery pool (default: threads for llm, prefork for rlm)")
     p.add_argument("--name", "-n", help="node name (default: the queue name)")
-    p.add_argument("celery_args", nargs=argparse.REMAINDER, help="further arguments for `celery worker`")
+    p.epilog = "arguments after -- go to `celery worker` as they are. " + EPILOG
 
     p = add("flower", cmd_flower, "start Flower, Celery's monitor (basic auth from FLOWER_BASIC_AUTH)")
-    p.add_argument("--port", type=int, default=5555)
+    p.add_argument("--port", type=PORT, default=5555)
     p.add_argument("--address", default="127.0.0.1")
 
     p = add("up", cmd_up, "run the whole stack on this machine in the foreground (Ctrl-C stops it all)")
-    p.add_argument("--rlm-concurrency", type=int, default=2)
-    p.add_argument("--llm-concurrency", type=int, default=32)
-    p.add_argument("--flower-port", type=int, default=5555)
+    p.add_argument("--rlm-concurrency", type=COUNT, default=2)
+    p.add_argument("--llm-concurrency", type=COUNT, default=32)
+    p.add_argument("--flower-port", type=PORT, default=5555)
     p.add_argument("--no-flower", action="store_true")
 
     p = add("demo", cmd_demo, "run a reference analysis (brings up a local stack if none is running)")
@@ -287,17 +276,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="rlmq-output", help="where the JSON and the PNG go")
     p.add_argument("--lm", help="root model; default RLMQ_LM")
     p.add_argument("--sub-lm", help="sub-call model; default RLMQ_SUB_LM or the root model")
-    p.add_argument("--max-iters", type=int, default=20)
-    p.add_argument("--max-llm-calls", type=int, default=800)
-    p.add_argument("--sandbox", choices=["local", "daytona"])
-    p.add_argument("--timeout", type=float, default=3 * 3600)
+    p.add_argument("--max-iters", type=COUNT, default=20)
+    p.add_argument("--max-llm-calls", type=COUNT, default=800)
+    p.add_argument("--sandbox", choices=SANDBOXES)
+    p.add_argument("--timeout", type=SECONDS, default=3 * 3600)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from tasks.client import ClientError, UnknownRun
-    from tasks.inputs import InputError
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
+    parser = build_parser()
+    args = parser.parse_args(argv[:len(argv) - len(passthrough) - (1 if "--" in argv else 0)])
+    if passthrough and args.command != "worker":
+        parser.error("only `rlmq worker` takes arguments after --")
+    args.celery_args = passthrough
+    from rlmq.client import ClientError, UnknownRun
+    from rlmq.inputs import InputError
+    from rlmq.stack import StackError
 
     try:
         return args.func(args)
@@ -308,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), code)
     except (InputError, CliError) as exc:
         return _fail(str(exc), getattr(exc, "code", EXIT_USAGE))
+    except StackError as exc:
+        return _fail(str(exc), EXIT_UNREACHABLE)
     except TimeoutError as exc:
         return _fail(str(exc), EXIT_TIMEOUT)
     except KeyboardInterrupt:

@@ -18,7 +18,7 @@ from enum import Enum
 from typing import Any
 from urllib.parse import urlparse
 
-__all__ = ["SandboxBackend", "Settings", "SettingsError", "redis_url_from_env", "load_dotenv_once"]
+__all__ = ["RUN_OPTIONS", "redis_url_argument", "SandboxBackend", "Settings", "SettingsError", "redis_url_from_env", "load_dotenv_once"]
 
 
 class SettingsError(ValueError):
@@ -26,6 +26,9 @@ class SettingsError(ValueError):
 
 
 class SandboxBackend(str, Enum):
+    """The backends of ``broker_bridge.factory.BACKENDS`` (a test keeps the two equal; rlmq does
+    not import broker_bridge, which loads dspy)."""
+
     LOCAL = "local"
     DAYTONA = "daytona"
 
@@ -62,11 +65,20 @@ def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip()
         parsed = urlparse(value)
+        try:
+            parsed.port  # noqa: B018  (raises ValueError for a port that is not a number)
+        except ValueError:
+            raise ValueError("has a port that is not a number") from None
         if parsed.scheme not in schemes or not (parsed.hostname or parsed.path):
             raise ValueError(f"must be a URL starting with {' or '.join(s + '://' for s in schemes)}")
         return value
 
     return parse
+
+
+def redis_url_argument(raw: str) -> str:
+    """``--redis-url``'s value, checked like ``REDIS_URL``."""
+    return _url(("redis", "rediss", "unix"))(raw)
 
 
 def _model(raw: str) -> str:
@@ -91,7 +103,7 @@ def _sandbox(raw: str) -> SandboxBackend:
     try:
         return SandboxBackend(raw.strip().lower())
     except ValueError:
-        raise ValueError("must be 'local' or 'daytona'") from None
+        raise ValueError(f"must be one of {', '.join(b.value for b in SandboxBackend)}") from None
 
 
 def _opt(env: str, parse: Callable[[str], Any], default: Any, *, per_run: bool = True) -> Any:
@@ -197,12 +209,9 @@ class Settings:
             problems.append("RLMQ_SANDBOX=daytona needs DAYTONA_API_KEY")
         return problems
 
-    def to_json_dict(self) -> dict[str, Any]:
-        """A JSON-safe view (for logs and `rlmq status`); holds no secrets by construction."""
-        out = dataclasses.asdict(self)
-        out["sandbox"] = self.sandbox.value
-        return out
 
+# The one list of run options: what a run spec's ``options`` (the client, the CLI's flags) may set.
+RUN_OPTIONS = tuple(f.name for f in dataclasses.fields(Settings) if f.metadata["per_run"])
 
 # With only a provider key configured, this model of that provider is the root (and sub) model.
 DEFAULT_MODELS = (

@@ -14,7 +14,6 @@ rlmq:run:{run_id}:owner             string  worker currently owning the run (SET
 rlmq:run:{run_id}:result            string  the run's final result (JSON)
 rlmq:run:{run_id}:cancel            string  present when a cancel was requested
 rlmq:runs                           zset    run ids scored by submit time (unix seconds)
-rlmq:usage:{run_id}                 hash    counters (calls, tokens, cache hits) of a run
 rlmq:resp:{digest}                  string  cached LM response (JSON), TTL
 rlmq:resp:{digest}:inflight         string  single-flight lock: token of the computing worker
 rlmq:resp:{digest}:done             list    wake-ups for single-flight waiters (BLPOP), TTL
@@ -53,7 +52,6 @@ __all__ = [
     "run_owner_key",
     "run_result_key",
     "runs_index_key",
-    "usage_key",
 ]
 
 NAMESPACE = "rlmq"
@@ -104,10 +102,6 @@ def run_cancel_key(run_id: str) -> str:
 
 def runs_index_key() -> str:
     return f"{NAMESPACE}:runs"
-
-
-def usage_key(run_id: str) -> str:
-    return f"{NAMESPACE}:usage:{_ident(run_id)}"
 
 
 def response_cache_key(digest: str) -> str:

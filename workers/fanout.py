@@ -28,10 +28,9 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from dspy.lm15 import Message, Response, ServerError, TextPart, Usage, response_to_events
 from dspy.predict.rlm import _LLMCallBudget
 
-from tasks.app import app
-from tasks.subcalls import llm_batch
+from rlmq.celery_config import LLM_TASK
+from rlmq.settings import Settings
 from workers.llm_call import Answer, Messages
-from workers.settings import Settings
 
 __all__ = ["Fanout", "FanoutCancelled", "FanoutStats", "FleetEngine", "FleetLM", "FleetRLM", "plan_chunks"]
 
@@ -94,14 +93,12 @@ def plan_chunks(n: int, chunk_size: int, width: int) -> list[tuple[int, int]]:
 class Fanout:
     """Sends prompts to the ``llm`` queue as one group per batch and gathers the answers."""
 
-    def __init__(self, settings: Settings, *, options: dict[str, Any] | None = None,
+    def __init__(self, settings: Settings, *, app: Any, options: dict[str, Any] | None = None,
                  stats: FanoutStats | None = None, should_stop: Callable[[], bool] | None = None) -> None:
         self.settings = settings
+        self.app = app  # sends llm_batch by name: the engine does not import the task modules
         self.model = settings.effective_sub_lm
-        # per-run overrides the sub-tasks must apply (limits, api base); JSON-safe
-        self.options = {k: v for k, v in (options or {}).items()
-                        if k in {"lm_api_base", "rate_limit_rps", "rate_limit_burst", "tokens_per_minute",
-                                 "cache_ttl_seconds", "lm_timeout", "lm_retries", "lm_client"}}
+        self.options = dict(options or {})  # the run's per-run options; each sub-task applies them
         self.stats = stats or FanoutStats()
         self.should_stop = should_stop
 
@@ -124,7 +121,8 @@ class Fanout:
 
     def _dispatch(self, payloads: list[list[Any]], chunks: list[list[int]], answers: list[Answer | None],
                   params: dict[str, Any]) -> None:
-        job = group(llm_batch.s(payload, self.model, self.options, params) for payload in payloads)
+        job = group(self.app.signature(LLM_TASK, args=(payload, self.model, self.options, params))
+                    for payload in payloads)
         result = job.apply_async()
         slot = {r.id: n for n, r in enumerate(result.results)}
 
@@ -150,7 +148,7 @@ class Fanout:
                 if r.id not in pending and answers[chunks[slot[r.id]][0]] is None:
                     collect(r.id, r.get(propagate=False, disable_sync_subtasks=False))
             if pending:
-                app.control.revoke(pending)
+                self.app.control.revoke(pending)
             if isinstance(exc, FanoutCancelled):
                 raise
             why = f"timed out after {self.settings.gather_timeout:g}s waiting for an llm worker"

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,9 +19,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workers.local_redis import PrivateRedis, start_private_redis
+from rlmq.celery_config import CELERY_APP, RLM_QUEUE
+from rlmq.local_redis import PrivateRedis, start_private_redis
 
-__all__ = ["ChildProcess", "LocalStack", "running_stack_url", "state_file", "worker_command"]
+__all__ = ["ChildProcess", "LocalStack", "StackError", "flower_command", "running_stack_url", "state_file", "worker_command"]
 
 READY_MARK = " ready."  # Celery logs "<node> ready." once a worker consumes
 
@@ -44,10 +44,15 @@ def running_stack_url() -> str | None:
 
 def worker_command(queue: str, *, name: str, concurrency: int, pool: str) -> list[str]:
     return [
-        sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", queue, "-P", pool, "-c", str(concurrency),
+        sys.executable, "-m", "celery", "-A", CELERY_APP, "worker", "-Q", queue, "-P", pool, "-c", str(concurrency),
         "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-l", "INFO",
-        *(["--prefetch-multiplier", "1", "-E"] if queue == "rlm" else []),
+        *(["--prefetch-multiplier", "1", "-E"] if queue == RLM_QUEUE else []),
     ]
+
+
+def flower_command(*, port: int, address: str, basic_auth: str | None = None) -> list[str]:
+    command = [sys.executable, "-m", "celery", "-A", CELERY_APP, "flower", f"--port={port}", f"--address={address}"]
+    return command + ([f"--basic-auth={basic_auth}"] if basic_auth else [])
 
 
 @dataclass
@@ -66,6 +71,14 @@ class ChildProcess:
         except OSError:
             return "(no log)"
 
+    def last_error_line(self) -> str:
+        """The one line that explains why it stopped (rlmq's own message, if it printed one)."""
+        lines = self.log_tail(60).splitlines()
+        for line in reversed(lines):
+            if line.startswith("rlmq"):
+                return line
+        return lines[-1] if lines else f"exit code {self.process.returncode}"
+
     def stop(self, grace: float) -> None:
         """SIGTERM (Celery's warm shutdown: running tasks finish), then SIGKILL the whole group."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -76,6 +89,10 @@ class ChildProcess:
             os.killpg(self.process.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(10)
+
+
+class StackError(RuntimeError):
+    """The local stack could not be started; the message is one line."""
 
 
 @dataclass
@@ -99,14 +116,22 @@ class LocalStack:
             self.start_worker("rlm", name=f"rlm-{os.getpid()}", concurrency=self.rlm_concurrency, pool="prefork")
             self.start_worker("llm", name=f"llm-{os.getpid()}", concurrency=self.llm_concurrency, pool="threads")
             if self.flower_port is not None:
-                self.spawn("flower", [sys.executable, "-m", "celery", "-A", "tasks", "flower",
-                                      f"--port={self.flower_port}", "--address=127.0.0.1"])
+                self.spawn("flower", flower_command(port=self.flower_port, address="127.0.0.1"))
             self.wait_ready([c for c in self.children if c.name != "flower"], timeout)
             self._write_state()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def start_or_explain(self) -> LocalStack:
+        """``start``, with any failure as one :class:`StackError` line (rlmq's own reason if a child gave one)."""
+        try:
+            return self.start()
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            lines = str(exc).splitlines() or [type(exc).__name__]
+            reason = next((line for line in reversed(lines) if line.startswith("rlmq")), lines[0])
+            raise StackError(f"could not start the stack: {reason}") from None
 
     def spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> ChildProcess:
         assert self.redis_url is not None
@@ -138,9 +163,6 @@ class LocalStack:
                 tails = "\n".join(f"--- {c.name}\n{c.log_tail()}" for c in pending)
                 raise TimeoutError(f"not ready after {timeout:g}s:\n{tails}")
             time.sleep(0.1)
-
-    def node_name(self, child: ChildProcess) -> str:
-        return f"{child.name}@{socket.gethostname()}"
 
     def dead_children(self) -> list[ChildProcess]:
         return [c for c in self.children if not c.alive]

@@ -29,16 +29,17 @@ TASK = (
 @contextlib.contextmanager
 def fleet_for_demo(redis_url: str | None) -> Iterator[str]:
     """A fleet to submit to: the configured one if its workers answer, else a local stack started here."""
-    from tasks.app import app, configure
-    from tasks.client import resolve_redis_url, ClientError
-    from workers.stack import LocalStack
+    from rlmq.celery_config import client_app
+    from rlmq.client import ClientError, resolve_redis_url
+    from rlmq.stack import LocalStack
 
     url: str | None = None
     workers_answer = False
     try:
         url = resolve_redis_url(redis_url)
-        configure(url)
+        app = client_app(url)
         workers_answer = bool(app.control.ping(timeout=1.0))
+        app.close()
     except ClientError:
         url = None
     except Exception:  # configured but unreachable Redis: a private stack is what the user needs
@@ -48,21 +49,19 @@ def fleet_for_demo(redis_url: str | None) -> Iterator[str]:
         yield url
         return
     print("rlmq: no workers are running; starting a local stack for the demo...", file=sys.stderr, flush=True)
-    from tasks.cli import start_stack
-
-    stack = LocalStack(redis_url=url, flower_port=None)
-    start_stack(stack)
+    stack = LocalStack(redis_url=url, flower_port=None).start_or_explain()
     try:
         yield stack.redis_url
     finally:
         stack.stop()
 
 
-def run_demo(args) -> int:
-    from tasks.cli import EXIT_OK, EXIT_RUN_FAILED, _progress_printer
-    from tasks.client import Client
-    from tasks.inputs import load_input_value
-    from tasks.plot import plot_wealth
+def run_demo(args) -> bool:
+    """Run the analysis and write the JSON and the plot; False if the run did not succeed."""
+    from rlmq.client import Client
+    from rlmq.inputs import load_input_value
+    from rlmq.plot import plot_wealth
+    from rlmq.progress import progress_printer
 
     chapters = load_input_value(f"@{CORPUS}", split="chapters")
     output_dir = Path(args.output_dir)
@@ -75,14 +74,14 @@ def run_demo(args) -> int:
             max_iters=args.max_iters, max_llm_calls=args.max_llm_calls,
         )
         print(f"run {run_id}: {len(chapters)} chapters, {len(CHARACTERS)} characters", file=sys.stderr, flush=True)
-        record = client.wait(run_id, timeout=args.timeout, on_progress=_progress_printer())
+        record = client.wait(run_id, timeout=args.timeout, on_progress=progress_printer())
         if record.status.value != "SUCCEEDED":
             print(f"rlmq: the demo run {record.status.value.lower()}: {record.error}", file=sys.stderr)
-            return EXIT_RUN_FAILED
+            return False
         result = client.result(run_id)
     rows = result["outputs"]["wealth_data"]
     json_path = output_dir / "monte_cristo_wealth.json"
     json_path.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     png_path = plot_wealth(rows, str(output_dir / "monte_cristo_wealth.png"))
     print(f"wrote {json_path} ({len(rows)} rows) and {png_path}")
-    return EXIT_OK
+    return True

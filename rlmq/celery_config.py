@@ -1,0 +1,81 @@
+"""What every Celery process of rlmq agrees on: queue and task names, and the app's configuration.
+
+The workers' app (``tasks.app``) and the client's (``client_app``) are built from the same
+``CELERY_CONFIG``, so a client that only *sends* tasks by name routes and serializes them exactly
+as the workers expect, without importing the worker runtime (dspy, litellm, the run engine).
+
+Queues:
+
+- ``rlm``: one ``run_rlm`` per RLM run. Early ack + prefetch 1: Redis redelivers any unacked
+  message older than ``visibility_timeout`` even to a live worker, so a long ``acks_late`` run
+  would execute again and again; runs are protected by their own ownership key and sandbox
+  leases instead. Run with the prefork pool (time limits need it), events on.
+- ``llm``: many short ``llm_batch`` sub-tasks. ``acks_late`` + ``reject_on_worker_lost``, so a
+  crashed worker's batches are redelivered; safe because answers go through the response cache
+  (single-flight). Run with ``-P threads -c 32``. ``llm_batch`` sends no task events: they cost
+  ~2-3 ms each and nobody watches sub-calls one by one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "CELERY_APP", "CELERY_CONFIG", "LLM_QUEUE", "LLM_TASK", "QUEUES", "REAP_INTERVAL_SECONDS", "REAP_TASK",
+    "RLM_QUEUE", "RUN_TASK", "client_app", "point_at",
+]
+
+CELERY_APP = "tasks"  # the module `celery -A` loads in workers, beat and Flower
+RLM_QUEUE = "rlm"
+LLM_QUEUE = "llm"
+QUEUES = (RLM_QUEUE, LLM_QUEUE)
+RUN_TASK = "rlmq.run_rlm"
+LLM_TASK = "rlmq.llm_batch"
+REAP_TASK = "rlmq.reap_leases"
+REAP_INTERVAL_SECONDS = 60.0
+# Longer than any sub-task (its own deadline is far below), so only a dead worker's
+# sub-tasks come back; runs are acked early and never wait this long in a prefetch buffer.
+VISIBILITY_TIMEOUT_SECONDS = 3600
+RESULT_EXPIRES_SECONDS = 7 * 24 * 3600  # the default of RLMQ_RESULT_EXPIRES
+
+CELERY_CONFIG: dict[str, Any] = dict(
+    task_serializer="json",
+    result_serializer="json",
+    event_serializer="json",
+    accept_content=["json"],
+    result_accept_content=["json"],
+    task_default_queue=RLM_QUEUE,
+    task_create_missing_queues=False,
+    task_routes={RUN_TASK: {"queue": RLM_QUEUE}, LLM_TASK: {"queue": LLM_QUEUE}, REAP_TASK: {"queue": LLM_QUEUE}},
+    worker_prefetch_multiplier=1,
+    task_acks_late=False,  # the default; llm_batch opts in on its decorator
+    worker_send_task_events=True,  # for runs; llm_batch opts out (send_events=False)
+    task_send_sent_event=False,
+    task_track_started=True,
+    result_expires=RESULT_EXPIRES_SECONDS,
+    broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
+    result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
+    broker_connection_retry_on_startup=True,
+    worker_cancel_long_running_tasks_on_connection_loss=False,
+    beat_schedule={
+        "reap-expired-sandbox-leases": {"task": REAP_TASK, "schedule": REAP_INTERVAL_SECONDS,
+                                         "options": {"expires": REAP_INTERVAL_SECONDS}},
+    },
+)
+
+
+def point_at(app: Any, redis_url: str) -> None:
+    """Use ``redis_url`` as the app's broker and result backend; call before the app is first used."""
+    app.conf.broker_url = redis_url
+    app.conf.result_backend = redis_url
+
+
+def client_app(redis_url: str) -> Any:
+    """A Celery app that sends rlmq's tasks by name and reads their states (never runs them)."""
+    from celery import Celery
+    from kombu import Queue
+
+    app = Celery("rlmq-client", set_as_current=False)
+    app.conf.update(CELERY_CONFIG, task_queues=tuple(Queue(q) for q in QUEUES))
+    point_at(app, redis_url)
+    return app

@@ -1,0 +1,48 @@
+"""One line of a run's progress, and a printer that writes it only when it says something new."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Callable
+
+__all__ = ["format_progress", "progress_printer"]
+
+
+def format_progress(record, *, clock: bool = True) -> str:
+    p = record.progress or {}
+    parts = [record.status.value.lower()]
+    if p.get("iteration") is not None:
+        parts.append(f"iteration {p.get('iteration')}/{p.get('max_iters', '?')}")
+    parts.append(f"sub-LLM calls {p.get('llm_calls', 0)}")
+    parts.append(f"cache hits {p.get('cache_hits', 0)}")
+    if clock:
+        started = record.started_at or record.spec.submitted_at
+        end = record.finished_at or time.time()
+        parts.append(f"elapsed {end - started:.1f}s")
+    if record.error:
+        parts.append(f"error: {record.error}")
+    return " · ".join(parts)
+
+
+def progress_printer(stream=sys.stderr) -> Callable[[Any], None]:
+    live = stream.isatty()
+    last = [""]
+
+    def show(record) -> None:
+        # A terminal line is redrawn in place (the clock ticks); a pipe or log gets a new line
+        # only when something other than the clock changed.
+        line = format_progress(record)
+        news = line if live else format_progress(record, clock=False)
+        if news == last[0]:
+            return
+        last[0] = news
+        if live:
+            stream.write("\r\033[K" + line)
+            if record.status.finished:
+                stream.write("\n")
+        else:
+            stream.write(line + "\n")
+        stream.flush()
+
+    return show
