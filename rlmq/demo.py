@@ -14,14 +14,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 CORPUS = Path(__file__).resolve().parent / "data" / "monte_cristo.txt"
-CHARACTERS = ["Edmond Dantès", "Fernand Mondego", "Danglars", "Gérard de Villefort", "Gaspard Caderousse"]
+# The seed's five: whose fortunes the novel makes and unmakes.
+CHARACTERS = ["Edmond Dantès", "Danglars", "Fernand Mondego (Morcerf)", "Gérard de Villefort", "Mercédès"]
 SIGNATURE = "chapters: list[str], characters: list[str], task: str -> wealth_data: list[dict]"
 TASK = (
     "For every chapter and each of the characters, estimate the character's wealth at that point of the "
-    "story on a 1-10 scale (1 = destitute, 10 = among the richest people in France). Read the chapters with "
-    "llm_query_batched (one prompt per chapter, asking for all five characters at once as JSON); when a "
-    "character does not appear in a chapter, carry the last known value forward (start at the first "
-    "appearance). Return wealth_data as a list of rows {\"chapter\": int, \"character\": str, \"wealth\": int}, "
+    "story on a 1-10 scale (1 = destitute, 10 = among the richest people in France) and name the event "
+    "behind it in a few words. Read the chapters with llm_query_batched (one prompt per chapter, asking "
+    "for all five characters at once as JSON: {name: {\"wealth\": int, \"event\": str}}); when a "
+    "character does not appear in a chapter, carry the last known wealth forward with the event "
+    "\"not in this chapter\" (before the first appearance, use the first known value). Return "
+    "wealth_data as a list of rows {\"chapter\": int, \"character\": str, \"wealth\": int, \"event\": str}, "
     "one row per chapter and character: 117 x 5 rows."
 )
 

@@ -2,7 +2,8 @@
 
 ``plot_wealth(rows, "wealth.png")`` accepts rows in either of two shapes (both may be mixed):
 
-* long: ``{"chapter": 1, "character": "Edmond Dantès", "wealth": 3}``
+* long: ``{"chapter": 1, "character": "Edmond Dantès", "wealth": 3}`` (an ``"event"`` text may
+  ride along: the demo's rows carry one; it is not plotted)
 * wide: ``{"chapter": 1, "Dantès": 3, "Danglars": 5, ...}``
 
 matplotlib is an optional dependency (``pip install 'rlmq[demo]'``); it is imported only when
@@ -88,11 +89,11 @@ def normalise_wealth_rows(rows) -> dict[str, list[tuple[int, float]]]:
             missing = [k for k in ("character", "wealth") if k not in row]
             if missing:
                 raise WealthDataError(f"{where}: missing {missing[0]!r} in {row!r:.120}")
-            extra = sorted(set(row) - {"chapter", "character", "wealth"})
+            extra = sorted(set(row) - {"chapter", "character", "wealth", "event"})
             if extra:
                 raise WealthDataError(
                     f"{where}: mixes long and wide shapes (unexpected keys {extra}); use either "
-                    f'{{"chapter", "character", "wealth"}} or {{"chapter", NAME: wealth, ...}}'
+                    f'{{"chapter", "character", "wealth"[, "event"]}} or {{"chapter", NAME: wealth, ...}}'
                 )
             add(row["character"], chapter, _wealth(row["wealth"], where), where)
         else:  # wide shape

@@ -65,12 +65,12 @@ def fleet(redis_server, stub: StubLLM) -> Iterator[Fleet]:
 
 
 def submit(r: redis.Redis, chapters: list[str], *, steps: list[str] = STEPS, options: dict | None = None,
-           signature: str = SIGNATURE, stub: StubLLM) -> tuple[str, ScriptedRoot]:
+           signature: str = SIGNATURE, stub: StubLLM, tools: list[str] = ()) -> tuple[str, ScriptedRoot]:
     script = ScriptedRoot(steps)
     stub.set_responder(route(root=script, sub=sub_answer))
     run_id = new_run_id()
     spec = RunSpec(run_id=run_id, signature=signature, inputs=put_blobs(r, {"chapters": chapters}),
-                   options={"max_iters": 6, "max_llm_calls": 300, **(options or {})})
+                   options={"max_iters": 6, "max_llm_calls": 300, **(options or {})}, tools=list(tools))
     Client(redis_url_of(r)).enqueue(spec)
     return run_id, script
 
@@ -250,3 +250,37 @@ def test_beat_reaper_destroys_orphaned_sandbox_and_fails_its_run(fleet: Fleet, r
             interp.execute("print(1)")
     finally:
         interp.shutdown()
+
+
+TOOLS = ["tests.support.sample_tools:count_words", "tests.support.sample_tools:find_names",
+         "tests.support.sample_tools:shout"]
+
+
+def test_user_tools_run_on_the_worker_and_sandbox_code_calls_them(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
+    steps = ["words = count_words(text=chapters[0])\n"
+             "found = find_names(chapters[0], limit=5)\n"  # keyword default names=None kept
+             "loud = shout('dantes')\nprint(words, found, loud)",
+             "SUBMIT(richest=[{'words': words, 'found': found}], verdict=loud)"]
+    run_id, script = submit(r, chapters[:1], stub=stub, steps=steps, tools=TOOLS)
+    assert wait_finished(r, run_id) is RunStatus.SUCCEEDED, RunStore(r).get(run_id)
+    outputs = RunStore(r).result(run_id)["outputs"]
+    from tests.support.sample_tools import count_words, find_names
+
+    assert outputs["richest"] == [{"words": count_words(chapters[0]), "found": find_names(chapters[0], limit=5)}]
+    assert outputs["verdict"] == "DANTES!"
+    first_root = next(rec for rec in stub.requests if rec.model == "scripted-root")
+    for described in ("count_words", "find_names", "limit", "shout", "suffix"):
+        assert described in first_root.prompt, f"{described} is not in the RLM's instructions"
+
+
+def test_a_tool_that_does_not_import_fails_the_run_before_any_lm_call(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
+    stub.reset_stats()
+    run_id, script = submit(r, chapters[:1], stub=stub, tools=["no_such_package.tools:helper"])
+    assert wait_finished(r, run_id) is RunStatus.FAILED
+    error = RunStore(r).get(run_id).error
+    assert "no_such_package.tools:helper" in error and "cannot be imported" in error and "\n" not in error, error
+    assert stub.request_count == 0 and script.calls == []
+    run_id, _ = submit(r, chapters[:1], stub=stub, tools=["tests.support.sample_tools:no_such_function"])
+    assert wait_finished(r, run_id) is RunStatus.FAILED
+    assert "has no function 'no_such_function'" in RunStore(r).get(run_id).error
+    assert stub.request_count == 0
