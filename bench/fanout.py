@@ -55,7 +55,7 @@ def cpu_seconds(pid: int) -> float:
 
 def rlmq_fanout(stub: StubLLM, redis_url: str, prompts: list[str], args: argparse.Namespace,
                 cpu_pids: dict[str, list[int]]) -> tuple[float, float, dict[str, float]]:
-    from dspy.predict.rlm import _LLMCallBudget
+    from workers.dspy_private import LLMCallBudget
 
     from workers.fanout import Fanout, make_llm_tools
 
@@ -68,7 +68,7 @@ def rlmq_fanout(stub: StubLLM, redis_url: str, prompts: list[str], args: argpars
     times = []
     cpu: dict[str, float] = {}
     for _ in range(2):  # cold cache, then warm cache
-        tools = make_llm_tools(Fanout(settings, app=app), _LLMCallBudget(len(prompts)))
+        tools = make_llm_tools(Fanout(settings, app=app), LLMCallBudget(len(prompts)))
         before = {name: sum(cpu_seconds(p) for p in pids) for name, pids in cpu_pids.items()}
         t0 = time.perf_counter()
         out = tools["llm_query_batched"](prompts)

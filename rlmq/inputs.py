@@ -14,8 +14,7 @@ header/footer and table of contents dropped); any other value is a regular expre
 :func:`re.split` (compiled with ``re.MULTILINE``; empty parts dropped, parts stripped).
 
 Every problem raises :class:`InputError`, whose message is one human-readable line naming the
-argument or file at fault. This module only uses the standard library, so the CLI can parse
-its arguments before importing anything heavy.
+argument or file at fault.
 """
 
 from __future__ import annotations

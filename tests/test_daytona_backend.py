@@ -49,6 +49,7 @@ from wsproto import ConnectionType, WSConnection  # noqa: E402
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage  # noqa: E402
 
 from broker_bridge.backends import daytona as dmod  # noqa: E402
+from broker_bridge.backends import daytona_setup as dsetup  # noqa: E402
 from broker_bridge.backends.base import (  # noqa: E402
     RUNTIME_FILES,
     SANDBOX_SOURCE_DIR,
@@ -60,15 +61,17 @@ from broker_bridge.backends.base import (  # noqa: E402
     SandboxTimeout,
 )
 from broker_bridge.backends.daytona import (  # noqa: E402
-    PREVIEW_TOKEN_HEADER,
-    DaytonaOptions,
     DaytonaSandbox,
     OutputLog,
-    build_create_params,
     delete_daytona_sandbox,
+    reap_daytona_sandboxes,
+)
+from broker_bridge.backends.daytona_setup import (  # noqa: E402
+    PREVIEW_TOKEN_HEADER,
+    DaytonaOptions,
+    build_create_params,
     describe_daytona_error,
     preview_headers,
-    reap_daytona_sandboxes,
 )
 from broker_bridge.sandbox.protocol import KEEPALIVE_MARKER, PATH_HEALTH, token_digest  # noqa: E402
 
@@ -83,9 +86,9 @@ VENV_BIN = str(Path(sys.executable).parent)
 
 @pytest.fixture(autouse=True)
 def no_cached_clients():
-    dmod._clients.clear()
+    dsetup._clients.clear()
     yield
-    dmod._clients.clear()
+    dsetup._clients.clear()
 
 
 def free_port() -> int:
@@ -213,7 +216,7 @@ def test_secret_check_covers_env_and_secrets():
     params = build_create_params(SPEC, DaytonaOptions())
     params.env_vars = {"OPENAI_API_KEY": "sk-..."}
     with pytest.raises(SandboxStartError, match="environment"):
-        dmod.check_no_secrets(params, SPEC)
+        dsetup.check_no_secrets(params, SPEC)
 
 
 # ------------------------------------------------------------------ client, key, headers, output
@@ -224,7 +227,7 @@ def test_missing_api_key_fails_at_boot_and_creates_nothing(monkeypatch):
     backend = DaytonaSandbox()  # constructing reads nothing
     with pytest.raises(SandboxStartError, match="DAYTONA_API_KEY is not set"):
         backend.boot(SPEC)
-    assert not dmod._clients
+    assert not dsetup._clients
     backend.destroy()  # nothing to do, no error
 
 
@@ -237,12 +240,12 @@ def test_client_is_cached_per_process_and_forgotten_in_a_fork(monkeypatch):
 
     monkeypatch.setenv("DAYTONA_API_KEY", "key-1")
     monkeypatch.setattr(daytona, "Daytona", FakeDaytona)
-    first = dmod.daytona_client()
-    assert dmod.daytona_client() is first and len(made) == 1 and made[0].api_key == "key-1"
-    assert dmod.daytona_client(api_key="key-2") is not first
+    first = dsetup.daytona_client()
+    assert dsetup.daytona_client() is first and len(made) == 1 and made[0].api_key == "key-1"
+    assert dsetup.daytona_client(api_key="key-2") is not first
     pid = os.fork()
     if pid == 0:  # child: the parent's clients are forgotten, a new one is made on demand
-        ok = not dmod._clients and dmod.daytona_client() is not first
+        ok = not dsetup._clients and dsetup.daytona_client() is not first
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
@@ -864,8 +867,8 @@ def test_live_daytona_sandbox_boots_runs_and_is_deleted():
         daytona_id = backend.daytona_id
         with pytest.raises(SandboxTimeout):
             backend.run_code("import time\ntime.sleep(120)", timeout=5)  # destroys the sandbox
-        assert _gone(dmod.daytona_client(), daytona_id)
+        assert _gone(dsetup.daytona_client(), daytona_id)
     finally:
         backend.destroy()
         with contextlib.suppress(Exception):  # a leftover must not hide the failure above
-            reap_daytona_sandboxes({dmod.SANDBOX_LABEL: spec.sandbox_id})
+            reap_daytona_sandboxes({dsetup.SANDBOX_LABEL: spec.sandbox_id})

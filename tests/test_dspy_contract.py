@@ -1,8 +1,5 @@
-"""DSPy's private surface that rlmq depends on; a DSPy upgrade that changes it fails here first.
-
-``workers.fanout.FleetRLM`` overrides ``RLM._make_llm_tools(budget, max_workers)`` (its signature
-changed between 3.3 and 3.4) and uses ``dspy.predict.rlm._LLMCallBudget``.
-"""
+"""DSPy's private surface that rlmq depends on (all of it is in ``workers.dspy_private``); a DSPy
+upgrade that changes any of it fails here first."""
 
 from __future__ import annotations
 
@@ -10,14 +7,17 @@ import inspect
 
 import dspy
 import pytest
-from dspy.predict.rlm import _LLMCallBudget
+from dspy.clients.cache import Cache
+from dspy.utils import DummyLM
 
-from workers.fanout import Fanout, FleetLM, FleetRLM
 from rlmq.settings import Settings
+from workers import dspy_private
+from workers.dspy_private import LLMCallBudget, action_predictor, iteration_of, use_as_disk_tier
+from workers.fanout import Fanout, FleetLM, FleetRLM
 
 
 def test_make_llm_tools_signature_is_what_fleet_rlm_overrides() -> None:
-    params = inspect.signature(dspy.RLM._make_llm_tools).parameters
+    params = inspect.signature(getattr(dspy.RLM, dspy_private.TOOLS_HOOK)).parameters
     assert list(params) == ["self", "budget", "max_workers"]
     assert params["budget"].default is None and params["max_workers"].default == 8
     assert list(inspect.signature(FleetRLM._make_llm_tools).parameters) == list(params)
@@ -26,7 +26,7 @@ def test_make_llm_tools_signature_is_what_fleet_rlm_overrides() -> None:
 def test_rlm_builds_its_tools_through_the_hook_with_the_run_budget() -> None:
     fanout = Fanout(Settings(redis_url="redis://127.0.0.1:1/0", lm="openai/x"), app=None)
     rlm = FleetRLM("context -> answer", fanout=fanout, max_llm_calls=3)
-    budget = _LLMCallBudget(3)
+    budget = LLMCallBudget(3)
     tools = rlm._prepare_execution_tools(budget)
     for name in ("llm_query", "llm_query_batched"):
         assert "make_llm_tools" in tools[name].__qualname__, tools[name].__qualname__
@@ -37,8 +37,54 @@ def test_rlm_builds_its_tools_through_the_hook_with_the_run_budget() -> None:
 
 
 def test_llm_call_budget_semantics() -> None:
-    budget = _LLMCallBudget(2)
+    budget = LLMCallBudget(2)
     budget.reserve(2)
     with pytest.raises(RuntimeError):
         budget.reserve(1)
     assert "budget" in inspect.signature(dspy.RLM._prepare_execution_tools).parameters
+
+
+def test_action_predictor_is_called_once_per_iteration_with_k_of_max() -> None:
+    """A real RLM run (local sandbox, DummyLM as the root): the callback sees "1/3", "2/3"."""
+    from dspy.utils.callback import BaseCallback
+
+    from broker_bridge import interpreter_factory
+
+    rlm = dspy.RLM("question -> answer", max_iters=3, interpreter_factory=interpreter_factory("local"))
+    seen: list[int | None] = []
+
+    class Spy(BaseCallback):
+        def on_module_start(self, call_id, instance, inputs):
+            if instance is action_predictor(rlm):
+                seen.append(iteration_of(inputs))
+
+    lm = DummyLM([{"reasoning": "look", "code": "print(question)"},
+                  {"reasoning": "done", "code": "SUBMIT(answer='42')"}])
+    with dspy.context(lm=lm, callbacks=[Spy()]):
+        assert rlm(question="six times seven?").answer == "42"
+    assert seen == [1, 2]
+
+
+def test_iteration_parsing() -> None:
+    assert iteration_of({"iteration": "3/20"}) == 3
+    assert iteration_of({"kwargs": {"iteration": "12/40"}}) == 12
+    assert iteration_of({"iteration": ""}) is None
+
+
+def test_cache_reaches_its_disk_tier_through_the_replaced_attributes() -> None:
+    class Tier(dict):
+        def set(self, key, value):
+            self[key] = value
+
+        def delete(self, key):
+            self.pop(key, None)
+
+    cache = Cache(enable_disk_cache=False, enable_memory_cache=False, disk_cache_dir=None)
+    tier = Tier()
+    use_as_disk_tier(cache, tier)
+    request = {"model": "openai/x", "messages": [{"role": "user", "content": "hi"}]}
+    cache.put(request, {"answer": 1})
+    assert len(tier) == 1, "Cache.put did not write to the replaced disk tier"
+    assert cache.get(request) == {"answer": 1}
+    tier.clear()
+    assert cache.get(request) is None, "Cache.get did not read the replaced disk tier"

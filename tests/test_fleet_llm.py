@@ -18,7 +18,7 @@ from tests.support.fleet import Fleet, configure_app
 from tasks.app import app
 from tests.support.stub_llm import FaultKind, StubLLM, chat_adapter_reply, default_responder
 from rlmq.settings import Settings
-from dspy.predict.rlm import _LLMCallBudget
+from workers.dspy_private import LLMCallBudget
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]
 
@@ -60,7 +60,7 @@ def test_plan_chunks_keeps_order_and_spreads() -> None:
 def test_batch_in_prompt_order_spread_over_workers(fleet: Fleet, stub: StubLLM, r, redis_server) -> None:
     stub.latency = 0.05
     fanout = make_fanout(stub, redis_server)
-    tools = make_llm_tools(fanout, _LLMCallBudget(1000))
+    tools = make_llm_tools(fanout, LLMCallBudget(1000))
     prompts = [f"chapter {i}: who is rich?" for i in range(200)]
     out = tools["llm_query_batched"](prompts)
     assert out == [expected(p) for p in prompts]
@@ -72,7 +72,7 @@ def test_batch_in_prompt_order_spread_over_workers(fleet: Fleet, stub: StubLLM, 
 
 
 def test_batch_is_reserved_against_budget_up_front(fleet: Fleet, stub: StubLLM, r, redis_server) -> None:
-    tools = make_llm_tools(make_fanout(stub, redis_server), _LLMCallBudget(10))
+    tools = make_llm_tools(make_fanout(stub, redis_server), LLMCallBudget(10))
     with pytest.raises(RuntimeError, match="LLM call limit exceeded"):
         tools["llm_query_batched"]([f"p{i}" for i in range(11)])
     assert stub.request_count == 0  # nothing was sent for the refused batch
@@ -152,7 +152,7 @@ def test_faults_end_as_answer_or_error_and_workers_survive(fleet: Fleet, stub: S
     stub.add_fault(FaultKind.EMPTY, count=None, marker="ALWAYSEMPTY")
     stub.add_fault(FaultKind.EMPTY, count=1, marker="ONCEEMPTY")
     fanout = make_fanout(stub, redis_server, options={"lm_timeout": 1, "lm_retries": 2})
-    tools = make_llm_tools(fanout, _LLMCallBudget(100))
+    tools = make_llm_tools(fanout, LLMCallBudget(100))
     prompts = ["ALWAYS500", "ONCE500", "HANG", "ALWAYSBAD", "ONCEBAD", "ALWAYSEMPTY", "ONCEEMPTY", "fine"]
     out = dict(zip(prompts, tools["llm_query_batched"](prompts)))
     for p in ("ONCE500", "ONCEBAD", "ONCEEMPTY", "fine"):

@@ -39,6 +39,7 @@ from dspy.clients.cache import Cache
 from dspy.clients.disk_serialization import DeserializationError, _restricted_load
 
 from rlmq.keys import dspy_cache_key, inflight_done_key, inflight_key, response_cache_key
+from workers.dspy_private import use_as_disk_tier
 
 __all__ = ["RedisCacheTier", "RedisDspyCache", "ResponseCache", "install_redis_dspy_cache"]
 
@@ -263,8 +264,7 @@ class RedisDspyCache(Cache):
             disk_cache_dir=None,
             memory_max_entries=max(1, memory_max_entries),
         )
-        self.enable_disk_cache = True
-        self.disk_cache = RedisCacheTier(redis_client, ttl_seconds, safe_types)
+        use_as_disk_tier(self, RedisCacheTier(redis_client, ttl_seconds, safe_types))
 
 
 def install_redis_dspy_cache(

@@ -1,7 +1,7 @@
 """Fan-out of an RLM's sub-LLM calls across the ``llm`` queue.
 
 ``FleetRLM`` is ``dspy.RLM`` with one private hook replaced, ``_make_llm_tools(budget,
-max_workers)`` (DSPy 3.4.1's signature; ``tests/test_dspy_contract.py`` fails if it changes):
+max_workers)`` (see ``workers.dspy_private``):
 ``llm_query_batched`` reserves the whole batch against ``max_llm_calls`` up front (DSPy's
 semantics), splits it into chunks, dispatches ONE Celery group of ``llm_batch`` sub-tasks and
 gathers them event-driven, returning answers in prompt order; a failed prompt is an
@@ -26,10 +26,10 @@ import dspy
 from celery import group
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from dspy.lm15 import Message, Response, ServerError, TextPart, Usage, response_to_events
-from dspy.predict.rlm import _LLMCallBudget
 
 from rlmq.celery_config import LLM_TASK
 from rlmq.settings import Settings
+from workers.dspy_private import LLMCallBudget
 from workers.llm_call import Answer, Messages
 
 __all__ = ["Fanout", "FanoutCancelled", "FanoutStats", "FleetEngine", "FleetLM", "FleetRLM", "plan_chunks"]
@@ -157,7 +157,7 @@ class Fanout:
                     answers[i] = Answer(error=why)
 
 
-def make_llm_tools(fanout: Fanout, budget: _LLMCallBudget) -> dict[str, Callable[..., Any]]:
+def make_llm_tools(fanout: Fanout, budget: LLMCallBudget) -> dict[str, Callable[..., Any]]:
     """``llm_query`` / ``llm_query_batched`` for sandbox code, charged to ``budget``."""
 
     def llm_query(prompt: str) -> str:
@@ -187,9 +187,9 @@ class FleetRLM(dspy.RLM):
         super().__init__(signature, **kwargs)
         self.fanout = fanout
 
-    def _make_llm_tools(self, budget: _LLMCallBudget | None = None, max_workers: int = 8) -> dict[str, Callable]:
+    def _make_llm_tools(self, budget: LLMCallBudget | None = None, max_workers: int = 8) -> dict[str, Callable]:
         # max_workers is DSPy's thread count for its own batch; the fleet's width replaces it.
-        return make_llm_tools(self.fanout, budget if budget is not None else _LLMCallBudget(self.max_llm_calls))
+        return make_llm_tools(self.fanout, budget if budget is not None else LLMCallBudget(self.max_llm_calls))
 
 
 class FleetEngine:

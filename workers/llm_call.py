@@ -1,8 +1,9 @@
-"""One sub-LLM call through LiteLLM, with its failure classified.
+"""One sub-LLM call, with its failure classified: direct HTTP to an OpenAI-compatible endpoint, or LiteLLM.
 
 ``call_lm`` makes exactly one HTTP attempt (LiteLLM's and the OpenAI SDK's own retries are
-off: retries, rate limiting and caching belong to ``tasks/subcalls.py``, which must see every
-attempt). Failures become :class:`LMCallError` with a :class:`FailureKind` that says what to
+off: retries, rate limiting and caching belong to ``workers/subcalls.py``, which must see every
+attempt). Which client serves a call is ``RLMQ_LM_CLIENT`` (``auto``: direct HTTP for
+``openai/...`` models on a configured api base, LiteLLM otherwise). Failures become :class:`LMCallError` with a :class:`FailureKind` that says what to
 do next: wait ``retry_after`` and retry (rate limited), retry with backoff (transient), or
 give up (permanent). An empty completion is an error, so it is never cached.
 """

@@ -34,6 +34,7 @@ from rlmq.records import RunSpec, RunStatus, RunStore
 from rlmq.settings import Settings
 from workers.cache import install_redis_dspy_cache
 from workers.context import redis_client, worker_settings
+from workers.dspy_private import action_predictor, iteration_of
 from workers.fanout import Fanout, FanoutCancelled, FanoutStats, FleetRLM
 from workers.sandbox_registry import LeaseKeeper, LeaseRegistry
 from workers.user_tools import ToolLoadError, load_tools
@@ -62,10 +63,9 @@ class _IterationCallback(BaseCallback):
     def on_module_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
         if instance is not self.predictor:
             return
-        raw = str((inputs.get("kwargs") or inputs).get("iteration", ""))
-        head = raw.split("/", 1)[0].strip()
-        if head.isdigit():
-            self.execution.iteration = int(head)
+        iteration = iteration_of(inputs)
+        if iteration is not None:
+            self.execution.iteration = iteration
             self.execution.publish(force=True)
 
 
@@ -135,7 +135,7 @@ class RunExecution:
         rlm = FleetRLM(spec.signature, fanout=fanout, tools=tools, max_iters=settings.max_iters,
                        max_llm_calls=settings.max_llm_calls, interpreter_factory=factory)
         self.publish(force=True)
-        with dspy.context(lm=root_lm(settings), callbacks=[_IterationCallback(self, rlm.generate_action)]):
+        with dspy.context(lm=root_lm(settings), callbacks=[_IterationCallback(self, action_predictor(rlm))]):
             prediction = rlm(**inputs)
         if self.cancelled.is_set():
             raise RunCancelled()

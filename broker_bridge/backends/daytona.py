@@ -27,9 +27,9 @@ from broker_bridge.backends.base import (
     BrokerEndpoint, SandboxBackend, SandboxDied, SandboxError, SandboxInfo,
     SandboxSpec, SandboxStartError, SandboxTimeout, broker_command, runtime_file_contents,
 )
-from broker_bridge.backends.daytona_setup import (  # noqa: F401  (the rest re-exported: one face for callers)
-    MISSING_KEY, PREVIEW_TOKEN_HEADER, SANDBOX_LABEL, DaytonaOptions, _clients, _message, build_create_params,
-    check_no_secrets, daytona_client, describe_daytona_error, preview_headers, sandbox_labels,
+from broker_bridge.backends.daytona_setup import (
+    PREVIEW_TOKEN_HEADER, SANDBOX_LABEL, DaytonaOptions, _message, build_create_params, daytona_client,
+    describe_daytona_error, preview_headers, sandbox_labels,
 )
 from broker_bridge.sandbox.protocol import KEEPALIVE_MARKER, PATH_HEALTH
 
