@@ -188,7 +188,8 @@ def python_binds(layout: PythonLayout, packages: tuple[str, ...]) -> list[str]:
             args += ["--ro-bind", path, path]  # only the Python's own files: never its parents (/root)
     for site_dir in layout.site_dirs:
         if os.path.isdir(site_dir) and any(_within(site_dir, root) for root in ("/usr", *layout.binds)):
-            args += ["--tmpfs", site_dir]  # the venv and system packages stay out of sight
+            # the venv's and the system's packages stay out of sight (an empty, read-only directory)
+            args += ["--size", "4096", "--tmpfs", site_dir, "--remount-ro", site_dir]
     for name in packages:
         for path in layout.packages[name]:
             args += ["--ro-bind", path, f"{INSIDE_SITE}/{os.path.basename(path)}"]
@@ -211,18 +212,23 @@ def sandbox_command(
     binds: list[tuple[str, str, bool]],
     argv: list[str],
     cwd: str = INSIDE_DIR,
+    tmp_bytes: int | None = None,
 ) -> list[str]:
     """The bwrap command running ``argv`` (whose first item is replaced by the real Python binary).
 
-    ``binds`` are (host path, inside path, writable); the process starts in ``cwd``.
+    ``binds`` are (host path, inside path, writable); the process starts in ``cwd``; its private
+    ``/tmp`` is a tmpfs of at most ``tmp_bytes`` (memory: unbounded, half the RAM).
     """
     command = [binary, *namespace_flags(), "--clearenv"]
     for name, value in {**env, "PYTHONPATH": INSIDE_SITE}.items():
         command += ["--setenv", name, value]
     command += system_binds() + python_binds(layout, packages)
-    command += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--dir", INSIDE_SITE]
+    size = ["--size", str(tmp_bytes)] if tmp_bytes else []
+    command += ["--proc", "/proc", "--dev", "/dev", *size, "--tmpfs", "/dev/shm", *size, "--tmpfs", "/tmp"]
     for source, target, writable in binds:
         command += ["--bind" if writable else "--ro-bind", source, target]
+    # bwrap's root and /dev are tmpfs too (memory without a cap): only /sandbox, /tmp, /dev/shm stay writable
+    command += ["--remount-ro", "/dev", "--remount-ro", "/"]
     command += ["--chdir", cwd, "--", layout.executable, "-s", *argv[1:]]
     return command
 

@@ -91,13 +91,16 @@ class LocalSandbox(SandboxBackend):
         env: dict[str, str] | None = None,
         isolation: str | None = None,
         packages: tuple[str, ...] | None = None,
+        tmp_size_mb: int = 256,
     ) -> None:
         """``isolation``: "namespaces" or "process" (default: ``$RLMQ_LOCAL_ISOLATION``, else namespaces).
         ``packages``: what sandbox code may import besides the stdlib under namespaces (default: numpy
-        where installed); a named package that is not installed is an error at boot."""
+        where installed); a named package that is not installed is an error at boot. ``tmp_size_mb``:
+        the private /tmp under namespaces (a tmpfs, so memory)."""
         super().__init__()
         self.isolation = bwrap.isolation_mode(isolation)
         self.packages = tuple(packages) if packages is not None else None
+        self.tmp_bytes = tmp_size_mb * 1024 * 1024
         self.python = python
         self.limits = {
             "as_bytes": None if memory_limit_mb is None else memory_limit_mb * 1024 * 1024,
@@ -207,7 +210,7 @@ class LocalSandbox(SandboxBackend):
             raise SandboxStartError(problem)
         for path in (work, work / "inputs", broker_dir):
             path.mkdir()
-        for name, data in (runtime_file_contents() | runtime_file_contents(("kernel.py",))).items():
+        for name, data in runtime_file_contents(("protocol.py", "runtime.py", "kernel.py")).items():
             self.put_file(name, data)
         for name, data in runtime_file_contents(("protocol.py", "broker.py")).items():
             (broker_dir / name).write_bytes(data)
@@ -228,13 +231,13 @@ class LocalSandbox(SandboxBackend):
                               limits={k: v for k, v in limits.items() if k != "as_bytes"})
         command = bwrap.sandbox_command(binary, layout, bwrap.BROKER_PACKAGES, broker_env,
                                         [(str(broker_dir), bwrap.INSIDE_SOCKET_DIR, True)], argv,
-                                        cwd=bwrap.INSIDE_SOCKET_DIR)
+                                        cwd=bwrap.INSIDE_SOCKET_DIR, tmp_bytes=16 * 1024 * 1024)
         self._broker = self._spawn(command, broker_env, "broker", stdin=subprocess.DEVNULL)
 
         kernel_env = self._inside_env(spec, bwrap.INSIDE_DIR)
         argv = [self.python, f"{bwrap.INSIDE_DIR}/kernel.py", "--limits", json.dumps(limits)]
         binds = [(str(work), bwrap.INSIDE_DIR, True), (str(broker_dir), bwrap.INSIDE_SOCKET_DIR, False)]
-        command = bwrap.sandbox_command(binary, layout, packages, kernel_env, binds, argv)
+        command = bwrap.sandbox_command(binary, layout, packages, kernel_env, binds, argv, tmp_bytes=self.tmp_bytes)
         self._kernel = self._spawn(command, kernel_env, "kernel", stdin=subprocess.PIPE)
         threading.Thread(target=self._read_replies, args=(self._kernel,), daemon=True).start()
         self._read_announcement(self._broker, SOCKET_ANNOUNCEMENT)  # the kernel started meanwhile
