@@ -63,13 +63,14 @@ def _arena(owner: int) -> tuple[Path, str]:
     """A worker's world under /tmp: cwd and home with a .env each, a world-writable dir, the canary."""
     canary = CANARY_PREFIX + secrets.token_hex(16)
     root = Path(tempfile.mkdtemp(prefix="rlmq-arena-"))
-    for name in ("cwd", "home", "outside"):
+    for name in ("cwd", "home", "outside", "plant"):
         (root / name).mkdir()
     for name in ("cwd", "home"):
         env_file = root / name / ".env"
         env_file.write_text(f"OPENAI_API_KEY={canary}\nRLMQ_LM_API_KEY={canary}\n")
         env_file.chmod(0o600)
     (root / "outside").chmod(0o777)
+    (root / "plant").chmod(0o777)
     for path in [root, *root.rglob("*")]:
         os.chown(path, owner, owner)
     root.chmod(0o755)
@@ -85,7 +86,7 @@ def run_suite(redis_url: str, listener_port: int, *, as_nobody: bool = False,
         host_cwd=str(root / "cwd"), host_home=str(root / "home"),
         redis_port=urllib.parse.urlsplit(redis_url).port, listener_port=listener_port,
         write_targets=[str(root / "outside" / "pwned"), str(root / "cwd" / "pwned"), escape],
-        secret_canary=canary,
+        plant_dir=str(root / "plant"), secret_canary=canary,
     )
     python, path = sys.executable, [str(REPO)]
     prefix: list[str] = []
@@ -142,6 +143,7 @@ def test_the_suite_catches_a_sandbox_that_is_no_boundary(redis_server, listener)
     outcomes = run_suite(redis_server.url, listener, isolation="process")
     assert outcomes["isolation"]["verdict"]["mode"] == "process"
     got_through = {name for name, o in outcomes.items() if o["evidence"]}
+    # symlink_plant is not among them: the host writes without following links in both modes.
     expected = {"host_cwd_and_home", "redis", "loopback_listener", "loopback_scan", "write_outside",
                 "count_processes", "other_sandbox"}
     assert expected <= got_through, {name: outcomes[name]["verdict"] for name in expected - got_through}

@@ -41,6 +41,7 @@ from broker_bridge.backends.base import (
     runtime_file_contents,
 )
 from broker_bridge.backends import bwrap
+from broker_bridge.backends.host_writes import write_beneath
 from broker_bridge.backends.process_jail import SANDBOX_MARKER_VAR, ProcessJail, pids_with_marker
 from broker_bridge.sandbox.protocol import PORT_ANNOUNCEMENT, SOCKET_ANNOUNCEMENT, protect_host_process, unix_url
 
@@ -309,10 +310,10 @@ class LocalSandbox(SandboxBackend):
             raise SandboxTimeout(f"the local sandbox did not answer within {timeout:g}s") from None
 
     def put_file(self, relative_path: str, data: bytes) -> None:
-        target = Path(self.host_dir) / relative_path
-        partial = target.with_name(target.name + ".part")
-        partial.write_bytes(data)
-        partial.replace(target)  # sandbox code never sees half a file
+        try:
+            write_beneath(Path(self.host_dir), relative_path, data)
+        except OSError as exc:
+            raise SandboxError(f"could not write {relative_path} into the sandbox: {exc}") from exc
         self.bytes_sent += len(data)
 
     def run_code(self, code: str, timeout: float) -> None:

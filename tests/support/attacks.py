@@ -35,6 +35,7 @@ class Target:
     write_targets: list[str] = field(default_factory=list)  # host paths code must not create
     victim_dir: str = ""  # another sandbox's directory (host path), holding a canary file
     victim_pid: int = 0  # another sandbox's kernel (host pid)
+    plant_dir: str = ""  # an empty host directory a planted symlink points the host's uploads at
     host_token_sha256: str = ""  # a digest reveals nothing: the broker itself holds it
     secret_canary: str = ""  # host-side only, never sent
 
@@ -48,6 +49,9 @@ class Attack:
     goal: str  # what success would mean, in one line
     code: str
     check: Callable[[dict[str, Any], Target], str]
+    # Variables for a second execute (its outcome ignored) that makes the host act on what the
+    # snippet left behind, e.g. upload a large input. Such an attack may end the session: run it last.
+    then: dict[str, Any] | None = None
 
 
 _HELPERS = r'''
@@ -250,6 +254,19 @@ foreign = {fd: path for fd, path in mine.items() if not path.startswith(allowed)
 verdict(foreign=foreign, mine=mine, child=child)
 ''')
 
+SYMLINK_PLANT = _snippet(r'''
+import shutil
+inputs = os.path.join(__rlmq.runtime_dir, "inputs")  # where the host uploads large inputs
+shutil.rmtree(inputs, ignore_errors=True)
+os.symlink(target["plant_dir"], inputs)
+verdict(planted=os.path.islink(inputs))
+''')
+
+
+def _plant_check(verdict: dict[str, Any], target: Target) -> str:
+    written = os.listdir(target.plant_dir) if target.plant_dir and os.path.isdir(target.plant_dir) else []
+    return f"the host wrote {written} through a planted symlink" if written else ""
+
 
 def _fd_check(verdict: dict[str, Any], target: Target) -> str:
     if verdict.get("foreign"):
@@ -283,6 +300,8 @@ ATTACKS = [
            lambda v, t: f"sees {v['count']} processes" if v.get("count", 0) > 6 else ""),
     Attack("broker_token", "the host's broker token is readable", BROKER_TOKEN, _flag("found")),
     Attack("inherited_fds", "a file descriptor of the host is open in the sandbox", INHERITED_FDS, _fd_check),
+    Attack("symlink_plant", "a symlink in the sandbox's directory makes the host write outside it", SYMLINK_PLANT,
+           _plant_check, then={"payload": "rlmq upload " * 10_000}),
 ]
 
 
@@ -298,6 +317,11 @@ def run_attacks(execute: Callable[[str, dict[str, Any]], Any], target: Target) -
     outcomes = []
     for attack in ATTACKS:
         verdict = parse_verdict(str(execute(attack.code, {"target": target.for_sandbox()})))
+        if attack.then is not None:
+            try:
+                execute("pass", attack.then)
+            except Exception as exc:  # noqa: BLE001 - the host refusing is the good outcome
+                verdict["then"] = f"{type(exc).__name__}: {exc}"
         outcomes.append({"name": attack.name, "evidence": attack.check(verdict, target), "verdict": verdict})
     return outcomes
 
@@ -315,6 +339,7 @@ def run_local_suite(target: Target, **options: Any) -> list[dict[str, Any]]:
         attacker.start()
         target.host_token_sha256 = hashlib.sha256(
             attacker._client._headers["X-Rlmq-Host-Token"].encode()).hexdigest()
+        isolation = attacker._backend.isolation
         outcomes = run_attacks(attacker.execute, target)
         try:
             alive = victim.execute("print('alive')") == "alive"
@@ -323,7 +348,7 @@ def run_local_suite(target: Target, **options: Any) -> list[dict[str, Any]]:
             outcomes.append({"name": "victim_survived", "evidence": f"the victim sandbox died: {exc}", "verdict": {}})
         if alive:
             outcomes.append({"name": "victim_survived", "evidence": "", "verdict": {}})
-        outcomes.append({"name": "isolation", "evidence": "", "verdict": {"mode": attacker._backend.isolation}})
+        outcomes.append({"name": "isolation", "evidence": "", "verdict": {"mode": isolation}})
         return outcomes
     finally:
         attacker.shutdown()
