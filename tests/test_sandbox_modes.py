@@ -93,6 +93,12 @@ def test_sandbox_code_imports_the_stdlib_and_its_packages_only():
         interpreter.shutdown()
 
 
+@pytest.mark.parametrize("packages", ["numpy", ("../etc",), (None,)])
+def test_a_malformed_package_list_is_a_one_line_error(packages):
+    with pytest.raises(ValueError, match=r"^packages must be a list of importable names such as \('numpy',\), not "):
+        interpreter_factory("local", packages=packages)().start()
+
+
 @needs_namespaces
 def test_a_package_that_is_not_installed_is_a_start_error():
     with pytest.raises(SandboxStartError, match="package\\(s\\) not installed for .*: no_such_package_rlmq"):

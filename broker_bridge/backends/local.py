@@ -100,6 +100,10 @@ class LocalSandbox(SandboxBackend):
         the private /tmp under namespaces (a tmpfs, so memory)."""
         super().__init__()
         self.isolation = bwrap.isolation_mode(isolation)
+        if isinstance(packages, str) or not all(
+            isinstance(name, str) and all(part.isidentifier() for part in name.split(".")) for name in packages or ()
+        ):
+            raise ValueError(f"packages must be a list of importable names such as ('numpy',), not {packages!r}")
         self.packages = tuple(packages) if packages is not None else None
         self.tmp_bytes = tmp_size_mb * 1024 * 1024
         self.python = python
