@@ -97,7 +97,7 @@ def run_suite(redis_url: str, listener_port: int, *, as_nobody: bool = False,
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root / "home"), "PYTHONPATH": ":".join(path),
         "OPENAI_API_KEY": canary, "RLMQ_LOCAL_ISOLATION": isolation, "LITELLM_LOCAL_MODEL_COST_MAP": "True",
     }
-    spec = json.dumps({k: v for k, v in vars(target).items() if k not in ("victim_dir", "victim_pid")})
+    spec = json.dumps({k: v for k, v in vars(target).items() if not k.startswith("victim_")})
     try:
         result = subprocess.run([*prefix, python, "-m", "tests.support.attacks"], input=spec, cwd=root / "cwd",
                                 env=env, capture_output=True, text=True, timeout=240)

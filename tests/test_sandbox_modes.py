@@ -133,6 +133,7 @@ def test_cpu_limit_kills_the_sandbox_with_a_clear_error():
 
 
 FORK_BOMB_HOST = """
+import os
 from broker_bridge import interpreter_factory
 interpreter = interpreter_factory("local", max_processes=64, execution_timeout=60)()
 try:
@@ -141,15 +142,18 @@ try:
     except Exception as exc:
         print(type(exc).__name__, str(exc).splitlines()[-1])
     print(interpreter.execute("print('survived')"))
+    directory = interpreter._backend.host_dir
+    interpreter.execute("import os\\nos.makedirs('locked/inner')\\nos.chmod('locked', 0)")  # litter for the host
 finally:
     interpreter.shutdown()
+print("left behind" if os.path.lexists(directory) else "removed")
 """
 
 
 @needs_namespaces
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not os.path.exists("/usr/bin/python3"),
                     reason="needs root, setpriv and /usr/bin/python3 to run a host as uid 65534")
-def test_fork_bomb_is_capped_per_sandbox_for_an_unprivileged_host():
+def test_fork_bomb_is_capped_and_litter_removed_for_an_unprivileged_host():
     # RLIMIT_NPROC counts per user namespace: the cap is this sandbox's own, not the user's total.
     env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp",
            "PYTHONPATH": f"{REPO}:{sysconfig.get_paths()['purelib']}", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
@@ -159,7 +163,7 @@ def test_fork_bomb_is_capped_per_sandbox_for_an_unprivileged_host():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines() == [
-        "CodeExecutionError BlockingIOError: [Errno 11] Resource temporarily unavailable", "survived"]
+        "CodeExecutionError BlockingIOError: [Errno 11] Resource temporarily unavailable", "survived", "removed"]
 
 
 STAY_HOST = """

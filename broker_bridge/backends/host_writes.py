@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -35,3 +36,20 @@ def write_beneath(root: Path, relative_path: str, data: bytes) -> None:
         os.replace(partial, parts[-1], src_dir_fd=directory, dst_dir_fd=directory)
     finally:
         os.close(directory)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a sandbox's directory after its processes are dead, even where sandbox code took the
+    permissions off its own directories (a non-root worker could not list them otherwise)."""
+    shutil.rmtree(path, ignore_errors=True)
+    if not os.path.lexists(path):
+        return
+    for dirpath, dirnames, _ in os.walk(path):  # does not follow symlinks
+        for name in dirnames:
+            child = os.path.join(dirpath, name)
+            if not os.path.islink(child):
+                try:
+                    os.chmod(child, 0o700)
+                except OSError:
+                    pass
+    shutil.rmtree(path, ignore_errors=True)

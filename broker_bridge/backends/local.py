@@ -41,7 +41,7 @@ from broker_bridge.backends.base import (
     runtime_file_contents,
 )
 from broker_bridge.backends import bwrap
-from broker_bridge.backends.host_writes import write_beneath
+from broker_bridge.backends.host_writes import remove_tree, write_beneath
 from broker_bridge.backends.process_jail import SANDBOX_MARKER_VAR, ProcessJail, pids_with_marker
 from broker_bridge.sandbox.protocol import PORT_ANNOUNCEMENT, SOCKET_ANNOUNCEMENT, protect_host_process, unix_url
 
@@ -365,7 +365,7 @@ class LocalSandbox(SandboxBackend):
                     with contextlib.suppress(OSError):
                         stream.close()
         if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            remove_tree(self._dir)
 
 
 def _warn_process_mode() -> None:
@@ -390,6 +390,6 @@ def destroy_local_sandbox(sandbox_id: str) -> None:
     """For reapers: kill what is left of a local sandbox on this machine and remove its directory."""
     ProcessJail.existing(sandbox_id).kill_all()
     for leftover in Path(tempfile.gettempdir()).glob(f"{SANDBOX_DIR_PREFIX}{sandbox_id}-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+        remove_tree(leftover)
     if pids_with_marker(sandbox_id):
         raise SandboxError(f"processes of sandbox {sandbox_id} survived SIGKILL")

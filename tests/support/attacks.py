@@ -35,6 +35,7 @@ class Target:
     write_targets: list[str] = field(default_factory=list)  # host paths code must not create
     victim_dir: str = ""  # another sandbox's directory (host path), holding a canary file
     victim_pid: int = 0  # another sandbox's kernel (host pid)
+    victim_broker: str = ""  # the other sandbox's broker as its host sees it (unix:///path or http://...)
     plant_dir: str = ""  # an empty host directory a planted symlink points the host's uploads at
     host_token_sha256: str = ""  # a digest reveals nothing: the broker itself holds it
     secret_canary: str = ""  # host-side only, never sent
@@ -195,6 +196,19 @@ for pid in filter(str.isdigit, os.listdir("/proc")):
     ids = re.findall(r"RLMQ_SANDBOX_ID=([^\x00]+)", read(f"/proc/{pid}/environ"))
     if ids and ids[0] != mine:
         reached.append(f"/proc/{pid} of sandbox {ids[0]}")
+broker = target["victim_broker"]
+try:
+    if broker.startswith("unix://"):
+        probe = socket.socket(socket.AF_UNIX)
+        probe.settimeout(2)
+        probe.connect(broker[len("unix://"):])
+    else:
+        host, _, port = broker.split("://")[1].partition(":")
+        probe = socket.create_connection((host, int(port)), timeout=2)
+    probe.close()
+    reached.append(f"connected to the other sandbox's broker {broker}")
+except (OSError, ValueError):
+    pass
 try:
     os.kill(target["victim_pid"], 0)
     os.kill(target["victim_pid"], signal.SIGKILL)
@@ -336,6 +350,7 @@ def run_local_suite(target: Target, **options: Any) -> list[dict[str, Any]]:
         victim.execute(f"open('secret.txt', 'w').write({target.secret_canary!r})")
         target.victim_dir = victim._backend.host_dir
         target.victim_pid = victim._backend._kernel.pid
+        target.victim_broker = victim._client._url
         attacker.start()
         target.host_token_sha256 = hashlib.sha256(
             attacker._client._headers["X-Rlmq-Host-Token"].encode()).hexdigest()
