@@ -117,7 +117,7 @@ class PythonLayout:
     """What a Python needs inside a sandbox (from ``describe_python`` run by that Python)."""
 
     executable: str  # the real binary (a venv's python is a symlink to it)
-    binds: tuple[str, ...]  # the binary, the stdlib, lib-dynload, libpython
+    binds: tuple[str, ...]  # the binary, the stdlib, lib-dynload, the lib directory
     site_dirs: tuple[str, ...]  # every site-packages/dist-packages: hidden inside
     packages: dict[str, tuple[str, ...]]  # importable name -> paths to bind into INSIDE_SITE
 
@@ -137,9 +137,11 @@ def describe_python(names):
     dynload = os.path.join(paths["platstdlib"], "lib-dynload")
     if os.path.isdir(dynload):
         binds.append(real(dynload))
-    library = os.path.join(sysconfig.get_config_var("LIBDIR") or "", sysconfig.get_config_var("LDLIBRARY") or "")
-    if sysconfig.get_config_var("Py_ENABLE_SHARED") and os.path.isfile(library):
-        binds.append(real(library))
+    # The installation's lib directory: libpython, and the libraries its extension modules link to
+    # where the Python brings its own (pyenv, conda); under /usr it is bound with /usr anyway.
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    if os.path.isdir(libdir):
+        binds.append(real(libdir))
     sites = set(site.getsitepackages() + [paths["purelib"], paths["platlib"]])
     sites.update(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
     sites.update(p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages"))
