@@ -144,7 +144,24 @@ def pids_with_env(entry: str) -> set[int]:
 
 
 def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from the parent field of /proc/<pid>/stat)."""
+    """Every live descendant of ``pid``: from /proc/<pid>/task/<tid>/children where the kernel has
+    it (a few reads), else from the parent field of every /proc/<pid>/stat."""
+    found, todo = [], [pid]
+    try:
+        while todo:
+            parent = todo.pop()
+            for task in os.listdir(f"/proc/{parent}/task"):
+                for child in map(int, Path(f"/proc/{parent}/task/{task}/children").read_text().split()):
+                    found.append(child)
+                    todo.append(child)
+        return found
+    except FileNotFoundError:
+        if not os.path.exists(f"/proc/{pid}/task/{pid}/children") and os.path.exists(f"/proc/{pid}"):
+            return _descendants_by_scan(pid)
+        return found  # a process exited meanwhile
+
+
+def _descendants_by_scan(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
