@@ -223,3 +223,27 @@ def test_a_sandbox_started_from_a_thread_outlives_that_thread():
         assert interpreter.execute("print('still here')") == "still here"
     finally:
         interpreter.shutdown()
+
+
+FORKED_HOST = """
+import os
+from broker_bridge import interpreter_factory
+parent = interpreter_factory("local")()
+print(parent.execute("print('parent')"), flush=True)
+parent.shutdown()
+pid = os.fork()  # as a prefork pool does after its parent has used a sandbox
+if pid == 0:
+    child = interpreter_factory("local")()
+    print(child.execute("print('child')"), flush=True)
+    child.shutdown()
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+@needs_namespaces
+def test_a_forked_worker_starts_sandboxes_of_its_own():
+    # The spawner thread does not survive fork; without a new one, the child's start hangs.
+    result = subprocess.run([sys.executable, "-c", FORKED_HOST], capture_output=True, text=True, timeout=60,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.stdout.split() == ["parent", "child"], result.stderr[-2000:]

@@ -59,6 +59,14 @@ _warned_process_mode = False
 _SPAWNER = ThreadPoolExecutor(1, thread_name_prefix="rlmq-sandbox-spawner")
 
 
+def _new_spawner_after_fork() -> None:
+    global _SPAWNER
+    _SPAWNER = ThreadPoolExecutor(1, thread_name_prefix="rlmq-sandbox-spawner")  # the parent's thread is not here
+
+
+os.register_at_fork(after_in_child=_new_spawner_after_fork)
+
+
 def scrubbed_environment(sandbox_id: str, home: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The whole environment of a sandbox process: an allowlist of the host's, never a secret."""
     env = {name: os.environ[name] for name in ENV_ALLOWLIST if name in os.environ}
