@@ -136,6 +136,7 @@ def test_every_attack_fails_as_an_unprivileged_user(redis_server, listener):
     assert_every_attack_failed(run_suite(redis_server.url, listener, as_nobody=True))
 
 
+@pytest.mark.slow  # ~25 s: the filesystem walk spends its whole 20 s budget on the host's filesystem
 def test_the_suite_catches_a_sandbox_that_is_no_boundary(redis_server, listener):
     """The same suite with RLMQ_LOCAL_ISOLATION=process (plain subprocesses): the file-read, network,
     write and process attacks must succeed there, so the suite can fail and the tests above mean
