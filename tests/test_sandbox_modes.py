@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import threading
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from dspy.primitives.code_interpreter import CodeExecutionError
 
 from broker_bridge import SandboxDied, SandboxStartError, interpreter_factory
 from broker_bridge.backends import bwrap
+from broker_bridge.backends.local import destroy_local_sandbox
 from tests.support.sandboxes import assert_local_sandbox_gone, host_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,6 +69,7 @@ def test_process_isolation_is_an_explicit_opt_in_with_a_warning():
 
 WHICH_BWRAP = """
 from broker_bridge.backends import bwrap
+from broker_bridge.backends.local import destroy_local_sandbox
 from broker_bridge import interpreter_factory
 interpreter = interpreter_factory("local")()
 try:
@@ -208,8 +211,10 @@ def test_a_sigkilled_worker_leaves_no_sandbox_process():
         host.send_signal(signal.SIGKILL)
         host.wait()
     assert_local_sandbox_gone(sandbox_id)  # bwrap --die-with-parent, no reaper needed for processes
-    for leftover in Path("/tmp").glob(f"rlmq-sandbox-{sandbox_id}-*"):
-        shutil.rmtree(leftover)  # the directory is the reaper's (destroy_local_sandbox)
+    leftovers = list(Path(tempfile.gettempdir()).glob(f"rlmq-sandbox-{sandbox_id}-*"))
+    assert len(leftovers) == 1  # the directory is the reaper's
+    destroy_local_sandbox(sandbox_id)
+    assert not leftovers[0].exists()
 
 
 @needs_namespaces
