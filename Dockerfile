@@ -16,6 +16,11 @@ RUN groupadd --system --gid 10001 rlmq \
  && useradd --system --uid 10001 --gid rlmq --create-home --home-dir /home/rlmq \
         --shell /usr/sbin/nologin rlmq
 
+# bubblewrap: the local sandbox's namespaces (docs/security.md says what the container must allow).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends bubblewrap \
+ && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /src
 
 # Dependencies first, read from pyproject.toml, so this layer is reused while only the

@@ -1,9 +1,11 @@
-"""Sandbox bridge benchmark (local backend): tool-call latency, concurrent throughput, bytes sent.
+"""Sandbox bridge benchmark (local backend): start time, tool-call latency, throughput, bytes sent.
 
-    python bench/bridge.py [--calls 500] [--iterations 40]
+    python bench/bridge.py [--calls 500] [--iterations 40] [--starts 10]
 
-Targets (issue 2): median no-op round trip under 3 ms; bytes sent over a 40-iteration run under
-1.1 x the corpus size.
+Each latency figure is measured in both local isolation modes: "process" (plain subprocesses, a
+loopback port) and "namespaces" (bubblewrap, a Unix socket). Targets: median no-op round trip under
+3 ms (issue 2); sandbox start under 300 ms (issue 7); bytes sent over a 40-iteration run under 1.1 x
+the corpus size.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,6 +50,38 @@ def concurrent_throughput(interp, threads: int, calls_per_thread: int) -> float:
     return threads * calls_per_thread / float(out)
 
 
+def start_times(isolation: str, starts: int) -> list[float]:
+    """Seconds from nothing to a sandbox whose runtime answers (what the first execute waits for)."""
+    times = []
+    for _ in range(starts):
+        interp = interpreter_factory("local", isolation=isolation)()
+        began = time.perf_counter()
+        interp.start()
+        times.append(time.perf_counter() - began)
+        interp.shutdown()
+    return sorted(times)
+
+
+def measure(isolation: str, calls: int, starts: int) -> dict[str, float]:
+    warm = interpreter_factory("local", isolation=isolation)()
+    warm.start()  # the bwrap probe and the page cache, outside the timings
+    warm.shutdown()
+    starts_ms = [t * 1000 for t in start_times(isolation, starts)]
+    interp = interpreter_factory("local", isolation=isolation)()
+    try:
+        times = sorted(t * 1000 for t in round_trips(interp, calls))
+        throughput = concurrent_throughput(interp, threads=16, calls_per_thread=50)
+    finally:
+        interp.shutdown()
+    return {
+        "sandbox start, median (ms)": statistics.median(starts_ms),
+        "sandbox start, max (ms)": starts_ms[-1],
+        "no-op tool call round trip, median (ms)": statistics.median(times),
+        "no-op tool call round trip, p95 (ms)": times[int(len(times) * 0.95)],
+        "throughput, 16 sandbox threads (calls/s)": throughput,
+    }
+
+
 def bytes_over_iterations(iterations: int) -> tuple[int, int]:
     chapters = load_input_value(f"@{CORPUS}", split="chapters")
     interp = interpreter_factory("local")()
@@ -63,23 +98,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=500)
     parser.add_argument("--iterations", type=int, default=40)
+    parser.add_argument("--starts", type=int, default=10)
     args = parser.parse_args()
 
-    interp = interpreter_factory("local")()
-    try:
-        times = sorted(t * 1000 for t in round_trips(interp, args.calls))
-        throughput = concurrent_throughput(interp, threads=16, calls_per_thread=50)
-    finally:
-        interp.shutdown()
+    modes = ("process", "namespaces")
+    results = {mode: measure(mode, args.calls, args.starts) for mode in modes}
     sent, corpus = bytes_over_iterations(args.iterations)
 
-    print(f"{'metric':<52}{'value':>14}")
-    print(f"{'no-op tool call round trip, median (ms)':<52}{statistics.median(times):>14.2f}")
-    print(f"{'no-op tool call round trip, p95 (ms)':<52}{times[int(len(times) * 0.95)]:>14.2f}")
-    print(f"{'throughput, 16 sandbox threads (calls/s)':<52}{throughput:>14.0f}")
-    print(f"{f'bytes sent over {args.iterations} iterations':<52}{sent:>14,}")
-    print(f"{'corpus size (bytes)':<52}{corpus:>14,}")
-    print(f"{'bytes sent / corpus size':<52}{sent / corpus:>14.3f}")
+    print(f"{'metric':<46}{'process':>12}{'namespaces':>12}")
+    for metric in results[modes[0]]:
+        digits = 0 if "calls/s" in metric else 2
+        print(f"{metric:<46}" + "".join(f"{results[mode][metric]:>12.{digits}f}" for mode in modes))
+    print(f"{f'bytes sent over {args.iterations} iterations':<46}{sent:>24,}")
+    print(f"{'corpus size (bytes)':<46}{corpus:>24,}")
+    print(f"{'bytes sent / corpus size':<46}{sent / corpus:>24.3f}")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import http.client
-import socket
 import threading
-import urllib.parse
 from typing import Any
 
 from broker_bridge.sandbox import protocol
@@ -17,11 +15,8 @@ class BrokerUnreachable(ConnectionError):
 
 class BrokerClient:
     def __init__(self, url: str, headers: dict[str, str], host_token: str, counter: Any = None) -> None:
-        parsed = urllib.parse.urlsplit(url)
-        self._https = parsed.scheme == "https"
-        self._host = parsed.hostname or "127.0.0.1"
-        self._port = parsed.port or (443 if self._https else 80)
-        self._prefix = parsed.path.rstrip("/")
+        self._url = url
+        _, self._prefix = protocol.broker_connection(url, timeout=None)  # validates the URL now
         self._headers = {**headers, protocol.HOST_TOKEN_HEADER: host_token, "Content-Type": "application/json"}
         self._local = threading.local()
         self._counter = counter  # the backend, whose bytes_sent we add result bytes to
@@ -29,12 +24,11 @@ class BrokerClient:
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-            conn = self._local.conn = cls(self._host, self._port, timeout=timeout)
+            conn, _ = protocol.broker_connection(self._url, timeout)
+            self._local.conn = conn
         if conn.sock is None:  # new, or closed by the server after the last response
             conn.timeout = timeout
-            conn.connect()
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            protocol.connect(conn)
         conn.sock.settimeout(timeout)
         return conn
 

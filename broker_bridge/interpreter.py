@@ -180,7 +180,11 @@ class SandboxInterpreter:
             raise CodeInterpreterError("this interpreter is already executing code")
         try:
             self.start()
-            request = self._build_request(code, variables or {})
+            try:
+                request = self._build_request(code, variables or {})
+            except SandboxError as exc:  # an upload failed: the sandbox is not usable any more
+                self._die(str(exc))
+                raise
             try:
                 outcome = self._run(request)
             except SandboxError as exc:

@@ -16,7 +16,7 @@ from dspy.primitives.code_interpreter import CodeExecutionError
 from broker_bridge import SandboxDied, SandboxTimeout, interpreter_factory
 from broker_bridge.backends.process_jail import pids_with_marker, process_cap_available
 from broker_bridge.sandbox.protocol import HOST_TOKEN_HEADER
-from tests.support.sandboxes import assert_local_sandbox_gone
+from tests.support.sandboxes import assert_local_sandbox_gone, host_dir
 
 FAKE_SECRET = "sk-rlmq-test-secret-do-not-leak-4242"
 
@@ -25,7 +25,7 @@ FAKE_SECRET = "sk-rlmq-test-secret-do-not-leak-4242"
 def sandbox():
     interpreter = interpreter_factory("local", execution_timeout=20)()
     interpreter.start()
-    sandbox_id, runtime_dir = interpreter.sandbox_id, interpreter.runtime_dir
+    sandbox_id, runtime_dir = interpreter.sandbox_id, host_dir(interpreter)
     yield interpreter
     interpreter.shutdown()
     assert_local_sandbox_gone(sandbox_id, runtime_dir)
@@ -33,7 +33,8 @@ def sandbox():
 
 def _kernel_pid(sandbox_id: str) -> int:
     for pid in pids_with_marker(sandbox_id):
-        if b"kernel.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+        program, _, rest = Path(f"/proc/{pid}/cmdline").read_bytes().partition(b"\0")
+        if b"kernel.py" in rest and not program.endswith(b"bwrap"):  # the Python, not its bwrap
             return pid
     raise AssertionError("no kernel process found")
 
@@ -48,7 +49,7 @@ def test_printing_100_mb_is_capped_with_a_statement(sandbox):
 def test_infinite_loop_times_out_and_kills_the_sandbox():
     interpreter = interpreter_factory("local", execution_timeout=1.5)()
     interpreter.start()
-    sandbox_id, runtime_dir = interpreter.sandbox_id, interpreter.runtime_dir
+    sandbox_id, runtime_dir = interpreter.sandbox_id, host_dir(interpreter)
     with pytest.raises(SandboxTimeout, match="exceeded the 1.5s limit"):
         interpreter.execute("while True:\n    pass")
     assert_local_sandbox_gone(sandbox_id, runtime_dir)
@@ -107,14 +108,13 @@ def test_sandbox_code_cannot_find_the_host_token_or_use_the_host_endpoints(sandb
     assert hashlib.sha256(host_token.encode()).hexdigest() not in digests
     # A call to a host endpoint with the sandbox's token (or none) is refused, and the session lives on.
     refused = sandbox.execute(
-        "import urllib.request, urllib.error\n"
-        "url = f'http://{__rlmq.broker.host}:{__rlmq.broker.port}/host/poll?wait=0'\n"
+        "import protocol\n"  # the runtime's own way to the broker: a Unix socket or a loopback port
         "for headers in ({}, __rlmq.broker.headers, {'X-Rlmq-Host-Token': 'guess'}):\n"
-        "    try:\n"
-        "        urllib.request.urlopen(urllib.request.Request(url, headers=headers))\n"
-        "        print('accepted')\n"
-        "    except urllib.error.HTTPError as e:\n"
-        "        print(e.code, e.read().decode())\n"
+        "    conn, prefix = protocol.broker_connection(__rlmq.broker.url, 5)\n"
+        "    conn.request('GET', prefix + '/host/poll?wait=0', headers=headers)\n"
+        "    response = conn.getresponse()\n"
+        "    print(response.status, response.read().decode())\n"
+        "    conn.close()\n"
     )
     assert refused.splitlines() == ['403 {"error":"invalid or missing host token"}'] * 3
 
@@ -166,7 +166,7 @@ def test_no_host_secret_reaches_the_sandbox_environment_files_or_host_memory(tmp
 def test_ctrl_c_on_the_host_during_execute_releases_the_sandbox():
     interpreter = interpreter_factory("local", execution_timeout=60)()
     interpreter.start()
-    sandbox_id, runtime_dir = interpreter.sandbox_id, interpreter.runtime_dir
+    sandbox_id, runtime_dir = interpreter.sandbox_id, host_dir(interpreter)
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:

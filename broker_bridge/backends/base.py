@@ -60,8 +60,10 @@ class SandboxSpec:
 class BrokerEndpoint:
     """Where the host reaches the in-sandbox broker, and the headers the way in needs."""
 
-    url: str  # as the host sees it (loopback, or a Daytona preview link)
-    inside_url: str  # as sandbox code sees it, e.g. http://127.0.0.1:8765
+    # http(s)://host:port[/prefix] (Daytona's preview link, a loopback port), or unix:///abs/path for a
+    # broker on a Unix socket (the namespaced local sandbox): see protocol.broker_connection.
+    url: str  # as the host sees it
+    inside_url: str  # as sandbox code sees it, e.g. http://127.0.0.1:8765 or unix:///run/rlmq/broker.sock
     headers: dict[str, str] = field(default_factory=dict)  # e.g. Daytona's preview token header
 
 
@@ -73,6 +75,9 @@ class SandboxInfo:
     sandbox_id: str
     labels: dict[str, str]
     host: str = field(default_factory=socket.gethostname)
+    # What stands between sandbox code and the host: "vm" (Daytona), "namespaces" (local, bubblewrap),
+    # "process" (local fallback, no security boundary); "" when unknown (e.g. rebuilt from a lease).
+    isolation: str = ""
 
 
 OutputCallback = Callable[[str], None]
@@ -124,23 +129,27 @@ def broker_command(
     runtime_dir: str,
     spec: SandboxSpec,
     *,
-    port: int,
+    port: int | None = None,
     bind: str = "127.0.0.1",
+    unix_socket: str | None = None,
     parent_pid: int | None = None,
     limits: dict[str, int] | None = None,
 ) -> list[str]:
     """The command that starts the in-sandbox broker. Only hashes of the tokens go on it.
 
-    With ``port=0`` the broker picks a free port and prints ``RLMQ-BROKER-PORT <n>`` on stdout.
+    With ``port=0`` the broker picks a free port and prints ``RLMQ-BROKER-PORT <n>`` on stdout; with
+    ``unix_socket`` it listens there instead (no network needed) and prints ``RLMQ-BROKER-SOCKET <path>``.
     With ``parent_pid`` it exits when that process is gone (local backend: a dead worker leaks nothing).
     """
     from broker_bridge.sandbox.protocol import token_digest
 
+    if (port is None) == (unix_socket is None):
+        raise ValueError("broker_command needs exactly one of port= and unix_socket=")
+    where = ["--unix-socket", unix_socket] if unix_socket else ["--port", str(port), "--bind", bind]
     command = [
         python,
         f"{runtime_dir}/broker.py",
-        "--port", str(port),
-        "--bind", bind,
+        *where,
         "--host-token-sha256", spec.host_token_sha256,
         "--sandbox-token-sha256", token_digest(spec.sandbox_token),
     ]

@@ -160,7 +160,8 @@ class DaytonaSandbox(SandboxBackend):
     def info(self) -> SandboxInfo:
         if self._spec is None:
             raise RuntimeError("info() before boot()")
-        return SandboxInfo(backend=self.kind, sandbox_id=self._spec.sandbox_id, labels=sandbox_labels(self._spec))
+        return SandboxInfo(backend=self.kind, sandbox_id=self._spec.sandbox_id, labels=sandbox_labels(self._spec),
+                           isolation="vm")
 
     # -- lifecycle
 

@@ -83,6 +83,15 @@ class ProcessJail:
         if self.cgroup is not None:
             (self.cgroup / role / "cgroup.procs").write_text(str(pid))
 
+    def admit_tree(self, pid: int, role: str) -> None:
+        """``admit`` a process and its descendants: bwrap forks before the host can admit it, so its
+        tree is moved once the sandbox is ready and before it runs any sandbox code."""
+        if self.cgroup is None:
+            return
+        for member in [pid, *descendants(pid)]:
+            with contextlib.suppress(OSError):  # one that exited meanwhile
+                self.admit(member, role)
+
     def _cgroups(self) -> list[Path]:
         if self.cgroup is None:
             return []
@@ -131,6 +140,43 @@ def pids_with_env(entry: str) -> set[int]:
                     found.add(int(proc.name))
         except OSError:
             continue
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid``: from /proc/<pid>/task/<tid>/children where the kernel has
+    it (a few reads), else from the parent field of every /proc/<pid>/stat."""
+    found, todo = [], [pid]
+    try:
+        while todo:
+            parent = todo.pop()
+            for task in os.listdir(f"/proc/{parent}/task"):
+                for child in map(int, Path(f"/proc/{parent}/task/{task}/children").read_text().split()):
+                    found.append(child)
+                    todo.append(child)
+        return found
+    except FileNotFoundError:
+        if not os.path.exists(f"/proc/{pid}/task/{pid}/children") and os.path.exists(f"/proc/{pid}"):
+            return _descendants_by_scan(pid)
+        return found  # a process exited meanwhile
+
+
+def _descendants_by_scan(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry.name}/stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rpartition(")")[2].split()[1])  # the command name may contain spaces and ")"
+        children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
     return found
 
 

@@ -5,7 +5,8 @@ once, runs the calls, and posts results back, which wakes the blocked callers. N
 for a fixed interval: every wait is on a condition variable that the other side signals.
 
 Run as ``python broker.py --port N --host-token-sha256 H --sandbox-token-sha256 S``; with ``--port 0``
-it binds a free port and prints ``RLMQ-BROKER-PORT <n>``.
+it binds a free port and prints ``RLMQ-BROKER-PORT <n>``. With ``--unix-socket PATH`` instead of a
+port it listens on a Unix socket (a sandbox without any network) and prints ``RLMQ-BROKER-SOCKET PATH``.
 """
 
 import argparse
@@ -14,6 +15,7 @@ import io
 import json
 import os
 import socket
+import socketserver
 import sys
 import threading
 import time
@@ -195,8 +197,9 @@ class KeepAliveHandler(http.server.BaseHTTPRequestHandler):
 
     def setup(self):
         super().setup()
-        # Headers and body go out as separate writes; without NODELAY, Nagle adds ~40 ms.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.connection.family != socket.AF_UNIX:
+            # Headers and body go out as separate writes; without NODELAY, Nagle adds ~40 ms.
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, *args):
         pass
@@ -209,9 +212,9 @@ class KeepAliveHandler(http.server.BaseHTTPRequestHandler):
             "PATH_INFO": urllib.parse.unquote(path),
             "QUERY_STRING": query,
             "SERVER_NAME": "rlmq-broker",
-            "SERVER_PORT": str(self.server.server_port),
+            "SERVER_PORT": str(getattr(self.server, "server_port", 0)),
             "SERVER_PROTOCOL": self.request_version,
-            "REMOTE_ADDR": self.client_address[0],
+            "REMOTE_ADDR": self.client_address[0] if isinstance(self.client_address, tuple) else "unix",
             "CONTENT_LENGTH": str(length),
             "CONTENT_TYPE": self.headers.get("Content-Type", ""),
             "wsgi.version": (1, 0),
@@ -242,18 +245,36 @@ class KeepAliveHandler(http.server.BaseHTTPRequestHandler):
     do_GET = do_POST = _serve
 
 
+# Every sandbox thread that calls a tool opens its own connection at once: a listen backlog of 5
+# (socketserver's default) stalls the rest (TCP: SYN retries of 1 s; Unix: connect waits).
+LISTEN_BACKLOG = 256
+
+
 class KeepAliveWSGIServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address, app):
         super().__init__(address, KeepAliveHandler)
         self.app = app
 
 
+class UnixKeepAliveWSGIServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """The same server on a Unix socket (HTTPServer's bind wants a host and port)."""
+
+    daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, path, app):
+        super().__init__(path, KeepAliveHandler)
+        self.app = app
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="rlmq in-sandbox broker")
-    parser.add_argument("--port", type=int, required=True)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--port", type=int)
+    where.add_argument("--unix-socket", help="listen on this Unix socket path instead of TCP")
     parser.add_argument("--bind", default="127.0.0.1")
     parser.add_argument("--host-token-sha256", required=True)
     parser.add_argument("--sandbox-token-sha256", required=True)
@@ -264,10 +285,15 @@ def main(argv=None):
     protocol.drop_privileges()
 
     app = create_app(args.host_token_sha256, args.sandbox_token_sha256)
-    server = KeepAliveWSGIServer((args.bind, args.port), app)
+    if args.unix_socket:
+        server = UnixKeepAliveWSGIServer(args.unix_socket, app)
+        announcement = f"{protocol.SOCKET_ANNOUNCEMENT} {args.unix_socket}"
+    else:
+        server = KeepAliveWSGIServer((args.bind, args.port), app)
+        announcement = f"{protocol.PORT_ANNOUNCEMENT} {server.server_port}"
     if args.parent_pid:
         threading.Thread(target=protocol.exit_with_parent, args=(args.parent_pid,), daemon=True).start()
-    print(f"{protocol.PORT_ANNOUNCEMENT} {server.server_port}", flush=True)
+    print(announcement, flush=True)
     server.serve_forever()
 
 

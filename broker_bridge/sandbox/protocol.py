@@ -21,14 +21,19 @@ in the sandbox reveals the host's token.
 import ctypes
 import hashlib
 import hmac
+import http.client
 import json
 import os
 import resource
+import socket
 import time
+import urllib.parse
 
 HOST_TOKEN_HEADER = "X-Rlmq-Host-Token"
 SANDBOX_TOKEN_HEADER = "X-Rlmq-Sandbox-Token"
 PORT_ANNOUNCEMENT = "RLMQ-BROKER-PORT"
+SOCKET_ANNOUNCEMENT = "RLMQ-BROKER-SOCKET"  # a broker on a Unix socket prints this once it listens
+UNIX_SCHEME = "unix"  # broker URL "unix:///abs/path/broker.sock": HTTP over that Unix socket
 # Written to the real stdout while sandbox code waits on the host, so idle timeouts do not fire.
 KEEPALIVE_MARKER = "\x1e[rlmq keep-alive]"
 
@@ -106,6 +111,53 @@ def validate_outcome(message):
         raise ProtocolError(f"outcome kind must be one of {OUTCOME_KINDS}")
     _require(message, "output", str)
     return message
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP/1.1 (keep-alive) over a Unix socket: how a broker in a network-less sandbox is reached."""
+
+    def __init__(self, path, timeout=None):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def unix_url(path):
+    return f"{UNIX_SCHEME}://{path}"
+
+
+def broker_connection(url, timeout):
+    """An unconnected keep-alive connection to a broker URL, and the path prefix its requests need.
+
+    ``http://host:port[/prefix]`` and ``https://...`` are TCP (Daytona's preview links, the process
+    fallback); ``unix:///abs/path`` is a Unix socket (the namespaced local sandbox).
+    """
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme == UNIX_SCHEME:
+        if parsed.netloc or not parsed.path.startswith("/"):
+            raise ValueError(f"a unix broker URL needs an absolute socket path (unix:///path): {url!r}")
+        return UnixHTTPConnection(parsed.path, timeout=timeout), ""
+    if parsed.scheme not in ("http", "https"):
+        raise ValueError(f"unsupported broker URL {url!r} (expected http://, https:// or unix:///path)")
+    cls = http.client.HTTPSConnection if parsed.scheme == "https" else http.client.HTTPConnection
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    return cls(parsed.hostname or "127.0.0.1", port, timeout=timeout), parsed.path.rstrip("/")
+
+
+def connect(conn):
+    """Open ``conn``'s socket; TCP gets NODELAY (headers and body are separate writes: Nagle adds ~40 ms)."""
+    conn.connect()
+    if conn.sock.family in (socket.AF_INET, socket.AF_INET6):
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def apply_limits(limits):

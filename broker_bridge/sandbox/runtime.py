@@ -11,11 +11,9 @@ import builtins
 import http.client
 import json
 import os
-import socket
 import sys
 import threading
 import traceback
-import urllib.parse
 import uuid
 
 import protocol
@@ -96,8 +94,8 @@ class BrokerConnection:
     """Keep-alive HTTP to the broker, one connection per thread (sandbox code may call from many)."""
 
     def __init__(self, url, token, keepalive_seconds):
-        parsed = urllib.parse.urlsplit(url)
-        self.host, self.port = parsed.hostname, parsed.port
+        self.url = url
+        _, self.prefix = protocol.broker_connection(url, timeout=60)
         self.headers = {protocol.SANDBOX_TOKEN_HEADER: token, "Content-Type": "application/json"}
         self.keepalive_seconds = keepalive_seconds
         self.local = threading.local()
@@ -120,10 +118,10 @@ class BrokerConnection:
     def _connection(self):
         conn = getattr(self.local, "conn", None)
         if conn is None:
-            conn = self.local.conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+            conn, _ = protocol.broker_connection(self.url, timeout=60)
+            self.local.conn = conn
         if conn.sock is None:  # new, or closed by the server after the last response
-            conn.connect()
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            protocol.connect(conn)
         return conn
 
     def request(self, method, path, payload=None):
@@ -131,7 +129,7 @@ class BrokerConnection:
         for attempt in (1, 2):
             conn = self._connection()
             try:
-                conn.request(method, path, body=data, headers=self.headers)
+                conn.request(method, self.prefix + path, body=data, headers=self.headers)
                 response = conn.getresponse()
                 raw = response.read()
             except (OSError, http.client.HTTPException):

@@ -33,6 +33,11 @@ def make_factory(backend: str, **options):
     return interpreter_factory(backend, **options)
 
 
+def host_dir(interpreter) -> str:
+    """A started local interpreter's sandbox directory as the host sees it (inside it is /sandbox)."""
+    return interpreter._backend.host_dir
+
+
 def assert_local_sandbox_gone(sandbox_id: str, runtime_dir: str | None = None, within: float = 5.0) -> None:
     """No process of the sandbox runs and its directory is gone (polls briefly: SIGKILL is asynchronous)."""
     deadline = time.monotonic() + within
