@@ -43,7 +43,7 @@ def answer_batch(prompts: list[Any], model: str, options: dict[str, Any] | None,
     """
     settings = worker_settings().with_options(options)
     client = redis_client()
-    cache = ResponseCache(client, ttl_seconds=settings.cache_ttl_seconds)
+    cache = ResponseCache(client, ttl_seconds=settings.cache_ttl_seconds, valid=_cache_record)
     limiter = FleetRateLimiter(client, model, settings.rate_limit_rps * RATE_MARGIN,
                                burst=settings.rate_limit_burst, tokens_per_minute=settings.tokens_per_minute)
     deadline = time.monotonic() + SUBTASK_DEADLINE_SECONDS
@@ -59,6 +59,11 @@ def answer_batch(prompts: list[Any], model: str, options: dict[str, Any] | None,
             answers.append(answer_prompt(prompt, model, settings, cache, limiter, params=params,
                                          worker=worker, deadline=deadline, key=key))
     return [a.to_json_dict() for a in answers]
+
+
+def _cache_record(value: dict[str, Any]) -> bool:
+    """A cached reply, or a failure handed to waiters in a wake-up; anything else from Redis is a miss."""
+    return LMReply.is_record(value) or (set(value) == {"error"} and isinstance(value["error"], str))
 
 
 def _look_up(cache: ResponseCache, model: str, prompts: list[Any],
