@@ -10,6 +10,7 @@ failing mid-run. Fields marked ``per_run`` may be overridden by a run spec's ``o
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -18,7 +19,7 @@ from enum import Enum
 from typing import Any
 from urllib.parse import urlparse
 
-__all__ = ["RUN_OPTIONS", "redis_url_argument", "SandboxBackend", "Settings", "SettingsError", "redis_url_from_env", "load_dotenv_once"]
+__all__ = ["RUN_OPTIONS", "redis_url_argument", "unauthenticated_redis_problem", "SandboxBackend", "Settings", "SettingsError", "redis_url_from_env", "load_dotenv_once"]
 
 
 class SettingsError(ValueError):
@@ -74,6 +75,27 @@ def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
         return value
 
     return parse
+
+
+def unauthenticated_redis_problem(url: str) -> str | None:
+    """Why a worker must not use ``url``, or None: a Redis off this machine with no password.
+
+    Loopback and Unix sockets are this machine's own business (``rlmq up``'s Redis has a password
+    anyway); anywhere else, whoever reaches the port could rewrite runs and caches and enqueue work.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme == "unix" or parsed.password or "password=" in parsed.query:
+        return None
+    if "ssl_certfile=" in parsed.query and parsed.scheme == "rediss":
+        return None  # TLS client certificates authenticate the worker
+    host = (parsed.hostname or "").lower()
+    try:
+        if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass
+    return (f"REDIS_URL points at {host or '?'} without a password: set one on the server (requirepass or an "
+            "ACL user) and put it in the URL, e.g. redis://rlmq-worker:PASSWORD@host:6379/0")
 
 
 def redis_url_argument(raw: str) -> str:

@@ -2,7 +2,8 @@
 
 A worker must consume exactly one of the two queues: a worker serving both can deadlock with
 every slot in a run waiting on sub-tasks that no free slot will take. ``celeryd_init`` checks
-that and the settings, and stops the worker with a one-line error.
+that, the settings, and that a Redis off this machine is reached with a password, and stops
+the worker with a one-line error.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from celery import Celery, signals
 from kombu import Queue
 
 from rlmq.celery_config import CELERY_CONFIG, LLM_QUEUE, QUEUES, RLM_QUEUE, point_at
-from rlmq.settings import Settings, SettingsError, redis_url_from_env
+from rlmq.settings import Settings, SettingsError, redis_url_from_env, unauthenticated_redis_problem
 from workers.context import worker_settings
 
 __all__ = ["app"]
@@ -35,6 +36,9 @@ def _check_worker_start(sender: Any = None, conf: Any = None, options: dict[str,
     problems: list[str] = []
     try:
         settings = worker_settings()
+        insecure = unauthenticated_redis_problem(settings.redis_url)
+        if insecure:
+            problems.append(insecure)
         if conf is not None:
             conf.broker_url = conf.result_backend = settings.redis_url
     except SettingsError as exc:

@@ -8,13 +8,17 @@ model is scripted and whose sub-model answers from the prompt.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
 import signal
 import subprocess
+import stat
 import threading
+from pathlib import Path
 
 import pytest
+import redis
 
 from broker_bridge.backends.process_jail import pids_with_marker
 
@@ -68,7 +72,9 @@ def start_up(env, cwd) -> tuple[subprocess.Popen, str]:
             raise AssertionError("rlmq up did not come up:\n" + "".join(seen)) from None
         seen.append(line)
         if match := re.search(r"REDIS_URL=(\S+)", line):
-            return process, match.group(1)
+            assert ":****@" in match.group(1), line  # the password is not printed
+            state = json.loads((Path(env["RLMQ_STATE_DIR"]) / "stack.json").read_text())
+            return process, state["redis_url"]
         if process.poll() is not None and lines.empty():
             raise AssertionError("rlmq up exited:\n" + "".join(seen))
 
@@ -76,6 +82,14 @@ def start_up(env, cwd) -> tuple[subprocess.Popen, str]:
 def test_cli_end_to_end_with_rlmq_up(tmp_path, llm_env):
     up, redis_url = start_up(llm_env, tmp_path)
     try:
+        # the private Redis wants the generated password, which only the 0600 state file holds
+        state = Path(llm_env["RLMQ_STATE_DIR"]) / "stack.json"
+        assert stat.S_IMODE(state.stat().st_mode) == 0o600 and stat.S_IMODE(state.parent.stat().st_mode) == 0o700
+        bare = redis.Redis.from_url(redis_url)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=bare.connection_pool.connection_kwargs["port"]).ping()
+        assert bare.ping()
+
         # submit --wait: a scripted analysis over the first chapters of the book
         done = rlmq("submit", "--signature", SIGNATURE, "--input", f"chapters=@{CORPUS}", "--split", "chapters",
                     "--input", "task=find the richest", "--wait", "--timeout", "240", env=llm_env, cwd=tmp_path,
@@ -102,6 +116,19 @@ def test_cli_end_to_end_with_rlmq_up(tmp_path, llm_env):
         cancelled = rlmq("cancel", long_id, env=llm_env, cwd=tmp_path)
         assert cancelled.code == 0 and cancelled.stdout.split() == [long_id, "cancelled"], cancelled
         wait_until(lambda: not pids_with_marker(), 10, message="the cancelled run's sandbox to be gone")
+
+        # `rlmq worker` with no REDIS_URL joins the stack, password and all
+        extra = subprocess.Popen([*RLMQ, "worker", "llm", "--name", "extra", "-c", "2"], env=llm_env, cwd=tmp_path,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            out: list[str] = []
+            threading.Thread(target=lambda: [out.append(line) for line in extra.stdout], daemon=True).start()
+            wait_until(lambda: any(" ready." in line for line in out) or extra.poll() is not None, 120,
+                       message="`rlmq worker llm` to be ready")
+            assert extra.poll() is None, "".join(out)
+        finally:
+            os.killpg(extra.pid, signal.SIGTERM)
+            extra.wait(30)
 
         listed = rlmq("list", env=llm_env, cwd=tmp_path)
         assert listed.code == 0
