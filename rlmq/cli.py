@@ -260,12 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="append", default=[], metavar="NAME=VALUE",
                    help="an input: a literal value, or @path for a file, directory or glob (text, .json, .jsonl)")
     p.add_argument("--split", help="split @-inputs into lists: 'chapters' for a book, or a regex")
-    p.add_argument("--lm", help="root model (LiteLLM string); default RLMQ_LM")
+    p.add_argument("--lm", help="root model (LiteLLM string); default RLMQ_LM; others only if the workers' "
+                                "RLMQ_ALLOWED_MODELS allow them")
     p.add_argument("--sub-lm", help="model for llm_query sub-calls; default RLMQ_SUB_LM or the root model")
-    p.add_argument("--api-base", help="OpenAI-compatible endpoint for both models; default RLMQ_LM_API_BASE")
-    p.add_argument("--max-iters", type=COUNT, help="REPL iterations before the model must answer")
-    p.add_argument("--max-llm-calls", type=COUNT, help="sub-LLM calls allowed for the run")
-    p.add_argument("--sandbox", choices=SANDBOXES, help="where generated code runs")
+    p.add_argument("--api-base", help="OpenAI-compatible endpoint for both models; default RLMQ_LM_API_BASE; "
+                                      "others only if the workers' RLMQ_ALLOWED_API_BASES list them")
+    p.add_argument("--max-iters", type=COUNT, help="REPL iterations before the model must answer "
+                                                   "(default and maximum: the workers' settings)")
+    p.add_argument("--max-llm-calls", type=COUNT, help="sub-LLM calls allowed for the run "
+                                                       "(default and maximum: the workers' settings)")
+    p.add_argument("--sandbox", choices=SANDBOXES, help="where generated code runs (default RLMQ_SANDBOX; others "
+                                                        "only if the workers' RLMQ_ALLOWED_SANDBOXES allow them)")
     p.add_argument("--tool", action="append", default=[], metavar="MODULE:FUNCTION",
                    help="a Python function sandbox code may call by its name (repeatable); imported on the "
                         "workers, so its module must be installed or on their PYTHONPATH")
@@ -314,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="rlmq-output", help="where the JSON and the PNG go")
     p.add_argument("--lm", help="root model; default RLMQ_LM")
     p.add_argument("--sub-lm", help="sub-call model; default RLMQ_SUB_LM or the root model")
-    p.add_argument("--max-iters", type=COUNT, default=20)
-    p.add_argument("--max-llm-calls", type=COUNT, default=800)
+    p.add_argument("--max-iters", type=COUNT, help="default: the fleet's RLMQ_MAX_ITERS")
+    p.add_argument("--max-llm-calls", type=COUNT, help="default: the fleet's RLMQ_MAX_LLM_CALLS (the demo needs ~120)")
     p.add_argument("--sandbox", choices=SANDBOXES)
     p.add_argument("--timeout", type=SECONDS, default=3 * 3600)
     return parser

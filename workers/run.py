@@ -31,7 +31,7 @@ from dspy.utils.callback import BaseCallback
 from broker_bridge import interpreter_factory
 from rlmq.blobs import get_blobs
 from rlmq.records import RunSpec, RunStatus, RunStore
-from rlmq.settings import Settings
+from rlmq.settings import Settings, SettingsError
 from workers.cache import install_redis_dspy_cache
 from workers.context import redis_client, worker_settings
 from workers.fanout import Fanout, FanoutCancelled, FanoutStats, FleetRLM
@@ -112,7 +112,10 @@ class RunExecution:
         return {"run_id": self.run_id, "status": RunStatus.SUCCEEDED.value, **progress}
 
     def _execute(self, spec: RunSpec) -> dict[str, Any]:
-        settings = self.base.with_options(spec.options)
+        try:  # the operator's pins, before any sandbox or LM call (the client may not know them)
+            settings = self.base.with_options(spec.options)
+        except SettingsError as exc:
+            raise RunFailed(str(exc)) from None
         self.max_iters = settings.max_iters
         if self.store.cancel_requested(self.run_id):
             raise RunCancelled()
