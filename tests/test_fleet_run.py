@@ -15,10 +15,10 @@ from celery.result import AsyncResult
 from rlmq.demo import CORPUS
 from rlmq.inputs import load_input_value
 from rlmq.records import RunSpec, RunStatus, RunStore, new_run_id
-from rlmq.celery_config import LLM_TASK
+from rlmq.celery_config import LLM_QUEUE, LLM_TASK, RLM_QUEUE, RUN_TASK
 from rlmq.client import Client, ClientError
 from rlmq.keys import dspy_cache_key, response_cache_key
-from tests.support.pickles import hostile_pickles
+from tests.support.pickles import ExecOnUnpickle, hostile_pickles
 from tests.support.fleet import configure_app
 from tests.support.fleet import Fleet, redis_url_of
 from tests.support.stub_llm import FaultKind, ScriptedRoot, StubLLM, chat_adapter_reply, route
@@ -312,3 +312,21 @@ def test_a_submitter_cannot_point_a_run_at_its_own_endpoint(fleet: Fleet, stub: 
     ok_id, _ = submit(r, chapters[:2], stub=stub, steps=["SUBMIT(richest=[], verdict=llm_query('hi'))"])
     assert wait_finished(r, ok_id) is RunStatus.SUCCEEDED, RunStore(r).get(ok_id)
     assert stub.request_count == 2 and {rec.authorization for rec in stub.requests} == {f"Bearer {PROVIDER_KEY}"}
+
+
+def test_a_pickled_task_message_is_refused_unread(fleet: Fleet, r, tmp_path) -> None:
+    from celery import Celery
+
+    marker = tmp_path / "pwned"
+    sender = Celery("pickler", broker=redis_url_of(r), set_as_current=False)
+    try:
+        for queue, task in ((RLM_QUEUE, RUN_TASK), (LLM_QUEUE, LLM_TASK)):
+            sender.send_task(task, args=(ExecOnUnpickle(marker),), serializer="pickle", queue=queue)
+    finally:
+        sender.close()
+    refusal = "untrusted content of type pickle"
+    deadline = time.monotonic() + 30
+    while not (refusal in fleet.workers[0].log_tail(400) and any(refusal in w.log_tail(400) for w in fleet.workers[1:])):
+        assert time.monotonic() < deadline, [w.log_tail(5) for w in fleet.workers]
+        time.sleep(0.2)
+    assert not marker.exists() and all(w.alive for w in fleet.workers)

@@ -6,7 +6,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-__all__ = ["dotted_name_gadget", "hostile_pickles"]
+__all__ = ["ExecOnUnpickle", "dotted_name_gadget", "hostile_pickles"]
 
 
 def _short_unicode(text: str) -> bytes:
@@ -23,7 +23,9 @@ def dotted_name_gadget(marker: Path, module: str = "litellm.types.llms.openai") 
             + _short_unicode(code) + b"\x85R.")
 
 
-class _Reduce:
+class ExecOnUnpickle:
+    """An object whose unpickling creates ``marker`` (the classic ``__reduce__`` gadget)."""
+
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
@@ -33,4 +35,4 @@ class _Reduce:
 
 def hostile_pickles(marker: Path) -> list[bytes]:
     """Pickles that create ``marker`` when loaded: the dotted-name gadget and a plain ``__reduce__``."""
-    return [dotted_name_gadget(marker), pickle.dumps(_Reduce(marker), protocol=4)]
+    return [dotted_name_gadget(marker), pickle.dumps(ExecOnUnpickle(marker), protocol=4)]
