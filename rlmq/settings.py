@@ -330,6 +330,10 @@ class Settings:
         problems = []
         if self.sandbox is SandboxBackend.DAYTONA and not environ.get("DAYTONA_API_KEY"):
             problems.append("RLMQ_SANDBOX=daytona needs DAYTONA_API_KEY")
+        for name, limit in self.run_maxima:
+            if getattr(self, name) > limit:  # every run that asks for nothing would be over the maximum
+                problems.append(f"RLMQ_RUN_MAXIMA: {name}={limit:g} is below the configured {name} "
+                                f"({getattr(self, name):g})")
         return problems
 
 

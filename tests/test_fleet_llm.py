@@ -30,7 +30,8 @@ SUB_MODEL = "openai/stub-sub"
 def fleet(redis_server, stub: StubLLM) -> Iterator[Fleet]:
     configure_app(redis_server.url)
     env = {"RLMQ_LM": SUB_MODEL, "RLMQ_LM_API_BASE": stub.api_base,
-           "RLMQ_RATE_LIMIT_RPS": "1000", "RLMQ_RATE_LIMIT_BURST": "1000"}
+           "RLMQ_RATE_LIMIT_RPS": "1000", "RLMQ_RATE_LIMIT_BURST": "1000",
+           "RLMQ_ALLOWED_MODELS": "openai/gpt-4o-mini"}  # a priced model for the cost test, pinned by the operator
     with Fleet(redis_server.url, env) as fl:
         workers = [fl.start("llm", name=f"llm{i}", concurrency=16, wait=False) for i in range(3)]
         fl.wait_ready(workers, timeout=90)

@@ -53,6 +53,7 @@ def test_allow_lists_and_maxima_from_the_environment() -> None:
     ({"RLMQ_ALLOWED_API_BASES": "ftp://x"}, "RLMQ_ALLOWED_API_BASES='ftp://x' must be a URL"),
     ({"RLMQ_ALLOWED_SANDBOXES": "docker"}, "RLMQ_ALLOWED_SANDBOXES='docker' must be one of"),
     ({"RLMQ_ALLOWED_MODELS": " , "}, "RLMQ_ALLOWED_MODELS=' , ' must list at least one value"),
+    ({"RLMQ_RUN_MAXIMA": "max_iters=10"}, "RLMQ_RUN_MAXIMA: max_iters=10 is below the configured max_iters (20)"),
 ])
 def test_bad_pins_are_one_line_setting_errors(env, problem) -> None:
     with pytest.raises(SettingsError, match="^rlmq settings: ") as info:
