@@ -14,19 +14,25 @@ JSON = {"application/json"}
 
 
 def _apps(url: str):
+    from tests.support.fleet import configure_app
     from tasks.app import app
 
+    # Point the workers' app at the suite's Redis before touching its backend: Celery caches the
+    # backend on first use, and the fleet tests that follow expect this very URL (configure_app).
+    configure_app(url)
     return {"workers": app, "client": client_app(url)}
 
 
 def test_every_celery_app_accepts_json_only(redis_url: str) -> None:
-    for name, app in _apps(redis_url).items():
+    apps = _apps(redis_url)
+    for name, app in apps.items():
         assert list(app.conf.accept_content) == ["json"], name
         assert list(app.conf.result_accept_content) == ["json"], name
         assert app.backend.accept == JSON, name
         assert set(app.control.mailbox.accept) <= {"json", "application/json"}, name
         with app.connection_for_read() as conn:
             assert app.events.Receiver(conn, handlers={}).accept == {"json"}, name
+    apps["client"].close()
 
 
 def test_a_pickle_planted_as_a_task_result_is_not_loaded(redis_url: str, redis_client, tmp_path: Path) -> None:
