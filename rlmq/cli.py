@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "only if the workers' RLMQ_ALLOWED_SANDBOXES allow them)")
     p.add_argument("--tool", action="append", default=[], metavar="MODULE:FUNCTION",
                    help="a Python function sandbox code may call by its name (repeatable); imported on the "
-                        "workers, so its module must be installed or on their PYTHONPATH")
+                        "workers, so its module must be installed or on their PYTHONPATH, and allowed by their "
+                        "RLMQ_ALLOWED_TOOLS")
     p.add_argument("--wait", action="store_true", help="wait for the run and show progress")
     p.add_argument("--timeout", type=SECONDS, help="with --wait: give up after this many seconds")
 

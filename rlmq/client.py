@@ -86,7 +86,9 @@ class Client:
         try:
             own = self._own_settings()
             if own is not None:
-                own.with_options(run_options, whose="this machine's rlmq settings (the workers check again with theirs)")
+                whose = "this machine's rlmq settings (the workers check again with theirs)"
+                own.with_options(run_options, whose=whose)
+                own.check_tools(tool_paths, whose=whose)
             else:
                 Settings(redis_url=self.redis_url).with_options(run_options, pinned=False)
         except SettingsError as exc:

@@ -20,7 +20,7 @@ import fnmatch
 import ipaddress
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -204,6 +204,8 @@ class Settings:
     allowed_sandboxes: tuple[SandboxBackend, ...] = _opt("RLMQ_ALLOWED_SANDBOXES", _list_of(_sandbox), (),
                                                          per_run=False)
     run_maxima: tuple[tuple[str, float], ...] = _opt("RLMQ_RUN_MAXIMA", _maxima, (), per_run=False)
+    # user tools ("module:function", globs) a run may import on the worker (empty: none)
+    allowed_tools: tuple[str, ...] = _opt("RLMQ_ALLOWED_TOOLS", _list_of(_model_pattern), (), per_run=False)
     # fleet-wide limits on sub-LLM traffic (per model): the operator's, never a run's
     rate_limit_rps: float = _opt("RLMQ_RATE_LIMIT_RPS", _float, 10.0, per_run=False)
     rate_limit_burst: int = _opt("RLMQ_RATE_LIMIT_BURST", _int, 10, per_run=False)
@@ -305,6 +307,15 @@ class Settings:
         """RLMQ_ALLOWED_MODELS (glob patterns), else only the configured root and sub models."""
         configured = tuple(m for m in (self.lm, self.effective_sub_lm) if m)
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in (*configured, *self.allowed_models))
+
+    def check_tools(self, paths: Sequence[str], *, whose: str = "the workers' settings") -> None:
+        """:class:`OptionRefused` unless every user tool matches RLMQ_ALLOWED_TOOLS: a tool is host code
+        that sandbox code may call (``os:system`` would hand it the worker), so none by default."""
+        refused = [p for p in paths if not any(fnmatch.fnmatchcase(p, pattern) for pattern in self.allowed_tools)]
+        if refused:
+            listed = ", ".join(self.allowed_tools) or "none"
+            raise OptionRefused(f"rlmq run tools refused by {whose}: {', '.join(refused)} "
+                                f"(RLMQ_ALLOWED_TOOLS: {listed})")
 
     def maximum(self, name: str) -> float:
         return dict(self.run_maxima).get(name, getattr(self, name))

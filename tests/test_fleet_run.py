@@ -314,6 +314,18 @@ def test_a_submitter_cannot_point_a_run_at_its_own_endpoint(fleet: Fleet, stub: 
     assert stub.request_count == 2 and {rec.authorization for rec in stub.requests} == {f"Bearer {PROVIDER_KEY}"}
 
 
+def test_a_user_tool_the_operator_did_not_list_fails_the_run_before_any_lm_call(fleet: Fleet, stub: StubLLM, r,
+                                                                               chapters) -> None:
+    script = ScriptedRoot(["SUBMIT(richest=[], verdict=system('id'))"])
+    stub.set_responder(route(root=script, sub=sub_answer))
+    spec = RunSpec(run_id=new_run_id(), signature=SIGNATURE, inputs=put_blobs(r, {"chapters": chapters[:2]}),
+                   tools=["os:system"])  # host code sandbox code could call: the worker, handed over
+    Client(redis_url_of(r)).enqueue(spec)
+    assert wait_finished(r, spec.run_id) is RunStatus.FAILED
+    assert "tools refused by the workers' settings: os:system" in RunStore(r).get(spec.run_id).error
+    assert script.calls == [] and stub.request_count == 0
+
+
 def test_a_pickled_task_message_is_refused_unread(fleet: Fleet, r, tmp_path) -> None:
     from celery import Celery
 

@@ -87,3 +87,25 @@ def test_the_client_refuses_at_submit_only_when_configured_like_a_worker(monkeyp
         client.submit("a -> b", {"a": "x"}, lm_api_base="http://elsewhere.example/v1")
     with pytest.raises(ClientError, match="max_iters=99 is above"):
         client.submit("a -> b", {"a": "x"}, max_iters=99)
+
+
+def test_user_tools_are_refused_unless_the_operator_lists_them() -> None:
+    with pytest.raises(OptionRefused, match=r"tools refused by the workers' settings: os:system \(RLMQ_ALLOWED_TOOLS: none\)"):
+        BASE.check_tools(["os:system"])
+    BASE.check_tools([])
+    pinned = Settings.from_env({"REDIS_URL": "redis://127.0.0.1:1/0", "RLMQ_LM": "openai/x",
+                                "RLMQ_ALLOWED_TOOLS": "mytools.*:*,json:dumps"})
+    pinned.check_tools(["mytools.geo:lookup", "json:dumps"])
+    for path in ("os:system", "builtins:eval", "json:loads"):
+        with pytest.raises(OptionRefused, match=path):
+            pinned.check_tools(["json:dumps", path])
+
+
+def test_the_client_refuses_a_tool_at_submit_when_configured_like_a_worker(monkeypatch, tmp_path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RLMQ_LM", "openai/root")
+    monkeypatch.delenv("RLMQ_ALLOWED_TOOLS", raising=False)
+    monkeypatch.delenv("RLMQ_SANDBOX", raising=False)
+    monkeypatch.delenv("DAYTONA_API_KEY", raising=False)
+    with pytest.raises(ClientError, match="tools refused by this machine's rlmq settings .*os:system"):
+        Client("redis://127.0.0.1:1/0").submit("a -> b", {"a": "x"}, tools=["os:system"])

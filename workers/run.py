@@ -114,6 +114,7 @@ class RunExecution:
     def _execute(self, spec: RunSpec) -> dict[str, Any]:
         try:  # the operator's pins, before any sandbox or LM call (the client may not know them)
             settings = self.base.with_options(spec.options)
+            self.base.check_tools(spec.tools)
         except SettingsError as exc:
             raise RunFailed(str(exc)) from None
         self.max_iters = settings.max_iters
