@@ -108,21 +108,48 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _stack_redis_env() -> None:
+    """Without --redis-url / REDIS_URL, a worker or Flower joins the `rlmq up` stack (its URL,
+    password included, is in the 0600 state file), as `rlmq submit` does."""
+    from rlmq.settings import redis_url_from_env
+    from rlmq.stack import running_stack_url
+
+    if not redis_url_from_env():
+        url = running_stack_url()
+        if url:
+            os.environ["REDIS_URL"] = url
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from rlmq.stack import worker_command
 
     pool = args.pool or ("threads" if args.queue == "llm" else "prefork")
     concurrency = args.concurrency or (32 if args.queue == "llm" else max(2, os.cpu_count() or 2))
     command = worker_command(args.queue, name=args.name or args.queue, concurrency=concurrency, pool=pool)
+    if args.redis_url:
+        os.environ["REDIS_URL"] = args.redis_url
+    _stack_redis_env()
     os.execv(sys.executable, [sys.executable, *command[1:], *args.celery_args])
     return EXIT_OK  # not reached
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
-    from rlmq.stack import flower_command
+    from rlmq.settings import load_dotenv_once
+    from rlmq.stack import flower_command, generate_flower_auth, running_stack
 
-    command = flower_command(port=args.port, address=args.address, basic_auth=os.environ.get("FLOWER_BASIC_AUTH"))
-    os.execv(sys.executable, command)
+    if args.redis_url:
+        os.environ["REDIS_URL"] = args.redis_url
+    _stack_redis_env()
+    load_dotenv_once()
+    if not os.environ.get("FLOWER_BASIC_AUTH", "").strip():
+        # Never an open dashboard: the `rlmq up` stack's login if one runs, else a new one, shown once.
+        stack = running_stack() or {}
+        auth = (stack.get("flower") or {}).get("basic_auth") or generate_flower_auth()
+        user, _, password = auth.partition(":")
+        print(f"rlmq flower: login {user} / {password} (set FLOWER_BASIC_AUTH=user:password to choose one)",
+              file=sys.stderr, flush=True)
+        os.environ["FLOWER_BASIC_AUTH"] = auth  # Flower reads it from the environment
+    os.execv(sys.executable, flower_command(port=args.port, address=args.address))
     return EXIT_OK  # not reached
 
 
@@ -130,12 +157,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     import signal
 
     from rlmq.settings import redis_url_from_env
-    from rlmq.stack import LocalStack, running_stack_url
+    from rlmq.stack import LocalStack, redacted_url, running_stack_url, state_file
 
     if running_stack_url():
         raise CliError("a stack started by `rlmq up` is already running on this machine", EXIT_UNREACHABLE)
+    redis_url = args.redis_url or redis_url_from_env()  # also loads .env
+    chosen_auth = os.environ.get("FLOWER_BASIC_AUTH", "").strip() or None
     stack = LocalStack(
-        redis_url=args.redis_url or redis_url_from_env(), rlm_concurrency=args.rlm_concurrency,
+        redis_url=redis_url, rlm_concurrency=args.rlm_concurrency, flower_auth=chosen_auth,
         llm_concurrency=args.llm_concurrency, flower_port=None if args.no_flower else args.flower_port,
     )
     # Ctrl-C and SIGTERM both stop the stack, also when started as a background job (SIGINT ignored).
@@ -144,7 +173,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         stack.start_or_explain()
         flower = "" if args.no_flower else f"  flower: http://127.0.0.1:{args.flower_port}"
-        print(f"rlmq stack is up: REDIS_URL={stack.redis_url}{flower}  logs: {stack.log_dir}", flush=True)
+        print(f"rlmq stack is up: REDIS_URL={redacted_url(stack.redis_url)}{flower}  logs: {stack.log_dir}",
+              flush=True)
+        if stack.flower_auth and not chosen_auth:  # generated: shown this once
+            user, _, password = stack.flower_auth.partition(":")
+            print(f"flower login: {user} / {password}", flush=True)
+        elif stack.flower_auth:
+            print("flower login: as FLOWER_BASIC_AUTH", flush=True)
+        print(f"Redis password and Flower login are kept in {state_file()} (readable by you only); "
+              "rlmq commands on this machine find them there.", flush=True)
         print("Ctrl-C stops everything.", flush=True)
         while True:
             dead = stack.dead_children()
@@ -223,15 +260,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="append", default=[], metavar="NAME=VALUE",
                    help="an input: a literal value, or @path for a file, directory or glob (text, .json, .jsonl)")
     p.add_argument("--split", help="split @-inputs into lists: 'chapters' for a book, or a regex")
-    p.add_argument("--lm", help="root model (LiteLLM string); default RLMQ_LM")
+    p.add_argument("--lm", help="root model (LiteLLM string); default RLMQ_LM; others only if the workers' "
+                                "RLMQ_ALLOWED_MODELS allow them")
     p.add_argument("--sub-lm", help="model for llm_query sub-calls; default RLMQ_SUB_LM or the root model")
-    p.add_argument("--api-base", help="OpenAI-compatible endpoint for both models; default RLMQ_LM_API_BASE")
-    p.add_argument("--max-iters", type=COUNT, help="REPL iterations before the model must answer")
-    p.add_argument("--max-llm-calls", type=COUNT, help="sub-LLM calls allowed for the run")
-    p.add_argument("--sandbox", choices=SANDBOXES, help="where generated code runs")
+    p.add_argument("--api-base", help="OpenAI-compatible endpoint for both models; default RLMQ_LM_API_BASE; "
+                                      "others only if the workers' RLMQ_ALLOWED_API_BASES list them")
+    p.add_argument("--max-iters", type=COUNT, help="REPL iterations before the model must answer "
+                                                   "(default and maximum: the workers' settings)")
+    p.add_argument("--max-llm-calls", type=COUNT, help="sub-LLM calls allowed for the run "
+                                                       "(default and maximum: the workers' settings)")
+    p.add_argument("--sandbox", choices=SANDBOXES, help="where generated code runs (default RLMQ_SANDBOX; others "
+                                                        "only if the workers' RLMQ_ALLOWED_SANDBOXES allow them)")
     p.add_argument("--tool", action="append", default=[], metavar="MODULE:FUNCTION",
                    help="a Python function sandbox code may call by its name (repeatable); imported on the "
-                        "workers, so its module must be installed or on their PYTHONPATH")
+                        "workers, so its module must be installed or on their PYTHONPATH, and allowed by their "
+                        "RLMQ_ALLOWED_TOOLS")
     p.add_argument("--wait", action="store_true", help="wait for the run and show progress")
     p.add_argument("--timeout", type=SECONDS, help="with --wait: give up after this many seconds")
 
@@ -261,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", "-n", help="node name (default: the queue name)")
     p.epilog = "arguments after -- go to `celery worker` as they are. " + EPILOG
 
-    p = add("flower", cmd_flower, "start Flower, Celery's monitor (basic auth from FLOWER_BASIC_AUTH)")
+    p = add("flower", cmd_flower, "start Flower, Celery's monitor (basic auth from FLOWER_BASIC_AUTH, "
+                                  "else the `rlmq up` stack's login, else a generated one)")
     p.add_argument("--port", type=PORT, default=5555)
     p.add_argument("--address", default="127.0.0.1")
 
@@ -276,8 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="rlmq-output", help="where the JSON and the PNG go")
     p.add_argument("--lm", help="root model; default RLMQ_LM")
     p.add_argument("--sub-lm", help="sub-call model; default RLMQ_SUB_LM or the root model")
-    p.add_argument("--max-iters", type=COUNT, default=20)
-    p.add_argument("--max-llm-calls", type=COUNT, default=800)
+    p.add_argument("--max-iters", type=COUNT, help="default: the fleet's RLMQ_MAX_ITERS")
+    p.add_argument("--max-llm-calls", type=COUNT, help="default: the fleet's RLMQ_MAX_LLM_CALLS (the demo needs ~120)")
     p.add_argument("--sandbox", choices=SANDBOXES)
     p.add_argument("--timeout", type=SECONDS, default=3 * 3600)
     return parser

@@ -14,6 +14,7 @@ only, and runs that share a corpus share its blob. The client sends ``run_rlm`` 
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from typing import Any, Callable
@@ -23,7 +24,7 @@ import redis
 from rlmq.blobs import put_blobs
 from rlmq.celery_config import RLM_QUEUE, RUN_TASK, client_app
 from rlmq.records import RunRecord, RunSpec, RunStatus, RunStore, new_run_id
-from rlmq.settings import RUN_OPTIONS, Settings, SettingsError, redis_url_from_env
+from rlmq.settings import RUN_OPTIONS, Settings, SettingsError, load_dotenv_once, redis_url_from_env
 from rlmq.stack import running_stack_url
 
 __all__ = ["Client", "ClientError", "UnknownRun", "check_run_id", "check_signature", "check_tool_path"]
@@ -83,7 +84,13 @@ class Client:
         if bad:
             raise ClientError(f"unknown run option(s) {', '.join(bad)}; known: {', '.join(RUN_OPTIONS)}")
         try:
-            Settings(redis_url=self.redis_url).with_options(run_options)
+            own = self._own_settings()
+            if own is not None:
+                whose = "this machine's rlmq settings (the workers check again with theirs)"
+                own.with_options(run_options, whose=whose)
+                own.check_tools(tool_paths, whose=whose)
+            else:
+                Settings(redis_url=self.redis_url).with_options(run_options, pinned=False)
         except SettingsError as exc:
             raise ClientError(str(exc)) from None
 
@@ -96,6 +103,17 @@ class Client:
 
         self._call("submit", store_and_enqueue)
         return run_id
+
+    def _own_settings(self) -> Settings | None:
+        """This machine's settings when they name a model, i.e. when it is configured like a worker
+        (the same .env, or `rlmq up`'s environment): then a run option its pins refuse is refused at
+        submit. Otherwise options are only checked for form; the workers' pins always apply."""
+        load_dotenv_once()
+        try:
+            own = Settings.from_env({**os.environ, "REDIS_URL": self.redis_url}, require_lm=False)
+        except SettingsError:
+            return None
+        return own if own.lm else None
 
     def enqueue(self, spec: RunSpec) -> None:
         """Record a run whose inputs are stored already and send ``run_rlm`` for it (the run id is the task id)."""

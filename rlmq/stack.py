@@ -3,7 +3,9 @@ worker and Flower (what ``rlmq up`` runs, and what tests use to run workers the 
 
 Every child gets its own session, so stopping kills each one's whole process group (prefork
 children included) and nothing is left running. The stack writes a small state file so that
-``rlmq submit`` in another terminal finds its Redis without any configuration.
+``rlmq submit`` in another terminal finds its Redis without any configuration. That file holds
+secrets — the private Redis's password (in its URL) and Flower's generated login — so it is
+written mode 0600 in a 0700 directory, and replaced atomically.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -22,7 +26,8 @@ from pathlib import Path
 from rlmq.celery_config import CELERY_APP, RLM_QUEUE
 from rlmq.local_redis import PrivateRedis, start_private_redis
 
-__all__ = ["ChildProcess", "LocalStack", "StackError", "flower_command", "running_stack_url", "state_file", "worker_command"]
+__all__ = ["ChildProcess", "LocalStack", "StackError", "flower_command", "generate_flower_auth", "redacted_url",
+           "running_stack", "running_stack_url", "state_file", "worker_command"]
 
 READY_MARK = " ready."  # Celery logs "<node> ready." once a worker consumes
 
@@ -32,14 +37,36 @@ def state_file() -> Path:
     return Path(base) / "stack.json"
 
 
-def running_stack_url() -> str | None:
-    """The Redis URL of a stack started by ``rlmq up`` that is still running, if any."""
+def running_stack() -> dict | None:
+    """The state of a stack started by ``rlmq up`` that is still running, if any."""
     try:
         state = json.loads(state_file().read_text())
         os.kill(int(state["pid"]), 0)
-        return str(state["redis_url"])
+        str(state["redis_url"])
+        return state if isinstance(state, dict) else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def running_stack_url() -> str | None:
+    """The Redis URL (with its password) of a stack started by ``rlmq up`` that is still running, if any."""
+    state = running_stack()
+    return None if state is None else str(state["redis_url"])
+
+
+def generate_flower_auth() -> str:
+    """A fresh Flower login, ``rlmq:<random>`` (basic auth)."""
+    return f"rlmq:{secrets.token_urlsafe(18)}"
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with its password replaced by ``****``, for printing."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not (sep and at):
+        return url
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user}{':****' if colon else ''}@{host}"
 
 
 def worker_command(queue: str, *, name: str, concurrency: int, pool: str) -> list[str]:
@@ -50,9 +77,10 @@ def worker_command(queue: str, *, name: str, concurrency: int, pool: str) -> lis
     ]
 
 
-def flower_command(*, port: int, address: str, basic_auth: str | None = None) -> list[str]:
-    command = [sys.executable, "-m", "celery", "-A", CELERY_APP, "flower", f"--port={port}", f"--address={address}"]
-    return command + ([f"--basic-auth={basic_auth}"] if basic_auth else [])
+def flower_command(*, port: int, address: str) -> list[str]:
+    """Flower's command line; its login goes in ``FLOWER_BASIC_AUTH`` (Flower reads it from the
+    environment), never on a command line, which every user of the machine can read."""
+    return [sys.executable, "-m", "celery", "-A", CELERY_APP, "flower", f"--port={port}", f"--address={address}"]
 
 
 @dataclass
@@ -103,6 +131,7 @@ class LocalStack:
     rlm_concurrency: int = 2
     llm_concurrency: int = 32
     flower_port: int | None = 5555  # None: no Flower
+    flower_auth: str | None = None  # user:password; None: generated at start
     env: dict[str, str] = field(default_factory=dict)
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="rlmq-stack-")))
     children: list[ChildProcess] = field(default_factory=list)
@@ -116,7 +145,9 @@ class LocalStack:
             self.start_worker("rlm", name=f"rlm-{os.getpid()}", concurrency=self.rlm_concurrency, pool="prefork")
             self.start_worker("llm", name=f"llm-{os.getpid()}", concurrency=self.llm_concurrency, pool="threads")
             if self.flower_port is not None:
-                self.spawn("flower", flower_command(port=self.flower_port, address="127.0.0.1"))
+                self.flower_auth = self.flower_auth or generate_flower_auth()
+                self.spawn("flower", flower_command(port=self.flower_port, address="127.0.0.1"),
+                           {"FLOWER_BASIC_AUTH": self.flower_auth})
             self.wait_ready([c for c in self.children if c.name != "flower"], timeout)
             self._write_state()
         except BaseException:
@@ -181,12 +212,32 @@ class LocalStack:
                 path.unlink()
 
     def _write_state(self) -> None:
-        path = state_file()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"pid": os.getpid(), "redis_url": self.redis_url, "logs": str(self.log_dir)}))
+        state: dict = {"pid": os.getpid(), "redis_url": self.redis_url, "logs": str(self.log_dir)}
+        if self.flower_port is not None:
+            state["flower"] = {"url": f"http://127.0.0.1:{self.flower_port}", "basic_auth": self.flower_auth}
+        write_private(state_file(), json.dumps(state))
 
     def __enter__(self) -> LocalStack:
         return self.start()
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` as a 0600 file in a 0700 directory, replacing it atomically."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.parent.stat()
+    if info.st_uid == os.getuid() and not info.st_mode & stat.S_ISVTX:  # ours, not a shared /tmp-like dir
+        os.chmod(path.parent, 0o700)  # also when an older rlmq made it with wider permissions
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file that existed
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    os.replace(tmp, path)

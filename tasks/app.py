@@ -2,7 +2,9 @@
 
 A worker must consume exactly one of the two queues: a worker serving both can deadlock with
 every slot in a run waiting on sub-tasks that no free slot will take. ``celeryd_init`` checks
-that and the settings, and stops the worker with a one-line error.
+that, the settings, and that a Redis off this machine is reached with a password, and stops
+the worker with a one-line error. Every worker process is made non-dumpable from its start
+(``workers.hardening``).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from celery import Celery, signals
 from kombu import Queue
 
 from rlmq.celery_config import CELERY_CONFIG, LLM_QUEUE, QUEUES, RLM_QUEUE, point_at
-from rlmq.settings import Settings, SettingsError, redis_url_from_env
+from rlmq.settings import Settings, SettingsError, redis_url_from_env, unauthenticated_redis_problem
 from workers.context import worker_settings
+from workers.hardening import make_non_dumpable
 
 __all__ = ["app"]
 
@@ -35,6 +38,9 @@ def _check_worker_start(sender: Any = None, conf: Any = None, options: dict[str,
     problems: list[str] = []
     try:
         settings = worker_settings()
+        insecure = unauthenticated_redis_problem(settings.redis_url)
+        if insecure:
+            problems.append(insecure)
         if conf is not None:
             conf.broker_url = conf.result_backend = settings.redis_url
     except SettingsError as exc:
@@ -50,10 +56,17 @@ def _check_worker_start(sender: Any = None, conf: Any = None, options: dict[str,
     if problems:
         print("rlmq worker: " + " | ".join(problems), file=sys.stderr, flush=True)
         raise SystemExit(2)
+    make_non_dumpable()  # before the pool forks: the keys in this process's environment stay its own
     if LLM_QUEUE in queues:  # pay LiteLLM's ~6 s import and pool setup now, not in the first sub-task
         from workers.llm_call import preload
 
         preload()
+
+
+@signals.worker_process_init.connect
+def _protect_pool_child(**_: Any) -> None:
+    """Prefork children inherit the flag through fork; set it again in case they were exec'd."""
+    make_non_dumpable()
 
 
 def _queue_names(raw: Any) -> set[str]:

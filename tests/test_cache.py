@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from multiprocessing.context import BaseContext
 import os
-import pickle
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.support.pickles import dotted_name_gadget, hostile_pickles
 from tests.support.stub_llm import StubLLM, default_responder
 from workers.cache import ResponseCache, install_redis_dspy_cache
 from rlmq.keys import dspy_cache_key, inflight_key, response_cache_key
@@ -221,35 +221,84 @@ def test_dspy_cache_hits_are_shared_with_a_fresh_process(
 
 @pytest.mark.usefixtures("restore_dspy_cache")
 def test_dspy_cache_round_trips_both_record_formats(redis_client: redis.Redis, stub_llm: StubLLM) -> None:
-    # The native engine caches plain data (stored as JSON); LiteLLM caches its pickled
-    # ModelResponse (loaded back through dspy's restricted unpickler). A fresh cache object has
-    # an empty memory tier, so its hits come from Redis, as in another process. (Both engines
-    # share one key for one request, hence a prompt each.)
+    # The native engine caches plain data (J + JSON); LiteLLM caches its ModelResponse, stored
+    # as M + its JSON dump and rebuilt by its constructor. A fresh cache object has an empty
+    # memory tier, so its hits come from Redis, as in another process. (Both engines share one
+    # key for one request, hence a prompt each.)
     install_redis_dspy_cache(redis_client, 3600)
     prompts = {engine: f"both formats via {engine} {time.time_ns()}" for engine in ("auto", "litellm")}
     first = {engine: _lm(stub_llm.api_base, engine)(p) for engine, p in prompts.items()}
     assert stub_llm.request_count == 2
-    tags = {redis_client.get(k)[:1] for k in redis_client.scan_iter(match=dspy_cache_key("*"))}
-    assert tags == {b"J", b"P"}
+    raws = [redis_client.get(k) for k in redis_client.scan_iter(match=dspy_cache_key("*"))]
+    assert {raw[:1] for raw in raws} == {b"J", b"M"}
+    assert all(json.loads(raw[1:]) for raw in raws)  # JSON, nothing else
     install_redis_dspy_cache(redis_client, 3600)
     again = {engine: _lm(stub_llm.api_base, engine)(p) for engine, p in prompts.items()}
     assert again == first
     assert stub_llm.request_count == 2
 
 
-def test_dspy_cache_refuses_to_unpickle_arbitrary_objects(redis_client: redis.Redis, tmp_path: Path) -> None:
+def test_the_dotted_name_gadget_is_live_against_dspys_restricted_unpickler(tmp_path: Path) -> None:
+    # Why the cache must not unpickle at all: DSPy's allow-list trusts litellm.types.*, and
+    # protocol 4 resolves "builtins.eval" inside such a module.
+    import io
+
+    from dspy.clients.disk_serialization import _restricted_load
+
     marker = tmp_path / "pwned"
+    _restricted_load(io.BytesIO(dotted_name_gadget(marker)), frozenset())
+    assert marker.exists()
 
-    class Evil:
-        def __reduce__(self) -> tuple[Any, ...]:
-            return (exec, (f"open({str(marker)!r}, 'w').close()",))
 
+@pytest.mark.parametrize("tag", [b"P", b"J", b"M", b"R", b""])
+def test_dspy_cache_never_unpickles_and_bad_entries_are_misses(redis_client: redis.Redis, tmp_path: Path,
+                                                                tag: bytes) -> None:
     from workers.cache import RedisDspyCache
 
+    marker = tmp_path / "pwned"
     cache = RedisDspyCache(redis_client, 60)
     request = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
     key = cache.cache_key(request)
-    redis_client.set(dspy_cache_key(key), b"P" + pickle.dumps(Evil()))
+    for planted in hostile_pickles(marker):
+        redis_client.set(dspy_cache_key(key), tag + planted)
+        assert cache.get(request) is None
+        assert not marker.exists()
+        assert not redis_client.exists(dspy_cache_key(key))  # the bad entry is dropped
+
+
+@pytest.mark.parametrize("raw", [
+    b'J{"_dspy_format": "dspy-lm15-result-v1", "responses": "junk"}', b'J["a", "list"]', b'J{"plain": 1}',
+    b'M{"choices": "nope"}', b"M[]", b"J{not json", b'R{"output": 5}',
+])
+def test_dspy_cache_entries_of_the_wrong_shape_are_misses(redis_client: redis.Redis, raw: bytes) -> None:
+    from workers.cache import RedisDspyCache
+
+    cache = RedisDspyCache(redis_client, 60)
+    request = {"model": "m", "messages": [{"role": "user", "content": "shape"}]}
+    redis_client.set(dspy_cache_key(cache.cache_key(request)), raw)
     assert cache.get(request) is None
+
+
+def test_dspy_cache_keeps_other_values_out_of_redis(redis_client: redis.Redis) -> None:
+    from workers.cache import RedisDspyCache
+
+    cache = RedisDspyCache(redis_client, 60)
+    request = {"model": "m", "messages": [{"role": "user", "content": "set"}]}
+    cache.put(request, {"a": (1, 2)})  # not a record DSPy's LM makes: memory tier only
+    assert not redis_client.exists(dspy_cache_key(cache.cache_key(request)))
+    assert cache.get(request) == {"a": (1, 2)}
+
+
+@pytest.mark.parametrize("raw", [None, b"\x80\x04junk", b'"a string"', b'{"text": 5}', b'{"text": "ok", "usage": {"x": "1"}}'])
+def test_response_cache_entries_of_the_wrong_shape_are_misses(redis_client: redis.Redis, tmp_path: Path,
+                                                               raw: bytes | None) -> None:
+    from workers.subcalls import _cache_record
+
+    marker = tmp_path / "pwned"
+    cache = ResponseCache(redis_client, 60, valid=_cache_record)
+    for planted in ([raw] if raw is not None else hostile_pickles(marker)):
+        redis_client.set(response_cache_key("k" * 64), planted)
+        assert cache.get("k" * 64) is None and cache.get_many(["k" * 64]) == [None]
     assert not marker.exists()
-    assert not redis_client.exists(dspy_cache_key(key))  # the bad entry is dropped
+    cache.put("k" * 64, {"text": "fine", "usage": {"prompt_tokens": 1}, "cost": None, "model": "m"})
+    assert cache.get("k" * 64)["text"] == "fine"

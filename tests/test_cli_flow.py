@@ -8,13 +8,18 @@ model is scripted and whose sub-model answers from the prompt.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
 import signal
 import subprocess
+import stat
 import threading
+from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
+import redis
 
 from broker_bridge.backends.process_jail import pids_with_marker
 
@@ -54,12 +59,12 @@ def llm_env(tmp_path, stub_llm):
                    RLMQ_LM_API_BASE=stub_llm.api_base, OPENAI_API_KEY="stub-key")
 
 
-def start_up(env, cwd) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen([*RLMQ, "up", "--no-flower", "--llm-concurrency", "8"], env=env, cwd=cwd,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start_up(env, cwd, *args: str, seen: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen([*RLMQ, "up", *(args or ("--no-flower",)), "--llm-concurrency", "8"], env=env,
+                               cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
-    seen = []
+    seen = [] if seen is None else seen
     while True:
         try:
             line = lines.get(timeout=180)
@@ -67,8 +72,14 @@ def start_up(env, cwd) -> tuple[subprocess.Popen, str]:
             process.kill()
             raise AssertionError("rlmq up did not come up:\n" + "".join(seen)) from None
         seen.append(line)
-        if match := re.search(r"REDIS_URL=(\S+)", line):
-            return process, match.group(1)
+        if line.startswith("Ctrl-C stops everything"):
+            match = re.search(r"REDIS_URL=(\S+)", "".join(seen))
+            assert match, seen
+            assert ":****@" in match.group(1), line  # the password is not printed
+            state = json.loads((Path(env["RLMQ_STATE_DIR"]) / "stack.json").read_text())
+            password = urlparse(state["redis_url"]).password
+            assert password and password not in "".join(seen)
+            return process, state["redis_url"]
         if process.poll() is not None and lines.empty():
             raise AssertionError("rlmq up exited:\n" + "".join(seen))
 
@@ -76,6 +87,14 @@ def start_up(env, cwd) -> tuple[subprocess.Popen, str]:
 def test_cli_end_to_end_with_rlmq_up(tmp_path, llm_env):
     up, redis_url = start_up(llm_env, tmp_path)
     try:
+        # the private Redis wants the generated password, which only the 0600 state file holds
+        state = Path(llm_env["RLMQ_STATE_DIR"]) / "stack.json"
+        assert stat.S_IMODE(state.stat().st_mode) == 0o600 and stat.S_IMODE(state.parent.stat().st_mode) == 0o700
+        bare = redis.Redis.from_url(redis_url)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=bare.connection_pool.connection_kwargs["port"]).ping()
+        assert bare.ping()
+
         # submit --wait: a scripted analysis over the first chapters of the book
         done = rlmq("submit", "--signature", SIGNATURE, "--input", f"chapters=@{CORPUS}", "--split", "chapters",
                     "--input", "task=find the richest", "--wait", "--timeout", "240", env=llm_env, cwd=tmp_path,
@@ -102,6 +121,19 @@ def test_cli_end_to_end_with_rlmq_up(tmp_path, llm_env):
         cancelled = rlmq("cancel", long_id, env=llm_env, cwd=tmp_path)
         assert cancelled.code == 0 and cancelled.stdout.split() == [long_id, "cancelled"], cancelled
         wait_until(lambda: not pids_with_marker(), 10, message="the cancelled run's sandbox to be gone")
+
+        # `rlmq worker` with no REDIS_URL joins the stack, password and all
+        extra = subprocess.Popen([*RLMQ, "worker", "llm", "--name", "extra", "-c", "2"], env=llm_env, cwd=tmp_path,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            out: list[str] = []
+            threading.Thread(target=lambda: [out.append(line) for line in extra.stdout], daemon=True).start()
+            wait_until(lambda: any(" ready." in line for line in out) or extra.poll() is not None, 120,
+                       message="`rlmq worker llm` to be ready")
+            assert extra.poll() is None, "".join(out)
+        finally:
+            os.killpg(extra.pid, signal.SIGTERM)
+            extra.wait(30)
 
         listed = rlmq("list", env=llm_env, cwd=tmp_path)
         assert listed.code == 0
@@ -132,3 +164,74 @@ def test_demo_brings_up_its_own_stack_and_plots(tmp_path, llm_env):
     png = (tmp_path / "out" / "monte_cristo_wealth.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 20_000
     assert not pids_with_marker()
+
+
+def _http_status(url: str, auth: str | None = None) -> int:
+    import base64
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_rlmq_up_protects_flower_with_a_generated_login(tmp_path, llm_env):
+    port, other_port = _free_port(), _free_port()
+    env = {k: v for k, v in llm_env.items() if k != "FLOWER_BASIC_AUTH"}
+    seen: list[str] = []
+    up, redis_url = start_up(env, tmp_path, "--flower-port", str(port), "--rlm-concurrency", "1", seen=seen)
+    flower = None
+    try:
+        (login,) = [line for line in seen if line.startswith("flower login: ")]
+        user, password = re.fullmatch(r"flower login: (\S+) / (\S+)\n", login).groups()
+        assert user == "rlmq" and len(password) >= 20
+        state = json.loads((Path(env["RLMQ_STATE_DIR"]) / "stack.json").read_text())
+        assert state["flower"]["basic_auth"] == f"rlmq:{password}"
+        url = f"http://127.0.0.1:{port}/"
+        wait_until(lambda: _http_status(url) != 0, 60, message="flower to answer")
+        assert _http_status(url) == 401 and _http_status(url, "rlmq:wrong") == 401
+        assert _http_status(url, f"rlmq:{password}") == 200
+        assert not processes_with_cmdline(password), "the login is on a command line"
+        # `rlmq flower` without FLOWER_BASIC_AUTH reuses the stack's login; never an open dashboard
+        flower = subprocess.Popen([*RLMQ, "flower", "--port", str(other_port)], env=env, cwd=tmp_path,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        other = f"http://127.0.0.1:{other_port}/"
+        wait_until(lambda: _http_status(other) != 0 or flower.poll() is not None, 60, message="rlmq flower")
+        assert _http_status(other) == 401 and _http_status(other, f"rlmq:{password}") == 200
+    finally:
+        if flower is not None:
+            os.killpg(flower.pid, signal.SIGTERM)
+            flower.wait(30)
+        up.send_signal(signal.SIGINT)
+        code = up.wait(90)
+    assert code == 0
+    assert "rlmq:" + password not in "".join(seen).replace(login, "")  # printed once, on its own line
+    wait_until(lambda: not processes_with_env(f"REDIS_URL={redis_url}"), 15, message="every stack process to exit")
+
+
+def processes_with_cmdline(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found

@@ -120,11 +120,24 @@ def test_redis_has_healthcheck_and_persistence(compose):
     test = redis["healthcheck"]["test"]
     test_text = " ".join(test) if isinstance(test, list) else test
     assert "redis-cli" in test_text and "ping" in test_text
-    command = _command(redis)
+    command = [word for part in _command(redis) for word in shlex.split(part)]
     assert "--appendonly" in command and command[command.index("--appendonly") + 1] == "yes"
     mounts = [v if isinstance(v, str) else f"{v['source']}:{v['target']}" for v in redis["volumes"]]
     named = [m.split(":")[0] for m in mounts if m.split(":")[1] == "/data"]
     assert named and named[0] in (compose.get("volumes") or {}), "redis /data must be a named volume"
+
+
+def test_redis_requires_the_password_from_env(compose):
+    redis = compose["services"]["redis"]
+    text = _command_text(redis)
+    # requirepass from a container-time variable, fed on stdin: not on redis-server's command line
+    assert "requirepass" in text and "$$REDIS_PASSWORD" in text and "redis-server -" in text
+    assert "--requirepass" not in text
+    env = redis["environment"]
+    for name in ("REDIS_PASSWORD", "REDISCLI_AUTH"):
+        assert env[name] == "${REDIS_PASSWORD:?set REDIS_PASSWORD in .env}", f"{name} must refuse an unset password"
+    assert "REDIS_PASSWORD" in _env_example_names()
+    assert redis.get("user") == "redis"  # sh -c bypasses the image's own privilege drop
 
 
 @pytest.mark.parametrize("name", RLMQ_SERVICES)
@@ -149,7 +162,7 @@ def test_rlmq_services_use_the_celery_app_and_env(compose, name):
     assert ".env" in env_files
     env = svc["environment"]
     env = env if isinstance(env, dict) else dict(item.split("=", 1) for item in env)
-    assert env["REDIS_URL"] == "redis://redis:6379/0"
+    assert env["REDIS_URL"] == "redis://:${REDIS_PASSWORD:?set REDIS_PASSWORD in .env}@redis:6379/0"
     depends = svc["depends_on"]
     assert isinstance(depends, dict) and depends["redis"]["condition"] == "service_healthy"
 
@@ -228,7 +241,8 @@ def test_docker_compose_config_accepts_the_file(tmp_path):
         pytest.skip("no Docker Compose v2 (`docker compose` / `docker-compose`) available")
     for name in ("docker-compose.yml", "Dockerfile", ".dockerignore", ".env.example"):
         shutil.copy(REPO / name, tmp_path / name)
-    shutil.copy(REPO / ".env.example", tmp_path / ".env")
+    env_text = (REPO / ".env.example").read_text(encoding="utf-8")
+    (tmp_path / ".env").write_text(env_text.replace("\nREDIS_PASSWORD=\n", "\nREDIS_PASSWORD=compose-check\n"))
     proc = subprocess.run([*candidate, "config", "--quiet"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -78,3 +78,48 @@ def test_compose_services_start_from_their_exact_commands(stack, tmp_path, monke
     assert http_status("http://127.0.0.1:5555/") == 401  # basic auth from FLOWER_BASIC_AUTH
     assert http_status("http://127.0.0.1:5555/", FLOWER_AUTH) == 200
     assert all(child.alive for child in stack.children)
+
+
+def test_compose_redis_requires_its_password(tmp_path):
+    """The redis service's exact command (plus a free port and a scratch dir), run natively."""
+    import socket
+    import subprocess
+
+    import redis as redis_py
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sh, dash_c, script = compose_command("redis")
+    assert (sh, dash_c) == ("sh", "-c")
+    env = {"PATH": os.environ["PATH"], "REDIS_PASSWORD": "compose-redis-pw", "REDISCLI_AUTH": "compose-redis-pw"}
+    server = subprocess.Popen([sh, dash_c, f"{script} --port {port} --bind 127.0.0.1 --dir {tmp_path}"],
+                              env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        authed = redis_py.Redis(port=port, password="compose-redis-pw", socket_connect_timeout=1)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert authed.ping()
+                break
+            except redis_py.ConnectionError:
+                assert server.poll() is None and time.monotonic() < deadline, "redis did not start"
+                time.sleep(0.1)
+        with pytest.raises(redis_py.AuthenticationError):
+            redis_py.Redis(port=port).ping()
+        cmdlines = []
+        for proc in Path("/proc").iterdir():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if str(port) in cmdline:
+                cmdlines.append(cmdline)
+        assert any("redis-server" in c for c in cmdlines) and not any("compose-redis-pw" in c for c in cmdlines)
+        health = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["redis"]["healthcheck"]["test"]
+        probe = health[1].replace("redis-cli", f"redis-cli -p {port}")
+        assert subprocess.run(["sh", "-c", probe], env=env).returncode == 0
+        assert subprocess.run(["sh", "-c", probe], env={"PATH": os.environ["PATH"]}).returncode != 0
+    finally:
+        server.terminate()
+        server.wait(10)

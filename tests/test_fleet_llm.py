@@ -2,7 +2,8 @@
 
 Three ``celery -A tasks worker -Q llm -P threads`` processes serve the whole module; each test
 gets an empty rlmq key space and a fresh stub record. Per-test limits travel as per-run options,
-exactly as a run spec's overrides do.
+exactly as a run spec's overrides do; fleet-wide rate limits are the operator's, so the rate-limit
+test gets workers of its own, started with those settings, on another Redis database.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ SUB_MODEL = "openai/stub-sub"
 def fleet(redis_server, stub: StubLLM) -> Iterator[Fleet]:
     configure_app(redis_server.url)
     env = {"RLMQ_LM": SUB_MODEL, "RLMQ_LM_API_BASE": stub.api_base,
-           "RLMQ_RATE_LIMIT_RPS": "1000", "RLMQ_RATE_LIMIT_BURST": "1000"}
+           "RLMQ_RATE_LIMIT_RPS": "1000", "RLMQ_RATE_LIMIT_BURST": "1000",
+           "RLMQ_ALLOWED_MODELS": "openai/gpt-4o-mini"}  # a priced model for the cost test, pinned by the operator
     with Fleet(redis_server.url, env) as fl:
         workers = [fl.start("llm", name=f"llm{i}", concurrency=16, wait=False) for i in range(3)]
         fl.wait_ready(workers, timeout=90)
@@ -111,11 +113,24 @@ def test_50_identical_concurrent_prompts_cost_one_request(fleet: Fleet, stub: St
     assert len({a.worker for a in answers}) >= 2  # the waiters really were on other processes
 
 
-def test_rate_limit_holds_across_three_workers(fleet: Fleet, stub: StubLLM, r, redis_server) -> None:
+def test_rate_limit_holds_across_three_workers(stub: StubLLM, redis_server) -> None:
+    from rlmq.celery_config import client_app
+
     rate, burst = 20, 5
-    fanout = make_fanout(stub, redis_server, fanout_width=48,
-                         options={"rate_limit_rps": rate, "rate_limit_burst": burst})
-    answers = fanout.query([f"rate {i}" for i in range(130)])
+    url = redis_server.url.rsplit("/", 1)[0] + "/1"  # its own queues: only these workers take its sub-calls
+    env = {"RLMQ_LM": SUB_MODEL, "RLMQ_LM_API_BASE": stub.api_base,
+           "RLMQ_RATE_LIMIT_RPS": str(rate), "RLMQ_RATE_LIMIT_BURST": str(burst)}
+    with Fleet(url, env) as paced:
+        workers = [paced.start("llm", name=f"paced{i}", concurrency=8, wait=False) for i in range(3)]
+        paced.wait_ready(workers, timeout=120)
+        settings = Settings(redis_url=url, lm="openai/stub-root", sub_lm=SUB_MODEL, lm_api_base=stub.api_base,
+                            fanout_width=48)
+        sender = client_app(url)
+        try:
+            fanout = Fanout(settings, app=sender)
+            answers = fanout.query([f"rate {i}" for i in range(130)])
+        finally:
+            sender.close()
     assert all(a.ok for a in answers)
     times = sorted(rec.at for rec in stub.requests)
     assert len(times) == 130

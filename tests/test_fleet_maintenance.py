@@ -32,6 +32,8 @@ def start_worker(env_overrides: dict[str, str], *queue_args: str) -> subprocess.
      "RLMQ_MAX_ITERS='many' is not a number"),
     ({"REDIS_URL": "redis://127.0.0.1:1/0", "RLMQ_LM": "openai/x"}, ("-Q", "rlm,llm"), "must not consume both"),
     ({"REDIS_URL": "redis://127.0.0.1:1/0", "RLMQ_LM": "openai/x"}, (), "pass -Q rlm"),
+    ({"REDIS_URL": "redis://redis.example.com:6379/0", "RLMQ_LM": "openai/x"}, ("-Q", "llm"),
+     "REDIS_URL points at redis.example.com without a password"),
 ])
 def test_bad_worker_settings_stop_it_with_one_line(env, args, expect) -> None:
     done = start_worker(env, *args)

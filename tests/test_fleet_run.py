@@ -15,7 +15,10 @@ from celery.result import AsyncResult
 from rlmq.demo import CORPUS
 from rlmq.inputs import load_input_value
 from rlmq.records import RunSpec, RunStatus, RunStore, new_run_id
-from rlmq.client import Client
+from rlmq.celery_config import LLM_QUEUE, LLM_TASK, RLM_QUEUE, RUN_TASK
+from rlmq.client import Client, ClientError
+from rlmq.keys import dspy_cache_key, response_cache_key
+from tests.support.pickles import ExecOnUnpickle, hostile_pickles
 from tests.support.fleet import configure_app
 from tests.support.fleet import Fleet, redis_url_of
 from tests.support.stub_llm import FaultKind, ScriptedRoot, StubLLM, chat_adapter_reply, route
@@ -23,6 +26,8 @@ from rlmq.blobs import put_blobs
 from workers.sandbox_registry import LeaseRegistry
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]
+
+PROVIDER_KEY = "sk-rlmq-test-provider-key"  # the workers' provider key: it may only reach the operator's stub
 
 SIGNATURE = "chapters: list[str] -> richest: list[dict], verdict: str"
 PROMPT = "Which character is richest in chapter {n}? Answer with one name.\n\n{text}"
@@ -55,7 +60,9 @@ def chapters() -> list[str]:
 def fleet(redis_server, stub: StubLLM) -> Iterator[Fleet]:
     configure_app(redis_server.url)
     env = {"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub", "RLMQ_LM_API_BASE": stub.api_base,
-           "RLMQ_RATE_LIMIT_RPS": "1000", "RLMQ_RATE_LIMIT_BURST": "1000", "RLMQ_LEASE_TTL": "30"}
+           "RLMQ_RATE_LIMIT_RPS": "1000", "RLMQ_RATE_LIMIT_BURST": "1000", "RLMQ_LEASE_TTL": "30",
+           "OPENAI_API_KEY": PROVIDER_KEY,
+           "RLMQ_ALLOWED_TOOLS": "tests.support.sample_tools:*,no_such_package.tools:*"}
     with Fleet(redis_server.url, env) as fl:
         workers = [fl.start("rlm", name="rlm1", concurrency=2, wait=False),
                    fl.start("llm", name="llmA", concurrency=16, wait=False),
@@ -284,3 +291,89 @@ def test_a_tool_that_does_not_import_fails_the_run_before_any_lm_call(fleet: Fle
     assert wait_finished(r, run_id) is RunStatus.FAILED
     assert "has no function 'no_such_function'" in RunStore(r).get(run_id).error
     assert stub.request_count == 0
+
+
+def test_planted_pickles_in_every_cache_entry_are_misses_and_run_no_code(fleet: Fleet, stub: StubLLM, r, chapters,
+                                                                         tmp_path) -> None:
+    first_id, _ = submit(r, chapters[:6], stub=stub)
+    assert wait_finished(r, first_id) is RunStatus.SUCCEEDED, RunStore(r).get(first_id)
+    paid = stub.request_count
+    first = RunStore(r).result(first_id)
+    # Every cache entry the run left: its root-LM calls in dspy.cache, its sub-calls in the response cache.
+    dspy_keys = sorted(r.scan_iter(match=dspy_cache_key("*")))
+    response_keys = sorted(k for k in r.scan_iter(match=response_cache_key("*")) if k.count(b":") == 2)
+    assert len(dspy_keys) == 3 and len(response_keys) == 7 and paid == 10
+    marker = tmp_path / "pwned"
+    pickles = hostile_pickles(marker)  # the dotted-name gadget first
+    for i, key in enumerate(dspy_keys):
+        r.set(key, b"P" + pickles[i % 2])  # "P": the tag rlmq once loaded with DSPy's restricted unpickler
+    for i, key in enumerate(response_keys):
+        r.set(key, pickles[i % 2])
+    stub.reset_stats()
+    rerun_id, _ = submit(r, chapters[:6], stub=stub)
+    assert wait_finished(r, rerun_id) is RunStatus.SUCCEEDED, RunStore(r).get(rerun_id)
+    assert not marker.exists()  # no pickle was loaded, in the rlm worker or an llm worker
+    assert stub.request_count == paid  # every entry was a miss: the stub was paid again
+    rerun = RunStore(r).result(rerun_id)
+    assert rerun["outputs"] == first["outputs"] and rerun["progress"]["cache_hits"] == 0
+    assert all(not r.get(k).startswith((b"P", b"\x80")) for k in dspy_keys + response_keys)  # rewritten as JSON
+
+
+def test_a_submitter_cannot_point_a_run_at_its_own_endpoint(fleet: Fleet, stub: StubLLM, r, chapters,
+                                                            monkeypatch) -> None:
+    from tasks.app import app
+
+    with StubLLM() as rogue:
+        # The client refuses at submit when this machine is configured like the workers.
+        for name, value in {"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub",
+                            "RLMQ_LM_API_BASE": stub.api_base}.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(ClientError, match="lm_api_base=.* is not an endpoint the operator configured"):
+            Client(redis_url_of(r)).submit(SIGNATURE, {"chapters": chapters[:2]}, lm_api_base=rogue.api_base)
+        # A spec written straight to Redis: the run fails with the reason before any LM call.
+        run_id, script = submit(r, chapters[:2], stub=stub, options={"lm_api_base": rogue.api_base})
+        assert wait_finished(r, run_id) is RunStatus.FAILED
+        error = RunStore(r).get(run_id).error
+        assert error.startswith("rlmq run options refused") and rogue.api_base in error, error
+        assert script.calls == [] and stub.request_count == 0
+        # Sub-calls enqueued by hand: the llm worker applies the same pins, and sampling parameters only.
+        for options, params, why in (({"lm_api_base": rogue.api_base}, None, "not an endpoint the operator"),
+                                     ({}, {"api_base": rogue.api_base}, "may not be set by a sub-call"),
+                                     ({"lm": "openai/elsewhere"}, None, "is not allowed")):
+            answers = app.send_task(LLM_TASK, args=(["hello?"], "openai/stub-sub", options, params)).get(timeout=30)
+            assert why in (answers[0]["error"] or ""), answers
+        assert rogue.http_requests == 0 and stub.request_count == 0  # no request, so no key, anywhere
+    # The operator's endpoint does get the key, so the checks above could have seen one.
+    ok_id, _ = submit(r, chapters[:2], stub=stub, steps=["SUBMIT(richest=[], verdict=llm_query('hi'))"])
+    assert wait_finished(r, ok_id) is RunStatus.SUCCEEDED, RunStore(r).get(ok_id)
+    assert stub.request_count == 2 and {rec.authorization for rec in stub.requests} == {f"Bearer {PROVIDER_KEY}"}
+
+
+def test_a_user_tool_the_operator_did_not_list_fails_the_run_before_any_lm_call(fleet: Fleet, stub: StubLLM, r,
+                                                                               chapters) -> None:
+    script = ScriptedRoot(["SUBMIT(richest=[], verdict=system('id'))"])
+    stub.set_responder(route(root=script, sub=sub_answer))
+    spec = RunSpec(run_id=new_run_id(), signature=SIGNATURE, inputs=put_blobs(r, {"chapters": chapters[:2]}),
+                   tools=["os:system"])  # host code sandbox code could call: the worker, handed over
+    Client(redis_url_of(r)).enqueue(spec)
+    assert wait_finished(r, spec.run_id) is RunStatus.FAILED
+    assert "tools refused by the workers' settings: os:system" in RunStore(r).get(spec.run_id).error
+    assert script.calls == [] and stub.request_count == 0
+
+
+def test_a_pickled_task_message_is_refused_unread(fleet: Fleet, r, tmp_path) -> None:
+    from celery import Celery
+
+    marker = tmp_path / "pwned"
+    sender = Celery("pickler", broker=redis_url_of(r), set_as_current=False)
+    try:
+        for queue, task in ((RLM_QUEUE, RUN_TASK), (LLM_QUEUE, LLM_TASK)):
+            sender.send_task(task, args=(ExecOnUnpickle(marker),), serializer="pickle", queue=queue)
+    finally:
+        sender.close()
+    refusal = "untrusted content of type pickle"
+    deadline = time.monotonic() + 30
+    while not (refusal in fleet.workers[0].log_tail(400) and any(refusal in w.log_tail(400) for w in fleet.workers[1:])):
+        assert time.monotonic() < deadline, [w.log_tail(5) for w in fleet.workers]
+        time.sleep(0.2)
+    assert not marker.exists() and all(w.alive for w in fleet.workers)

@@ -41,6 +41,8 @@ def test_dspy_lm_reaches_the_stub(stub_llm: StubLLM, engine: str) -> None:
     assert out == [default_responder([{"role": "user", "content": f"hello via {engine}"}], {})]
     (record,) = stub_llm.requests
     assert (record.model, record.prompt, record.status) == ("stub-model", f"hello via {engine}", 200)
+    assert record.authorization == "Bearer stub"  # where keys go is what the trust tests check
+    assert stub_llm.http_requests == 1
 
 
 def test_reply_carries_usage(stub_llm: StubLLM) -> None:

@@ -18,30 +18,31 @@ Single flight, per cache key (names from ``rlmq.keys``):
   flight; an exception in ``compute`` hands over nothing and a waiter computes again.
 
 ``install_redis_dspy_cache`` makes ``dspy.cache`` (root-LM calls) Redis-backed, so that another
-process, or a replayed run, re-reads hits. Values are stored as JSON when they round-trip
-exactly, else pickled and loaded back with DSPy's restricted unpickler (litellm/openai types
-only, plus ``safe_types``): nothing in Redis can make this process run arbitrary code.
+process, or a replayed run, re-reads hits. Both caches hold JSON only and nothing read from
+Redis is ever unpickled (``workers.cache_codec``): an entry of the wrong shape is a miss, so a
+writer to Redis can at worst cost a paid call, never run code in a worker.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import pickle
+import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import redis
 from dspy.clients.cache import Cache
-from dspy.clients.disk_serialization import DeserializationError, _restricted_load
 
 from rlmq.keys import dspy_cache_key, inflight_done_key, inflight_key, response_cache_key
+from workers import cache_codec
 from workers.dspy_private import use_as_disk_tier
 
 __all__ = ["RedisCacheTier", "RedisDspyCache", "ResponseCache", "install_redis_dspy_cache"]
+
+logger = logging.getLogger(__name__)
 
 # Client settings that do not change an answer, so they stay out of the cache key.
 _NON_SAMPLING_PARAMS = frozenset({
@@ -75,11 +76,14 @@ def _text(value: bytes | str) -> str:
 class ResponseCache:
     """JSON dicts in Redis with a TTL, plus fleet-wide single-flight computation."""
 
-    def __init__(self, redis_client: redis.Redis, ttl_seconds: int) -> None:
+    def __init__(self, redis_client: redis.Redis, ttl_seconds: int,
+                 valid: Callable[[dict[str, Any]], bool] | None = None) -> None:
+        """``valid(value)``: the shape a hit must have (default: any JSON object); others are misses."""
         if ttl_seconds <= 0:
             raise ValueError("ttl_seconds must be positive")
         self.redis = redis_client
         self.ttl_seconds = int(ttl_seconds)
+        self.valid = valid or (lambda value: True)
         self._acquire = redis_client.register_script(_ACQUIRE)
         self._release = redis_client.register_script(_RELEASE)
 
@@ -108,10 +112,14 @@ class ResponseCache:
             return None
         try:
             value = json.loads(raw)
-        except ValueError:
-            self.redis.delete(response_cache_key(key))  # corrupt: treat as a miss
-            return None
-        return value if isinstance(value, dict) else None
+            if isinstance(value, dict) and self.valid(value):
+                return value
+            problem = "not an answer record"
+        except (ValueError, UnicodeDecodeError) as exc:
+            problem = f"not JSON: {exc}"
+        _log_once("response-get", "response cache entry %s rejected, treated as a miss: %s", key[:12], problem)
+        self.redis.delete(response_cache_key(key))
+        return None
 
     def put(self, key: str, value: dict[str, Any]) -> None:
         self.redis.set(response_cache_key(key), json.dumps(value, allow_nan=False), ex=self.ttl_seconds)
@@ -160,11 +168,12 @@ class ResponseCache:
                 message = json.loads(payload)
             except ValueError:
                 continue  # not ours to read: drop it, re-check
-            if message.get("flight") != _text(holder):
+            if not isinstance(message, dict) or message.get("flight") != _text(holder):
                 continue  # left over from an earlier flight: drop it, re-check
             self.redis.rpush(done, payload)  # pass the wake-up on to the next waiter
-            if message.get("value") is not None:
-                return message["value"], True
+            handed = message.get("value")
+            if isinstance(handed, dict) and self.valid(handed):
+                return handed, True
 
     def _lead(
         self,
@@ -189,30 +198,14 @@ class ResponseCache:
 
 # -- dspy.cache in Redis --------------------------------------------------------------------
 
-_JSON, _PICKLE = b"J", b"P"
+_logged: set[str] = set()
 
 
-def _encode(value: Any) -> bytes:
-    """JSON when it round-trips to an equal value (tuples, int keys do not), else pickle."""
-    try:
-        text = json.dumps(value, allow_nan=False)
-        if json.loads(text) == value:
-            return _JSON + text.encode()
-    except (TypeError, ValueError, OverflowError, RecursionError):
-        pass
-    return _PICKLE + pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _decode(raw: bytes, allowed: frozenset[tuple[str, str]]) -> Any:
-    tag, body = raw[:1], raw[1:]
-    if tag == _JSON:
-        try:
-            return json.loads(body)
-        except ValueError as exc:
-            raise DeserializationError(f"corrupt JSON cache entry: {exc}") from exc
-    if tag == _PICKLE:
-        return _restricted_load(io.BytesIO(body), allowed)  # raises DeserializationError
-    raise DeserializationError(f"unknown cache entry tag {tag!r}")
+def _log_once(kind: str, message: str, *args: Any) -> None:
+    """One warning per kind of trouble per process: a poisoned cache must not flood the log."""
+    if kind not in _logged:
+        _logged.add(kind)
+        logger.warning(message + " (logged once per process)", *args)
 
 
 def _binary_client(client: redis.Redis) -> redis.Redis:
@@ -228,17 +221,30 @@ def _binary_client(client: redis.Redis) -> redis.Redis:
 class RedisCacheTier:
     """The mapping dspy's Cache uses as its disk tier (get/set/delete/in), kept in Redis."""
 
-    def __init__(self, redis_client: redis.Redis, ttl_seconds: int, safe_types: Iterable[type] = ()) -> None:
+    def __init__(self, redis_client: redis.Redis, ttl_seconds: int) -> None:
         self.redis = _binary_client(redis_client)
         self.ttl_seconds = int(ttl_seconds)
-        self.allowed = frozenset((t.__module__, t.__qualname__) for t in safe_types)
 
     def get(self, key: str, default: Any = None) -> Any:
+        """The cached record, or ``default``: a missing entry and one that is not a well-formed
+        JSON record (``cache_codec``) are both misses; the bad one is deleted."""
         raw = self.redis.get(dspy_cache_key(key))
-        return default if raw is None else _decode(raw, self.allowed)
+        if raw is None:
+            return default
+        try:
+            return cache_codec.decode(raw)
+        except cache_codec.RejectedEntry as exc:
+            _log_once("dspy-get", "dspy cache entry %s rejected, treated as a miss: %s", key[:12], exc)
+            self.redis.delete(dspy_cache_key(key))
+            return default
 
     def set(self, key: str, value: Any) -> bool:
-        return bool(self.redis.set(dspy_cache_key(key), _encode(value), ex=self.ttl_seconds))
+        try:
+            raw = cache_codec.encode(value)
+        except cache_codec.RejectedEntry as exc:
+            _log_once("dspy-set", "dspy cache value not stored in Redis: %s", exc)
+            return False
+        return bool(self.redis.set(dspy_cache_key(key), raw, ex=self.ttl_seconds))
 
     def delete(self, key: str) -> bool:
         return bool(self.redis.delete(dspy_cache_key(key)))
@@ -256,7 +262,6 @@ class RedisDspyCache(Cache):
         ttl_seconds: int,
         *,
         memory_max_entries: int = 10_000,
-        safe_types: Iterable[type] = (),
     ) -> None:
         super().__init__(
             enable_disk_cache=False,  # no diskcache directory: the tier is replaced below
@@ -264,7 +269,7 @@ class RedisDspyCache(Cache):
             disk_cache_dir=None,
             memory_max_entries=max(1, memory_max_entries),
         )
-        use_as_disk_tier(self, RedisCacheTier(redis_client, ttl_seconds, safe_types))
+        use_as_disk_tier(self, RedisCacheTier(redis_client, ttl_seconds))
 
 
 def install_redis_dspy_cache(
@@ -272,11 +277,10 @@ def install_redis_dspy_cache(
     ttl_seconds: int,
     *,
     memory_max_entries: int = 10_000,
-    safe_types: Iterable[type] = (),
 ) -> RedisDspyCache:
     """Assign ``dspy.cache`` to a Redis-backed cache (read by every LM call) and return it."""
     import dspy
 
-    cache = RedisDspyCache(redis_client, ttl_seconds, memory_max_entries=memory_max_entries, safe_types=safe_types)
+    cache = RedisDspyCache(redis_client, ttl_seconds, memory_max_entries=memory_max_entries)
     dspy.cache = cache
     return cache

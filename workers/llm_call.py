@@ -76,6 +76,15 @@ class LMReply:
         return cls(text=str(raw["text"]), usage={k: int(v) for k, v in (raw.get("usage") or {}).items()},
                    cost=raw.get("cost"), model=str(raw.get("model", "")))
 
+    @staticmethod
+    def is_record(raw: dict[str, Any]) -> bool:
+        """Whether ``raw`` (read from Redis) has the shape ``to_json_dict`` writes."""
+        usage, cost = raw.get("usage") or {}, raw.get("cost")
+        return (isinstance(raw.get("text"), str) and bool(raw["text"].strip()) and isinstance(usage, dict)
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in usage.values())
+                and (cost is None or isinstance(cost, (int, float)) and not isinstance(cost, bool))
+                and isinstance(raw.get("model", ""), str))
+
 
 @dataclass
 class Answer:

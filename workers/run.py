@@ -31,7 +31,7 @@ from dspy.utils.callback import BaseCallback
 from broker_bridge import interpreter_factory
 from rlmq.blobs import get_blobs
 from rlmq.records import RunSpec, RunStatus, RunStore
-from rlmq.settings import Settings
+from rlmq.settings import Settings, SettingsError
 from workers.cache import install_redis_dspy_cache
 from workers.context import redis_client, worker_settings
 from workers.dspy_private import action_predictor, iteration_of
@@ -112,7 +112,11 @@ class RunExecution:
         return {"run_id": self.run_id, "status": RunStatus.SUCCEEDED.value, **progress}
 
     def _execute(self, spec: RunSpec) -> dict[str, Any]:
-        settings = self.base.with_options(spec.options)
+        try:  # the operator's pins, before any sandbox or LM call (the client may not know them)
+            settings = self.base.with_options(spec.options)
+            self.base.check_tools(spec.tools)
+        except SettingsError as exc:
+            raise RunFailed(str(exc)) from None
         self.max_iters = settings.max_iters
         if self.store.cancel_requested(self.run_id):
             raise RunCancelled()

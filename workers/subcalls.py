@@ -15,7 +15,7 @@ import random
 import time
 from typing import Any
 
-from rlmq.settings import Settings
+from rlmq.settings import Settings, SettingsError
 from workers.cache import ResponseCache
 from workers.context import redis_client, worker_settings
 from workers.llm_call import Answer, FailureKind, LMCallError, LMReply, call_lm, prompt_messages
@@ -41,9 +41,13 @@ def answer_batch(prompts: list[Any], model: str, options: dict[str, Any] | None,
     ``options`` are per-run settings overrides (``lm_api_base``, rate limits, cache TTL,
     ``lm_timeout``, ``lm_retries``); ``params`` are sampling parameters sent to the model.
     """
+    refused = _refusal(model, options, params)
+    if refused:  # checked again here: anyone who can enqueue llm_batch can choose these arguments
+        logger.warning("llm_batch refused: %s", refused)
+        return [Answer(error=refused, worker=worker).to_json_dict() for _ in prompts]
     settings = worker_settings().with_options(options)
     client = redis_client()
-    cache = ResponseCache(client, ttl_seconds=settings.cache_ttl_seconds)
+    cache = ResponseCache(client, ttl_seconds=settings.cache_ttl_seconds, valid=_cache_record)
     limiter = FleetRateLimiter(client, model, settings.rate_limit_rps * RATE_MARGIN,
                                burst=settings.rate_limit_burst, tokens_per_minute=settings.tokens_per_minute)
     deadline = time.monotonic() + SUBTASK_DEADLINE_SECONDS
@@ -59,6 +63,33 @@ def answer_batch(prompts: list[Any], model: str, options: dict[str, Any] | None,
             answers.append(answer_prompt(prompt, model, settings, cache, limiter, params=params,
                                          worker=worker, deadline=deadline, key=key))
     return [a.to_json_dict() for a in answers]
+
+
+# What a sub-call may pass to the model: sampling only. Anything else (api_base, api_key, headers,
+# a provider override...) could send the provider key somewhere the operator did not configure.
+SAMPLING_PARAMS = frozenset({"temperature", "max_tokens", "max_completion_tokens", "top_p", "seed", "stop", "n",
+                             "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
+                             "response_format", "reasoning_effort"})
+
+
+def _refusal(model: str, options: dict[str, Any] | None, params: dict[str, Any] | None) -> str | None:
+    """Why this worker's pins refuse the sub-call, or None (the same check a run makes at its start)."""
+    base = worker_settings()
+    try:
+        settings = base.with_options(options)
+    except SettingsError as exc:
+        return str(exc)
+    if model != settings.effective_sub_lm and not base.model_allowed(model):
+        return f"model {model!r} is not allowed by this worker's settings (RLMQ_ALLOWED_MODELS)"
+    extra = sorted(set(params or {}) - SAMPLING_PARAMS)
+    if extra:
+        return f"parameter(s) {', '.join(extra)} may not be set by a sub-call (sampling parameters only)"
+    return None
+
+
+def _cache_record(value: dict[str, Any]) -> bool:
+    """A cached reply, or a failure handed to waiters in a wake-up; anything else from Redis is a miss."""
+    return LMReply.is_record(value) or (set(value) == {"error"} and isinstance(value["error"], str))
 
 
 def _look_up(cache: ResponseCache, model: str, prompts: list[Any],

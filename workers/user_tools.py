@@ -1,7 +1,8 @@
 """A run's user tools: ``"package.module:function"`` paths from the run spec, imported on the worker.
 
 Tools reach workers the way any Python code does: an installed package, ``PYTHONPATH``, or the
-compose image. A path that does not import, or names something that is not callable, fails the
+compose image; a run may name only tools the workers' ``RLMQ_ALLOWED_TOOLS`` list
+(``Settings.check_tools``, applied by the run engine before this). A path that does not import, or names something that is not callable, fails the
 run with that reason before any LM call is made.
 """
 

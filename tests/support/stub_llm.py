@@ -71,6 +71,7 @@ class RequestRecord:
     prompt: str  # all message texts joined by blank lines
     status: int  # HTTP status served; 0 when the connection was dropped (timeout fault)
     fault: str | None = None
+    authorization: str | None = None  # the Authorization header as sent (tests check where keys go)
 
 
 def message_text(message: dict[str, Any]) -> str:
@@ -104,6 +105,7 @@ class StubLLM:
         self._responder: Responder = responder or default_responder
         self._faults: list[Fault] = []
         self._records: list[RequestRecord] = []
+        self._http_requests = 0  # every request on any path, answered or not
         self._ids = itertools.count(1)
         self._stopping = threading.Event()
         self._port = port
@@ -192,12 +194,24 @@ class StubLLM:
         with self._lock:
             return list(self._records)
 
+    @property
+    def http_requests(self) -> int:
+        """Every HTTP request received, on any path (``request_count`` counts completions only)."""
+        with self._lock:
+            return self._http_requests
+
     def reset_stats(self) -> None:
         with self._lock:
             self._records.clear()
+            self._http_requests = 0
 
     # -- serving (called from handler threads) -----------------------------------------------
-    def _plan(self, model: str, prompt: str) -> tuple[RequestRecord, Fault | None, float, Responder]:
+    def _count_http(self) -> None:
+        with self._lock:
+            self._http_requests += 1
+
+    def _plan(self, model: str, prompt: str,
+              authorization: str | None = None) -> tuple[RequestRecord, Fault | None, float, Responder]:
         """Pick the fault for a request (consuming one use of it) and record the request."""
         with self._lock:
             chosen = None
@@ -212,7 +226,8 @@ class StubLLM:
             status = {None: 200, FaultKind.SERVER_ERROR: 500, FaultKind.RATE_LIMIT: 429, FaultKind.TIMEOUT: 0}.get(
                 chosen.kind if chosen else None, 200
             )
-            record = RequestRecord(time.monotonic(), model, prompt, status, chosen.kind.value if chosen else None)
+            record = RequestRecord(time.monotonic(), model, prompt, status, chosen.kind.value if chosen else None,
+                                   authorization)
             self._records.append(record)
             return record, chosen, self._latency, self._responder
 
@@ -268,6 +283,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(body).encode(), headers)
 
     def do_GET(self) -> None:
+        self.stub._count_http()
         if self.path.rstrip("/") in ("/health", "/v1/health"):
             self._send(200, b'{"status":"ok"}')
         elif self.path.rstrip("/") in ("/models", "/v1/models"):
@@ -276,6 +292,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"no route {self.path}", "not_found")
 
     def do_POST(self) -> None:
+        self.stub._count_http()
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if self.path.rstrip("/") not in ("/chat/completions", "/v1/chat/completions"):
             self._error(404, f"no route {self.path}", "not_found")
@@ -288,7 +305,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(400, f"bad request body: {exc}", "invalid_request_error")
             return
         prompt = "\n\n".join(message_text(m) for m in messages)
-        record, fault, latency, responder = self.stub._plan(model, prompt)
+        record, fault, latency, responder = self.stub._plan(model, prompt, self.headers.get("Authorization"))
         if latency > 0:
             self.stub._stopping.wait(latency)
         kind = fault.kind if fault else None

@@ -1,0 +1,94 @@
+"""The README's TLS recipe works: a Redis that speaks only TLS (plus a password), a worker and the
+client on ``rediss://...?ssl_cert_reqs=required&ssl_ca_certs=...``, and a wrong CA is refused."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from rlmq.celery_config import client_app
+from rlmq.settings import Settings, unauthenticated_redis_problem
+from tests.support.fleet import Fleet
+from tests.support.stub_llm import StubLLM, default_responder
+from workers.fanout import Fanout
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("redis-server")),
+                                 reason="needs openssl and redis-server")]
+PASSWORD = "tls-test-password-0123456789"
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _ca_and_server_cert(d: Path, name: str) -> None:
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}-ca.key", "-out", f"{name}-ca.pem",
+             "-days", "2", "-subj", f"/CN={name} test CA", cwd=d)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+             "-subj", "/CN=127.0.0.1", cwd=d)
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{name}-ca.pem", "-CAkey", f"{name}-ca.key",
+             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", "ext.cnf", cwd=d)
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory) -> Iterator[tuple[int, Path]]:
+    d = tmp_path_factory.mktemp("tls")
+    _ca_and_server_cert(d, "server")
+    _ca_and_server_cert(d, "other")  # a CA that did not sign the server's certificate
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    conf = d / "redis.conf"
+    conf.write_text(f"port 0\ntls-port {port}\nbind 127.0.0.1\ntls-cert-file {d}/server.pem\n"
+                    f"tls-key-file {d}/server.key\ntls-ca-cert-file {d}/server-ca.pem\ntls-auth-clients no\n"
+                    f'save ""\nappendonly no\ndir {d}\nrequirepass {PASSWORD}\n')
+    os.chmod(conf, 0o600)
+    server = subprocess.Popen(["redis-server", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = _url(port, d / "server-ca.pem")
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if redis.Redis.from_url(url, socket_connect_timeout=1).ping():
+                break
+        except (redis.ConnectionError, OSError):
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.skip("this redis-server does not speak TLS")
+            time.sleep(0.1)
+    yield port, d
+    server.terminate()
+    server.wait(10)
+
+
+def _url(port: int, ca: Path) -> str:
+    return f"rediss://:{PASSWORD}@127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={ca}"
+
+
+def test_workers_and_client_over_tls(tls_redis, stub_llm: StubLLM) -> None:
+    port, d = tls_redis
+    url = _url(port, d / "server-ca.pem")
+    assert unauthenticated_redis_problem(url) is None
+    with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
+        redis.Redis.from_url(_url(port, d / "other-ca.pem"), socket_connect_timeout=2).ping()
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(port=port, password=PASSWORD, socket_connect_timeout=2).ping()  # no plain TCP at all
+    env = {"RLMQ_LM": "openai/stub-sub", "RLMQ_LM_API_BASE": stub_llm.api_base}
+    with Fleet(url, env) as fleet:
+        fleet.start("llm", name="tls-llm", concurrency=4)
+        sender = client_app(url)
+        try:
+            fanout = Fanout(Settings(redis_url=url, lm="openai/stub-sub", lm_api_base=stub_llm.api_base), app=sender)
+            prompts = [f"over tls {i}" for i in range(5)]
+            answers = fanout.query(prompts)
+        finally:
+            sender.close()
+    assert [a.text for a in answers] == [default_responder([{"role": "user", "content": p}], {}) for p in prompts]
