@@ -136,6 +136,10 @@ class Settings:
     chunk_size: int = _opt("RLMQ_CHUNK_SIZE", _int, 8)
     fanout_width: int = _opt("RLMQ_FANOUT_WIDTH", _int, 64)
     gather_timeout: float = _opt("RLMQ_GATHER_TIMEOUT", _float, 900.0)
+    # budgets per run (none by default): dollars (LiteLLM's prices), tokens, wall-clock seconds
+    max_cost: float | None = _opt("RLMQ_MAX_COST", _float, None)
+    max_tokens: int | None = _opt("RLMQ_MAX_TOKENS", _int, None)
+    time_limit: float | None = _opt("RLMQ_TIME_LIMIT", _float, None)
     # worker-level, not per run
     run_time_limit: float = _opt("RLMQ_RUN_TIME_LIMIT", _float, 6 * 3600.0, per_run=False)
     lease_ttl: float = _opt("RLMQ_LEASE_TTL", _float, 90.0, per_run=False)

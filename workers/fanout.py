@@ -68,6 +68,13 @@ class FanoutStats:
                 self.completion_tokens += int(a.usage.get("completion_tokens", 0))
                 self.cost += float(a.cost or 0.0)
 
+    # Hooks for live progress and budgets (workers.usage.RunUsage fills them in).
+    def batch_started(self, prompts: Sequence[Any], params: dict[str, Any]) -> None:
+        """Before a batch is sent; may raise to refuse it (nothing is sent then)."""
+
+    def chunk_arrived(self, answers: Sequence[Answer]) -> None:
+        """One sub-task's answers, as they arrive during the gather."""
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {"llm_calls": self.prompts, "cache_hits": self.cache_hits, "llm_errors": self.errors,
@@ -114,6 +121,7 @@ class Fanout:
         bounds = plan_chunks(len(todo), self.settings.chunk_size, self.settings.fanout_width)
         chunks = [[todo[j] for j in range(a, b)] for a, b in bounds]
         if chunks:
+            self.stats.batch_started([prompts[i] for i in todo], params or {})  # budget check, live progress
             self._dispatch([[prompts[i] for i in c] for c in chunks], chunks, answers, params or {})
         done = [a if a is not None else Answer(error="no answer") for a in answers]
         self.stats.add(done)
@@ -134,6 +142,7 @@ class Fanout:
             else:  # the sub-task itself failed (it should not): every prompt of it is an error
                 for i in indexes:
                     answers[i] = Answer(error=f"sub-task failed: {value!r}"[:300])
+            self.stats.chunk_arrived([answers[i] for i in indexes])  # live progress of the batch
 
         def check_stop() -> None:
             if self.should_stop is not None and self.should_stop():
