@@ -101,13 +101,15 @@ class Fanout:
     """Sends prompts to the ``llm`` queue as one group per batch and gathers the answers."""
 
     def __init__(self, settings: Settings, *, app: Any, options: dict[str, Any] | None = None,
-                 stats: FanoutStats | None = None, should_stop: Callable[[], bool] | None = None) -> None:
+                 stats: FanoutStats | None = None, should_stop: Callable[[], bool] | None = None,
+                 run_id: str | None = None) -> None:
         self.settings = settings
         self.app = app  # sends llm_batch by name: the engine does not import the task modules
         self.model = settings.effective_sub_lm
         self.options = dict(options or {})  # the run's per-run options; each sub-task applies them
         self.stats = stats or FanoutStats()
         self.should_stop = should_stop
+        self.run_id = run_id  # names the sub-tasks' parent in Flower
 
     def query(self, prompts: Sequence[str | Messages], params: dict[str, Any] | None = None) -> list[Answer]:
         """Answers for ``prompts``, in order; never raises for a failed prompt."""
@@ -129,7 +131,11 @@ class Fanout:
 
     def _dispatch(self, payloads: list[list[Any]], chunks: list[list[int]], answers: list[Answer | None],
                   params: dict[str, Any]) -> None:
-        job = group(self.app.signature(LLM_TASK, args=(payload, self.model, self.options, params))
+        # Flower shows what a sub-task is, never its prompts (argsrepr/kwargsrepr); the run is its parent.
+        job = group(self.app.signature(LLM_TASK, args=(payload, self.model, self.options, params),
+                                       argsrepr=f"({len(payload)} prompt(s), {self.model!r})",
+                                       kwargsrepr=f"{{'run': {self.run_id!r}}}",
+                                       parent_id=self.run_id, root_id=self.run_id)
                     for payload in payloads)
         result = job.apply_async()
         slot = {r.id: n for n, r in enumerate(result.results)}

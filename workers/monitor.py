@@ -5,8 +5,8 @@
   matches the state name exactly.
 - A ``task-started`` event per update, whose ``result`` field is a one-line summary
   (iteration, the batch in flight, sub-calls, cache hits, dollars): Flower merges the event
-  into the task it shows, and its task page displays ``result`` but not custom fields. The
-  progress fields ride along for Flower's API (``/api/task/info/<id>``).
+  into the task it shows, and its task page and API (``/api/task/info/<id>``) show ``result``
+  but not custom fields. The flat progress fields ride along for other event consumers.
 - Fleet counters per second in Redis (``keys.stats_key``): sub-calls, cache hits and 429s,
   for ``rlmq stats``.
 """

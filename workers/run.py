@@ -157,7 +157,7 @@ class RunExecution:
             on_sandbox_created=self.keeper.created, on_sandbox_destroyed=self.keeper.destroyed,
         )
         fanout = Fanout(settings, app=self.task.app, options=spec.options, stats=self.stats,
-                        should_stop=self.cancelled.is_set)
+                        should_stop=self.cancelled.is_set, run_id=self.run_id)
         rlm = TracedRLM(spec.signature, fanout=fanout, tools=tools, max_iters=settings.max_iters,
                         max_llm_calls=settings.max_llm_calls, interpreter_factory=factory,
                         trace=self.trace, budget=self.budget)
