@@ -50,8 +50,14 @@ def worker_command(queue: str, *, name: str, concurrency: int, pool: str) -> lis
     ]
 
 
+# Flower's task list shows these columns: args (the run's signature), kwargs (its inputs' sizes)
+# and result (a working run's live progress) say what each run is (rlmq.task_view).
+FLOWER_TASK_COLUMNS = "name,state,result,args,kwargs,received,runtime,worker,uuid"
+
+
 def flower_command(*, port: int, address: str, basic_auth: str | None = None) -> list[str]:
-    command = [sys.executable, "-m", "celery", "-A", CELERY_APP, "flower", f"--port={port}", f"--address={address}"]
+    command = [sys.executable, "-m", "celery", "-A", CELERY_APP, "flower", f"--port={port}", f"--address={address}",
+               f"--tasks_columns={FLOWER_TASK_COLUMNS}"]
     return command + ([f"--basic-auth={basic_auth}"] if basic_auth else [])
 
 

@@ -172,9 +172,12 @@ def test_run_page_shows_steps_live_and_the_answer(fleet, flower, ui, stub, r, tm
         assert f"<title>rlmq run {run_id[:12]} · RUNNING</title>" in live and 'id="step-1"' in live
         png = screenshot(f"{authed}/run/{run_id}", tmp_path / "run_page_live.png", wait_ms=500)
         assert png.stat().st_size > 10_000
-        flower_png = screenshot(f"{flower}/tasks", tmp_path / "flower_tasks_live.png", size="1400,800", wait_ms=4000)
+        flower_png = screenshot(f"{flower}/tasks", tmp_path / "flower_tasks_live.png", size="1800,700", wait_ms=4000)
         assert flower_png.stat().st_size > 10_000
         assert 'id="step-running"' in live  # step 2 is in progress
+        flower_dom = dom(f"{flower}/tasks", wait_ms=5000)  # its list shows args, kwargs and live progress
+        assert run_id in flower_dom and "items: list[str] -&gt; answers: list[str]" in flower_dom
+        assert "list[2]" in flower_dom and "iteration 2/5" in flower_dom
 
     assert client.wait(run_id, timeout=60).status.value == "SUCCEEDED"
     code, page = get(f"{base}/run/{run_id}", auth=creds)

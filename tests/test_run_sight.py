@@ -165,3 +165,31 @@ def test_submit_wait_prints_the_outputs_on_stdout(fleet: Fleet, stub: StubLLM, r
     assert json.loads(rest) == {"answers": ["2", "apple"]}
     assert "succeeded" in done.stderr and len(run_id.strip()) == 32
     assert "step 1" in rlmq("trace", run_id.strip(), env=env, cwd=tmp_path).stdout
+
+
+def test_workers_and_stats_show_the_fleet_at_work(fleet: Fleet, stub: StubLLM, r, tmp_path) -> None:
+    nonce = uuid.uuid4().hex[:8]
+    steps = ["out = llm_query_batched([f'w{i} " + nonce + "' for i in range(30)] * 2)\nprint(len(out))",
+             "import time\nfor _ in range(300):\n    time.sleep(0.1)",
+             "SUBMIT(answers=out[:1])"]
+    client, run_id, _ = submit(r, stub, steps, ["a"])
+    wait_until(lambda: client.status(run_id).progress.get("iteration") == 2, timeout=60, interval=0.1,
+               message="the run sleeping in step 2")
+    env = cli_env(tmp_path, REDIS_URL=redis_url_of(r))
+    done = rlmq("workers", "--json", env=env, cwd=tmp_path)
+    assert done.code == 0, done.stderr
+    workers = {w["name"].split("@")[0]: w for w in json.loads(done.stdout)}
+    assert set(workers) == {"rlm1", "llmA", "llmB"}
+    assert workers["rlm1"]["queues"] == ["rlm"] and workers["llmA"]["queues"] == ["llm"]
+    [active] = workers["rlm1"]["active_runs"]
+    assert active["run_id"] == run_id and active["llm_calls"] == 60
+    assert sum(w["processed"].get("rlmq.llm_batch", 0) for w in workers.values()) >= 8
+    assert f"run {run_id}" in rlmq("workers", env=env, cwd=tmp_path).stdout
+
+    stats = json.loads(rlmq("stats", "--json", env=env, cwd=tmp_path).stdout)
+    assert stats["subcalls"] == 60 and stats["cache_hits"] == 30  # the second 30 are the same prompts
+    assert stats["cache_hit_rate"] == 0.5 and stats["live_sandboxes"] == 1 and stats["runs_running"] == 1
+    assert stats["queues"] == {"rlm": 0, "llm": 0} and stats["rate_limited_429"] == 0
+    assert "cache hit rate: 50%" in rlmq("stats", env=env, cwd=tmp_path).stdout
+    client.cancel(run_id)
+    assert finished(client, run_id, timeout=30).status.value == "CANCELLED"

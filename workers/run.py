@@ -160,7 +160,7 @@ class RunExecution:
                         should_stop=self.cancelled.is_set, run_id=self.run_id)
         rlm = TracedRLM(spec.signature, fanout=fanout, tools=tools, max_iters=settings.max_iters,
                         max_llm_calls=settings.max_llm_calls, interpreter_factory=factory,
-                        trace=self.trace, budget=self.budget)
+                        trace=self.trace, budget=self.budget, on_code=lambda: self.publish(force=True))
         lm = root_lm(settings)
         self.stats.watch_root(lm)
         self.publish(force=True)

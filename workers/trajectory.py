@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -94,10 +95,12 @@ class TrajectoryLog:
 class TracedRLM(FleetRLM):
     """``FleetRLM`` that checks the budget before each step and records each step as it ends."""
 
-    def __init__(self, signature: Any, *, trace: TrajectoryLog, budget: Any, **kwargs: Any) -> None:
+    def __init__(self, signature: Any, *, trace: TrajectoryLog, budget: Any,
+                 on_code: Callable[[], None] | None = None, **kwargs: Any) -> None:
         super().__init__(signature, **kwargs)
         self.trace = trace
         self.budget = budget  # workers.budget.Budget
+        self.on_code = on_code  # called when a step's code starts (the root call is then accounted)
 
     def _execute_iteration(self, repl: Any, variables: Any, history: Any, iteration: int,
                            *args: Any, **kwargs: Any) -> Any:
@@ -111,6 +114,8 @@ class TracedRLM(FleetRLM):
         return result
 
     def _execute_code(self, repl: Any, code: str, input_args: dict[str, Any]) -> Any:
+        if self.on_code is not None:
+            self.on_code()
         started = time.monotonic()
         try:
             return super()._execute_code(repl, code, input_args)

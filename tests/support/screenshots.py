@@ -6,8 +6,9 @@ itself and writes PNGs of live runs:
 
     python -m tests.support.screenshots --out rlmq-output/screenshots
 
-(a private Redis, the workers, Flower, ``rlmq ui``, the stub LLM playing a slow scripted run
-plus a finished one), then prints the PNG paths.
+(a private Redis, the workers, Flower, ``rlmq ui``, the stub LLM playing a scripted run that
+fans out 40 sub-calls and then thinks for 90 s), shoots while it works, cancels it, and prints
+the PNG paths.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     steps = ["print(len(items), items[:2])",
              "answers = llm_query_batched([f'describe {x}' for x in items])\nprint(answers[:3])",
-             "import time\nfor _ in range(100):\n    time.sleep(0.1)\nprint('thought hard')",
+             "import time\nfor _ in range(900):\n    time.sleep(0.1)\nprint('thought hard')",
              "SUBMIT(answers=answers)"]
     with StubLLM(latency=0.05) as stub:
         stub.set_responder(route(root=ScriptedRoot(steps), sub=lambda p: "an answer about " + p[-20:]))
@@ -96,17 +97,15 @@ def main(argv: list[str] | None = None) -> int:
             server = make_server("127.0.0.1", ui_port, create_app(client), threaded=True)
             threading.Thread(target=server.serve_forever, daemon=True).start()
             time.sleep(3)  # Flower subscribes to events before the runs start
-            done_id = client.submit("items: list[str] -> answers: list[str]", {"items": ["a pear", "a fig"]})
-            client.wait(done_id, timeout=120)
             live_id = client.submit("items: list[str] -> answers: list[str]",
                                     {"items": [f"item {i}" for i in range(40)]}, max_iters=8)
-            _until(lambda: len(client.trace(live_id)) >= 2, 120)
-            pngs = [screenshot(f"http://127.0.0.1:{ui_port}/run/{live_id}", out / "run_page_live.png"),
-                    screenshot(f"http://127.0.0.1:{ui_port}/", out / "runs.png", size="1280,700"),
-                    screenshot(f"http://127.0.0.1:{flower_port}/tasks", out / "flower_tasks.png", size="1400,800",
+            _until(lambda: len(client.trace(live_id)) >= 2, 120)  # then it thinks for 90 s
+            pngs = [screenshot(f"http://127.0.0.1:{flower_port}/task/{live_id}", out / "flower_task_live.png",
+                               size="1280,1100"),
+                    screenshot(f"http://127.0.0.1:{flower_port}/tasks", out / "flower_tasks.png", size="1800,800",
                                wait_ms=5000),
-                    screenshot(f"http://127.0.0.1:{flower_port}/task/{live_id}", out / "flower_task_live.png",
-                               size="1280,1100")]
+                    screenshot(f"http://127.0.0.1:{ui_port}/run/{live_id}", out / "run_page_live.png", wait_ms=500),
+                    screenshot(f"http://127.0.0.1:{ui_port}/", out / "runs.png", size="1280,700", wait_ms=500)]
             client.cancel(live_id)
             server.shutdown()
     for png in pngs:
