@@ -22,6 +22,7 @@ def _send_events() -> bool:
 
 
 @app.task(name=LLM_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, send_events=_send_events(),
+          resultrepr_maxsize=160,  # Flower shows the start of the answers, not whole batches
           soft_time_limit=SUBTASK_DEADLINE_SECONDS + 60, time_limit=SUBTASK_DEADLINE_SECONDS + 120)
 def llm_batch(self: Any, prompts: list[Any], model: str, options: dict[str, Any] | None = None,
               params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
