@@ -193,3 +193,15 @@ def test_workers_and_stats_show_the_fleet_at_work(fleet: Fleet, stub: StubLLM, r
     assert "cache hit rate: 50%" in rlmq("stats", env=env, cwd=tmp_path).stdout
     client.cancel(run_id)
     assert finished(client, run_id, timeout=30).status.value == "CANCELLED"
+
+
+def test_time_limit_stops_a_long_step_and_its_sandbox(fleet: Fleet, stub: StubLLM, r) -> None:
+    steps = ["import time\nfor _ in range(600):\n    time.sleep(0.1)", "SUBMIT(answers=[])"]
+    client, run_id, script = submit(r, stub, steps, ["a"], time_limit=3)
+    record = finished(client, run_id, timeout=60)
+    assert record.status.value == "STOPPED" and "time limit" in record.error, (record.status, record.error)
+    assert record.finished_at - record.started_at < 15  # not the step's 60 s
+    assert script.calls == [0]
+    from workers.sandbox_registry import LeaseRegistry
+
+    wait_until(lambda: LeaseRegistry(r, 30).live() == [], timeout=10, message="the sandbox released")
