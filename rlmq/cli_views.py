@@ -15,6 +15,14 @@ from typing import Any, Callable
 __all__ = ["add_budget_flags", "add_view_commands", "budget_options", "print_outputs"]
 
 
+def _client(args: argparse.Namespace):
+    # Not rlmq.cli's: under `python -m rlmq.cli` that module is __main__, and importing it again
+    # would make a second copy whose exception classes main() does not catch.
+    from rlmq.client import Client
+
+    return Client(getattr(args, "redis_url", None))
+
+
 def _number(kind: type, what: str) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
@@ -50,7 +58,6 @@ def print_outputs(client: Any, run_id: str) -> None:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from rlmq.cli import _client
     from rlmq.trace import format_trace
 
     client = _client(args)
@@ -72,12 +79,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     import os
 
-    from rlmq.cli import CliError, _client
+    from rlmq.client import ClientError
     from rlmq.ui import create_app, serve
 
     auth = args.basic_auth or os.environ.get("FLOWER_BASIC_AUTH") or None
     if args.address not in ("127.0.0.1", "localhost", "::1") and not auth:
-        raise CliError(f"refusing to serve run pages on {args.address} without --basic-auth or FLOWER_BASIC_AUTH "
+        raise ClientError(f"refusing to serve run pages on {args.address} without --basic-auth or FLOWER_BASIC_AUTH "
                        "(they show inputs' excerpts and outputs)")
     app = create_app(_client(args), basic_auth=auth)
     print(f"rlmq ui: http://{args.address}:{args.port}/  (Ctrl-C stops it)", file=sys.stderr, flush=True)
@@ -86,7 +93,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_workers(args: argparse.Namespace) -> int:
-    from rlmq.cli import _client
     from rlmq.fleet_view import format_workers, workers_view
 
     workers = workers_view(_client(args), timeout=args.timeout)
@@ -95,7 +101,6 @@ def cmd_workers(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from rlmq.cli import _client
     from rlmq.fleet_view import fleet_stats, format_stats
 
     stats = fleet_stats(_client(args), window=args.window)

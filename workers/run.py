@@ -143,7 +143,7 @@ class RunExecution:
         if self.budget.unpriced_models():
             raise RunFailed(f"max_cost cannot be enforced: LiteLLM's price table has no price for "
                             f"{', '.join(self.budget.unpriced_models())}")
-        self.trace = TrajectoryLog(self.client, self.run_id, self.stats)
+        self.trace = TrajectoryLog(self.client, self.run_id, self.stats, ttl_seconds=self.base.result_expires)
         try:
             tools = load_tools(spec.tools)  # before any sandbox or LM call: a bad tool costs nothing
         except ToolLoadError as exc:

@@ -47,10 +47,11 @@ def cut_output(text: str, keep: int = OUTPUT_KEEP) -> tuple[str, int]:
 class TrajectoryLog:
     """Appends a run's steps to Redis; monitoring must never break the run, so errors are logged."""
 
-    def __init__(self, client: redis.Redis, run_id: str, usage: Any) -> None:
+    def __init__(self, client: redis.Redis, run_id: str, usage: Any, *, ttl_seconds: int | None = None) -> None:
         self.redis = client
         self.key = run_trajectory_key(run_id)
         self.usage = usage  # workers.usage.RunUsage
+        self.ttl_seconds = ttl_seconds  # renewed with every step, so a dead worker's trace still expires
         self.steps = 0
         self._began = 0.0
         self._began_wall = 0.0
@@ -79,7 +80,11 @@ class TrajectoryLog:
             "root": self.usage.root.minus(self._marks[0]), "sub": self.usage.sub.minus(self._marks[1]),
         }
         try:
-            self.redis.rpush(self.key, json.dumps(record, allow_nan=False, default=str))
+            pipe = self.redis.pipeline()
+            pipe.rpush(self.key, json.dumps(record, allow_nan=False, default=str))
+            if self.ttl_seconds:
+                pipe.expire(self.key, int(self.ttl_seconds))
+            pipe.execute()
         except redis.RedisError:
             logger.exception("could not append step %d to %s", self.steps, self.key)
         return record
