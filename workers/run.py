@@ -180,15 +180,15 @@ class RunExecution:
         progress = self.progress()
         if self.trace is not None:
             self.trace.expire(self.base.result_expires)
+        if isinstance(exc, (RunCancelled, FanoutCancelled)) or self.store.cancel_requested(self.run_id):
+            self.store.finish(self.run_id, RunStatus.CANCELLED, error="cancelled", progress=progress)
+            self.task.update_state(task_id=self.run_id, state=states.REVOKED, meta={"reason": "cancelled"})
+            raise Ignore()
         if self.budget is not None and (isinstance(exc, BudgetExceeded) or self.budget.tripped):
             reason = f"budget exceeded: {self.budget.tripped or exc}"
             logger.warning("run %s stopped: %s", self.run_id, reason)
             self.store.finish(self.run_id, RunStatus.STOPPED, error=reason, progress=progress)
             raise RunFailed(one_line(reason)) from None
-        if isinstance(exc, (RunCancelled, FanoutCancelled)) or self.store.cancel_requested(self.run_id):
-            self.store.finish(self.run_id, RunStatus.CANCELLED, error="cancelled", progress=progress)
-            self.task.update_state(task_id=self.run_id, state=states.REVOKED, meta={"reason": "cancelled"})
-            raise Ignore()
         if isinstance(exc, SoftTimeLimitExceeded):
             message = f"time limit: the run took longer than {self.base.run_time_limit:g}s"
         elif isinstance(exc, RunFailed):
