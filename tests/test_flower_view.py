@@ -154,7 +154,8 @@ def test_a_cancelled_run_ends_revoked_in_flower(fleet, flower, stub, r) -> None:
 
 def test_run_page_shows_steps_live_and_the_answer(fleet, flower, ui, stub, r, tmp_path) -> None:
     base, creds = ui
-    client, run_id = submit(r, stub, SLOW, ["a fig", "a pear"])
+    slower = [SLOW[0], SLOW[1].replace("range(40)", "range(150)"), SLOW[2]]  # 15 s: shots of a live run
+    client, run_id = submit(r, stub, slower, ["a fig", "a pear"])
     assert get(f"{base}/run/{run_id}")[0] == 401  # basic auth, as Flower's
     assert get(f"{base}/run/{run_id}", auth="viewer:wrong")[0] == 401
     wait_until(lambda: len(client.trace(run_id)) >= 1 and client.status(run_id).progress.get("iteration") == 2,
@@ -166,18 +167,20 @@ def test_run_page_shows_steps_live_and_the_answer(fleet, flower, ui, stub, r, tm
 
     missing = chromium_missing()
     if missing is None:
+        flower_dom = dom(f"{flower}/tasks", wait_ms=5000)  # its list shows args, kwargs and live progress
+        row = flower_dom[flower_dom.find(f'<tr id="{run_id}"'):]
+        row = row[:row.find("</tr>")]
+        assert "STARTED" in row and "iteration 2/5" in row and "list[2]" in row, row
+        assert "items: list[str] -&gt; answers: list[str]" in row
+        flower_png = screenshot(f"{flower}/tasks", tmp_path / "flower_tasks_live.png", size="1800,700", wait_ms=4000)
+        assert flower_png.stat().st_size > 10_000
         user, password = creds.split(":")
         authed = base.replace("http://", f"http://{user}:{password}@")
         live = dom(f"{authed}/run/{run_id}", wait_ms=500)
         assert f"<title>rlmq run {run_id[:12]} · RUNNING</title>" in live and 'id="step-1"' in live
+        assert 'id="step-running"' in live  # step 2 is in progress
         png = screenshot(f"{authed}/run/{run_id}", tmp_path / "run_page_live.png", wait_ms=500)
         assert png.stat().st_size > 10_000
-        flower_png = screenshot(f"{flower}/tasks", tmp_path / "flower_tasks_live.png", size="1800,700", wait_ms=4000)
-        assert flower_png.stat().st_size > 10_000
-        assert 'id="step-running"' in live  # step 2 is in progress
-        flower_dom = dom(f"{flower}/tasks", wait_ms=5000)  # its list shows args, kwargs and live progress
-        assert run_id in flower_dom and "items: list[str] -&gt; answers: list[str]" in flower_dom
-        assert "list[2]" in flower_dom and "iteration 2/5" in flower_dom
 
     assert client.wait(run_id, timeout=60).status.value == "SUCCEEDED"
     code, page = get(f"{base}/run/{run_id}", auth=creds)
