@@ -57,3 +57,10 @@ def test_ui_refuses_a_public_address_without_auth(tmp_path, redis_url) -> None:
 def test_trace_of_an_unknown_run_is_a_one_line_error(tmp_path, redis_url) -> None:
     done = rlmq("trace", "nope", env=cli_env(tmp_path, REDIS_URL=redis_url), cwd=tmp_path)
     assert done.code == 4 and done.stderr.startswith("rlmq: error: no run with id 'nope'")
+
+
+def test_the_views_never_import_dspy_or_the_worker_runtime() -> None:
+    code = ("import sys, rlmq.client, rlmq.ui, rlmq.cli_views, rlmq.fleet_view, rlmq.trace, rlmq.cli; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'dspy', 'litellm', 'workers', 'tasks', 'broker_bridge'}))")
+    done = subprocess.run([RLMQ[0], "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
