@@ -12,8 +12,9 @@ Queues:
   leases instead. Run with the prefork pool (time limits need it), events on.
 - ``llm``: many short ``llm_batch`` sub-tasks. ``acks_late`` + ``reject_on_worker_lost``, so a
   crashed worker's batches are redelivered; safe because answers go through the response cache
-  (single-flight). Run with ``-P threads -c 32``. ``llm_batch`` sends no task events: they cost
-  ~2-3 ms each and nobody watches sub-calls one by one.
+  (single-flight). Run with ``-P threads -c 32``. ``llm_batch`` sends task events unless
+  ``RLMQ_SUBTASK_EVENTS=off`` (Flower then counts each llm worker's work; measured cost in
+  docs/ARCHITECTURE.md), with a repr that names its run and never shows its prompts.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ CELERY_CONFIG: dict[str, Any] = dict(
     task_routes={RUN_TASK: {"queue": RLM_QUEUE}, LLM_TASK: {"queue": LLM_QUEUE}, REAP_TASK: {"queue": LLM_QUEUE}},
     worker_prefetch_multiplier=1,
     task_acks_late=False,  # the default; llm_batch opts in on its decorator
-    worker_send_task_events=True,  # for runs; llm_batch opts out (send_events=False)
+    worker_send_task_events=True,  # runs, and llm_batch unless RLMQ_SUBTASK_EVENTS=off
     task_send_sent_event=False,
     task_track_started=True,
     result_expires=RESULT_EXPIRES_SECONDS,

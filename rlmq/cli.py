@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any, Callable
 
+from rlmq.cli_views import add_budget_flags, add_view_commands, budget_options, print_outputs
 from rlmq.progress import format_progress, progress_printer
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NO_RUN, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
@@ -61,10 +62,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     run_id = client.submit(
         args.signature, inputs, tools=args.tool, lm=args.lm, sub_lm=args.sub_lm, lm_api_base=args.api_base,
         sandbox=args.sandbox, max_iters=args.max_iters, max_llm_calls=args.max_llm_calls,
+        **budget_options(args),
     )
     print(run_id)
     sys.stdout.flush()
-    return _wait(client, run_id, args.timeout) if args.wait else EXIT_OK
+    if not args.wait:
+        return EXIT_OK
+    code = _wait(client, run_id, args.timeout)
+    if code == EXIT_OK:
+        print_outputs(client, run_id)
+    return code
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -269,13 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(default and maximum: the workers' settings)")
     p.add_argument("--max-llm-calls", type=COUNT, help="sub-LLM calls allowed for the run "
                                                        "(default and maximum: the workers' settings)")
+    add_budget_flags(p)
     p.add_argument("--sandbox", choices=SANDBOXES, help="where generated code runs (default RLMQ_SANDBOX; others "
                                                         "only if the workers' RLMQ_ALLOWED_SANDBOXES allow them)")
     p.add_argument("--tool", action="append", default=[], metavar="MODULE:FUNCTION",
                    help="a Python function sandbox code may call by its name (repeatable); imported on the "
                         "workers, so its module must be installed or on their PYTHONPATH, and allowed by their "
                         "RLMQ_ALLOWED_TOOLS")
-    p.add_argument("--wait", action="store_true", help="wait for the run and show progress")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for the run, show progress on stderr, print its outputs (JSON) on stdout")
     p.add_argument("--timeout", type=SECONDS, help="with --wait: give up after this many seconds")
 
     p = add("status", cmd_status, "show a run's status and progress")
@@ -314,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-concurrency", type=COUNT, default=32)
     p.add_argument("--flower-port", type=PORT, default=5555)
     p.add_argument("--no-flower", action="store_true")
+
+    add_view_commands(add, PORT)  # trace, ui, workers, stats (rlmq.cli_views)
 
     p = add("demo", cmd_demo, "run a reference analysis (brings up a local stack if none is running)")
     p.add_argument("name", choices=["monte-cristo"])

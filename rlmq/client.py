@@ -26,6 +26,8 @@ from rlmq.celery_config import RLM_QUEUE, RUN_TASK, client_app
 from rlmq.records import RunRecord, RunSpec, RunStatus, RunStore, new_run_id
 from rlmq.settings import RUN_OPTIONS, Settings, SettingsError, load_dotenv_once, redis_url_from_env
 from rlmq.stack import running_stack_url
+from rlmq.trace import read_trajectory
+from rlmq.task_view import describe_inputs, task_reprs
 
 __all__ = ["Client", "ClientError", "UnknownRun", "check_run_id", "check_signature", "check_tool_path"]
 
@@ -99,7 +101,7 @@ class Client:
         def store_and_enqueue() -> None:
             refs = put_blobs(self.redis, inputs)
             self.enqueue(RunSpec(run_id=run_id, signature=signature, inputs=refs, options=run_options,
-                                 tools=tool_paths))
+                                 tools=tool_paths), described=describe_inputs(inputs))
 
         self._call("submit", store_and_enqueue)
         return run_id
@@ -115,10 +117,24 @@ class Client:
             return None
         return own if own.lm else None
 
-    def enqueue(self, spec: RunSpec) -> None:
-        """Record a run whose inputs are stored already and send ``run_rlm`` for it (the run id is the task id)."""
+    def enqueue(self, spec: RunSpec, *, described: dict[str, str] | None = None) -> None:
+        """Record a run whose inputs are stored already and send ``run_rlm`` for it (the run id is the task id).
+
+        ``described``: each input's kind and size (``describe_inputs``), shown by Flower; without
+        it the blobs' sizes in Redis are shown.
+        """
         self.store.create(spec)
-        self.celery.send_task(RUN_TASK, args=(spec.run_id,), task_id=spec.run_id, queue=RLM_QUEUE)
+        self.celery.send_task(RUN_TASK, args=(spec.run_id,), task_id=spec.run_id, queue=RLM_QUEUE,
+                              **task_reprs(spec, described or self._blob_sizes(spec)))
+
+    def _blob_sizes(self, spec: RunSpec) -> dict[str, str]:
+        from rlmq.keys import blob_key
+        from rlmq.task_view import human_bytes
+
+        sizes = self.redis.pipeline()
+        for digest in spec.inputs.values():
+            sizes.strlen(blob_key(digest))
+        return {name: human_bytes(n) for name, n in zip(spec.inputs, sizes.execute())}
 
     # ---- follow ----------------------------------------------------------------------------
     def status(self, run_id: str) -> RunRecord:
@@ -151,6 +167,11 @@ class Client:
         if result is None:
             raise ClientError(f"run {run_id} succeeded but its result has expired")
         return result
+
+    def trace(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's steps so far (reasoning, code, output, timings, usage), oldest first."""
+        self.status(run_id)  # UnknownRun for a run that does not exist
+        return self._call("trace", lambda: read_trajectory(self.redis, run_id))
 
     def cancel(self, run_id: str) -> RunRecord:
         """Ask the run to stop: a queued run never starts; a running one stops and deletes its sandbox.

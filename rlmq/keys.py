@@ -13,6 +13,7 @@ rlmq:run:{run_id}                   hash    the run record (spec, status, timest
 rlmq:run:{run_id}:owner             string  worker currently owning the run (SET NX + TTL)
 rlmq:run:{run_id}:result            string  the run's final result (JSON)
 rlmq:run:{run_id}:cancel            string  present when a cancel was requested
+rlmq:run:{run_id}:trajectory        list    one JSON entry per finished iteration, appended live
 rlmq:runs                           zset    run ids scored by submit time (unix seconds)
 rlmq:resp:{digest}                  string  cached LM response (JSON), TTL
 rlmq:resp:{digest}:inflight         string  single-flight lock: token of the computing worker
@@ -23,6 +24,8 @@ rlmq:cooldown:{name}                string  fleet-wide pause (e.g. after a 429);
 rlmq:lease:{sandbox_id}             record  a live sandbox's lease (run id, backend, expiry)
 rlmq:leases                         zset    sandbox ids scored by lease expiry (unix seconds)
 rlmq:dspy:{key}                     string  a dspy.cache entry (root-LM calls), TTL
+rlmq:stats:{name}:{second}          string  fleet counter for one unix second (sub-calls,
+                                            cache hits, 429s), TTL a few minutes
 ==================================  ======  =================================================
 
 Identifiers that sit in the middle of a key (run ids, digests, sandbox ids) may not contain
@@ -51,6 +54,8 @@ __all__ = [
     "run_key",
     "run_owner_key",
     "run_result_key",
+    "run_trajectory_key",
+    "stats_key",
     "runs_index_key",
 ]
 
@@ -98,6 +103,14 @@ def run_result_key(run_id: str) -> str:
 
 def run_cancel_key(run_id: str) -> str:
     return f"{run_key(run_id)}:cancel"
+
+
+def run_trajectory_key(run_id: str) -> str:
+    return f"{run_key(run_id)}:trajectory"
+
+
+def stats_key(name: str, second: int) -> str:
+    return f"{NAMESPACE}:stats:{_ident(name)}:{int(second)}"
 
 
 def runs_index_key() -> str:

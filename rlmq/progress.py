@@ -14,8 +14,16 @@ def format_progress(record, *, clock: bool = True) -> str:
     parts = [record.status.value.lower()]
     if p.get("iteration") is not None:
         parts.append(f"iteration {p.get('iteration')}/{p.get('max_iters', '?')}")
+    batch = p.get("batch")
+    if batch and not record.status.finished:
+        parts.append(f"batch {batch.get('done', 0)}/{batch.get('total', 0)} ({batch.get('cache_hits', 0)} cached)")
     parts.append(f"sub-LLM calls {p.get('llm_calls', 0)}")
     parts.append(f"cache hits {p.get('cache_hits', 0)}")
+    total = (p.get("usage") or {}).get("total")
+    if total:
+        parts.append(f"{total.get('paid_input_tokens', 0) + total.get('paid_output_tokens', 0):,} tokens paid")
+        parts.append(f"${total.get('cost_paid', 0):.4f} paid / ${total.get('cost_uncached', 0):.4f} uncached"
+                     + ("" if total.get("priced", True) else " (some models unpriced)"))
     if clock:
         started = record.started_at or record.spec.submitted_at
         end = record.finished_at or time.time()

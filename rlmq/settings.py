@@ -73,6 +73,15 @@ def _nonneg_int(raw: str) -> int:
     return value
 
 
+def _bool(raw: str) -> bool:
+    value = str(raw).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be on or off (true/false, 1/0)")
+
+
 def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip()
@@ -223,10 +232,16 @@ class Settings:
     chunk_size: int = _opt("RLMQ_CHUNK_SIZE", _int, 8)
     fanout_width: int = _opt("RLMQ_FANOUT_WIDTH", _int, 64)
     gather_timeout: float = _opt("RLMQ_GATHER_TIMEOUT", _float, 900.0)
+    # budgets per run (none by default): dollars (LiteLLM's prices), tokens, wall-clock seconds
+    max_cost: float | None = _opt("RLMQ_MAX_COST", _float, None)
+    max_tokens: int | None = _opt("RLMQ_MAX_TOKENS", _int, None)
+    time_limit: float | None = _opt("RLMQ_TIME_LIMIT", _float, None)
     # worker-level, not per run
     run_time_limit: float = _opt("RLMQ_RUN_TIME_LIMIT", _float, 6 * 3600.0, per_run=False)
     lease_ttl: float = _opt("RLMQ_LEASE_TTL", _float, 90.0, per_run=False)
     result_expires: int = _opt("RLMQ_RESULT_EXPIRES", _int, 7 * 24 * 3600, per_run=False)
+    # task events for llm_batch sub-tasks (Flower's per-worker counts; ~costs measured in docs/ARCHITECTURE.md)
+    subtask_events: bool = _opt("RLMQ_SUBTASK_EVENTS", _bool, True, per_run=False)
 
     @property
     def effective_sub_lm(self) -> str:

@@ -77,10 +77,16 @@ def worker_command(queue: str, *, name: str, concurrency: int, pool: str) -> lis
     ]
 
 
+# Flower's task list shows these columns: args (the run's signature), kwargs (its inputs' sizes)
+# and result (a working run's live progress) say what each run is (rlmq.task_view).
+FLOWER_TASK_COLUMNS = "name,state,result,args,kwargs,received,runtime,worker,uuid"
+
+
 def flower_command(*, port: int, address: str) -> list[str]:
     """Flower's command line; its login goes in ``FLOWER_BASIC_AUTH`` (Flower reads it from the
     environment), never on a command line, which every user of the machine can read."""
-    return [sys.executable, "-m", "celery", "-A", CELERY_APP, "flower", f"--port={port}", f"--address={address}"]
+    return [sys.executable, "-m", "celery", "-A", CELERY_APP, "flower", f"--port={port}", f"--address={address}",
+            f"--tasks_columns={FLOWER_TASK_COLUMNS}"]
 
 
 @dataclass

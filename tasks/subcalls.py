@@ -5,13 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 from rlmq.celery_config import LLM_TASK
+from rlmq.settings import Settings, SettingsError
 from tasks.app import app
+from workers.context import worker_settings
 from workers.subcalls import SUBTASK_DEADLINE_SECONDS, answer_batch
 
 __all__ = ["llm_batch"]
 
 
-@app.task(name=LLM_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, send_events=False,
+def _send_events() -> bool:
+    """RLMQ_SUBTASK_EVENTS (default on: Flower then counts each llm worker's sub-tasks)."""
+    try:
+        return worker_settings().subtask_events
+    except SettingsError:
+        return Settings().subtask_events
+
+
+@app.task(name=LLM_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, send_events=_send_events(),
+          resultrepr_maxsize=160,  # Flower shows the start of the answers, not whole batches
           soft_time_limit=SUBTASK_DEADLINE_SECONDS + 60, time_limit=SUBTASK_DEADLINE_SECONDS + 120)
 def llm_batch(self: Any, prompts: list[Any], model: str, options: dict[str, Any] | None = None,
               params: dict[str, Any] | None = None) -> list[dict[str, Any]]:

@@ -88,3 +88,20 @@ def test_cache_reaches_its_disk_tier_through_the_replaced_attributes() -> None:
     assert cache.get(request) == {"answer": 1}
     tier.clear()
     assert cache.get(request) is None, "Cache.get did not read the replaced disk tier"
+
+
+def test_per_step_hooks_that_traced_rlm_wraps() -> None:
+    """``workers.trajectory.TracedRLM`` wraps these three to record and budget each step."""
+    from workers.trajectory import TracedRLM
+
+    assert list(inspect.signature(dspy.RLM._execute_iteration).parameters)[:5] == [
+        "self", "repl", "variables", "history", "iteration"]
+    assert list(inspect.signature(dspy.RLM._execute_code).parameters) == ["self", "repl", "code", "input_args"]
+    assert list(inspect.signature(dspy.RLM._extract_fallback).parameters) == [
+        "self", "variables", "history", "output_field_names"]
+    for name in ("_execute_iteration", "_execute_code", "_extract_fallback"):
+        assert getattr(TracedRLM, name) is not getattr(dspy.RLM, name)
+    # DSPy's history entries carry what the trace records
+    from dspy.primitives.repl_types import REPLEntry
+
+    assert {"reasoning", "code", "output"} <= set(REPLEntry.model_fields)

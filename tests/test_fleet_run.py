@@ -168,7 +168,7 @@ def test_progress_and_cancel(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
     run_id, _ = submit(r, chapters[:5], stub=stub, steps=steps)
     result = AsyncResult(run_id)
     deadline = time.monotonic() + 60
-    while not (result.state == "PROGRESS" and (result.info or {}).get("iteration") == 2):
+    while not (result.state == "STARTED" and (result.info or {}).get("iteration") == 2):
         assert time.monotonic() < deadline, (result.state, result.info)
         time.sleep(0.1)
     info = result.info
@@ -183,7 +183,7 @@ def test_progress_and_cancel(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
     assert all(w.alive for w in fleet.workers)
 
 
-def test_runs_send_task_events_and_sub_calls_send_none(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
+def test_runs_send_progress_events_and_sub_calls_never_show_prompts(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
     import threading
 
     from tasks.app import app
@@ -210,11 +210,15 @@ def test_runs_send_task_events_and_sub_calls_send_none(fleet: Fleet, stub: StubL
     time.sleep(1.0)
     stop.set()
     thread.join(5)
-    task_events = [e for e in events if e.get("type", "").startswith("task-")]
-    assert {e["uuid"] for e in task_events} == {run_id}, "a sub-call sent task events"
+    all_task_events = [e for e in events if e.get("type", "").startswith("task-")]
+    task_events = [e for e in all_task_events if e["uuid"] == run_id]
+    sub_received = [e for e in all_task_events if e["uuid"] != run_id and e["type"] == "task-received"]
+    assert sub_received and all(e["name"] == "rlmq.llm_batch" for e in sub_received)
+    for e in sub_received:  # Flower shows what a sub-task is, never the prompts it carries
+        assert "prompt(s)" in e["args"] and run_id in e["kwargs"] and "richest" not in e["args"] + e["kwargs"]
     kinds = {e["type"] for e in task_events}
-    assert {"task-received", "task-started", "task-progress", "task-succeeded"} <= kinds, kinds
-    progress = [e for e in task_events if e["type"] == "task-progress"]
+    assert {"task-received", "task-started", "task-succeeded"} <= kinds, kinds
+    progress = [e for e in task_events if e["type"] == "task-started" and "iteration" in e]
     assert max(e["iteration"] for e in progress) == 3 and max(e["llm_calls"] for e in progress) == 21
     assert RunStore(r).result(run_id)["progress"]["llm_calls"] == 21
 

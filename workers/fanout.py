@@ -68,6 +68,13 @@ class FanoutStats:
                 self.completion_tokens += int(a.usage.get("completion_tokens", 0))
                 self.cost += float(a.cost or 0.0)
 
+    # Hooks for live progress and budgets (workers.usage.RunUsage fills them in).
+    def batch_started(self, prompts: Sequence[Any], params: dict[str, Any]) -> None:
+        """Before a batch is sent; may raise to refuse it (nothing is sent then)."""
+
+    def chunk_arrived(self, answers: Sequence[Answer]) -> None:
+        """One sub-task's answers, as they arrive during the gather."""
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {"llm_calls": self.prompts, "cache_hits": self.cache_hits, "llm_errors": self.errors,
@@ -94,13 +101,15 @@ class Fanout:
     """Sends prompts to the ``llm`` queue as one group per batch and gathers the answers."""
 
     def __init__(self, settings: Settings, *, app: Any, options: dict[str, Any] | None = None,
-                 stats: FanoutStats | None = None, should_stop: Callable[[], bool] | None = None) -> None:
+                 stats: FanoutStats | None = None, should_stop: Callable[[], bool] | None = None,
+                 run_id: str | None = None) -> None:
         self.settings = settings
         self.app = app  # sends llm_batch by name: the engine does not import the task modules
         self.model = settings.effective_sub_lm
         self.options = dict(options or {})  # the run's per-run options; each sub-task applies them
         self.stats = stats or FanoutStats()
         self.should_stop = should_stop
+        self.run_id = run_id  # names the sub-tasks' parent in Flower
 
     def query(self, prompts: Sequence[str | Messages], params: dict[str, Any] | None = None) -> list[Answer]:
         """Answers for ``prompts``, in order; never raises for a failed prompt."""
@@ -114,6 +123,7 @@ class Fanout:
         bounds = plan_chunks(len(todo), self.settings.chunk_size, self.settings.fanout_width)
         chunks = [[todo[j] for j in range(a, b)] for a, b in bounds]
         if chunks:
+            self.stats.batch_started([prompts[i] for i in todo], params or {})  # budget check, live progress
             self._dispatch([[prompts[i] for i in c] for c in chunks], chunks, answers, params or {})
         done = [a if a is not None else Answer(error="no answer") for a in answers]
         self.stats.add(done)
@@ -121,7 +131,11 @@ class Fanout:
 
     def _dispatch(self, payloads: list[list[Any]], chunks: list[list[int]], answers: list[Answer | None],
                   params: dict[str, Any]) -> None:
-        job = group(self.app.signature(LLM_TASK, args=(payload, self.model, self.options, params))
+        # Flower shows what a sub-task is, never its prompts (argsrepr/kwargsrepr); the run is its parent.
+        job = group(self.app.signature(LLM_TASK, args=(payload, self.model, self.options, params),
+                                       argsrepr=f"({len(payload)} prompt(s), {self.model!r})",
+                                       kwargsrepr=f"{{'run': {self.run_id!r}}}",
+                                       parent_id=self.run_id, root_id=self.run_id)
                     for payload in payloads)
         result = job.apply_async()
         slot = {r.id: n for n, r in enumerate(result.results)}
@@ -134,6 +148,7 @@ class Fanout:
             else:  # the sub-task itself failed (it should not): every prompt of it is an error
                 for i in indexes:
                     answers[i] = Answer(error=f"sub-task failed: {value!r}"[:300])
+            self.stats.chunk_arrived([answers[i] for i in indexes])  # live progress of the batch
 
         def check_stop() -> None:
             if self.should_stop is not None and self.should_stop():

@@ -9,8 +9,11 @@ trajectory, and always releases its sandbox. Every ending is recorded: SUCCEEDED
 or FAILED with the error text; the exception that Celery sees is a plain ``RunFailed``.
 
 Progress: a dspy callback on the RLM's action predictor marks each iteration, and the lease
-keeper's 1-s tick republishes sub-call counters, both through ``_publish`` (``update_state
-("PROGRESS")``, a ``task-progress`` event for Flower, and the run record). Cancellation: a flag in
+keeper's 1-s tick republishes sub-call counters (including the batch in flight), both through
+``publish`` (``workers.monitor``: Celery state STARTED with the progress as meta, a task-started
+event Flower shows, and the run record). Steps are appended to the trajectory in Redis as they end
+(``workers.trajectory``); usage and cost are ``workers.usage``; budgets (``workers.budget``) end
+a run as STOPPED. Cancellation: a flag in
 Redis seen by the tick (which then deletes the sandbox at once, so the next execute fails) and by
 the fan-out's gather loop (which revokes its sub-tasks).
 """
@@ -34,8 +37,12 @@ from rlmq.records import RunSpec, RunStatus, RunStore
 from rlmq.settings import Settings, SettingsError
 from workers.cache import install_redis_dspy_cache
 from workers.context import redis_client, worker_settings
+from workers.budget import Budget, BudgetExceeded
 from workers.dspy_private import action_predictor, iteration_of
-from workers.fanout import Fanout, FanoutCancelled, FanoutStats, FleetRLM
+from workers.fanout import Fanout, FanoutCancelled, FanoutStats
+from workers.monitor import count, one_line, publish_progress, summary_line
+from workers.trajectory import TracedRLM, TrajectoryLog
+from workers.usage import RunUsage
 from workers.sandbox_registry import LeaseKeeper, LeaseRegistry
 from workers.user_tools import ToolLoadError, load_tools
 
@@ -43,6 +50,7 @@ __all__ = ["RunCancelled", "RunExecution", "RunFailed", "root_lm"]
 
 logger = logging.getLogger(__name__)
 
+_PUBLISH_EVERY = 0.5  # seconds between progress updates while counters move
 
 
 class RunFailed(Exception):
@@ -89,6 +97,11 @@ class RunExecution:
         self._last_publish = 0.0
         self._last_counts: tuple[int, int] = (0, 0)
         self.keeper: LeaseKeeper | None = None
+        # issue #10 (trajectory, usage, budgets): set up in _execute once the run's settings are known
+        self.budget: Budget | None = None
+        self.trace: TrajectoryLog | None = None
+        self.started_wall = time.time()
+        self._counted: tuple[int, int] = (0, 0)
 
     def run(self) -> dict[str, Any]:
         record = self.store.get(self.run_id)
@@ -106,10 +119,15 @@ class RunExecution:
             if self.keeper is not None:
                 self.keeper.stop()
                 self.keeper.destroy_all()  # normally empty: DSPy shut the interpreter down
+            if self.trace is not None:
+                self.trace.expire(self.base.result_expires)
         progress = self.progress()
-        self.store.finish(self.run_id, RunStatus.SUCCEEDED, result={**result, "progress": progress},
+        self.store.finish(self.run_id, RunStatus.SUCCEEDED,
+                          result={**result, "progress": progress, "usage": progress.get("usage")},
                           progress=progress)
-        return {"run_id": self.run_id, "status": RunStatus.SUCCEEDED.value, **progress}
+        # What Celery stores and Flower shows as the result: the summary first (Flower cuts long reprs).
+        brief = {k: v for k, v in progress.items() if k not in ("usage", "llm_workers")}
+        return {"run_id": self.run_id, "status": RunStatus.SUCCEEDED.value, "summary": summary_line(progress), **brief}
 
     def _execute(self, spec: RunSpec) -> dict[str, Any]:
         try:  # the operator's pins, before any sandbox or LM call (the client may not know them)
@@ -122,6 +140,14 @@ class RunExecution:
             raise RunCancelled()
         self.store.mark_running(self.run_id, self.hostname)
         install_redis_dspy_cache(self.client, settings.cache_ttl_seconds)
+        self.stats = RunUsage(root_model=settings.lm, sub_model=settings.effective_sub_lm)
+        self.budget = Budget(self.stats, max_cost=settings.max_cost, max_tokens=settings.max_tokens,
+                             time_limit=settings.time_limit, started=self.started)
+        self.stats.budget = self.budget
+        if self.budget.unpriced_models():
+            raise RunFailed(f"max_cost cannot be enforced: LiteLLM's price table has no price for "
+                            f"{', '.join(self.budget.unpriced_models())}")
+        self.trace = TrajectoryLog(self.client, self.run_id, self.stats, ttl_seconds=self.base.result_expires)
         try:
             tools = load_tools(spec.tools)  # before any sandbox or LM call: a bad tool costs nothing
         except ToolLoadError as exc:
@@ -135,11 +161,14 @@ class RunExecution:
             on_sandbox_created=self.keeper.created, on_sandbox_destroyed=self.keeper.destroyed,
         )
         fanout = Fanout(settings, app=self.task.app, options=spec.options, stats=self.stats,
-                        should_stop=self.cancelled.is_set)
-        rlm = FleetRLM(spec.signature, fanout=fanout, tools=tools, max_iters=settings.max_iters,
-                       max_llm_calls=settings.max_llm_calls, interpreter_factory=factory)
+                        should_stop=self.cancelled.is_set, run_id=self.run_id)
+        rlm = TracedRLM(spec.signature, fanout=fanout, tools=tools, max_iters=settings.max_iters,
+                        max_llm_calls=settings.max_llm_calls, interpreter_factory=factory,
+                        trace=self.trace, budget=self.budget, on_code=lambda: self.publish(force=True))
+        lm = root_lm(settings)
+        self.stats.watch_root(lm)
         self.publish(force=True)
-        with dspy.context(lm=root_lm(settings), callbacks=[_IterationCallback(self, action_predictor(rlm))]):
+        with dspy.context(lm=lm, callbacks=[_IterationCallback(self, action_predictor(rlm))]):
             prediction = rlm(**inputs)
         if self.cancelled.is_set():
             raise RunCancelled()
@@ -148,14 +177,22 @@ class RunExecution:
             "outputs": {name: _jsonable(getattr(prediction, name, None)) for name in rlm.signature.output_fields},
             "final_reasoning": _jsonable(getattr(prediction, "final_reasoning", None)),
             "trajectory": _jsonable(getattr(prediction, "trajectory", [])),
+            "steps": self.trace.steps,
         }
 
     def _ended_badly(self, exc: BaseException) -> dict[str, Any]:
         progress = self.progress()
+        if self.trace is not None:
+            self.trace.expire(self.base.result_expires)
         if isinstance(exc, (RunCancelled, FanoutCancelled)) or self.store.cancel_requested(self.run_id):
             self.store.finish(self.run_id, RunStatus.CANCELLED, error="cancelled", progress=progress)
             self.task.update_state(task_id=self.run_id, state=states.REVOKED, meta={"reason": "cancelled"})
             raise Ignore()
+        if self.budget is not None and (isinstance(exc, BudgetExceeded) or self.budget.tripped):
+            reason = f"budget exceeded: {self.budget.tripped or exc}"
+            logger.warning("run %s stopped: %s", self.run_id, reason)
+            self.store.finish(self.run_id, RunStatus.STOPPED, error=reason, progress=progress)
+            raise RunFailed(one_line(reason)) from None
         if isinstance(exc, SoftTimeLimitExceeded):
             message = f"time limit: the run took longer than {self.base.run_time_limit:g}s"
         elif isinstance(exc, RunFailed):
@@ -166,7 +203,7 @@ class RunExecution:
         self.store.finish(self.run_id, RunStatus.FAILED, error=message, progress=progress)
         if not isinstance(exc, Exception):
             raise exc  # KeyboardInterrupt, SystemExit: the worker itself is stopping
-        raise RunFailed(message) from None
+        raise RunFailed(one_line(message)) from None
 
     # -- progress and cancellation ------------------------------------------------------------
     def progress(self) -> dict[str, Any]:
@@ -183,10 +220,11 @@ class RunExecution:
                 return
             self._last_publish, self._last_counts = now, counts
             try:
-                self.task.update_state(task_id=self.run_id, state="PROGRESS", meta=meta)
-                with self.task.app.events.default_dispatcher(hostname=self.hostname) as dispatcher:
-                    dispatcher.send("task-progress", uuid=self.run_id, state="PROGRESS", **meta)
+                publish_progress(self.task, self.run_id, self.hostname, meta, started_at=self.started_wall)
                 self.store.set_progress(self.run_id, meta)
+                count(self.client, [("subcalls", counts[0] - self._counted[0]),
+                                    ("cache_hits", counts[1] - self._counted[1])])
+                self._counted = counts
             except Exception:  # monitoring must never break the run
                 logger.exception("could not publish progress of run %s", self.run_id)
 
@@ -197,6 +235,13 @@ class RunExecution:
             self.cancelled.set()
             if self.keeper is not None:
                 self.keeper.destroy_all()
+        if self.budget is not None and not self.budget.tripped:
+            try:
+                self.budget.check_time()
+            except BudgetExceeded as exc:  # a step may run long: stop it now, as a cancel does
+                logger.warning("run %s: %s; deleting its sandbox", self.run_id, exc)
+                if self.keeper is not None:
+                    self.keeper.destroy_all()
         self.publish()
 
 

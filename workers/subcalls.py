@@ -19,6 +19,7 @@ from rlmq.settings import Settings, SettingsError
 from workers.cache import ResponseCache
 from workers.context import redis_client, worker_settings
 from workers.llm_call import Answer, FailureKind, LMCallError, LMReply, call_lm, prompt_messages
+from workers.monitor import count
 from workers.ratelimit import FleetRateLimiter
 
 __all__ = ["SUBTASK_DEADLINE_SECONDS", "answer_batch", "answer_prompt"]
@@ -136,6 +137,7 @@ def answer_prompt(prompt: Any, model: str, settings: Settings, cache: ResponseCa
                     # Pause the whole fleet; every worker's acquire() waits the cooldown out.
                     pause = exc.retry_after if exc.retry_after is not None else _backoff(attempt)
                     limiter.cooldown(pause)
+                    count(cache.redis, [("ratelimited", 1)])  # for `rlmq stats`
                     logger.info("429 from %s: fleet cooldown %.2fs", model, pause)
                 else:
                     time.sleep(min(_backoff(attempt), max(0.0, deadline - time.monotonic())))

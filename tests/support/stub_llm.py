@@ -106,6 +106,7 @@ class StubLLM:
         self._faults: list[Fault] = []
         self._records: list[RequestRecord] = []
         self._http_requests = 0  # every request on any path, answered or not
+        self._served: list[tuple[int, int]] = []  # (prompt, completion) tokens of each 200 completion
         self._ids = itertools.count(1)
         self._stopping = threading.Event()
         self._port = port
@@ -199,11 +200,16 @@ class StubLLM:
         """Every HTTP request received, on any path (``request_count`` counts completions only)."""
         with self._lock:
             return self._http_requests
+    def tokens_served(self) -> tuple[int, int]:
+        """(prompt, completion) tokens the stub reported in its completions' ``usage``."""
+        with self._lock:
+            return sum(p for p, _ in self._served), sum(c for _, c in self._served)
 
     def reset_stats(self) -> None:
         with self._lock:
             self._records.clear()
             self._http_requests = 0
+            self._served.clear()
 
     # -- serving (called from handler threads) -----------------------------------------------
     def _count_http(self) -> None:
@@ -242,6 +248,8 @@ class StubLLM:
         prompt_tokens = sum(_tokens(message_text(m)) for m in messages)
         completion_tokens = _tokens(text) if text else 0
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+        with self._lock:
+            self._served.append((prompt_tokens, completion_tokens))
         return {
             "id": f"chatcmpl-stub-{next(self._ids)}",
             "object": "chat.completion",
