@@ -34,7 +34,8 @@ def sub_answer(prompt: str) -> str:
 def fleet(redis_server, stub: StubLLM) -> Iterator[Fleet]:
     configure_app(redis_server.url)
     env = {"RLMQ_LM": MODEL, "RLMQ_LM_API_BASE": stub.api_base, "OPENAI_API_KEY": "stub-key",
-           "RLMQ_RATE_LIMIT_RPS": "5000", "RLMQ_RATE_LIMIT_BURST": "5000", "RLMQ_LEASE_TTL": "30"}
+           "RLMQ_RATE_LIMIT_RPS": "5000", "RLMQ_RATE_LIMIT_BURST": "5000", "RLMQ_LEASE_TTL": "30",
+           "RLMQ_RUN_MAXIMA": "max_llm_calls=1000"}
     with Fleet(redis_server.url, env) as fl:
         workers = [fl.start("rlm", name="rlm1", concurrency=2, wait=False),
                    fl.start("llm", name="llmA", concurrency=16, wait=False),

@@ -157,7 +157,8 @@ try:
         answer = conn.recv(64).decode(errors="replace")
 except OSError as exc:
     error = repr(exc)
-verdict(pong=answer if "PONG" in answer else "", error=None if answer else error)
+# Any answer is a breach: +PONG, or -NOAUTH from a Redis behind a password (the fleet's is).
+verdict(pong=answer if ("PONG" in answer or "NOAUTH" in answer) else "", error=None if answer else error)
 ''')
 
 LISTENER = _snippet(r'''
@@ -305,7 +306,7 @@ ATTACKS = [
     Attack("proc_cwd_and_root", "/proc/<pid>/cwd or /root leads to the worker's .env", PROC_LINKS, _found_canary),
     Attack("relative_dotenv", "../../.env reaches the worker's .env", RELATIVE, _found_canary),
     Attack("host_cwd_and_home", "the worker's cwd or home is readable", HOST_PATHS, _found_canary),
-    Attack("redis", "the host's Redis answers PING", REDIS, _flag("pong")),
+    Attack("redis", "the host's Redis answers PING (PONG, or NOAUTH behind its password)", REDIS, _flag("pong")),
     Attack("loopback_listener", "a host TCP port on loopback answers", LISTENER, _flag("banner")),
     Attack("loopback_scan", "any loopback port accepts a connection", PORT_SCAN, _flag("open_ports")),
     Attack("other_sandbox", "another sandbox's files or processes are reachable", VICTIM, _victim_check),

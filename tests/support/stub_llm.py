@@ -200,6 +200,8 @@ class StubLLM:
         """Every HTTP request received, on any path (``request_count`` counts completions only)."""
         with self._lock:
             return self._http_requests
+
+    @property
     def tokens_served(self) -> tuple[int, int]:
         """(prompt, completion) tokens the stub reported in its completions' ``usage``."""
         with self._lock:
