@@ -56,7 +56,7 @@ class Client:
     def _call(self, what: str, action: Callable[[], Any]) -> Any:
         try:
             return action()
-        except redis.exceptions.ConnectionError as exc:
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise ClientError(f"cannot reach Redis at {self.redis_url} ({what}): {exc}") from None
 
     # ---- submit ----------------------------------------------------------------------------
@@ -115,7 +115,15 @@ class Client:
         """Block until the run has finished (or ``timeout`` seconds passed: ``TimeoutError``)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            record = self.status(run_id)
+            try:
+                record = self.status(run_id)
+            except UnknownRun:
+                raise
+            except ClientError:  # Redis restarting: keep waiting (the run's record is on disk)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise
+                time.sleep(min(2.0, max(interval, 0.1)))
+                continue
             if on_progress is not None:
                 on_progress(record)
             if record.status.finished:
@@ -147,8 +155,9 @@ class Client:
         def cancel() -> None:
             self.store.request_cancel(run_id)  # a running run sees it within ~1 s
             self.celery.control.revoke(run_id)
-            if self.store.status(run_id) is RunStatus.QUEUED:
-                self.store.finish(run_id, RunStatus.CANCELLED, error="cancelled before it started")
+            # only a run still QUEUED (atomically): one a worker has just claimed sees the flag itself
+            self.store.finish(run_id, RunStatus.CANCELLED, error="cancelled before it started",
+                              expect=RunStatus.QUEUED)
 
         self._call("cancel", cancel)
         return self.status(run_id)

