@@ -31,7 +31,7 @@ def _start(sender: Any = None, **_: Any) -> None:
     settings = worker_settings()
     beat = Heartbeat(redis_client(), hostname, settings.worker_heartbeat_ttl)
     if RLM_QUEUE in WORKER_QUEUES:
-        beat.every(settings.maintenance_interval, lambda: maintain(app))
+        beat.every(settings.maintenance_interval, lambda: maintain(app, redis_healthy_for=beat.healthy_for()))
     _state.update(hostname=hostname, heartbeat=beat.start())
 
 

@@ -60,8 +60,10 @@ def test_redis_restart_during_a_batch_loses_no_answer(fleet: Fleet, aof_redis, s
     server.stop()  # SIGTERM: Redis writes its AOF and exits
     time.sleep(3.0)
     aof_redis["server"] = start_private_redis(server.port, dir=server.dir, appendonly=True)
+    back_at = time.monotonic()
 
     record = wait_status(r, run_id, timeout=120)
+    print(f"\nMEASURED Redis down 3 s mid-batch: run succeeded {time.monotonic() - back_at:.1f}s after Redis was back")
     assert record.status is RunStatus.SUCCEEDED, (record.error, record.error_detail)
     answers = RunStore(r).result(run_id)["outputs"]["answers"]
     assert answers == [f"answer-{i}" for i in range(40)]  # none came back as [ERROR]
@@ -115,6 +117,7 @@ def test_rlmq_up_redis_restart_keeps_the_run(tmp_path, stub_llm: StubLLM) -> Non
         client = Client(url)
         assert wait_for(lambda: _visible(client, run_id), 30, "run visible again after the restart")
         record = wait_status(r, run_id, timeout=120)
+        print(f"\nMEASURED rlmq up Redis stopped mid-batch: run {record.status.value}, attempt {record.attempt}")
         assert record.status is RunStatus.SUCCEEDED, (record.error, record.error_detail)
         assert up.poll() is None, "rlmq up stopped"
     finally:

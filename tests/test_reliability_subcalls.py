@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import time
+
 import pytest
 
 from rlmq.records import RunStatus, RunStore
@@ -42,8 +44,11 @@ def test_killed_llm_worker_mid_batch_loses_no_prompt(fleet: Fleet, stub: StubLLM
     wait_for(lambda: sub_requests(stub) >= 6, 60, "the batch under way")
     victim = next(w for w in fleet.workers if w.name.startswith("llmA"))
     fleet.kill(victim)
+    killed_at = time.monotonic()
 
     record = wait_status(r, run_id, timeout=120)  # far below the defaults (300 s step, 1200 s gather)
+    print(f"\nMEASURED kill llm worker: run succeeded {time.monotonic() - killed_at:.1f}s after the kill, "
+          f"{record.progress.get('subtasks_resent')} sub-task(s) resent")
     assert record.status is RunStatus.SUCCEEDED, (record.error, record.error_detail)
     answers = RunStore(r).result(run_id)["outputs"]["answers"]
     assert answers == [f"answer-{i}" for i in range(40)]  # no [ERROR], no timeout

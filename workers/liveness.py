@@ -53,6 +53,7 @@ class Heartbeat:
         self.hostname = hostname
         self.ttl = ttl_seconds
         self._jobs: list[tuple[float, Callable[[], object], list[float]]] = []
+        self.last_failure = time.monotonic()  # of a beat (Redis away); "never" counts from the start
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rlmq-heartbeat", daemon=True)
 
@@ -77,7 +78,12 @@ class Heartbeat:
         try:
             self.client.set(keys.worker_heartbeat_key(self.hostname), repr(time.time()), px=int(self.ttl * 1000))
         except redis.RedisError as exc:  # Redis restarting: beat again next round
+            self.last_failure = time.monotonic()
             logger.warning("heartbeat of %s failed: %r", self.hostname, exc)
+
+    def healthy_for(self) -> float:
+        """Seconds since this worker last failed to reach Redis."""
+        return time.monotonic() - self.last_failure
 
     def _loop(self) -> None:
         step = max(0.1, min(self.ttl / 4, min((j[0] for j in self._jobs), default=self.ttl)))

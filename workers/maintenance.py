@@ -25,9 +25,17 @@ def reap_here() -> int:
     return len(reap_expired(redis_client(), time.time()))
 
 
-def maintain(app: Any) -> dict[str, int]:
-    """Reap expired sandbox leases on this host, then restart (or fail) runs that lost their worker."""
+# After Redis was away longer than a lease, every claim has lapsed although the owners live; they
+# re-take their claims at their next 1-s tick. Recovering before that would restart them all.
+RECOVERY_GRACE_SECONDS = 3.0
+
+
+def maintain(app: Any, *, redis_healthy_for: float | None = None) -> dict[str, int]:
+    """Reap expired sandbox leases on this host, then restart (or fail) runs that lost their worker
+    (not within ``RECOVERY_GRACE_SECONDS`` of this worker's last Redis failure)."""
     reaped = reap_here()
+    if redis_healthy_for is not None and redis_healthy_for < RECOVERY_GRACE_SECONDS:
+        return {"reaped": reaped}
     counts = recover_runs(redis_client(), app, worker_settings())
     if reaped or any(counts.values()):
         logger.warning("maintenance: reaped %d sandbox(es); runs %s", reaped, counts)
