@@ -10,16 +10,23 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, signals, states
 from kombu import Queue
 
 from rlmq.celery_config import CELERY_CONFIG, LLM_QUEUE, QUEUES, RLM_QUEUE, point_at
 from rlmq.settings import Settings, SettingsError, redis_url_from_env
 from workers.context import worker_settings
 
-__all__ = ["WORKER_QUEUES", "app"]
+__all__ = ["PROGRESS_STATE", "WORKER_QUEUES", "app"]
+
+PROGRESS_STATE = "PROGRESS"  # what workers.run reports while a run works
 
 WORKER_QUEUES: set[str] = set()  # the queues this process consumes, when it is a worker
+
+# Runs report a custom PROGRESS state. Celery ranks unknown states above REVOKED, so an events
+# monitor (Flower loads this app) would keep a cancelled run in PROGRESS after its task-revoked
+# event; rank PROGRESS with STARTED, below every final state.
+states.PRECEDENCE_LOOKUP.setdefault(PROGRESS_STATE, states.PRECEDENCE_LOOKUP[states.STARTED])
 
 app = Celery("rlmq")
 app.conf.update(CELERY_CONFIG, task_queues=tuple(Queue(q) for q in QUEUES),

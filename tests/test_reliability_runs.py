@@ -8,9 +8,13 @@ Workers run with 3-s leases and 1-s maintenance (``FAST_FAULTS_ENV``).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -20,6 +24,7 @@ from celery.result import AsyncResult
 from broker_bridge.backends.process_jail import pids_with_marker
 from rlmq.client import Client
 from rlmq.records import RunStatus, RunStore
+from rlmq.stack import flower_command
 from tests.support.fleet import Fleet, WorkerProcess, configure_app, redis_url_of
 from tests.support.reliability import (
     FAST_FAULTS_ENV, batch_step, child_pids, kill, prompt_repeats, sub_requests, submit, wait_for, wait_status,
@@ -40,7 +45,27 @@ def fleet(redis_server, stub: StubLLM) -> Iterator[Fleet]:
                    fl.start("rlm", name="rlm2", concurrency=1, wait=False),
                    fl.start("llm", name="llmA", concurrency=8, wait=False)]
         fl.wait_ready(workers, timeout=180)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        fl.flower = fl.stack.spawn("flower", flower_command(port=port, address="127.0.0.1"),  # type: ignore[attr-defined]
+                                   env={"FLOWER_UNAUTHENTICATED_API": "true"})
+        fl.flower_url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
+        wait_for(lambda: flower_get(fl, "/api/workers") is not None, 60, "Flower answering")
         yield fl
+
+
+def flower_get(fleet: Fleet, path: str):
+    try:
+        with urllib.request.urlopen(fleet.flower_url + path, timeout=5) as reply:  # type: ignore[attr-defined]
+            return json.loads(reply.read() or b"null")
+    except (OSError, ValueError):
+        return None
+
+
+def flower_state(fleet: Fleet, run_id: str) -> str | None:
+    info = flower_get(fleet, f"/api/task/info/{run_id}")
+    return info.get("state") if isinstance(info, dict) else None
 
 
 def rlm_worker(fleet: Fleet, hostname: str | None) -> WorkerProcess:
@@ -141,6 +166,15 @@ def test_queued_runs_start_on_an_idle_worker_and_cancel_is_revoked(fleet: Fleet,
     wait_for(lambda: result.state == "REVOKED", 10, "Celery state REVOKED")
     assert isinstance(result.info, TaskRevokedError)  # readable, not a ValueError
     assert all(not pids_with_marker(s) for s in sandboxes) and LeaseRegistry(r, 3).live() == []
+    try:
+        wait_for(lambda: flower_state(fleet, long_id) == "REVOKED", 15, "Flower shows REVOKED (not PROGRESS)")
+    except AssertionError:
+        raise AssertionError(flower_get(fleet, f"/api/task/info/{long_id}")) from None
+    try:  # Flower reads the stored state without an error (it answered 500 for a plain-dict REVOKED)
+        with urllib.request.urlopen(f"{fleet.flower_url}/api/task/result/{long_id}", timeout=5) as reply:  # type: ignore[attr-defined]
+            assert reply.status == 200 and json.loads(reply.read())["state"] == "REVOKED"
+    except urllib.error.HTTPError as exc:
+        raise AssertionError(f"Flower /api/task/result answered {exc.code}") from None
 
 
 def test_cancel_during_fan_out_revokes_the_batch(fleet: Fleet, stub: StubLLM, r) -> None:
@@ -150,6 +184,7 @@ def test_cancel_during_fan_out_revokes_the_batch(fleet: Fleet, stub: StubLLM, r)
     Client(redis_url_of(r)).cancel(run_id)
     assert wait_status(r, run_id, timeout=15).status is RunStatus.CANCELLED
     wait_for(lambda: AsyncResult(run_id).state == "REVOKED", 10, "Celery state REVOKED")
+    wait_for(lambda: flower_state(fleet, run_id) == "REVOKED", 15, "Flower shows REVOKED")
     seen = sub_requests(stub)
     wait_for(lambda: sub_requests(stub) == seen, 10, "no more sub-calls", interval=2.0)
     assert seen < 48, "the rest of the batch was revoked"
