@@ -26,7 +26,7 @@ from rlmq.records import RunRecord, RunSpec, RunStatus, RunStore, new_run_id
 from rlmq.settings import RUN_OPTIONS, Settings, SettingsError, redis_url_from_env
 from rlmq.stack import running_stack_url
 
-__all__ = ["Client", "ClientError", "UnknownRun", "check_run_id", "check_signature", "check_tool_path"]
+__all__ = ["Client", "ClientError", "RedisUnreachable", "UnknownRun", "check_run_id", "check_signature", "check_tool_path"]
 
 
 class ClientError(RuntimeError):
@@ -35,6 +35,10 @@ class ClientError(RuntimeError):
 
 class UnknownRun(ClientError, LookupError):
     pass
+
+
+class RedisUnreachable(ClientError, ConnectionError):
+    """Redis did not answer (down, restarting, or the URL is wrong)."""
 
 
 def resolve_redis_url(explicit: str | None = None) -> str:
@@ -57,7 +61,7 @@ class Client:
         try:
             return action()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise ClientError(f"cannot reach Redis at {self.redis_url} ({what}): {exc}") from None
+            raise RedisUnreachable(f"cannot reach Redis at {self.redis_url} ({what}): {exc}") from None
 
     # ---- submit ----------------------------------------------------------------------------
     def submit(self, signature: str, inputs: dict[str, Any], *, tools: list[str] | tuple[str, ...] = (),
@@ -117,9 +121,7 @@ class Client:
         while True:
             try:
                 record = self.status(run_id)
-            except UnknownRun:
-                raise
-            except ClientError:  # Redis restarting: keep waiting (the run's record is on disk)
+            except RedisUnreachable:  # Redis restarting: keep waiting (the run's record is on disk)
                 if deadline is not None and time.monotonic() > deadline:
                     raise
                 time.sleep(min(2.0, max(interval, 0.1)))
