@@ -195,8 +195,9 @@ class RunStore:
         return [r.decode() for r in self.redis.zrange(keys.runs_active_key(), 0, -1)]
 
     def recover(self, run_id: str, *, max_attempts: int, lease_seconds: float, resend_after: float) -> str:
-        """Restart a run whose owner stopped renewing its claim: 'restart', 'resend', 'failed' or ''."""
-        out = self._recover(keys=[keys.run_key(run_id), keys.run_owner_key(run_id), keys.runs_active_key()],
+        """Restart a run whose owner stopped renewing its claim: 'restart', 'resend', 'failed', 'cancelled' or ''."""
+        out = self._recover(keys=[keys.run_key(run_id), keys.run_owner_key(run_id), keys.runs_active_key(),
+                                  keys.run_cancel_key(run_id)],
                             args=[run_id, repr(time.time()), max_attempts, f"{lease_seconds:g}", resend_after])
         return out.decode() if isinstance(out, bytes) else str(out or "")
 

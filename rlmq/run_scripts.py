@@ -71,9 +71,10 @@ end
 return 1
 """
 
-# KEYS: run, owner, active   ARGV: run_id, now, max_attempts, lease_s, resend_after_s
+# KEYS: run, owner, active, cancel   ARGV: run_id, now, max_attempts, lease_s, resend_after_s
 # -> 'restart' (QUEUED again as the next attempt: send run_rlm), 'resend' (restarted long ago
-#    and never claimed: send it again), 'failed' (out of attempts), or '' (nothing to do).
+#    and never claimed: send it again), 'failed' (out of attempts), 'cancelled' (its owner died
+#    after a cancel was asked for), or '' (nothing to do).
 RECOVER = """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur or cur == 'SUCCEEDED' or cur == 'FAILED' or cur == 'CANCELLED' then
@@ -88,6 +89,11 @@ if cur == 'QUEUED' then
   return 'resend'
 end
 if cur ~= 'RUNNING' or redis.call('EXISTS', KEYS[2]) == 1 then return '' end
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('HSET', KEYS[1], 'status', 'CANCELLED', 'finished_at', ARGV[2], 'error', 'cancelled', 'error_detail', '')
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  return 'cancelled'
+end
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '1') or 1
 local worker = redis.call('HGET', KEYS[1], 'worker') or '?'
 local reason = 'worker ' .. worker .. ' stopped heartbeating (no claim renewal for ' .. ARGV[4] .. 's) during attempt ' .. attempt

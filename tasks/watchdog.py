@@ -15,7 +15,7 @@ from celery import signals
 from rlmq.celery_config import LLM_TASK, RLM_QUEUE
 from tasks.app import WORKER_QUEUES, app
 from workers.context import redis_client, worker_settings
-from workers.liveness import Heartbeat, mark_received
+from workers.liveness import Heartbeat, mark_received, unmark
 from workers.maintenance import maintain
 
 __all__: list[str] = []
@@ -51,3 +51,14 @@ def _received(sender: Any = None, request: Any = None, **_: Any) -> None:
         mark_received(redis_client(), request.id, _state.get("hostname") or str(getattr(sender, "hostname", "")))
     except Exception as exc:  # Redis away: the sub-task still runs; only its quick re-dispatch is lost
         logger.warning("could not mark sub-task %s as received: %r", getattr(request, "id", "?"), exc)
+
+
+@signals.task_postrun.connect
+def _finished(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    """The mark's job is done once the sub-task has ended (its result is stored before this)."""
+    if task_id is None or getattr(sender, "name", None) != LLM_TASK:
+        return
+    try:
+        unmark(redis_client(), task_id)
+    except Exception:  # the TTL sweeps it up
+        pass

@@ -55,6 +55,15 @@ def test_recovery_restarts_then_fences_the_old_attempt(redis_client: redis.Redis
     assert "attempt 2 (restarted: worker w1 stopped heartbeating" in format_progress(store.get(run_id))
 
 
+def test_a_cancelled_run_whose_owner_died_ends_cancelled(redis_client: redis.Redis) -> None:
+    store, run_id = queued(redis_client)
+    store.claim(run_id, "w1/1", 30, worker="w1")
+    store.request_cancel(run_id)
+    lapse(redis_client, run_id)
+    assert store.recover(run_id, max_attempts=3, lease_seconds=30, resend_after=300) == "cancelled"
+    assert store.status(run_id) is RunStatus.CANCELLED and store.active() == []
+
+
 def test_a_lapsed_claim_is_retaken_while_nobody_took_over(redis_client: redis.Redis) -> None:
     store, run_id = queued(redis_client)
     store.claim(run_id, "w1/1", 30, worker="w1")

@@ -20,15 +20,21 @@ import redis
 
 from rlmq import keys
 
-__all__ = ["HOLDER_TTL_SECONDS", "Heartbeat", "lost_subtasks", "mark_received"]
+__all__ = ["HOLDER_TTL_SECONDS", "Heartbeat", "lost_subtasks", "mark_received", "unmark"]
 
 logger = logging.getLogger(__name__)
 
-HOLDER_TTL_SECONDS = 3600  # as long as the broker's visibility timeout: after that it redelivers anyway
+# A mark is deleted when its sub-task ends; the TTL only sweeps the marks of a worker that died.
+# Longer than a sub-task can live (its hard limit is SUBTASK_DEADLINE + 60 s = 960 s) plus queueing.
+HOLDER_TTL_SECONDS = 1800
 
 
 def mark_received(client: redis.Redis, task_id: str, hostname: str) -> None:
     client.set(keys.subtask_holder_key(task_id), hostname, ex=HOLDER_TTL_SECONDS)
+
+
+def unmark(client: redis.Redis, task_id: str) -> None:
+    client.delete(keys.subtask_holder_key(task_id))
 
 
 def lost_subtasks(client: redis.Redis, task_ids: Sequence[str]) -> list[str]:

@@ -2,7 +2,7 @@
 
 For each run in ``keys.runs_active_key``, ``RunStore.recover`` (one Lua script) decides:
 a RUNNING run whose claim expired goes back to QUEUED as the next attempt, or ends FAILED after
-``RLMQ_RUN_ATTEMPTS``; this sweep then sends ``run_rlm`` for it again (the run id stays the task
+``RLMQ_RUN_ATTEMPTS`` (CANCELLED if a cancel was asked for: nobody else would read the flag); this sweep then sends ``run_rlm`` for it again (the run id stays the task
 id) and records the restart in Celery's own terms (state RETRY, a ``task-retried`` event), so
 ``AsyncResult`` and Flower show it waiting, not lost. Any number of workers may sweep at once:
 the script lets exactly one of them restart a given run.
@@ -30,7 +30,7 @@ RESEND_AFTER_SECONDS = 300.0
 
 def recover_runs(client: Any, app: Any, settings: Settings) -> dict[str, int]:
     store = RunStore(client)
-    counts = {"restart": 0, "resend": 0, "failed": 0}
+    counts = {"restart": 0, "resend": 0, "failed": 0, "cancelled": 0}
     for run_id in store.active():
         action = store.recover(run_id, max_attempts=settings.run_attempts, lease_seconds=settings.lease_ttl,
                                resend_after=RESEND_AFTER_SECONDS)
@@ -39,9 +39,9 @@ def recover_runs(client: Any, app: Any, settings: Settings) -> dict[str, int]:
         counts[action] += 1
         record = store.get(run_id)
         reason = (record.restart_reason if record else None) or "worker lost"
-        if action == "failed":
-            logger.error("run %s FAILED: %s", run_id, record.error if record else reason)
-            _celery_state(app, run_id, "failed", record.error if record else reason)
+        if action in ("failed", "cancelled"):
+            logger.error("run %s %s: %s", run_id, action.upper(), record.error if record else reason)
+            _celery_state(app, run_id, action, record.error if record else reason)
             continue
         logger.warning("run %s: starting attempt %s (%s)", run_id, record.attempt if record else "?", reason)
         _celery_state(app, run_id, "retried", reason)
@@ -50,15 +50,20 @@ def recover_runs(client: Any, app: Any, settings: Settings) -> dict[str, int]:
 
 
 def _celery_state(app: Any, run_id: str, what: str, reason: str) -> None:
-    """RETRY (it will run again) or FAILURE, as Celery stores them, plus the event Flower shows."""
+    """RETRY (it will run again), FAILURE or REVOKED, as Celery stores them, plus the event Flower shows."""
     try:
         if what == "failed":
             from workers.run import RunFailed
 
             app.backend.mark_as_failure(run_id, RunFailed(reason))
+        elif what == "cancelled":
+            app.backend.mark_as_revoked(run_id, reason="cancelled")
         else:
             app.backend.mark_as_retry(run_id, Retry(reason))
         with app.events.default_dispatcher() as dispatcher:
-            dispatcher.send(f"task-{what}", uuid=run_id, exception=reason, traceback="")
+            if what == "cancelled":
+                dispatcher.send("task-revoked", uuid=run_id, terminated=True, signum=None, expired=False)
+            else:
+                dispatcher.send(f"task-{what}", uuid=run_id, exception=reason, traceback="")
     except Exception:
         logger.exception("could not record run %s as %s in Celery", run_id, what)
