@@ -27,7 +27,6 @@ import keyword
 import logging
 import secrets
 import threading
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
@@ -38,6 +37,7 @@ from broker_bridge.backends.base import (
     SandboxBackend, SandboxDied, SandboxError, SandboxInfo, SandboxSpec, SandboxTimeout,
 )
 from broker_bridge.host_client import BrokerClient, BrokerUnreachable
+from broker_bridge.step_clock import StepClock
 from broker_bridge.sandbox.protocol import token_digest
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class SandboxInterpreter:
         self.output_fields = output_fields
         self.execution_timeout = execution_timeout
         self.tool_wait_limit = max(0.0, tool_wait_limit)
-        self._clock = _StepClock()
+        self._clock = StepClock()
         self._backend_factory = backend_factory
         self._labels = dict(labels or {})
         self._on_created = on_sandbox_created
@@ -289,7 +289,7 @@ class SandboxInterpreter:
             raise failure[0]
         return outcome
 
-    def _answer_call(self, call: dict[str, Any], clock: _StepClock | None = None) -> None:
+    def _answer_call(self, call: dict[str, Any], clock: StepClock | None = None) -> None:
         try:
             result = self._invoke_tool(call)
             try:
@@ -336,34 +336,6 @@ class SandboxInterpreter:
         if value is None:
             return output or None
         return f"{output}\n{value!r}" if output else value
-
-
-class _StepClock:
-    """Time a step spends running its own code: the clock stops while any host tool call is open."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.restart()
-
-    def restart(self) -> None:
-        with self._lock:
-            self._own, self._open, self._since = 0.0, 0, time.monotonic()
-
-    def enter(self) -> None:
-        with self._lock:
-            if self._open == 0:
-                self._own += time.monotonic() - self._since
-            self._open += 1
-
-    def leave(self) -> None:
-        with self._lock:
-            self._open = max(0, self._open - 1)
-            if self._open == 0:
-                self._since = time.monotonic()
-
-    def own_time(self) -> float:
-        with self._lock:
-            return self._own + (0.0 if self._open else time.monotonic() - self._since)
 
 
 def _is_identifier(name: Any) -> bool:

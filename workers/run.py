@@ -32,7 +32,6 @@ import time
 from typing import Any
 
 import dspy
-from celery import states
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from dspy.utils.callback import BaseCallback
 
