@@ -27,11 +27,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import traceback
 import time
+import traceback
+from collections.abc import Callable
 from typing import Any
 
 import dspy
+import redis
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from dspy.utils.callback import BaseCallback
 
@@ -50,6 +52,8 @@ __all__ = ["RunCancelled", "RunExecution", "RunFailed", "one_line", "root_lm"]
 logger = logging.getLogger(__name__)
 
 _PUBLISH_EVERY = 0.5  # seconds between counter-only progress updates
+_OUTAGE_GRACE = 120.0  # seconds a final write waits for Redis to come back
+
 
 class RunFailed(Exception):
     """The run ended badly; the message is the recorded error (details are in the worker log)."""
@@ -121,8 +125,9 @@ class RunExecution:
                 self.keeper.stop()
                 self.keeper.destroy_all()  # normally empty: DSPy shut the interpreter down
         progress = self.progress()
-        if not self.store.finish(self.run_id, RunStatus.SUCCEEDED, result={**result, "progress": progress},
-                                 progress=progress, attempt=self.attempt):
+        if not _when_redis_is_back(lambda: self.store.finish(
+                self.run_id, RunStatus.SUCCEEDED, result={**result, "progress": progress}, progress=progress,
+                attempt=self.attempt)):
             logger.warning("run %s: attempt %d was superseded; its result is dropped", self.run_id, self.attempt)
             raise Ignore()
         return {"run_id": self.run_id, "status": RunStatus.SUCCEEDED.value, **progress}
@@ -186,8 +191,9 @@ class RunExecution:
         logger.error("run %s failed: %s", self.run_id, message, exc_info=exc)
         detail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-6:])[-4000:]
         line = one_line(message)
-        if not self.store.finish(self.run_id, RunStatus.FAILED, error=line, error_detail=f"{message}\n\n{detail}",
-                                 progress=progress, attempt=self.attempt):
+        if not _when_redis_is_back(lambda: self.store.finish(
+                self.run_id, RunStatus.FAILED, error=line, error_detail=f"{message}\n\n{detail}", progress=progress,
+                attempt=self.attempt)):
             raise Ignore()
         raise RunFailed(line) from None
 
@@ -240,6 +246,18 @@ class RunExecution:
             if self.keeper is not None:
                 self.keeper.destroy_all()
         self.publish()
+
+
+def _when_redis_is_back(write: Callable[[], bool]) -> bool:
+    """A final write, tried again while Redis restarts (else the finished work would be replayed)."""
+    deadline = time.monotonic() + _OUTAGE_GRACE
+    while True:
+        try:
+            return write()
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def one_line(text: str, limit: int = 300) -> str:
