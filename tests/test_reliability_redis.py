@@ -58,27 +58,41 @@ def test_redis_restart_during_a_batch_loses_no_answer(fleet: Fleet, aof_redis, s
     run_id, _ = submit(r, stub, ["print(items)", batch_step(40), "SUBMIT(answers=answers)"], tag="redis-restart")
     wait_for(lambda: sub_requests(stub) >= 6, 60, "the batch under way")
     server.stop()  # SIGTERM: Redis writes its AOF and exits
-    time.sleep(3.0)
+    time.sleep(5.0)  # longer than the workers' 3-s leases: every claim and sandbox lease lapses
     aof_redis["server"] = start_private_redis(server.port, dir=server.dir, appendonly=True)
     back_at = time.monotonic()
 
     record = wait_status(r, run_id, timeout=120)
-    print(f"\nMEASURED Redis down 3 s mid-batch: run succeeded {time.monotonic() - back_at:.1f}s after Redis was back")
+    print(f"\nMEASURED Redis down 5 s mid-batch: run succeeded {time.monotonic() - back_at:.1f}s after Redis was back")
     assert record.status is RunStatus.SUCCEEDED, (record.error, record.error_detail)
     answers = RunStore(r).result(run_id)["outputs"]["answers"]
     assert answers == [f"answer-{i}" for i in range(40)]  # none came back as [ERROR]
+    assert record.attempt == 1  # the owner re-took its lapsed claim; its sandbox was not reaped
     assert all(w.alive for w in fleet.workers)
 
 
 def start_up(env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen, str]:
+    log = cwd / f"up-{len(list(cwd.glob('up-*.log')))}.log"
+    output = open(log, "w")
     process = subprocess.Popen([*RLMQ, "up", "--no-flower", "--llm-concurrency", "8", "--rlm-concurrency", "1"],
-                               env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               env=env, cwd=cwd, stdout=output, stderr=subprocess.STDOUT, text=True)
+    output.close()
     deadline = time.monotonic() + 180
-    for line in process.stdout:
-        if match := re.search(r"REDIS_URL=(\S+)", line):
+    while time.monotonic() < deadline:
+        if match := re.search(r"REDIS_URL=(\S+)", log.read_text()):
             return process, match.group(1)
-        assert time.monotonic() < deadline, "rlmq up did not come up"
-    raise AssertionError(f"rlmq up exited with {process.wait()}")
+        if process.poll() is not None:
+            break
+        time.sleep(0.2)
+    raise AssertionError(f"rlmq up did not come up: {log.read_text()}")
+
+
+def up_log(cwd: Path) -> str:
+    text = "".join(p.read_text() for p in sorted(cwd.glob("up-*.log")))
+    logs = re.findall(r"logs: (\S+)", text)
+    tails = [f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:])
+             for d in logs[-1:] for p in sorted(Path(d).glob("*.log"))]
+    return text + "\n".join(tails)
 
 
 def redis_pid(port: int) -> int:
@@ -116,7 +130,10 @@ def test_rlmq_up_redis_restart_keeps_the_run(tmp_path, stub_llm: StubLLM) -> Non
         time.sleep(1.0)
         client = Client(url)
         assert wait_for(lambda: _visible(client, run_id), 30, "run visible again after the restart")
-        record = wait_status(r, run_id, timeout=120)
+        try:
+            record = wait_status(r, run_id, timeout=120)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nrlmq up alive: {up.poll() is None}\n{up_log(tmp_path)}") from None
         print(f"\nMEASURED rlmq up Redis stopped mid-batch: run {record.status.value}, attempt {record.attempt}")
         assert record.status is RunStatus.SUCCEEDED, (record.error, record.error_detail)
         assert up.poll() is None, "rlmq up stopped"

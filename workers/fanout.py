@@ -60,6 +60,23 @@ class _Lost(Exception):
         self.task_ids = task_ids
 
 
+class _Rejoin(Exception):
+    """Answers were read directly from the result backend: join again on what is left."""
+
+
+def _stored_results(backend: Any, task_ids: list[str]) -> dict[str, Any]:
+    """Results already stored for ``task_ids`` (one MGET): a result published while this process's
+    pub/sub connection was down (a Redis restart) is never announced again."""
+    raws = backend.mget([backend.get_key_for_task(t) for t in task_ids])
+    ready = {}
+    for task_id, raw in zip(task_ids, raws):
+        if raw:
+            meta = backend.decode_result(raw)
+            if meta.get("status") in ("SUCCESS", "FAILURE"):
+                ready[task_id] = meta.get("result")
+    return ready
+
+
 class FanoutCancelled(Exception):
     """The run was cancelled while a batch was in flight (its sub-tasks were revoked)."""
 
@@ -176,6 +193,15 @@ class Fanout:
             if time.monotonic() < next_check[0]:
                 return
             next_check[0] = time.monotonic() + LIVENESS_CHECK_SECONDS
+            try:
+                stored = _stored_results(self.app.backend, list(pending))
+            except Exception as exc:
+                logger.debug("could not read stored results: %r", exc)
+                stored = {}
+            for task_id, value in stored.items():
+                collect(task_id, value)
+            if stored:
+                raise _Rejoin()
             candidates = [t for t, n in pending.items() if resends[n] < MAX_RESENDS]
             try:
                 lost = lost_subtasks(redis_client(self.settings.redis_url or None), candidates) if candidates else []
@@ -207,6 +233,8 @@ class Fanout:
                     resends[n] += 1
                     self.stats.resent += 1
                 logger.warning("%d sub-task(s) were on a dead llm worker: sent again", len(lost.task_ids))
+            except _Rejoin:
+                continue
             except FanoutCancelled:
                 self.app.control.revoke(list(pending))
                 raise

@@ -32,10 +32,10 @@ RECOVERY_GRACE_SECONDS = 3.0
 
 def maintain(app: Any, *, redis_healthy_for: float | None = None) -> dict[str, int]:
     """Reap expired sandbox leases on this host, then restart (or fail) runs that lost their worker
-    (not within ``RECOVERY_GRACE_SECONDS`` of this worker's last Redis failure)."""
-    reaped = reap_here()
+    (neither within ``RECOVERY_GRACE_SECONDS`` of this worker's last Redis failure)."""
     if redis_healthy_for is not None and redis_healthy_for < RECOVERY_GRACE_SECONDS:
-        return {"reaped": reaped}
+        return {"reaped": 0}  # leases and claims may have lapsed while Redis was away: owners renew first
+    reaped = reap_here()
     counts = recover_runs(redis_client(), app, worker_settings())
     if reaped or any(counts.values()):
         logger.warning("maintenance: reaped %d sandbox(es); runs %s", reaped, counts)

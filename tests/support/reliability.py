@@ -84,7 +84,10 @@ def wait_status(r: redis.Redis, run_id: str, timeout: float = 120.0) -> RunRecor
             return None
         return record if record is not None and record.status.finished else None
 
-    return wait_for(finished, timeout, f"run {run_id} finished (now {store.status(run_id)})")
+    try:
+        return wait_for(finished, timeout, f"run {run_id} finished")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; record: {store.get(run_id)}") from None
 
 
 def prompt_repeats(stub: StubLLM) -> dict[str, int]:
