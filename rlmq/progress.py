@@ -12,6 +12,9 @@ __all__ = ["format_progress", "progress_printer"]
 def format_progress(record, *, clock: bool = True) -> str:
     p = record.progress or {}
     parts = [record.status.value.lower()]
+    attempt = getattr(record, "attempt", 1) or 1
+    if attempt > 1:
+        parts.append(f"attempt {attempt} (restarted: {record.restart_reason})")
     if p.get("iteration") is not None:
         parts.append(f"iteration {p.get('iteration')}/{p.get('max_iters', '?')}")
     batch = p.get("batch")

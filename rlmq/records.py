@@ -5,6 +5,9 @@
 under ``keys.run_key(run_id)`` (one field per concern, so progress updates never rewrite the
 spec), the final result under ``keys.run_result_key``, and the submit-time index
 ``keys.runs_index_key``. Everything is JSON.
+
+Writes by the worker running a run are fenced by its attempt number (``rlmq.run_scripts``): a
+run restarted on another worker can never be overwritten by its previous owner.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 import redis
 
-from rlmq import keys
+from rlmq import keys, run_scripts
 
 __all__ = ["RunRecord", "RunSpec", "RunStatus", "RunStore", "new_run_id"]
 
@@ -80,8 +83,15 @@ class RunRecord:
     worker: str | None = None
     started_at: float | None = None
     finished_at: float | None = None
-    error: str | None = None
+    error: str | None = None  # one line; the details (a traceback's tail) are in error_detail
     progress: dict[str, Any] = field(default_factory=dict)
+    attempt: int = 1  # 1 for the first start; restarts on another worker count up
+    restarts: list[dict[str, Any]] = field(default_factory=list)  # {at, attempt, reason} per restart
+    error_detail: str | None = None
+
+    @property
+    def restart_reason(self) -> str | None:
+        return str(self.restarts[-1].get("reason")) if self.restarts else None
 
     def to_json(self) -> str:
         out = asdict(self)
@@ -106,6 +116,9 @@ class RunRecord:
             finished_at=num("finished_at"),
             error=get("error") or None,
             progress=json.loads(get("progress") or "{}"),
+            attempt=int(get("attempt") or 1),
+            restarts=list(json.loads(get("restarts") or "[]")),
+            error_detail=get("error_detail") or None,
         )
 
 
@@ -115,6 +128,11 @@ class RunStore:
     def __init__(self, client: redis.Redis, *, expire_seconds: int | None = None) -> None:
         self.redis = client
         self.expire_seconds = expire_seconds
+        self._claim = client.register_script(run_scripts.CLAIM)
+        self._renew = client.register_script(run_scripts.RENEW)
+        self._progress = client.register_script(run_scripts.SET_PROGRESS)
+        self._finish = client.register_script(run_scripts.FINISH)
+        self._recover = client.register_script(run_scripts.RECOVER)
 
     def create(self, spec: RunSpec) -> None:
         pipe = self.redis.pipeline()
@@ -132,28 +150,27 @@ class RunStore:
         raw = self.redis.hget(keys.run_key(run_id), "status")
         return RunStatus(raw.decode()) if raw else None
 
-    def mark_running(self, run_id: str, worker: str) -> None:
-        self.redis.hset(keys.run_key(run_id), mapping={
-            "status": RunStatus.RUNNING.value, "worker": worker, "started_at": repr(time.time()),
-        })
-
-    def set_progress(self, run_id: str, progress: dict[str, Any]) -> None:
-        self.redis.hset(keys.run_key(run_id), "progress", json.dumps(progress, allow_nan=False))
+    def set_progress(self, run_id: str, progress: dict[str, Any], *, attempt: int) -> bool:
+        """Store progress if ``attempt`` still runs the run; False once it was fenced off."""
+        return bool(self._progress(keys=[keys.run_key(run_id)], args=[attempt, json.dumps(progress, allow_nan=False)]))
 
     def finish(self, run_id: str, status: RunStatus, *, result: dict[str, Any] | None = None,
-               error: str | None = None, progress: dict[str, Any] | None = None) -> None:
-        """Record the end of a run: status, error text, last progress, and the result document."""
-        mapping: dict[str, str] = {"status": status.value, "finished_at": repr(time.time()), "error": error or ""}
-        if progress is not None:
-            mapping["progress"] = json.dumps(progress, allow_nan=False)
-        pipe = self.redis.pipeline()
-        pipe.hset(keys.run_key(run_id), mapping=mapping)
-        if result is not None:
-            pipe.set(keys.run_result_key(run_id), json.dumps(result, allow_nan=False, default=str))
-        if self.expire_seconds:
-            for key in (keys.run_key(run_id), keys.run_result_key(run_id)):
-                pipe.expire(key, self.expire_seconds)
-        pipe.execute()
+               error: str | None = None, error_detail: str | None = None, progress: dict[str, Any] | None = None,
+               attempt: int | None = None, expect: RunStatus | None = None) -> bool:
+        """Record the end of a run: status, error text, last progress, and the result document.
+
+        Refused (False) if the run has finished already, if ``attempt`` is given and is no longer the
+        run's, or if ``expect`` is given and is not its status (e.g. cancelling only a QUEUED run).
+        """
+        args = [
+            "" if attempt is None else attempt, "" if expect is None else expect.value, status.value,
+            repr(time.time()), error or "", error_detail or "",
+            "" if progress is None else json.dumps(progress, allow_nan=False),
+            "" if result is None else json.dumps(result, allow_nan=False, default=str),
+            self.expire_seconds or "", run_id,
+        ]
+        return bool(self._finish(keys=[keys.run_key(run_id), keys.run_result_key(run_id), keys.run_owner_key(run_id),
+                                       keys.runs_active_key()], args=args))
 
     def result(self, run_id: str) -> dict[str, Any] | None:
         raw = self.redis.get(keys.run_result_key(run_id))
@@ -163,32 +180,30 @@ class RunStore:
         """Most recent run ids first."""
         return [r.decode() for r in self.redis.zrevrange(keys.runs_index_key(), 0, limit - 1)]
 
-    # ownership and cancellation
-    def claim(self, run_id: str, owner: str, ttl_seconds: float) -> bool:
-        """SET NX: True for the one copy of this run that may execute it."""
-        return bool(self.redis.set(keys.run_owner_key(run_id), owner, nx=True, px=int(ttl_seconds * 1000)))
+    # ownership, fencing, recovery and cancellation
+    def claim(self, run_id: str, owner: str, ttl_seconds: float, *, worker: str) -> int:
+        """Take a QUEUED run and mark it RUNNING: the attempt number, or 0 if it is not ours to run."""
+        return int(self._claim(keys=[keys.run_key(run_id), keys.run_owner_key(run_id), keys.runs_active_key()],
+                               args=[owner, int(ttl_seconds * 1000), worker, repr(time.time()), run_id]))
 
-    def renew_claim(self, run_id: str, owner: str, ttl_seconds: float) -> bool:
-        """Extend the claim only while we still hold it (compare-and-expire in Lua)."""
-        return bool(self.redis.eval(_RENEW_LUA, 1, keys.run_owner_key(run_id), owner, int(ttl_seconds * 1000)))
+    def renew_claim(self, run_id: str, attempt: int, owner: str, ttl_seconds: float) -> bool:
+        """Extend this attempt's claim; False once the run has moved on without it (it must stop)."""
+        return bool(self._renew(keys=[keys.run_key(run_id), keys.run_owner_key(run_id)],
+                                args=[attempt, owner, int(ttl_seconds * 1000)]))
 
-    def fail_if_orphaned(self, run_id: str, reason: str) -> bool:
-        """Mark a RUNNING run whose owner is gone (claim expired) as FAILED; True if it was."""
-        if self.status(run_id) is not RunStatus.RUNNING or self.redis.exists(keys.run_owner_key(run_id)):
-            return False
-        self.finish(run_id, RunStatus.FAILED, error=reason)
-        return True
+    def active(self) -> list[str]:
+        """Runs that were started (or restarted) and have not finished."""
+        return [r.decode() for r in self.redis.zrange(keys.runs_active_key(), 0, -1)]
+
+    def recover(self, run_id: str, *, max_attempts: int, lease_seconds: float, resend_after: float) -> str:
+        """Restart a run whose owner stopped renewing its claim: 'restart', 'resend', 'failed', 'cancelled' or ''."""
+        out = self._recover(keys=[keys.run_key(run_id), keys.run_owner_key(run_id), keys.runs_active_key(),
+                                  keys.run_cancel_key(run_id)],
+                            args=[run_id, repr(time.time()), max_attempts, f"{lease_seconds:g}", resend_after])
+        return out.decode() if isinstance(out, bytes) else str(out or "")
 
     def request_cancel(self, run_id: str, ttl_seconds: int = 7 * 24 * 3600) -> None:
         self.redis.set(keys.run_cancel_key(run_id), repr(time.time()), ex=ttl_seconds)
 
     def cancel_requested(self, run_id: str) -> bool:
         return bool(self.redis.exists(keys.run_cancel_key(run_id)))
-
-
-_RENEW_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""

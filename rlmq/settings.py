@@ -231,14 +231,22 @@ class Settings:
     # fan-out: prompts per sub-task message, and how many sub-tasks a big batch spreads over
     chunk_size: int = _opt("RLMQ_CHUNK_SIZE", _int, 8)
     fanout_width: int = _opt("RLMQ_FANOUT_WIDTH", _int, 64)
-    gather_timeout: float = _opt("RLMQ_GATHER_TIMEOUT", _float, 900.0)
+    # > the sub-task's own hard limit (SUBTASK_DEADLINE + 60 s), so a live sub-task never times out here first
+    gather_timeout: float = _opt("RLMQ_GATHER_TIMEOUT", _float, 1200.0)
     # budgets per run (none by default): dollars (LiteLLM's prices), tokens, wall-clock seconds
     max_cost: float | None = _opt("RLMQ_MAX_COST", _float, None)
     max_tokens: int | None = _opt("RLMQ_MAX_TOKENS", _int, None)
     time_limit: float | None = _opt("RLMQ_TIME_LIMIT", _float, None)
     # worker-level, not per run
     run_time_limit: float = _opt("RLMQ_RUN_TIME_LIMIT", _float, 6 * 3600.0, per_run=False)
-    lease_ttl: float = _opt("RLMQ_LEASE_TTL", _float, 90.0, per_run=False)
+    # a run's claim and its sandboxes' leases: a dead owner is noticed this long after its last renewal
+    lease_ttl: float = _opt("RLMQ_LEASE_TTL", _float, 30.0, per_run=False)
+    # how often every rlm worker sweeps for lost runs and expired sandbox leases
+    maintenance_interval: float = _opt("RLMQ_MAINTENANCE_INTERVAL", _float, 5.0, per_run=False)
+    # how many times a run is started in all (the first start included) before it FAILS
+    run_attempts: int = _opt("RLMQ_RUN_ATTEMPTS", _int, 3, per_run=False)
+    # a worker whose heartbeat is older than this is dead: its sub-tasks are sent again
+    worker_heartbeat_ttl: float = _opt("RLMQ_WORKER_HEARTBEAT_TTL", _float, 10.0, per_run=False)
     result_expires: int = _opt("RLMQ_RESULT_EXPIRES", _int, 7 * 24 * 3600, per_run=False)
     # task events for llm_batch sub-tasks (Flower's per-worker counts; ~costs measured in docs/ARCHITECTURE.md)
     subtask_events: bool = _opt("RLMQ_SUBTASK_EVENTS", _bool, True, per_run=False)

@@ -6,6 +6,11 @@ children included) and nothing is left running. The stack writes a small state f
 ``rlmq submit`` in another terminal finds its Redis without any configuration. That file holds
 secrets — the private Redis's password (in its URL) and Flower's generated login — so it is
 written mode 0600 in a 0700 directory, and replaced atomically.
+
+The private Redis keeps its data in an append-only file in the state directory
+(``$RLMQ_STATE_DIR/redis``, else ``~/.cache/rlmq/redis``): ``revive_redis`` restarts a Redis that
+died on the same port and data, and a new ``rlmq up`` reloads every run, result and cache entry.
+The workers' own maintenance (reaping, run recovery) runs in every rlm worker: no beat needed.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ READY_MARK = " ready."  # Celery logs "<node> ready." once a worker consumes
 def state_file() -> Path:
     base = os.environ.get("RLMQ_STATE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "rlmq")
     return Path(base) / "stack.json"
+
+
+def redis_data_dir() -> Path:
+    return state_file().parent / "redis"
 
 
 def running_stack() -> dict | None:
@@ -146,7 +155,9 @@ class LocalStack:
     def start(self, *, timeout: float = 90.0) -> LocalStack:
         try:
             if self.redis_url is None:
-                self.private_redis = start_private_redis()
+                data = redis_data_dir()
+                data.mkdir(parents=True, exist_ok=True)
+                self.private_redis = start_private_redis(dir=str(data), appendonly=True)
                 self.redis_url = self.private_redis.url
             self.start_worker("rlm", name=f"rlm-{os.getpid()}", concurrency=self.rlm_concurrency, pool="prefork")
             self.start_worker("llm", name=f"llm-{os.getpid()}", concurrency=self.llm_concurrency, pool="threads")
@@ -200,6 +211,14 @@ class LocalStack:
                 tails = "\n".join(f"--- {c.name}\n{c.log_tail()}" for c in pending)
                 raise TimeoutError(f"not ready after {timeout:g}s:\n{tails}")
             time.sleep(0.1)
+
+    def revive_redis(self) -> bool:
+        """Restart the private Redis if it has died, on the same port and data; True if it did."""
+        server = self.private_redis
+        if server is None or server.process.poll() is None:
+            return False
+        self.private_redis = start_private_redis(server.port, dir=server.dir, binary=server.binary, appendonly=True)
+        return True
 
     def dead_children(self) -> list[ChildProcess]:
         return [c for c in self.children if not c.alive]

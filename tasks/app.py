@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, signals, states
 from kombu import Queue
 
 from rlmq.celery_config import CELERY_CONFIG, LLM_QUEUE, QUEUES, RLM_QUEUE, point_at
@@ -20,7 +20,16 @@ from rlmq.settings import Settings, SettingsError, redis_url_from_env, unauthent
 from workers.context import worker_settings
 from workers.hardening import make_non_dumpable
 
-__all__ = ["app"]
+__all__ = ["PROGRESS_STATE", "WORKER_QUEUES", "app"]
+
+PROGRESS_STATE = "PROGRESS"  # what workers.run reports while a run works
+
+WORKER_QUEUES: set[str] = set()  # the queues this process consumes, when it is a worker
+
+# Runs report a custom PROGRESS state. Celery ranks unknown states above REVOKED, so an events
+# monitor (Flower loads this app) would keep a cancelled run in PROGRESS after its task-revoked
+# event; rank PROGRESS with STARTED, below every final state.
+states.PRECEDENCE_LOOKUP.setdefault(PROGRESS_STATE, states.PRECEDENCE_LOOKUP[states.STARTED])
 
 app = Celery("rlmq")
 app.conf.update(CELERY_CONFIG, task_queues=tuple(Queue(q) for q in QUEUES),
@@ -57,6 +66,11 @@ def _check_worker_start(sender: Any = None, conf: Any = None, options: dict[str,
         print("rlmq worker: " + " | ".join(problems), file=sys.stderr, flush=True)
         raise SystemExit(2)
     make_non_dumpable()  # before the pool forks: the keys in this process's environment stay its own
+    WORKER_QUEUES.update(queues)
+    if RLM_QUEUE in queues and conf is not None:
+        # Reserve a run only when a slot is free to start it: a run acked early leaves its slot's
+        # prefetch credit free, and the next run would wait behind it (or die with the worker).
+        conf.worker_disable_prefetch = True
     if LLM_QUEUE in queues:  # pay LiteLLM's ~6 s import and pool setup now, not in the first sub-task
         from workers.llm_call import preload
 

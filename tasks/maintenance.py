@@ -1,4 +1,6 @@
-"""``reap_leases`` (beat), the ``rlmq_reap_local`` remote control command, and reaping at worker start."""
+"""``reap_leases`` (beat), the ``rlmq_reap_local`` remote control command, and reaping at worker start.
+
+The same maintenance runs without beat, in every rlm worker (``tasks.watchdog``)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from celery.worker.control import control_command
 
 from rlmq.celery_config import REAP_TASK
 from tasks.app import app
-from workers.maintenance import reap_here
+from workers.maintenance import maintain, reap_here
 
 __all__ = ["reap_leases"]
 
@@ -19,10 +21,10 @@ logger = logging.getLogger(__name__)
 
 @app.task(name=REAP_TASK, ignore_result=True, send_events=False)
 def reap_leases() -> int:
-    """Beat's maintenance: reap expired leases here, then ask every worker to reap its host's."""
-    reaped = reap_here()
+    """Beat's maintenance: reap expired leases here, restart lost runs, ask every worker to reap its host's."""
+    done = maintain(app)
     app.control.broadcast("rlmq_reap_local")
-    return reaped
+    return done["reaped"]
 
 
 @control_command()

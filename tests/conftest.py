@@ -65,10 +65,10 @@ def mp_context() -> BaseContext:
 
 @pytest.fixture
 def r(redis_server: PrivateRedis) -> Iterator[redis.Redis]:
-    """The private Redis with rlmq's own keys removed, but Celery's left alone: for tests whose
-    module-scoped workers keep their queue bindings in the same Redis."""
+    """The private Redis with rlmq's own keys removed, but Celery's and the workers' heartbeats
+    left alone: for tests whose module-scoped workers keep their queue bindings in the same Redis."""
     client = redis.Redis.from_url(redis_server.url)
-    keys = list(client.scan_iter("rlmq:*", count=1000))
+    keys = [k for k in client.scan_iter("rlmq:*", count=1000) if not k.startswith(b"rlmq:worker:")]
     if keys:
         client.delete(*keys)
     yield client

@@ -237,7 +237,7 @@ def test_cancel_before_start_and_the_worker_skips_it(fleet: Fleet, stub: StubLLM
     assert RunStore(r).status(spec.run_id) is RunStatus.CANCELLED and script.calls == []
 
 
-def test_beat_reaper_destroys_orphaned_sandbox_and_fails_its_run(fleet: Fleet, r) -> None:
+def test_beat_reaper_destroys_orphaned_sandbox_and_restarts_its_run(fleet: Fleet, r) -> None:
     from broker_bridge import interpreter_factory
     from tasks.maintenance import reap_leases
 
@@ -247,18 +247,20 @@ def test_beat_reaper_destroys_orphaned_sandbox_and_fails_its_run(fleet: Fleet, r
         interp.start()
         spec = RunSpec(run_id=new_run_id(), signature=SIGNATURE, inputs={})
         RunStore(r).create(spec)
-        RunStore(r).mark_running(spec.run_id, "dead-worker@nowhere")  # and it never renews anything
+        # a worker claims it, then dies: it never renews its claim or its sandbox lease
+        assert RunStore(r).claim(spec.run_id, "dead-worker@nowhere/1", 0.2, worker="dead-worker@nowhere") == 1
         LeaseRegistry(r, 0.2).register(created[0], run_id=spec.run_id, owner="dead-worker@nowhere")
         time.sleep(0.3)
         reap_leases.delay()
-        deadline = time.monotonic() + 20
-        while LeaseRegistry(r, 1).live() or not RunStore(r).status(spec.run_id).finished:
+        deadline = time.monotonic() + 30
+        while LeaseRegistry(r, 1).live() or not RunStore(r).get(spec.run_id).restarts:
             assert time.monotonic() < deadline
             time.sleep(0.1)
         record = RunStore(r).get(spec.run_id)
-        assert record.status is RunStatus.FAILED and "worker lost" in record.error
+        assert record.attempt == 2 and "dead-worker@nowhere stopped heartbeating" in record.restart_reason
         with pytest.raises(Exception):
             interp.execute("print(1)")
+        wait_finished(r, spec.run_id)  # attempt 2 ran (and failed: the spec has no inputs)
     finally:
         interp.shutdown()
 

@@ -6,7 +6,9 @@ one computes (one paid call) and the rest wait to be woken, not polling.
 
 Single flight, per cache key (names from ``rlmq.keys``):
 
-* the leader holds ``inflight`` (``SET NX PX lock_ttl``, value = a random flight token) and, on
+* the leader holds ``inflight`` (``SET NX PX lease``, value = a random flight token; a thread
+  of the leader's process renews it every ``lease/3`` for at most ``lock_ttl``, so a dead leader's
+  lock is gone within ``FLIGHT_LEASE_SECONDS``, not after the longest possible compute) and, on
   taking it, clears ``done``; when finished it stores the value (if cacheable), releases the
   lock (only if still its own) and pushes one wake-up ``{"flight": token, ...}`` onto ``done``;
 * a waiter blocks in ``BLPOP done`` for at most the lock's remaining TTL. A wake-up of the
@@ -28,6 +30,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -50,6 +54,7 @@ _NON_SAMPLING_PARAMS = frozenset({
     "num_retries", "headers", "extra_headers", "cache", "metadata", "stream",
 })
 _DONE_TTL_MS = 10_000  # a wake-up is consumed at once; the TTL only sweeps leftovers
+FLIGHT_LEASE_SECONDS = 10.0  # a single-flight lock outlives its leader's process by at most this
 
 # Take the lock, clearing stale wake-ups; else report the holder's token and its PTTL.
 _ACQUIRE = """
@@ -58,6 +63,12 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {1, ARGV[1], tonumber(ARGV[2])}
 end
 return {0, redis.call('GET', KEYS[1]) or '', redis.call('PTTL', KEYS[1])}
+"""
+
+# Extend the lock while it is still ours.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
 """
 
 # Release the lock if it is still ours, then push one wake-up.
@@ -144,7 +155,7 @@ class ResponseCache:
         ``known_miss``: the caller has just looked (``get_many``), so the first look is skipped.
         """
         lock, done = inflight_key(key), inflight_done_key(key)
-        lock_ms = max(1, int(lock_ttl * 1000))
+        lock_ms = max(1, int(min(lock_ttl, FLIGHT_LEASE_SECONDS) * 1000))
         deadline = time.monotonic() + wait_timeout
         while True:
             hit = None if known_miss else self.get(key)
@@ -154,7 +165,8 @@ class ResponseCache:
             token = uuid.uuid4().hex
             acquired, holder, pttl = self._acquire(keys=[lock, done], args=[token, lock_ms])
             if acquired:
-                return self._lead(key, token, compute, cacheable), False
+                with _renewer.holding(self.redis, lock, token, lock_ms, until=time.monotonic() + lock_ttl):
+                    return self._lead(key, token, compute, cacheable), False
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"single_flight({key[:12]}…): still computing elsewhere after {wait_timeout:.1f}s")
@@ -194,6 +206,59 @@ class ResponseCache:
         finally:
             self._release(keys=[inflight_key(key), inflight_done_key(key)],
                           args=[token, json.dumps(wake), _DONE_TTL_MS])
+
+
+class _LockRenewer:
+    """One daemon thread per process renewing the single-flight locks its leaders hold."""
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[int, str, str], tuple[redis.Redis, int, float]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def holding(self, client: redis.Redis, lock: str, token: str, lease_ms: int, *, until: float) -> "_Held":
+        return _Held(self, (id(client), lock, token), (client, lease_ms, until))
+
+    def _add(self, item: tuple[int, str, str], value: tuple[redis.Redis, int, float]) -> None:
+        with self._lock:
+            self._held[item] = value
+            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._loop, name="rlmq-flight-renewer", daemon=True)
+                self._thread.start()
+
+    def _remove(self, item: tuple[int, str, str]) -> None:
+        with self._lock:
+            self._held.pop(item, None)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(FLIGHT_LEASE_SECONDS / 3)
+            with self._lock:
+                held = list(self._held.items())
+            now = time.monotonic()
+            for (_, lock, token), (client, lease_ms, until) in held:
+                if now > until:
+                    continue  # past lock_ttl: a slower leader gets company (documented above)
+                try:
+                    client.eval(_RENEW, 1, lock, token, lease_ms)
+                except Exception:  # Redis away: the lock may lapse, a waiter then computes too
+                    pass
+
+
+class _Held:
+    def __init__(self, renewer: _LockRenewer, item: tuple[int, str, str], value: tuple[redis.Redis, int, float]) -> None:
+        self.renewer, self.item, self.value = renewer, item, value
+
+    def __enter__(self) -> None:
+        self.renewer._add(self.item, self.value)
+
+    def __exit__(self, *_: object) -> None:
+        self.renewer._remove(self.item)
+
+
+_renewer = _LockRenewer()
 
 
 # -- dspy.cache in Redis --------------------------------------------------------------------

@@ -1,12 +1,19 @@
 """The run engine: one RLM run inside one worker process, from spec to result.
 
 ``tasks.runs.run_rlm`` hands its Celery task to :class:`RunExecution`, which loads the spec and
-inputs from Redis, claims ownership (``SET NX``: a second delivery of the same run id does not
-execute), builds :class:`~workers.fanout.FleetRLM` on the sandbox
+inputs from Redis, claims the run (a QUEUED run becomes RUNNING as attempt ``n``; a second
+delivery of the same run id does not execute), builds :class:`~workers.fanout.FleetRLM` on the sandbox
 interpreter factory (sandboxes labelled ``rlmq.run=<id>`` and leased), runs it inside
 ``dspy.context(lm=root_lm)`` with the Redis-backed ``dspy.cache``, stores result and
-trajectory, and always releases its sandbox. Every ending is recorded: SUCCEEDED, CANCELLED,
-or FAILED with the error text; the exception that Celery sees is a plain ``RunFailed``.
+trajectory, and always releases its sandbox. Every ending is recorded: SUCCEEDED, CANCELLED
+(Celery state REVOKED, with a task-revoked event), or FAILED with a one-line error (details in
+the record's ``error_detail``); the exception that Celery sees is a plain ``RunFailed``.
+
+Resumption: the claim is renewed every tick; a worker that dies stops renewing and the recovery
+sweep (``workers.recovery``) restarts the run as attempt ``n+1`` elsewhere. The new attempt replays
+from the start through the Redis caches (root-LM calls via ``dspy.cache``, sub-calls via the
+response cache), so answers paid before the crash are not paid again. Every write of this
+attempt is fenced by ``n``: once it was superseded it writes nothing and ends with ``Ignore``.
 
 Progress: a dspy callback on the RLM's action predictor marks each iteration, and the lease
 keeper's 1-s tick republishes sub-call counters (including the batch in flight), both through
@@ -24,10 +31,12 @@ import logging
 import os
 import threading
 import time
+import traceback
+from collections.abc import Callable
 from typing import Any
 
 import dspy
-from celery import states
+import redis
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from dspy.utils.callback import BaseCallback
 
@@ -46,11 +55,12 @@ from workers.usage import RunUsage
 from workers.sandbox_registry import LeaseKeeper, LeaseRegistry
 from workers.user_tools import ToolLoadError, load_tools
 
-__all__ = ["RunCancelled", "RunExecution", "RunFailed", "root_lm"]
+__all__ = ["RunCancelled", "RunExecution", "RunFailed", "one_line", "root_lm"]
 
 logger = logging.getLogger(__name__)
 
 _PUBLISH_EVERY = 0.5  # seconds between progress updates while counters move
+_OUTAGE_GRACE = 120.0  # seconds a final write waits for Redis to come back
 
 
 class RunFailed(Exception):
@@ -102,15 +112,22 @@ class RunExecution:
         self.trace: TrajectoryLog | None = None
         self.started_wall = time.time()
         self._counted: tuple[int, int] = (0, 0)
+        self.attempt = 0  # set by the claim; every write of this execution is fenced by it
+        self.fenced = threading.Event()  # the run moved on to a newer attempt without us
 
     def run(self) -> dict[str, Any]:
         record = self.store.get(self.run_id)
         if record is None:
             raise RunFailed(f"run {self.run_id} has no spec in Redis (was it submitted through rlmq?)")
-        if record.status.finished or not self.store.claim(self.run_id, self.owner, self.base.lease_ttl):
+        self.attempt = 0 if record.status.finished else self.store.claim(
+            self.run_id, self.owner, self.base.lease_ttl, worker=self.hostname)
+        if not self.attempt:
             logger.warning("run %s is already %s or owned elsewhere: not executing it twice",
                            self.run_id, record.status.value)
             raise Ignore()  # store no state: the owner's state must stand
+        if self.attempt > 1:
+            logger.warning("run %s: attempt %d, replaying through the caches (%s)", self.run_id, self.attempt,
+                           record.restart_reason or "restarted")
         try:
             result = self._execute(record.spec)
         except BaseException as exc:
@@ -122,9 +139,12 @@ class RunExecution:
             if self.trace is not None:
                 self.trace.expire(self.base.result_expires)
         progress = self.progress()
-        self.store.finish(self.run_id, RunStatus.SUCCEEDED,
-                          result={**result, "progress": progress, "usage": progress.get("usage")},
-                          progress=progress)
+        if not _when_redis_is_back(lambda: self.store.finish(
+                self.run_id, RunStatus.SUCCEEDED,
+                result={**result, "progress": progress, "usage": progress.get("usage")},
+                progress=progress, attempt=self.attempt)):
+            logger.warning("run %s: attempt %d was superseded; its result is dropped", self.run_id, self.attempt)
+            raise Ignore()
         # What Celery stores and Flower shows as the result: the summary first (Flower cuts long reprs).
         brief = {k: v for k, v in progress.items() if k not in ("usage", "llm_workers")}
         return {"run_id": self.run_id, "status": RunStatus.SUCCEEDED.value, "summary": summary_line(progress), **brief}
@@ -138,7 +158,6 @@ class RunExecution:
         self.max_iters = settings.max_iters
         if self.store.cancel_requested(self.run_id):
             raise RunCancelled()
-        self.store.mark_running(self.run_id, self.hostname)
         install_redis_dspy_cache(self.client, settings.cache_ttl_seconds)
         self.stats = RunUsage(root_model=settings.lm, sub_model=settings.effective_sub_lm)
         self.budget = Budget(self.stats, max_cost=settings.max_cost, max_tokens=settings.max_tokens,
@@ -157,6 +176,7 @@ class RunExecution:
         self.keeper = LeaseKeeper(registry, run_id=self.run_id, owner=self.owner, on_tick=self._tick).start()
         factory = interpreter_factory(
             settings.sandbox.value, execution_timeout=settings.execution_timeout,
+            tool_wait_limit=self.base.run_time_limit,
             labels={"rlmq.run": self.run_id},
             on_sandbox_created=self.keeper.created, on_sandbox_destroyed=self.keeper.destroyed,
         )
@@ -182,17 +202,27 @@ class RunExecution:
 
     def _ended_badly(self, exc: BaseException) -> dict[str, Any]:
         progress = self.progress()
+        if self.fenced.is_set():
+            logger.warning("run %s: attempt %d was superseded; it stops without writing", self.run_id, self.attempt)
+            raise Ignore()
         if self.trace is not None:
             self.trace.expire(self.base.result_expires)
         if isinstance(exc, (RunCancelled, FanoutCancelled)) or self.store.cancel_requested(self.run_id):
-            self.store.finish(self.run_id, RunStatus.CANCELLED, error="cancelled", progress=progress)
-            self.task.update_state(task_id=self.run_id, state=states.REVOKED, meta={"reason": "cancelled"})
-            raise Ignore()
+            self.store.finish(self.run_id, RunStatus.CANCELLED, error="cancelled", progress=progress,
+                              attempt=self.attempt)
+            self._mark_revoked()
+            raise Ignore()  # the REVOKED state above must stand
         if self.budget is not None and (isinstance(exc, BudgetExceeded) or self.budget.tripped):
             reason = f"budget exceeded: {self.budget.tripped or exc}"
             logger.warning("run %s stopped: %s", self.run_id, reason)
-            self.store.finish(self.run_id, RunStatus.STOPPED, error=reason, progress=progress)
+            self.store.finish(self.run_id, RunStatus.STOPPED, error=one_line(reason), progress=progress,
+                              attempt=self.attempt)
             raise RunFailed(one_line(reason)) from None
+        if not isinstance(exc, Exception):
+            # KeyboardInterrupt, SystemExit: the worker itself is stopping. Let the claim lapse
+            # now, so the recovery sweep restarts the run elsewhere instead of failing it.
+            self.store.renew_claim(self.run_id, self.attempt, self.owner, 0.001)
+            raise exc
         if isinstance(exc, SoftTimeLimitExceeded):
             message = f"time limit: the run took longer than {self.base.run_time_limit:g}s"
         elif isinstance(exc, RunFailed):
@@ -200,10 +230,23 @@ class RunExecution:
         else:
             message = f"{type(exc).__name__}: {exc}"
         logger.error("run %s failed: %s", self.run_id, message, exc_info=exc)
-        self.store.finish(self.run_id, RunStatus.FAILED, error=message, progress=progress)
-        if not isinstance(exc, Exception):
-            raise exc  # KeyboardInterrupt, SystemExit: the worker itself is stopping
-        raise RunFailed(one_line(message)) from None
+        detail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-6:])[-4000:]
+        line = one_line(message)
+        if not _when_redis_is_back(lambda: self.store.finish(
+                self.run_id, RunStatus.FAILED, error=line, error_detail=f"{message}\n\n{detail}", progress=progress,
+                attempt=self.attempt)):
+            raise Ignore()
+        raise RunFailed(line) from None
+
+    def _mark_revoked(self) -> None:
+        """REVOKED as Celery itself stores it (an exception record ``AsyncResult`` can read), and the
+        final ``task-revoked`` event that ends the task in Flower."""
+        try:
+            self.task.backend.mark_as_revoked(self.run_id, reason="cancelled", request=self.task.request)
+            with self.task.app.events.default_dispatcher(hostname=self.hostname) as dispatcher:
+                dispatcher.send("task-revoked", uuid=self.run_id, terminated=True, signum=None, expired=False)
+        except Exception:
+            logger.exception("could not record run %s as revoked in Celery", self.run_id)
 
     # -- progress and cancellation ------------------------------------------------------------
     def progress(self) -> dict[str, Any]:
@@ -220,8 +263,9 @@ class RunExecution:
                 return
             self._last_publish, self._last_counts = now, counts
             try:
+                if not self.store.set_progress(self.run_id, meta, attempt=self.attempt):
+                    return  # superseded or finished: Celery's state is no longer ours to write
                 publish_progress(self.task, self.run_id, self.hostname, meta, started_at=self.started_wall)
-                self.store.set_progress(self.run_id, meta)
                 count(self.client, [("subcalls", counts[0] - self._counted[0]),
                                     ("cache_hits", counts[1] - self._counted[1])])
                 self._counted = counts
@@ -229,7 +273,15 @@ class RunExecution:
                 logger.exception("could not publish progress of run %s", self.run_id)
 
     def _tick(self) -> None:
-        self.store.renew_claim(self.run_id, self.owner, self.base.lease_ttl)
+        if not self.fenced.is_set() and not self.store.renew_claim(self.run_id, self.attempt, self.owner,
+                                                                   self.base.lease_ttl):
+            logger.warning("run %s: attempt %d lost its claim (restarted elsewhere or finished); stopping it",
+                           self.run_id, self.attempt)
+            self.fenced.set()
+            self.cancelled.set()
+            if self.keeper is not None:
+                self.keeper.destroy_all()
+            return
         if not self.cancelled.is_set() and self.store.cancel_requested(self.run_id):
             logger.warning("run %s: cancel requested; deleting its sandbox", self.run_id)
             self.cancelled.set()
@@ -243,6 +295,24 @@ class RunExecution:
                 if self.keeper is not None:
                     self.keeper.destroy_all()
         self.publish()
+
+
+def _when_redis_is_back(write: Callable[[], bool]) -> bool:
+    """A final write, tried again while Redis restarts (else the finished work would be replayed)."""
+    deadline = time.monotonic() + _OUTAGE_GRACE
+    while True:
+        try:
+            return write()
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """An error for a status line: whitespace (newlines included) collapsed, at most ``limit`` chars."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def root_lm(settings: Settings) -> dspy.LM:

@@ -101,6 +101,8 @@ def reap_expired(client: redis.Redis, now: float, *, host: str | None = None,
         lease = SandboxLease.from_json(raw) if raw else None
         if lease is not None and lease.backend == "local" and lease.host != host:
             continue  # another host's process tree: its own reaper handles it
+        if lease is not None and _claimed_by(client, lease):
+            continue  # its owner still holds the run (the lease lapsed while Redis was away): it renews it
         if not client.zrem(index, sandbox_id):
             continue  # another reaper claimed it first
         client.delete(keys.lease_key(sandbox_id))
@@ -113,6 +115,12 @@ def reap_expired(client: redis.Redis, now: float, *, host: str | None = None,
         except Exception:  # one broken sandbox must not stop the sweep
             logger.exception("could not destroy sandbox %s", sandbox_id)
     return reaped
+
+
+def _claimed_by(client: redis.Redis, lease: SandboxLease) -> bool:
+    """True while the lease's owner still holds its run's claim (``"<attempt>|<owner>"``)."""
+    held = client.get(keys.run_owner_key(lease.run_id)) if lease.run_id else None
+    return bool(held) and (held.decode() if isinstance(held, bytes) else str(held)).endswith("|" + lease.owner)
 
 
 class LeaseKeeper:

@@ -6,6 +6,10 @@ per distinct prompt, fleet-wide), the fleet-wide rate limiter (plus the shared c
 that still fails comes back as an :class:`~workers.llm_call.Answer` with ``error`` set: data,
 never an exception, so one bad prompt cannot fail the chunk. Answers carry usage, cost and the
 serving worker's hostname.
+
+Redis trouble (a restart, a failover) is not the prompt's fault: the prompt waits for Redis and
+is tried again until its deadline, and an answer already paid for is returned even if it could
+not be cached, so an outage turns into latency, not into ``[ERROR]`` answers.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import logging
 import random
 import time
 from typing import Any
+
+import redis
 
 from rlmq.settings import Settings, SettingsError
 from workers.cache import ResponseCache
@@ -33,6 +39,7 @@ _MAX_BACKOFF = 20.0
 # The provider counts requests when they arrive, not when Redis grants them; grant-to-arrival
 # delays vary by tens of ms, which can put one extra request into a provider's 1-s window.
 RATE_MARGIN = 0.97
+_REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
 
 def answer_batch(prompts: list[Any], model: str, options: dict[str, Any] | None, params: dict[str, Any] | None,
@@ -116,10 +123,13 @@ def answer_prompt(prompt: Any, model: str, settings: Settings, cache: ResponseCa
                   *, params: dict[str, Any], worker: str, deadline: float, key: str | None = None) -> Answer:
     """One prompt through cache -> single-flight -> rate limit -> LM with retries; never raises."""
     attempts = 0
+    paid: dict[str, Any] = {}  # the reply once the LM gave it: never paid twice for a Redis blip
 
     def compute() -> dict[str, Any]:
         """The reply as a dict, or ``{"error": ...}`` (handed to concurrent askers, never cached)."""
         nonlocal attempts
+        if paid:
+            return paid
         messages = prompt_messages(prompt)
         estimate = sum(len(str(m.get("content", ""))) for m in messages) // 4 + int(params.get("max_tokens") or 0)
         for attempt in range(settings.lm_retries + 1):
@@ -129,7 +139,8 @@ def answer_prompt(prompt: Any, model: str, settings: Settings, cache: ResponseCa
             try:
                 reply = call_lm(model, messages, api_base=settings.lm_api_base, timeout=settings.lm_timeout,
                                 params=params, client=settings.lm_client)
-                return reply.to_json_dict()
+                paid.update(reply.to_json_dict())
+                return paid
             except LMCallError as exc:
                 if exc.kind is FailureKind.PERMANENT or attempt == settings.lm_retries:
                     return {"error": f"{exc.kind.value} after {attempts} attempt(s): {exc}"}
@@ -143,16 +154,30 @@ def answer_prompt(prompt: Any, model: str, settings: Settings, cache: ResponseCa
                     time.sleep(min(_backoff(attempt), max(0.0, deadline - time.monotonic())))
         return {"error": "no attempt made"}
 
-    try:
-        known_miss = key is not None  # llm_batch looked the batch up already
-        key = key or cache.key_for(model, prompt_messages(prompt), params)
-        value, cached = cache.single_flight(key, compute, lock_ttl=_lock_ttl(settings),
-                                            wait_timeout=max(1.0, deadline - time.monotonic()),
-                                            cacheable=lambda v: "error" not in v, known_miss=known_miss)
-        return _answer(value, cached=bool(cached), worker=worker, attempts=attempts)
-    except Exception as exc:  # Redis trouble, the limiter or a waiter timing out: still an answer
-        logger.warning("prompt failed outside the LM call: %r", exc)
-        return Answer(error=f"{type(exc).__name__}: {exc}", worker=worker, attempts=attempts)
+    known_miss = key is not None  # llm_batch looked the batch up already
+    outage = 0
+    while True:
+        try:
+            key = key or cache.key_for(model, prompt_messages(prompt), params)
+            value, cached = cache.single_flight(key, compute, lock_ttl=_lock_ttl(settings),
+                                                wait_timeout=max(1.0, deadline - time.monotonic()),
+                                                cacheable=lambda v: "error" not in v, known_miss=known_miss)
+            return _answer(value, cached=bool(cached), worker=worker, attempts=attempts)
+        except _REDIS_ERRORS as exc:
+            if paid:  # the LM answered; only caching it failed
+                logger.warning("answer not cached (Redis unavailable: %r)", exc)
+                return _answer(paid, cached=False, worker=worker, attempts=attempts)
+            if time.monotonic() > deadline:
+                return Answer(error=f"Redis unavailable until the sub-task deadline: {exc}", worker=worker,
+                              attempts=attempts)
+            outage += 1
+            if outage == 1:
+                logger.warning("Redis unavailable (%r): the prompt waits and is tried again", exc)
+            known_miss = False
+            time.sleep(min(2.0, 0.1 * 2 ** min(outage, 5)))
+        except Exception as exc:  # the limiter or a waiter timing out: still an answer
+            logger.warning("prompt failed outside the LM call: %r", exc)
+            return Answer(error=f"{type(exc).__name__}: {exc}", worker=worker, attempts=attempts)
 
 
 def _backoff(attempt: int) -> float:

@@ -1,0 +1,114 @@
+"""Shared pieces of the fault-injection tests (tests/test_reliability_*.py): short lease and
+heartbeat settings for the workers, scripted runs, and waiting on a run's record."""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import redis
+
+from rlmq.blobs import put_blobs
+from rlmq.client import Client
+from rlmq.records import RunRecord, RunSpec, RunStore, new_run_id
+from tests.support.fleet import redis_url_of
+from tests.support.stub_llm import ScriptedRoot, StubLLM, message_text, route
+
+__all__ = ["FAST_FAULTS_ENV", "SIGNATURE", "batch_step", "child_pids", "kill", "prompt_repeats", "sub_answer",
+           "sub_requests", "submit", "wait_for", "wait_status"]
+
+# Faults noticed in seconds, not the production 30 s / 10 s: claim and sandbox leases of 3 s,
+# maintenance every second, worker heartbeats that expire after 2 s.
+FAST_FAULTS_ENV = {"RLMQ_LEASE_TTL": "3", "RLMQ_MAINTENANCE_INTERVAL": "1", "RLMQ_WORKER_HEARTBEAT_TTL": "2",
+                   "RLMQ_RATE_LIMIT_RPS": "1000", "RLMQ_RATE_LIMIT_BURST": "1000"}
+SIGNATURE = "items: list[str] -> answers: list[str]"
+
+
+def sub_answer(prompt: str) -> str:
+    match = re.search(r"question (\d+)", prompt)
+    return f"answer-{match.group(1)}" if match else "unknown"
+
+
+def batch_step(n: int, *, then: str = "") -> str:
+    return (f"answers = llm_query_batched([f'question {{i}} about ' + items[0] for i in range({n})])\n"
+            f"print(len(answers), answers[:2])\n{then}")
+
+
+def submit(r: redis.Redis, stub: StubLLM, steps: list[str], *, options: dict | None = None,
+           signature: str = SIGNATURE, tag: str = "x") -> tuple[str, ScriptedRoot]:
+    """A run whose root LM plays ``steps``. ``tag`` names the run's input (``item-<tag>``), which
+    the RLM's prompts show: runs with different tags get their own script and cache keys."""
+    script = ScriptedRoot(steps)
+    scripts = getattr(stub, "_rlmq_scripts", None)
+    if scripts is None or stub._rlmq_scripts_owner is not stub._responder:  # a fresh stub: new registry
+        scripts = stub._rlmq_scripts = {}
+    scripts[tag] = script
+
+    def root(messages, body):
+        text = "\n".join(message_text(m) for m in messages)
+        for name, played in scripts.items():
+            if f"item-{name}" in text:
+                return played(messages, body)
+        raise ValueError("no script for this run")
+
+    stub.set_responder(route(root=root, sub=sub_answer))
+    stub._rlmq_scripts_owner = stub._responder
+    spec = RunSpec(run_id=new_run_id(), signature=signature, inputs=put_blobs(r, {"items": [f"item-{tag}"]}),
+                   options={"max_iters": 6, "max_llm_calls": 500, **(options or {})})
+    Client(redis_url_of(r)).enqueue(spec)
+    return spec.run_id, script
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached within {timeout:g}s")
+        time.sleep(interval)
+
+
+def wait_status(r: redis.Redis, run_id: str, timeout: float = 120.0) -> RunRecord:
+    store = RunStore(r)
+
+    def finished():
+        try:
+            record = store.get(run_id)
+        except redis.ConnectionError:
+            return None
+        return record if record is not None and record.status.finished else None
+
+    try:
+        return wait_for(finished, timeout, f"run {run_id} finished")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; record: {store.get(run_id)}") from None
+
+
+def prompt_repeats(stub: StubLLM) -> dict[str, int]:
+    """Prompts the stub was sent more than once (a root step or a sub-call paid twice)."""
+    counts = collections.Counter(req.prompt for req in stub.requests if req.status == 200)
+    return {p[:80]: n for p, n in counts.items() if n > 1}
+
+
+def sub_requests(stub: StubLLM) -> int:
+    return sum(1 for req in stub.requests if "question " in req.prompt and "REPL" not in req.prompt)
+
+
+def child_pids(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

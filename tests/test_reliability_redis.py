@@ -1,0 +1,155 @@
+"""Redis outages lose nothing: stop and restart Redis (AOF on, as in compose) during a batch and the
+run still SUCCEEDS with every answer; stop the Redis of ``rlmq up`` and the stack restarts it on its
+data, the run stays visible and finishes, and a new ``rlmq up`` still knows the run and its result.
+
+Real Redis servers, real worker processes, local sandboxes, the stub LLM over HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from rlmq.client import Client
+from rlmq.local_redis import PrivateRedis, start_private_redis
+from rlmq.records import RunStatus, RunStore
+from tests.support.cli import RLMQ, cli_env
+from tests.support.fleet import Fleet, configure_app
+from tests.support.reliability import FAST_FAULTS_ENV, batch_step, sub_requests, submit, wait_for, wait_status
+from tests.support.stub_llm import StubLLM
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]
+
+
+@pytest.fixture(scope="module")
+def aof_redis(tmp_path_factory) -> Iterator[PrivateRedis]:
+    server = start_private_redis(dir=str(tmp_path_factory.mktemp("aof")), appendonly=True)
+    holder = {"server": server}
+    yield holder  # type: ignore[misc]
+    holder["server"].stop()
+
+
+@pytest.fixture(scope="module")
+def fleet(aof_redis, stub: StubLLM) -> Iterator[Fleet]:
+    url = aof_redis["server"].url
+    configure_app(url)
+    env = {"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub", "RLMQ_LM_API_BASE": stub.api_base,
+           **FAST_FAULTS_ENV}
+    with Fleet(url, env) as fl:
+        workers = [fl.start("rlm", name="rlm1", concurrency=1, wait=False),
+                   fl.start("llm", name="llmA", concurrency=4, wait=False),
+                   fl.start("llm", name="llmB", concurrency=4, wait=False)]
+        fl.wait_ready(workers, timeout=180)
+        yield fl
+
+
+def test_redis_restart_during_a_batch_loses_no_answer(fleet: Fleet, aof_redis, stub: StubLLM) -> None:
+    server = aof_redis["server"]
+    r = redis.Redis.from_url(server.url)
+    stub.latency = 0.3
+    run_id, _ = submit(r, stub, ["print(items)", batch_step(40), "SUBMIT(answers=answers)"], tag="redis-restart")
+    wait_for(lambda: sub_requests(stub) >= 6, 60, "the batch under way")
+    server.stop()  # SIGTERM: Redis writes its AOF and exits
+    time.sleep(5.0)  # longer than the workers' 3-s leases: every claim and sandbox lease lapses
+    aof_redis["server"] = start_private_redis(server.port, dir=server.dir, appendonly=True)
+    back_at = time.monotonic()
+
+    record = wait_status(r, run_id, timeout=120)
+    print(f"\nMEASURED Redis down 5 s mid-batch: run succeeded {time.monotonic() - back_at:.1f}s after Redis was back")
+    assert record.status is RunStatus.SUCCEEDED, (record.error, record.error_detail)
+    answers = RunStore(r).result(run_id)["outputs"]["answers"]
+    assert answers == [f"answer-{i}" for i in range(40)]  # none came back as [ERROR]
+    assert record.attempt == 1  # the owner re-took its lapsed claim; its sandbox was not reaped
+    assert all(w.alive for w in fleet.workers)
+
+
+def start_up(env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen, str]:
+    log = cwd / f"up-{len(list(cwd.glob('up-*.log')))}.log"
+    output = open(log, "w")
+    process = subprocess.Popen([*RLMQ, "up", "--no-flower", "--llm-concurrency", "8", "--rlm-concurrency", "1"],
+                               env=env, cwd=cwd, stdout=output, stderr=subprocess.STDOUT, text=True)
+    output.close()
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if match := re.search(r"REDIS_URL=(\S+)", log.read_text()):
+            return process, match.group(1)
+        if process.poll() is not None:
+            break
+        time.sleep(0.2)
+    raise AssertionError(f"rlmq up did not come up: {log.read_text()}")
+
+
+def up_log(cwd: Path) -> str:
+    text = "".join(p.read_text() for p in sorted(cwd.glob("up-*.log")))
+    logs = re.findall(r"logs: (\S+)", text)
+    tails = [f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:])
+             for d in logs[-1:] for p in sorted(Path(d).glob("*.log"))]
+    return text + "\n".join(tails)
+
+
+def redis_pid(port: int) -> int:
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"redis-server" in cmd and re.search(rb"(:|\0)%d(\0|\s|$)" % port, cmd):  # Redis retitles itself
+                return int(proc.name)
+    raise AssertionError(f"no redis-server on port {port}")
+
+
+def stop_up(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
+def test_rlmq_up_redis_restart_keeps_the_run(tmp_path, stub_llm: StubLLM) -> None:
+    env = cli_env(tmp_path, RLMQ_LM="openai/scripted-root", RLMQ_SUB_LM="openai/stub-sub",
+                  RLMQ_LM_API_BASE=stub_llm.api_base, OPENAI_API_KEY="stub-key", **FAST_FAULTS_ENV)
+    up, url = start_up(env, tmp_path)
+    try:
+        r = redis.Redis.from_url(url)
+        stub_llm.latency = 0.2
+        run_id, _ = submit(r, stub_llm, ["print(items)", batch_step(30, then="import time\ntime.sleep(2)"),
+                                         "SUBMIT(answers=answers)"], tag="up-redis")
+        wait_for(lambda: sub_requests(stub_llm) >= 4, 90, "the batch under way")
+        os.kill(redis_pid(int(url.rsplit(":", 1)[1].split("/")[0])), signal.SIGTERM)
+        time.sleep(1.0)
+        client = Client(url)
+        assert wait_for(lambda: _visible(client, run_id), 30, "run visible again after the restart")
+        try:
+            record = wait_status(r, run_id, timeout=120)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nrlmq up alive: {up.poll() is None}\n{up_log(tmp_path)}") from None
+        print(f"\nMEASURED rlmq up Redis stopped mid-batch: run {record.status.value}, attempt {record.attempt}")
+        assert record.status is RunStatus.SUCCEEDED, (record.error, record.error_detail)
+        assert up.poll() is None, "rlmq up stopped"
+    finally:
+        stop_up(up)
+    # the whole stack again, on the same state directory: the run and its result are still there
+    up, url = start_up(env, tmp_path)
+    try:
+        result = Client(url).result(run_id)
+        assert result["outputs"]["answers"] == [f"answer-{i}" for i in range(30)]
+    finally:
+        stop_up(up)
+
+
+def _visible(client: Client, run_id: str):
+    try:
+        return client.status(run_id)
+    except Exception:
+        return None

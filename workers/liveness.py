@@ -1,0 +1,106 @@
+"""Which workers are alive, and which llm worker holds which sub-task.
+
+Every worker's main process writes a heartbeat key (``keys.worker_heartbeat_key``, TTL
+``RLMQ_WORKER_HEARTBEAT_TTL``) a few times per TTL; an llm worker also records, when a sub-task
+message reaches it (Celery's ``task_received``, prefetched ones included), that it holds it
+(``keys.subtask_holder_key``). A run gathering a batch asks :func:`lost_subtasks` which of its
+pending sub-tasks sit on a worker without a heartbeat, and sends those again at once instead of
+waiting for the broker's visibility timeout (an hour): ``reject_on_worker_lost`` does nothing for
+the threads pool, and a SIGKILLed worker acks nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import redis
+
+from rlmq import keys
+
+__all__ = ["HOLDER_TTL_SECONDS", "Heartbeat", "lost_subtasks", "mark_received", "unmark"]
+
+logger = logging.getLogger(__name__)
+
+# A mark is deleted when its sub-task ends; the TTL only sweeps the marks of a worker that died.
+# Longer than a sub-task can live (its hard limit is SUBTASK_DEADLINE + 60 s = 960 s) plus queueing.
+HOLDER_TTL_SECONDS = 1800
+
+
+def mark_received(client: redis.Redis, task_id: str, hostname: str) -> None:
+    client.set(keys.subtask_holder_key(task_id), hostname, ex=HOLDER_TTL_SECONDS)
+
+
+def unmark(client: redis.Redis, task_id: str) -> None:
+    client.delete(keys.subtask_holder_key(task_id))
+
+
+def lost_subtasks(client: redis.Redis, task_ids: Sequence[str]) -> list[str]:
+    """The sub-tasks among ``task_ids`` held by a worker whose heartbeat has expired.
+
+    A sub-task nobody holds yet is still in the queue: not lost."""
+    if not task_ids:
+        return []
+    holders = client.mget([keys.subtask_holder_key(t) for t in task_ids])
+    hosts = sorted({h.decode() for h in holders if h})
+    if not hosts:
+        return []
+    alive = dict(zip(hosts, client.mget([keys.worker_heartbeat_key(h) for h in hosts])))
+    return [t for t, h in zip(task_ids, holders) if h and alive.get(h.decode()) is None]
+
+
+class Heartbeat:
+    """A daemon thread: the worker's heartbeat every ``ttl/4`` s, and ``every(interval, fn)`` jobs."""
+
+    def __init__(self, client: redis.Redis, hostname: str, ttl_seconds: float) -> None:
+        self.client = client
+        self.hostname = hostname
+        self.ttl = ttl_seconds
+        self._jobs: list[tuple[float, Callable[[], object], list[float]]] = []
+        self.last_failure = time.monotonic()  # of a beat (Redis away); "never" counts from the start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rlmq-heartbeat", daemon=True)
+
+    def every(self, interval: float, job: Callable[[], object]) -> Heartbeat:
+        self._jobs.append((interval, job, [0.0]))
+        return self
+
+    def start(self) -> Heartbeat:
+        self._beat()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        try:
+            self.client.delete(keys.worker_heartbeat_key(self.hostname))  # a clean exit is not a death
+        except redis.RedisError:
+            pass
+
+    def _beat(self) -> None:
+        try:
+            self.client.set(keys.worker_heartbeat_key(self.hostname), repr(time.time()), px=int(self.ttl * 1000))
+        except redis.RedisError as exc:  # Redis restarting: beat again next round
+            self.last_failure = time.monotonic()
+            logger.warning("heartbeat of %s failed: %r", self.hostname, exc)
+
+    def healthy_for(self) -> float:
+        """Seconds since this worker last failed to reach Redis."""
+        return time.monotonic() - self.last_failure
+
+    def _loop(self) -> None:
+        step = max(0.1, min(self.ttl / 4, min((j[0] for j in self._jobs), default=self.ttl)))
+        while not self._stop.wait(step):
+            self._beat()
+            now = time.monotonic()
+            for interval, job, last in self._jobs:
+                if now - last[0] < interval:
+                    continue
+                last[0] = now
+                try:
+                    job()
+                except Exception:
+                    logger.exception("periodic job %s failed", getattr(job, "__name__", job))
