@@ -217,7 +217,8 @@ class LocalStack:
         server = self.private_redis
         if server is None or server.process.poll() is None:
             return False
-        self.private_redis = start_private_redis(server.port, dir=server.dir, binary=server.binary, appendonly=True)
+        self.private_redis = start_private_redis(server.port, dir=server.dir, binary=server.binary, appendonly=True,
+                                                 password=server.password)  # clients keep their URLs
         return True
 
     def dead_children(self) -> list[ChildProcess]:

@@ -59,7 +59,7 @@ def test_redis_restart_during_a_batch_loses_no_answer(fleet: Fleet, aof_redis, s
     wait_for(lambda: sub_requests(stub) >= 6, 60, "the batch under way")
     server.stop()  # SIGTERM: Redis writes its AOF and exits
     time.sleep(5.0)  # longer than the workers' 3-s leases: every claim and sandbox lease lapses
-    aof_redis["server"] = start_private_redis(server.port, dir=server.dir, appendonly=True)
+    aof_redis["server"] = start_private_redis(server.port, dir=server.dir, appendonly=True, password=server.password)
     back_at = time.monotonic()
 
     record = wait_status(r, run_id, timeout=120)
