@@ -119,10 +119,12 @@ class Settings:
     sub_lm: str = _opt("RLMQ_SUB_LM", _model, "")  # empty: same as lm
     lm_api_base: str | None = _opt("RLMQ_LM_API_BASE", _url(("http", "https")), None)
     sandbox: SandboxBackend = _opt("RLMQ_SANDBOX", _sandbox, SandboxBackend.LOCAL)
-    # fleet-wide limits on sub-LLM traffic (per model)
-    rate_limit_rps: float = _opt("RLMQ_RATE_LIMIT_RPS", _float, 10.0)
+    # fleet-wide limits per model (sub-calls and root calls): learned from the provider's replies;
+    # these are optional ceilings on top (workers.adaptive_limit)
+    rate_limit_rps: float | None = _opt("RLMQ_RATE_LIMIT_RPS", _float, None)
     rate_limit_burst: int = _opt("RLMQ_RATE_LIMIT_BURST", _int, 10)
     tokens_per_minute: int | None = _opt("RLMQ_TOKENS_PER_MINUTE", _int, None)
+    max_in_flight: int = _opt("RLMQ_MAX_IN_FLIGHT", _int, 128)
     cache_ttl_seconds: int = _opt("RLMQ_CACHE_TTL", _int, 7 * 24 * 3600)
     lm_timeout: float = _opt("RLMQ_LM_TIMEOUT", _float, 120.0)
     lm_retries: int = _opt("RLMQ_LM_RETRIES", _nonneg_int, 4)

@@ -35,6 +35,7 @@ from rlmq.settings import Settings
 from workers.cache import install_redis_dspy_cache
 from workers.context import redis_client, worker_settings
 from workers.fanout import Fanout, FanoutCancelled, FanoutStats, FleetRLM
+from workers.root_lm import fleet_root_lm
 from workers.sandbox_registry import LeaseKeeper, LeaseRegistry
 from workers.user_tools import ToolLoadError, load_tools
 
@@ -197,13 +198,9 @@ class RunExecution:
 
 
 def root_lm(settings: Settings) -> dspy.LM:
-    """The run's root LM; its calls go through ``dspy.cache`` (Redis-backed in workers)."""
-    kwargs: dict[str, Any] = {}
-    if settings.lm_api_base:
-        kwargs["api_base"] = settings.lm_api_base
-        if settings.lm.startswith("openai/") and not os.environ.get("OPENAI_API_KEY"):
-            kwargs["api_key"] = "not-needed"  # local OpenAI-compatible servers ignore it
-    return dspy.LM(settings.lm, **kwargs)
+    """The run's root LM: ``dspy.cache`` (Redis-backed in workers), then the fleet's limiter for
+    the model, shared with every other run and with the sub-calls (``workers.root_lm``)."""
+    return fleet_root_lm(settings)
 
 
 def _jsonable(value: Any) -> Any:

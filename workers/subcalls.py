@@ -1,8 +1,9 @@
 """Answering one chunk of prompts: what the ``llm_batch`` sub-task (``tasks.subcalls``) does.
 
 Each prompt goes through the fleet's Redis response cache with single-flight (one paid call
-per distinct prompt, fleet-wide), the fleet-wide rate limiter (plus the shared cooldown that a
-429 ``Retry-After`` sets), and retries with backoff on 429/5xx/timeouts/bad replies. A prompt
+per distinct prompt, fleet-wide), the fleet-wide adaptive limiter (``workers.adaptive_limit``: the
+provider's limit learned from its replies, an in-flight cap, the shared cooldown that a 429's
+``Retry-After`` sets), and retries with backoff on 429/5xx/timeouts/bad replies. A prompt
 that still fails comes back as an :class:`~workers.llm_call.Answer` with ``error`` set: data,
 never an exception, so one bad prompt cannot fail the chunk. Answers carry usage, cost and the
 serving worker's hostname.
@@ -19,9 +20,9 @@ from rlmq.settings import Settings
 from workers.cache import ResponseCache
 from workers.context import redis_client, worker_settings
 from workers.llm_call import Answer, FailureKind, LMCallError, LMReply, call_lm, prompt_messages
-from workers.ratelimit import FleetRateLimiter
+from workers.adaptive_limit import AdaptiveLimiter
 
-__all__ = ["SUBTASK_DEADLINE_SECONDS", "answer_batch", "answer_prompt"]
+__all__ = ["SUBTASK_DEADLINE_SECONDS", "answer_batch", "answer_prompt", "fleet_limiter", "limited_call"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +45,7 @@ def answer_batch(prompts: list[Any], model: str, options: dict[str, Any] | None,
     settings = worker_settings().with_options(options)
     client = redis_client()
     cache = ResponseCache(client, ttl_seconds=settings.cache_ttl_seconds)
-    limiter = FleetRateLimiter(client, model, settings.rate_limit_rps * RATE_MARGIN,
-                               burst=settings.rate_limit_burst, tokens_per_minute=settings.tokens_per_minute)
+    limiter = fleet_limiter(client, model, settings)
     deadline = time.monotonic() + SUBTASK_DEADLINE_SECONDS
     params = params or {}
     keys, hits = _look_up(cache, model, prompts, params)
@@ -80,7 +80,48 @@ def _answer(value: dict[str, Any], *, cached: bool, worker: str, attempts: int) 
     return Answer(text=reply.text, cached=cached, usage=reply.usage, cost=reply.cost, worker=worker, attempts=attempts)
 
 
-def answer_prompt(prompt: Any, model: str, settings: Settings, cache: ResponseCache, limiter: FleetRateLimiter,
+def fleet_limiter(client: Any, model: str, settings: Settings) -> AdaptiveLimiter:
+    """The fleet's limiter for ``model``: learned from replies; the settings are optional ceilings.
+
+    An explicit ``RLMQ_RATE_LIMIT_RPS`` is also where probing starts (the user said it is allowed).
+    """
+    ceiling = settings.rate_limit_rps * RATE_MARGIN if settings.rate_limit_rps else None
+    return AdaptiveLimiter(client, model, ceiling_rps=ceiling, burst=settings.rate_limit_burst,
+                           ceiling_tpm=settings.tokens_per_minute, max_in_flight=settings.max_in_flight,
+                           lease_seconds=settings.lm_timeout + 30.0, initial_rps=ceiling or 10.0)
+
+
+def limited_call(model: str, messages: list[dict[str, Any]], settings: Settings, limiter: AdaptiveLimiter, *,
+                 params: dict[str, Any], deadline: float) -> tuple[dict[str, Any], int]:
+    """One request through the fleet limiter and the LM, with retries: (reply dict or ``{"error": ...}``, attempts)."""
+    estimate = sum(len(str(m.get("content", ""))) for m in messages) // 4 + int(params.get("max_tokens") or 0)
+    for attempt in range(settings.lm_retries + 1):
+        slot = limiter.acquire(tokens=estimate, timeout=max(0.1, deadline - time.monotonic()))
+        headers: dict[str, str] = {}
+        try:
+            reply = call_lm(model, messages, api_base=settings.lm_api_base, timeout=settings.lm_timeout,
+                            params=params, client=settings.lm_client, headers_out=headers)
+        except LMCallError as exc:
+            slot.done(headers=headers, rate_limited=exc.kind is FailureKind.RATE_LIMITED, failed=True)
+            if exc.kind is FailureKind.PERMANENT or attempt == settings.lm_retries:
+                return {"error": f"{exc.kind.value} after {attempt + 1} attempt(s): {exc}"}, attempt + 1
+            if exc.kind is FailureKind.RATE_LIMITED:
+                # Pause the whole fleet; every worker's acquire() waits the cooldown out.
+                pause = exc.retry_after if exc.retry_after is not None else _backoff(attempt)
+                limiter.cooldown(pause)
+                logger.info("429 from %s: fleet cooldown %.2fs", model, pause)
+            else:
+                time.sleep(min(_backoff(attempt), max(0.0, deadline - time.monotonic())))
+            continue
+        except BaseException:
+            slot.done(failed=True)
+            raise
+        slot.done(headers=headers, used_tokens=int(reply.usage.get("total_tokens") or 0) or None)
+        return reply.to_json_dict(), attempt + 1
+    return {"error": "no attempt made"}, 0
+
+
+def answer_prompt(prompt: Any, model: str, settings: Settings, cache: ResponseCache, limiter: AdaptiveLimiter,
                   *, params: dict[str, Any], worker: str, deadline: float, key: str | None = None) -> Answer:
     """One prompt through cache -> single-flight -> rate limit -> LM with retries; never raises."""
     attempts = 0
@@ -88,27 +129,9 @@ def answer_prompt(prompt: Any, model: str, settings: Settings, cache: ResponseCa
     def compute() -> dict[str, Any]:
         """The reply as a dict, or ``{"error": ...}`` (handed to concurrent askers, never cached)."""
         nonlocal attempts
-        messages = prompt_messages(prompt)
-        estimate = sum(len(str(m.get("content", ""))) for m in messages) // 4 + int(params.get("max_tokens") or 0)
-        for attempt in range(settings.lm_retries + 1):
-            attempts += 1
-            limiter.acquire(tokens=estimate if settings.tokens_per_minute else 0,
-                            timeout=max(0.1, deadline - time.monotonic()))
-            try:
-                reply = call_lm(model, messages, api_base=settings.lm_api_base, timeout=settings.lm_timeout,
-                                params=params, client=settings.lm_client)
-                return reply.to_json_dict()
-            except LMCallError as exc:
-                if exc.kind is FailureKind.PERMANENT or attempt == settings.lm_retries:
-                    return {"error": f"{exc.kind.value} after {attempts} attempt(s): {exc}"}
-                if exc.kind is FailureKind.RATE_LIMITED:
-                    # Pause the whole fleet; every worker's acquire() waits the cooldown out.
-                    pause = exc.retry_after if exc.retry_after is not None else _backoff(attempt)
-                    limiter.cooldown(pause)
-                    logger.info("429 from %s: fleet cooldown %.2fs", model, pause)
-                else:
-                    time.sleep(min(_backoff(attempt), max(0.0, deadline - time.monotonic())))
-        return {"error": "no attempt made"}
+        value, attempts = limited_call(model, prompt_messages(prompt), settings, limiter, params=params,
+                                       deadline=deadline)
+        return value
 
     try:
         known_miss = key is not None  # llm_batch looked the batch up already

@@ -10,6 +10,11 @@ completion text; a fault plan (``add_fault``): 500, 429 with ``Retry-After``, a 
 than the client's timeout, a malformed JSON body, or an empty completion, for the next N
 requests or for requests whose prompt contains a marker. Every request is recorded.
 
+Provider mode (``set_provider_limit(rps, headers=...)``): the stub acts as a provider that allows
+``rps`` requests per second (a token bucket holding one second's worth), states its limit on every
+reply in OpenAI's, Anthropic's or OpenRouter's header format (or none), and answers 429 with
+``Retry-After`` beyond it; optionally a tokens-per-minute limit charged with each reply's usage.
+
 ``ScriptedRoot`` plays an RLM root LM from a list of code steps; ``route`` sends RLM action
 prompts to it and plain prompts (``llm_query`` sub-calls) elsewhere.
 
@@ -23,6 +28,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import math
 import re
 import signal
 import socket
@@ -37,7 +43,7 @@ from types import TracebackType
 from typing import Any
 
 __all__ = [
-    "Fault", "FaultKind", "RequestRecord", "ScriptedRoot", "StubLLM", "chat_adapter_reply",
+    "Fault", "FaultKind", "ProviderLimit", "RequestRecord", "ScriptedRoot", "StubLLM", "chat_adapter_reply",
     "default_responder", "is_rlm_action", "last_user_text", "message_text", "repl_steps_done", "route",
 ]
 
@@ -62,6 +68,83 @@ class Fault:
     marker: str | None = None  # only prompts containing this text
     retry_after: float = 1.0  # seconds, for RATE_LIMIT
     hang_seconds: float = 30.0  # for TIMEOUT
+
+
+class ProviderLimit:
+    """A provider's limit: token buckets of requests (``rps``, one second deep) and, optionally,
+    tokens (``tpm``, one minute deep). Not thread-safe: the stub calls it under its lock."""
+
+    FORMATS = ("openai", "anthropic", "openrouter", None)
+
+    def __init__(self, rps: float, *, headers: str | None = "openai", tpm: int | None = None) -> None:
+        if headers not in self.FORMATS:
+            raise ValueError(f"headers must be one of {self.FORMATS}")
+        self.rps, self.headers, self.tpm = float(rps), headers, tpm
+        self.capacity = max(1.0, self.rps)
+        self.tokens = self.capacity
+        self.tpm_left = float(tpm or 0)
+        self.at = time.monotonic()
+
+    def _refill(self, now: float) -> None:
+        elapsed, self.at = now - self.at, now
+        self.tokens = min(self.capacity, self.tokens + elapsed * self.rps)
+        if self.tpm:
+            self.tpm_left = min(float(self.tpm), self.tpm_left + elapsed * self.tpm / 60.0)
+
+    def admit(self, now: float) -> float:
+        """Take one request; 0.0 if admitted, else the seconds until one would be."""
+        self._refill(now)
+        waits = []
+        if self.tokens < 1.0:
+            waits.append((1.0 - self.tokens) / self.rps)
+        if self.tpm and self.tpm_left < 1.0:
+            waits.append((1.0 - self.tpm_left) * 60.0 / self.tpm)
+        if waits:
+            return max(max(waits), 1e-3)
+        self.tokens -= 1.0
+        return 0.0
+
+    def charge(self, used_tokens: int) -> None:
+        if self.tpm:
+            self.tpm_left -= used_tokens  # may go negative: the next requests wait it out
+
+    def reply_headers(self, now: float) -> dict[str, str]:
+        """The limit state in the chosen provider's header format."""
+        self._refill(now)
+        rows = [("requests", self.capacity, self.tokens, (self.capacity - self.tokens) / self.rps)]
+        if self.tpm:
+            rows.append(("tokens", float(self.tpm), max(0.0, self.tpm_left),
+                         (self.tpm - max(0.0, self.tpm_left)) * 60.0 / self.tpm))
+        out: dict[str, str] = {}
+        for unit, limit, left, full_in in rows:
+            if self.headers == "openai":
+                out[f"x-ratelimit-limit-{unit}"] = str(int(limit))
+                out[f"x-ratelimit-remaining-{unit}"] = str(int(left))
+                out[f"x-ratelimit-reset-{unit}"] = openai_duration(full_in)
+            elif self.headers == "anthropic":  # Anthropic states per-minute limits
+                per_minute = limit * 60.0 / full_window(unit)
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + full_in))
+                out[f"anthropic-ratelimit-{unit}-limit"] = str(int(per_minute))
+                out[f"anthropic-ratelimit-{unit}-remaining"] = str(int(per_minute * left / limit))
+                out[f"anthropic-ratelimit-{unit}-reset"] = stamp
+            elif self.headers == "openrouter" and unit == "requests":
+                out["X-RateLimit-Limit"] = str(int(limit))
+                out["X-RateLimit-Remaining"] = str(int(left))
+                out["X-RateLimit-Reset"] = str(int((time.time() + full_in) * 1000))
+        return out
+
+
+def full_window(unit: str) -> float:
+    """Seconds a full bucket lasts: one for requests, sixty for tokens (a per-minute budget)."""
+    return 1.0 if unit == "requests" else 60.0
+
+
+def openai_duration(seconds: float) -> str:
+    """OpenAI's reset format: ``"6m0s"``, ``"1.5s"``, ``"20ms"``."""
+    if seconds < 1.0:
+        return f"{max(0, round(seconds * 1000))}ms"
+    minutes, rest = divmod(seconds, 60.0)
+    return f"{int(minutes)}m{rest:.3g}s" if minutes else f"{rest:.4g}s"
 
 
 @dataclass(frozen=True)
@@ -103,6 +186,7 @@ class StubLLM:
         self._latency = latency
         self._responder: Responder = responder or default_responder
         self._faults: list[Fault] = []
+        self._limit: ProviderLimit | None = None
         self._records: list[RequestRecord] = []
         self._ids = itertools.count(1)
         self._stopping = threading.Event()
@@ -180,6 +264,13 @@ class StubLLM:
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
+            self._limit = None
+
+    def set_provider_limit(self, rps: float | None, *, headers: str | None = "openai",
+                           tpm: int | None = None) -> None:
+        """Act as a provider allowing ``rps`` requests/s (None: no limit); see the module docstring."""
+        with self._lock:
+            self._limit = ProviderLimit(rps, headers=headers, tpm=tpm) if rps else None
 
     # -- observability -----------------------------------------------------------------------
     @property
@@ -200,6 +291,12 @@ class StubLLM:
     def _plan(self, model: str, prompt: str) -> tuple[RequestRecord, Fault | None, float, Responder]:
         """Pick the fault for a request (consuming one use of it) and record the request."""
         with self._lock:
+            if self._limit is not None:
+                wait = self._limit.admit(time.monotonic())
+                if wait > 0:  # over the provider's limit: a 429 that says when to come back
+                    record = RequestRecord(time.monotonic(), model, prompt, 429, "limit")
+                    self._records.append(record)
+                    return record, Fault(FaultKind.RATE_LIMIT, retry_after=wait), 0.0, self._responder
             chosen = None
             for fault in self._faults:
                 if fault.marker is None or fault.marker in prompt:
@@ -215,6 +312,13 @@ class StubLLM:
             record = RequestRecord(time.monotonic(), model, prompt, status, chosen.kind.value if chosen else None)
             self._records.append(record)
             return record, chosen, self._latency, self._responder
+
+    def _limit_headers(self, used_tokens: int = 0) -> dict[str, str]:
+        with self._lock:
+            if self._limit is None:
+                return {}
+            self._limit.charge(used_tokens)
+            return self._limit.reply_headers(time.monotonic())
 
     def _restatus(self, record: RequestRecord, status: int) -> None:
         """Correct a recorded status (a responder that raised is served as a 500)."""
@@ -300,7 +404,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(500, "stub: injected server error", "server_error")
         elif kind is FaultKind.RATE_LIMIT:
             seconds = fault.retry_after  # type: ignore[union-attr]
-            self._error(429, "stub: injected rate limit", "rate_limit_error", {"Retry-After": f"{seconds:g}"})
+            headers = {"Retry-After": f"{seconds:g}"}
+            if fault.marker is None and record.fault == "limit":  # the provider mode's own 429
+                headers = {**self.stub._limit_headers(), "Retry-After": str(max(1, math.ceil(seconds))),
+                           "retry-after-ms": str(max(1, math.ceil(seconds * 1000)))}
+            self._error(429, "stub: rate limit", "rate_limit_error", headers)
         elif kind is FaultKind.MALFORMED:
             self._send(200, b'{"id": "chatcmpl-stub", "choices": [{"message": ')
             self.close_connection = True
@@ -311,7 +419,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.stub._restatus(record, 500)
                 self._error(500, f"stub responder failed: {exc!r}", "server_error")
                 return
-            self._send(200, json.dumps(self.stub._completion(model, messages, text)).encode())
+            completion = self.stub._completion(model, messages, text)
+            headers = self.stub._limit_headers(completion["usage"]["total_tokens"])
+            self._send(200, json.dumps(completion).encode(), headers)
 
 
 # -- a scripted RLM root LM -----------------------------------------------------------------
@@ -392,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each reply")
     parser.add_argument("--demo", action="store_true", help="script the LLM of `rlmq demo monte-cristo`")
+    parser.add_argument("--limit-rps", type=float, default=None, help="act as a provider allowing this many requests/s")
+    parser.add_argument("--limit-headers", default="openai", choices=["openai", "anthropic", "openrouter", "none"])
     args = parser.parse_args(argv)
     stopped = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -402,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
 
         responder = route(root=DEMO, sub=demo_sub_answer)
     with StubLLM(latency=args.latency, port=args.port, responder=responder) as stub:
+        stub.set_provider_limit(args.limit_rps, headers=None if args.limit_headers == "none" else args.limit_headers)
         print(stub.api_base, flush=True)
         stopped.wait()
     return 0
