@@ -38,7 +38,8 @@ __all__ = ["AdaptiveLimiter", "Slot"]
 
 # KEYS: state, requests TAT, tokens TAT, cooldown, slots.
 # ARGV: initial rate, ceiling (0 none), burst, margin, tpm ceiling (0 none), tokens, cap (0 none),
-#       lease us, slot id. Returns {allowed, wait_us, now_us, why} (why: 0 rate/cooldown, 1 cap).
+#       lease us, slot id. Returns {allowed, wait_us, now_us, why, tokens charged} (why: 0 rate or
+#       cooldown, 1 in-flight cap).
 _ACQUIRE = """
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
@@ -68,10 +69,10 @@ local tpm = tonumber(redis.call('HGET', KEYS[1], 'tpm') or 0)
 local tpm_ceiling = tonumber(ARGV[5])
 if tpm_ceiling > 0 and (tpm <= 0 or tpm > tpm_ceiling) then tpm = tpm_ceiling end
 local tokens = tonumber(ARGV[6])
-local tok_new = 0
+local tok_new, cost = 0, 0
 if tpm > 0 and tokens > 0 then
   local tok_interval = 60000000 / tpm
-  local cost = math.min(tokens, tpm)  -- bigger than the whole budget: passes once it is full
+  cost = math.min(tokens, tpm)  -- bigger than the whole budget: passes once it is full
   local tok_tat = math.max(tonumber(redis.call('GET', KEYS[3]) or 0), now)
   tok_new = tok_tat + cost * tok_interval
   wait = math.max(wait, tok_new - now - tpm * tok_interval)
@@ -88,12 +89,12 @@ if cap > 0 then
   redis.call('ZADD', KEYS[5], now + tonumber(ARGV[8]), ARGV[9])
   redis.call('PEXPIRE', KEYS[5], math.ceil(tonumber(ARGV[8]) / 1000) + 1000)
 end
-return {1, 0, now, 0}
+return {1, 0, now, 0, cost}
 """
 
 # KEYS: state, tokens TAT, slots, free list. ARGV: slot id, outcome (ok|limited|failed), initial
 # rate, requests low, high, limit, headroom (-1: no headers), tokens low, high, limit, token
-# correction (actual - charged), cap. Bounds of -1 mean "not stated". Returns the new rate.
+# correction (actual - charged), cap, tpm ceiling (0 none). Bounds of -1 mean "not stated". Returns the new rate.
 _OBSERVE = """
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
@@ -155,6 +156,8 @@ local thigh = tonumber(ARGV[9]); if thigh < 0 then thigh = 1e308 end
 local test = learn('t', tonumber(ARGV[8]), thigh, tonumber(ARGV[10]))
 if test then s.tpm = test * 60 end
 local tpm = tonumber(s.tpm or 0)
+local tpm_ceiling = tonumber(ARGV[13])
+if tpm_ceiling > 0 and (tpm <= 0 or tpm > tpm_ceiling) then tpm = tpm_ceiling end
 local correction = tonumber(ARGV[11])
 if tpm > 0 and correction ~= 0 then
   local tok_tat = tonumber(redis.call('GET', KEYS[2]) or now)
@@ -184,7 +187,7 @@ class Slot:
 
     limiter: AdaptiveLimiter
     slot_id: str
-    tokens: int  # charged at acquire (the estimate)
+    tokens: int  # charged at acquire (the estimate, or 0 while no token budget is known)
     waited: float
     _done: bool = field(default=False, repr=False)
 
@@ -197,14 +200,12 @@ class Slot:
         info = parse_rate_headers(headers) if headers else None
         requests, tokens = (info.requests, info.tokens) if info else (None, None)
         outcome = "limited" if rate_limited else "failed" if failed else "ok"
-        correction = (used_tokens - self.tokens) if used_tokens is not None and self.tokens else 0
-        if used_tokens is not None and not self.tokens:
-            correction = used_tokens  # nothing charged up front (no budget known yet)
+        correction = used_tokens - self.tokens if used_tokens is not None else 0
         lim = self.limiter
         new = lim._observe(keys=lim._observe_keys, args=[
             self.slot_id, outcome, lim.initial_rps, *_bound_args(requests),
             requests.headroom if requests is not None else -1, *_bound_args(tokens), correction,
-            lim.max_in_flight or 0])
+            lim.max_in_flight or 0, lim.ceiling_tpm or 0])
         return float(new)
 
 
@@ -233,11 +234,11 @@ class AdaptiveLimiter:
     def try_acquire(self, tokens: int = 0) -> tuple[Slot | None, float, bool]:
         """One attempt: (slot, 0, False) if granted, else (None, seconds to wait, waiting on the cap)."""
         slot_id = uuid.uuid4().hex
-        allowed, wait_us, _now, why = self._acquire(keys=self._keys, args=[
+        allowed, wait_us, _now, why, *charged = self._acquire(keys=self._keys, args=[
             self.initial_rps, self.ceiling_rps or 0, self.burst, self.margin, self.ceiling_tpm or 0, int(tokens),
             self.max_in_flight or 0, int(self.lease_seconds * 1e6), slot_id])
         if allowed:
-            return Slot(self, slot_id, int(tokens), 0.0), 0.0, False
+            return Slot(self, slot_id, int(charged[0]), 0.0), 0.0, False
         return None, int(wait_us) / 1e6, bool(why)
 
     def acquire(self, tokens: int = 0, timeout: float | None = None) -> Slot:

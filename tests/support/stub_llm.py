@@ -42,6 +42,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
+from tests.support.provider_limit import ProviderLimit
+
 __all__ = [
     "Fault", "FaultKind", "ProviderLimit", "RequestRecord", "ScriptedRoot", "StubLLM", "chat_adapter_reply",
     "default_responder", "is_rlm_action", "last_user_text", "message_text", "repl_steps_done", "route",
@@ -68,83 +70,6 @@ class Fault:
     marker: str | None = None  # only prompts containing this text
     retry_after: float = 1.0  # seconds, for RATE_LIMIT
     hang_seconds: float = 30.0  # for TIMEOUT
-
-
-class ProviderLimit:
-    """A provider's limit: token buckets of requests (``rps``, one second deep) and, optionally,
-    tokens (``tpm``, one minute deep). Not thread-safe: the stub calls it under its lock."""
-
-    FORMATS = ("openai", "anthropic", "openrouter", None)
-
-    def __init__(self, rps: float, *, headers: str | None = "openai", tpm: int | None = None) -> None:
-        if headers not in self.FORMATS:
-            raise ValueError(f"headers must be one of {self.FORMATS}")
-        self.rps, self.headers, self.tpm = float(rps), headers, tpm
-        self.capacity = max(1.0, self.rps)
-        self.tokens = self.capacity
-        self.tpm_left = float(tpm or 0)
-        self.at = time.monotonic()
-
-    def _refill(self, now: float) -> None:
-        elapsed, self.at = now - self.at, now
-        self.tokens = min(self.capacity, self.tokens + elapsed * self.rps)
-        if self.tpm:
-            self.tpm_left = min(float(self.tpm), self.tpm_left + elapsed * self.tpm / 60.0)
-
-    def admit(self, now: float) -> float:
-        """Take one request; 0.0 if admitted, else the seconds until one would be."""
-        self._refill(now)
-        waits = []
-        if self.tokens < 1.0:
-            waits.append((1.0 - self.tokens) / self.rps)
-        if self.tpm and self.tpm_left < 1.0:
-            waits.append((1.0 - self.tpm_left) * 60.0 / self.tpm)
-        if waits:
-            return max(max(waits), 1e-3)
-        self.tokens -= 1.0
-        return 0.0
-
-    def charge(self, used_tokens: int) -> None:
-        if self.tpm:
-            self.tpm_left -= used_tokens  # may go negative: the next requests wait it out
-
-    def reply_headers(self, now: float) -> dict[str, str]:
-        """The limit state in the chosen provider's header format."""
-        self._refill(now)
-        rows = [("requests", self.capacity, self.tokens, (self.capacity - self.tokens) / self.rps)]
-        if self.tpm:
-            rows.append(("tokens", float(self.tpm), max(0.0, self.tpm_left),
-                         (self.tpm - max(0.0, self.tpm_left)) * 60.0 / self.tpm))
-        out: dict[str, str] = {}
-        for unit, limit, left, full_in in rows:
-            if self.headers == "openai":
-                out[f"x-ratelimit-limit-{unit}"] = str(int(limit))
-                out[f"x-ratelimit-remaining-{unit}"] = str(int(left))
-                out[f"x-ratelimit-reset-{unit}"] = openai_duration(full_in)
-            elif self.headers == "anthropic":  # Anthropic states per-minute limits
-                per_minute = limit * 60.0 / full_window(unit)
-                stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + full_in))
-                out[f"anthropic-ratelimit-{unit}-limit"] = str(int(per_minute))
-                out[f"anthropic-ratelimit-{unit}-remaining"] = str(int(per_minute * left / limit))
-                out[f"anthropic-ratelimit-{unit}-reset"] = stamp
-            elif self.headers == "openrouter" and unit == "requests":
-                out["X-RateLimit-Limit"] = str(int(limit))
-                out["X-RateLimit-Remaining"] = str(int(left))
-                out["X-RateLimit-Reset"] = str(int((time.time() + full_in) * 1000))
-        return out
-
-
-def full_window(unit: str) -> float:
-    """Seconds a full bucket lasts: one for requests, sixty for tokens (a per-minute budget)."""
-    return 1.0 if unit == "requests" else 60.0
-
-
-def openai_duration(seconds: float) -> str:
-    """OpenAI's reset format: ``"6m0s"``, ``"1.5s"``, ``"20ms"``."""
-    if seconds < 1.0:
-        return f"{max(0, round(seconds * 1000))}ms"
-    minutes, rest = divmod(seconds, 60.0)
-    return f"{int(minutes)}m{rest:.3g}s" if minutes else f"{rest:.4g}s"
 
 
 @dataclass(frozen=True)
@@ -187,6 +112,8 @@ class StubLLM:
         self._responder: Responder = responder or default_responder
         self._faults: list[Fault] = []
         self._limit: ProviderLimit | None = None
+        self._in_flight = 0
+        self._peak_in_flight = 0
         self._records: list[RequestRecord] = []
         self._ids = itertools.count(1)
         self._stopping = threading.Event()
@@ -283,9 +210,21 @@ class StubLLM:
         with self._lock:
             return list(self._records)
 
+    @property
+    def peak_in_flight(self) -> int:
+        """Most chat requests the stub was serving at once since the last ``reset_stats``."""
+        with self._lock:
+            return self._peak_in_flight
+
+    def _enter(self, delta: int) -> None:
+        with self._lock:
+            self._in_flight += delta
+            self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
+
     def reset_stats(self) -> None:
         with self._lock:
             self._records.clear()
+            self._peak_in_flight = self._in_flight
 
     # -- serving (called from handler threads) -----------------------------------------------
     def _plan(self, model: str, prompt: str) -> tuple[RequestRecord, Fault | None, float, Responder]:
@@ -392,6 +331,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(400, f"bad request body: {exc}", "invalid_request_error")
             return
         prompt = "\n\n".join(message_text(m) for m in messages)
+        self.stub._enter(1)
+        try:
+            self._answer(model, messages, body, prompt)
+        finally:
+            self.stub._enter(-1)
+
+    def _answer(self, model: str, messages: Messages, body: dict[str, Any], prompt: str) -> None:
         record, fault, latency, responder = self.stub._plan(model, prompt)
         if latency > 0:
             self.stub._stopping.wait(latency)
