@@ -13,8 +13,9 @@ every worker process of the fleet obeys one limit per model. Two Lua scripts on 
   so far (an upper bound alone, from a near-full bucket, is used as is: the bucket absorbs the
   overshoot until lower bounds arrive); bounds widen slowly (~10 min), so a raised limit is
   found again. Without them, AIMD: +1 request/s per
-  success in slow start (the rate doubles each second it is the bottleneck), +0.1 after the
-  first 429, and x0.5 on the first 429, x0.7 on later ones (once per second, however many arrive together). Increases only
+  success in slow start (the rate doubles each second it is the bottleneck), +0.03 after it
+  (3%/s); x0.5 on the first 429, x0.7 on later ones (once per second, however many arrive
+  together). Increases only
   happen while callers are actually waiting on the limiter. A 429's ``Retry-After`` pauses the
   whole fleet (``cooldown``). The token bucket is corrected by ``actual - estimate`` tokens.
 """
@@ -135,7 +136,7 @@ local headroom = tonumber(ARGV[7])
 if est then
   rate, mode = est, 'headers'
 elseif outcome == 'ok' and pressed and (mode ~= 'headers' or headroom > 0.5) then
-  if mode == 'avoid' then rate = rate + 0.1 else rate = rate + 1 end
+  if mode == 'avoid' then rate = rate + 0.03 else rate = rate + 1 end
 end
 if upper and upper < 1e300 and rate > upper then rate = upper end
 if outcome == 'limited' and now - tonumber(s.dec or 0) > 1000000 then

@@ -138,7 +138,8 @@ def _openrouter(h: Mapping[str, str], now: float) -> Bounds | None:
     if limit is None or remaining is None or reset_at is None:
         return None
     seconds = reset_at / 1000.0 if reset_at > 1e11 else reset_at  # ms (OpenRouter) or s since epoch
-    return _bucket_bounds(limit, remaining, max(0.0, seconds - now), 0.001)
+    # An absolute time is read after the reply travelled and against another clock: allow 50 ms.
+    return _bucket_bounds(limit, remaining, max(0.0, seconds - now), 0.05)
 
 
 def parse_rate_headers(headers: Any, now: float | None = None) -> RateInfo | None:
