@@ -124,7 +124,7 @@ class Settings:
     rate_limit_rps: float | None = _opt("RLMQ_RATE_LIMIT_RPS", _float, None)
     rate_limit_burst: int = _opt("RLMQ_RATE_LIMIT_BURST", _int, 10)
     tokens_per_minute: int | None = _opt("RLMQ_TOKENS_PER_MINUTE", _int, None)
-    max_in_flight: int = _opt("RLMQ_MAX_IN_FLIGHT", _int, 128)
+    max_in_flight: int = _opt("RLMQ_MAX_IN_FLIGHT", _int, 128, per_run=False)  # a property of the fleet
     cache_ttl_seconds: int = _opt("RLMQ_CACHE_TTL", _int, 7 * 24 * 3600)
     lm_timeout: float = _opt("RLMQ_LM_TIMEOUT", _float, 120.0)
     lm_retries: int = _opt("RLMQ_LM_RETRIES", _nonneg_int, 4)
