@@ -100,7 +100,7 @@ class LocalStack:
     """Redis (``redis_url`` or a private one), workers and Flower as children of this process."""
 
     redis_url: str | None = None
-    rlm_concurrency: int = 2
+    rlm_concurrency: int = 4  # bench/concurrent_runs.py: 4 prefork slots beat 2, at ~250 MiB each
     llm_concurrency: int = 32
     flower_port: int | None = 5555  # None: no Flower
     env: dict[str, str] = field(default_factory=dict)
