@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 # broker's visibility timeout are both larger); late prompts come back as errors.
 SUBTASK_DEADLINE_SECONDS = 900.0
 _MAX_BACKOFF = 20.0
+_THROTTLED_RETRIES = 4  # 429s allowed per allowed retry (RLMQ_LM_RETRIES)
 # The provider counts requests when they arrive, not when Redis grants them; grant-to-arrival
 # delays vary by tens of ms, which can put one extra request into a provider's 1-s window.
 RATE_MARGIN = 0.97
@@ -95,30 +96,36 @@ def limited_call(model: str, messages: list[dict[str, Any]], settings: Settings,
                  params: dict[str, Any], deadline: float) -> tuple[dict[str, Any], int]:
     """One request through the fleet limiter and the LM, with retries: (reply dict or ``{"error": ...}``, attempts)."""
     estimate = sum(len(str(m.get("content", ""))) for m in messages) // 4 + int(params.get("max_tokens") or 0)
-    for attempt in range(settings.lm_retries + 1):
+    failures = throttled = attempts = 0
+    while True:
+        attempts += 1
         slot = limiter.acquire(tokens=estimate, timeout=max(0.1, deadline - time.monotonic()))
         headers: dict[str, str] = {}
         try:
             reply = call_lm(model, messages, api_base=settings.lm_api_base, timeout=settings.lm_timeout,
                             params=params, client=settings.lm_client, headers_out=headers)
         except LMCallError as exc:
-            slot.done(headers=headers, rate_limited=exc.kind is FailureKind.RATE_LIMITED, failed=True)
-            if exc.kind is FailureKind.PERMANENT or attempt == settings.lm_retries:
-                return {"error": f"{exc.kind.value} after {attempt + 1} attempt(s): {exc}"}, attempt + 1
-            if exc.kind is FailureKind.RATE_LIMITED:
+            limited = exc.kind is FailureKind.RATE_LIMITED
+            slot.done(headers=headers, rate_limited=limited, failed=True)
+            throttled, failures = throttled + limited, failures + (not limited)
+            # A 429 is the limiter's business (the fleet pauses, the rate drops): it may retry
+            # more often than a failure before the prompt is given up.
+            if (exc.kind is FailureKind.PERMANENT or failures > settings.lm_retries
+                    or throttled > _THROTTLED_RETRIES * settings.lm_retries):
+                return {"error": f"{exc.kind.value} after {attempts} attempt(s): {exc}"}, attempts
+            if limited:
                 # Pause the whole fleet; every worker's acquire() waits the cooldown out.
-                pause = exc.retry_after if exc.retry_after is not None else _backoff(attempt)
+                pause = exc.retry_after if exc.retry_after is not None else _backoff(throttled - 1)
                 limiter.cooldown(pause)
                 logger.info("429 from %s: fleet cooldown %.2fs", model, pause)
             else:
-                time.sleep(min(_backoff(attempt), max(0.0, deadline - time.monotonic())))
+                time.sleep(min(_backoff(failures - 1), max(0.0, deadline - time.monotonic())))
             continue
         except BaseException:
             slot.done(failed=True)
             raise
         slot.done(headers=headers, used_tokens=int(reply.usage.get("total_tokens") or 0) or None)
-        return reply.to_json_dict(), attempt + 1
-    return {"error": "no attempt made"}, 0
+        return reply.to_json_dict(), attempts
 
 
 def answer_prompt(prompt: Any, model: str, settings: Settings, cache: ResponseCache, limiter: AdaptiveLimiter,
@@ -151,4 +158,5 @@ def _backoff(attempt: int) -> float:
 
 def _lock_ttl(settings: Settings) -> float:
     """How long a single-flight leader may hold the lock: every attempt, timeout and backoff."""
-    return (settings.lm_retries + 1) * (settings.lm_timeout + _MAX_BACKOFF) + 30.0
+    throttled = _THROTTLED_RETRIES * settings.lm_retries * _MAX_BACKOFF  # 429s: quick replies, then a pause
+    return (settings.lm_retries + 1) * (settings.lm_timeout + _MAX_BACKOFF) + throttled + 30.0
