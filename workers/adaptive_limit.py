@@ -6,7 +6,8 @@ every worker process of the fleet obeys one limit per model. Two Lua scripts on 
 
 - ``acquire``: wait out a cooldown; refuse while ``max_in_flight`` leases are live (expired
   leases, a dead worker's, are dropped first); then GCRA at the learned rate (times ``margin``,
-  capped by the optional ceiling) and, when a token budget is known, the TPM bucket charged
+  capped by the optional ceiling; a burst may spend half of what the provider last said
+  remains, up to a second's worth) and, when a token budget is known, the TPM bucket charged
   with the request's estimate. A grant adds a lease (expiring after ``lease_seconds``).
 - ``observe``: release the lease, wake one waiter, and learn from the reply. With rate-limit
   headers (``workers.rate_headers``) the limit is the geometric mean of the tightest bounds seen
@@ -61,7 +62,9 @@ local rate = tonumber(redis.call('HGET', KEYS[1], 'rate') or ARGV[1]) * tonumber
 local ceiling = tonumber(ARGV[2])
 if ceiling > 0 and rate > ceiling then rate = ceiling end
 local interval = 1000000 / rate
-local burst = tonumber(ARGV[3])
+-- Spend up to half of what the provider last said remains (at most a second's worth) at once.
+local left = math.floor(tonumber(redis.call('HGET', KEYS[1], 'rrem') or 0) / 2)
+local burst = math.max(tonumber(ARGV[3]), math.min(left, rate))
 local tat = math.max(tonumber(redis.call('GET', KEYS[2]) or 0), now)
 local new_tat = tat + interval
 local wait = new_tat - now - burst * interval
@@ -93,9 +96,10 @@ end
 return {1, 0, now, 0, cost}
 """
 
-# KEYS: state, tokens TAT, slots, free list. ARGV: slot id, outcome (ok|limited|failed), initial
+# KEYS: state, tokens TAT, slots, free list, requests TAT. ARGV: slot id, outcome (ok|limited|failed), initial
 # rate, requests low, high, limit, headroom (-1: no headers), tokens low, high, limit, token
-# correction (actual - charged), cap, tpm ceiling (0 none). Bounds of -1 mean "not stated". Returns the new rate.
+# correction (actual - charged), cap, tpm ceiling (0 none), margin, rate ceiling (0 none),
+# requests remaining (-1: not stated). Bounds of -1 mean "not stated". Returns the new rate.
 _OBSERVE = """
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
@@ -133,6 +137,7 @@ end
 local high = tonumber(ARGV[5]); if high < 0 then high = 1e308 end
 local est, upper = learn('r', tonumber(ARGV[4]), high, tonumber(ARGV[6]))
 local headroom = tonumber(ARGV[7])
+if tonumber(ARGV[16]) >= 0 then s.rrem = tonumber(ARGV[16]) end
 if est then
   rate, mode = est, 'headers'
 elseif outcome == 'ok' and pressed and (mode ~= 'headers' or headroom > 0.5) then
@@ -151,6 +156,23 @@ if outcome == 'limited' and now - tonumber(s.dec or 0) > 1000000 then
   s.dec = now
 end
 rate = math.min(math.max(rate, 0.2), 100000)
+-- The GCRA's backlog (TAT - now) was built at the old rate: rescale it to the new one, so a
+-- limit learned on the first reply is used at once, not after the slow start's queue drains.
+local function effective(r)
+  r = r * tonumber(ARGV[14])
+  local ceiling = tonumber(ARGV[15])
+  if ceiling > 0 and r > ceiling then r = ceiling end
+  return r
+end
+local old = effective(tonumber(s.rate or ARGV[3]))
+local new = effective(rate)
+if new ~= old then
+  local tat = tonumber(redis.call('GET', KEYS[5]) or 0)
+  if tat > now then
+    tat = now + (tat - now) * old / new
+    redis.call('SET', KEYS[5], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+  end
+end
 s.rate, s.mode = rate, mode
 
 local thigh = tonumber(ARGV[9]); if thigh < 0 then thigh = 1e308 end
@@ -206,7 +228,8 @@ class Slot:
         new = lim._observe(keys=lim._observe_keys, args=[
             self.slot_id, outcome, lim.initial_rps, *_bound_args(requests),
             requests.headroom if requests is not None else -1, *_bound_args(tokens), correction,
-            lim.max_in_flight or 0, lim.ceiling_tpm or 0])
+            lim.max_in_flight or 0, lim.ceiling_tpm or 0, lim.margin, lim.ceiling_rps or 0,
+            requests.remaining if requests is not None else -1])
         return float(new)
 
 
@@ -227,7 +250,7 @@ class AdaptiveLimiter:
         self.initial_rps, self.margin = initial_rps, margin
         self._keys = [limit_state_key(name), rate_limit_key(name), rate_limit_tokens_key(name), cooldown_key(name),
                       slots_key(name)]
-        self._observe_keys = [self._keys[0], self._keys[2], self._keys[4], slots_free_key(name)]
+        self._observe_keys = [self._keys[0], self._keys[2], self._keys[4], slots_free_key(name), self._keys[1]]
         self._acquire = redis_client.register_script(_ACQUIRE)
         self._observe = redis_client.register_script(_OBSERVE)
         self._cooldown = redis_client.register_script(_COOLDOWN)
