@@ -24,6 +24,9 @@ rlmq:resp:{digest}:done             list    wake-ups for single-flight waiters (
 rlmq:rate:{name}                    string  GCRA theoretical arrival time, requests bucket
 rlmq:tpm:{name}                     string  GCRA theoretical arrival time, tokens bucket
 rlmq:cooldown:{name}                string  fleet-wide pause (e.g. after a 429); PTTL = pause
+rlmq:limit:{name}                   hash    the adaptive limiter's learned rate, bounds, mode
+rlmq:slots:{name}                   zset    in-flight request leases scored by expiry (unix us)
+rlmq:slots-free:{name}              list    wake-ups for callers waiting on a slot (BLPOP)
 rlmq:lease:{sandbox_id}             record  a live sandbox's lease (run id, backend, expiry)
 rlmq:leases                         zset    sandbox ids scored by lease expiry (unix seconds)
 rlmq:dspy:{key}                     string  a dspy.cache entry (root-LM calls), TTL
@@ -49,6 +52,7 @@ __all__ = [
     "inflight_done_key",
     "inflight_key",
     "lease_key",
+    "limit_state_key",
     "leases_index_key",
     "rate_limit_key",
     "rate_limit_tokens_key",
@@ -63,6 +67,8 @@ __all__ = [
     "runs_active_key",
     "subtask_holder_key",
     "worker_heartbeat_key",
+    "slots_free_key",
+    "slots_key",
 ]
 
 NAMESPACE = "rlmq"
@@ -157,6 +163,18 @@ def rate_limit_tokens_key(name: str) -> str:
 
 def cooldown_key(name: str) -> str:
     return f"{NAMESPACE}:cooldown:{_name(name)}"
+
+
+def limit_state_key(name: str) -> str:
+    return f"{NAMESPACE}:limit:{_name(name)}"
+
+
+def slots_key(name: str) -> str:
+    return f"{NAMESPACE}:slots:{_name(name)}"
+
+
+def slots_free_key(name: str) -> str:
+    return f"{NAMESPACE}:slots-free:{_name(name)}"
 
 
 def lease_key(sandbox_id: str) -> str:

@@ -215,10 +215,12 @@ class Settings:
     run_maxima: tuple[tuple[str, float], ...] = _opt("RLMQ_RUN_MAXIMA", _maxima, (), per_run=False)
     # user tools ("module:function", globs) a run may import on the worker (empty: none)
     allowed_tools: tuple[str, ...] = _opt("RLMQ_ALLOWED_TOOLS", _list_of(_model_pattern), (), per_run=False)
-    # fleet-wide limits on sub-LLM traffic (per model): the operator's, never a run's
-    rate_limit_rps: float = _opt("RLMQ_RATE_LIMIT_RPS", _float, 10.0, per_run=False)
+    # fleet-wide limits per model (sub-calls and root calls): learned from the provider's replies;
+    # these are optional ceilings on top (workers.adaptive_limit). The operator's, never a run's.
+    rate_limit_rps: float | None = _opt("RLMQ_RATE_LIMIT_RPS", _float, None, per_run=False)
     rate_limit_burst: int = _opt("RLMQ_RATE_LIMIT_BURST", _int, 10, per_run=False)
     tokens_per_minute: int | None = _opt("RLMQ_TOKENS_PER_MINUTE", _int, None, per_run=False)
+    max_in_flight: int = _opt("RLMQ_MAX_IN_FLIGHT", _int, 128, per_run=False)  # a property of the fleet
     cache_ttl_seconds: int = _opt("RLMQ_CACHE_TTL", _int, 7 * 24 * 3600, per_run=False)
     lm_timeout: float = _opt("RLMQ_LM_TIMEOUT", _float, 120.0)
     lm_retries: int = _opt("RLMQ_LM_RETRIES", _nonneg_int, 4)

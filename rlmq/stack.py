@@ -143,7 +143,7 @@ class LocalStack:
     """Redis (``redis_url`` or a private one), workers and Flower as children of this process."""
 
     redis_url: str | None = None
-    rlm_concurrency: int = 2
+    rlm_concurrency: int = 4  # bench/concurrent_runs.py: 4 prefork slots beat 2, at ~250 MiB each
     llm_concurrency: int = 32
     flower_port: int | None = 5555  # None: no Flower
     flower_auth: str | None = None  # user:password; None: generated at start

@@ -128,8 +128,12 @@ class LMClient(str, Enum):
 
 
 def call_lm(model: str, messages: Messages, *, api_base: str | None = None, timeout: float = 120.0,
-            params: dict[str, Any] | None = None, client: LMClient | str = LMClient.AUTO) -> LMReply:
+            params: dict[str, Any] | None = None, client: LMClient | str = LMClient.AUTO,
+            headers_out: dict[str, str] | None = None) -> LMReply:
     """Make one completion request; raise :class:`LMCallError` on any failure.
+
+    ``headers_out``, if given, receives the reply's HTTP headers (success or error): the
+    adaptive limiter reads the provider's rate limit from them.
 
     ``openai/<name>`` with an ``api_base`` (vLLM, Ollama, LM Studio, proxies, the test stub) is
     plain JSON over HTTP, so under ``auto`` it skips LiteLLM, whose per-call CPU (~11 ms,
@@ -140,12 +144,14 @@ def call_lm(model: str, messages: Messages, *, api_base: str | None = None, time
     if direct:
         if not api_base:
             raise LMCallError(FailureKind.PERMANENT, "the direct HTTP client needs an api_base")
-        return _call_http(model, messages, api_base=api_base, timeout=timeout, params=params or {})
-    return _call_litellm(model, messages, api_base=api_base, timeout=timeout, params=params or {})
+        return _call_http(model, messages, api_base=api_base, timeout=timeout, params=params or {},
+                          headers_out=headers_out)
+    return _call_litellm(model, messages, api_base=api_base, timeout=timeout, params=params or {},
+                         headers_out=headers_out)
 
 
 def _call_litellm(model: str, messages: Messages, *, api_base: str | None, timeout: float,
-                  params: dict[str, Any]) -> LMReply:
+                  params: dict[str, Any], headers_out: dict[str, str] | None = None) -> LMReply:
     kwargs: dict[str, Any] = dict(params)
     if api_base:
         kwargs["api_base"] = api_base
@@ -157,7 +163,12 @@ def _call_litellm(model: str, messages: Messages, *, api_base: str | None, timeo
         response = litellm.completion(model=model, messages=messages, timeout=timeout,
                                       num_retries=0, max_retries=0, **kwargs)
     except Exception as exc:  # LiteLLM raises many types; classify them all
+        if headers_out is not None:
+            headers_out.update(_error_headers(exc))
         raise classify(exc) from exc
+    if headers_out is not None:  # LiteLLM keeps the provider's headers as llm_provider-<name>
+        hidden = getattr(response, "_hidden_params", None) or {}
+        headers_out.update(hidden.get("additional_headers") or getattr(response, "_response_headers", None) or {})
     try:
         text = response.choices[0].message.content
     except (AttributeError, IndexError, TypeError) as exc:
@@ -216,12 +227,15 @@ def _post_json(url: str, body: bytes, headers: dict[str, str], timeout: float) -
     raise AssertionError("unreachable")
 
 
-def _call_http(model: str, messages: Messages, *, api_base: str, timeout: float, params: dict[str, Any]) -> LMReply:
+def _call_http(model: str, messages: Messages, *, api_base: str, timeout: float, params: dict[str, Any],
+               headers_out: dict[str, str] | None = None) -> LMReply:
     headers = {"Content-Type": "application/json"}
     if os.environ.get("OPENAI_API_KEY"):
         headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
     body = json.dumps({**params, "model": model.split("/", 1)[1], "messages": messages}).encode()
     status, response_headers, raw = _post_json(api_base.rstrip("/") + "/chat/completions", body, headers, timeout)
+    if headers_out is not None:
+        headers_out.update(response_headers.items())
     text_head = raw[:200].decode("utf-8", "replace")
     if status == 429:
         raise LMCallError(FailureKind.RATE_LIMITED, f"HTTP 429: {text_head}",
@@ -287,8 +301,12 @@ def classify(exc: BaseException) -> LMCallError:
     return LMCallError(FailureKind.TRANSIENT, message, status=status if isinstance(status, int) else None)
 
 
+def _error_headers(exc: BaseException) -> Any:
+    return getattr(getattr(exc, "response", None), "headers", None) or getattr(exc, "litellm_response_headers", None) or {}
+
+
 def _retry_after(exc: BaseException) -> float | None:
-    headers = getattr(getattr(exc, "response", None), "headers", None) or getattr(exc, "litellm_response_headers", None)
+    headers = _error_headers(exc)
     return _retry_after_headers(headers) if headers else None
 
 

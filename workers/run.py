@@ -52,6 +52,7 @@ from workers.fanout import Fanout, FanoutCancelled, FanoutStats
 from workers.monitor import count, one_line, publish_progress, summary_line
 from workers.trajectory import TracedRLM, TrajectoryLog
 from workers.usage import RunUsage
+from workers.root_lm import fleet_root_lm
 from workers.sandbox_registry import LeaseKeeper, LeaseRegistry
 from workers.user_tools import ToolLoadError, load_tools
 
@@ -316,13 +317,9 @@ def one_line(text: str, limit: int = 300) -> str:
 
 
 def root_lm(settings: Settings) -> dspy.LM:
-    """The run's root LM; its calls go through ``dspy.cache`` (Redis-backed in workers)."""
-    kwargs: dict[str, Any] = {}
-    if settings.lm_api_base:
-        kwargs["api_base"] = settings.lm_api_base
-        if settings.lm.startswith("openai/") and not os.environ.get("OPENAI_API_KEY"):
-            kwargs["api_key"] = "not-needed"  # local OpenAI-compatible servers ignore it
-    return dspy.LM(settings.lm, **kwargs)
+    """The run's root LM: ``dspy.cache`` (Redis-backed in workers), then the fleet's limiter for
+    the model, shared with every other run and with the sub-calls (``workers.root_lm``)."""
+    return fleet_root_lm(settings)
 
 
 def _jsonable(value: Any) -> Any:

@@ -10,6 +10,11 @@ completion text; a fault plan (``add_fault``): 500, 429 with ``Retry-After``, a 
 than the client's timeout, a malformed JSON body, or an empty completion, for the next N
 requests or for requests whose prompt contains a marker. Every request is recorded.
 
+Provider mode (``set_provider_limit(rps, headers=...)``): the stub acts as a provider that allows
+``rps`` requests per second (a token bucket holding one second's worth), states its limit on every
+reply in OpenAI's, Anthropic's or OpenRouter's header format (or none), and answers 429 with
+``Retry-After`` beyond it; optionally a tokens-per-minute limit charged with each reply's usage.
+
 ``ScriptedRoot`` plays an RLM root LM from a list of code steps; ``route`` sends RLM action
 prompts to it and plain prompts (``llm_query`` sub-calls) elsewhere.
 
@@ -23,6 +28,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import math
 import re
 import signal
 import socket
@@ -36,8 +42,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
+from tests.support.provider_limit import ProviderLimit
+
 __all__ = [
-    "Fault", "FaultKind", "RequestRecord", "ScriptedRoot", "StubLLM", "chat_adapter_reply",
+    "Fault", "FaultKind", "ProviderLimit", "RequestRecord", "ScriptedRoot", "StubLLM", "chat_adapter_reply",
     "default_responder", "is_rlm_action", "last_user_text", "message_text", "repl_steps_done", "route",
 ]
 
@@ -104,6 +112,9 @@ class StubLLM:
         self._latency = latency
         self._responder: Responder = responder or default_responder
         self._faults: list[Fault] = []
+        self._limit: ProviderLimit | None = None
+        self._in_flight = 0
+        self._peak_in_flight = 0
         self._records: list[RequestRecord] = []
         self._http_requests = 0  # every request on any path, answered or not
         self._served: list[tuple[int, int]] = []  # (prompt, completion) tokens of each 200 completion
@@ -183,6 +194,13 @@ class StubLLM:
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
+            self._limit = None
+
+    def set_provider_limit(self, rps: float | None, *, headers: str | None = "openai",
+                           tpm: int | None = None) -> None:
+        """Act as a provider allowing ``rps`` requests/s (None: no limit); see the module docstring."""
+        with self._lock:
+            self._limit = ProviderLimit(rps, headers=headers, tpm=tpm) if rps else None
 
     # -- observability -----------------------------------------------------------------------
     @property
@@ -207,11 +225,23 @@ class StubLLM:
         with self._lock:
             return sum(p for p, _ in self._served), sum(c for _, c in self._served)
 
+    @property
+    def peak_in_flight(self) -> int:
+        """Most chat requests the stub was serving at once since the last ``reset_stats``."""
+        with self._lock:
+            return self._peak_in_flight
+
+    def _enter(self, delta: int) -> None:
+        with self._lock:
+            self._in_flight += delta
+            self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
+
     def reset_stats(self) -> None:
         with self._lock:
             self._records.clear()
             self._http_requests = 0
             self._served.clear()
+            self._peak_in_flight = self._in_flight
 
     # -- serving (called from handler threads) -----------------------------------------------
     def _count_http(self) -> None:
@@ -222,6 +252,12 @@ class StubLLM:
               authorization: str | None = None) -> tuple[RequestRecord, Fault | None, float, Responder]:
         """Pick the fault for a request (consuming one use of it) and record the request."""
         with self._lock:
+            if self._limit is not None:
+                wait = self._limit.admit(time.monotonic())
+                if wait > 0:  # over the provider's limit: a 429 that says when to come back
+                    record = RequestRecord(time.monotonic(), model, prompt, 429, "limit")
+                    self._records.append(record)
+                    return record, Fault(FaultKind.RATE_LIMIT, retry_after=wait), 0.0, self._responder
             chosen = None
             for fault in self._faults:
                 if fault.marker is None or fault.marker in prompt:
@@ -238,6 +274,13 @@ class StubLLM:
                                    authorization)
             self._records.append(record)
             return record, chosen, self._latency, self._responder
+
+    def _limit_headers(self, used_tokens: int = 0) -> dict[str, str]:
+        with self._lock:
+            if self._limit is None:
+                return {}
+            self._limit.charge(used_tokens)
+            return self._limit.reply_headers(time.monotonic())
 
     def _restatus(self, record: RequestRecord, status: int) -> None:
         """Correct a recorded status (a responder that raised is served as a 500)."""
@@ -315,6 +358,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(400, f"bad request body: {exc}", "invalid_request_error")
             return
         prompt = "\n\n".join(message_text(m) for m in messages)
+        self.stub._enter(1)
+        try:
+            self._answer(model, messages, body, prompt)
+        finally:
+            self.stub._enter(-1)
+
+    def _answer(self, model: str, messages: Messages, body: dict[str, Any], prompt: str) -> None:
         record, fault, latency, responder = self.stub._plan(model, prompt, self.headers.get("Authorization"))
         if latency > 0:
             self.stub._stopping.wait(latency)
@@ -327,7 +377,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(500, "stub: injected server error", "server_error")
         elif kind is FaultKind.RATE_LIMIT:
             seconds = fault.retry_after  # type: ignore[union-attr]
-            self._error(429, "stub: injected rate limit", "rate_limit_error", {"Retry-After": f"{seconds:g}"})
+            headers = {"Retry-After": f"{seconds:g}"}
+            if fault.marker is None and record.fault == "limit":  # the provider mode's own 429
+                headers = {**self.stub._limit_headers(), "Retry-After": str(max(1, math.ceil(seconds))),
+                           "retry-after-ms": str(max(1, math.ceil(seconds * 1000)))}
+            self._error(429, "stub: rate limit", "rate_limit_error", headers)
         elif kind is FaultKind.MALFORMED:
             self._send(200, b'{"id": "chatcmpl-stub", "choices": [{"message": ')
             self.close_connection = True
@@ -338,7 +392,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.stub._restatus(record, 500)
                 self._error(500, f"stub responder failed: {exc!r}", "server_error")
                 return
-            self._send(200, json.dumps(self.stub._completion(model, messages, text)).encode())
+            completion = self.stub._completion(model, messages, text)
+            headers = self.stub._limit_headers(completion["usage"]["total_tokens"])
+            self._send(200, json.dumps(completion).encode(), headers)
 
 
 # -- a scripted RLM root LM -----------------------------------------------------------------
@@ -419,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each reply")
     parser.add_argument("--demo", action="store_true", help="script the LLM of `rlmq demo monte-cristo`")
+    parser.add_argument("--limit-rps", type=float, default=None, help="act as a provider allowing this many requests/s")
+    parser.add_argument("--limit-headers", default="openai", choices=["openai", "anthropic", "openrouter", "none"])
     args = parser.parse_args(argv)
     stopped = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -429,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
 
         responder = route(root=DEMO, sub=demo_sub_answer)
     with StubLLM(latency=args.latency, port=args.port, responder=responder) as stub:
+        stub.set_provider_limit(args.limit_rps, headers=None if args.limit_headers == "none" else args.limit_headers)
         print(stub.api_base, flush=True)
         stopped.wait()
     return 0
