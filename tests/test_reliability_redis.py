@@ -7,6 +7,7 @@ Real Redis servers, real worker processes, local sandboxes, the stub LLM over HT
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -79,8 +80,10 @@ def start_up(env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen, str]:
     output.close()
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        if match := re.search(r"REDIS_URL=(\S+)", log.read_text()):
-            return process, match.group(1)
+        if re.search(r"REDIS_URL=(\S+)", log.read_text()):
+            # rlmq up prints the URL with its password masked: the full one is in the 0600 state file
+            state = json.loads((Path(env["RLMQ_STATE_DIR"]) / "stack.json").read_text())
+            return process, state["redis_url"]
         if process.poll() is not None:
             break
         time.sleep(0.2)
