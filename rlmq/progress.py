@@ -31,6 +31,8 @@ def format_progress(record, *, clock: bool = True) -> str:
         started = record.started_at or record.spec.submitted_at
         end = record.finished_at or time.time()
         parts.append(f"elapsed {end - started:.1f}s")
+    if (p.get("sandbox") or {}).get("isolation") == "process":
+        parts.append("sandbox: plain processes, no security boundary (RLMQ_LOCAL_ISOLATION=process)")
     if record.error:
         parts.append(f"error: {record.error}")
     return " · ".join(parts)

@@ -206,6 +206,8 @@ class Settings:
     sub_lm: str = _opt("RLMQ_SUB_LM", _model, "")  # empty: same as lm
     lm_api_base: str | None = _opt("RLMQ_LM_API_BASE", _url(("http", "https")), None)
     sandbox: SandboxBackend = _opt("RLMQ_SANDBOX", _sandbox, SandboxBackend.LOCAL)
+    # local sandboxes: bubblewrap namespaces, or (explicitly accepted) plain processes, no boundary
+    local_isolation: str = _opt("RLMQ_LOCAL_ISOLATION", _choice("namespaces", "process"), "namespaces", per_run=False)
     # the operator's pins: what a run may ask for (empty: only what this worker is configured with)
     allowed_api_bases: tuple[str, ...] = _opt("RLMQ_ALLOWED_API_BASES", _list_of(_url(("http", "https"))), (),
                                               per_run=False)

@@ -16,7 +16,7 @@ from celery import Celery, signals, states
 from kombu import Queue
 
 from rlmq.celery_config import CELERY_CONFIG, LLM_QUEUE, QUEUES, RLM_QUEUE, point_at
-from rlmq.settings import Settings, SettingsError, redis_url_from_env, unauthenticated_redis_problem
+from rlmq.settings import SandboxBackend, Settings, SettingsError, redis_url_from_env, unauthenticated_redis_problem
 from workers.context import worker_settings
 from workers.hardening import make_non_dumpable
 
@@ -62,6 +62,8 @@ def _check_worker_start(sender: Any = None, conf: Any = None, options: dict[str,
                         "sub-calls no free slot takes); start one worker per queue")
     elif not queues <= set(QUEUES):
         problems.append(f"unknown queue(s) {sorted(queues - set(QUEUES))}; use rlm or llm")
+    if not problems and RLM_QUEUE in queues:
+        problems.extend(_local_sandbox_problems(settings))
     if problems:
         print("rlmq worker: " + " | ".join(problems), file=sys.stderr, flush=True)
         raise SystemExit(2)
@@ -81,6 +83,23 @@ def _check_worker_start(sender: Any = None, conf: Any = None, options: dict[str,
 def _protect_pool_child(**_: Any) -> None:
     """Prefork children inherit the flag through fork; set it again in case they were exec'd."""
     make_non_dumpable()
+
+
+def _local_sandbox_problems(settings: Settings) -> list[str]:
+    """An rlm worker that may run local sandboxes checks it can isolate them (bubblewrap and user
+    namespaces), or says loudly that the operator chose plain processes."""
+    local = SandboxBackend.LOCAL
+    if settings.sandbox is not local and local not in settings.allowed_sandboxes:
+        return []
+    if settings.local_isolation == "process":
+        # celeryd_init runs before Celery sets up logging: stderr is the worker's log here
+        print("rlmq worker: warning: RLMQ_LOCAL_ISOLATION=process: local sandboxes are plain processes, "
+              "NOT a security boundary; every run's record says so", file=sys.stderr, flush=True)
+        return []
+    from broker_bridge.backends.local import local_isolation_problem
+
+    problem = local_isolation_problem()
+    return [f"local sandboxes cannot be isolated here: {problem}"] if problem else []
 
 
 def _queue_names(raw: Any) -> set[str]:

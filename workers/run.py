@@ -43,7 +43,7 @@ from dspy.utils.callback import BaseCallback
 from broker_bridge import interpreter_factory
 from rlmq.blobs import get_blobs
 from rlmq.records import RunSpec, RunStatus, RunStore
-from rlmq.settings import Settings, SettingsError
+from rlmq.settings import SandboxBackend, Settings, SettingsError
 from workers.cache import install_redis_dspy_cache
 from workers.context import redis_client, worker_settings
 from workers.budget import Budget, BudgetExceeded
@@ -113,6 +113,7 @@ class RunExecution:
         self.trace: TrajectoryLog | None = None
         self.started_wall = time.time()
         self._counted: tuple[int, int] = (0, 0)
+        self.sandbox: dict[str, str] = {}  # backend and isolation of the run's sandbox, once it exists
         self.attempt = 0  # set by the claim; every write of this execution is fenced by it
         self.fenced = threading.Event()  # the run moved on to a newer attempt without us
 
@@ -175,11 +176,12 @@ class RunExecution:
         inputs = get_blobs(self.client, spec.inputs)
         registry = LeaseRegistry(self.client, self.base.lease_ttl)
         self.keeper = LeaseKeeper(registry, run_id=self.run_id, owner=self.owner, on_tick=self._tick).start()
+        local = {"isolation": settings.local_isolation} if settings.sandbox is SandboxBackend.LOCAL else {}
         factory = interpreter_factory(
             settings.sandbox.value, execution_timeout=settings.execution_timeout,
             tool_wait_limit=self.base.run_time_limit,
             labels={"rlmq.run": self.run_id},
-            on_sandbox_created=self.keeper.created, on_sandbox_destroyed=self.keeper.destroyed,
+            on_sandbox_created=self._sandbox_created, on_sandbox_destroyed=self.keeper.destroyed, **local,
         )
         fanout = Fanout(settings, app=self.task.app, options=spec.options, stats=self.stats,
                         should_stop=self.cancelled.is_set, run_id=self.run_id)
@@ -252,7 +254,18 @@ class RunExecution:
     # -- progress and cancellation ------------------------------------------------------------
     def progress(self) -> dict[str, Any]:
         return {"iteration": self.iteration, "max_iters": self.max_iters,
-                "elapsed": round(time.monotonic() - self.started, 3), **self.stats.snapshot()}
+                "elapsed": round(time.monotonic() - self.started, 3), **self.stats.snapshot(),
+                **({"sandbox": self.sandbox} if self.sandbox else {})}
+
+    def _sandbox_created(self, info: Any) -> None:
+        """Lease the sandbox, and keep what isolates it in the record ("process" is no boundary)."""
+        assert self.keeper is not None
+        self.keeper.created(info)
+        self.sandbox = {"backend": info.backend, "isolation": info.isolation}
+        if info.isolation == "process":
+            logger.warning("run %s: its local sandbox is plain processes (RLMQ_LOCAL_ISOLATION=process), "
+                           "no security boundary", self.run_id)
+        self.publish(force=True)
 
     def publish(self, *, force: bool = False) -> None:
         """Report progress to the result backend, Flower (event) and the run record."""
