@@ -14,13 +14,12 @@ import http.client
 import json
 import os
 import socket
-import threading
-import urllib.parse
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+from functools import lru_cache
 from typing import Any
 
-from functools import lru_cache
+from broker_bridge.keepalive import KeepAlivePool
 
 # LiteLLM otherwise fetches its price map from the internet at import (seconds, or a hang
 # offline); the copy it ships is enough to price known models.
@@ -183,48 +182,17 @@ def preload() -> None:
     litellm_module()
 
 
-_connections = threading.local()  # per thread: keep-alive connections by (scheme, host, port)
+_http = KeepAlivePool()  # kept-alive connections per thread and api base (broker_bridge.keepalive)
 
 
-def _post_json(url: str, body: bytes, headers: dict[str, str], timeout: float) -> tuple[int, Any, bytes]:
-    """POST over a kept-alive ``http.client`` connection of this thread.
-
-    About a third of httpx's CPU per call, which on a small box bounds a worker's throughput.
-    A kept-alive connection the server closed in the meantime is reopened once, before anything
-    of the request was answered.
-    """
-    parts = urllib.parse.urlsplit(url)
-    https = parts.scheme == "https"
-    key = (parts.scheme, parts.hostname, parts.port)
-    pool = _connections.__dict__.setdefault("pool", {})
-    path = parts.path + (f"?{parts.query}" if parts.query else "")
-    for attempt in (1, 2):
-        conn = pool.get(key)
-        reused = conn is not None
-        if conn is None:
-            cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
-            conn = pool[key] = cls(parts.hostname, parts.port, timeout=timeout)
-        conn.timeout = timeout
-        if conn.sock is not None:
-            conn.sock.settimeout(timeout)
-        try:
-            conn.request("POST", path, body=body, headers=headers)
-            response = conn.getresponse()
-            return response.status, response.headers, response.read()
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
-            conn.close()
-            pool.pop(key, None)
-            if not (reused and attempt == 1):
-                raise LMCallError(FailureKind.TRANSIENT, _short(exc)) from exc
-        except (TimeoutError, socket.timeout) as exc:
-            conn.close()
-            pool.pop(key, None)
-            raise LMCallError(FailureKind.TRANSIENT, f"timeout after {timeout:g}s: {type(exc).__name__}") from exc
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            pool.pop(key, None)
-            raise LMCallError(FailureKind.TRANSIENT, _short(exc)) from exc
-    raise AssertionError("unreachable")
+def _post_json(api_base: str, path: str, body: bytes, headers: dict[str, str], timeout: float) -> tuple[int, Any, bytes]:
+    """POST to ``api_base + path``; a failure to get an answer is a TRANSIENT :class:`LMCallError`."""
+    try:
+        return _http.request(api_base.rstrip("/"), "POST", path, body=body, headers=headers, timeout=timeout)
+    except (TimeoutError, socket.timeout) as exc:
+        raise LMCallError(FailureKind.TRANSIENT, f"timeout after {timeout:g}s: {type(exc).__name__}") from exc
+    except (OSError, http.client.HTTPException) as exc:
+        raise LMCallError(FailureKind.TRANSIENT, _short(exc)) from exc
 
 
 def _call_http(model: str, messages: Messages, *, api_base: str, timeout: float, params: dict[str, Any],
@@ -233,7 +201,7 @@ def _call_http(model: str, messages: Messages, *, api_base: str, timeout: float,
     if os.environ.get("OPENAI_API_KEY"):
         headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
     body = json.dumps({**params, "model": model.split("/", 1)[1], "messages": messages}).encode()
-    status, response_headers, raw = _post_json(api_base.rstrip("/") + "/chat/completions", body, headers, timeout)
+    status, response_headers, raw = _post_json(api_base, "/chat/completions", body, headers, timeout)
     if headers_out is not None:
         headers_out.update(response_headers.items())
     text_head = raw[:200].decode("utf-8", "replace")
