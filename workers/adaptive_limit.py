@@ -34,7 +34,6 @@ import redis
 from rlmq.keys import (cooldown_key, limit_state_key, rate_limit_key, rate_limit_tokens_key, slots_free_key,
                        slots_key)
 from workers.rate_headers import Bounds, parse_rate_headers
-from workers.ratelimit import _COOLDOWN
 
 __all__ = ["AdaptiveLimiter", "Slot"]
 
@@ -231,6 +230,19 @@ class Slot:
             lim.max_in_flight or 0, lim.ceiling_tpm or 0, lim.margin, lim.ceiling_rps or 0,
             requests.remaining if requests is not None else -1])
         return float(new)
+
+
+# KEYS: cooldown   ARGV: pause in ms. A fleet-wide pause (a 429's Retry-After) that only ever
+# lengthens: a shorter pause asked for later never shortens the running one.
+_COOLDOWN = """
+local want = tonumber(ARGV[1])
+local left = redis.call('PTTL', KEYS[1])
+if left < want then
+  redis.call('SET', KEYS[1], '1', 'PX', want)
+  return want
+end
+return left
+"""
 
 
 class AdaptiveLimiter:
