@@ -11,7 +11,7 @@ from rlmq.settings import Settings, SettingsError
 from rlmq.task_view import describe_value, task_reprs
 from rlmq.trace import format_trace, read_trajectory
 from workers.budget import Budget, BudgetExceeded
-from workers.llm_call import Answer
+from workers.answer import Answer
 from workers.monitor import one_line, summary_line
 from workers.pricing import model_price, price
 from workers.trajectory import TrajectoryLog, cut_output

@@ -39,10 +39,11 @@ from dspy.lm15 import Message, Response, ServerError, TextPart, Usage, response_
 
 from rlmq.celery_config import LLM_TASK
 from rlmq.settings import Settings
+from workers.answer import Answer
 from workers.context import redis_client
 from workers.dspy_private import LLMCallBudget
 from workers.liveness import lost_subtasks
-from workers.llm_call import Answer, Messages
+from workers.llm_call import Messages
 
 __all__ = ["Fanout", "FanoutCancelled", "FanoutStats", "FleetEngine", "FleetLM", "FleetRLM", "plan_chunks"]
 

@@ -14,7 +14,7 @@ import http.client
 import json
 import os
 import socket
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from enum import Enum
 from functools import lru_cache
 from typing import Any
@@ -26,7 +26,7 @@ from broker_bridge.keepalive import KeepAlivePool
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 __all__ = [
-    "Answer", "FailureKind", "LMCallError", "LMClient", "LMReply",
+    "FailureKind", "LMCallError", "LMClient", "LMReply",
     "call_lm", "litellm_module", "preload", "prompt_messages",
 ]
 
@@ -83,34 +83,6 @@ class LMReply:
                 and all(isinstance(v, int) and not isinstance(v, bool) for v in usage.values())
                 and (cost is None or isinstance(cost, (int, float)) and not isinstance(cost, bool))
                 and isinstance(raw.get("model", ""), str))
-
-
-@dataclass
-class Answer:
-    """One prompt's outcome as an ``llm_batch`` sub-task returns it (JSON on the wire)."""
-
-    text: str | None = None
-    error: str | None = None
-    cached: bool = False
-    usage: dict[str, int] = field(default_factory=dict)
-    cost: float | None = None
-    worker: str = ""
-    attempts: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.text is not None
-
-    def for_sandbox(self) -> str:
-        """What sandbox code sees: the text, or ``[ERROR] ...``."""
-        return self.text if self.ok else f"[ERROR] {self.error or 'no answer'}"  # type: ignore[return-value]
-
-    def to_json_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json_dict(cls, raw: dict[str, Any]) -> Answer:
-        return cls(**{k: raw[k] for k in ("text", "error", "cached", "usage", "cost", "worker", "attempts") if k in raw})
 
 
 def prompt_messages(prompt: str | Messages) -> Messages:

@@ -27,7 +27,8 @@ from rlmq.settings import Settings, SettingsError
 from workers.adaptive_limit import AdaptiveLimiter
 from workers.cache import ResponseCache
 from workers.context import redis_client, worker_settings
-from workers.llm_call import Answer, FailureKind, LMCallError, LMReply, call_lm, prompt_messages
+from workers.answer import Answer
+from workers.llm_call import FailureKind, LMCallError, LMReply, call_lm, prompt_messages
 from workers.monitor import count
 
 __all__ = ["SUBTASK_DEADLINE_SECONDS", "answer_batch", "answer_prompt", "fleet_limiter", "limited_call"]

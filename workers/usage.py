@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workers.fanout import FanoutStats
-from workers.llm_call import Answer
+from workers.answer import Answer
 from workers.pricing import price
 
 __all__ = ["CallGroup", "RunUsage"]
