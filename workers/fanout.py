@@ -35,13 +35,14 @@ from celery import group
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import ResultSet
 from kombu.exceptions import OperationalError
-from dspy.lm15 import Message, Response, ServerError, TextPart, Usage, response_to_events
+from dspy.lm15 import Response, ServerError, response_to_events
 
 from rlmq.celery_config import LLM_TASK
 from rlmq.settings import Settings
 from workers.answer import Answer
 from workers.context import redis_client
 from workers.dspy_private import LLMCallBudget
+from workers.engine_io import request_messages, text_response
 from workers.liveness import lost_subtasks
 from workers.llm_call import Messages
 
@@ -319,26 +320,11 @@ class FleetEngine:
         self.fanout = fanout
 
     def complete(self, request: Any) -> Response:
-        messages: Messages = []
-        if request.system is not None:
-            system = request.system if isinstance(request.system, str) else "".join(
-                getattr(p, "text", "") or "" for p in request.system)
-            messages.append({"role": "system", "content": system})
-        messages.extend({"role": m.role, "content": m.text or ""} for m in request.messages)
-        config = request.config
-        params = {k: v for k, v in (("temperature", config.temperature), ("max_tokens", config.max_tokens),
-                                    ("top_p", config.top_p), ("seed", config.seed)) if v is not None}
-        if config.stop:
-            params["stop"] = list(config.stop)
+        messages, params = request_messages(request)
         answer = self.fanout.query([messages], params=params)[0]
         if not answer.ok:
             raise ServerError(answer.error or "no answer")  # DSPy maps it to LMServerError for the facade
-        usage = answer.usage
-        return Response(id=None, model=self.fanout.model, message=Message.assistant([TextPart(answer.text or "")]),
-                        finish_reason="stop",
-                        usage=Usage(input_tokens=int(usage.get("prompt_tokens", 0)),
-                                    output_tokens=int(usage.get("completion_tokens", 0)),
-                                    total_tokens=int(usage.get("total_tokens", 0))))
+        return text_response(self.fanout.model, answer.text or "", answer.usage)
 
     def stream(self, request: Any) -> Any:
         return response_to_events(self.complete(request))

@@ -16,30 +16,15 @@ import time
 from typing import Any
 
 import dspy
-from dspy.lm15 import Message, Response, ServerError, TextPart, Usage, response_to_events
+from dspy.lm15 import Response, ServerError, response_to_events
 
 from rlmq.settings import Settings
 from workers.context import redis_client
-from workers.llm_call import LMReply, Messages
+from workers.engine_io import request_messages, text_response
+from workers.llm_call import LMReply
 from workers.subcalls import SUBTASK_DEADLINE_SECONDS, fleet_limiter, limited_call
 
-__all__ = ["LimitedEngine", "fleet_root_lm", "request_messages"]
-
-
-def request_messages(request: Any) -> tuple[Messages, dict[str, Any]]:
-    """A DSPy 3.4 ``Request`` as chat messages plus sampling parameters."""
-    messages: Messages = []
-    if request.system is not None:
-        system = request.system if isinstance(request.system, str) else "".join(
-            getattr(p, "text", "") or "" for p in request.system)
-        messages.append({"role": "system", "content": system})
-    messages.extend({"role": m.role, "content": m.text or ""} for m in request.messages)
-    config = request.config
-    params = {k: v for k, v in (("temperature", config.temperature), ("max_tokens", config.max_tokens),
-                                ("top_p", config.top_p), ("seed", config.seed)) if v is not None}
-    if config.stop:
-        params["stop"] = list(config.stop)
-    return messages, params
+__all__ = ["LimitedEngine", "fleet_root_lm"]
 
 
 class LimitedEngine:
@@ -57,11 +42,7 @@ class LimitedEngine:
         if "error" in value:
             raise ServerError(str(value["error"]))
         reply = LMReply.from_json_dict(value)
-        return Response(id=None, model=self.model, message=Message.assistant([TextPart(reply.text)]),
-                        finish_reason="stop",
-                        usage=Usage(input_tokens=reply.usage.get("prompt_tokens", 0),
-                                    output_tokens=reply.usage.get("completion_tokens", 0),
-                                    total_tokens=reply.usage.get("total_tokens", 0)))
+        return text_response(self.model, reply.text, reply.usage)
 
     def stream(self, request: Any) -> Any:
         return response_to_events(self.complete(request))
