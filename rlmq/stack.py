@@ -148,6 +148,7 @@ class LocalStack:
     flower_port: int | None = 5555  # None: no Flower
     flower_auth: str | None = None  # user:password; None: generated at start
     env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None  # the children's working directory (where a worker finds .env); default ours
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="rlmq-stack-")))
     children: list[ChildProcess] = field(default_factory=list)
     private_redis: PrivateRedis | None = None
@@ -186,7 +187,7 @@ class LocalStack:
         env = {**os.environ, **self.env, **(env or {}), "REDIS_URL": self.redis_url}
         log_path = self.log_dir / f"{name}.log"
         with open(log_path, "wb") as log:
-            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
         child = ChildProcess(name, process, log_path)
         self.children.append(child)

@@ -61,12 +61,12 @@ class WorkerProcess:
 class Fleet:
     """A set of worker processes sharing one Redis and one environment."""
 
-    def __init__(self, redis_url: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, redis_url: str, env: dict[str, str] | None = None, cwd: str | None = None) -> None:
         self.redis_url = redis_url
         pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
         self.stack = LocalStack(redis_url=redis_url, flower_port=None, env={
             "LITELLM_LOCAL_MODEL_COST_MAP": "True", **(env or {}), "PYTHONPATH": pythonpath,
-        })
+        }, cwd=cwd)
         self.workers: list[WorkerProcess] = []
         self.client = Celery("rlmq-test-client", broker=redis_url, backend=redis_url)
         self.client.conf.accept_content = ["json"]

@@ -1,0 +1,132 @@
+"""The attack suite (tests/support/attacks.py) as the steps of a real run through the fleet.
+
+Workers start from a directory whose ``.env`` holds a canary provider key, with the same canary in
+their environment and in a ``.env`` in their HOME; the scripted root LM runs each attack as one
+REPL step, and the host checks each step's verdict (and the filesystem) afterwards. With the
+default isolation every attack fails; with ``RLMQ_LOCAL_ISOLATION=process`` the suite must catch
+the leaks, so it can fail. (The uid-65534 case runs the same attacks against the interpreter in
+tests/test_sandbox_isolation.py; two attacks that need a second execute or the host token are
+there only.)
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker_bridge import interpreter_factory
+from rlmq.blobs import put_blobs
+from rlmq.client import Client
+from rlmq.records import RunSpec, RunStatus, RunStore, new_run_id
+from tests.support.attacks import ATTACKS, CANARY_PREFIX, Target, parse_verdict
+from tests.support.fleet import Fleet, redis_url_of
+from tests.support.stub_llm import ScriptedRoot, StubLLM, route
+
+pytestmark = pytest.mark.slow
+FLEET_ATTACKS = [a for a in ATTACKS if a.then is None and a.name != "broker_token"]
+
+
+@pytest.fixture
+def listener() -> Iterator[int]:
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.5)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(b"hello from the host\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join(2)
+    server.close()
+
+
+def run_suite_through_the_fleet(isolation: str, redis_server, stub: StubLLM, r, listener: int,
+                                tmp_path: Path) -> dict[str, dict]:
+    canary = CANARY_PREFIX + uuid.uuid4().hex
+    workdir, home = tmp_path / "workers", tmp_path / "home"
+    for d in (workdir, home):
+        d.mkdir()
+        (d / ".env").write_text(f"OPENAI_API_KEY={canary}\n")
+    escape = tmp_path / "escaped.txt"
+    target = Target(host_cwd=str(workdir), host_home=str(home), redis_port=redis_server.port,
+                    listener_port=listener, write_targets=[str(escape), str(workdir / "planted.txt")],
+                    secret_canary=canary)
+    victim = interpreter_factory("local", isolation=isolation)()  # another run's sandbox on this host
+    try:
+        victim.execute(f"open('secret.txt', 'w').write({canary!r})")
+        target.victim_dir = victim._backend.host_dir
+        target.victim_pid = victim._backend._kernel.pid
+        target.victim_broker = victim._client._url
+        steps = [a.code for a in FLEET_ATTACKS] + ["SUBMIT(verdicts=['done'])"]
+        script = ScriptedRoot(steps)
+        stub.set_responder(route(root=script, sub=lambda prompt: "sub"))
+        env = {"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub",
+               "RLMQ_LM_API_BASE": stub.api_base, "OPENAI_API_KEY": canary, "RLMQ_CANARY": canary,
+               "HOME": str(home), "RLMQ_LOCAL_ISOLATION": isolation}
+        with Fleet(redis_server.url, env, cwd=str(workdir)) as fleet:
+            fleet.start("rlm", name=f"attacked-{isolation}", concurrency=1)
+            fleet.start("llm", name=f"attacked-llm-{isolation}", concurrency=2)
+            spec = RunSpec(run_id=new_run_id(), signature="target: dict -> verdicts: list[str]",
+                           inputs=put_blobs(r, {"target": target.for_sandbox()}),
+                           options={"max_iters": len(steps) + 2})
+            Client(redis_url_of(r)).enqueue(spec)
+            deadline = time.monotonic() + 400
+            while not (RunStore(r).status(spec.run_id) or RunStatus.QUEUED).finished:
+                assert time.monotonic() < deadline, fleet.workers[0].log_tail()
+                time.sleep(0.2)
+            record = RunStore(r).get(spec.run_id)
+            assert record.status is RunStatus.SUCCEEDED, (record.error, fleet.workers[0].log_tail())
+            trajectory = RunStore(r).result(spec.run_id)["trajectory"]
+        outcomes = {}
+        for attack, step in zip(FLEET_ATTACKS, trajectory):
+            verdict = parse_verdict(step["output"])
+            outcomes[attack.name] = {"evidence": attack.check(verdict, target), "verdict": verdict}
+        outcomes["isolation"] = record.progress.get("sandbox", {})
+        try:
+            victim.execute("print('alive')")
+            outcomes["victim_survived"] = True
+        except Exception:
+            outcomes["victim_survived"] = False
+        return outcomes
+    finally:
+        victim.shutdown()
+        if escape.exists():
+            escape.unlink()
+
+
+def test_every_attack_fails_through_the_fleet(redis_server, stub_llm: StubLLM, r, listener, tmp_path) -> None:
+    outcomes = run_suite_through_the_fleet("namespaces", redis_server, stub_llm, r, listener, tmp_path)
+    assert outcomes.pop("isolation") == {"backend": "local", "isolation": "namespaces"}
+    assert outcomes.pop("victim_survived") is True
+    succeeded = {name: o["evidence"] for name, o in outcomes.items() if o["evidence"]}
+    assert not succeeded, f"attacks that got through the fleet's sandbox: {succeeded}"
+    assert set(outcomes) == {a.name for a in FLEET_ATTACKS}
+    assert outcomes["walk_filesystem"]["verdict"]["files"] > 100  # the attacks did look
+    assert 1 <= outcomes["count_processes"]["verdict"]["count"] <= 6
+
+
+def test_the_fleet_suite_catches_a_sandbox_that_is_no_boundary(redis_server, stub_llm: StubLLM, r, listener,
+                                                               tmp_path) -> None:
+    outcomes = run_suite_through_the_fleet("process", redis_server, stub_llm, r, listener, tmp_path)
+    assert outcomes.pop("isolation") == {"backend": "local", "isolation": "process"}
+    outcomes.pop("victim_survived")
+    succeeded = {name for name, o in outcomes.items() if o["evidence"]}
+    must_catch = {"relative_dotenv", "host_cwd_and_home", "redis", "loopback_listener", "other_sandbox",
+                  "count_processes"}
+    assert must_catch <= succeeded, f"the suite missed leaks of a plain-process sandbox: {must_catch - succeeded}"
