@@ -1,4 +1,6 @@
-"""The bridge's wire format, shared by the host and the sandbox (stdlib only: it is shipped into sandboxes).
+"""What the host and the sandbox share (stdlib only: it is shipped into sandboxes): the bridge's wire
+format, the HTTP connection to a broker (TCP or Unix socket), and the process hardening both sides
+apply to themselves (resource limits, privileges, subreaper, non-dumpable, exit with the parent).
 
 Three parties speak it:
 - sandbox code (through ``runtime.py``) posts tool **calls** and one **outcome** per execute;
