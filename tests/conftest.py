@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
+import threading
 from collections.abc import Iterator
 from multiprocessing.context import BaseContext
 
@@ -96,3 +98,27 @@ def fresh_stub(stub: StubLLM) -> StubLLM:
 def stub_llm() -> Iterator[StubLLM]:
     with StubLLM() as stub:
         yield stub
+
+
+@pytest.fixture(scope="module")
+def listener() -> Iterator[int]:
+    """A host service on loopback (as Flower, a database or a debug port would be)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.5)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(b"hello from the host\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join(2)
+    server.close()

@@ -11,12 +11,8 @@ there only.)
 
 from __future__ import annotations
 
-import os
-import socket
-import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,29 +27,6 @@ from tests.support.stub_llm import ScriptedRoot, StubLLM, route
 
 pytestmark = pytest.mark.slow
 FLEET_ATTACKS = [a for a in ATTACKS if a.then is None and a.name != "broker_token"]
-
-
-@pytest.fixture
-def listener() -> Iterator[int]:
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.5)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            with conn:
-                conn.sendall(b"hello from the host\n")
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield server.getsockname()[1]
-    stop.set()
-    thread.join(2)
-    server.close()
 
 
 def run_suite_through_the_fleet(isolation: str, redis_server, stub: StubLLM, r, listener: int,

@@ -12,14 +12,11 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
-import threading
 import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,30 +30,6 @@ SETPRIV = shutil.which("setpriv")
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 pytestmark = pytest.mark.skipif(bwrap.probe()[0] is None, reason=f"no namespaces here: {bwrap.probe()[1]}")
-
-
-@pytest.fixture(scope="module")
-def listener() -> Iterator[int]:
-    """A host service on loopback (as Flower, a database or a debug port would be)."""
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.5)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            with conn:
-                conn.sendall(b"hello from the host\n")
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield server.getsockname()[1]
-    stop.set()
-    thread.join(2)
-    server.close()
 
 
 def _arena(owner: int) -> tuple[Path, str]:
