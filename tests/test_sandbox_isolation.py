@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from broker_bridge.backends import bwrap
+from tests.support.nobody import needs_nobody_readable_checkout
 from tests.support.attacks import ATTACKS, CANARY_PREFIX, Target
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,6 +100,7 @@ def test_every_attack_fails_as_root(redis_server, listener):
     assert_every_attack_failed(run_suite(redis_server.url, listener))
 
 
+@needs_nobody_readable_checkout
 @pytest.mark.skipif(os.geteuid() != 0 or not SETPRIV, reason="needs root and setpriv to become uid 65534")
 @pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON), reason=f"no {SYSTEM_PYTHON} for uid 65534")
 def test_every_attack_fails_as_an_unprivileged_user(redis_server, listener):

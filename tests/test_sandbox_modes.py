@@ -18,6 +18,7 @@ from dspy.primitives.code_interpreter import CodeExecutionError
 from broker_bridge import SandboxDied, SandboxStartError, interpreter_factory
 from broker_bridge.backends import bwrap
 from broker_bridge.backends.local import destroy_local_sandbox
+from tests.support.nobody import needs_nobody_readable_checkout
 from tests.support.sandboxes import assert_local_sandbox_gone, host_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,6 +176,7 @@ print("left behind" if os.path.lexists(directory) else "removed")
 
 
 @needs_namespaces
+@needs_nobody_readable_checkout
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not os.path.exists("/usr/bin/python3"),
                     reason="needs root, setpriv and /usr/bin/python3 to run a host as uid 65534")
 def test_fork_bomb_is_capped_and_litter_removed_for_an_unprivileged_host():

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from rlmq.stack import LocalStack, worker_command
+from tests.support.nobody import needs_nobody_readable_checkout
 
 REPO = Path(__file__).resolve().parents[1]
 NOBODY = 65534
@@ -25,6 +26,7 @@ CANARY = "sk-canary-hardening-0123456789"
 
 pytestmark = [
     pytest.mark.slow,
+    needs_nobody_readable_checkout,
     pytest.mark.skipif(os.geteuid() != 0 or not SETPRIV, reason="needs root and setpriv to become uid 65534"),
     pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON), reason=f"no {SYSTEM_PYTHON} for uid 65534"),
 ]
