@@ -142,8 +142,6 @@ def test_flower_shows_what_runs_are_while_they_work_and_how_they_end(fleet, flow
     assert "\\n" not in flower_task(flower, failed_id)["exception"]
 
 
-@pytest.mark.xfail(reason="cancelled runs stay STARTED in Flower (REVOKED + Ignore sends no final event); "
-                          "the durable-runs branch fixes it", strict=False)
 def test_a_cancelled_run_ends_revoked_in_flower(fleet, flower, stub, r) -> None:
     client, run_id = submit(r, stub, ["import time\nfor _ in range(300):\n    time.sleep(0.1)", "SUBMIT(answers=[])"],
                             ["x"])

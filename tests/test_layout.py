@@ -72,3 +72,11 @@ def test_cli_commands_load_no_worker_runtime(command, tmp_path, redis_url) -> No
     names = loaded_modules("-c", script, env=cli_env(tmp_path, REDIS_URL=redis_url), cwd=tmp_path)
     assert "rlmq.cli" in names
     assert heavy_in(names) == [], command
+
+
+def test_the_settings_know_the_sandbox_backends_the_bridge_has() -> None:
+    """rlmq may not import broker_bridge (it loads dspy), so the backend names live twice: kept equal here."""
+    from broker_bridge.factory import BACKENDS
+    from rlmq.settings import SandboxBackend
+
+    assert [b.value for b in SandboxBackend] == list(BACKENDS)
