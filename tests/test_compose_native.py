@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+import signal
 import shlex
 import sys
 import time
@@ -93,8 +94,10 @@ def test_compose_redis_requires_its_password(tmp_path):
     sh, dash_c, script = compose_command("redis")
     assert (sh, dash_c) == ("sh", "-c")
     env = {"PATH": os.environ["PATH"], "REDIS_PASSWORD": "compose-redis-pw", "REDISCLI_AUTH": "compose-redis-pw"}
+    # Its own session: the command is a shell pipeline, and redis-server must go with the shell.
     server = subprocess.Popen([sh, dash_c, f"{script} --port {port} --bind 127.0.0.1 --dir {tmp_path}"],
-                              env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
     try:
         authed = redis_py.Redis(port=port, password="compose-redis-pw", socket_connect_timeout=1)
         deadline = time.monotonic() + 20
@@ -121,5 +124,5 @@ def test_compose_redis_requires_its_password(tmp_path):
         assert subprocess.run(["sh", "-c", probe], env=env).returncode == 0
         assert subprocess.run(["sh", "-c", probe], env={"PATH": os.environ["PATH"]}).returncode != 0
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(10)
