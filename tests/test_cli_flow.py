@@ -25,7 +25,7 @@ from broker_bridge.backends.process_jail import pids_with_marker
 
 from rlmq.demo import CHARACTERS, CORPUS
 from tests.support.demo_script import DEMO, DEMO_PROMPT, demo_sub_answer, is_demo_prompt, scripted_wealth
-from tests.support.cli import RLMQ, cli_env, processes_with_env, rlmq, wait_until
+from tests.support.cli import RLMQ, cli_env, http_status, processes_with_env, rlmq, wait_until
 from tests.support.stub_llm import ScriptedRoot, last_user_text, route
 
 pytestmark = pytest.mark.slow
@@ -166,21 +166,6 @@ def test_demo_brings_up_its_own_stack_and_plots(tmp_path, llm_env):
     assert not pids_with_marker()
 
 
-def _http_status(url: str, auth: str | None = None) -> int:
-    import base64
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(url)
-    if auth:
-        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
 
 
 def _free_port() -> int:
@@ -204,16 +189,16 @@ def test_rlmq_up_protects_flower_with_a_generated_login(tmp_path, llm_env):
         state = json.loads((Path(env["RLMQ_STATE_DIR"]) / "stack.json").read_text())
         assert state["flower"]["basic_auth"] == f"rlmq:{password}"
         url = f"http://127.0.0.1:{port}/"
-        wait_until(lambda: _http_status(url) != 0, 60, message="flower to answer")
-        assert _http_status(url) == 401 and _http_status(url, "rlmq:wrong") == 401
-        assert _http_status(url, f"rlmq:{password}") == 200
+        wait_until(lambda: http_status(url) != 0, 60, message="flower to answer")
+        assert http_status(url) == 401 and http_status(url, "rlmq:wrong") == 401
+        assert http_status(url, f"rlmq:{password}") == 200
         assert not processes_with_cmdline(password), "the login is on a command line"
         # `rlmq flower` without FLOWER_BASIC_AUTH reuses the stack's login; never an open dashboard
         flower = subprocess.Popen([*RLMQ, "flower", "--port", str(other_port)], env=env, cwd=tmp_path,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
         other = f"http://127.0.0.1:{other_port}/"
-        wait_until(lambda: _http_status(other) != 0 or flower.poll() is not None, 60, message="rlmq flower")
-        assert _http_status(other) == 401 and _http_status(other, f"rlmq:{password}") == 200
+        wait_until(lambda: http_status(other) != 0 or flower.poll() is not None, 60, message="rlmq flower")
+        assert http_status(other) == 401 and http_status(other, f"rlmq:{password}") == 200
     finally:
         if flower is not None:
             os.killpg(flower.pid, signal.SIGTERM)

@@ -3,20 +3,18 @@ fleet starts from its exact compose command and does its job against a real Redi
 
 from __future__ import annotations
 
-import base64
 import os
 import signal
 import shlex
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from rlmq.stack import LocalStack
+from tests.support.cli import http_status
 
 pytestmark = pytest.mark.slow
 
@@ -39,17 +37,6 @@ def wait_for_log(child, text: str, timeout: float = 90) -> None:
         time.sleep(0.2)
 
 
-def http_status(url: str, auth: str | None = None) -> int:
-    request = urllib.request.Request(url)
-    if auth:
-        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
 
 
 @pytest.fixture

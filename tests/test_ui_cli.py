@@ -3,14 +3,11 @@ and no serving on another address without auth. Run pages themselves: tests/test
 
 from __future__ import annotations
 
-import base64
 import socket
 import subprocess
-import urllib.error
-import urllib.request
 
 from rlmq.records import RunSpec, RunStore
-from tests.support.cli import RLMQ, cli_env, rlmq, wait_until
+from tests.support.cli import RLMQ, cli_env, http_status, rlmq, wait_until
 
 
 def _free_port() -> int:
@@ -19,17 +16,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _status(url: str, auth: str | None = None) -> int:
-    req = urllib.request.Request(url)
-    if auth:
-        req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
 
 
 def test_ui_serves_run_pages_behind_basic_auth(tmp_path, redis_url, redis_client) -> None:
@@ -40,10 +26,10 @@ def test_ui_serves_run_pages_behind_basic_auth(tmp_path, redis_url, redis_client
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _status(base + "/") == 401, timeout=30, message="rlmq ui answering")
-        assert _status(base + "/", auth="admin:pw") == 200
-        assert _status(base + "/run/queued-run-1", auth="admin:pw") == 200
-        assert _status(base + "/run/no-such-run", auth="admin:pw") == 404
+        wait_until(lambda: http_status(base + "/") == 401, timeout=30, message="rlmq ui answering")
+        assert http_status(base + "/", auth="admin:pw") == 200
+        assert http_status(base + "/run/queued-run-1", auth="admin:pw") == 200
+        assert http_status(base + "/run/no-such-run", auth="admin:pw") == 404
     finally:
         ui.terminate()
         ui.wait(10)

@@ -47,3 +47,21 @@ def wait_until(predicate, timeout: float, interval: float = 0.2, message: str = 
         if time.monotonic() > deadline:
             raise AssertionError(f"{message} not reached within {timeout:g}s")
         time.sleep(interval)
+
+
+def http_status(url: str, auth: str | None = None) -> int:
+    """The HTTP status of a GET (basic auth ``user:password`` if given); 0 when nothing answers."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
