@@ -68,7 +68,7 @@ def mp_context() -> BaseContext:
     and a fork of pytest's threads is not safe.
     """
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["redis", "workers.cache", "tests.support.stub_llm"])
+    ctx.set_forkserver_preload(["redis", "workers.single_flight", "tests.support.stub_llm"])
     return ctx
 
 
