@@ -40,7 +40,9 @@ REAP_INTERVAL_SECONDS = 60.0
 # Longer than any sub-task (its own deadline is far below), so only a dead worker's
 # sub-tasks come back; runs are acked early and never wait this long in a prefetch buffer.
 VISIBILITY_TIMEOUT_SECONDS = 3600
-RESULT_EXPIRES_SECONDS = 7 * 24 * 3600  # the default of RLMQ_RESULT_EXPIRES
+# Sending a task, storing a result and a run's gather (the result backend's pub/sub reconnect) wait out
+# a Redis restart: about two minutes, as the workers' own Redis client does (workers.context).
+OUTAGE_RETRY_POLICY = {"max_retries": 60, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
 
 CELERY_CONFIG: dict[str, Any] = dict(
     task_serializer="json",
@@ -56,15 +58,16 @@ CELERY_CONFIG: dict[str, Any] = dict(
     worker_send_task_events=True,  # runs, and llm_batch unless RLMQ_SUBTASK_EVENTS=off
     task_send_sent_event=False,
     task_track_started=True,
-    result_expires=RESULT_EXPIRES_SECONDS,
+    # result_expires is RLMQ_RESULT_EXPIRES, a worker setting: tasks.app sets it (the client stores no results)
     broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
-    result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
+    result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS,
+                                      "retry_policy": OUTAGE_RETRY_POLICY},
     broker_connection_retry_on_startup=True,
     broker_connection_max_retries=None,  # a worker waits for Redis to come back, however long
     # A Redis restart must not lose a result or a sent task: storing and publishing wait it out.
     result_backend_always_retry=True,
     result_backend_max_sleep_between_retries_ms=2000,
-    task_publish_retry_policy={"max_retries": 60, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0},
+    task_publish_retry_policy=OUTAGE_RETRY_POLICY,
     worker_cancel_long_running_tasks_on_connection_loss=False,
     beat_schedule={
         "reap-expired-sandbox-leases": {"task": REAP_TASK, "schedule": REAP_INTERVAL_SECONDS,

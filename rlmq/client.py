@@ -20,6 +20,8 @@ import time
 from typing import Any, Callable
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from rlmq.store.blobs import put_blobs
 from rlmq.celery_config import RLM_QUEUE, RUN_TASK, client_app
@@ -31,6 +33,9 @@ from rlmq.trace import read_trajectory
 from rlmq.flower_repr import describe_inputs, task_reprs
 
 __all__ = ["Client", "ClientError", "RedisUnreachable", "UnknownRun", "check_run_id", "check_signature", "check_tool_path"]
+
+
+_RETRY = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=6)  # 0.1 + 0.2 + 0.4 + 0.8 + 1 + 1 s
 
 
 class ClientError(RuntimeError):
@@ -57,7 +62,10 @@ def resolve_redis_url(explicit: str | None = None) -> str:
 class Client:
     def __init__(self, redis_url: str | None = None) -> None:
         self.redis_url = resolve_redis_url(redis_url)
-        self.redis = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5)
+        # A restart of Redis (``rlmq up`` brings its own back within a second) is waited out by redis-py;
+        # longer outages reach the caller as RedisUnreachable after ~3.5 s, so a wrong URL is said soon.
+        self.redis = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5, retry=_RETRY,
+                                          retry_on_error=[redis.ConnectionError, redis.TimeoutError])
         self.store = RunStore(self.redis)
         self.celery = client_app(self.redis_url)
 
@@ -156,10 +164,9 @@ class Client:
         while True:
             try:
                 record = self.status(run_id)
-            except RedisUnreachable:  # Redis restarting: keep waiting (the run's record is on disk)
+            except RedisUnreachable:  # Redis away longer than the client's retries: a wait outlasts it
                 if deadline is not None and time.monotonic() > deadline:
                     raise
-                time.sleep(min(2.0, max(interval, 0.1)))
                 continue
             if on_progress is not None:
                 on_progress(record)

@@ -1,10 +1,10 @@
-"""The Celery app of the workers: ``rlmq.celery_config`` plus the checks a worker makes at start.
+"""The Celery app of the workers: ``rlmq.celery_config`` plus what a worker does at start.
 
-A worker must consume exactly one of the two queues: a worker serving both can deadlock with
-every slot in a run waiting on sub-tasks that no free slot will take. ``celeryd_init`` checks
-that, the settings, and that a Redis off this machine is reached with a password, and stops
-the worker with a one-line error. Every worker process is made non-dumpable from its start
-(``workers.hardening``).
+At ``celeryd_init`` a worker, in order: refuses to start with a one-line error when its settings are
+bad, a Redis off this machine has no password, or its queues could deadlock (a worker serving both
+``rlm`` and ``llm`` can have every run slot waiting on sub-tasks no free slot takes); points Celery at
+the settings' Redis; makes itself non-dumpable (``workers.hardening``); and, per queue, turns off
+prefetch (rlm) or preloads the LM client (llm).
 """
 
 from __future__ import annotations
@@ -12,29 +12,23 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from celery import Celery, signals, states
+from celery import Celery, signals
 from kombu import Queue
 
 from rlmq.celery_config import CELERY_CONFIG, LLM_QUEUE, QUEUES, RLM_QUEUE, point_at
 from rlmq.redis_url import unauthenticated_redis_problem
 from rlmq.settings import SandboxBackend, Settings, SettingsError, redis_url_from_env
-from workers.context import worker_settings
+from workers.context import setting_at_import, worker_settings
 from workers.hardening import make_non_dumpable
 
-__all__ = ["PROGRESS_STATE", "WORKER_QUEUES", "app"]
-
-PROGRESS_STATE = "PROGRESS"  # what workers.run_engine reports while a run works
+__all__ = ["WORKER_QUEUES", "app"]
 
 WORKER_QUEUES: set[str] = set()  # the queues this process consumes, when it is a worker
 
-# Runs report a custom PROGRESS state. Celery ranks unknown states above REVOKED, so an events
-# monitor (Flower loads this app) would keep a cancelled run in PROGRESS after its task-revoked
-# event; rank PROGRESS with STARTED, below every final state.
-states.PRECEDENCE_LOOKUP.setdefault(PROGRESS_STATE, states.PRECEDENCE_LOOKUP[states.STARTED])
-
 app = Celery("rlmq")
+# RLMQ_RESULT_EXPIRES: how long Celery's result backend keeps task states (run records follow it too).
 app.conf.update(CELERY_CONFIG, task_queues=tuple(Queue(q) for q in QUEUES),
-                result_expires=Settings().result_expires)
+                result_expires=setting_at_import("result_expires"))
 
 _url = redis_url_from_env()
 if _url:
@@ -42,20 +36,30 @@ if _url:
 
 
 @signals.celeryd_init.connect
-def _check_worker_start(sender: Any = None, conf: Any = None, options: dict[str, Any] | None = None,
-                        **_: Any) -> None:
-    """Refuse to start a worker with bad settings or a queue mix that can deadlock."""
+def _worker_start(sender: Any = None, conf: Any = None, options: dict[str, Any] | None = None, **_: Any) -> None:
+    queues = _queue_names((options or {}).get("queues"))
+    settings = _refuse_a_bad_start(queues)
+    _use_the_settings_redis(conf, settings)
+    make_non_dumpable()  # before the pool forks: the keys in this process's environment stay its own
+    WORKER_QUEUES.update(queues)
+    if RLM_QUEUE in queues:
+        _reserve_runs_only_when_free(conf)
+    if LLM_QUEUE in queues:
+        _preload_lm_client()
+
+
+def _refuse_a_bad_start(queues: set[str]) -> Settings:
+    """The worker's settings, or exit 2 with every problem on one line (bad settings, an unprotected
+    remote Redis, a queue mix that can deadlock, local sandboxes that cannot be isolated)."""
     problems: list[str] = []
+    settings: Settings | None = None
     try:
         settings = worker_settings()
         insecure = unauthenticated_redis_problem(settings.redis_url)
         if insecure:
             problems.append(insecure)
-        if conf is not None:
-            conf.broker_url = conf.result_backend = settings.redis_url
     except SettingsError as exc:
         problems.append(str(exc))
-    queues = _queue_names((options or {}).get("queues"))
     if not queues:
         problems.append("pass -Q rlm (runs) or -Q llm (sub-LLM calls): a worker serving both can deadlock")
     elif {RLM_QUEUE, LLM_QUEUE} <= queues:
@@ -63,21 +67,32 @@ def _check_worker_start(sender: Any = None, conf: Any = None, options: dict[str,
                         "sub-calls no free slot takes); start one worker per queue")
     elif not queues <= set(QUEUES):
         problems.append(f"unknown queue(s) {sorted(queues - set(QUEUES))}; use rlm or llm")
-    if not problems and RLM_QUEUE in queues:
+    if settings is not None and not problems and RLM_QUEUE in queues:
         problems.extend(_local_sandbox_problems(settings))
-    if problems:
+    if problems or settings is None:
         print("rlmq worker: " + " | ".join(problems), file=sys.stderr, flush=True)
         raise SystemExit(2)
-    make_non_dumpable()  # before the pool forks: the keys in this process's environment stay its own
-    WORKER_QUEUES.update(queues)
-    if RLM_QUEUE in queues and conf is not None:
-        # Reserve a run only when a slot is free to start it: a run acked early leaves its slot's
-        # prefetch credit free, and the next run would wait behind it (or die with the worker).
-        conf.worker_disable_prefetch = True
-    if LLM_QUEUE in queues:  # pay LiteLLM's ~6 s import and pool setup now, not in the first sub-task
-        from workers.llm_call import preload
+    return settings
 
-        preload()
+
+def _use_the_settings_redis(conf: Any, settings: Settings) -> None:
+    """The broker and result backend are the settings' Redis (``.env`` included, not only the environment)."""
+    if conf is not None:
+        conf.broker_url = conf.result_backend = settings.redis_url
+
+
+def _reserve_runs_only_when_free(conf: Any) -> None:
+    """Reserve a run only when a slot is free to start it: a run acked early leaves its slot's prefetch
+    credit free, and the next run would wait behind it (or die with the worker)."""
+    if conf is not None:
+        conf.worker_disable_prefetch = True
+
+
+def _preload_lm_client() -> None:
+    """Pay LiteLLM's ~6 s import and pool setup at start, not in the first sub-task."""
+    from workers.llm_call import preload
+
+    preload()
 
 
 @signals.worker_process_init.connect

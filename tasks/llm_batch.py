@@ -5,24 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from rlmq.celery_config import LLM_TASK
-from rlmq.settings import Settings, SettingsError
 from tasks.app import app
-from workers.context import worker_settings
 from workers.batch_answer import answer_batch
+from workers.context import setting_at_import
 from workers.lm_gateway import SUBTASK_DEADLINE_SECONDS
 
 __all__ = ["llm_batch"]
 
 
-def _send_events() -> bool:
-    """RLMQ_SUBTASK_EVENTS (default on: Flower then counts each llm worker's sub-tasks)."""
-    try:
-        return worker_settings().subtask_events
-    except SettingsError:
-        return Settings().subtask_events
-
-
-@app.task(name=LLM_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, send_events=_send_events(),
+# RLMQ_SUBTASK_EVENTS (default on): Flower then counts each llm worker's sub-tasks.
+@app.task(name=LLM_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
+          send_events=setting_at_import("subtask_events"),
           resultrepr_maxsize=160,  # Flower shows the start of the answers, not whole batches
           soft_time_limit=SUBTASK_DEADLINE_SECONDS + 60, time_limit=SUBTASK_DEADLINE_SECONDS + 120)
 def llm_batch(self: Any, prompts: list[Any], model: str, options: dict[str, Any] | None = None,

@@ -1,8 +1,10 @@
 """What runs beside the tasks in every worker's main process: its heartbeat, the sub-task holder
-marks of llm workers, and, in rlm workers, the periodic maintenance (reaping, run recovery).
+marks of llm workers, and, in rlm workers, the periodic maintenance (reaping, run recovery) on a
+thread of its own, so a slow sweep never delays a heartbeat.
 
 Started on ``worker_ready`` and stopped on ``worker_shutdown``, so ``celery -A tasks worker`` gets
-them whether it runs under ``rlmq up``, compose, or anything else; beat is optional.
+them whether it runs under ``rlmq up``, compose, or anything else; beat is optional. Their Redis
+client fails fast (``workers.context``): each of them runs again a moment later.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from tasks.app import WORKER_QUEUES, app
 from workers.context import redis_client, worker_settings
 from workers.liveness import Heartbeat, mark_received, unmark
 from workers.recovery import maintain
+from workers.ticker import Ticker
 
 __all__: list[str] = []
 
@@ -25,21 +28,27 @@ logger = logging.getLogger(__name__)
 _state: dict[str, Any] = {}
 
 
+def _client() -> Any:
+    return redis_client(wait_out_outages=False)
+
+
 @signals.worker_ready.connect
 def _start(sender: Any = None, **_: Any) -> None:
     hostname = str(getattr(sender, "hostname", "") or app.conf.get("worker_hostname") or "worker")
     settings = worker_settings()
-    beat = Heartbeat(redis_client(), hostname, settings.worker_heartbeat_ttl)
+    beat = Heartbeat(_client(), hostname, settings.worker_heartbeat_ttl).start()
+    _state.update(hostname=hostname, heartbeat=beat)
     if RLM_QUEUE in WORKER_QUEUES:
-        beat.every(settings.maintenance_interval, lambda: maintain(app, redis_healthy_for=beat.healthy_for()))
-    _state.update(hostname=hostname, heartbeat=beat.start())
+        _state["maintenance"] = Ticker("rlmq-maintenance", settings.maintenance_interval,
+                                       lambda: maintain(app, redis_healthy_for=beat.healthy_for())).start()
 
 
 @signals.worker_shutdown.connect
 def _stop(**_: Any) -> None:
-    beat = _state.pop("heartbeat", None)
-    if beat is not None:
-        beat.stop()
+    for name in ("maintenance", "heartbeat"):
+        part = _state.pop(name, None)
+        if part is not None:
+            part.stop()
 
 
 @signals.task_received.connect
@@ -48,7 +57,7 @@ def _received(sender: Any = None, request: Any = None, **_: Any) -> None:
     if request is None or getattr(request, "name", None) != LLM_TASK:
         return
     try:
-        mark_received(redis_client(), request.id, _state.get("hostname") or str(getattr(sender, "hostname", "")))
+        mark_received(_client(), request.id, _state.get("hostname") or str(getattr(sender, "hostname", "")))
     except Exception as exc:  # Redis away: the sub-task still runs; only its quick re-dispatch is lost
         logger.warning("could not mark sub-task %s as received: %r", getattr(request, "id", "?"), exc)
 
@@ -59,6 +68,6 @@ def _finished(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
     if task_id is None or getattr(sender, "name", None) != LLM_TASK:
         return
     try:
-        unmark(redis_client(), task_id)
+        unmark(_client(), task_id)
     except Exception:  # the TTL sweeps it up
         pass

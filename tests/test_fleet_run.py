@@ -23,6 +23,7 @@ from tests.support.fleet import configure_app
 from tests.support.fleet import Fleet, redis_url_of
 from tests.support.stub_llm import FaultKind, ScriptedRoot, StubLLM, chat_adapter_reply, route
 from rlmq.store.blobs import put_blobs
+from workers.claim import RunClaim
 from workers.sandbox_registry import LeaseRegistry
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]
@@ -249,8 +250,9 @@ def test_beat_reaper_destroys_orphaned_sandbox_and_restarts_its_run(fleet: Fleet
         spec = RunSpec(run_id=new_run_id(), signature=SIGNATURE, inputs={})
         RunStore(r).create(spec)
         # a worker claims it, then dies: it never renews its claim or its sandbox lease
-        assert RunStore(r).claim(spec.run_id, "dead-worker@nowhere/1", 0.2, worker="dead-worker@nowhere") == 1
-        LeaseRegistry(r, 0.2).register(created[0], run_id=spec.run_id, owner="dead-worker@nowhere")
+        dead = RunClaim(r, spec.run_id, worker="dead-worker@nowhere", ttl_seconds=0.2)
+        assert dead.take() == 1
+        LeaseRegistry(r, 0.2).register(created[0], run_id=spec.run_id, owner=dead.owner)
         time.sleep(0.3)
         reap_leases.delay()
         deadline = time.monotonic() + 30

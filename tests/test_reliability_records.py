@@ -1,6 +1,7 @@
-"""The run record's fencing and recovery scripts on a real Redis: a superseded attempt can write
+"""The run's claim, fencing and recovery scripts on a real Redis: a superseded attempt can write
 nothing, a run whose claim lapsed is restarted as the next attempt, and the last attempt FAILS
-with the reason; ``rlmq status`` shows the attempt and why it restarted."""
+with the reason; ``rlmq status`` shows the attempt and why it restarted. Repeating a write whose
+reply was lost (what redis-py's retry does) answers as the first time."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import redis
 
 from rlmq.progress import format_progress
 from rlmq.store.records import RunSpec, RunStatus, RunStore, new_run_id
+from workers.claim import Recovery, RunClaim, recover
 
 
 def queued(r: redis.Redis) -> tuple[RunStore, str]:
@@ -19,14 +21,25 @@ def queued(r: redis.Redis) -> tuple[RunStore, str]:
     return store, spec.run_id
 
 
+def claim(r: redis.Redis, run_id: str, worker: str) -> RunClaim:
+    return RunClaim(r, run_id, worker=worker, ttl_seconds=30)
+
+
+def sweep(r: redis.Redis, run_id: str, *, max_attempts: int = 3, resend_after: float = 300) -> Recovery:
+    return recover(r, run_id, max_attempts=max_attempts, lease_seconds=30, resend_after=resend_after)
+
+
 def lapse(r: redis.Redis, run_id: str) -> None:
     r.delete(f"rlmq:run:{run_id}:owner")  # what a dead owner's expired claim looks like
 
 
 def test_claim_runs_a_queued_run_once(redis_client: redis.Redis) -> None:
     store, run_id = queued(redis_client)
-    assert store.claim(run_id, "w1/1", 30, worker="w1") == 1
-    assert store.claim(run_id, "w2/1", 30, worker="w2") == 0  # a duplicate delivery
+    first = claim(redis_client, run_id, "w1")
+    assert first.take() == 1
+    assert first.take() == 1  # the same execution asking again (a retried call whose reply was lost)
+    assert claim(redis_client, run_id, "w1").take() == 0  # a duplicate delivery, even to the same worker
+    assert claim(redis_client, run_id, "w2").take() == 0
     record = store.get(run_id)
     assert record.status is RunStatus.RUNNING and record.worker == "w1" and record.attempt == 1
     assert store.active() == [run_id]
@@ -34,51 +47,91 @@ def test_claim_runs_a_queued_run_once(redis_client: redis.Redis) -> None:
 
 def test_recovery_restarts_then_fences_the_old_attempt(redis_client: redis.Redis) -> None:
     store, run_id = queued(redis_client)
-    assert store.claim(run_id, "w1/1", 30, worker="w1") == 1
-    assert store.recover(run_id, max_attempts=3, lease_seconds=30, resend_after=300) == ""  # owner alive
+    old = claim(redis_client, run_id, "w1")
+    assert old.take() == 1
+    assert sweep(redis_client, run_id) is Recovery.NOTHING  # owner alive
     lapse(redis_client, run_id)
-    assert store.recover(run_id, max_attempts=3, lease_seconds=30, resend_after=300) == "restart"
-    assert store.recover(run_id, max_attempts=3, lease_seconds=30, resend_after=300) == ""  # once only
+    assert sweep(redis_client, run_id) is Recovery.RESTART
+    assert sweep(redis_client, run_id) is Recovery.NOTHING  # once only
     record = store.get(run_id)
     assert record.status is RunStatus.QUEUED and record.attempt == 2
     assert "worker w1 stopped heartbeating" in record.restart_reason
-    assert store.claim(run_id, "w2/1", 30, worker="w2") == 2
+    new = claim(redis_client, run_id, "w2")
+    assert new.take() == 2
     # the old owner comes back: every write of attempt 1 is refused, and it learns it must stop
-    assert not store.renew_claim(run_id, 1, "w1/1", 30)
-    assert not store.set_progress(run_id, {"iteration": 9}, attempt=1)
+    assert not old.renew() and old.fenced.is_set()
+    assert not old.write_progress({"iteration": 9})
     assert not store.finish(run_id, RunStatus.SUCCEEDED, result={"stale": True}, attempt=1)
-    assert store.renew_claim(run_id, 2, "w2/1", 30)
-    assert store.set_progress(run_id, {"iteration": 1}, attempt=2)
+    assert new.renew() and not new.fenced.is_set()
+    assert new.write_progress({"iteration": 1})
     assert store.finish(run_id, RunStatus.SUCCEEDED, result={"fresh": True}, attempt=2)
     assert store.result(run_id) == {"fresh": True} and store.get(run_id).progress == {"iteration": 1}
-    assert store.active() == []
+    assert store.active() == [] and redis_client.get(f"rlmq:run:{run_id}:owner") is None
     assert "attempt 2 (restarted: worker w1 stopped heartbeating" in format_progress(store.get(run_id))
+
+
+def test_the_final_write_is_idempotent_for_its_attempt(redis_client: redis.Redis) -> None:
+    """A retried final write whose first try landed (its reply was lost) is acknowledged, not refused;
+    a different ending, another attempt's, or a second cancel is still refused."""
+    store, run_id = queued(redis_client)
+    assert claim(redis_client, run_id, "w1").take() == 1
+    assert store.finish(run_id, RunStatus.FAILED, error="boom", attempt=1)
+    assert store.finish(run_id, RunStatus.FAILED, error="boom", attempt=1)
+    assert not store.finish(run_id, RunStatus.SUCCEEDED, result={"late": True}, attempt=1)
+    assert not store.finish(run_id, RunStatus.FAILED, error="boom", attempt=2)
+    assert not store.finish(run_id, RunStatus.FAILED, error="boom")  # no attempt: no idempotent answer
+    record = store.get(run_id)
+    assert record.status is RunStatus.FAILED and record.error == "boom" and store.result(run_id) is None
+
+
+def test_text_and_documents_pass_through_the_scripts_unchanged(redis_client: redis.Redis) -> None:
+    """Named arguments are one JSON object decoded by cjson; documents go as they are."""
+    store, run_id = queued(redis_client)
+    run = claim(redis_client, run_id, "wörker-🦀")
+    assert run.take() == 1
+    progress = {"note": 'quote " backslash \\ newline \n émoji 🦀 \u2028', "n": 12345678901234567}
+    assert run.write_progress(progress)
+    assert store.get(run_id).progress == progress
+    error = 'line 1\n"line 2" 🦀'
+    assert store.finish(run_id, RunStatus.FAILED, error=error, error_detail=error * 3, progress=progress, attempt=1)
+    record = store.get(run_id)
+    assert (record.worker, record.error, record.error_detail, record.progress) == ("wörker-🦀", error, error * 3,
+                                                                                  progress)
 
 
 def test_a_cancelled_run_whose_owner_died_ends_cancelled(redis_client: redis.Redis) -> None:
     store, run_id = queued(redis_client)
-    store.claim(run_id, "w1/1", 30, worker="w1")
+    claim(redis_client, run_id, "w1").take()
     store.request_cancel(run_id)
     lapse(redis_client, run_id)
-    assert store.recover(run_id, max_attempts=3, lease_seconds=30, resend_after=300) == "cancelled"
+    assert sweep(redis_client, run_id) is Recovery.CANCELLED
     assert store.status(run_id) is RunStatus.CANCELLED and store.active() == []
 
 
 def test_a_lapsed_claim_is_retaken_while_nobody_took_over(redis_client: redis.Redis) -> None:
     store, run_id = queued(redis_client)
-    store.claim(run_id, "w1/1", 30, worker="w1")
+    run = claim(redis_client, run_id, "w1")
+    run.take()
     lapse(redis_client, run_id)  # e.g. a long GC pause or a Redis restart, but no sweep ran yet
-    assert store.renew_claim(run_id, 1, "w1/1", 30)
-    assert store.recover(run_id, max_attempts=3, lease_seconds=30, resend_after=300) == ""
+    assert run.renew()
+    assert sweep(redis_client, run_id) is Recovery.NOTHING
+
+
+def test_a_stopping_worker_lets_its_claim_lapse_at_once(redis_client: redis.Redis) -> None:
+    store, run_id = queued(redis_client)
+    run = claim(redis_client, run_id, "w1")
+    run.take()
+    run.lapse()
+    time.sleep(0.01)
+    assert sweep(redis_client, run_id) is Recovery.RESTART
 
 
 def test_last_attempt_fails_with_the_reason(redis_client: redis.Redis) -> None:
     store, run_id = queued(redis_client)
     for attempt in (1, 2):
-        assert store.claim(run_id, f"w{attempt}/1", 30, worker=f"w{attempt}") == attempt
+        assert claim(redis_client, run_id, f"w{attempt}").take() == attempt
         lapse(redis_client, run_id)
-        assert store.recover(run_id, max_attempts=2, lease_seconds=30, resend_after=300) == (
-            "restart" if attempt == 1 else "failed")
+        assert sweep(redis_client, run_id, max_attempts=2) is (Recovery.RESTART if attempt == 1 else Recovery.FAILED)
     record = store.get(run_id)
     assert record.status is RunStatus.FAILED and record.attempt == 2 and len(record.restarts) == 2
     assert record.error.startswith("gave up after 2 attempt(s): worker w2 stopped heartbeating")
@@ -87,16 +140,16 @@ def test_last_attempt_fails_with_the_reason(redis_client: redis.Redis) -> None:
 
 def test_a_restarted_run_never_claimed_is_sent_again(redis_client: redis.Redis) -> None:
     store, run_id = queued(redis_client)
-    store.claim(run_id, "w1/1", 30, worker="w1")
+    claim(redis_client, run_id, "w1").take()
     lapse(redis_client, run_id)
-    assert store.recover(run_id, max_attempts=3, lease_seconds=30, resend_after=0.2) == "restart"
-    assert store.recover(run_id, max_attempts=3, lease_seconds=30, resend_after=0.2) == ""
+    assert sweep(redis_client, run_id, resend_after=0.2) is Recovery.RESTART
+    assert sweep(redis_client, run_id, resend_after=0.2) is Recovery.NOTHING
     time.sleep(0.3)
-    assert store.recover(run_id, max_attempts=3, lease_seconds=30, resend_after=0.2) == "resend"
+    assert sweep(redis_client, run_id, resend_after=0.2) is Recovery.RESEND
 
 
 def test_cancel_of_a_queued_run_does_not_overwrite_a_claimed_one(redis_client: redis.Redis) -> None:
     store, run_id = queued(redis_client)
-    store.claim(run_id, "w1/1", 30, worker="w1")
+    claim(redis_client, run_id, "w1").take()
     assert not store.finish(run_id, RunStatus.CANCELLED, error="cancelled before it started", expect=RunStatus.QUEUED)
     assert store.status(run_id) is RunStatus.RUNNING

@@ -7,9 +7,9 @@ that still fails comes back as an :class:`~workers.llm_call.Answer` with ``error
 never an exception, so one bad prompt cannot fail the chunk. Answers carry usage, cost and the
 serving worker's hostname.
 
-Redis trouble (a restart, a failover) is not the prompt's fault: the prompt waits for Redis and
-is tried again until its deadline, and an answer already paid for is returned even if it could
-not be cached, so an outage turns into latency, not into ``[ERROR]`` answers.
+Redis trouble (a restart, a failover) is not the prompt's fault: the shared client waits it out
+(``workers.context``), and an answer already paid for is returned even if it could not be cached,
+so an outage turns into latency, not into ``[ERROR]`` answers.
 """
 
 from __future__ import annotations
@@ -118,13 +118,11 @@ def answer_prompt(prompt: Any, model: str, settings: Settings, cache: ResponseCa
                   *, params: dict[str, Any], worker: str, deadline: float, key: str | None = None) -> Answer:
     """One prompt through cache -> single-flight -> rate limit -> LM with retries; never raises."""
     attempts = 0
-    paid: dict[str, Any] = {}  # the reply once the LM gave it: never paid twice for a Redis blip
+    paid: dict[str, Any] = {}  # the reply once the LM gave it: returned even if Redis then fails
 
     def compute() -> dict[str, Any]:
         """The reply as a dict, or ``{"error": ...}`` (handed to concurrent askers, never cached)."""
         nonlocal attempts
-        if paid:
-            return paid
         value, attempts = limited_call(model, prompt_messages(prompt), settings, limiter, params=params,
                                        deadline=deadline, on_throttled=lambda: count(cache.redis, [("ratelimited", 1)]))
         if "error" not in value:
@@ -132,26 +130,17 @@ def answer_prompt(prompt: Any, model: str, settings: Settings, cache: ResponseCa
         return value
 
     known_miss = key is not None  # llm_batch looked the batch up already
-    outage = 0
-    while True:
-        try:
-            key = key or cache.key_for(model, prompt_messages(prompt), params)
-            value, cached = cache.single_flight(key, compute, lock_ttl=max_call_seconds(settings),
-                                                wait_timeout=max(1.0, deadline - time.monotonic()),
-                                                cacheable=lambda v: "error" not in v, known_miss=known_miss)
-            return _answer(value, cached=bool(cached), worker=worker, attempts=attempts)
-        except _REDIS_ERRORS as exc:
-            if paid:  # the LM answered; only caching it failed
-                logger.warning("answer not cached (Redis unavailable: %r)", exc)
-                return _answer(paid, cached=False, worker=worker, attempts=attempts)
-            if time.monotonic() > deadline:
-                return Answer(error=f"Redis unavailable until the sub-task deadline: {exc}", worker=worker,
-                              attempts=attempts)
-            outage += 1
-            if outage == 1:
-                logger.warning("Redis unavailable (%r): the prompt waits and is tried again", exc)
-            known_miss = False
-            time.sleep(min(2.0, 0.1 * 2 ** min(outage, 5)))
-        except Exception as exc:  # the limiter or a waiter timing out: still an answer
-            logger.warning("prompt failed outside the LM call: %r", exc)
-            return Answer(error=f"{type(exc).__name__}: {exc}", worker=worker, attempts=attempts)
+    try:
+        key = key or cache.key_for(model, prompt_messages(prompt), params)
+        value, cached = cache.single_flight(key, compute, lock_ttl=max_call_seconds(settings),
+                                            wait_timeout=max(1.0, deadline - time.monotonic()),
+                                            cacheable=lambda v: "error" not in v, known_miss=known_miss)
+        return _answer(value, cached=bool(cached), worker=worker, attempts=attempts)
+    except _REDIS_ERRORS as exc:  # Redis away for longer than the client waits it out (workers.context)
+        if paid:  # the LM answered; only caching it failed
+            logger.warning("answer not cached (Redis unavailable: %r)", exc)
+            return _answer(paid, cached=False, worker=worker, attempts=attempts)
+        return Answer(error=f"Redis unavailable: {exc}", worker=worker, attempts=attempts)
+    except Exception as exc:  # the limiter or a waiter timing out: still an answer
+        logger.warning("prompt failed outside the LM call: %r", exc)
+        return Answer(error=f"{type(exc).__name__}: {exc}", worker=worker, attempts=attempts)

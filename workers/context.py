@@ -1,14 +1,37 @@
-"""This worker process's settings and Redis client, each made once and shared by every task."""
+"""This worker process's settings and Redis clients, each made once and shared by every task.
+
+Redis outages are the client's job (redis-py's ``Retry``): a command that meets a connection error
+or a timeout is sent again with exponential backoff for about two minutes (``OUTAGE_RETRY``), so a
+Redis restart or failover turns into latency, not into failed runs or ``[ERROR]`` answers. That is
+safe because what the workers write is idempotent or harmless to repeat when a reply was lost:
+
+- a run's claim, renewal, progress and final write are Lua scripts that answer a repeated call as
+  the first (``workers.claim``, ``RunStore.finish``);
+- a trajectory step (RPUSH), the fleet counters (INCRBY), a limiter grant or observation and a
+  single-flight wake-up may be applied twice: a step shown twice in a trace, a counter one batch
+  high, a slot charged twice until its lease expires, one more wake-up, which waiters tolerate.
+
+The main process's own loops (heartbeat, maintenance sweep, sub-task marks) use the client that
+fails fast (``wait_out_outages=False``): each of them runs again a moment later anyway, and the sweep
+must not resume inside the grace after an outage (``workers.recovery``).
+"""
 
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.retry import Retry
 
-from rlmq.settings import Settings
+from rlmq.settings import Settings, SettingsError
 
-__all__ = ["redis_client", "worker_settings"]
+__all__ = ["OUTAGE_RETRY", "redis_client", "setting_at_import", "worker_settings"]
+
+# 0.2 + 0.4 + 0.8 + 1.6 s, then every 2 s: about 115 s in all before the error reaches the caller.
+OUTAGE_RETRY = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=60)
+_OUTAGE_ERRORS = [redis.ConnectionError, redis.TimeoutError]
 
 
 @lru_cache(maxsize=1)
@@ -17,7 +40,18 @@ def worker_settings() -> Settings:
     return Settings.from_env()
 
 
-@lru_cache(maxsize=4)
-def redis_client(url: str | None = None) -> redis.Redis:
+def setting_at_import(name: str) -> Any:
+    """A setting a task module needs while it is imported: the worker's when its settings are valid,
+    else the default (a worker with bad settings stops at start with the reason: ``tasks.app``)."""
+    try:
+        return getattr(worker_settings(), name)
+    except SettingsError:
+        return getattr(Settings(), name)
+
+
+@lru_cache(maxsize=8)
+def redis_client(url: str | None = None, *, wait_out_outages: bool = True) -> redis.Redis:
     """A shared client (redis-py pools are thread-safe and reset themselves after fork)."""
-    return redis.Redis.from_url(url or worker_settings().redis_url, health_check_interval=30)
+    retry = OUTAGE_RETRY if wait_out_outages else Retry(NoBackoff(), retries=0)
+    return redis.Redis.from_url(url or worker_settings().redis_url, health_check_interval=30, retry=retry,
+                                retry_on_error=_OUTAGE_ERRORS)

@@ -9,7 +9,8 @@ sub-tasks and gathers them event-driven, returning answers in prompt order; a fa
 A sub-task held by an llm worker that died (no heartbeat: ``workers.liveness``) is sent again
 within about a second of the heartbeat's expiry, up to ``MAX_RESENDS`` times per chunk; the first
 answer for a chunk wins, and the response cache's single flight keeps a copy that is still alive
-from paying twice. The gather rides out a Redis restart (it waits and joins again).
+from paying twice. The gather rides out a Redis restart: Celery's result backend reconnects
+(``rlmq.celery_config.OUTAGE_RETRY_POLICY``), and stored answers are read directly (below).
 """
 
 from __future__ import annotations
@@ -23,11 +24,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
 from celery import group
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import ResultSet
-from kombu.exceptions import OperationalError
 
 from rlmq.celery_config import LLM_TASK
 from rlmq.settings import Settings
@@ -41,7 +40,6 @@ __all__ = ["Fanout", "FanoutCancelled", "FanoutStats", "plan_chunks"]
 GATHER_INTERVAL = 0.01  # seconds; Celery's 0.5 s default would add up to half a second per batch
 LIVENESS_CHECK_SECONDS = 1.0  # how often a gather asks whether its pending sub-tasks' workers live
 MAX_RESENDS = 3  # per chunk: a chunk that kills every worker it lands on is not sent forever
-_OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, OperationalError, ConnectionError)
 
 logger = logging.getLogger(__name__)
 
@@ -248,9 +246,6 @@ class Fanout:
             except (CeleryTimeoutError, TimeoutError):
                 timed_out = True
                 break
-            except _OUTAGE_ERRORS as exc:  # Redis restarting: the answers are stored once it is back
-                logger.warning("gather interrupted (%r); joining again", exc)
-                time.sleep(0.5)
         if not timed_out:
             return
         for task_id in list(pending):  # salvage sub-tasks that finished but were not yet delivered

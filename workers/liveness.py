@@ -12,13 +12,13 @@ the threads pool, and a SIGKILLed worker acks nothing.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import redis
 
 from rlmq.store import keys
+from workers.ticker import Ticker
 
 __all__ = ["HOLDER_TTL_SECONDS", "Heartbeat", "lost_subtasks", "mark_received", "unmark"]
 
@@ -52,29 +52,25 @@ def lost_subtasks(client: redis.Redis, task_ids: Sequence[str]) -> list[str]:
 
 
 class Heartbeat:
-    """A daemon thread: the worker's heartbeat every ``ttl/4`` s, and ``every(interval, fn)`` jobs."""
+    """The worker's heartbeat key, written every ``ttl/4`` s by its own :class:`~workers.ticker.Ticker`.
+
+    It is also this process's witness of Redis outages (:meth:`healthy_for`): give it a client that
+    fails fast, so a beat that cannot reach Redis is noticed instead of waited out."""
 
     def __init__(self, client: redis.Redis, hostname: str, ttl_seconds: float) -> None:
         self.client = client
         self.hostname = hostname
         self.ttl = ttl_seconds
-        self._jobs: list[tuple[float, Callable[[], object], list[float]]] = []
         self.last_failure = time.monotonic()  # of a beat (Redis away); "never" counts from the start
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="rlmq-heartbeat", daemon=True)
-
-    def every(self, interval: float, job: Callable[[], object]) -> Heartbeat:
-        self._jobs.append((interval, job, [0.0]))
-        return self
+        self._ticker = Ticker("rlmq-heartbeat", max(0.1, ttl_seconds / 4), self._beat)
 
     def start(self) -> Heartbeat:
         self._beat()
-        self._thread.start()
+        self._ticker.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
+        self._ticker.stop()
         try:
             self.client.delete(keys.worker_heartbeat_key(self.hostname))  # a clean exit is not a death
         except redis.RedisError:
@@ -90,17 +86,3 @@ class Heartbeat:
     def healthy_for(self) -> float:
         """Seconds since this worker last failed to reach Redis."""
         return time.monotonic() - self.last_failure
-
-    def _loop(self) -> None:
-        step = max(0.1, min(self.ttl / 4, min((j[0] for j in self._jobs), default=self.ttl)))
-        while not self._stop.wait(step):
-            self._beat()
-            now = time.monotonic()
-            for interval, job, last in self._jobs:
-                if now - last[0] < interval:
-                    continue
-                last[0] = now
-                try:
-                    job()
-                except Exception:
-                    logger.exception("periodic job %s failed", getattr(job, "__name__", job))

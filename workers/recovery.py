@@ -1,15 +1,18 @@
 """Maintenance of the fleet, run by every rlm worker (and beat, where deployed): sandboxes whose lease
 expired are destroyed, and runs whose worker died are started again elsewhere.
 
-``maintain`` runs in every rlm worker's main process every ``RLMQ_MAINTENANCE_INTERVAL`` seconds
-(``tasks.watchdog``), and in beat's ``reap_leases`` where beat is deployed: nothing depends on beat.
+``maintain`` runs in every rlm worker's main process every ``RLMQ_MAINTENANCE_INTERVAL`` seconds, on
+its own thread (``tasks.watchdog``), and in beat's ``reap_leases`` where beat is deployed: nothing
+depends on beat.
 
-For each run in ``keys.runs_active_key``, ``RunStore.recover`` (one Lua script) decides:
-a RUNNING run whose claim expired goes back to QUEUED as the next attempt, or ends FAILED after
-``RLMQ_RUN_ATTEMPTS`` (CANCELLED if a cancel was asked for: nobody else would read the flag); this sweep then sends ``run_rlm`` for it again (the run id stays the task
-id) and records the restart in Celery's own terms (state RETRY, a ``task-retried`` event), so
-``AsyncResult`` and Flower show it waiting, not lost. Any number of workers may sweep at once:
-the script lets exactly one of them restart a given run.
+For each active run, ``workers.claim.recover`` decides (:class:`~workers.claim.Recovery`); a restarted
+run is sent again (the run id stays the task id) and recorded in Celery's own terms (state RETRY, a
+``task-retried`` event; FAILURE or REVOKED for a run that ends here), so ``AsyncResult`` and Flower
+show it waiting, not lost. Any number of workers may sweep at once: exactly one restarts a given run.
+
+A sweep never waits out a Redis outage (its client fails fast): a command held back until Redis
+returns could restart runs whose owners have not yet re-taken their lapsed claims. The next sweep is
+its retry, after the grace below.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ import logging
 import time
 from typing import Any
 
+import redis
 from celery.exceptions import Retry
 
 from rlmq.celery_config import RLM_QUEUE, RUN_TASK
-from rlmq.store.records import RunStore
 from rlmq.settings import Settings
+from rlmq.store.records import RunStore
+from workers.claim import Recovery, recover
 from workers.context import redis_client, worker_settings
+from workers.outcomes import RunFailed, mark_revoked
 from workers.sandbox_registry import reap_expired
 
 __all__ = ["RECOVERY_GRACE_SECONDS", "RESEND_AFTER_SECONDS", "maintain", "reap_here", "recover_runs"]
@@ -35,50 +41,50 @@ logger = logging.getLogger(__name__)
 RESEND_AFTER_SECONDS = 300.0
 
 
-def recover_runs(client: Any, app: Any, settings: Settings) -> dict[str, int]:
+def recover_runs(client: redis.Redis, app: Any, settings: Settings) -> dict[str, int]:
+    """Restart (or end) every active run whose claim lapsed; how many of each :class:`Recovery`."""
     store = RunStore(client)
-    counts = {"restart": 0, "resend": 0, "failed": 0, "cancelled": 0}
+    counts = {action.value: 0 for action in Recovery if action is not Recovery.NOTHING}
     for run_id in store.active():
-        action = store.recover(run_id, max_attempts=settings.run_attempts, lease_seconds=settings.lease_ttl,
-                               resend_after=RESEND_AFTER_SECONDS)
-        if not action:
+        action = recover(client, run_id, max_attempts=settings.run_attempts, lease_seconds=settings.lease_ttl,
+                         resend_after=RESEND_AFTER_SECONDS)
+        if action is Recovery.NOTHING:
             continue
-        counts[action] += 1
+        counts[action.value] += 1
         record = store.get(run_id)
         reason = (record.restart_reason if record else None) or "worker lost"
-        if action in ("failed", "cancelled"):
-            logger.error("run %s %s: %s", run_id, action.upper(), record.error if record else reason)
-            _celery_state(app, run_id, action, record.error if record else reason)
+        if action in (Recovery.FAILED, Recovery.CANCELLED):
+            error = record.error if record and record.error else reason
+            logger.error("run %s %s: %s", run_id, action.value.upper(), error)
+            _celery_state(app, run_id, action, error)
             continue
         logger.warning("run %s: starting attempt %s (%s)", run_id, record.attempt if record else "?", reason)
-        _celery_state(app, run_id, "retried", reason)
+        _celery_state(app, run_id, action, reason)
         app.send_task(RUN_TASK, args=(run_id,), task_id=run_id, queue=RLM_QUEUE)
     return counts
 
 
-def _celery_state(app: Any, run_id: str, what: str, reason: str) -> None:
-    """RETRY (it will run again), FAILURE or REVOKED, as Celery stores them, plus the event Flower shows."""
+def _celery_state(app: Any, run_id: str, action: Recovery, reason: str) -> None:
+    """FAILURE, REVOKED or RETRY (it will run again), as Celery stores them, plus the event Flower shows."""
+    if action is Recovery.CANCELLED:
+        mark_revoked(app, run_id)
+        return
     try:
-        if what == "failed":
-            from workers.run_engine import RunFailed
-
+        if action is Recovery.FAILED:
             app.backend.mark_as_failure(run_id, RunFailed(reason))
-        elif what == "cancelled":
-            app.backend.mark_as_revoked(run_id, reason="cancelled")
         else:
             app.backend.mark_as_retry(run_id, Retry(reason))
+        event = "task-failed" if action is Recovery.FAILED else "task-retried"
         with app.events.default_dispatcher() as dispatcher:
-            if what == "cancelled":
-                dispatcher.send("task-revoked", uuid=run_id, terminated=True, signum=None, expired=False)
-            else:
-                dispatcher.send(f"task-{what}", uuid=run_id, exception=reason, traceback="")
+            dispatcher.send(event, uuid=run_id, exception=reason, traceback="")
     except Exception:
-        logger.exception("could not record run %s as %s in Celery", run_id, what)
+        logger.exception("could not record run %s as %s in Celery", run_id, action.value)
+
 
 def reap_here() -> int:
     """Destroy sandboxes with expired leases that this host may reap. Their runs are not failed
     here: the recovery sweep restarts them (or fails them after the last attempt)."""
-    return len(reap_expired(redis_client(), time.time()))
+    return len(reap_expired(redis_client(wait_out_outages=False), time.time()))
 
 
 # After Redis was away longer than a lease, every claim has lapsed although the owners live; they
@@ -92,7 +98,7 @@ def maintain(app: Any, *, redis_healthy_for: float | None = None) -> dict[str, i
     if redis_healthy_for is not None and redis_healthy_for < RECOVERY_GRACE_SECONDS:
         return {"reaped": 0}  # leases and claims may have lapsed while Redis was away: owners renew first
     reaped = reap_here()
-    counts = recover_runs(redis_client(), app, worker_settings())
+    counts = recover_runs(redis_client(wait_out_outages=False), app, worker_settings())
     if reaped or any(counts.values()):
         logger.warning("maintenance: reaped %d sandbox(es); runs %s", reaped, counts)
     return {"reaped": reaped, **counts}

@@ -2,7 +2,7 @@
 
 A run registers a lease per sandbox it creates (``keys.lease_key(sandbox_id)`` holds the JSON
 record; ``keys.leases_index_key()`` scores sandbox ids by lease expiry), renews it while it
-works (a :class:`LeaseKeeper` thread), and releases it when the sandbox is destroyed. If the
+works (a :class:`LeaseKeeper`), and releases it when the sandbox is destroyed. If the
 worker dies, the lease stops being renewed and ``reap_expired`` (beat, every worker at start,
 and a remote-control broadcast) destroys the sandbox with ``broker_bridge.destroy_sandbox``.
 
@@ -25,6 +25,7 @@ import redis
 
 from broker_bridge import SandboxInfo, destroy_sandbox
 from rlmq.store import keys
+from workers.ticker import Ticker
 
 __all__ = ["LeaseKeeper", "LeaseRegistry", "SandboxLease", "reap_expired"]
 
@@ -124,22 +125,16 @@ def _claimed_by(client: redis.Redis, lease: SandboxLease) -> bool:
 
 
 class LeaseKeeper:
-    """A daemon thread that renews a run's leases and calls ``on_tick`` about once a second.
+    """The leases of one run's sandboxes, renewed every ``ttl/3`` (at least every second) by a
+    :class:`~workers.ticker.Ticker`. ``created``/``destroyed`` are the interpreter factory's sandbox hooks."""
 
-    ``created``/``destroyed`` are the interpreter factory's sandbox hooks.
-    """
-
-    def __init__(self, registry: LeaseRegistry, *, run_id: str, owner: str,
-                 on_tick: Callable[[], None] | None = None, tick_seconds: float = 1.0) -> None:
+    def __init__(self, registry: LeaseRegistry, *, run_id: str, owner: str) -> None:
         self.registry = registry
         self.run_id = run_id
         self.owner = owner
-        self.on_tick = on_tick
-        self.tick_seconds = tick_seconds
         self._held: dict[str, SandboxInfo] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"lease-keeper-{run_id[:8]}", daemon=True)
+        self._ticker = Ticker(f"leases-{run_id[:8]}", max(1.0, registry.ttl / 3), self.renew)
 
     def created(self, info: SandboxInfo) -> None:
         self.registry.register(info, run_id=self.run_id, owner=self.owner)
@@ -155,14 +150,16 @@ class LeaseKeeper:
         with self._lock:
             return list(self._held.values())
 
+    def renew(self) -> None:
+        for info in self.held():
+            self.registry.renew(info.sandbox_id)
+
     def start(self) -> LeaseKeeper:
-        self._thread.start()
+        self._ticker.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(5)
+        self._ticker.stop()
 
     def destroy_all(self) -> None:
         """Destroy and release every sandbox still held (cancellation, or a run that ended badly)."""
@@ -172,17 +169,3 @@ class LeaseKeeper:
             except Exception:
                 logger.exception("could not destroy sandbox %s", info.sandbox_id)
             self.destroyed(info)
-
-    def _loop(self) -> None:
-        renew_every = max(1.0, self.registry.ttl / 3)
-        last_renew = time.monotonic()
-        while not self._stop.wait(self.tick_seconds):
-            try:
-                if time.monotonic() - last_renew >= renew_every:
-                    for info in self.held():
-                        self.registry.renew(info.sandbox_id)
-                    last_renew = time.monotonic()
-                if self.on_tick is not None:
-                    self.on_tick()
-            except Exception:  # Redis blips: keep renewing, the lease has slack
-                logger.exception("lease keeper tick failed for run %s", self.run_id)

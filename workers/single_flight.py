@@ -38,6 +38,7 @@ from typing import Any
 import redis
 
 from rlmq.store.keys import inflight_done_key, inflight_key, response_cache_key
+from rlmq.store.lua import lua_scripts
 from workers import cache_codec
 
 __all__ = ["FLIGHT_LEASE_SECONDS", "ResponseCache"]
@@ -52,28 +53,7 @@ _NON_SAMPLING_PARAMS = frozenset({
 _DONE_TTL_MS = 10_000  # a wake-up is consumed at once; the TTL only sweeps leftovers
 FLIGHT_LEASE_SECONDS = 10.0  # a single-flight lock outlives its leader's process by at most this
 
-# Take the lock, clearing stale wake-ups; else report the holder's token and its PTTL.
-_ACQUIRE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  redis.call('DEL', KEYS[2])
-  return {1, ARGV[1], tonumber(ARGV[2])}
-end
-return {0, redis.call('GET', KEYS[1]) or '', redis.call('PTTL', KEYS[1])}
-"""
-
-# Extend the lock while it is still ours.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-
-# Release the lock if it is still ours, then push one wake-up.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-redis.call('RPUSH', KEYS[2], ARGV[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return 1
-"""
+_LUA = lua_scripts("workers")  # workers/lua/flight_*.lua
 
 
 def _text(value: bytes | str) -> str:
@@ -91,8 +71,6 @@ class ResponseCache:
         self.redis = redis_client
         self.ttl_seconds = int(ttl_seconds)
         self.valid = valid or (lambda value: True)
-        self._acquire = redis_client.register_script(_ACQUIRE)
-        self._release = redis_client.register_script(_RELEASE)
 
     @staticmethod
     def key_for(model: str, messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
@@ -159,7 +137,8 @@ class ResponseCache:
             if hit is not None:
                 return hit, True
             token = uuid.uuid4().hex
-            acquired, holder, pttl = self._acquire(keys=[lock, done], args=[token, lock_ms])
+            acquired, holder, pttl = _LUA.run(self.redis, "flight_acquire", [lock, done],
+                                              {"token": token, "lease_ms": lock_ms})
             if acquired:
                 with _renewer.holding(self.redis, lock, token, lock_ms, until=time.monotonic() + lock_ttl):
                     return self._lead(key, token, compute, cacheable), False
@@ -200,8 +179,8 @@ class ResponseCache:
                 wake = {"flight": token, "value": value}  # not cached: hand it over directly
             return value
         finally:
-            self._release(keys=[inflight_key(key), inflight_done_key(key)],
-                          args=[token, json.dumps(wake), _DONE_TTL_MS])
+            _LUA.run(self.redis, "flight_release", [inflight_key(key), inflight_done_key(key)],
+                     {"token": token, "done_ttl_ms": _DONE_TTL_MS}, json.dumps(wake))
 
 
 class _LockRenewer:
@@ -238,7 +217,7 @@ class _LockRenewer:
                 if now > until:
                     continue  # past lock_ttl: a slower leader gets company (documented above)
                 try:
-                    client.eval(_RENEW, 1, lock, token, lease_ms)
+                    _LUA.run(client, "flight_renew", [lock], {"token": token, "lease_ms": lease_ms})
                 except Exception:  # Redis away: the lock may lapse, a waiter then computes too
                     pass
 

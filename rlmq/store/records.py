@@ -6,8 +6,9 @@ under ``keys.run_key(run_id)`` (one field per concern, so progress updates never
 spec), the final result under ``keys.run_result_key``, and the submit-time index
 ``keys.runs_index_key``. Everything is JSON.
 
-Writes by the worker running a run are fenced by its attempt number (``rlmq.store.run_scripts``): a
-run restarted on another worker can never be overwritten by its previous owner.
+The worker running a run claims it and fences its writes by the attempt number (``workers.claim``);
+only the final write, which a client's cancel of a queued run shares, is here
+(``rlmq/store/lua/run_finish.lua``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any
 
 import redis
 
-from rlmq.store import keys, run_scripts
+from rlmq.store import keys
+from rlmq.store.lua import lua_scripts
 
 __all__ = ["RunRecord", "RunSpec", "RunStatus", "RunStore", "new_run_id"]
 
@@ -128,11 +130,6 @@ class RunStore:
     def __init__(self, client: redis.Redis, *, expire_seconds: int | None = None) -> None:
         self.redis = client
         self.expire_seconds = expire_seconds
-        self._claim = client.register_script(run_scripts.CLAIM)
-        self._renew = client.register_script(run_scripts.RENEW)
-        self._progress = client.register_script(run_scripts.SET_PROGRESS)
-        self._finish = client.register_script(run_scripts.FINISH)
-        self._recover = client.register_script(run_scripts.RECOVER)
 
     def create(self, spec: RunSpec) -> None:
         pipe = self.redis.pipeline()
@@ -150,10 +147,6 @@ class RunStore:
         raw = self.redis.hget(keys.run_key(run_id), "status")
         return RunStatus(raw.decode()) if raw else None
 
-    def set_progress(self, run_id: str, progress: dict[str, Any], *, attempt: int) -> bool:
-        """Store progress if ``attempt`` still runs the run; False once it was fenced off."""
-        return bool(self._progress(keys=[keys.run_key(run_id)], args=[attempt, json.dumps(progress, allow_nan=False)]))
-
     def finish(self, run_id: str, status: RunStatus, *, result: dict[str, Any] | None = None,
                error: str | None = None, error_detail: str | None = None, progress: dict[str, Any] | None = None,
                attempt: int | None = None, expect: RunStatus | None = None) -> bool:
@@ -162,15 +155,21 @@ class RunStore:
         Refused (False) if the run has finished already, if ``attempt`` is given and is no longer the
         run's, or if ``expect`` is given and is not its status (e.g. cancelling only a QUEUED run).
         """
-        args = [
-            "" if attempt is None else attempt, "" if expect is None else expect.value, status.value,
-            repr(time.time()), error or "", error_detail or "",
-            "" if progress is None else json.dumps(progress, allow_nan=False),
-            "" if result is None else json.dumps(result, allow_nan=False, default=str),
-            self.expire_seconds or "", run_id,
-        ]
-        return bool(self._finish(keys=[keys.run_key(run_id), keys.run_result_key(run_id), keys.run_owner_key(run_id),
-                                       keys.runs_active_key()], args=args))
+        named: dict[str, Any] = {
+            "run_id": run_id, "status": status.value, "finished_at": repr(time.time()), "error": error or "",
+            "error_detail": error_detail or "", "finished": [s.value for s in RunStatus if s.finished],
+        }
+        if attempt is not None:
+            named["attempt"] = attempt
+        if expect is not None:
+            named["expect"] = expect.value
+        if self.expire_seconds:
+            named["expire_s"] = self.expire_seconds
+        return bool(lua_scripts("rlmq.store").run(
+            self.redis, "run_finish",
+            [keys.run_key(run_id), keys.run_result_key(run_id), keys.run_owner_key(run_id), keys.runs_active_key()],
+            named, "" if progress is None else json.dumps(progress, allow_nan=False),
+            "" if result is None else json.dumps(result, allow_nan=False, default=str)))
 
     def result(self, run_id: str) -> dict[str, Any] | None:
         raw = self.redis.get(keys.run_result_key(run_id))
@@ -180,28 +179,11 @@ class RunStore:
         """Most recent run ids first."""
         return [r.decode() for r in self.redis.zrevrange(keys.runs_index_key(), 0, limit - 1)]
 
-    # ownership, fencing, recovery and cancellation
-    def claim(self, run_id: str, owner: str, ttl_seconds: float, *, worker: str) -> int:
-        """Take a QUEUED run and mark it RUNNING: the attempt number, or 0 if it is not ours to run."""
-        return int(self._claim(keys=[keys.run_key(run_id), keys.run_owner_key(run_id), keys.runs_active_key()],
-                               args=[owner, int(ttl_seconds * 1000), worker, repr(time.time()), run_id]))
-
-    def renew_claim(self, run_id: str, attempt: int, owner: str, ttl_seconds: float) -> bool:
-        """Extend this attempt's claim; False once the run has moved on without it (it must stop)."""
-        return bool(self._renew(keys=[keys.run_key(run_id), keys.run_owner_key(run_id)],
-                                args=[attempt, owner, int(ttl_seconds * 1000)]))
-
     def active(self) -> list[str]:
         """Runs that were started (or restarted) and have not finished."""
         return [r.decode() for r in self.redis.zrange(keys.runs_active_key(), 0, -1)]
 
-    def recover(self, run_id: str, *, max_attempts: int, lease_seconds: float, resend_after: float) -> str:
-        """Restart a run whose owner stopped renewing its claim: 'restart', 'resend', 'failed', 'cancelled' or ''."""
-        out = self._recover(keys=[keys.run_key(run_id), keys.run_owner_key(run_id), keys.runs_active_key(),
-                                  keys.run_cancel_key(run_id)],
-                            args=[run_id, repr(time.time()), max_attempts, f"{lease_seconds:g}", resend_after])
-        return out.decode() if isinstance(out, bytes) else str(out or "")
-
+    # cancellation
     def request_cancel(self, run_id: str, ttl_seconds: int = 7 * 24 * 3600) -> None:
         self.redis.set(keys.run_cancel_key(run_id), repr(time.time()), ex=ttl_seconds)
 

@@ -1,0 +1,42 @@
+-- The end of a run: its final status, error, last progress and result document. Written by the worker
+-- that runs it (fenced by its attempt) and by a client cancelling a run that is still QUEUED.
+--
+-- KEYS[1] the run's hash, KEYS[2] its result, KEYS[3] its owner key, KEYS[4] the index of active runs
+-- ARGV[1] {run_id, status, finished_at, error, error_detail, finished (the final statuses),
+--          attempt (absent: any), expect (absent: any unfinished status), expire_s (absent: keep)}
+-- ARGV[2] the progress JSON ('' keeps the stored one), ARGV[3] the result JSON ('' stores none)
+--
+-- -> 1 written, or 0 refused: the run has ended already, or is not at the expected status, or has
+--    moved on to another attempt. A call repeating what its attempt already wrote (a retried call
+--    whose reply was lost) is answered 1 again, so the write is idempotent.
+local a = cjson.decode(ARGV[1])
+local function finished(status)
+  for _, f in ipairs(a.finished) do
+    if status == f then return true end
+  end
+  return false
+end
+local cur = redis.call('HGET', KEYS[1], 'status')
+local attempt = a.attempt and tostring(a.attempt)
+local ours = attempt == nil or (redis.call('HGET', KEYS[1], 'attempt') or '1') == attempt
+if not cur then return 0 end
+if finished(cur) then
+  if attempt and ours and cur == a.status then return 1 end
+  return 0
+end
+if a.expect and cur ~= a.expect then return 0 end
+if not ours then return 0 end
+redis.call('HSET', KEYS[1], 'status', a.status, 'finished_at', a.finished_at, 'error', a.error,
+           'error_detail', a.error_detail)
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'progress', ARGV[2]) end
+if ARGV[3] ~= '' then redis.call('SET', KEYS[2], ARGV[3]) end
+if a.expire_s then
+  redis.call('EXPIRE', KEYS[1], a.expire_s)
+  if ARGV[3] ~= '' then redis.call('EXPIRE', KEYS[2], a.expire_s) end
+end
+redis.call('ZREM', KEYS[4], a.run_id)
+local held = redis.call('GET', KEYS[3])
+if held and attempt and string.sub(held, 1, #attempt + 1) == attempt .. '|' then
+  redis.call('DEL', KEYS[3])
+end
+return 1

@@ -1,0 +1,64 @@
+-- One request asks the fleet's limiter of one model for a slot (workers.adaptive_limit), on Redis's clock:
+-- wait out a cooldown; refuse while `cap` leases are live (expired ones, a dead worker's, dropped
+-- first); then GCRA at the learned rate (times `margin`, capped by `ceiling_rps`; a burst may spend half
+-- of what the provider last said remains, up to a second's worth) and, when a token budget is known,
+-- the TPM bucket charged with the request's estimate. A grant adds a lease expiring after `lease_us`.
+--
+-- KEYS[1] the limiter's state hash, KEYS[2] the requests' TAT, KEYS[3] the tokens' TAT, KEYS[4] the
+--         cooldown, KEYS[5] the in-flight leases (sorted set scored by expiry)
+-- ARGV[1] {initial_rps, ceiling_rps (0: none), burst, margin, ceiling_tpm (0: none), tokens, cap (0: none),
+--          lease_us, slot}
+--
+-- -> {allowed, wait_us, now_us, why, tokens charged}; why: 0 rate or cooldown, 1 the in-flight cap
+if redis.replicate_commands then redis.replicate_commands() end
+local a = cjson.decode(ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local pause = redis.call('PTTL', KEYS[4])
+if pause > 0 then return {0, pause * 1000, now, 0} end
+
+local cap = a.cap
+if cap > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+  if redis.call('ZCARD', KEYS[5]) >= cap then
+    local first = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
+    return {0, math.max(1000, tonumber(first[2]) - now), now, 1}
+  end
+end
+
+local rate = tonumber(redis.call('HGET', KEYS[1], 'rate') or a.initial_rps) * a.margin
+local ceiling = a.ceiling_rps
+if ceiling > 0 and rate > ceiling then rate = ceiling end
+local interval = 1000000 / rate
+-- Spend up to half of what the provider last said remains (at most a second's worth) at once.
+local left = math.floor(tonumber(redis.call('HGET', KEYS[1], 'rrem') or 0) / 2)
+local burst = math.max(a.burst, math.min(left, rate))
+local tat = math.max(tonumber(redis.call('GET', KEYS[2]) or 0), now)
+local new_tat = tat + interval
+local wait = new_tat - now - burst * interval
+
+local tpm = tonumber(redis.call('HGET', KEYS[1], 'tpm') or 0)
+local tpm_ceiling = a.ceiling_tpm
+if tpm_ceiling > 0 and (tpm <= 0 or tpm > tpm_ceiling) then tpm = tpm_ceiling end
+local tokens = a.tokens
+local tok_new, cost = 0, 0
+if tpm > 0 and tokens > 0 then
+  local tok_interval = 60000000 / tpm
+  cost = math.min(tokens, tpm)  -- bigger than the whole budget: passes once it is full
+  local tok_tat = math.max(tonumber(redis.call('GET', KEYS[3]) or 0), now)
+  tok_new = tok_tat + cost * tok_interval
+  wait = math.max(wait, tok_new - now - tpm * tok_interval)
+end
+if wait > 0 then
+  redis.call('HSET', KEYS[1], 'pressed', string.format('%.0f', now))
+  return {0, math.ceil(wait), now, 0}
+end
+redis.call('SET', KEYS[2], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
+if tok_new > 0 then
+  redis.call('SET', KEYS[3], string.format('%.0f', tok_new), 'PX', math.ceil((tok_new - now) / 1000) + 1)
+end
+if cap > 0 then
+  redis.call('ZADD', KEYS[5], now + a.lease_us, a.slot)
+  redis.call('PEXPIRE', KEYS[5], math.ceil(a.lease_us / 1000) + 1000)
+end
+return {1, 0, now, 0, cost}

@@ -1,0 +1,97 @@
+"""How a run that did not succeed ends: an ordered table from the exception that ended it to the
+run's final status and what Celery is told (as dramatiq's ``Retries`` maps ``throws`` to a fate).
+
+The first row whose types match wins, so specific rows come first. Before the table is read,
+:func:`deciding_exception` lets a cancel or a tripped budget outrank whatever it caused: deleting a
+cancelled run's sandbox fails the step that was running in it, and that failure is not the story.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from rlmq.store.records import RunStatus
+from workers.budget import BudgetExceeded
+from workers.fanout import FanoutCancelled
+
+__all__ = ["OUTCOMES", "CeleryEnd", "Outcome", "RunCancelled", "RunFailed", "deciding_exception", "mark_revoked",
+           "one_line", "outcome_of"]
+
+logger = logging.getLogger(__name__)
+
+
+class RunFailed(Exception):
+    """The run ended badly; the message is the recorded error (details are in the worker log)."""
+
+
+class RunCancelled(Exception):
+    """A cancel was requested for this run."""
+
+
+class CeleryEnd(Enum):
+    """What the run's Celery task does once the run's end is recorded."""
+
+    REVOKED = "revoked"  #: state REVOKED as Celery stores it, a task-revoked event, then ``Ignore``
+    FAILURE = "failure"  #: raise ``RunFailed(error line)``: Celery stores FAILURE with that line
+    REQUEUE = "requeue"  #: nothing recorded: the claim lapses now, the exception goes on, the sweep restarts the run
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: RunStatus | None  # None: the run's record is not written
+    celery: CeleryEnd
+    error: str  # the recorded error; ``{exc}``, ``{type}`` and ``{time_limit}`` are filled in
+    log_level: int = logging.ERROR
+    traceback: bool = False  # keep the traceback's tail in the record's ``error_detail``
+
+    def error_of(self, exc: BaseException, *, time_limit: float) -> str:
+        return self.error.format(exc=exc, type=type(exc).__name__, time_limit=time_limit)
+
+
+OUTCOMES: tuple[tuple[tuple[type[BaseException], ...], Outcome], ...] = (
+    ((RunCancelled, FanoutCancelled), Outcome(RunStatus.CANCELLED, CeleryEnd.REVOKED, "cancelled", logging.INFO)),
+    ((BudgetExceeded,), Outcome(RunStatus.STOPPED, CeleryEnd.FAILURE, "budget exceeded: {exc}", logging.WARNING)),
+    ((SoftTimeLimitExceeded,), Outcome(RunStatus.FAILED, CeleryEnd.FAILURE,
+                                       "time limit: the run took longer than {time_limit:g}s", traceback=True)),
+    ((RunFailed,), Outcome(RunStatus.FAILED, CeleryEnd.FAILURE, "{exc}", traceback=True)),
+    ((Exception,), Outcome(RunStatus.FAILED, CeleryEnd.FAILURE, "{type}: {exc}", traceback=True)),
+    # KeyboardInterrupt, SystemExit: the worker itself is stopping; another worker runs the run again.
+    ((BaseException,), Outcome(None, CeleryEnd.REQUEUE, "the worker stopped", logging.WARNING)),
+)
+
+
+def outcome_of(exc: BaseException) -> Outcome:
+    return next(outcome for types, outcome in OUTCOMES if isinstance(exc, types))
+
+
+def deciding_exception(exc: BaseException, *, cancel_requested: bool, budget_tripped: str | None) -> BaseException:
+    """The exception that decides the run's fate: a cancel first, then a tripped budget, else ``exc``."""
+    if isinstance(exc, (RunCancelled, FanoutCancelled)):
+        return exc
+    if cancel_requested:
+        return RunCancelled()
+    if budget_tripped is not None:
+        return BudgetExceeded(budget_tripped)  # the first reason, also when a later check raised
+    return exc
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """An error for a status line: whitespace (newlines included) collapsed, at most ``limit`` chars."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def mark_revoked(app: Any, run_id: str, *, hostname: str | None = None, request: Any = None) -> None:
+    """REVOKED as Celery itself stores it (an exception record ``AsyncResult`` can read), and the final
+    ``task-revoked`` event that ends the task in Flower."""
+    try:
+        app.backend.mark_as_revoked(run_id, reason="cancelled", request=request)
+        with app.events.default_dispatcher(hostname=hostname) as dispatcher:
+            dispatcher.send("task-revoked", uuid=run_id, terminated=True, signum=None, expired=False)
+    except Exception:
+        logger.exception("could not record run %s as revoked in Celery", run_id)
