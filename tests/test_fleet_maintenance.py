@@ -43,6 +43,17 @@ def test_bad_worker_settings_stop_it_with_one_line(env, args, expect) -> None:
     assert "Traceback" not in done.stderr + done.stdout
 
 
+def test_result_expires_reaches_celerys_result_backend(redis_url: str, redis_client: redis.Redis) -> None:
+    """RLMQ_RESULT_EXPIRES is how long Celery keeps a task's state, as it is for the run's record."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RLMQ_", "REDIS_URL"))}
+    env.update(REDIS_URL=redis_url, RLMQ_LM="openai/x", RLMQ_RESULT_EXPIRES="1234", PYTHONPATH=str(REPO_ROOT))
+    probe = "from tasks.app import app\napp.backend.store_result('expiry-probe', {'x': 1}, 'SUCCESS')"
+    done = subprocess.run([sys.executable, "-c", probe], cwd="/tmp", env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert 1200 < redis_client.ttl("celery-task-meta-expiry-probe") <= 1234
+
+
 def test_reaper_destroys_expired_local_sandboxes_only(redis_client: redis.Redis) -> None:
     registry = LeaseRegistry(redis_client, ttl_seconds=0.5)
     created = []
