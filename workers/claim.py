@@ -94,5 +94,5 @@ def recover(client: redis.Redis, run_id: str, *, max_attempts: int, lease_second
     out = _LUA.run(client, "run_recover", [keys.run_key(run_id), keys.run_owner_key(run_id), keys.runs_active_key(),
                                            keys.run_cancel_key(run_id)], {
         "run_id": run_id, "now": repr(time.time()), "max_attempts": max_attempts, "lease_s": f"{lease_seconds:g}",
-        "resend_after_s": resend_after, "finished": [s.value for s in RunStatus if s.finished]})
+        "resend_after_s": resend_after, "finished": {s.value: True for s in RunStatus if s.finished}})
     return Recovery(out.decode() if isinstance(out, bytes) else str(out or ""))

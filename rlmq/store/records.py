@@ -157,7 +157,7 @@ class RunStore:
         """
         named: dict[str, Any] = {
             "run_id": run_id, "status": status.value, "finished_at": repr(time.time()), "error": error or "",
-            "error_detail": error_detail or "", "finished": [s.value for s in RunStatus if s.finished],
+            "error_detail": error_detail or "", "finished": {s.value: True for s in RunStatus if s.finished},
         }
         if attempt is not None:
             named["attempt"] = attempt

@@ -87,7 +87,11 @@ def wait_status(r: redis.Redis, run_id: str, timeout: float = 120.0) -> RunRecor
     try:
         return wait_for(finished, timeout, f"run {run_id} finished")
     except AssertionError as exc:
-        raise AssertionError(f"{exc}; record: {store.get(run_id)}") from None
+        try:
+            record: object = store.get(run_id)
+        except redis.RedisError as error:  # say what happened, not only that Redis is away now
+            record = f"unreadable ({error})"
+        raise AssertionError(f"{exc}; record: {record}") from None
 
 
 def prompt_repeats(stub: StubLLM) -> dict[str, int]:

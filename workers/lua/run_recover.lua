@@ -4,19 +4,13 @@
 -- for: nobody else would read the flag). Exactly one of any number of sweepers gets 'restart'.
 --
 -- KEYS[1] the run's hash, KEYS[2] its owner key, KEYS[3] the index of active runs, KEYS[4] its cancel flag
--- ARGV[1] {run_id, now, max_attempts, lease_s, resend_after_s, finished (the final statuses)}
+-- ARGV[1] {run_id, now, max_attempts, lease_s, resend_after_s, finished (the final statuses, as {status: true})}
 --
 -- -> 'restart' (send run_rlm), 'resend' (restarted resend_after_s ago and never claimed: send it
 --    again), 'failed', 'cancelled', or '' (nothing to do).
 local a = cjson.decode(ARGV[1])
-local function finished(status)
-  for _, f in ipairs(a.finished) do
-    if status == f then return true end
-  end
-  return false
-end
 local cur = redis.call('HGET', KEYS[1], 'status')
-if not cur or finished(cur) then
+if not cur or a.finished[cur] then
   redis.call('ZREM', KEYS[3], a.run_id)
   return ''
 end

@@ -2,7 +2,7 @@
 -- that runs it (fenced by its attempt) and by a client cancelling a run that is still QUEUED.
 --
 -- KEYS[1] the run's hash, KEYS[2] its result, KEYS[3] its owner key, KEYS[4] the index of active runs
--- ARGV[1] {run_id, status, finished_at, error, error_detail, finished (the final statuses),
+-- ARGV[1] {run_id, status, finished_at, error, error_detail, finished (the final statuses, as {status: true}),
 --          attempt (absent: any), expect (absent: any unfinished status), expire_s (absent: keep)}
 -- ARGV[2] the progress JSON ('' keeps the stored one), ARGV[3] the result JSON ('' stores none)
 --
@@ -10,17 +10,11 @@
 --    moved on to another attempt. A call repeating what its attempt already wrote (a retried call
 --    whose reply was lost) is answered 1 again, so the write is idempotent.
 local a = cjson.decode(ARGV[1])
-local function finished(status)
-  for _, f in ipairs(a.finished) do
-    if status == f then return true end
-  end
-  return false
-end
 local cur = redis.call('HGET', KEYS[1], 'status')
 local attempt = a.attempt and tostring(a.attempt)
 local ours = attempt == nil or (redis.call('HGET', KEYS[1], 'attempt') or '1') == attempt
 if not cur then return 0 end
-if finished(cur) then
+if a.finished[cur] then
   if attempt and ours and cur == a.status then return 1 end
   return 0
 end
