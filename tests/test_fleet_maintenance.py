@@ -13,7 +13,9 @@ import redis
 
 from broker_bridge import interpreter_factory
 from tests.support.fleet import REPO_ROOT
+from workers.liveness import Heartbeat
 from workers.sandbox_registry import LeaseRegistry, SandboxLease, reap_expired
+from workers.ticker import Ticker
 from rlmq.store import keys
 
 
@@ -52,6 +54,26 @@ def test_result_expires_reaches_celerys_result_backend(redis_url: str, redis_cli
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert 1200 < redis_client.ttl("celery-task-meta-expiry-probe") <= 1234
+
+
+def test_a_slow_sweep_does_not_delay_the_heartbeat(redis_client: redis.Redis) -> None:
+    """The maintenance sweep has its own thread (tasks.watchdog): a sweep stuck for a while (Daytona
+    deletes with retries) must not let the worker's heartbeat expire."""
+    beat = Heartbeat(redis_client, "slow-sweeper", ttl_seconds=0.4).start()
+    sweeps: list[float] = []
+    sweeper = Ticker("slow-sweep", 0.05, lambda: (sweeps.append(time.monotonic()), time.sleep(1.5))).start()
+    try:
+        time.sleep(0.2)
+        seen = set()
+        while len(sweeps) < 1 or time.monotonic() - sweeps[0] < 1.2:  # inside the first, stuck sweep
+            value = redis_client.get(keys.worker_heartbeat_key("slow-sweeper"))
+            assert value is not None, "the heartbeat expired while the sweep was stuck"
+            seen.add(value)
+            time.sleep(0.05)
+        assert len(seen) >= 5  # it kept beating (every 0.1 s) meanwhile
+    finally:
+        sweeper.stop(timeout=0)
+        beat.stop()
 
 
 def test_reaper_destroys_expired_local_sandboxes_only(redis_client: redis.Redis) -> None:
