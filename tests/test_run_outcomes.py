@@ -10,8 +10,7 @@ from dspy.primitives.code_interpreter import CodeInterpreterError
 from rlmq.store.records import RunStatus
 from workers.budget import BudgetExceeded
 from workers.fanout import FanoutCancelled
-from workers.outcomes import (OUTCOMES, CeleryEnd, RunCancelled, RunFailed, deciding_exception, one_line,
-                              outcome_of)
+from workers.outcomes import OUTCOMES, CeleryEnd, RunCancelled, RunFailed, deciding_exception, one_line, outcome_of
 
 
 @pytest.mark.parametrize(("exc", "status", "celery", "error"), [

@@ -54,7 +54,8 @@ class RunExecution:
         self.store = RunStore(self.client, expire_seconds=self.base.result_expires)
         self.claim = RunClaim(self.client, run_id, worker=self.hostname, ttl_seconds=self.base.lease_ttl)
         self.progress = ProgressPublisher(task, run_id, hostname=self.hostname, claim=self.claim, client=self.client)
-        self.leases = LeaseKeeper(LeaseRegistry(self.client, self.base.lease_ttl), run_id=run_id, owner=self.claim.owner)
+        registry = LeaseRegistry(self.client, self.base.lease_ttl)
+        self.leases = LeaseKeeper(registry, run_id=run_id, owner=self.claim.owner)
         self.cancelled = threading.Event()  # stops the fan-out; set on a cancel and when fenced off
         self.budget: Budget | None = None
         self.trace: TrajectoryLog | None = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import weakref
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from typing import Any
 
@@ -46,7 +46,7 @@ class LuaScripts:
         return self.script(client, name)(keys=keys, args=[encoded, *documents])
 
 
-@lru_cache(maxsize=None)
+@cache
 def lua_scripts(package: str) -> LuaScripts:
     """The scripts in ``<package>/lua/``, read on first use."""
     return LuaScripts(package)
