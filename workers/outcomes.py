@@ -9,6 +9,7 @@ cancelled run's sandbox fails the step that was running in it, and that failure 
 from __future__ import annotations
 
 import logging
+import traceback
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -19,8 +20,8 @@ from rlmq.store.records import RunStatus
 from workers.budget import BudgetExceeded
 from workers.fanout import FanoutCancelled
 
-__all__ = ["OUTCOMES", "CeleryEnd", "Outcome", "RunCancelled", "RunFailed", "deciding_exception", "mark_revoked",
-           "one_line", "outcome_of"]
+__all__ = ["OUTCOMES", "CeleryEnd", "Ending", "Outcome", "RunCancelled", "RunFailed", "deciding_exception",
+           "ending_of", "mark_revoked", "one_line", "outcome_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,34 @@ OUTCOMES: tuple[tuple[tuple[type[BaseException], ...], Outcome], ...] = (
 
 def outcome_of(exc: BaseException) -> Outcome:
     return next(outcome for types, outcome in OUTCOMES if isinstance(exc, types))
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How one run ends: its deciding exception, the table's row for it, the recorded error."""
+
+    exc: BaseException
+    outcome: Outcome
+    message: str
+
+    @property
+    def line(self) -> str:
+        return one_line(self.message)
+
+    @property
+    def detail(self) -> str | None:
+        """The message and the traceback's tail, for the record's ``error_detail`` (failures only)."""
+        if not self.outcome.traceback:
+            return None
+        tail = "".join(traceback.format_exception(type(self.exc), self.exc, self.exc.__traceback__)[-6:])[-4000:]
+        return f"{self.message}\n\n{tail}"
+
+
+def ending_of(exc: BaseException, *, cancel_requested: bool, budget_tripped: str | None,
+              time_limit: float) -> Ending:
+    exc = deciding_exception(exc, cancel_requested=cancel_requested, budget_tripped=budget_tripped)
+    outcome = outcome_of(exc)
+    return Ending(exc, outcome, outcome.error_of(exc, time_limit=time_limit))
 
 
 def deciding_exception(exc: BaseException, *, cancel_requested: bool, budget_tripped: str | None) -> BaseException:

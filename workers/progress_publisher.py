@@ -3,7 +3,7 @@
 :class:`ProgressPublisher` builds the progress document (iteration, elapsed time, the run's counters,
 its sandbox) and publishes it through :mod:`workers.monitor` and the run's claim (the record's write
 is fenced by the attempt): at once when forced (a new iteration, a new sandbox), else at most every
-``PUBLISH_EVERY`` seconds and only when the sub-call counters moved.
+``PUBLISH_EVERY`` seconds and only when the sub-call counters moved; never after :meth:`~ProgressPublisher.close`.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class ProgressPublisher:
         self._last_publish = 0.0
         self._last_counts: tuple[int, int] = (0, 0)
         self._counted: tuple[int, int] = (0, 0)
+        self._closed = False
 
     def sandbox_created(self, info: Any) -> None:
         """Keep what isolates the run's sandbox in its progress ("process" is no boundary: said loudly)."""
@@ -59,9 +60,18 @@ class ProgressPublisher:
                 "elapsed": round(time.monotonic() - self.started, 3), **self.stats.snapshot(),
                 **({"sandbox": self.sandbox} if self.sandbox else {})}
 
+    def close(self) -> dict[str, Any]:
+        """The last progress, for the run's final write; nothing is published after it, so no late
+        update can overwrite the final Celery state (REVOKED, FAILURE) with STARTED."""
+        with self._lock:
+            self._closed = True
+            return self.snapshot()
+
     def publish(self, *, force: bool = False) -> None:
         """Report progress to the run record, the result backend and Flower (event); never raises."""
         with self._lock:
+            if self._closed:
+                return
             meta = self.snapshot()
             counts = (meta["llm_calls"], meta["cache_hits"])
             now = time.monotonic()

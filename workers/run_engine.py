@@ -1,16 +1,14 @@
 """The run engine: one RLM run in one worker process, from its spec to its recorded end.
 
 :class:`RunExecution` puts the parts together in order: the claim (:mod:`workers.claim`), the
-operator's pins, the budget and trajectory, the sandbox leases, the RLM under the root LM, the
-run's 1-s tick, progress (:mod:`workers.progress_publisher`) and the outcome table
-(:mod:`workers.outcomes`).
+run's 1-s tick (:mod:`workers.run_ticker`), the operator's pins, the budget and trajectory, the
+sandbox leases, the RLM under the root LM, progress (:mod:`workers.progress_publisher`) and the
+outcome table (:mod:`workers.outcomes`).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import traceback
 from typing import Any, NoReturn
 
 import dspy
@@ -22,7 +20,7 @@ from rlmq.run_options import check_tools, with_options
 from rlmq.settings import SandboxBackend, Settings, SettingsError
 from rlmq.store.blobs import get_blobs
 from rlmq.store.records import RunSpec, RunStatus, RunStore
-from workers.budget import Budget, BudgetExceeded
+from workers.budget import Budget
 from workers.claim import RunClaim
 from workers.context import redis_client, worker_settings
 from workers.dspy_cache import install_redis_dspy_cache
@@ -30,11 +28,11 @@ from workers.dspy_private import action_predictor
 from workers.engines import fleet_root_lm
 from workers.fanout import Fanout
 from workers.monitor import summary_line
-from workers.outcomes import CeleryEnd, RunCancelled, RunFailed, deciding_exception, mark_revoked, one_line, outcome_of
+from workers.outcomes import CeleryEnd, RunCancelled, RunFailed, ending_of, mark_revoked
 from workers.progress_publisher import IterationCallback, ProgressPublisher
 from workers.rlm import TracedRLM
+from workers.run_ticker import RunTicker
 from workers.sandbox_registry import LeaseKeeper, LeaseRegistry
-from workers.ticker import Ticker
 from workers.trajectory import TrajectoryLog
 from workers.usage import RunUsage
 from workers.user_tools import ToolLoadError, load_tools
@@ -54,10 +52,9 @@ class RunExecution:
         self.store = RunStore(self.client, expire_seconds=self.base.result_expires)
         self.claim = RunClaim(self.client, run_id, worker=self.hostname, ttl_seconds=self.base.lease_ttl)
         self.progress = ProgressPublisher(task, run_id, hostname=self.hostname, claim=self.claim, client=self.client)
-        registry = LeaseRegistry(self.client, self.base.lease_ttl)
-        self.leases = LeaseKeeper(registry, run_id=run_id, owner=self.claim.owner)
-        self.cancelled = threading.Event()  # stops the fan-out; set on a cancel and when fenced off
-        self.budget: Budget | None = None
+        self.leases = LeaseKeeper(LeaseRegistry(self.client, self.base.lease_ttl), run_id=run_id,
+                                  owner=self.claim.owner)
+        self.ticker = RunTicker(run_id, claim=self.claim, store=self.store, leases=self.leases, progress=self.progress)
         self.trace: TrajectoryLog | None = None
 
     def run(self) -> dict[str, Any]:
@@ -71,13 +68,13 @@ class RunExecution:
         if self.claim.attempt > 1:
             logger.warning("run %s: attempt %d, replaying through the caches (%s)", self.run_id,
                            self.claim.attempt, record.restart_reason or "restarted")
-        ticker = Ticker(f"run-{self.run_id[:8]}", 1.0, self._tick).start()
+        self.ticker.start()
         try:
             result = self._execute(record.spec)
         except BaseException as exc:
             self._ended_badly(exc)
         finally:
-            ticker.stop()
+            self.ticker.stop()
             self.leases.stop()
             self.leases.destroy_all()  # normally empty: DSPy shut the interpreter down
             if self.trace is not None:
@@ -95,7 +92,7 @@ class RunExecution:
             raise RunCancelled()
         install_redis_dspy_cache(self.client, settings.cache_ttl_seconds)
         stats = RunUsage(root_model=settings.lm, sub_model=settings.effective_sub_lm)
-        self.budget = stats.budget = _budget(stats, settings, started=self.progress.started)
+        budget = self.ticker.budget = stats.budget = _budget(stats, settings, started=self.progress.started)
         self.progress.stats, self.progress.max_iters = stats, settings.max_iters
         self.trace = TrajectoryLog(self.client, self.run_id, stats, ttl_seconds=self.base.result_expires)
         inputs = get_blobs(self.client, spec.inputs)
@@ -103,21 +100,21 @@ class RunExecution:
         factory = _sandboxes(settings, self.base.run_time_limit, labels={"rlmq.run": self.run_id},
                              on_sandbox_created=self._sandbox_created, on_sandbox_destroyed=self.leases.destroyed)
         fanout = Fanout(settings, app=self.task.app, options=spec.options, stats=stats,
-                        should_stop=self.cancelled.is_set, run_id=self.run_id)
+                        should_stop=self.ticker.cancelled.is_set, run_id=self.run_id)
         rlm = TracedRLM(spec.signature, fanout=fanout, tools=tools, max_iters=settings.max_iters,
                         max_llm_calls=settings.max_llm_calls, interpreter_factory=factory,
-                        trace=self.trace, budget=self.budget, on_code=lambda: self.progress.publish(force=True))
+                        trace=self.trace, budget=budget, on_code=lambda: self.progress.publish(force=True))
         lm = fleet_root_lm(settings)
         stats.watch_root(lm)
         self.progress.publish(force=True)
         with dspy.context(lm=lm, callbacks=[IterationCallback(self.progress, action_predictor(rlm))]):
             prediction = rlm(**inputs)
-        if self.cancelled.is_set():
+        if self.ticker.cancelled.is_set():
             raise RunCancelled()
         return _result_document(self.run_id, prediction, list(rlm.signature.output_fields), self.trace.steps)
 
     def _succeeded(self, result: dict[str, Any]) -> dict[str, Any]:
-        progress = self.progress.snapshot()
+        progress = self.progress.close()
         if not self.store.finish(self.run_id, RunStatus.SUCCEEDED, progress=progress, attempt=self.claim.attempt,
                                  result={**result, "progress": progress, "usage": progress.get("usage")}):
             logger.warning("run %s: attempt %d was superseded; its result is dropped", self.run_id, self.claim.attempt)
@@ -130,52 +127,28 @@ class RunExecution:
             logger.warning("run %s: attempt %d was superseded; it stops without writing", self.run_id,
                            self.claim.attempt)
             raise Ignore()
-        exc = deciding_exception(exc, cancel_requested=self.store.cancel_requested(self.run_id),
-                                 budget_tripped=self.budget.tripped if self.budget is not None else None)
-        outcome = outcome_of(exc)
-        message = outcome.error_of(exc, time_limit=self.base.run_time_limit)
-        logger.log(outcome.log_level, "run %s ends %s: %s", self.run_id,
-                   outcome.status.value if outcome.status else "unrecorded", message,
-                   exc_info=exc if outcome.traceback else None)
-        if outcome.celery is CeleryEnd.REQUEUE:
+        end = ending_of(exc, cancel_requested=self.store.cancel_requested(self.run_id),
+                        budget_tripped=self.ticker.budget.tripped if self.ticker.budget is not None else None,
+                        time_limit=self.base.run_time_limit)
+        logger.log(end.outcome.log_level, "run %s ends %s: %s", self.run_id,
+                   end.outcome.status.value if end.outcome.status else "unrecorded", end.message,
+                   exc_info=end.exc if end.outcome.traceback else None)
+        if end.outcome.status is None:  # CeleryEnd.REQUEUE: the worker stops; the sweep restarts the run
             self.claim.lapse()
-            raise exc
-        assert outcome.status is not None
-        line, detail = one_line(message), f"{message}\n\n{_traceback_tail(exc)}" if outcome.traceback else None
-        if not self.store.finish(self.run_id, outcome.status, error=line, error_detail=detail,
-                                 progress=self.progress.snapshot(), attempt=self.claim.attempt):
+            raise end.exc
+        if not self.store.finish(self.run_id, end.outcome.status, error=end.line, error_detail=end.detail,
+                                 progress=self.progress.close(), attempt=self.claim.attempt):
+            logger.warning("run %s: attempt %d no longer owns the run; its end is not recorded", self.run_id,
+                           self.claim.attempt)
             raise Ignore()  # superseded, or ended by the recovery sweep: Celery's state is not ours to write
-        if outcome.celery is CeleryEnd.REVOKED:
+        if end.outcome.celery is CeleryEnd.REVOKED:
             mark_revoked(self.task.app, self.run_id, hostname=self.hostname, request=self.task.request)
             raise Ignore()  # the REVOKED state above must stand
-        raise RunFailed(line) from None
+        raise RunFailed(end.line) from None
 
     def _sandbox_created(self, info: Any) -> None:
         self.leases.created(info)
         self.progress.sandbox_created(info)
-
-    def _tick(self) -> None:
-        """Every second: keep the claim, act on a cancel or the wall-clock budget, publish progress."""
-        if self.claim.fenced.is_set():
-            return
-        if not self.claim.renew():
-            self._stop_sandbox(f"attempt {self.claim.attempt} lost its claim (restarted elsewhere or finished)")
-            return
-        if not self.cancelled.is_set() and self.store.cancel_requested(self.run_id):
-            self._stop_sandbox("cancel requested")
-        if self.budget is not None and self.budget.tripped is None:
-            try:
-                self.budget.check_time()
-            except BudgetExceeded as exc:  # a step may run long: it stops now, as on a cancel
-                self._stop_sandbox(str(exc), cancel=False)
-        self.progress.publish()
-
-    def _stop_sandbox(self, why: str, *, cancel: bool = True) -> None:
-        """Delete the run's sandbox, so the step in it fails at once (and stop the fan-out on a cancel)."""
-        logger.warning("run %s: %s; deleting its sandbox", self.run_id, why)
-        if cancel:
-            self.cancelled.set()
-        self.leases.destroy_all()
 
 
 def _budget(stats: RunUsage, settings: Settings, *, started: float) -> Budget:
@@ -192,10 +165,6 @@ def _sandboxes(settings: Settings, tool_wait_limit: float, **hooks: Any) -> Any:
     local = {"isolation": settings.local_isolation.value} if settings.sandbox is SandboxBackend.LOCAL else {}
     return interpreter_factory(settings.sandbox.value, execution_timeout=settings.execution_timeout,
                                tool_wait_limit=tool_wait_limit, **hooks, **local)
-
-
-def _traceback_tail(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-6:])[-4000:]
 
 
 def _result_document(run_id: str, prediction: Any, output_fields: list[str], steps: int) -> dict[str, Any]:

@@ -1,0 +1,59 @@
+"""A run's 1-s tick, on a :class:`~workers.ticker.Ticker` of its own (the sandbox leases have theirs).
+
+Each tick keeps the run's claim and publishes its progress. When the claim is lost (the run moved on
+to another attempt), a cancel is requested, or the run's wall-clock budget runs out, it deletes the
+run's sandbox instead, so the step running in it fails at once; ``cancelled`` also stops the fan-out.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from rlmq.store.records import RunStore
+from workers.budget import Budget, BudgetExceeded
+from workers.claim import RunClaim
+from workers.progress_publisher import ProgressPublisher
+from workers.sandbox_registry import LeaseKeeper
+from workers.ticker import Ticker
+
+__all__ = ["RunTicker"]
+
+logger = logging.getLogger(__name__)
+
+
+class RunTicker:
+    def __init__(self, run_id: str, *, claim: RunClaim, store: RunStore, leases: LeaseKeeper,
+                 progress: ProgressPublisher) -> None:
+        self.run_id = run_id
+        self.claim, self.store, self.leases, self.progress = claim, store, leases, progress
+        self.budget: Budget | None = None  # the run's, once its settings are known
+        self.cancelled = threading.Event()  # set on a cancel and when fenced off
+        self._ticker = Ticker(f"run-{run_id[:8]}", 1.0, self.tick)
+
+    def start(self) -> RunTicker:
+        self._ticker.start()
+        return self
+
+    def stop(self) -> None:
+        self._ticker.stop()
+
+    def tick(self) -> None:
+        if self.claim.fenced.is_set():
+            return  # the run is stopping
+        if not self.claim.renew():
+            return self._stop_sandbox(f"attempt {self.claim.attempt} lost its claim (restarted elsewhere or finished)")
+        if not self.cancelled.is_set() and self.store.cancel_requested(self.run_id):
+            return self._stop_sandbox("cancel requested")
+        if self.budget is not None and self.budget.tripped is None:
+            try:
+                self.budget.check_time()
+            except BudgetExceeded as exc:  # a step may run long: it stops now, as on a cancel
+                return self._stop_sandbox(str(exc), cancel=False)
+        self.progress.publish()
+
+    def _stop_sandbox(self, why: str, *, cancel: bool = True) -> None:
+        logger.warning("run %s: %s; deleting its sandbox", self.run_id, why)
+        if cancel:
+            self.cancelled.set()
+        self.leases.destroy_all()
