@@ -35,7 +35,7 @@ from rlmq.flower_repr import describe_inputs, task_reprs
 __all__ = ["Client", "ClientError", "RedisUnreachable", "UnknownRun", "check_run_id", "check_signature", "check_tool_path"]
 
 
-_RETRY = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=6)  # 0.1 + 0.2 + 0.4 + 0.8 + 1 + 1 s
+_RETRY = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5)  # 0.1 + 0.2 + 0.4 + 0.8 + 1 s
 
 
 class ClientError(RuntimeError):
@@ -63,7 +63,7 @@ class Client:
     def __init__(self, redis_url: str | None = None) -> None:
         self.redis_url = resolve_redis_url(redis_url)
         # A restart of Redis (``rlmq up`` brings its own back within a second) is waited out by redis-py;
-        # longer outages reach the caller as RedisUnreachable after ~3.5 s, so a wrong URL is said soon.
+        # longer outages reach the caller as RedisUnreachable after ~2.5 s, so a wrong URL is said soon.
         self.redis = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5, retry=_RETRY,
                                           retry_on_error=[redis.ConnectionError, redis.TimeoutError])
         self.store = RunStore(self.redis)
