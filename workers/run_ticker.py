@@ -1,4 +1,4 @@
-"""A run's 1-s tick, on a :class:`~workers.ticker.Ticker` of its own (the sandbox leases have theirs).
+"""A run's 1-s tick: a :class:`~workers.ticker.Ticker` of its own (the sandbox leases have theirs).
 
 Each tick keeps the run's claim and publishes its progress. When the claim is lost (the run moved on
 to another attempt), a cancel is requested, or the run's wall-clock budget runs out, it deletes the
@@ -22,21 +22,14 @@ __all__ = ["RunTicker"]
 logger = logging.getLogger(__name__)
 
 
-class RunTicker:
+class RunTicker(Ticker):
     def __init__(self, run_id: str, *, claim: RunClaim, store: RunStore, leases: LeaseKeeper,
                  progress: ProgressPublisher) -> None:
+        super().__init__(f"run-{run_id[:8]}", 1.0, self.tick)
         self.run_id = run_id
         self.claim, self.store, self.leases, self.progress = claim, store, leases, progress
         self.budget: Budget | None = None  # the run's, once its settings are known
         self.cancelled = threading.Event()  # set on a cancel and when fenced off
-        self._ticker = Ticker(f"run-{run_id[:8]}", 1.0, self.tick)
-
-    def start(self) -> RunTicker:
-        self._ticker.start()
-        return self
-
-    def stop(self) -> None:
-        self._ticker.stop()
 
     def tick(self) -> None:
         if self.claim.fenced.is_set():
