@@ -5,13 +5,18 @@ reply was lost (what redis-py's retry does) answers as the first time."""
 
 from __future__ import annotations
 
+import threading
 import time
 
+import pytest
 import redis
 
 from rlmq.progress import format_progress
+from rlmq.store.keys import inflight_key
 from rlmq.store.records import RunSpec, RunStatus, RunStore, new_run_id
 from workers.claim import Recovery, RunClaim, recover
+from workers.context import redis_client
+from workers.single_flight import ResponseCache
 
 
 def queued(r: redis.Redis) -> tuple[RunStore, str]:
@@ -153,3 +158,20 @@ def test_cancel_of_a_queued_run_does_not_overwrite_a_claimed_one(redis_client: r
     claim(redis_client, run_id, "w1").take()
     assert not store.finish(run_id, RunStatus.CANCELLED, error="cancelled before it started", expect=RunStatus.QUEUED)
     assert store.status(run_id) is RunStatus.RUNNING
+
+
+@pytest.mark.slow
+def test_a_waiter_outwaits_a_dead_leaders_lock_on_the_workers_client(redis_url: str) -> None:
+    """The workers' shared client retries what fails; its socket timeout must outlast a single-flight
+    waiter's BLPOP (up to a lock's lease), or the wait itself would fail and be retried for minutes."""
+    cache = ResponseCache(redis_client(redis_url), ttl_seconds=60)
+    key = "d" * 64
+    cache.redis.set(inflight_key(key), "a-dead-leader", px=7000)  # over redis-py 8's 5-s default socket timeout
+    done: list[tuple[dict, bool]] = []
+    started = time.monotonic()
+    waiter = threading.Thread(target=lambda: done.append(
+        cache.single_flight(key, lambda: {"text": "mine"}, lock_ttl=5, wait_timeout=30)), daemon=True)
+    waiter.start()
+    waiter.join(20)
+    assert done == [({"text": "mine"}, False)], "the waiter did not take over once the dead leader's lock expired"
+    assert 6.5 < time.monotonic() - started < 12

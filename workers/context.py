@@ -27,11 +27,14 @@ from redis.retry import Retry
 
 from rlmq.settings import Settings, SettingsError
 
-__all__ = ["OUTAGE_RETRY", "redis_client", "setting_at_import", "worker_settings"]
+__all__ = ["OUTAGE_RETRY", "SOCKET_TIMEOUT", "redis_client", "setting_at_import", "worker_settings"]
 
 # 0.2 + 0.4 + 0.8 + 1.6 s, then every 2 s: about 115 s in all before the error reaches the caller.
 OUTAGE_RETRY = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=60)
 _OUTAGE_ERRORS = [redis.ConnectionError, redis.TimeoutError]
+# Longer than any blocking wait sent on these clients (a single-flight waiter's BLPOP lasts up to the
+# lock's lease, 10 s): redis-py 8's default of 5 s would turn that wait into a TimeoutError, retried.
+SOCKET_TIMEOUT = 15.0
 
 
 @lru_cache(maxsize=1)
@@ -54,4 +57,4 @@ def redis_client(url: str | None = None, *, wait_out_outages: bool = True) -> re
     """A shared client (redis-py pools are thread-safe and reset themselves after fork)."""
     retry = OUTAGE_RETRY if wait_out_outages else Retry(NoBackoff(), retries=0)
     return redis.Redis.from_url(url or worker_settings().redis_url, health_check_interval=30, retry=retry,
-                                retry_on_error=_OUTAGE_ERRORS)
+                                retry_on_error=_OUTAGE_ERRORS, socket_timeout=SOCKET_TIMEOUT)

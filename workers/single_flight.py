@@ -124,7 +124,8 @@ class ResponseCache:
         ``was_cached`` is False only for the caller that ran ``compute``. ``cacheable(value)``
         (default: always) decides whether the value is stored. ``lock_ttl`` must exceed the
         longest compute (a slower leader gets a second, concurrent compute); the Redis client's
-        ``socket_timeout``, if set, must exceed the lock TTL (waiters block in BLPOP).
+        ``socket_timeout`` must exceed ``FLIGHT_LEASE_SECONDS`` (waiters block in BLPOP up to a
+        lock's lease; redis-py 8 defaults to 5 s, ``workers.context`` sets more).
         Raises TimeoutError after ``wait_timeout`` seconds of waiting for other callers.
         ``known_miss``: the caller has just looked (``get_many``), so the first look is skipped.
         """
