@@ -191,18 +191,14 @@ def test_runs_send_progress_events_and_sub_calls_never_show_prompts(fleet: Fleet
     from tasks.app import app
 
     events: list[dict] = []
-    stop = threading.Event()
+    receivers: list = []
 
     def listen() -> None:
+        # One capture for the whole test: events are Redis pub/sub, so a capture that ends and starts
+        # again would miss what is published in between (a run's single task-received, say).
         with app.connection_for_read() as conn:
-            receiver = app.events.Receiver(conn, handlers={"*": events.append})
-            while not stop.is_set():
-                try:
-                    receiver.capture(limit=None, timeout=0.5, wakeup=False)
-                except TimeoutError:
-                    pass
-                except Exception:  # socket.timeout and friends from the transport
-                    pass
+            receivers.append(app.events.Receiver(conn, handlers={"*": events.append}))
+            receivers[0].capture(limit=None, timeout=None, wakeup=False)
 
     thread = threading.Thread(target=listen, daemon=True)
     thread.start()
@@ -210,7 +206,7 @@ def test_runs_send_progress_events_and_sub_calls_never_show_prompts(fleet: Fleet
     run_id, _ = submit(r, chapters[:20], stub=stub)
     assert wait_finished(r, run_id) is RunStatus.SUCCEEDED
     time.sleep(1.0)
-    stop.set()
+    receivers[0].should_stop = True
     thread.join(5)
     all_task_events = [e for e in events if e.get("type", "").startswith("task-")]
     task_events = [e for e in all_task_events if e["uuid"] == run_id]
