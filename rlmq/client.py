@@ -167,6 +167,7 @@ class Client:
             except RedisUnreachable:  # Redis away longer than the client's retries: a wait outlasts it
                 if deadline is not None and time.monotonic() > deadline:
                     raise
+                time.sleep(interval)
                 continue
             if on_progress is not None:
                 on_progress(record)
