@@ -9,7 +9,6 @@ test gets workers of its own, started with those settings, on another Redis data
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import dspy
 import pytest
@@ -17,7 +16,7 @@ import pytest
 from workers.engines import FleetLM
 from workers.fanout import Fanout, plan_chunks
 from workers.rlm import make_llm_tools
-from tests.support.fleet import Fleet, configure_app
+from tests.support.fleet import Fleet, fleet_fixture
 from tasks.app import app
 from tests.support.stub_llm import FaultKind, StubLLM, chat_adapter_reply, default_responder
 from rlmq.settings import Settings
@@ -28,16 +27,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]
 SUB_MODEL = "openai/stub-sub"
 
 
-@pytest.fixture(scope="module")
-def fleet(redis_server, stub: StubLLM) -> Iterator[Fleet]:
-    configure_app(redis_server.url)
-    env = {"RLMQ_LM": SUB_MODEL, "RLMQ_LM_API_BASE": stub.api_base,
-           "RLMQ_RATE_LIMIT_RPS": "1000", "RLMQ_RATE_LIMIT_BURST": "1000",
-           "RLMQ_ALLOWED_MODELS": "openai/gpt-4o-mini"}  # a priced model for the cost test, pinned by the operator
-    with Fleet(redis_server.url, env) as fl:
-        workers = [fl.start("llm", name=f"llm{i}", concurrency=16, wait=False) for i in range(3)]
-        fl.wait_ready(workers, timeout=90)
-        yield fl
+fleet = fleet_fixture(
+    env={"RLMQ_LM": SUB_MODEL, "RLMQ_RATE_LIMIT_RPS": "1000", "RLMQ_RATE_LIMIT_BURST": "1000",
+         "RLMQ_ALLOWED_MODELS": "openai/gpt-4o-mini"},  # a priced model for the cost test, pinned by the operator
+    workers=[("llm", f"llm{i}", 16) for i in range(3)])
 
 
 def make_fanout(stub: StubLLM, redis_server, **overrides) -> Fanout:

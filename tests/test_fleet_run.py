@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -19,8 +18,7 @@ from rlmq.celery_config import LLM_QUEUE, LLM_TASK, RLM_QUEUE, RUN_TASK
 from rlmq.client import Client, ClientError
 from rlmq.store.keys import dspy_cache_key, response_cache_key
 from tests.support.pickles import ExecOnUnpickle, hostile_pickles
-from tests.support.fleet import configure_app
-from tests.support.fleet import Fleet, redis_url_of
+from tests.support.fleet import Fleet, fleet_fixture, redis_url_of
 from tests.support.stub_llm import FaultKind, ScriptedRoot, StubLLM, chat_adapter_reply, route
 from rlmq.store.blobs import put_blobs
 from workers.sandbox_registry import LeaseRegistry
@@ -56,19 +54,11 @@ def chapters() -> list[str]:
     return value
 
 
-@pytest.fixture(scope="module")
-def fleet(redis_server, stub: StubLLM) -> Iterator[Fleet]:
-    configure_app(redis_server.url)
-    env = {"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub", "RLMQ_LM_API_BASE": stub.api_base,
-           "RLMQ_RATE_LIMIT_RPS": "1000", "RLMQ_RATE_LIMIT_BURST": "1000", "RLMQ_LEASE_TTL": "30",
-           "OPENAI_API_KEY": PROVIDER_KEY,
-           "RLMQ_ALLOWED_TOOLS": "tests.support.sample_tools:*,no_such_package.tools:*"}
-    with Fleet(redis_server.url, env) as fl:
-        workers = [fl.start("rlm", name="rlm1", concurrency=2, wait=False),
-                   fl.start("llm", name="llmA", concurrency=16, wait=False),
-                   fl.start("llm", name="llmB", concurrency=16, wait=False)]
-        fl.wait_ready(workers, timeout=120)
-        yield fl
+fleet = fleet_fixture(
+    env={"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub",
+         "RLMQ_RATE_LIMIT_RPS": "1000", "RLMQ_RATE_LIMIT_BURST": "1000", "RLMQ_LEASE_TTL": "30",
+         "OPENAI_API_KEY": PROVIDER_KEY, "RLMQ_ALLOWED_TOOLS": "tests.support.sample_tools:*,no_such_package.tools:*"},
+    workers=[("rlm", "rlm1", 2), ("llm", "llmA", 16), ("llm", "llmB", 16)])
 
 
 def submit(r: redis.Redis, chapters: list[str], *, steps: list[str] = STEPS, options: dict | None = None,

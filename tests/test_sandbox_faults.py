@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+import psutil
 import pytest
 from dspy.primitives.code_interpreter import CodeExecutionError
 
@@ -33,8 +34,8 @@ def sandbox():
 
 def _kernel_pid(sandbox_id: str) -> int:
     for pid in pids_with_marker(sandbox_id):
-        program, _, rest = Path(f"/proc/{pid}/cmdline").read_bytes().partition(b"\0")
-        if b"kernel.py" in rest and not program.endswith(b"bwrap"):  # the Python, not its bwrap
+        program, *rest = psutil.Process(pid).cmdline()
+        if any("kernel.py" in arg for arg in rest) and not program.endswith("bwrap"):  # the Python, not its bwrap
             return pid
     raise AssertionError("no kernel process found")
 

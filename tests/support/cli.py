@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from broker_bridge.backends.process_jail import pids_with_env
 
@@ -36,32 +37,16 @@ def rlmq(*args: str, env: dict[str, str], cwd: Path, timeout: float = 120) -> Re
     return Result(done.returncode, done.stdout, done.stderr)
 
 
+def processes_with_cmdline(text: str) -> dict[int, str]:
+    """Processes whose command line (arguments joined by spaces) contains ``text``: pid -> command line."""
+    found = {}
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or ())
+        if text in cmdline:
+            found[process.pid] = cmdline
+    return found
+
+
 def processes_with_env(entry: str) -> list[int]:
     """Pids other than this test's whose initial environment contains ``entry`` (e.g. ``REDIS_URL=...``)."""
     return sorted(pids_with_env(entry + "\0") - {os.getpid()})
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.2, message: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{message} not reached within {timeout:g}s")
-        time.sleep(interval)
-
-
-def http_status(url: str, auth: str | None = None) -> int:
-    """The HTTP status of a GET (basic auth ``user:password`` if given); 0 when nothing answers."""
-    import base64
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(url)
-    if auth:
-        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
