@@ -150,6 +150,10 @@ def _per_second(stub: StubLLM, status: int, skip: float) -> list[int]:
             for k in range(int(end - start))]
 
 
+# The two convergence tests count requests served per second by 16 threads in two processes for 6 s:
+# anything else busy on a 2-core machine takes its share of those seconds. They run with the other
+# multi-process tests (slow, in CI), not in the fast lane developers run beside their other work.
+@pytest.mark.slow
 def test_two_worker_processes_converge_under_the_providers_limit(
         stub_llm: StubLLM, redis_url: str, redis_client: redis.Redis, mp_context: BaseContext) -> None:
     rate = 30
@@ -165,6 +169,7 @@ def test_two_worker_processes_converge_under_the_providers_limit(
     assert state["mode"] == "headers" and 0.8 * rate <= float(state["rate"]) <= 1.1 * rate, state
 
 
+@pytest.mark.slow
 def test_without_headers_aimd_backs_off_on_429_and_probes_up(
         stub_llm: StubLLM, redis_url: str, redis_client: redis.Redis, mp_context: BaseContext) -> None:
     rate = 30
@@ -182,6 +187,7 @@ def test_without_headers_aimd_backs_off_on_429_and_probes_up(
 
 def _capped_worker(redis_url: str, api_base: str, threads: int, barrier, tag: int) -> None:
     limiter = AdaptiveLimiter(redis.Redis.from_url(redis_url), MODEL, max_in_flight=3, initial_rps=1000)
+    preload()  # LiteLLM prices each reply: imported inside a held slot it took seconds, and the waiters timed out
     barrier.wait(60)
 
     def one(i: int) -> None:
@@ -198,6 +204,7 @@ def _capped_worker(redis_url: str, api_base: str, threads: int, barrier, tag: in
         t.join()
 
 
+@pytest.mark.slow  # two processes that each import LiteLLM (seconds of CPU apiece)
 def test_in_flight_cap_holds_across_processes(
         stub_llm: StubLLM, redis_url: str, redis_client: redis.Redis, mp_context: BaseContext) -> None:
     stub_llm.latency = 0.2

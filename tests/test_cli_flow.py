@@ -24,7 +24,7 @@ import redis
 from rlmq.demo import CHARACTERS, CORPUS
 from tests.support.demo_script import DEMO, DEMO_PROMPT, demo_sub_answer, is_demo_prompt, scripted_wealth
 from tests.support.cli import RLMQ, Result, cli_env, processes_with_cmdline, processes_with_env, rlmq
-from tests.support.net import free_port, http_status
+from tests.support.net import free_port, http_status, one_try_redis
 from tests.support.sandboxes import SandboxesOf
 from tests.support.stub_llm import ScriptedRoot, last_user_text, route
 from tests.support.wait import wait_until
@@ -94,7 +94,7 @@ def test_cli_end_to_end_with_rlmq_up(tmp_path, llm_env):
             assert stat.S_IMODE(state.stat().st_mode) == 0o600 and stat.S_IMODE(state.parent.stat().st_mode) == 0o700
             bare = redis.Redis.from_url(redis_url)
             with pytest.raises(redis.AuthenticationError):
-                redis.Redis(port=bare.connection_pool.connection_kwargs["port"]).ping()
+                one_try_redis(port=bare.connection_pool.connection_kwargs["port"]).ping()
             assert bare.ping()
 
             # submit --wait: a scripted analysis over the first chapters of the book

@@ -45,7 +45,9 @@ def compose() -> dict:
 
 
 def _validator(schema: dict):
-    cls = jsonschema.validators.validator_for(schema)
+    # The vendored spec names draft-07 as "https://json-schema.org/draft-07/schema" (no trailing "#"), a URI
+    # jsonschema does not know: without a default it warns and validates by the latest draft instead.
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
     cls.check_schema(schema)
     return cls(schema)
 

@@ -104,7 +104,8 @@ def test_run_resumes_on_a_live_worker_without_paying_twice(fleet: Fleet, stub: S
     assert RunStore(r).result(run_id)["outputs"]["answers"] == ANSWERS
     assert prompt_repeats(stub) == {}  # every root step and sub-call was paid once: the replay read the caches
     assert script.calls == [0, 1, 2]
-    assert AsyncResult(run_id).state == "SUCCESS"
+    # The run's record is written before the task returns; Celery stores SUCCESS a moment later.
+    wait_until(lambda: AsyncResult(run_id).state == "SUCCESS", 10, "Celery state SUCCESS")
     wait_until(lambda: not pids_with_marker(sandboxes[0]), 20, "the dead attempt's sandbox processes gone")
     assert LeaseRegistry(r, 3).live() == []
     if victim == "whole worker":

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
+from multiprocessing.context import BaseContext
 from pathlib import Path
 
 import psutil
-
-from broker_bridge.backends.process_jail import pids_with_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RLMQ = [sys.executable, "-m", "rlmq.cli"]
@@ -37,6 +37,39 @@ def rlmq(*args: str, env: dict[str, str], cwd: Path, timeout: float = 120) -> Re
     return Result(done.returncode, done.stdout, done.stderr)
 
 
+def rlmq_forked(context: BaseContext, *args: str, env: dict[str, str], cwd: Path, timeout: float = 120) -> Result:
+    """``rlmq`` as ``rlmq()`` runs it, in a process forked from the session's forkserver (``mp_context``).
+
+    The same boundary (its own environment, working directory, exit code, stdout and stderr; ``sys.exit``
+    of what ``main`` returns, as ``python -m rlmq.cli`` does), without an interpreter start and rlmq's
+    imports per call: about a second each on a busy 2-core machine, which the many bad-argument checks
+    would otherwise pay one by one.
+    """
+    with tempfile.TemporaryDirectory(prefix="rlmq-cli-") as out_dir:
+        stdout, stderr = Path(out_dir, "stdout"), Path(out_dir, "stderr")
+        child = context.Process(target=_run_cli, args=(list(args), env, str(cwd), str(stdout), str(stderr)))
+        child.start()
+        child.join(timeout)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+            raise AssertionError(f"rlmq {' '.join(args)} still running after {timeout:g}s")
+        return Result(child.exitcode, stdout.read_text(), stderr.read_text())
+
+
+def _run_cli(argv: list[str], env: dict[str, str], cwd: str, stdout: str, stderr: str) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    for fd, path in ((1, stdout), (2, stderr)):
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(handle, fd)
+        os.close(handle)
+    from rlmq.cli import main
+
+    sys.exit(main(argv))  # multiprocessing turns SystemExit into the exit code, as the interpreter does
+
+
 def processes_with_cmdline(text: str) -> dict[int, str]:
     """Processes whose command line (arguments joined by spaces) contains ``text``: pid -> command line."""
     found = {}
@@ -49,4 +82,6 @@ def processes_with_cmdline(text: str) -> dict[int, str]:
 
 def processes_with_env(entry: str) -> list[int]:
     """Pids other than this test's whose initial environment contains ``entry`` (e.g. ``REDIS_URL=...``)."""
+    from broker_bridge.backends.process_jail import pids_with_env  # here: broker_bridge loads DSPy (rlmq_forked)
+
     return sorted(pids_with_env(entry + "\0") - {os.getpid()})

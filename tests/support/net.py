@@ -7,7 +7,11 @@ import socket
 import urllib.error
 import urllib.request
 
-__all__ = ["free_port", "http_get", "http_status"]
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+__all__ = ["free_port", "http_get", "http_status", "one_try_redis"]
 
 
 def free_port() -> int:
@@ -34,3 +38,10 @@ def http_get(url: str, auth: str | None = None, timeout: float = 10) -> tuple[in
 def http_status(url: str, auth: str | None = None) -> int:
     """The HTTP status of a GET; 0 when nothing answers."""
     return http_get(url, auth, timeout=5)[0]
+
+
+def one_try_redis(url: str | None = None, **kwargs) -> redis.Redis:
+    """A Redis client that gives up at the first refusal: redis-py retries connection errors with backoff,
+    an AuthenticationError among them (seconds per check that a server refuses a client)."""
+    kwargs["retry"] = Retry(NoBackoff(), 0)
+    return redis.Redis.from_url(url, **kwargs) if url else redis.Redis(**kwargs)

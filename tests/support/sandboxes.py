@@ -1,14 +1,18 @@
-"""Which sandbox backends the interpreter tests run against, and how to check nothing was left behind."""
+"""Which sandbox backends the interpreter tests run against, a pool of started sandboxes they share, and
+how to check nothing was left behind."""
 
 from __future__ import annotations
 
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 import pytest
+from dspy.primitives.code_interpreter import CodeInterpreterError
 
 from broker_bridge import interpreter_factory
 from broker_bridge.backends.process_jail import SANDBOX_MARKER_VAR, pids_with_marker
@@ -33,6 +37,55 @@ def make_factory(backend: str, **options):
     if backend == "daytona":
         options.setdefault("execution_timeout", 120)
     return interpreter_factory(backend, **options)
+
+
+# Run once in a new pooled sandbox: remember its globals (the bridge's runtime among them) and define how
+# to return to them. The same reset DSPy's own tests give their pooled interpreter.
+_POOL_SETUP = """
+def _rlmq_pool_reset():
+    names = globals()
+    for name in [n for n in names if n not in _RLMQ_POOL_SAVED]:
+        del names[name]
+    names.update(_RLMQ_POOL_SAVED)
+
+_RLMQ_POOL_SAVED = dict(globals())
+_RLMQ_POOL_SAVED["_RLMQ_POOL_SAVED"] = _RLMQ_POOL_SAVED
+"""
+
+
+class SandboxPool:
+    """Started interpreters, one per backend, lent to one test at a time and reset after it.
+
+    A sandbox costs a start (a bwrap and a Python on the local backend, a cloud sandbox on Daytona); tests
+    of what code does inside one need not pay it each. After each test the host side drops its tools and
+    output fields, and the sandbox's globals return to what they were after the start. A test that ends
+    its session (shutdown, a timeout) must take an interpreter of its own: returning a dead one fails
+    the test that killed it, loudly, and the next test gets a new sandbox.
+    """
+
+    def __init__(self) -> None:
+        self._idle: dict[str, object] = {}
+
+    @contextmanager
+    def lend(self, backend: str) -> Iterator:
+        interpreter = self._idle.pop(backend, None)
+        if interpreter is None:
+            interpreter = make_factory(backend)()
+            interpreter.execute(_POOL_SETUP)
+        yield interpreter
+        interpreter.tools.clear()
+        interpreter.output_fields = None
+        try:
+            interpreter.execute("_rlmq_pool_reset()")
+        except CodeInterpreterError:
+            interpreter.shutdown()
+            raise
+        self._idle[backend] = interpreter
+
+    def close(self) -> None:
+        for interpreter in self._idle.values():
+            interpreter.shutdown()
+        self._idle.clear()
 
 
 def host_dir(interpreter) -> str:
