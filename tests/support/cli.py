@@ -12,6 +12,8 @@ from pathlib import Path
 
 import psutil
 
+from tests.support.children import exit_code
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RLMQ = [sys.executable, "-m", "rlmq.cli"]
 
@@ -49,12 +51,10 @@ def rlmq_forked(context: BaseContext, *args: str, env: dict[str, str], cwd: Path
         stdout, stderr = Path(out_dir, "stdout"), Path(out_dir, "stderr")
         child = context.Process(target=_run_cli, args=(list(args), env, str(cwd), str(stdout), str(stderr)))
         child.start()
-        child.join(timeout)
-        if child.exitcode is None:
-            child.kill()
-            child.join()
+        code = exit_code(child, timeout)
+        if code is None:
             raise AssertionError(f"rlmq {' '.join(args)} still running after {timeout:g}s")
-        return Result(child.exitcode, stdout.read_text(), stderr.read_text())
+        return Result(code, stdout.read_text(), stderr.read_text())
 
 
 def _run_cli(argv: list[str], env: dict[str, str], cwd: str, stdout: str, stderr: str) -> None:

@@ -88,6 +88,14 @@ class SandboxPool:
         self._idle.clear()
 
 
+def started_local(**options) -> tuple:
+    """A started local interpreter with what ``assert_local_sandbox_gone`` checks once it is gone:
+    (interpreter, its sandbox id, its host directory)."""
+    interpreter = interpreter_factory("local", **options)()
+    interpreter.start()
+    return interpreter, interpreter.sandbox_id, host_dir(interpreter)
+
+
 def host_dir(interpreter) -> str:
     """A started local interpreter's sandbox directory as the host sees it (inside it is /sandbox)."""
     return interpreter._backend.host_dir

@@ -35,6 +35,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -98,6 +99,15 @@ def default_responder(messages: Messages, body: dict[str, Any]) -> str:
     """Deterministic echo-ish answer: a hash of the last user message and its first 40 chars."""
     text = last_user_text(messages)
     return f"answer:{hashlib.sha256(text.encode()).hexdigest()[:12]}:{text[:40]}"
+
+
+def post_chat(api_base: str, prompt: str, *, model: str = "stub", timeout: float = 10) -> dict[str, Any]:
+    """One chat completion as any HTTP client posts it (no DSPy, no LiteLLM): the reply's JSON.
+    An error status raises ``urllib.error.HTTPError``."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}]}).encode()
+    request = urllib.request.Request(f"{api_base}/chat/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.load(response)
 
 
 def _tokens(text: str) -> int:
@@ -432,6 +442,19 @@ def chat_adapter_reply(fields: dict[str, str]) -> str:
     """A reply in ChatAdapter's format: ``[[ ## name ## ]]`` sections, then the completed marker."""
     parts = [f"[[ ## {name} ## ]]\n{value}" for name, value in fields.items()]
     return "\n\n".join(parts) + "\n\n[[ ## completed ## ]]\n"
+
+
+def richest_in_chapter(predict_answer: str) -> Callable[[str], str]:
+    """A sub-LM for runs over the book's chapters: a "richest in chapter N" prompt gets ``richest-N``, and a
+    ``dspy.Predict('question -> answer')`` call from sandbox code (ChatAdapter form) gets ``predict_answer``."""
+
+    def answer(prompt: str) -> str:
+        if "[[ ## question ## ]]" in prompt:
+            return chat_adapter_reply({"answer": predict_answer})
+        match = re.search(r"richest in chapter (\d+)", prompt)
+        return f"richest-{match.group(1)}" if match else "unknown"
+
+    return answer
 
 
 class ScriptedRoot:
