@@ -38,11 +38,12 @@ def _kernel_pid(sandbox_id: str) -> int:
     raise AssertionError("no kernel process found")
 
 
-def test_printing_100_mb_is_capped_with_a_statement(sandbox):
-    out = sandbox.execute("print('x' * 100_000_000)\nprint('after')")
-    assert "output capped" in out and "characters not shown" in out
-    assert len(out) < 20_000
-    assert sandbox.execute("print('still alive')") == "still alive"
+def test_printing_100_mb_is_capped_with_a_statement(sandbox_pool):
+    with sandbox_pool.lend("local") as sandbox:
+        out = sandbox.execute("print('x' * 100_000_000)\nprint('after')")
+        assert "output capped" in out and "characters not shown" in out
+        assert len(out) < 20_000
+        assert sandbox.execute("print('still alive')") == "still alive"
 
 
 def test_infinite_loop_times_out_and_kills_the_sandbox():
