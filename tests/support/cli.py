@@ -1,4 +1,5 @@
-"""Driving the real ``rlmq`` command as a subprocess, the way a user does."""
+"""Driving the real ``rlmq`` command the way a user does: as a subprocess (``rlmq``), or, where a test
+runs it many times, in a process forked from the session's forkserver (``rlmq_forked``)."""
 
 from __future__ import annotations
 
