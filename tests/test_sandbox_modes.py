@@ -31,7 +31,8 @@ HOST = """
 import logging, sys
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 from broker_bridge import interpreter_factory
-interpreter = interpreter_factory("local", execution_timeout=30, **({"isolation": sys.argv[1]} if sys.argv[1:] else {}))()
+options = {"isolation": sys.argv[1]} if sys.argv[1:] else {}
+interpreter = interpreter_factory("local", execution_timeout=30, **options)()
 try:
     print(interpreter.execute("print(2 + 2)"), interpreter._backend.info().isolation.value)
 except Exception as exc:
@@ -92,7 +93,8 @@ def test_without_bwrap_on_path_the_wheel_binary_is_used():
 
 @pytest.mark.parametrize("mode", ["vm", "Process", ""])
 def test_an_unknown_isolation_mode_is_a_one_line_error(mode):
-    with pytest.raises(ValueError, match=rf"^local sandbox isolation must be one of namespaces, process, not '{mode}'$"):
+    expected = rf"^local sandbox isolation must be one of namespaces, process, not '{mode}'$"
+    with pytest.raises(ValueError, match=expected):
         interpreter_factory("local", isolation=mode)().start()
 
 

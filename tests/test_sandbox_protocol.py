@@ -40,7 +40,7 @@ def test_every_message_type_has_a_constructor_and_survives_the_wire() -> None:
     ({**protocol.call_message("c1", "tool", [], {}), "args": "x"}, "call needs 'args' of type list"),
     ({**protocol.error_result("c1", "E", "m"), "error": None}, "result needs 'error' of type str"),
     ({**protocol.outcome_message("e1", "final", ""), "kind": "escaped"}, "outcome kind must be one of"),
-    (protocol.pending_message("c1"), "expected an outcome"),
+    (protocol.pending_message("c1"), "expected a message of type 'outcome'"),
 ])
 def test_a_malformed_message_is_a_protocol_error(broken: dict, complaint: str) -> None:
     validate = VALIDATORS.get(broken["type"], protocol.validate_outcome)

@@ -8,9 +8,9 @@ Isolation ``namespaces`` (the default on Linux): each of the two runs in its own
 in a directory the kernel can read but not change. Sandbox code sees its own ``/sandbox``, a private
 ``/tmp``, the stdlib and the packages it was given, and nothing else of the machine.
 
-Isolation ``process`` (opt-in with ``isolation="process"``, rlmq's ``RLMQ_LOCAL_ISOLATION=process``, where
-namespaces are missing and the operator accepts it): plain subprocesses on a loopback port. That is no security boundary:
-sandbox code runs as the worker's user and can read and reach what that user can.
+Isolation ``process`` (opt-in with ``isolation="process"``, rlmq's ``RLMQ_LOCAL_ISOLATION=process``,
+where namespaces are missing and the operator accepts it): plain subprocesses on a loopback port. That
+is no security boundary: sandbox code runs as the worker's user and can read and reach what that user can.
 """
 
 from __future__ import annotations
@@ -90,10 +90,10 @@ def scrubbed_environment(sandbox_id: str, home: str, extra: dict[str, str] | Non
 def local_isolation(mode: Isolation | str) -> Isolation:
     """``mode`` as a local sandbox's isolation; a ValueError in one line for anything else."""
     try:
-        isolation = Isolation(mode)
+        isolation: Isolation | None = Isolation(mode)
     except ValueError:
         isolation = None
-    if isolation not in LOCAL_ISOLATIONS:
+    if isolation is None or isolation not in LOCAL_ISOLATIONS:
         choices = ", ".join(i.value for i in LOCAL_ISOLATIONS)
         raise ValueError(f"local sandbox isolation must be one of {choices}, not {mode!r}")
     return isolation

@@ -124,39 +124,29 @@ def wake_message():
     return {"type": WAKE}
 
 
-def _require(message, key, kind):
-    if not isinstance(message.get(key), kind):
-        raise ProtocolError(f"{message.get('type', 'message')!s} needs {key!r} of type {kind.__name__}")
+def _check(message, message_type, fields):
+    """``message`` is of ``message_type`` and has each (key, type) of ``fields``; else a ProtocolError."""
+    if message.get("type") != message_type:
+        raise ProtocolError(f"expected a message of type {message_type!r}")
+    for key, kind in fields:
+        if not isinstance(message.get(key), kind):
+            raise ProtocolError(f"{message_type} needs {key!r} of type {kind.__name__}")
+    return message
 
 
 def validate_call(message):
-    if message.get("type") != CALL:
-        raise ProtocolError("expected a call")
-    _require(message, "id", str)
-    _require(message, "name", str)
-    _require(message, "args", list)
-    _require(message, "kwargs", dict)
-    return message
+    return _check(message, CALL, (("id", str), ("name", str), ("args", list), ("kwargs", dict)))
 
 
 def validate_result(message):
-    if message.get("type") != RESULT:
-        raise ProtocolError("expected a result")
-    _require(message, "id", str)
-    _require(message, "ok", bool)
-    if not message["ok"]:
-        _require(message, "error", str)
-        _require(message, "error_type", str)
-    return message
+    _check(message, RESULT, (("id", str), ("ok", bool)))
+    return message if message["ok"] else _check(message, RESULT, (("error", str), ("error_type", str)))
 
 
 def validate_outcome(message):
-    if message.get("type") != OUTCOME:
-        raise ProtocolError("expected an outcome")
-    _require(message, "exec_id", str)
+    _check(message, OUTCOME, (("exec_id", str), ("output", str)))
     if message.get("kind") not in OUTCOME_KINDS:
         raise ProtocolError(f"outcome kind must be one of {OUTCOME_KINDS}")
-    _require(message, "output", str)
     return message
 
 
