@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from dspy.primitives.code_interpreter import CodeExecutionError
 
-from broker_bridge import Isolation, SandboxDied, SandboxStartError, interpreter_factory
+from broker_bridge import BackendName, Isolation, SandboxDied, SandboxInfo, SandboxStartError, interpreter_factory
 from broker_bridge.backends import bwrap
 from broker_bridge.backends.base import LOCAL_ISOLATIONS
 from broker_bridge.backends.local import LocalSandbox, destroy_local_sandbox
@@ -104,6 +104,14 @@ def test_the_mode_is_an_argument_never_read_from_the_environment(monkeypatch):
     assert LocalSandbox().isolation is Isolation.NAMESPACES
     assert LocalSandbox(isolation=LocalIsolation.PROCESS).isolation is Isolation.PROCESS
     assert LocalSandbox(isolation="process").isolation is Isolation.PROCESS
+
+
+def test_sandbox_info_holds_the_enums_whatever_it_was_given():
+    info = SandboxInfo(backend="local", sandbox_id="rlmq-x", labels={}, isolation="process")
+    assert info.backend is BackendName.LOCAL and info.isolation is Isolation.PROCESS
+    assert SandboxInfo(backend=BackendName.DAYTONA, sandbox_id="rlmq-y", labels={}).isolation is None  # a lease's
+    with pytest.raises(ValueError, match="'docker' is not a valid BackendName"):
+        SandboxInfo(backend="docker", sandbox_id="rlmq-z", labels={})
 
 
 def test_the_settings_know_the_isolation_modes_the_bridge_has():

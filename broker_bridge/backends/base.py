@@ -94,13 +94,12 @@ class SandboxInfo:
     sandbox_id: str
     labels: dict[str, str]
     host: str = field(default_factory=socket.gethostname)
-    isolation: Isolation | None = None  # None when unknown (e.g. rebuilt from a lease); given as enum or value
+    isolation: Isolation | None = None  # None (or "") when unknown, e.g. rebuilt from a lease
 
     def __post_init__(self) -> None:
-        # Backends and leases pass plain strings; an unknown one is an error here, not in a reaper later.
+        # Backends and leases may pass plain strings; an unknown name is an error here, not in a reaper later.
         object.__setattr__(self, "backend", BackendName(self.backend))
-        if self.isolation is not None:
-            object.__setattr__(self, "isolation", Isolation(self.isolation))
+        object.__setattr__(self, "isolation", Isolation(self.isolation) if self.isolation else None)
 
 
 class Sandbox(abc.ABC):
