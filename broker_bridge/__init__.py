@@ -3,6 +3,8 @@ sandboxes, with an in-sandbox Flask broker for tool calls. Knows sandboxes and D
 """
 
 from broker_bridge.backends.base import (
+    BackendName,
+    Isolation,
     SandboxCapacityError,
     SandboxDied,
     SandboxError,
@@ -14,7 +16,9 @@ from broker_bridge.factory import InterpreterFactory, destroy_sandbox, interpret
 from broker_bridge.interpreter import SandboxInterpreter
 
 __all__ = [
+    "BackendName",
     "InterpreterFactory",
+    "Isolation",
     "SandboxCapacityError",
     "SandboxDied",
     "SandboxError",

@@ -5,26 +5,31 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from broker_bridge.backends.base import SandboxBackend, SandboxInfo
+from broker_bridge.backends.base import BackendName, Sandbox, SandboxInfo
 from broker_bridge.interpreter import EXECUTION_INSTRUCTIONS, SandboxInterpreter
 
-BACKENDS = ("local", "daytona")
+BACKENDS = tuple(name.value for name in BackendName)
 _INTERPRETER_OPTIONS = frozenset(
     name for name in inspect.signature(SandboxInterpreter.__init__).parameters
     if name not in {"self", "backend_factory", "tools", "output_fields"}
 )
 
 
-def backend_class(backend: str) -> type[SandboxBackend]:
-    if backend == "local":
+def backend_name(backend: BackendName | str) -> BackendName:
+    try:
+        return BackendName(backend)
+    except ValueError:
+        raise ValueError(f"unknown sandbox backend {backend!r}; choose one of {', '.join(BACKENDS)}") from None
+
+
+def backend_class(backend: BackendName | str) -> type[Sandbox]:
+    if backend_name(backend) is BackendName.LOCAL:
         from broker_bridge.backends.local import LocalSandbox
 
         return LocalSandbox
-    if backend == "daytona":
-        from broker_bridge.backends.daytona import DaytonaSandbox
+    from broker_bridge.backends.daytona import DaytonaSandbox
 
-        return DaytonaSandbox
-    raise ValueError(f"unknown sandbox backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return DaytonaSandbox
 
 
 class InterpreterFactory:
@@ -32,8 +37,8 @@ class InterpreterFactory:
 
     execution_instructions = EXECUTION_INSTRUCTIONS
 
-    def __init__(self, backend: str = "local", **options: Any) -> None:
-        self.backend = backend
+    def __init__(self, backend: BackendName | str = BackendName.LOCAL, **options: Any) -> None:
+        self.backend = backend_name(backend)
         self._backend_class = backend_class(backend)
         self._interpreter_options = {k: v for k, v in options.items() if k in _INTERPRETER_OPTIONS}
         self._backend_options = {k: v for k, v in options.items() if k not in _INTERPRETER_OPTIONS}
@@ -41,7 +46,7 @@ class InterpreterFactory:
         unknown = sorted(set(self._backend_options) - accepted)
         if unknown:
             raise TypeError(
-                f"unknown option(s) for the {backend} sandbox: {', '.join(unknown)} "
+                f"unknown option(s) for the {self.backend.value} sandbox: {', '.join(unknown)} "
                 f"(accepted: {', '.join(sorted(accepted | _INTERPRETER_OPTIONS))})"
             )
 
@@ -51,10 +56,10 @@ class InterpreterFactory:
         )
 
     def __repr__(self) -> str:
-        return f"InterpreterFactory(backend={self.backend!r})"
+        return f"InterpreterFactory(backend={self.backend.value!r})"
 
 
-def interpreter_factory(backend: str = "local", **options: Any) -> InterpreterFactory:
+def interpreter_factory(backend: BackendName | str = BackendName.LOCAL, **options: Any) -> InterpreterFactory:
     """The factory for ``dspy.RLM(interpreter_factory=...)``.
 
     ``backend`` is ``"local"`` (subprocess sandbox) or ``"daytona"``. Options are the interpreter's

@@ -14,7 +14,7 @@ from rlmq.trace import format_trace, read_trajectory
 from workers.budget import Budget, BudgetExceeded
 from workers.answer import Answer
 from workers.monitor import one_line, summary_line
-from workers.pricing import model_price, price
+from workers.pricing import estimate_tokens, model_price, price
 from workers.trajectory import TrajectoryLog, cut_output
 from workers.usage import RunUsage
 
@@ -30,6 +30,13 @@ def test_litellm_prices_from_its_table() -> None:
     assert model_price(MODEL) == (1.5e-07, 6e-07)  # LiteLLM's table: $0.15 / $0.60 per million
     assert price(MODEL, 1_000_000, 0) == pytest.approx(0.15)
     assert model_price("openai/no-such-model-here") is None and price("openai/no-such-model-here", 5, 5) is None
+
+
+def test_one_token_estimate_for_prompts_and_chat_messages() -> None:
+    """Budgets (prompts) and the rate limiter (messages) estimate with the same function."""
+    messages = [{"role": "system", "content": "x" * 40}, {"role": "user", "content": "y" * 39}]
+    assert estimate_tokens(messages) == estimate_tokens("x" * 40 + "\n" + "y" * 39) == 20
+    assert estimate_tokens("") == estimate_tokens([]) == 1
 
 
 def test_sub_usage_paid_vs_uncached_and_the_batch_in_flight() -> None:

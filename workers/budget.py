@@ -85,18 +85,10 @@ class Budget:
         """Before a batch of sub-calls is sent; raises BudgetExceeded to refuse it whole."""
         if self.tripped is None and not self.limited:
             return
-        tokens_in = sum(estimate_tokens(_text(p)) for p in prompts)
+        tokens_in = sum(estimate_tokens(p) for p in prompts)
         sub = self.usage.sub
         per_answer = (sub.output_tokens // sub.calls) if sub.calls else _DEFAULT_OUTPUT_TOKENS
         per_answer = int(params.get("max_tokens") or max(1, per_answer))
         tokens_out = per_answer * len(prompts)
         cost = price(self.usage.sub_model, tokens_in, tokens_out) or 0.0
         self._check(f"a batch of {len(prompts)} sub-call(s)", cost, tokens_in + tokens_out)
-
-
-def _text(prompt: Any) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list):  # chat messages
-        return "\n".join(str(m.get("content", "")) for m in prompt if isinstance(m, dict))
-    return str(prompt)

@@ -24,7 +24,7 @@ import urllib.request
 from typing import Any
 
 from broker_bridge.backends.base import (
-    BrokerEndpoint, SandboxBackend, SandboxDied, SandboxError, SandboxInfo,
+    BrokerEndpoint, Sandbox, SandboxDied, SandboxError, SandboxInfo,
     SandboxSpec, SandboxStartError, SandboxTimeout, broker_command, runtime_file_contents,
 )
 from broker_bridge.backends.daytona_setup import (
@@ -99,7 +99,7 @@ class OutputLog:
 
 # ---------------------------------------------------------------- the backend
 
-class DaytonaSandbox(SandboxBackend):
+class DaytonaSandbox(Sandbox):
     """One Daytona sandbox. ``destroy`` is safe from any thread; the rest is single-threaded."""
 
     kind = "daytona"
