@@ -173,6 +173,9 @@ class Client:
             time.sleep(interval)
 
     def result(self, run_id: str) -> dict[str, Any]:
+        """A succeeded run's result document (JSON): ``outputs``, ``final_reasoning``, DSPy's
+        ``trajectory``, ``steps``, and the last ``progress`` and its ``usage`` (the JSON of
+        ``rlmq.store.records.Progress`` and ``Usage``; ``usage["total"]`` sums root and sub-calls)."""
         record = self.status(run_id)
         if record.status is not RunStatus.SUCCEEDED:
             detail = f": {record.error}" if record.error else ""
