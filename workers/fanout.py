@@ -179,12 +179,12 @@ class Fanout:
                 del pending[other]
             indexes = chunks[n]
             if isinstance(value, list) and len(value) == len(indexes):
-                for i, raw in zip(indexes, value):
-                    answers[i] = Answer.from_json_dict(raw)
+                arrived = [Answer.from_json_dict(raw) for raw in value]
             else:  # the sub-task itself failed (it should not): every prompt of it is an error
-                for i in indexes:
-                    answers[i] = Answer(error=f"sub-task failed: {value!r}"[:300])
-            self.observer.chunk_arrived([a for a in (answers[i] for i in indexes) if a is not None])
+                arrived = [Answer(error=f"sub-task failed: {value!r}"[:300]) for _ in indexes]
+            for i, answer in zip(indexes, arrived):
+                answers[i] = answer
+            self.observer.chunk_arrived(arrived)  # live progress of the batch
 
         def check() -> None:
             if self.should_stop is not None and self.should_stop():

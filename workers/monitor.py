@@ -1,8 +1,8 @@
 """What monitors see of a running run: Celery's state, Flower's task page, fleet counters.
 
-- Celery state ``STARTED`` with the progress (``rlmq.store.records.Progress``) as meta (``AsyncResult(run_id).info``): a
-  custom state such as ``PROGRESS`` hides running runs from Flower's "Started" filter, which
-  matches the state name exactly.
+- Celery state ``STARTED`` with the progress (``rlmq.store.records.Progress``) as meta
+  (``AsyncResult(run_id).info``): a custom state such as ``PROGRESS`` hides running runs from
+  Flower's "Started" filter, which matches the state name exactly.
 - A ``task-started`` event per update, whose ``result`` field is a one-line summary
   (iteration, the batch in flight, sub-calls, cache hits, dollars): Flower merges the event
   into the task it shows, and its task page and API (``/api/task/info/<id>``) show ``result``
