@@ -19,6 +19,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import pytest  # noqa: E402
 import redis  # noqa: E402
 
+from tests.support.daytona_emulator.harness import daytona_emulator, daytona_env, emulator  # noqa: E402,F401
 from tests.support.stub_llm import StubLLM  # noqa: E402
 from rlmq.local_redis import PrivateRedis, start_private_redis  # noqa: E402
 
