@@ -78,6 +78,9 @@ class SandboxInfo:
     # What stands between sandbox code and the host: "vm" (Daytona), "namespaces" (local, bubblewrap),
     # "process" (local fallback, no security boundary); "" when unknown (e.g. rebuilt from a lease).
     isolation: str = ""
+    # Where the provider is reached, for a reaper in another process (Daytona: api_url, target).
+    # Never a secret: the reaper brings its own key.
+    provider: dict[str, str] = field(default_factory=dict)
 
 
 OutputCallback = Callable[[str], None]
@@ -122,6 +125,11 @@ class SandboxBackend(abc.ABC):
     @abc.abstractmethod
     def info(self) -> SandboxInfo:
         """Identity of this sandbox for leases and reapers."""
+
+    def planned_info(self, spec: SandboxSpec) -> SandboxInfo:
+        """What ``info()`` will say once ``spec`` is booted, known before anything is created: enough
+        for a reaper to find and delete the sandbox even if ``boot`` never returns."""
+        return SandboxInfo(backend=self.kind, sandbox_id=spec.sandbox_id, labels=dict(spec.labels))
 
 
 def broker_command(

@@ -1,7 +1,5 @@
-"""Daytona sandboxes, before any code runs in one: the SDK client (one per process), creation
-parameters (private, named, labelled, no env, no secrets), preview-link headers, and the mapping of
-the SDK's errors to rlmq's ``SandboxError`` kinds. ``daytona.py`` holds the backend itself.
-"""
+"""The Daytona SDK client (one per process and credentials), SDK calls with a bound, and the mapping
+of the SDK's errors to rlmq's ``SandboxError`` kinds."""
 
 from __future__ import annotations
 
@@ -9,24 +7,19 @@ import hashlib
 import os
 import re
 import threading
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
-from broker_bridge.backends.base import (
-    SandboxCapacityError, SandboxDied, SandboxError, SandboxSpec, SandboxStartError,
-)
+from broker_bridge.backends.base import SandboxCapacityError, SandboxDied, SandboxError, SandboxStartError
 
 __all__ = [
-    "DaytonaOptions", "MISSING_KEY", "PREVIEW_TOKEN_HEADER", "SANDBOX_LABEL", "build_create_params",
-    "check_no_secrets", "daytona_client", "describe_daytona_error", "preview_headers", "sandbox_labels",
+    "MISSING_KEY", "call_within", "daytona_client", "describe_daytona_error", "error_message", "forget_clients",
+    "is_celery_time_limit",
 ]
 
-SANDBOX_LABEL = "rlmq.sandbox"
-PREVIEW_TOKEN_HEADER = "X-Daytona-Preview-Token"  # Sandbox.get_preview_link docstring, SDK 0.226
-SKIP_WARNING_HEADER = "X-Daytona-Skip-Preview-Warning"  # no HTML interstitial in front of the broker
+T = TypeVar("T")
+
 MISSING_KEY = ("DAYTONA_API_KEY is not set: export it (or pass api_key=) to run code in Daytona "
                "sandboxes, or use the local sandbox backend (--sandbox local)")
-_SECRETISH = re.compile(r"(?i)(api[_-]?key|token|secret|passw(or)?d|credential)")
 _TOTAL_QUOTA = re.compile(r"(?i)quota|limit exceeded|maximum allowed:|no available runners|"
                           r"insufficient (credits|balance|funds)")
 _PER_SANDBOX_LIMIT = re.compile(r"(?i)exceeds maximum allowed per sandbox")
@@ -40,118 +33,71 @@ _clients: dict[tuple[int, str, str | None, str | None], Any] = {}
 _clients_lock = threading.Lock()
 
 
-def _forget_clients_after_fork() -> None:
+def forget_clients() -> None:
+    """Drop the cached clients (after a fork their threads and sockets are the parent's; tests)."""
     global _clients_lock
-    _clients.clear()  # the parent's clients hold its threads and sockets: useless here
+    _clients.clear()
     _clients_lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_clients_after_fork)
+os.register_at_fork(after_in_child=forget_clients)
 
 
 def daytona_client(api_key: str | None = None, api_url: str | None = None, target: str | None = None):
-    """This process's ``daytona.Daytona`` for these credentials (created on first use)."""
+    """This process's ``daytona.Daytona`` for these credentials (created on first use).
+
+    ``api_url``/``target`` default to the SDK's own (``DAYTONA_API_URL``, ``DAYTONA_TARGET``); the key to
+    ``DAYTONA_API_KEY``, which never leaves this process (not in a sandbox, a label or a lease).
+    """
     key = api_key or os.environ.get("DAYTONA_API_KEY", "").strip()
     if not key:
         raise SandboxStartError(MISSING_KEY)
-    cache_key = (os.getpid(), hashlib.sha256(key.encode()).hexdigest(), api_url, target)
+    cache_key = (os.getpid(), hashlib.sha256(key.encode()).hexdigest(), api_url or None, target or None)
     with _clients_lock:
         client = _clients.get(cache_key)
         if client is None:
             from daytona import Daytona, DaytonaConfig, DaytonaError
 
             try:
-                client = Daytona(DaytonaConfig(api_key=key, api_url=api_url, target=target))
+                client = Daytona(DaytonaConfig(api_key=key, api_url=api_url or None, target=target or None))
             except DaytonaError as exc:
                 raise describe_daytona_error(exc, during="connecting to Daytona") from exc
             _clients[cache_key] = client
     return client
 
 
-# ---------------------------------------------------------------- pure helpers
+def call_within(seconds: float, what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``call(*args, **kwargs)`` for an SDK method that takes no timeout: run on a helper thread and
+    abandoned (left to finish on its own) after ``seconds`` with the SDK's ``DaytonaTimeoutError``.
+    Every other SDK call gets its timeout passed in; this is the watchdog for the rest."""
+    outcome: dict[str, Any] = {}
 
-@dataclass(frozen=True)
-class DaytonaOptions:
-    """How sandboxes are created. Intervals are minutes, as the Daytona API takes them."""
+    def run() -> None:
+        try:
+            outcome["value"] = call(*args, **kwargs)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
 
-    api_key: str | None = field(default=None, repr=False)  # default: DAYTONA_API_KEY, read at boot
-    api_url: str | None = None  # default: DAYTONA_API_URL, else https://app.daytona.io/api
-    target: str | None = None  # region; default: DAYTONA_TARGET, else the organization's
-    snapshot: str | None = None  # default: Daytona's default Python snapshot
-    image: str | None = None  # build from an image instead (slow first time)
-    resources: dict[str, int] | None = None  # {"cpu":, "memory": GiB, "disk": GiB}; image only
-    auto_stop_interval: int = 15  # stop after this long without activity (0 = never)
-    auto_delete_interval: int = 0  # delete this long after stopping: 0 = at once, negative = never
-    ephemeral: bool | None = None  # SDK sugar for auto_delete_interval=0
-    ttl_minutes: int | None = None  # hard wall-clock cap (destroyed even if busy); None = off
-    network_block_all: bool | None = None  # True needs Flask already in the snapshot
-    boot_timeout: float = 180.0  # seconds for create + install + broker health
-    broker_port: int = 8765
-    run_grace: float = 30.0  # the daemon's own run timeout is the host's plus this (a backstop)
+    worker = threading.Thread(target=run, name=f"rlmq-daytona-{what}", daemon=True)
+    worker.start()
+    worker.join(max(0.0, seconds))
+    if worker.is_alive():
+        from daytona import DaytonaTimeoutError
 
-    def __post_init__(self) -> None:
-        if self.snapshot and self.image:
-            raise ValueError("give snapshot= or image=, not both")
-        if self.resources and not self.image:
-            raise ValueError("resources= needs image=: a snapshot fixes its own resources")
-        if self.ephemeral and self.auto_delete_interval > 0:
-            raise ValueError("ephemeral=True means auto_delete_interval=0")
+        raise DaytonaTimeoutError(f"Daytona did not answer {what} within {seconds:.0f}s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
-def sandbox_labels(spec: SandboxSpec) -> dict[str, str]:
-    return {**{str(k): str(v) for k, v in spec.labels.items()}, SANDBOX_LABEL: spec.sandbox_id}
+# ---------------------------------------------------------------- errors
+
+def is_celery_time_limit(exc: BaseException) -> bool:
+    # broker_bridge does not import Celery; its time limits must pass through untouched
+    return any(cls.__name__ in ("SoftTimeLimitExceeded", "TimeLimitExceeded") for cls in type(exc).__mro__)
 
 
-def build_create_params(spec: SandboxSpec, options: DaytonaOptions):
-    """The SDK's create params for ``spec``: private, named and labelled, no env, no secrets."""
-    from daytona import CreateSandboxFromImageParams, CreateSandboxFromSnapshotParams, Resources
-
-    common: dict[str, Any] = dict(
-        name=spec.sandbox_id,
-        language="python",
-        labels=sandbox_labels(spec),
-        public=False,
-        env_vars=None,
-        secrets=None,
-        auto_stop_interval=options.auto_stop_interval,
-        auto_delete_interval=options.auto_delete_interval,
-        ephemeral=options.ephemeral,
-        ttl_minutes=options.ttl_minutes,
-        network_block_all=options.network_block_all,
-        target=options.target,
-    )
-    if options.image:
-        params = CreateSandboxFromImageParams(
-            image=options.image, resources=Resources(**options.resources) if options.resources else None,
-            **common)
-    else:
-        params = CreateSandboxFromSnapshotParams(snapshot=options.snapshot, **common)
-    check_no_secrets(params, spec, api_key=options.api_key or os.environ.get("DAYTONA_API_KEY"))
-    return params
-
-
-def check_no_secrets(params: Any, spec: SandboxSpec, api_key: str | None = None) -> None:
-    """Refuse to create a sandbox that would carry a secret (explicit check, survives ``-O``)."""
-    if params.env_vars or getattr(params, "secrets", None):
-        raise SandboxStartError("refusing to pass environment variables or secrets into a Daytona sandbox")
-    values = [params.name or "", *(params.labels or {}).values()]
-    for key in params.labels or {}:
-        if _SECRETISH.search(key):
-            raise SandboxStartError(f"refusing to create a sandbox with the secret-looking label {key!r}")
-    for secret in (api_key, spec.sandbox_token):
-        if secret and any(secret in value for value in values):
-            raise SandboxStartError("refusing to put a token or API key into a sandbox's name or labels")
-
-
-def preview_headers(token: str | None) -> dict[str, str]:
-    """Headers the host sends through a private sandbox's preview link."""
-    headers = {SKIP_WARNING_HEADER: "true"}
-    if token:
-        headers[PREVIEW_TOKEN_HEADER] = token
-    return headers
-
-
-def _message(exc: BaseException) -> str:
+def error_message(exc: BaseException) -> str:
     text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
     return " ".join(str(text).split())[:500]
 
@@ -174,7 +120,7 @@ def describe_daytona_error(
 
     if isinstance(exc, SandboxError):
         return exc
-    msg = _message(exc)
+    msg = error_message(exc)
     if booting is None:
         booting = not during.startswith(("running", "uploading"))
     status = getattr(exc, "status_code", None)
