@@ -264,7 +264,8 @@ class DaytonaSandbox(SandboxBackend):
                 delete_sandbox(sandbox)
             except Exception as cleanup_error:  # best effort: the TTL, auto-stop and label reapers catch the rest
                 if type(cleanup_error).__name__ != "DaytonaNotFoundError":
-                    log.warning("could not delete half-created sandbox %s: %s", sandbox_id, error_message(cleanup_error))
+                    log.warning("could not delete half-created sandbox %s: %s", sandbox_id,
+                                error_message(cleanup_error))
 
         _in_background(cleanup, wait=_CLEANUP_WAIT)
 

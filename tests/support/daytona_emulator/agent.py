@@ -454,7 +454,8 @@ class Agent:
 
     async def op_ctx_create(self, request, reader, writer):
         if (request.get("language") or "python") != "python":
-            raise Refused(400, f"unsupported language: {request.get('language')} (only 'python' is supported currently)")
+            raise Refused(400, f"unsupported language: {request.get('language')} "
+                               "(only 'python' is supported currently)")
         cwd = self.path(request, "cwd") if request.get("cwd") else self.home
         context = await self._start_context(cwd)
         await self.ok(writer, context.describe())

@@ -20,7 +20,7 @@ from typing import Any
 import socketio
 from aiohttp import web
 
-from tests.support.daytona_emulator.errors import SOURCE_API, ApiError, error_response
+from tests.support.daytona_emulator.errors import ApiError, error_response
 from tests.support.daytona_emulator.faults import Faults
 from tests.support.daytona_emulator.preview import Preview
 from tests.support.daytona_emulator.sandboxes import Pool, Sandbox
@@ -136,7 +136,7 @@ class Emulator:
         s = "/api/sandbox/{ref}"
         return [
             web.post("/api/sandbox", self.create),
-            web.get("/api/sandbox", self.list),
+            web.get("/api/sandbox", self.list_sandboxes),
             web.get(s, self.get),
             web.delete(s, self.delete),
             web.post(f"{s}/start", self.start),
@@ -176,7 +176,7 @@ class Emulator:
             raise asyncio.CancelledError
         return web.json_response(self.pool.dto(sandbox))
 
-    async def list(self, request: web.Request) -> web.Response:
+    async def list_sandboxes(self, request: web.Request) -> web.Response:
         org = self.org_of(request)
         q = request.query
         try:

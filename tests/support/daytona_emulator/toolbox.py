@@ -135,8 +135,8 @@ class Toolbox:
 
     async def session_exec(self, request: web.Request) -> web.Response:
         link, body = self.link(request), await self.body(request)
-        result = await link.call("session_exec", sessionId=request.match_info["session"],
-                                 command=body.get("command"), runAsync=body.get("runAsync"), **{"async": body.get("async")})
+        result = await link.call("session_exec", sessionId=request.match_info["session"], command=body.get("command"),
+                                 runAsync=body.get("runAsync"), **{"async": body.get("async")})
         return web.json_response(result, status=202 if "exitCode" not in result else 200)
 
     async def command_get(self, request: web.Request) -> web.Response:
