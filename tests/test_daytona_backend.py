@@ -436,7 +436,7 @@ def test_a_hung_toolbox_cannot_hold_the_boot_past_its_timeout(daytona_env, monke
     started = time.monotonic()
     with pytest.raises(SandboxStartError, match="get_user_home_dir"):
         DaytonaSandbox(boot_timeout=3).boot(new_spec())
-    assert time.monotonic() - started < 3 + 1 + 2
+    assert time.monotonic() - started < 3 + 1 + 4  # the boot's bound, the cleanup's wait, slack for a busy box
     daytona_env.clear_faults()
     assert gone(daytona_env)
 
@@ -551,7 +551,7 @@ def test_a_stalled_api_does_not_hold_the_run_timeout(booted, daytona_env, monkey
     started = time.monotonic()
     with pytest.raises(SandboxTimeout, match="ran past 2s"):
         backend.run_code("import time\ntime.sleep(30)", timeout=2)
-    assert time.monotonic() - started < 2 + 1 + 1.5
+    assert time.monotonic() - started < 2 + 1 + 3  # the timeout, the deletion's wait, slack for a busy box
     assert daytona_env.requests().get("api POST /api/sandbox/{ref}/last-activity", 0) >= 1  # it did try
     daytona_env.clear_faults()  # the API is back: the deletion that went on in the background finishes
     assert gone(daytona_env)

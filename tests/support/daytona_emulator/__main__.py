@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import secrets
 import shutil
 import signal
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-quota", type=int, default=0, help="vCPUs an organization may run at once (0: no limit)")
     parser.add_argument("--create-delay", type=float, default=0.0, help="seconds a sandbox stays 'creating'")
     parser.add_argument("--faults", default="", help="initial faults as JSON (see faults.py)")
+    parser.add_argument("--exit-with-parent", action="store_true",
+                        help="stop (and take every sandbox down) when the process that started this one is gone")
     args = parser.parse_args(argv)
 
     keys: dict[str, str] = {}
@@ -62,8 +65,16 @@ async def _serve(args: argparse.Namespace, keys: dict[str, str], state_dir: Path
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if args.exit_with_parent:
+        asyncio.ensure_future(_watch_parent(os.getppid(), stop))
     await stop.wait()
     await runner.cleanup()
+
+
+async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
+    while os.getppid() == parent:  # a killed test run must not leave the emulator and its sandboxes behind
+        await asyncio.sleep(0.5)
+    stop.set()
 
 
 def _non_dumpable() -> None:

@@ -34,7 +34,8 @@ class EmulatorProcess:
     def __init__(self, *args: str, api_key: str = API_KEY, env: dict[str, str] | None = None,
                  cwd: Path = REPO) -> None:
         self.api_key = api_key
-        command = [sys.executable, "-m", "tests.support.daytona_emulator", "--port", "0", "--api-key", api_key, *args]
+        command = [sys.executable, "-m", "tests.support.daytona_emulator", "--port", "0", "--api-key", api_key,
+                   "--exit-with-parent", *args]
         self.process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                         env={**os.environ, **(env or {})})
         lines: queue.Queue[str] = queue.Queue()
