@@ -35,7 +35,7 @@ import psutil  # noqa: E402
 
 from rlmq.client import Client  # noqa: E402
 from rlmq.local_redis import start_private_redis  # noqa: E402
-from rlmq.records import RunStatus  # noqa: E402
+from rlmq.store.records import RunStatus  # noqa: E402
 from tests.support.fleet import Fleet  # noqa: E402
 from tests.support.stub_llm import ScriptedRoot, StubLLM, route  # noqa: E402
 

@@ -57,7 +57,8 @@ def rlmq_fanout(stub: StubLLM, redis_url: str, prompts: list[str], args: argpars
                 cpu_pids: dict[str, list[int]]) -> tuple[float, float, dict[str, float]]:
     from workers.dspy_private import LLMCallBudget
 
-    from workers.fanout import Fanout, make_llm_tools
+    from workers.fanout import Fanout
+    from workers.rlm import make_llm_tools
 
     settings = Settings(redis_url=redis_url, lm="openai/stub-root", sub_lm="openai/stub-sub",
                         lm_api_base=stub.api_base, fanout_width=args.workers * args.threads,

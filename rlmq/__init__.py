@@ -7,6 +7,6 @@ the worker runtime (``workers``, ``tasks``), dspy or litellm.
 """
 
 from rlmq.client import Client, ClientError, UnknownRun
-from rlmq.records import RunRecord, RunStatus
+from rlmq.store.records import RunRecord, RunStatus
 
 __all__ = ["Client", "ClientError", "RunRecord", "RunStatus", "UnknownRun"]

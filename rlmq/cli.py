@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from rlmq.cli_views import add_budget_flags, add_view_commands, budget_options, print_outputs
+from rlmq.cli_show import add_budget_flags, add_view_commands, budget_options, print_outputs
 from rlmq.progress import format_progress, progress_printer
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NO_RUN, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
@@ -251,7 +251,8 @@ PORT = _number(int, low=1, high=65535, what="a TCP port")
 
 def build_parser() -> argparse.ArgumentParser:
     from rlmq.celery_config import QUEUES
-    from rlmq.settings import SandboxBackend, redis_url_argument
+    from rlmq.redis_url import redis_url_argument
+    from rlmq.settings import SandboxBackend
 
     SANDBOXES = [b.value for b in SandboxBackend]
     parser = argparse.ArgumentParser(prog="rlmq", description="Run DSPy Recursive Language Models on a Celery fleet.",
@@ -327,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flower-port", type=PORT, default=5555)
     p.add_argument("--no-flower", action="store_true")
 
-    add_view_commands(add, PORT)  # trace, ui, workers, stats (rlmq.cli_views)
+    add_view_commands(add, PORT)  # trace, ui, workers, stats (rlmq.cli_show)
 
     p = add("demo", cmd_demo, "run a reference analysis (brings up a local stack if none is running)")
     p.add_argument("name", choices=["monte-cristo"])

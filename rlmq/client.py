@@ -7,7 +7,7 @@
     record = client.wait(run_id, timeout=3600)
     print(client.result(run_id)["outputs"])
 
-Inputs go to Redis once, by content hash (``rlmq.blobs``); the task message carries the run id
+Inputs go to Redis once, by content hash (``rlmq.store.blobs``); the task message carries the run id
 only, and runs that share a corpus share its blob. The client sends ``run_rlm`` by name through
 ``rlmq.celery_config.client_app``: it never imports the worker runtime, dspy or litellm.
 """
@@ -21,13 +21,14 @@ from typing import Any, Callable
 
 import redis
 
-from rlmq.blobs import put_blobs
+from rlmq.store.blobs import put_blobs
 from rlmq.celery_config import RLM_QUEUE, RUN_TASK, client_app
-from rlmq.records import RunRecord, RunSpec, RunStatus, RunStore, new_run_id
+from rlmq.store.records import RunRecord, RunSpec, RunStatus, RunStore, new_run_id
+from rlmq.run_options import check_tools, with_options
 from rlmq.settings import RUN_OPTIONS, Settings, SettingsError, load_dotenv_once, redis_url_from_env
 from rlmq.stack import running_stack_url
 from rlmq.trace import read_trajectory
-from rlmq.task_view import describe_inputs, task_reprs
+from rlmq.flower_repr import describe_inputs, task_reprs
 
 __all__ = ["Client", "ClientError", "RedisUnreachable", "UnknownRun", "check_run_id", "check_signature", "check_tool_path"]
 
@@ -93,10 +94,10 @@ class Client:
             own = self._own_settings()
             if own is not None:
                 whose = "this machine's rlmq settings (the workers check again with theirs)"
-                own.with_options(run_options, whose=whose)
-                own.check_tools(tool_paths, whose=whose)
+                with_options(own, run_options, whose=whose)
+                check_tools(own, tool_paths, whose=whose)
             else:
-                Settings(redis_url=self.redis_url).with_options(run_options, pinned=False)
+                with_options(Settings(redis_url=self.redis_url), run_options, pinned=False)
         except SettingsError as exc:
             raise ClientError(str(exc)) from None
 
@@ -132,8 +133,8 @@ class Client:
                               **task_reprs(spec, described or self._blob_sizes(spec)))
 
     def _blob_sizes(self, spec: RunSpec) -> dict[str, str]:
-        from rlmq.keys import blob_key
-        from rlmq.task_view import human_bytes
+        from rlmq.store.keys import blob_key
+        from rlmq.flower_repr import human_bytes
 
         sizes = self.redis.pipeline()
         for digest in spec.inputs.values():

@@ -3,38 +3,33 @@
 Every field names its environment variable in its metadata. ``Settings.from_env()`` checks
 all of them at once and raises a single :class:`SettingsError` whose message lists every
 problem, so a worker started with a missing or wrong setting stops with one line instead of
-failing mid-run. Fields marked ``per_run`` may be overridden by a run spec's ``options``
-(``Settings.with_options``), validated the same way.
-
-The operator pins, the submitter asks: a run option that changes where keys go or what runs
-(``lm_api_base``, ``lm``/``sub_lm``, ``sandbox``) must be on the worker's allow-list
-(``RLMQ_ALLOWED_*``, by default only what the worker itself is configured with), and a limit may
-not exceed the worker's maximum (``RLMQ_RUN_MAXIMA``, by default the configured value). Fleet-wide
-settings (rate limits, cache TTL, the allow-lists themselves) are not run options at all.
+failing mid-run. Fields marked ``per_run`` may be overridden by a run spec's ``options``, and
+those marked ``capped`` are limits a run may lower but not raise: ``rlmq.run_options`` applies a
+run's options under the operator's pins.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-import ipaddress
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
-from urllib.parse import urlparse
+from typing import Any, TypeVar
 
-__all__ = ["CAPPED_OPTIONS", "OptionRefused", "RUN_OPTIONS", "redis_url_argument", "unauthenticated_redis_problem", "SandboxBackend", "Settings", "SettingsError", "redis_url_from_env", "load_dotenv_once"]
+from rlmq.redis_url import parse_url
+
+__all__ = [
+    "CAPPED_OPTIONS", "LMClient", "LocalIsolation", "RUN_OPTIONS", "SandboxBackend", "Settings", "SettingsError",
+    "load_dotenv_once", "parse_field", "redis_url_from_env",
+]
+
+E = TypeVar("E", bound=Enum)
 
 
 class SettingsError(ValueError):
     """A missing or invalid setting; the message is one line meant for a human."""
-
-
-class OptionRefused(SettingsError):
-    """A run option the workers' pins (allow-lists, maxima) do not allow; one line."""
 
 
 class SandboxBackend(str, Enum):
@@ -45,11 +40,19 @@ class SandboxBackend(str, Enum):
     DAYTONA = "daytona"
 
 
-def _str(raw: str) -> str:
-    value = raw.strip()
-    if not value:
-        raise ValueError("must not be empty")
-    return value
+class LocalIsolation(str, Enum):
+    """What isolates a local sandbox: bubblewrap namespaces, or (accepted explicitly) plain processes."""
+
+    NAMESPACES = "namespaces"
+    PROCESS = "process"  # no security boundary: the worker log and every run's record say so
+
+
+class LMClient(str, Enum):
+    """How calls reach the model."""
+
+    AUTO = "auto"  # direct HTTP for an OpenAI-compatible api_base, LiteLLM for everything else
+    LITELLM = "litellm"
+    HTTP = "http"
 
 
 def _float(raw: str) -> float:
@@ -82,47 +85,6 @@ def _bool(raw: str) -> bool:
     raise ValueError("must be on or off (true/false, 1/0)")
 
 
-def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        value = raw.strip()
-        parsed = urlparse(value)
-        try:
-            parsed.port  # noqa: B018  (raises ValueError for a port that is not a number)
-        except ValueError:
-            raise ValueError("has a port that is not a number") from None
-        if parsed.scheme not in schemes or not (parsed.hostname or parsed.path):
-            raise ValueError(f"must be a URL starting with {' or '.join(s + '://' for s in schemes)}")
-        return value
-
-    return parse
-
-
-def unauthenticated_redis_problem(url: str) -> str | None:
-    """Why a worker must not use ``url``, or None: a Redis off this machine with no password.
-
-    Loopback and Unix sockets are this machine's own business (``rlmq up``'s Redis has a password
-    anyway); anywhere else, whoever reaches the port could rewrite runs and caches and enqueue work.
-    """
-    parsed = urlparse(url)
-    if parsed.scheme == "unix" or parsed.password or "password=" in parsed.query:
-        return None
-    if "ssl_certfile=" in parsed.query and parsed.scheme == "rediss":
-        return None  # TLS client certificates authenticate the worker
-    host = (parsed.hostname or "").lower()
-    try:
-        if host == "localhost" or ipaddress.ip_address(host).is_loopback:
-            return None
-    except ValueError:
-        pass
-    return (f"REDIS_URL points at {host or '?'} without a password: set one on the server (requirepass or an "
-            "ACL user) and put it in the URL, e.g. redis://rlmq-worker:PASSWORD@host:6379/0")
-
-
-def redis_url_argument(raw: str) -> str:
-    """``--redis-url``'s value, checked like ``REDIS_URL``."""
-    return _url(("redis", "rediss", "unix"))(raw)
-
-
 def _model(raw: str) -> str:
     value = raw.strip()
     provider, sep, name = value.partition("/")
@@ -131,21 +93,19 @@ def _model(raw: str) -> str:
     return value
 
 
-def _choice(*allowed: str) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        value = raw.strip().lower()
-        if value not in allowed:
-            raise ValueError(f"must be one of {', '.join(allowed)}")
-        return value
+def _enum(kind: type[E]) -> Callable[[str], E]:
+    """A member of ``kind`` by its value, case-insensitively."""
+
+    def parse(raw: str) -> E:
+        try:
+            return kind(str(raw).strip().lower())
+        except ValueError:
+            raise ValueError(f"must be one of {', '.join(m.value for m in kind)}") from None
 
     return parse
 
 
-def _sandbox(raw: str) -> SandboxBackend:
-    try:
-        return SandboxBackend(raw.strip().lower())
-    except ValueError:
-        raise ValueError(f"must be one of {', '.join(b.value for b in SandboxBackend)}") from None
+_sandbox = _enum(SandboxBackend)
 
 
 def _list_of(parse: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
@@ -165,12 +125,6 @@ def _model_pattern(raw: str) -> str:
     if not value or any(ch.isspace() for ch in value):
         raise ValueError("must be model names or glob patterns such as openai/*")
     return value
-
-
-# Run options that are limits: a run may lower them; raising one above RLMQ_RUN_MAXIMA (default:
-# the worker's own value) is refused.
-CAPPED_OPTIONS = ("max_iters", "max_llm_calls", "execution_timeout", "gather_timeout", "lm_timeout", "lm_retries",
-                  "chunk_size", "fanout_width")
 
 
 def _maxima(raw: str) -> tuple[tuple[str, float], ...]:
@@ -193,23 +147,25 @@ def _nonneg_float(raw: str) -> float:
     return value
 
 
-def _opt(env: str, parse: Callable[[str], Any], default: Any, *, per_run: bool = True) -> Any:
-    return field(default=default, metadata={"env": env, "parse": parse, "per_run": per_run})
+def _opt(env: str, parse: Callable[[str], Any], default: Any, *, per_run: bool = True, capped: bool = False) -> Any:
+    """A setting: its variable, its parser, and whether a run may set it (and only lower it: ``capped``)."""
+    return field(default=default, metadata={"env": env, "parse": parse, "per_run": per_run, "capped": capped})
 
 
 @dataclass(frozen=True)
 class Settings:
     """Everything a worker or client needs; see the README's configuration table."""
 
-    redis_url: str = _opt("REDIS_URL", _url(("redis", "rediss", "unix")), "", per_run=False)
+    redis_url: str = _opt("REDIS_URL", parse_url("redis", "rediss", "unix"), "", per_run=False)
     lm: str = _opt("RLMQ_LM", _model, "")
     sub_lm: str = _opt("RLMQ_SUB_LM", _model, "")  # empty: same as lm
-    lm_api_base: str | None = _opt("RLMQ_LM_API_BASE", _url(("http", "https")), None)
+    lm_api_base: str | None = _opt("RLMQ_LM_API_BASE", parse_url("http", "https"), None)
     sandbox: SandboxBackend = _opt("RLMQ_SANDBOX", _sandbox, SandboxBackend.LOCAL)
     # local sandboxes: bubblewrap namespaces, or (explicitly accepted) plain processes, no boundary
-    local_isolation: str = _opt("RLMQ_LOCAL_ISOLATION", _choice("namespaces", "process"), "namespaces", per_run=False)
+    local_isolation: LocalIsolation = _opt("RLMQ_LOCAL_ISOLATION", _enum(LocalIsolation), LocalIsolation.NAMESPACES,
+                                           per_run=False)
     # the operator's pins: what a run may ask for (empty: only what this worker is configured with)
-    allowed_api_bases: tuple[str, ...] = _opt("RLMQ_ALLOWED_API_BASES", _list_of(_url(("http", "https"))), (),
+    allowed_api_bases: tuple[str, ...] = _opt("RLMQ_ALLOWED_API_BASES", _list_of(parse_url("http", "https")), (),
                                               per_run=False)
     allowed_models: tuple[str, ...] = _opt("RLMQ_ALLOWED_MODELS", _list_of(_model_pattern), (), per_run=False)
     allowed_sandboxes: tuple[SandboxBackend, ...] = _opt("RLMQ_ALLOWED_SANDBOXES", _list_of(_sandbox), (),
@@ -224,19 +180,19 @@ class Settings:
     tokens_per_minute: int | None = _opt("RLMQ_TOKENS_PER_MINUTE", _int, None, per_run=False)
     max_in_flight: int = _opt("RLMQ_MAX_IN_FLIGHT", _int, 128, per_run=False)  # a property of the fleet
     cache_ttl_seconds: int = _opt("RLMQ_CACHE_TTL", _int, 7 * 24 * 3600, per_run=False)
-    lm_timeout: float = _opt("RLMQ_LM_TIMEOUT", _float, 120.0)
-    lm_retries: int = _opt("RLMQ_LM_RETRIES", _nonneg_int, 4)
+    lm_timeout: float = _opt("RLMQ_LM_TIMEOUT", _float, 120.0, capped=True)
+    lm_retries: int = _opt("RLMQ_LM_RETRIES", _nonneg_int, 4, capped=True)
     # auto: direct HTTP for openai/<name> + api_base (OpenAI-compatible), LiteLLM otherwise
-    lm_client: str = _opt("RLMQ_LM_CLIENT", _choice("auto", "litellm", "http"), "auto")
+    lm_client: LMClient = _opt("RLMQ_LM_CLIENT", _enum(LMClient), LMClient.AUTO)
     # the RLM run
-    max_iters: int = _opt("RLMQ_MAX_ITERS", _int, 20)
-    max_llm_calls: int = _opt("RLMQ_MAX_LLM_CALLS", _int, 500)
-    execution_timeout: float = _opt("RLMQ_EXECUTION_TIMEOUT", _float, 300.0)
+    max_iters: int = _opt("RLMQ_MAX_ITERS", _int, 20, capped=True)
+    max_llm_calls: int = _opt("RLMQ_MAX_LLM_CALLS", _int, 500, capped=True)
+    execution_timeout: float = _opt("RLMQ_EXECUTION_TIMEOUT", _float, 300.0, capped=True)
     # fan-out: prompts per sub-task message, and how many sub-tasks a big batch spreads over
-    chunk_size: int = _opt("RLMQ_CHUNK_SIZE", _int, 8)
-    fanout_width: int = _opt("RLMQ_FANOUT_WIDTH", _int, 64)
+    chunk_size: int = _opt("RLMQ_CHUNK_SIZE", _int, 8, capped=True)
+    fanout_width: int = _opt("RLMQ_FANOUT_WIDTH", _int, 64, capped=True)
     # > the sub-task's own hard limit (SUBTASK_DEADLINE + 60 s), so a live sub-task never times out here first
-    gather_timeout: float = _opt("RLMQ_GATHER_TIMEOUT", _float, 1200.0)
+    gather_timeout: float = _opt("RLMQ_GATHER_TIMEOUT", _float, 1200.0, capped=True)
     # budgets per run (none by default): dollars (LiteLLM's prices), tokens, wall-clock seconds
     max_cost: float | None = _opt("RLMQ_MAX_COST", _float, None)
     max_tokens: int | None = _opt("RLMQ_MAX_TOKENS", _int, None)
@@ -274,7 +230,7 @@ class Settings:
             try:
                 values[f.name] = f.metadata["parse"](raw)
             except (ValueError, TypeError) as exc:
-                problems.append(f"{f.metadata['env']}={raw!r} {_reason(exc)}")
+                problems.append(f"{f.metadata['env']}={raw!r} {reason(exc)}")
         if "redis_url" not in values and not any(p.startswith("REDIS_URL=") for p in problems):
             problems.append("REDIS_URL is not set (run `rlmq up`, or set REDIS_URL=redis://host:6379/0)")
         if "lm" not in values and not any(p.startswith("RLMQ_LM=") for p in problems):
@@ -292,78 +248,6 @@ class Settings:
             raise SettingsError("rlmq settings: " + "; ".join(problems))
         return settings
 
-    def with_options(self, options: Mapping[str, Any] | None, *, pinned: bool = True,
-                     whose: str = "the workers' settings") -> Settings:
-        """This settings record with a run's per-run ``options`` (field names) applied and validated.
-
-        ``pinned``: also refuse (:class:`OptionRefused`) what this record's pins do not allow;
-        ``whose`` names those settings in the message.
-        """
-        if not options:
-            return self
-        fields = {f.name: f for f in dataclasses.fields(self)}
-        values: dict[str, Any] = {}
-        problems: list[str] = []
-        for name, raw in options.items():
-            f = fields.get(name)
-            if f is None or not f.metadata["per_run"]:
-                allowed = sorted(n for n, g in fields.items() if g.metadata["per_run"])
-                problems.append(f"unknown run option {name!r} (allowed: {', '.join(allowed)})")
-                continue
-            if raw is None:
-                continue  # not asked: the worker's value stands
-            try:
-                text = raw.value if isinstance(raw, Enum) else raw if isinstance(raw, str) else str(raw)
-                values[name] = f.metadata["parse"](text)
-            except (ValueError, TypeError) as exc:
-                problems.append(f"run option {name}={raw!r} {_reason(exc)}")
-        if problems:
-            raise SettingsError("rlmq run options: " + "; ".join(problems))
-        refused = [r for r in (self._refusal(n, v) for n, v in values.items()) if r] if pinned else []
-        if refused:
-            raise OptionRefused(f"rlmq run options refused by {whose}: " + "; ".join(refused))
-        return dataclasses.replace(self, **values)
-
-    # -- the operator's pins ------------------------------------------------------------------
-    def api_base_allowed(self, api_base: str | None) -> bool:
-        """Whether ``api_base`` (None: the provider's default endpoint) is an endpoint the operator
-        configured: RLMQ_ALLOWED_API_BASES, else only RLMQ_LM_API_BASE."""
-        return _base(api_base) in {_base(self.lm_api_base), *(_base(u) for u in self.allowed_api_bases)}
-
-    def model_allowed(self, model: str) -> bool:
-        """RLMQ_ALLOWED_MODELS (glob patterns), else only the configured root and sub models."""
-        configured = tuple(m for m in (self.lm, self.effective_sub_lm) if m)
-        return any(fnmatch.fnmatchcase(model, pattern) for pattern in (*configured, *self.allowed_models))
-
-    def check_tools(self, paths: Sequence[str], *, whose: str = "the workers' settings") -> None:
-        """:class:`OptionRefused` unless every user tool matches RLMQ_ALLOWED_TOOLS: a tool is host code
-        that sandbox code may call (``os:system`` would hand it the worker), so none by default."""
-        refused = [p for p in paths if not any(fnmatch.fnmatchcase(p, pattern) for pattern in self.allowed_tools)]
-        if refused:
-            listed = ", ".join(self.allowed_tools) or "none"
-            raise OptionRefused(f"rlmq run tools refused by {whose}: {', '.join(refused)} "
-                                f"(RLMQ_ALLOWED_TOOLS: {listed})")
-
-    def maximum(self, name: str) -> float:
-        return dict(self.run_maxima).get(name, getattr(self, name))
-
-    def _refusal(self, name: str, value: Any) -> str | None:
-        """Why a run may not set option ``name`` to ``value`` on this worker, or None."""
-        if name in ("lm", "sub_lm") and value and not self.model_allowed(value):
-            patterns = ", ".join(self.allowed_models) or "the configured models only"
-            return f"{name}={value!r} is not allowed (RLMQ_ALLOWED_MODELS: {patterns})"
-        if name == "lm_api_base" and not self.api_base_allowed(value):
-            return (f"lm_api_base={value!r} is not an endpoint the operator configured "
-                    f"(RLMQ_ALLOWED_API_BASES: {', '.join(self.allowed_api_bases) or 'RLMQ_LM_API_BASE only'})")
-        if name == "sandbox":
-            allowed = (self.sandbox, *(b for b in self.allowed_sandboxes if b is not self.sandbox))
-            if value not in allowed:
-                return (f"sandbox={value.value!r} is not allowed "
-                        f"(RLMQ_ALLOWED_SANDBOXES: {', '.join(b.value for b in allowed)})")
-        if name in CAPPED_OPTIONS and value > self.maximum(name):
-            return f"{name}={value:g} is above this fleet's maximum {self.maximum(name):g} (RLMQ_RUN_MAXIMA)"
-        return None
-
     def _cross_check(self, environ: Mapping[str, str]) -> list[str]:
         problems = []
         if self.sandbox is SandboxBackend.DAYTONA and not environ.get("DAYTONA_API_KEY"):
@@ -375,8 +259,20 @@ class Settings:
         return problems
 
 
-# The one list of run options: what a run spec's ``options`` (the client, the CLI's flags) may set.
+# The one list of run options: what a run spec's ``options`` (the client, the CLI's flags) may set;
+# and those of them that are limits (a run may lower them, not raise them above RLMQ_RUN_MAXIMA).
 RUN_OPTIONS = tuple(f.name for f in dataclasses.fields(Settings) if f.metadata["per_run"])
+CAPPED_OPTIONS = tuple(f.name for f in dataclasses.fields(Settings) if f.metadata["capped"])
+
+
+def parse_field(name: str, raw: Any) -> Any:
+    """A setting's value from text (or an enum member), checked by the field's own parser."""
+    f = _FIELDS[name]
+    text = raw.value if isinstance(raw, Enum) else raw if isinstance(raw, str) else str(raw)
+    return f.metadata["parse"](text)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 # With only a provider key configured, this model of that provider is the root (and sub) model.
 DEFAULT_MODELS = (
@@ -393,11 +289,8 @@ def default_model_for_keys(environ: Mapping[str, str]) -> str | None:
     return None
 
 
-def _base(url: str | None) -> str | None:
-    return url.strip().rstrip("/") if url else None
-
-
-def _reason(exc: Exception) -> str:
+def reason(exc: Exception) -> str:
+    """A parser's complaint as the end of a one-line message."""
     text = str(exc)
     if text.startswith(("invalid literal", "could not convert")):
         return "is not a number"

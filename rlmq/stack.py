@@ -87,7 +87,7 @@ def worker_command(queue: str, *, name: str, concurrency: int, pool: str) -> lis
 
 
 # Flower's task list shows these columns: args (the run's signature), kwargs (its inputs' sizes)
-# and result (a working run's live progress) say what each run is (rlmq.task_view).
+# and result (a working run's live progress) say what each run is (rlmq.flower_repr).
 FLOWER_TASK_COLUMNS = "name,state,result,args,kwargs,received,runtime,worker,uuid"
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from rlmq.keys import run_trajectory_key
+from rlmq.store.keys import run_trajectory_key
 
 __all__ = ["format_money", "format_trace", "format_usage", "read_trajectory"]
 

@@ -21,7 +21,7 @@ from flask import Flask, Response, abort, jsonify, render_template, request
 from markupsafe import Markup, escape
 
 from rlmq.progress import format_progress
-from rlmq.records import RunStatus
+from rlmq.store.records import RunStatus
 from rlmq.trace import format_money, format_usage
 
 __all__ = ["create_app", "serve"]

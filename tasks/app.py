@@ -16,13 +16,14 @@ from celery import Celery, signals, states
 from kombu import Queue
 
 from rlmq.celery_config import CELERY_CONFIG, LLM_QUEUE, QUEUES, RLM_QUEUE, point_at
-from rlmq.settings import SandboxBackend, Settings, SettingsError, redis_url_from_env, unauthenticated_redis_problem
+from rlmq.redis_url import unauthenticated_redis_problem
+from rlmq.settings import SandboxBackend, Settings, SettingsError, redis_url_from_env
 from workers.context import worker_settings
 from workers.hardening import make_non_dumpable
 
 __all__ = ["PROGRESS_STATE", "WORKER_QUEUES", "app"]
 
-PROGRESS_STATE = "PROGRESS"  # what workers.run reports while a run works
+PROGRESS_STATE = "PROGRESS"  # what workers.run_engine reports while a run works
 
 WORKER_QUEUES: set[str] = set()  # the queues this process consumes, when it is a worker
 

@@ -16,7 +16,7 @@ from rlmq.celery_config import LLM_TASK, RLM_QUEUE
 from tasks.app import WORKER_QUEUES, app
 from workers.context import redis_client, worker_settings
 from workers.liveness import Heartbeat, mark_received, unmark
-from workers.maintenance import maintain
+from workers.recovery import maintain
 
 __all__: list[str] = []
 

@@ -5,9 +5,12 @@ More fixtures live in modules under tests/support and are imported here or by th
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
+import shutil
 import socket
+import tempfile
 import threading
 from collections.abc import Iterator
 from multiprocessing.context import BaseContext
@@ -15,6 +18,10 @@ from multiprocessing.context import BaseContext
 # LiteLLM (and DSPy's model metadata) otherwise fetch a price map from the internet on first
 # use, retrying for seconds when offline. Set before anything imports them; children inherit it.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+# `rlmq up` keeps its state (Redis URL and password) in RLMQ_STATE_DIR, default ~/.cache/rlmq: a stack
+# someone else runs on this machine must never be the one a test's client or `rlmq` command finds.
+os.environ["RLMQ_STATE_DIR"] = tempfile.mkdtemp(prefix="rlmq-test-state-")
+atexit.register(shutil.rmtree, os.environ["RLMQ_STATE_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import redis  # noqa: E402
@@ -62,7 +69,7 @@ def mp_context() -> BaseContext:
     and a fork of pytest's threads is not safe.
     """
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["redis", "workers.cache", "workers.ratelimit", "tests.support.stub_llm"])
+    ctx.set_forkserver_preload(["redis", "workers.single_flight", "tests.support.stub_llm"])
     return ctx
 
 

@@ -25,8 +25,8 @@ from tests.support.stub_llm import StubLLM
 from workers.adaptive_limit import AdaptiveLimiter
 from workers.llm_call import LMCallError, call_lm, preload
 from workers.rate_headers import parse_duration, parse_rate_headers
-from workers.root_lm import fleet_root_lm
-from workers.subcalls import fleet_limiter, limited_call
+from workers.engines import fleet_root_lm
+from workers.lm_gateway import fleet_limiter, limited_call
 
 MODEL = "openai/limited"
 

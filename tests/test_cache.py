@@ -20,8 +20,9 @@ import redis
 
 from tests.support.pickles import dotted_name_gadget, hostile_pickles
 from tests.support.stub_llm import StubLLM, default_responder
-from workers.cache import ResponseCache, install_redis_dspy_cache
-from rlmq.keys import dspy_cache_key, inflight_key, response_cache_key
+from workers.dspy_cache import install_redis_dspy_cache
+from workers.single_flight import ResponseCache
+from rlmq.store.keys import dspy_cache_key, inflight_key, response_cache_key
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS, STARTED = "test:results", "test:started"  # test-only lists; not rlmq keys
@@ -177,7 +178,7 @@ def test_waiting_gives_up_after_wait_timeout(redis_client: redis.Redis) -> None:
 CHILD = """
 import json, sys
 import dspy, redis
-from workers.cache import install_redis_dspy_cache
+from workers.dspy_cache import install_redis_dspy_cache
 url, api_base, prompt = sys.argv[1:4]
 install_redis_dspy_cache(redis.Redis.from_url(url), 3600)
 lm = dspy.LM("openai/stub", api_base=api_base, api_key="stub", num_retries=0)
@@ -253,7 +254,7 @@ def test_the_dotted_name_gadget_is_live_against_dspys_restricted_unpickler(tmp_p
 @pytest.mark.parametrize("tag", [b"P", b"J", b"M", b"R", b""])
 def test_dspy_cache_never_unpickles_and_bad_entries_are_misses(redis_client: redis.Redis, tmp_path: Path,
                                                                 tag: bytes) -> None:
-    from workers.cache import RedisDspyCache
+    from workers.dspy_cache import RedisDspyCache
 
     marker = tmp_path / "pwned"
     cache = RedisDspyCache(redis_client, 60)
@@ -271,7 +272,7 @@ def test_dspy_cache_never_unpickles_and_bad_entries_are_misses(redis_client: red
     b'M{"choices": "nope"}', b"M[]", b"J{not json", b'R{"output": 5}',
 ])
 def test_dspy_cache_entries_of_the_wrong_shape_are_misses(redis_client: redis.Redis, raw: bytes) -> None:
-    from workers.cache import RedisDspyCache
+    from workers.dspy_cache import RedisDspyCache
 
     cache = RedisDspyCache(redis_client, 60)
     request = {"model": "m", "messages": [{"role": "user", "content": "shape"}]}
@@ -280,7 +281,7 @@ def test_dspy_cache_entries_of_the_wrong_shape_are_misses(redis_client: redis.Re
 
 
 def test_dspy_cache_keeps_other_values_out_of_redis(redis_client: redis.Redis) -> None:
-    from workers.cache import RedisDspyCache
+    from workers.dspy_cache import RedisDspyCache
 
     cache = RedisDspyCache(redis_client, 60)
     request = {"model": "m", "messages": [{"role": "user", "content": "set"}]}
@@ -292,7 +293,7 @@ def test_dspy_cache_keeps_other_values_out_of_redis(redis_client: redis.Redis) -
 @pytest.mark.parametrize("raw", [None, b"\x80\x04junk", b'"a string"', b'{"text": 5}', b'{"text": "ok", "usage": {"x": "1"}}'])
 def test_response_cache_entries_of_the_wrong_shape_are_misses(redis_client: redis.Redis, tmp_path: Path,
                                                                raw: bytes | None) -> None:
-    from workers.subcalls import _cache_record
+    from workers.batch_answer import _cache_record
 
     marker = tmp_path / "pwned"
     cache = ResponseCache(redis_client, 60, valid=_cache_record)

@@ -21,11 +21,10 @@ from urllib.parse import urlparse
 import pytest
 import redis
 
-from broker_bridge.backends.process_jail import pids_with_marker
-
 from rlmq.demo import CHARACTERS, CORPUS
 from tests.support.demo_script import DEMO, DEMO_PROMPT, demo_sub_answer, is_demo_prompt, scripted_wealth
-from tests.support.cli import RLMQ, cli_env, http_status, processes_with_env, rlmq, wait_until
+from tests.support.cli import RLMQ, Result, cli_env, http_status, processes_with_env, rlmq, wait_until
+from tests.support.sandboxes import SandboxesOf
 from tests.support.stub_llm import ScriptedRoot, last_user_text, route
 
 pytestmark = pytest.mark.slow
@@ -86,70 +85,76 @@ def start_up(env, cwd, *args: str, seen: list[str] | None = None) -> tuple[subpr
 
 def test_cli_end_to_end_with_rlmq_up(tmp_path, llm_env):
     up, redis_url = start_up(llm_env, tmp_path)
-    try:
-        # the private Redis wants the generated password, which only the 0600 state file holds
-        state = Path(llm_env["RLMQ_STATE_DIR"]) / "stack.json"
-        assert stat.S_IMODE(state.stat().st_mode) == 0o600 and stat.S_IMODE(state.parent.stat().st_mode) == 0o700
-        bare = redis.Redis.from_url(redis_url)
-        with pytest.raises(redis.AuthenticationError):
-            redis.Redis(port=bare.connection_pool.connection_kwargs["port"]).ping()
-        assert bare.ping()
-
-        # submit --wait: a scripted analysis over the first chapters of the book
-        done = rlmq("submit", "--signature", SIGNATURE, "--input", f"chapters=@{CORPUS}", "--split", "chapters",
-                    "--input", "task=find the richest", "--wait", "--timeout", "240", env=llm_env, cwd=tmp_path,
-                    timeout=300)
-        assert done.code == 0, done.stderr
-        run_id = done.stdout.split()[0]
-        assert "succeeded" in done.stderr and "sub-LLM calls 12" in done.stderr
-
-        status = rlmq("status", run_id, env=llm_env, cwd=tmp_path)
-        assert status.code == 0 and "succeeded" in status.stdout and "iteration 2/" in status.stdout
-
-        out = tmp_path / "result.json"
-        saved = rlmq("result", run_id, "-o", str(out), env=llm_env, cwd=tmp_path)
-        assert saved.code == 0
-        richest = json.loads(out.read_text())["outputs"]["richest"]
-        assert richest == [{"chapter": n, "answer": f"richest-{n}"} for n in range(1, 13)]
-
-        # a long run, cancelled while its code runs: its sandbox is gone within seconds
-        long = rlmq("submit", "--signature", SIGNATURE, "--input", f"chapters=@{CORPUS}", "--split", "chapters",
-                    "--input", "task=LONGRUN", env=llm_env, cwd=tmp_path)
-        assert long.code == 0, long.stderr
-        long_id = long.stdout.strip()
-        wait_until(lambda: pids_with_marker(), 120, message="the long run's sandbox")
-        cancelled = rlmq("cancel", long_id, env=llm_env, cwd=tmp_path)
-        assert cancelled.code == 0 and cancelled.stdout.split() == [long_id, "cancelled"], cancelled
-        wait_until(lambda: not pids_with_marker(), 10, message="the cancelled run's sandbox to be gone")
-
-        # `rlmq worker` with no REDIS_URL joins the stack, password and all
-        extra = subprocess.Popen([*RLMQ, "worker", "llm", "--name", "extra", "-c", "2"], env=llm_env, cwd=tmp_path,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    with SandboxesOf(up.pid) as sandboxes:  # this stack's sandboxes, not the machine's
         try:
-            out: list[str] = []
-            threading.Thread(target=lambda: [out.append(line) for line in extra.stdout], daemon=True).start()
-            wait_until(lambda: any(" ready." in line for line in out) or extra.poll() is not None, 120,
-                       message="`rlmq worker llm` to be ready")
-            assert extra.poll() is None, "".join(out)
-        finally:
-            os.killpg(extra.pid, signal.SIGTERM)
-            extra.wait(30)
+            # the private Redis wants the generated password, which only the 0600 state file holds
+            state = Path(llm_env["RLMQ_STATE_DIR"]) / "stack.json"
+            assert stat.S_IMODE(state.stat().st_mode) == 0o600 and stat.S_IMODE(state.parent.stat().st_mode) == 0o700
+            bare = redis.Redis.from_url(redis_url)
+            with pytest.raises(redis.AuthenticationError):
+                redis.Redis(port=bare.connection_pool.connection_kwargs["port"]).ping()
+            assert bare.ping()
 
-        listed = rlmq("list", env=llm_env, cwd=tmp_path)
-        assert listed.code == 0
-        assert [line.split()[0] for line in listed.stdout.splitlines()] == [long_id, run_id]
-        assert "CANCELLED" in listed.stdout and "SUCCEEDED" in listed.stdout
-    finally:
-        up.send_signal(signal.SIGINT)  # Ctrl-C
-        code = up.wait(90)
+            # submit --wait: a scripted analysis over the first chapters of the book
+            done = rlmq("submit", "--signature", SIGNATURE, "--input", f"chapters=@{CORPUS}", "--split", "chapters",
+                        "--input", "task=find the richest", "--wait", "--timeout", "240", env=llm_env, cwd=tmp_path,
+                        timeout=300)
+            assert done.code == 0, done.stderr
+            run_id = done.stdout.split()[0]
+            assert "succeeded" in done.stderr and "sub-LLM calls 12" in done.stderr
+
+            status = rlmq("status", run_id, env=llm_env, cwd=tmp_path)
+            assert status.code == 0 and "succeeded" in status.stdout and "iteration 2/" in status.stdout
+
+            out = tmp_path / "result.json"
+            saved = rlmq("result", run_id, "-o", str(out), env=llm_env, cwd=tmp_path)
+            assert saved.code == 0
+            richest = json.loads(out.read_text())["outputs"]["richest"]
+            assert richest == [{"chapter": n, "answer": f"richest-{n}"} for n in range(1, 13)]
+
+            # a long run, cancelled while its code runs: its sandbox is gone within seconds
+            long = rlmq("submit", "--signature", SIGNATURE, "--input", f"chapters=@{CORPUS}", "--split", "chapters",
+                        "--input", "task=LONGRUN", env=llm_env, cwd=tmp_path)
+            assert long.code == 0, long.stderr
+            long_id = long.stdout.strip()
+            wait_until(lambda: sandboxes.sample(), 120, message="the long run's sandbox")
+            long_sandbox = sandboxes.sample()
+            cancelled = rlmq("cancel", long_id, env=llm_env, cwd=tmp_path)
+            assert cancelled.code == 0 and cancelled.stdout.split() == [long_id, "cancelled"], cancelled
+            wait_until(lambda: not long_sandbox & sandboxes.live(), 10, message="the cancelled run's sandbox to be gone")
+
+            # `rlmq worker` with no REDIS_URL joins the stack, password and all
+            extra = subprocess.Popen([*RLMQ, "worker", "llm", "--name", "extra", "-c", "2"], env=llm_env, cwd=tmp_path,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            try:
+                out: list[str] = []
+                threading.Thread(target=lambda: [out.append(line) for line in extra.stdout], daemon=True).start()
+                wait_until(lambda: any(" ready." in line for line in out) or extra.poll() is not None, 120,
+                           message="`rlmq worker llm` to be ready")
+                assert extra.poll() is None, "".join(out)
+            finally:
+                os.killpg(extra.pid, signal.SIGTERM)
+                extra.wait(30)
+
+            listed = rlmq("list", env=llm_env, cwd=tmp_path)
+            assert listed.code == 0
+            assert [line.split()[0] for line in listed.stdout.splitlines()] == [long_id, run_id]
+            assert "CANCELLED" in listed.stdout and "SUCCEEDED" in listed.stdout
+        finally:
+            sandboxes.sample()
+            up.send_signal(signal.SIGINT)  # Ctrl-C
+            code = up.wait(90)
     assert code == 0
     wait_until(lambda: not processes_with_env(f"REDIS_URL={redis_url}"), 15, message="every stack process to exit")
-    assert not pids_with_marker()
+    assert long_sandbox <= sandboxes.seen and not sandboxes.live(), (sandboxes.seen, sandboxes.live())
 
 
 def test_demo_brings_up_its_own_stack_and_plots(tmp_path, llm_env):
-    result = rlmq("demo", "monte-cristo", "--output-dir", str(tmp_path / "out"), env=llm_env, cwd=tmp_path,
-                  timeout=600)
+    demo = subprocess.Popen([*RLMQ, "demo", "monte-cristo", "--output-dir", str(tmp_path / "out")], env=llm_env,
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with SandboxesOf(demo.pid) as sandboxes:  # the demo's own stack's sandboxes, not the machine's
+        stdout, stderr = demo.communicate(timeout=600)
+    result = Result(demo.returncode, stdout, stderr)
     assert result.code == 0, result.stderr
     rows = json.loads((tmp_path / "out" / "monte_cristo_wealth.json").read_text())
     assert len(rows) == 117 * 5
@@ -163,7 +168,7 @@ def test_demo_brings_up_its_own_stack_and_plots(tmp_path, llm_env):
     assert {r["wealth"] for r in rows if r["chapter"] == 117} == {10, 2, 1}
     png = (tmp_path / "out" / "monte_cristo_wealth.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 20_000
-    assert not pids_with_marker()
+    assert sandboxes.seen and not sandboxes.live(), (sandboxes.seen, sandboxes.live())
 
 
 

@@ -13,7 +13,9 @@ from dspy.utils import DummyLM
 from rlmq.settings import Settings
 from workers import dspy_private
 from workers.dspy_private import LLMCallBudget, action_predictor, iteration_of, use_as_disk_tier
-from workers.fanout import Fanout, FleetLM, FleetRLM
+from workers.engines import FleetLM
+from workers.fanout import Fanout
+from workers.rlm import FleetRLM
 
 
 def test_make_llm_tools_signature_is_what_fleet_rlm_overrides() -> None:
@@ -91,8 +93,8 @@ def test_cache_reaches_its_disk_tier_through_the_replaced_attributes() -> None:
 
 
 def test_per_step_hooks_that_traced_rlm_wraps() -> None:
-    """``workers.trajectory.TracedRLM`` wraps these three to record and budget each step."""
-    from workers.trajectory import TracedRLM
+    """``workers.rlm.TracedRLM`` wraps these three to record and budget each step."""
+    from workers.rlm import TracedRLM
 
     assert list(inspect.signature(dspy.RLM._execute_iteration).parameters)[:5] == [
         "self", "repl", "variables", "history", "iteration"]

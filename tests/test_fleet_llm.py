@@ -14,7 +14,9 @@ from collections.abc import Iterator
 import dspy
 import pytest
 
-from workers.fanout import Fanout, FleetLM, make_llm_tools, plan_chunks
+from workers.engines import FleetLM
+from workers.fanout import Fanout, plan_chunks
+from workers.rlm import make_llm_tools
 from tests.support.fleet import Fleet, configure_app
 from tasks.app import app
 from tests.support.stub_llm import FaultKind, StubLLM, chat_adapter_reply, default_responder

@@ -14,7 +14,7 @@ import redis
 from broker_bridge import interpreter_factory
 from tests.support.fleet import REPO_ROOT
 from workers.sandbox_registry import LeaseRegistry, SandboxLease, reap_expired
-from rlmq import keys
+from rlmq.store import keys
 
 
 def start_worker(env_overrides: dict[str, str], *queue_args: str) -> subprocess.CompletedProcess[str]:

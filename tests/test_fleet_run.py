@@ -14,15 +14,15 @@ from celery.result import AsyncResult
 
 from rlmq.demo import CORPUS
 from rlmq.inputs import load_input_value
-from rlmq.records import RunSpec, RunStatus, RunStore, new_run_id
+from rlmq.store.records import RunSpec, RunStatus, RunStore, new_run_id
 from rlmq.celery_config import LLM_QUEUE, LLM_TASK, RLM_QUEUE, RUN_TASK
 from rlmq.client import Client, ClientError
-from rlmq.keys import dspy_cache_key, response_cache_key
+from rlmq.store.keys import dspy_cache_key, response_cache_key
 from tests.support.pickles import ExecOnUnpickle, hostile_pickles
 from tests.support.fleet import configure_app
 from tests.support.fleet import Fleet, redis_url_of
 from tests.support.stub_llm import FaultKind, ScriptedRoot, StubLLM, chat_adapter_reply, route
-from rlmq.blobs import put_blobs
+from rlmq.store.blobs import put_blobs
 from workers.sandbox_registry import LeaseRegistry
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]
@@ -155,7 +155,7 @@ def test_bad_input_is_a_failed_record_and_the_worker_lives(fleet: Fleet, stub: S
 def test_duplicate_delivery_does_not_run_twice(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
     steps = ["import time\ntime.sleep(1.5)\nprint('slept')", "SUBMIT(richest=[], verdict='done')"]
     run_id, script = submit(r, chapters[:2], stub=stub, steps=steps)
-    from tasks.runs import run_rlm
+    from tasks.run_rlm import run_rlm
 
     run_rlm.apply_async((run_id,), task_id=run_id)  # a redelivered copy of the same run
     assert wait_finished(r, run_id) is RunStatus.SUCCEEDED
@@ -225,7 +225,7 @@ def test_runs_send_progress_events_and_sub_calls_never_show_prompts(fleet: Fleet
 
 
 def test_cancel_before_start_and_the_worker_skips_it(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
-    from tasks.runs import run_rlm
+    from tasks.run_rlm import run_rlm
 
     script = ScriptedRoot(["SUBMIT(richest=[], verdict='ran')"])
     stub.set_responder(route(root=script, sub=sub_answer))
@@ -240,7 +240,7 @@ def test_cancel_before_start_and_the_worker_skips_it(fleet: Fleet, stub: StubLLM
 
 def test_beat_reaper_destroys_orphaned_sandbox_and_restarts_its_run(fleet: Fleet, r) -> None:
     from broker_bridge import interpreter_factory
-    from tasks.maintenance import reap_leases
+    from tasks.reap_leases import reap_leases
 
     created = []
     interp = interpreter_factory("local", on_sandbox_created=created.append)()

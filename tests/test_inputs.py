@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from rlmq.demo import CORPUS
-from rlmq.inputs import InputError, load_input_value, parse_input_arg, split_chapters, strip_gutenberg
+from rlmq.chapters import split_chapters, strip_gutenberg
+from rlmq.inputs import InputError, load_input_value, parse_input_arg
 
 REPO = Path(__file__).resolve().parents[1]
 MONTE_CRISTO = CORPUS  # the demo corpus rlmq ships

@@ -18,7 +18,7 @@ FORBIDDEN = {
     "workers": {"tasks"},
     "broker_bridge": {"rlmq", "workers", "tasks", "celery", "redis"},
 }
-HEAVY = ("dspy", "litellm", "workers.run", "tasks.runs", "broker_bridge")
+HEAVY = ("dspy", "litellm", "workers.run_engine", "tasks.run_rlm", "broker_bridge")
 
 
 def imported_packages(path: Path) -> set[str]:

@@ -1,4 +1,4 @@
-"""rlmq.plot: wealth rows in long or wide shape → normalised series → a real PNG file."""
+"""rlmq.demo.plot: wealth rows in long or wide shape → normalised series → a real PNG file."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rlmq.plot import DEFAULT_TITLE, WealthDataError, moving_average, normalise_wealth_rows, plot_wealth
+from rlmq.demo.plot import DEFAULT_TITLE, WealthDataError, moving_average, normalise_wealth_rows, plot_wealth
 
 REPO = Path(__file__).resolve().parents[1]
 CHARACTERS = ["Edmond Dantès", "Fernand Mondego", "Danglars", "Villefort", "Mercédès"]
@@ -118,7 +118,7 @@ def test_missing_matplotlib_gives_an_install_hint(tmp_path):
     """Run without site-packages (-S), so matplotlib is really absent."""
     code = (
         "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('plot', {str(REPO / 'rlmq' / 'plot.py')!r})\n"
+        f"spec = importlib.util.spec_from_file_location('plot', {str(REPO / 'rlmq' / 'demo' / 'plot.py')!r})\n"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
         "assert 'matplotlib' not in sys.modules\n"
         "print(len(m.normalise_wealth_rows([{'chapter': 1, 'A': 2}])))\n"

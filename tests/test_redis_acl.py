@@ -7,7 +7,7 @@ import pytest
 import redis
 
 from rlmq.client import Client
-from rlmq.records import RunStatus
+from rlmq.store.records import RunStatus
 from tests.support.fleet import Fleet
 from tests.support.stub_llm import ScriptedRoot, StubLLM, route
 

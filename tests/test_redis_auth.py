@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from rlmq.local_redis import PrivateRedis
-from rlmq.settings import unauthenticated_redis_problem
+from rlmq.redis_url import unauthenticated_redis_problem
 from rlmq.stack import redacted_url, write_private
 
 

@@ -15,7 +15,8 @@ import pytest
 import redis
 
 from rlmq.celery_config import client_app
-from rlmq.settings import Settings, unauthenticated_redis_problem
+from rlmq.redis_url import unauthenticated_redis_problem
+from rlmq.settings import Settings
 from tests.support.fleet import Fleet
 from tests.support.stub_llm import StubLLM, default_responder
 from workers.fanout import Fanout

@@ -9,7 +9,7 @@ import time
 import redis
 
 from rlmq.progress import format_progress
-from rlmq.records import RunSpec, RunStatus, RunStore, new_run_id
+from rlmq.store.records import RunSpec, RunStatus, RunStore, new_run_id
 
 
 def queued(r: redis.Redis) -> tuple[RunStore, str]:

@@ -21,7 +21,7 @@ import redis
 
 from rlmq.client import Client
 from rlmq.local_redis import PrivateRedis, start_private_redis
-from rlmq.records import RunStatus, RunStore
+from rlmq.store.records import RunStatus, RunStore
 from tests.support.cli import RLMQ, cli_env
 from tests.support.fleet import Fleet, configure_app
 from tests.support.reliability import FAST_FAULTS_ENV, batch_step, sub_requests, submit, wait_for, wait_status

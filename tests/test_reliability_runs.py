@@ -23,7 +23,7 @@ from celery.result import AsyncResult
 
 from broker_bridge.backends.process_jail import pids_with_marker
 from rlmq.client import Client
-from rlmq.records import RunStatus, RunStore
+from rlmq.store.records import RunStatus, RunStore
 from rlmq.stack import flower_command
 from tests.support.fleet import Fleet, WorkerProcess, configure_app, redis_url_of
 from tests.support.reliability import (

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from rlmq.records import RunStatus, RunStore
+from rlmq.store.records import RunStatus, RunStore
 from tests.support.fleet import Fleet, configure_app
 from tests.support.reliability import FAST_FAULTS_ENV, batch_step, sub_requests, submit, wait_for, wait_status
 from tests.support.stub_llm import StubLLM

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from rlmq.client import Client, ClientError
-from rlmq.settings import RUN_OPTIONS, OptionRefused, SandboxBackend, Settings, SettingsError
+from rlmq.run_options import OptionRefused, check_tools, with_options
+from rlmq.settings import RUN_OPTIONS, SandboxBackend, Settings, SettingsError
 
 BASE = Settings(redis_url="redis://127.0.0.1:1/0", lm="openai/root", sub_lm="openai/sub",
                 lm_api_base="http://127.0.0.1:9/v1")
@@ -22,15 +23,15 @@ BASE = Settings(redis_url="redis://127.0.0.1:1/0", lm="openai/root", sub_lm="ope
 ])
 def test_by_default_a_run_may_only_ask_for_what_the_worker_is_configured_with(options, refused) -> None:
     with pytest.raises(OptionRefused, match="^rlmq run options refused by the workers' settings: ") as info:
-        BASE.with_options(options)
+        with_options(BASE, options)
     assert refused in str(info.value) and "\n" not in str(info.value)
 
 
 def test_what_the_worker_is_configured_with_and_lower_limits_are_allowed() -> None:
-    run = BASE.with_options({"lm": "openai/sub", "sub_lm": "openai/root", "lm_api_base": "http://127.0.0.1:9/v1/",
+    run = with_options(BASE, {"lm": "openai/sub", "sub_lm": "openai/root", "lm_api_base": "http://127.0.0.1:9/v1/",
                              "sandbox": "local", "max_iters": 3, "max_llm_calls": 500})
     assert (run.lm, run.sub_lm, run.max_iters) == ("openai/sub", "openai/root", 3)
-    assert BASE.with_options({"lm": None}).lm == "openai/root"  # None: not asked, the worker's value stands
+    assert with_options(BASE, {"lm": None}).lm == "openai/root"  # None: not asked, the worker's value stands
 
 
 def test_allow_lists_and_maxima_from_the_environment() -> None:
@@ -39,13 +40,13 @@ def test_allow_lists_and_maxima_from_the_environment() -> None:
            "RLMQ_ALLOWED_API_BASES": "http://a:1/v1,https://b.example/v1", "RLMQ_ALLOWED_SANDBOXES": "local,daytona",
            "RLMQ_RUN_MAXIMA": "max_iters=50,max_llm_calls=2000"}
     base = Settings.from_env(env)
-    run = base.with_options({"lm": "anthropic/claude-3-5-haiku", "sub_lm": "openai/gpt-4o", "max_iters": 50,
+    run = with_options(base, {"lm": "anthropic/claude-3-5-haiku", "sub_lm": "openai/gpt-4o", "max_iters": 50,
                              "lm_api_base": "https://b.example/v1", "sandbox": "daytona", "max_llm_calls": 2000})
     assert run.sandbox is SandboxBackend.DAYTONA and run.max_iters == 50
     assert base.max_iters == 20  # the default stays; the maximum is above it
     for options in ({"lm": "anthropic/claude-3-opus"}, {"max_iters": 51}, {"lm_api_base": "https://c.example/v1"}):
         with pytest.raises(OptionRefused):
-            base.with_options(options)
+            with_options(base, options)
 
 
 @pytest.mark.parametrize("env, problem", [
@@ -66,7 +67,7 @@ def test_bad_pins_are_one_line_setting_errors(env, problem) -> None:
 def test_fleet_wide_settings_are_operator_only(name) -> None:
     assert name not in RUN_OPTIONS
     with pytest.raises(SettingsError, match=f"unknown run option '{name}'"):
-        BASE.with_options({name: "5"})
+        with_options(BASE, {name: "5"})
 
 
 def test_the_client_refuses_at_submit_only_when_configured_like_a_worker(monkeypatch, tmp_path) -> None:
@@ -91,14 +92,14 @@ def test_the_client_refuses_at_submit_only_when_configured_like_a_worker(monkeyp
 
 def test_user_tools_are_refused_unless_the_operator_lists_them() -> None:
     with pytest.raises(OptionRefused, match=r"tools refused by the workers' settings: os:system \(RLMQ_ALLOWED_TOOLS: none\)"):
-        BASE.check_tools(["os:system"])
-    BASE.check_tools([])
+        check_tools(BASE, ["os:system"])
+    check_tools(BASE, [])
     pinned = Settings.from_env({"REDIS_URL": "redis://127.0.0.1:1/0", "RLMQ_LM": "openai/x",
                                 "RLMQ_ALLOWED_TOOLS": "mytools.*:*,json:dumps"})
-    pinned.check_tools(["mytools.geo:lookup", "json:dumps"])
+    check_tools(pinned, ["mytools.geo:lookup", "json:dumps"])
     for path in ("os:system", "builtins:eval", "json:loads"):
         with pytest.raises(OptionRefused, match=path):
-            pinned.check_tools(["json:dumps", path])
+            check_tools(pinned, ["json:dumps", path])
 
 
 def test_the_client_refuses_a_tool_at_submit_when_configured_like_a_worker(monkeypatch, tmp_path) -> None:

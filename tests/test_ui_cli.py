@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import subprocess
 
-from rlmq.records import RunSpec, RunStore
+from rlmq.store.records import RunSpec, RunStore
 from tests.support.cli import RLMQ, cli_env, http_status, rlmq, wait_until
 
 
@@ -46,7 +46,7 @@ def test_trace_of_an_unknown_run_is_a_one_line_error(tmp_path, redis_url) -> Non
 
 
 def test_the_views_never_import_dspy_or_the_worker_runtime() -> None:
-    code = ("import sys, rlmq.client, rlmq.ui, rlmq.cli_views, rlmq.fleet_view, rlmq.trace, rlmq.cli; "
+    code = ("import sys, rlmq.client, rlmq.ui, rlmq.cli_show, rlmq.fleet, rlmq.trace, rlmq.cli; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'dspy', 'litellm', 'workers', 'tasks', 'broker_bridge'}))")
     done = subprocess.run([RLMQ[0], "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -6,9 +6,10 @@ from __future__ import annotations
 import dspy
 import pytest
 
-from rlmq.records import RunRecord, RunSpec, RunStatus
+from rlmq.store.records import RunRecord, RunSpec, RunStatus
+from rlmq.run_options import with_options
 from rlmq.settings import Settings, SettingsError
-from rlmq.task_view import describe_value, task_reprs
+from rlmq.flower_repr import describe_value, task_reprs
 from rlmq.trace import format_trace, read_trajectory
 from workers.budget import Budget, BudgetExceeded
 from workers.answer import Answer
@@ -87,10 +88,10 @@ def test_time_limit_and_unpriced_models() -> None:
 
 
 def test_budget_settings_are_run_options_checked_like_the_rest() -> None:
-    settings = Settings().with_options({"max_cost": "0.5", "max_tokens": 1000, "time_limit": 60})
+    settings = with_options(Settings(), {"max_cost": "0.5", "max_tokens": 1000, "time_limit": 60})
     assert (settings.max_cost, settings.max_tokens, settings.time_limit) == (0.5, 1000, 60.0)
     with pytest.raises(SettingsError, match="max_cost"):
-        Settings().with_options({"max_cost": "-1"})
+        with_options(Settings(), {"max_cost": "-1"})
 
 
 def test_trajectory_entries_are_appended_and_cut_with_the_cut_stated(redis_client) -> None:

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from broker_bridge.backends import bwrap
-from rlmq.records import RunSpec, RunStatus, RunStore, new_run_id
-from rlmq.blobs import put_blobs
+from rlmq.store.records import RunSpec, RunStatus, RunStore, new_run_id
+from rlmq.store.blobs import put_blobs
 from rlmq.client import Client
 from rlmq.stack import worker_command
 from tests.support.cli import cli_env, rlmq

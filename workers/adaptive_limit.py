@@ -1,7 +1,7 @@
 """A fleet-wide limiter that learns each provider's limit: GCRA at a learned rate, a TPM bucket
 charged with actual usage, a cap on in-flight requests with leases, and the shared cooldown.
 
-State lives in Redis (``rlmq.keys``: ``limit``, ``rate``, ``tpm``, ``slots``, ``cooldown``), so
+State lives in Redis (``rlmq.store.keys``: ``limit``, ``rate``, ``tpm``, ``slots``, ``cooldown``), so
 every worker process of the fleet obeys one limit per model. Two Lua scripts on Redis's clock:
 
 - ``acquire``: wait out a cooldown; refuse while ``max_in_flight`` leases are live (expired
@@ -31,7 +31,7 @@ from typing import Any
 
 import redis
 
-from rlmq.keys import (cooldown_key, limit_state_key, rate_limit_key, rate_limit_tokens_key, slots_free_key,
+from rlmq.store.keys import (cooldown_key, limit_state_key, rate_limit_key, rate_limit_tokens_key, slots_free_key,
                        slots_key)
 from workers.rate_headers import Bounds, parse_rate_headers
 

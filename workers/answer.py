@@ -1,6 +1,6 @@
 """``Answer``: one prompt's outcome, the message an ``llm_batch`` sub-task returns (JSON on the wire).
 
-Built by ``workers.subcalls`` (on an llm worker), read by ``workers.fanout`` and ``workers.usage``
+Built by ``workers.batch_answer`` (on an llm worker), read by ``workers.fanout`` and ``workers.usage``
 (in the run's worker): the one type both ends of a sub-call share.
 """
 

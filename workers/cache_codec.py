@@ -17,6 +17,7 @@ JSON, a planted record of the wrong shape — is a miss: :class:`RejectedEntry`.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 __all__ = ["RejectedEntry", "decode", "encode"]
@@ -82,3 +83,13 @@ def decode(raw: bytes) -> Any:
         raise
     except Exception as exc:  # pydantic / DSPy validation errors of many types
         raise RejectedEntry(f"wrong shape: {type(exc).__name__}: {str(exc)[:120]}") from None
+
+
+_logged: set[str] = set()
+
+
+def log_once(logger: logging.Logger, kind: str, message: str, *args: Any) -> None:
+    """One warning per kind of rejected entry per process: a poisoned cache must not flood the log."""
+    if kind not in _logged:
+        _logged.add(kind)
+        logger.warning(message + " (logged once per process)", *args)

@@ -13,7 +13,7 @@ changes them fails there first (and ``pyproject.toml`` pins dspy to a minor vers
 5. ``RLM._execute_iteration(repl, variables, history, iteration, ...)``, ``RLM._execute_code(repl,
    code, input_args)``, ``RLM._extract_fallback(variables, history, output_field_names)`` and the
    fields of ``dspy.primitives.repl_types.REPLEntry`` (reasoning, code, output): what
-   ``workers.trajectory.TracedRLM`` wraps to budget each step and record it as it ends.
+   ``workers.rlm.TracedRLM`` wraps to budget each step and record it as it ends.
 """
 
 from __future__ import annotations

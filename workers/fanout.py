@@ -1,21 +1,15 @@
-"""Fan-out of an RLM's sub-LLM calls across the ``llm`` queue.
+"""Fan-out of a run's sub-LLM calls across the ``llm`` queue.
 
-``FleetRLM`` is ``dspy.RLM`` with one private hook replaced, ``_make_llm_tools(budget,
-max_workers)`` (see ``workers.dspy_private``):
-``llm_query_batched`` reserves the whole batch against ``max_llm_calls`` up front (DSPy's
-semantics), splits it into chunks, dispatches ONE Celery group of ``llm_batch`` sub-tasks and
-gathers them event-driven, returning answers in prompt order; a failed prompt is an
-``[ERROR] ...`` string; on gather timeout the stragglers are revoked and reported as errors.
-``llm_query`` takes the same path with one prompt.
+``Fanout.query(prompts)`` splits a batch into chunks, dispatches ONE Celery group of ``llm_batch``
+sub-tasks and gathers them event-driven, returning answers in prompt order; a failed prompt is an
+``Answer`` with its error; on gather timeout the stragglers are revoked and reported as errors.
+``workers.rlm`` gives it to sandbox code as ``llm_query`` / ``llm_query_batched``, and
+``workers.engines.FleetLM`` to sub-agents.
 
 A sub-task held by an llm worker that died (no heartbeat: ``workers.liveness``) is sent again
 within about a second of the heartbeat's expiry, up to ``MAX_RESENDS`` times per chunk; the first
 answer for a chunk wins, and the response cache's single flight keeps a copy that is still alive
 from paying twice. The gather rides out a Redis restart (it waits and joins again).
-
-``FleetLM`` is the run's ``sub_lm``: a ``dspy.LM`` whose engine sends each request through the
-same path, so sub-agents built by sandbox code (``dspy.Predict(...)`` via DSPy's facade, which
-charges the budget itself) are cached, rate limited and spread over the fleet too.
 """
 
 from __future__ import annotations
@@ -29,24 +23,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import dspy
 import redis
 from celery import group
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import ResultSet
 from kombu.exceptions import OperationalError
-from dspy.lm15 import Response, ServerError, response_to_events
 
 from rlmq.celery_config import LLM_TASK
 from rlmq.settings import Settings
 from workers.answer import Answer
 from workers.context import redis_client
-from workers.dspy_private import LLMCallBudget
-from workers.engine_io import request_messages, text_response
 from workers.liveness import lost_subtasks
 from workers.llm_call import Messages
 
-__all__ = ["Fanout", "FanoutCancelled", "FanoutStats", "FleetEngine", "FleetLM", "FleetRLM", "plan_chunks"]
+__all__ = ["Fanout", "FanoutCancelled", "FanoutStats", "plan_chunks"]
 
 GATHER_INTERVAL = 0.01  # seconds; Celery's 0.5 s default would add up to half a second per batch
 LIVENESS_CHECK_SECONDS = 1.0  # how often a gather asks whether its pending sub-tasks' workers live
@@ -276,68 +266,3 @@ class Fanout:
         for i, a in enumerate(answers):
             if a is None:
                 answers[i] = Answer(error=why)
-
-
-def make_llm_tools(fanout: Fanout, budget: LLMCallBudget) -> dict[str, Callable[..., Any]]:
-    """``llm_query`` / ``llm_query_batched`` for sandbox code, charged to ``budget``."""
-
-    def llm_query(prompt: str) -> str:
-        """Query the LLM with a prompt string."""
-        if not isinstance(prompt, str) or not prompt:
-            raise ValueError("prompt must be a non-empty string")
-        budget.reserve(1)
-        return fanout.query([prompt])[0].for_sandbox()
-
-    def llm_query_batched(prompts: list[str]) -> list[str]:
-        """Query prompts concurrently; a failed prompt comes back as an '[ERROR] ...' string."""
-        if not prompts:
-            return []
-        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError("llm_query_batched takes a list of prompt strings")
-        budget.reserve(len(prompts))  # the whole batch up front, as DSPy does
-        return [a.for_sandbox() for a in fanout.query(prompts)]
-
-    return {"llm_query": llm_query, "llm_query_batched": llm_query_batched}
-
-
-class FleetRLM(dspy.RLM):
-    """``dspy.RLM`` whose sub-LLM calls (tools and sub-agents) go through the Celery fleet."""
-
-    def __init__(self, signature: Any, *, fanout: Fanout, **kwargs: Any) -> None:
-        kwargs.setdefault("sub_lm", FleetLM(fanout))
-        super().__init__(signature, **kwargs)
-        self.fanout = fanout
-
-    def _make_llm_tools(self, budget: LLMCallBudget | None = None, max_workers: int = 8) -> dict[str, Callable]:
-        # max_workers is DSPy's thread count for its own batch; the fleet's width replaces it.
-        return make_llm_tools(self.fanout, budget if budget is not None else LLMCallBudget(self.max_llm_calls))
-
-
-class FleetEngine:
-    """A DSPy 3.4 engine (``complete(Request) -> Response``) answering through :class:`Fanout`."""
-
-    def __init__(self, fanout: Fanout) -> None:
-        self.fanout = fanout
-
-    def complete(self, request: Any) -> Response:
-        messages, params = request_messages(request)
-        answer = self.fanout.query([messages], params=params)[0]
-        if not answer.ok:
-            raise ServerError(answer.error or "no answer")  # DSPy maps it to LMServerError for the facade
-        return text_response(self.fanout.model, answer.text or "", answer.usage)
-
-    def stream(self, request: Any) -> Any:
-        return response_to_events(self.complete(request))
-
-    def close(self) -> None:
-        pass
-
-
-class FleetLM(dspy.LM):
-    """The run's sub-LM: model = the run's sub-LM string; calls go through the fleet.
-
-    DSPy's own response cache and retries are off: the ``llm_batch`` sub-task has both.
-    """
-
-    def __init__(self, fanout: Fanout, **kwargs: Any) -> None:
-        super().__init__(fanout.model, engine=FleetEngine(fanout), cache=False, num_retries=0, **kwargs)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import redis
 
-from rlmq import keys
+from rlmq.store import keys
 
 __all__ = ["HOLDER_TTL_SECONDS", "Heartbeat", "lost_subtasks", "mark_received", "unmark"]
 

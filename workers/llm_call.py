@@ -1,7 +1,7 @@
 """One sub-LLM call, with its failure classified: direct HTTP to an OpenAI-compatible endpoint, or LiteLLM.
 
 ``call_lm`` makes exactly one HTTP attempt (LiteLLM's and the OpenAI SDK's own retries are
-off: retries, rate limiting and caching belong to ``workers/subcalls.py``, which must see every
+off: retries, rate limiting and caching belong to ``workers/batch_answer.py``, which must see every
 attempt). Which client serves a call is ``RLMQ_LM_CLIENT`` (``auto``: direct HTTP for
 ``openai/...`` models on a configured api base, LiteLLM otherwise). Failures become :class:`LMCallError` with a :class:`FailureKind` that says what to
 do next: wait ``retry_after`` and retry (rate limited), retry with backoff (transient), or
@@ -20,6 +20,7 @@ from functools import lru_cache
 from typing import Any
 
 from broker_bridge.keepalive import KeepAlivePool
+from rlmq.settings import LMClient
 
 # LiteLLM otherwise fetches its price map from the internet at import (seconds, or a hang
 # offline); the copy it ships is enough to price known models.
@@ -90,12 +91,6 @@ def prompt_messages(prompt: str | Messages) -> Messages:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     return prompt
-
-
-class LMClient(str, Enum):
-    AUTO = "auto"  # direct HTTP for an OpenAI-compatible api_base, LiteLLM for everything else
-    LITELLM = "litellm"
-    HTTP = "http"
 
 
 def call_lm(model: str, messages: Messages, *, api_base: str | None = None, timeout: float = 120.0,

@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 
-from rlmq.keys import stats_key
+from rlmq.store.keys import stats_key
 
 __all__ = ["COUNTER_TTL_SECONDS", "count", "one_line", "publish_progress", "summary_line"]
 

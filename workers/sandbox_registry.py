@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import redis
 
 from broker_bridge import SandboxInfo, destroy_sandbox
-from rlmq import keys
+from rlmq.store import keys
 
 __all__ = ["LeaseKeeper", "LeaseRegistry", "SandboxLease", "reap_expired"]
 

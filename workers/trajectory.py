@@ -1,10 +1,8 @@
 """A run's trajectory, kept as it happens: one JSON entry per RLM step, appended in Redis.
 
-``TracedRLM`` is :class:`~workers.fanout.FleetRLM` with DSPy 3.4.1's per-iteration hooks wrapped
-(``_execute_iteration``, ``_execute_code``, ``_extract_fallback``; ``tests/test_dspy_contract.py``
-fails if their signatures change). Before each step it asks the run's budget; after it, it
-appends the step to ``keys.run_trajectory_key(run_id)`` (RPUSH), so ``rlmq trace``, the run page
-and the Python client see every finished step while the run still works.
+``workers.rlm.TracedRLM`` calls ``TrajectoryLog.begin``/``end`` around each step; each finished step is
+appended to ``keys.run_trajectory_key(run_id)`` (RPUSH), so ``rlmq trace``, the run page and the
+Python client see every finished step while the run still works.
 
 An entry: ``step`` (1-based), ``kind`` (``code``, or ``extract`` when DSPy forced the answer at
 ``max_iters``), ``reasoning``, ``code``, ``output`` (cut to :data:`OUTPUT_KEEP` characters, head
@@ -19,16 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import redis
-from dspy.primitives.prediction import Prediction
 
-from rlmq.keys import run_trajectory_key
-from workers.fanout import FleetRLM
+from rlmq.store.keys import run_trajectory_key
 
-__all__ = ["OUTPUT_KEEP", "TracedRLM", "TrajectoryLog", "cut_output"]
+__all__ = ["OUTPUT_KEEP", "TrajectoryLog", "cut_output"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,43 +90,3 @@ class TrajectoryLog:
                 self.redis.expire(self.key, int(seconds))
             except redis.RedisError:
                 logger.exception("could not set the expiry of %s", self.key)
-
-
-class TracedRLM(FleetRLM):
-    """``FleetRLM`` that checks the budget before each step and records each step as it ends."""
-
-    def __init__(self, signature: Any, *, trace: TrajectoryLog, budget: Any,
-                 on_code: Callable[[], None] | None = None, **kwargs: Any) -> None:
-        super().__init__(signature, **kwargs)
-        self.trace = trace
-        self.budget = budget  # workers.budget.Budget
-        self.on_code = on_code  # called when a step's code starts (the root call is then accounted)
-
-    def _execute_iteration(self, repl: Any, variables: Any, history: Any, iteration: int,
-                           *args: Any, **kwargs: Any) -> Any:
-        self.budget.check_step()  # BudgetExceeded ends the run before the root LM is paid
-        self.trace.begin()
-        result = super()._execute_iteration(repl, variables, history, iteration, *args, **kwargs)
-        if isinstance(result, Prediction):
-            self.trace.end((result.trajectory or [{}])[-1], final=True)
-        elif getattr(result, "entries", None):
-            self.trace.end(result.entries[-1])
-        return result
-
-    def _execute_code(self, repl: Any, code: str, input_args: dict[str, Any]) -> Any:
-        if self.on_code is not None:
-            self.on_code()
-        started = time.monotonic()
-        try:
-            return super()._execute_code(repl, code, input_args)
-        finally:
-            self.trace.exec_seconds += time.monotonic() - started
-
-    def _extract_fallback(self, variables: Any, history: Any, output_field_names: list[str]) -> Prediction:
-        self.budget.check_step()
-        self.trace.begin()
-        prediction = super()._extract_fallback(variables, history, output_field_names)
-        outputs = {name: getattr(prediction, name, None) for name in output_field_names}
-        self.trace.end({"reasoning": "max_iters reached: DSPy's extract step produced the outputs",
-                        "code": "", "output": f"FINAL (extracted): {outputs}"}, kind="extract", final=True)
-        return prediction

@@ -2,7 +2,7 @@
 
 Tools reach workers the way any Python code does: an installed package, ``PYTHONPATH``, or the
 compose image; a run may name only tools the workers' ``RLMQ_ALLOWED_TOOLS`` list
-(``Settings.check_tools``, applied by the run engine before this). A path that does not import, or names something that is not callable, fails the
+(``rlmq.run_options.check_tools``, applied by the run engine before this). A path that does not import, or names something that is not callable, fails the
 run with that reason before any LM call is made.
 """
 

@@ -55,8 +55,38 @@ class Attack:
     then: dict[str, Any] | None = None
 
 
-_HELPERS = r'''
-import json, os, re, socket
+# Every attack that walks a filesystem or /proc keeps a time budget (a host's /tmp can hold millions of
+# files, and a plain-process sandbox sees them all) and says in its verdict how far it got: a walk cut
+# short is a finding (``complete: false``), never a step that overruns its timeout. A namespaced
+# sandbox sees only its own small view, so there every walk finishes.
+WALK_BUDGET_SECONDS = 20
+
+_HELPERS = f"WALK_BUDGET_SECONDS = {WALK_BUDGET_SECONDS}\n" + r'''
+import json, os, re, socket, time
+class Walk:
+    """Files and /proc entries within a time budget; ``complete`` turns False once the budget cut it short."""
+    def __init__(self, seconds=WALK_BUDGET_SECONDS):
+        self.deadline, self.complete, self.visited = time.monotonic() + seconds, True, 0
+    def more(self):
+        if self.complete and time.monotonic() > self.deadline:
+            self.complete = False
+        if self.complete:
+            self.visited += 1
+        return self.complete
+    def files(self, roots):
+        for root in roots:
+            for dirpath, _, names in os.walk(root):
+                for name in names:
+                    if not self.more():
+                        return
+                    yield dirpath, name
+    def pids(self):
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            if not self.more():
+                return
+            yield pid
+    def report(self):
+        return {"complete": self.complete, "visited": self.visited}
 def verdict(**found):
     print("RLMQ-VERDICT " + json.dumps(found, default=repr))
 def canaries(text):
@@ -74,6 +104,19 @@ def _snippet(body: str) -> str:
     return _HELPERS + body
 
 
+def _whole_walk(check: Callable[[dict[str, Any], Target], str]) -> Callable[[dict[str, Any], Target], str]:
+    """``check``, plus: a walk its time budget cut short saw more than a sandbox's own small view."""
+
+    def checked(verdict: dict[str, Any], target: Target) -> str:
+        evidence = check(verdict, target)
+        if verdict.get("complete") is False:
+            cut = f"its walk saw too much to finish in {WALK_BUDGET_SECONDS} s ({verdict.get('visited')} entries)"
+            evidence = f"{evidence}; {cut}" if evidence else cut
+        return evidence
+
+    return checked
+
+
 def _found_canary(verdict: dict[str, Any], target: Target) -> str:
     hits = [c for c in verdict.get("canaries", []) if c == target.secret_canary]
     return f"read the canary via {verdict.get('where', '?')}" if hits else ""
@@ -88,46 +131,39 @@ def _flag(key: str) -> Callable[[dict[str, Any], Target], str]:
 
 
 WALK = _snippet(r'''
-import time
-found, files, deadline, top = set(), 0, time.monotonic() + 20, sorted(os.listdir("/"))
-system = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/sys", "/dev")
-for root in ["/" + name for name in top]:
-    for dirpath, dirnames, names in os.walk(root):
-        if time.monotonic() > deadline:
-            break
-        for name in names:
-            if time.monotonic() > deadline:  # a directory of many large files must not outlast the budget
-                break
-            path = os.path.join(dirpath, name)
-            # read-only system trees hold no host secret: only names there, contents elsewhere
-            if root in system and ".env" not in name:
-                continue
-            if os.path.isfile(path) and not os.path.islink(path):
-                files += 1
-                found.update(canaries(read(path)))
-verdict(canaries=sorted(found), where="walking /", files=files, top=top)
+found, files, walk, top = set(), 0, Walk(), sorted(os.listdir("/"))
+system = ("/usr/", "/bin/", "/sbin/", "/lib/", "/lib32/", "/lib64/", "/libx32/", "/proc/", "/sys/", "/dev/")
+for dirpath, name in walk.files(["/" + name for name in top]):
+    path = os.path.join(dirpath, name)
+    # read-only system trees hold no host secret: only names there, contents elsewhere
+    if path.startswith(system) and ".env" not in name:
+        continue
+    if os.path.isfile(path) and not os.path.islink(path):
+        files += 1
+        found.update(canaries(read(path)))
+verdict(canaries=sorted(found), where="walking /", files=files, top=top, **walk.report())
 ''')
 
 PROC_ENVIRON = _snippet(r'''
-found, readable = set(), 0
-for pid in filter(str.isdigit, os.listdir("/proc")):
+found, readable, walk = set(), 0, Walk()
+for pid in walk.pids():
     for part in ("environ", "cmdline"):
         text = read(f"/proc/{pid}/{part}")
         readable += bool(text)
         found.update(canaries(text))
-verdict(canaries=sorted(found), where="/proc/*/environ", readable=readable)
+verdict(canaries=sorted(found), where="/proc/*/environ", readable=readable, **walk.report())
 ''')
 
 PROC_LINKS = _snippet(r'''
-found, seen = set(), []
-for pid in filter(str.isdigit, os.listdir("/proc")):
+found, seen, walk = set(), [], Walk()
+for pid in walk.pids():
     for path in (f"/proc/{pid}/cwd/.env", f"/proc/{pid}/root{target['host_cwd']}/.env",
                  f"/proc/{pid}/root{target['host_home']}/.env"):
         text = read(path)
         if text:
             seen.append(path)
         found.update(canaries(text))
-verdict(canaries=sorted(found), where="/proc/*/cwd and /proc/*/root", seen=seen)
+verdict(canaries=sorted(found), where="/proc/*/cwd and /proc/*/root", seen=seen, **walk.report())
 ''')
 
 RELATIVE = _snippet(r'''
@@ -139,7 +175,7 @@ verdict(canaries=sorted(found), where="relative paths ../.env")
 ''')
 
 HOST_PATHS = _snippet(r'''
-found, listed = set(), {}
+found, listed, walk = set(), {}, Walk()
 for directory in (target["host_cwd"], target["host_home"], os.path.expanduser("~"), "/root", "/home"):
     try:
         names = os.listdir(directory)
@@ -147,8 +183,10 @@ for directory in (target["host_cwd"], target["host_home"], os.path.expanduser("~
         continue
     listed[directory] = names[:20]
     for name in names:
+        if not walk.more():
+            break
         found.update(canaries(read(os.path.join(directory, name))))
-verdict(canaries=sorted(found), where="the host's cwd and home", listed=listed)
+verdict(canaries=sorted(found), where="the host's cwd and home", listed=listed, **walk.report())
 ''')
 
 REDIS = _snippet(r'''
@@ -194,8 +232,8 @@ for path in (target["victim_dir"], os.path.join(target["victim_dir"], "secret.tx
     if os.path.exists(path):
         reached.append(path)
     found.update(canaries(read(path)))
-mine = os.environ.get("RLMQ_SANDBOX_ID")
-for pid in filter(str.isdigit, os.listdir("/proc")):
+mine, walk = os.environ.get("RLMQ_SANDBOX_ID"), Walk()
+for pid in walk.pids():
     ids = re.findall(r"RLMQ_SANDBOX_ID=([^\x00]+)", read(f"/proc/{pid}/environ"))
     if ids and ids[0] != mine:
         reached.append(f"/proc/{pid} of sandbox {ids[0]}")
@@ -218,7 +256,7 @@ try:
     reached.append(f"signalled pid {target['victim_pid']}")
 except OSError as exc:
     pass
-verdict(canaries=sorted(found), where="another sandbox", reached=reached)
+verdict(canaries=sorted(found), where="another sandbox", reached=reached, **walk.report())
 ''')
 
 WRITE_OUTSIDE = _snippet(r'''
@@ -234,23 +272,22 @@ verdict(written=written)
 ''')
 
 COUNT_PROCESSES = _snippet(r'''
-pids = [p for p in os.listdir("/proc") if p.isdigit()]
+walk = Walk()
+pids = list(walk.pids())
 names = sorted(read(f"/proc/{p}/comm").strip() for p in pids)
-verdict(count=len(pids), names=names[:30])
+verdict(count=len(pids), names=names[:30], **walk.report())
 ''')
 
 BROKER_TOKEN = _snippet(r'''
 import hashlib
-words = set()
-for pid in filter(str.isdigit, os.listdir("/proc")):
+words, walk = set(), Walk()
+for pid in walk.pids():
     for part in ("cmdline", "environ"):
         words.update(re.split(r"[\s\x00=\"',:]+", read(f"/proc/{pid}/{part}")))
-for root in ("/sandbox", "/run", "/tmp", os.getcwd(), os.path.expanduser("~")):
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            words.update(re.split(r"[\s\x00=\"',:]+", read(os.path.join(dirpath, name))))
+for dirpath, name in walk.files(["/sandbox", "/run", "/tmp", os.getcwd(), os.path.expanduser("~")]):
+    words.update(re.split(r"[\s\x00=\"',:]+", read(os.path.join(dirpath, name))))
 digests = {hashlib.sha256(w.encode()).hexdigest() for w in words if len(w) >= 16}
-verdict(found=target["host_token_sha256"] in digests, words=len(words))
+verdict(found=target["host_token_sha256"] in digests, words=len(words), **walk.report())
 ''')
 
 INHERITED_FDS = _snippet(r'''
@@ -303,19 +340,21 @@ def _victim_check(verdict: dict[str, Any], target: Target) -> str:
 
 
 ATTACKS = [
-    Attack("walk_filesystem", "a file anywhere in view holds the canary", WALK, _found_canary),
-    Attack("proc_environ", "another process's environment or command line holds the canary", PROC_ENVIRON, _found_canary),
-    Attack("proc_cwd_and_root", "/proc/<pid>/cwd or /root leads to the worker's .env", PROC_LINKS, _found_canary),
+    Attack("walk_filesystem", "a file anywhere in view holds the canary", WALK, _whole_walk(_found_canary)),
+    Attack("proc_environ", "another process's environment or command line holds the canary", PROC_ENVIRON,
+           _whole_walk(_found_canary)),
+    Attack("proc_cwd_and_root", "/proc/<pid>/cwd or /root leads to the worker's .env", PROC_LINKS,
+           _whole_walk(_found_canary)),
     Attack("relative_dotenv", "../../.env reaches the worker's .env", RELATIVE, _found_canary),
-    Attack("host_cwd_and_home", "the worker's cwd or home is readable", HOST_PATHS, _found_canary),
+    Attack("host_cwd_and_home", "the worker's cwd or home is readable", HOST_PATHS, _whole_walk(_found_canary)),
     Attack("redis", "the host's Redis answers PING (PONG, or NOAUTH behind its password)", REDIS, _flag("pong")),
     Attack("loopback_listener", "a host TCP port on loopback answers", LISTENER, _flag("banner")),
     Attack("loopback_scan", "any loopback port accepts a connection", PORT_SCAN, _flag("open_ports")),
-    Attack("other_sandbox", "another sandbox's files or processes are reachable", VICTIM, _victim_check),
+    Attack("other_sandbox", "another sandbox's files or processes are reachable", VICTIM, _whole_walk(_victim_check)),
     Attack("write_outside", "a file appears outside the sandbox's directory", WRITE_OUTSIDE, _write_check),
     Attack("count_processes", "the host's processes are visible (more than its own few)", COUNT_PROCESSES,
-           lambda v, t: f"sees {v['count']} processes" if v.get("count", 0) > 6 else ""),
-    Attack("broker_token", "the host's broker token is readable", BROKER_TOKEN, _flag("found")),
+           _whole_walk(lambda v, t: f"sees {v['count']} processes" if v.get("count", 0) > 6 else "")),
+    Attack("broker_token", "the host's broker token is readable", BROKER_TOKEN, _whole_walk(_flag("found"))),
     Attack("inherited_fds", "a file descriptor of the host is open in the sandbox", INHERITED_FDS, _fd_check),
     Attack("symlink_plant", "a symlink in the sandbox's directory makes the host write outside it", SYMLINK_PLANT,
            _plant_check, then={"payload": "rlmq upload " * 10_000}),

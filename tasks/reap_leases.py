@@ -12,7 +12,7 @@ from celery.worker.control import control_command
 
 from rlmq.celery_config import REAP_TASK
 from tasks.app import app
-from workers.maintenance import maintain, reap_here
+from workers.recovery import maintain, reap_here
 
 __all__ = ["reap_leases"]
 

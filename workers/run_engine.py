@@ -1,8 +1,8 @@
 """The run engine: one RLM run inside one worker process, from spec to result.
 
-``tasks.runs.run_rlm`` hands its Celery task to :class:`RunExecution`, which loads the spec and
+``tasks.run_rlm.run_rlm`` hands its Celery task to :class:`RunExecution`, which loads the spec and
 inputs from Redis, claims the run (a QUEUED run becomes RUNNING as attempt ``n``; a second
-delivery of the same run id does not execute), builds :class:`~workers.fanout.FleetRLM` on the sandbox
+delivery of the same run id does not execute), builds :class:`~workers.rlm.TracedRLM` on the sandbox
 interpreter factory (sandboxes labelled ``rlmq.run=<id>`` and leased), runs it inside
 ``dspy.context(lm=root_lm)`` with the Redis-backed ``dspy.cache``, stores result and
 trajectory, and always releases its sandbox. Every ending is recorded: SUCCEEDED, CANCELLED
@@ -41,22 +41,24 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from dspy.utils.callback import BaseCallback
 
 from broker_bridge import interpreter_factory
-from rlmq.blobs import get_blobs
-from rlmq.records import RunSpec, RunStatus, RunStore
-from rlmq.settings import SandboxBackend, Settings, SettingsError
-from workers.cache import install_redis_dspy_cache
+from rlmq.store.blobs import get_blobs
+from rlmq.store.records import RunSpec, RunStatus, RunStore
+from rlmq.run_options import check_tools, with_options
+from rlmq.settings import SandboxBackend, SettingsError
+from workers.dspy_cache import install_redis_dspy_cache
 from workers.context import redis_client, worker_settings
 from workers.budget import Budget, BudgetExceeded
 from workers.dspy_private import action_predictor, iteration_of
 from workers.fanout import Fanout, FanoutCancelled, FanoutStats
 from workers.monitor import count, one_line, publish_progress, summary_line
-from workers.trajectory import TracedRLM, TrajectoryLog
+from workers.rlm import TracedRLM
+from workers.trajectory import TrajectoryLog
 from workers.usage import RunUsage
-from workers.root_lm import fleet_root_lm
+from workers.engines import fleet_root_lm
 from workers.sandbox_registry import LeaseKeeper, LeaseRegistry
 from workers.user_tools import ToolLoadError, load_tools
 
-__all__ = ["RunCancelled", "RunExecution", "RunFailed", "one_line", "root_lm"]
+__all__ = ["RunCancelled", "RunExecution", "RunFailed", "one_line"]
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +155,8 @@ class RunExecution:
 
     def _execute(self, spec: RunSpec) -> dict[str, Any]:
         try:  # the operator's pins, before any sandbox or LM call (the client may not know them)
-            settings = self.base.with_options(spec.options)
-            self.base.check_tools(spec.tools)
+            settings = with_options(self.base, spec.options)
+            check_tools(self.base, spec.tools)
         except SettingsError as exc:
             raise RunFailed(str(exc)) from None
         self.max_iters = settings.max_iters
@@ -176,7 +178,7 @@ class RunExecution:
         inputs = get_blobs(self.client, spec.inputs)
         registry = LeaseRegistry(self.client, self.base.lease_ttl)
         self.keeper = LeaseKeeper(registry, run_id=self.run_id, owner=self.owner, on_tick=self._tick).start()
-        local = {"isolation": settings.local_isolation} if settings.sandbox is SandboxBackend.LOCAL else {}
+        local = {"isolation": settings.local_isolation.value} if settings.sandbox is SandboxBackend.LOCAL else {}
         factory = interpreter_factory(
             settings.sandbox.value, execution_timeout=settings.execution_timeout,
             tool_wait_limit=self.base.run_time_limit,
@@ -188,7 +190,7 @@ class RunExecution:
         rlm = TracedRLM(spec.signature, fanout=fanout, tools=tools, max_iters=settings.max_iters,
                         max_llm_calls=settings.max_llm_calls, interpreter_factory=factory,
                         trace=self.trace, budget=self.budget, on_code=lambda: self.publish(force=True))
-        lm = root_lm(settings)
+        lm = fleet_root_lm(settings)
         self.stats.watch_root(lm)
         self.publish(force=True)
         with dspy.context(lm=lm, callbacks=[_IterationCallback(self, action_predictor(rlm))]):
@@ -328,11 +330,6 @@ def one_line(text: str, limit: int = 300) -> str:
     flat = " ".join(str(text).split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
-
-def root_lm(settings: Settings) -> dspy.LM:
-    """The run's root LM: ``dspy.cache`` (Redis-backed in workers), then the fleet's limiter for
-    the model, shared with every other run and with the sub-calls (``workers.root_lm``)."""
-    return fleet_root_lm(settings)
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,4 +1,4 @@
-"""``llm_batch``: the sub-task answering a chunk of a run's prompts (the work is ``workers.subcalls``)."""
+"""``llm_batch``: the sub-task answering a chunk of a run's prompts (the work is ``workers.batch_answer``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from rlmq.celery_config import LLM_TASK
 from rlmq.settings import Settings, SettingsError
 from tasks.app import app
 from workers.context import worker_settings
-from workers.subcalls import SUBTASK_DEADLINE_SECONDS, answer_batch
+from workers.batch_answer import answer_batch
+from workers.lm_gateway import SUBTASK_DEADLINE_SECONDS
 
 __all__ = ["llm_batch"]
 

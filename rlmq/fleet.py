@@ -13,9 +13,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from rlmq import keys
+from rlmq.store import keys
 from rlmq.celery_config import LLM_TASK, QUEUES, RUN_TASK
-from rlmq.records import RunStatus
+from rlmq.store.records import RunStatus
 
 __all__ = ["fleet_stats", "format_stats", "format_workers", "workers_view"]
 

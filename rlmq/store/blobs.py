@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from rlmq import keys
+from rlmq.store import keys
 
 __all__ = ["BlobError", "encode_blob", "get_blob", "get_blobs", "put_blob", "put_blobs"]
 

@@ -6,7 +6,7 @@ under ``keys.run_key(run_id)`` (one field per concern, so progress updates never
 spec), the final result under ``keys.run_result_key``, and the submit-time index
 ``keys.runs_index_key``. Everything is JSON.
 
-Writes by the worker running a run are fenced by its attempt number (``rlmq.run_scripts``): a
+Writes by the worker running a run are fenced by its attempt number (``rlmq.store.run_scripts``): a
 run restarted on another worker can never be overwritten by its previous owner.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from rlmq import keys, run_scripts
+from rlmq.store import keys, run_scripts
 
 __all__ = ["RunRecord", "RunSpec", "RunStatus", "RunStore", "new_run_id"]
 
@@ -48,7 +48,7 @@ class RunSpec:
     """One RLM run as submitted: the signature, input blob refs and per-run options.
 
     ``options`` holds per-run overrides of :class:`rlmq.settings.Settings` fields (the names in
-    ``rlmq.settings.RUN_OPTIONS``).
+    ``rlmq.settings.RUN_OPTIONS``, applied by ``rlmq.run_options``).
     """
 
     run_id: str

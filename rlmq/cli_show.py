@@ -93,7 +93,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_workers(args: argparse.Namespace) -> int:
-    from rlmq.fleet_view import format_workers, workers_view
+    from rlmq.fleet import format_workers, workers_view
 
     workers = workers_view(_client(args), timeout=args.timeout)
     print(json.dumps(workers, indent=2) if args.json else format_workers(workers))
@@ -101,7 +101,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from rlmq.fleet_view import fleet_stats, format_stats
+    from rlmq.fleet import fleet_stats, format_stats
 
     stats = fleet_stats(_client(args), window=args.window)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))

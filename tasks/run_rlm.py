@@ -1,4 +1,4 @@
-"""``run_rlm``: the Celery task that owns one RLM run (the engine is ``workers.run``)."""
+"""``run_rlm``: the Celery task that owns one RLM run (the engine is ``workers.run_engine``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from rlmq.celery_config import RUN_TASK
 from rlmq.settings import Settings, SettingsError
 from tasks.app import app
 from workers.context import worker_settings
-from workers.run import RunExecution
+from workers.run_engine import RunExecution
 
 __all__ = ["run_rlm"]
 

@@ -1,9 +1,8 @@
-"""Answering one chunk of prompts: what the ``llm_batch`` sub-task (``tasks.subcalls``) does.
+"""Answering one chunk of prompts: what the ``llm_batch`` sub-task (``tasks.llm_batch``) does.
 
 Each prompt goes through the fleet's Redis response cache with single-flight (one paid call
-per distinct prompt, fleet-wide), the fleet-wide adaptive limiter (``workers.adaptive_limit``: the
-provider's limit learned from its replies, an in-flight cap, the shared cooldown that a 429's
-``Retry-After`` sets), and retries with backoff on 429/5xx/timeouts/bad replies. A prompt
+per distinct prompt, fleet-wide), then ``workers.lm_gateway`` (the fleet-wide adaptive limiter and
+retries with backoff on 429/5xx/timeouts/bad replies). A prompt
 that still fails comes back as an :class:`~workers.llm_call.Answer` with ``error`` set: data,
 never an exception, so one bad prompt cannot fail the chunk. Answers carry usage, cost and the
 serving worker's hostname.
@@ -16,34 +15,27 @@ not be cached, so an outage turns into latency, not into ``[ERROR]`` answers.
 from __future__ import annotations
 
 import logging
-import random
 import time
-from collections.abc import Callable
 from typing import Any
 
 import redis
 
+from rlmq.run_options import model_allowed, with_options
 from rlmq.settings import Settings, SettingsError
 from workers.adaptive_limit import AdaptiveLimiter
-from workers.cache import ResponseCache
+from workers.lm_gateway import SUBTASK_DEADLINE_SECONDS, fleet_limiter, limited_call, max_call_seconds
+from workers.single_flight import ResponseCache
 from workers.context import redis_client, worker_settings
 from workers.answer import Answer
-from workers.llm_call import FailureKind, LMCallError, LMReply, call_lm, prompt_messages
+from workers.llm_call import LMReply, prompt_messages
 from workers.monitor import count
 
-__all__ = ["SUBTASK_DEADLINE_SECONDS", "answer_batch", "answer_prompt", "fleet_limiter", "limited_call"]
+__all__ = ["answer_batch", "answer_prompt"]
 
 logger = logging.getLogger(__name__)
 
-# A sub-task stops starting new prompts after this long (the parent's gather timeout and the
-# broker's visibility timeout are both larger); late prompts come back as errors.
-SUBTASK_DEADLINE_SECONDS = 900.0
-_MAX_BACKOFF = 20.0
-_THROTTLED_RETRIES = 4  # 429s allowed per allowed retry (RLMQ_LM_RETRIES)
-# The provider counts requests when they arrive, not when Redis grants them; grant-to-arrival
-# delays vary by tens of ms, which can put one extra request into a provider's 1-s window.
-RATE_MARGIN = 0.97
 _REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+
 
 
 def answer_batch(prompts: list[Any], model: str, options: dict[str, Any] | None, params: dict[str, Any] | None,
@@ -57,7 +49,7 @@ def answer_batch(prompts: list[Any], model: str, options: dict[str, Any] | None,
     if refused:  # checked again here: anyone who can enqueue llm_batch can choose these arguments
         logger.warning("llm_batch refused: %s", refused)
         return [Answer(error=refused, worker=worker).to_json_dict() for _ in prompts]
-    settings = worker_settings().with_options(options)
+    settings = with_options(worker_settings(), options)
     client = redis_client()
     cache = ResponseCache(client, ttl_seconds=settings.cache_ttl_seconds, valid=_cache_record)
     limiter = fleet_limiter(client, model, settings)
@@ -87,10 +79,10 @@ def _refusal(model: str, options: dict[str, Any] | None, params: dict[str, Any] 
     """Why this worker's pins refuse the sub-call, or None (the same check a run makes at its start)."""
     base = worker_settings()
     try:
-        settings = base.with_options(options)
+        settings = with_options(base, options)
     except SettingsError as exc:
         return str(exc)
-    if model != settings.effective_sub_lm and not base.model_allowed(model):
+    if model != settings.effective_sub_lm and not model_allowed(base, model):
         return f"model {model!r} is not allowed by this worker's settings (RLMQ_ALLOWED_MODELS)"
     extra = sorted(set(params or {}) - SAMPLING_PARAMS)
     if extra:
@@ -122,58 +114,6 @@ def _answer(value: dict[str, Any], *, cached: bool, worker: str, attempts: int) 
     return Answer(text=reply.text, cached=cached, usage=reply.usage, cost=reply.cost, worker=worker, attempts=attempts)
 
 
-def fleet_limiter(client: Any, model: str, settings: Settings) -> AdaptiveLimiter:
-    """The fleet's limiter for ``model``: learned from replies; the settings are optional ceilings.
-
-    An explicit ``RLMQ_RATE_LIMIT_RPS`` is also where probing starts (the user said it is allowed).
-    """
-    ceiling = settings.rate_limit_rps * RATE_MARGIN if settings.rate_limit_rps else None
-    return AdaptiveLimiter(client, model, ceiling_rps=ceiling, burst=settings.rate_limit_burst,
-                           ceiling_tpm=settings.tokens_per_minute, max_in_flight=settings.max_in_flight,
-                           lease_seconds=settings.lm_timeout + 30.0, initial_rps=ceiling or 10.0)
-
-
-def limited_call(model: str, messages: list[dict[str, Any]], settings: Settings, limiter: AdaptiveLimiter, *,
-                 params: dict[str, Any], deadline: float,
-                 on_throttled: Callable[[], None] | None = None) -> tuple[dict[str, Any], int]:
-    """One request through the fleet limiter and the LM, with retries: (reply dict or ``{"error": ...}``, attempts).
-
-    ``on_throttled`` is called for each 429 (``rlmq stats`` counts them)."""
-    estimate = sum(len(str(m.get("content", ""))) for m in messages) // 4 + int(params.get("max_tokens") or 0)
-    failures = throttled = attempts = 0
-    while True:
-        attempts += 1
-        slot = limiter.acquire(tokens=estimate, timeout=max(0.1, deadline - time.monotonic()))
-        headers: dict[str, str] = {}
-        try:
-            reply = call_lm(model, messages, api_base=settings.lm_api_base, timeout=settings.lm_timeout,
-                            params=params, client=settings.lm_client, headers_out=headers)
-        except LMCallError as exc:
-            limited = exc.kind is FailureKind.RATE_LIMITED
-            slot.done(headers=headers, rate_limited=limited, failed=True)
-            throttled, failures = throttled + limited, failures + (not limited)
-            # A 429 is the limiter's business (the fleet pauses, the rate drops): it may retry
-            # more often than a failure before the prompt is given up.
-            if (exc.kind is FailureKind.PERMANENT or failures > settings.lm_retries
-                    or throttled > _THROTTLED_RETRIES * settings.lm_retries):
-                return {"error": f"{exc.kind.value} after {attempts} attempt(s): {exc}"}, attempts
-            if limited:
-                # Pause the whole fleet; every worker's acquire() waits the cooldown out.
-                pause = exc.retry_after if exc.retry_after is not None else _backoff(throttled - 1)
-                limiter.cooldown(pause)
-                if on_throttled is not None:
-                    on_throttled()
-                logger.info("429 from %s: fleet cooldown %.2fs", model, pause)
-            else:
-                time.sleep(min(_backoff(failures - 1), max(0.0, deadline - time.monotonic())))
-            continue
-        except BaseException:
-            slot.done(failed=True)
-            raise
-        slot.done(headers=headers, used_tokens=int(reply.usage.get("total_tokens") or 0) or None)
-        return reply.to_json_dict(), attempts
-
-
 def answer_prompt(prompt: Any, model: str, settings: Settings, cache: ResponseCache, limiter: AdaptiveLimiter,
                   *, params: dict[str, Any], worker: str, deadline: float, key: str | None = None) -> Answer:
     """One prompt through cache -> single-flight -> rate limit -> LM with retries; never raises."""
@@ -196,7 +136,7 @@ def answer_prompt(prompt: Any, model: str, settings: Settings, cache: ResponseCa
     while True:
         try:
             key = key or cache.key_for(model, prompt_messages(prompt), params)
-            value, cached = cache.single_flight(key, compute, lock_ttl=_lock_ttl(settings),
+            value, cached = cache.single_flight(key, compute, lock_ttl=max_call_seconds(settings),
                                                 wait_timeout=max(1.0, deadline - time.monotonic()),
                                                 cacheable=lambda v: "error" not in v, known_miss=known_miss)
             return _answer(value, cached=bool(cached), worker=worker, attempts=attempts)
@@ -215,13 +155,3 @@ def answer_prompt(prompt: Any, model: str, settings: Settings, cache: ResponseCa
         except Exception as exc:  # the limiter or a waiter timing out: still an answer
             logger.warning("prompt failed outside the LM call: %r", exc)
             return Answer(error=f"{type(exc).__name__}: {exc}", worker=worker, attempts=attempts)
-
-
-def _backoff(attempt: int) -> float:
-    return min(_MAX_BACKOFF, 0.25 * 2 ** attempt) * (0.5 + random.random())
-
-
-def _lock_ttl(settings: Settings) -> float:
-    """How long a single-flight leader may hold the lock: every attempt, timeout and backoff."""
-    throttled = _THROTTLED_RETRIES * settings.lm_retries * _MAX_BACKOFF  # 429s: quick replies, then a pause
-    return (settings.lm_retries + 1) * (settings.lm_timeout + _MAX_BACKOFF) + throttled + 30.0
