@@ -12,7 +12,7 @@ from broker_bridge.backends.base import (
     SandboxStartError,
     SandboxTimeout,
 )
-from broker_bridge.factory import InterpreterFactory, destroy_sandbox, interpreter_factory
+from broker_bridge.factory import InterpreterFactory, destroy_sandbox, interpreter_factory, reap_labelled
 from broker_bridge.interpreter import SandboxInterpreter
 
 __all__ = [
@@ -28,4 +28,5 @@ __all__ = [
     "SandboxTimeout",
     "destroy_sandbox",
     "interpreter_factory",
+    "reap_labelled",
 ]

@@ -63,7 +63,7 @@ def interpreter_factory(backend: BackendName | str = BackendName.LOCAL, **option
     """The factory for ``dspy.RLM(interpreter_factory=...)``.
 
     ``backend`` is ``"local"`` (subprocess sandbox) or ``"daytona"``. Options are the interpreter's
-    (``execution_timeout``, ``labels``, ``on_sandbox_created``, ``on_sandbox_destroyed``,
+    (``execution_timeout``, ``labels``, ``on_sandbox_creating``, ``on_sandbox_created``, ``on_sandbox_destroyed``,
     ``tool_concurrency``, ``output_limit``, ...) and the backend's (e.g. ``memory_limit_mb`` for
     local, ``auto_stop_interval`` for Daytona); an unknown option is a ``TypeError`` now, not later.
     """
@@ -71,7 +71,8 @@ def interpreter_factory(backend: BackendName | str = BackendName.LOCAL, **option
 
 
 def destroy_sandbox(info: SandboxInfo) -> None:
-    """For reapers: release a sandbox known only by its ``SandboxInfo`` (e.g. after its worker died)."""
+    """For reapers: release a sandbox known only by its ``SandboxInfo`` (e.g. after its worker died).
+    A Daytona sandbox is looked up where it lives (``info.provider``), with this process's key."""
     if info.backend == "local":
         from broker_bridge.backends.local import destroy_local_sandbox
 
@@ -79,7 +80,21 @@ def destroy_sandbox(info: SandboxInfo) -> None:
     elif info.backend == "daytona":
         from broker_bridge.backends.daytona import delete_daytona_sandbox
 
-        delete_daytona_sandbox(info.sandbox_id)
+        delete_daytona_sandbox(info.sandbox_id, api_url=info.provider.get("api_url"),
+                               target=info.provider.get("target"))
     else:
         raise ValueError(f"unknown sandbox backend {info.backend!r}")
 
+
+def reap_labelled(backend: str, labels: dict[str, str], provider: dict[str, str] | None = None) -> int:
+    """For recovery: delete every sandbox of ``backend`` carrying ``labels`` (a run's, by its
+    ``rlmq.run`` label), including any whose creation never reported back; how many were deleted.
+    Local sandboxes die with the worker that started them, so there is nothing to find."""
+    if backend == "local":
+        return 0
+    if backend == "daytona":
+        from broker_bridge.backends.daytona import reap_daytona_sandboxes
+
+        provider = provider or {}
+        return reap_daytona_sandboxes(labels, api_url=provider.get("api_url"), target=provider.get("target"))
+    raise ValueError(f"unknown sandbox backend {backend!r}")

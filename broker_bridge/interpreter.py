@@ -34,7 +34,7 @@ from typing import Any, Callable, NoReturn
 from dspy.primitives.code_interpreter import CodeExecutionError, CodeInterpreterError, FinalOutput
 
 from broker_bridge.backends.base import (
-    Sandbox, SandboxDied, SandboxError, SandboxInfo, SandboxSpec, SandboxTimeout,
+    Sandbox, SandboxDied, SandboxError, SandboxInfo, SandboxSpec, SandboxStartError, SandboxTimeout,
 )
 from broker_bridge.host_client import BrokerClient, BrokerUnreachable
 from broker_bridge.step_clock import StepClock
@@ -54,7 +54,14 @@ EXECUTION_INSTRUCTIONS = (
 
 
 class SandboxInterpreter:
-    """A ``dspy.primitives.CodeInterpreter`` whose code runs in a sandbox (one per interpreter)."""
+    """A ``dspy.primitives.CodeInterpreter`` whose code runs in a sandbox (one per interpreter).
+
+    Sandbox hooks, each given a ``SandboxInfo``: ``on_sandbox_creating`` before the backend creates
+    anything (register a lease here: the sandbox's name and labels are already fixed, so a reaper can
+    find it even if the worker dies mid-boot); ``on_sandbox_created`` once it booted;
+    ``on_sandbox_destroyed`` after it was destroyed. A failed boot calls no further hook: the backend
+    has tried to delete what it made, and what ``on_sandbox_creating`` registered stays for a reaper.
+    """
 
     execution_instructions = EXECUTION_INSTRUCTIONS
 
@@ -67,6 +74,7 @@ class SandboxInterpreter:
         execution_timeout: float = 300.0,
         tool_wait_limit: float = 0.0,
         labels: dict[str, str] | None = None,
+        on_sandbox_creating: Callable[[SandboxInfo], None] | None = None,
         on_sandbox_created: Callable[[SandboxInfo], None] | None = None,
         on_sandbox_destroyed: Callable[[SandboxInfo], None] | None = None,
         tool_concurrency: int = 32,
@@ -83,6 +91,7 @@ class SandboxInterpreter:
         self._clock = StepClock()
         self._backend_factory = backend_factory
         self._labels = dict(labels or {})
+        self._on_creating = on_sandbox_creating
         self._on_created = on_sandbox_created
         self._on_destroyed = on_sandbox_destroyed
         self._tool_concurrency = tool_concurrency
@@ -122,6 +131,14 @@ class SandboxInterpreter:
                 labels={"rlmq.sandbox": self.sandbox_id, **self._labels},
             )
             backend = self._backend_factory()
+            if self._on_creating is not None:
+                # Before anything exists (a lease, say): a worker killed during the boot then still
+                # leaves a record a reaper can act on. A failed hook creates nothing.
+                try:
+                    self._on_creating(backend.planned_info(spec))
+                except Exception as exc:
+                    raise SandboxStartError(f"could not register sandbox {spec.sandbox_id} before creating it: "
+                                            f"{exc}") from exc
             endpoint = backend.boot(spec)  # cleans up after itself when it raises
             self._backend = backend
             try:

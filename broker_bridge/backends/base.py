@@ -94,7 +94,12 @@ class SandboxInfo:
     sandbox_id: str
     labels: dict[str, str]
     host: str = field(default_factory=socket.gethostname)
-    isolation: Isolation | None = None  # None (or "") when unknown, e.g. rebuilt from a lease
+    # What stands between sandbox code and the host: VM (Daytona), NAMESPACES (local, bubblewrap),
+    # PROCESS (local fallback, no security boundary); None (or "") when unknown, e.g. rebuilt from a lease.
+    isolation: Isolation | None = None
+    # Where the provider is reached, for a reaper in another process (Daytona: api_url, target).
+    # Never a secret: the reaper brings its own key.
+    provider: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Backends and leases may pass plain strings; an unknown name is an error here, not in a reaper later.
@@ -141,6 +146,11 @@ class Sandbox(abc.ABC):
     @abc.abstractmethod
     def info(self) -> SandboxInfo:
         """Identity of this sandbox for leases and reapers."""
+
+    def planned_info(self, spec: SandboxSpec) -> SandboxInfo:
+        """What ``info()`` will say once ``spec`` is booted, known before anything is created: enough
+        for a reaper to find and delete the sandbox even if ``boot`` never returns."""
+        return SandboxInfo(backend=self.kind, sandbox_id=spec.sandbox_id, labels=dict(spec.labels))
 
 
 def broker_command(
