@@ -1,0 +1,6 @@
+"""Hosts for multi-host tests: network namespaces on one switch (``network``), what they leave
+behind (``janitor``), Redis with Sentinel across them (``sentinel``), pytest fixtures (``fixtures``)."""
+
+from tests.support.hosts.network import Host, HostProcess, Network, netem_missing, unavailable
+
+__all__ = ["Host", "HostProcess", "Network", "netem_missing", "unavailable"]

@@ -1,0 +1,340 @@
+"""Hosts for multi-host tests: Linux network namespaces plugged into one switch, with faults to inject.
+
+``Network()`` makes the switch, a bridge inside a namespace of its own (nothing touches this
+machine's interfaces), and ``add_host(name)`` plugs in a host: a namespace whose ``eth0`` is one
+end of a veth pair, the other end a port of the bridge, with an address in 198.18.0.0/15 (RFC
+2544's benchmarking range, routed nowhere). Nothing here sends a packet anywhere but these hosts.
+
+A host runs processes (``Host.spawn``: argv, env, cwd, log file) that the network tracks and
+kills; ``with host.entered():`` makes the sockets this thread opens meanwhile (a redis-py client,
+a listener) sockets *on that host*, so a test can talk to the hosts directly.
+
+Faults, each undone by its pair:
+- ``cut(host)`` / ``restore(host)``: the host's switch port goes down, as if its cable were
+  pulled: what it sends vanishes and nothing reaches it (it sees NO-CARRIER).
+- ``partition(a, b)`` / ``heal(a, b)``: a and b lose each other, and only each other: each one's
+  neighbour entry for the other points at a MAC address no host has, so their frames go out and
+  vanish on the switch. Needs nothing but iproute2 (no netem, no firewall).
+- ``set_latency(delay_ms, jitter_ms, loss_pct)`` / ``clear_latency()``: ``tc netem`` on every
+  host's ``eth0``: each packet between two hosts is delayed once (a round trip takes twice the
+  delay). Needs the kernel's sch_netem; ``netem_missing()`` says why it cannot be had.
+- ``power_off(host)`` / ``power_on(host)``: cut the host, then SIGKILL every process in its
+  namespace; powering on restores the link (what it ran stays dead, as after a reboot).
+
+Cleanup: ``close()`` (also ``with`` and interpreter exit) kills every process in every namespace
+of the network and deletes the namespaces, which takes the veth pairs and the bridge with them.
+A pytest killed outright runs no finaliser: the watcher started with the first network (see
+``janitor``) sweeps this process's namespaces when it ends, and ``janitor.sweep()`` at the next
+session start removes any whose owner is gone.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import itertools
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+from rlmq.stack import ChildProcess
+from tests.support.hosts import janitor
+
+__all__ = ["Host", "HostProcess", "Network", "netem_missing", "unavailable"]
+
+SUBNET_PREFIX = "198.18.0."  # host n gets .n (within 198.18.0.0/15)
+PREFIX_LEN = 24
+NOWHERE_MAC = "02:00:00:00:00:00"  # locally administered; no veth is given it
+_HOST_NAME = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+_networks = itertools.count(1)  # 0 is the probe's
+_CLONE_NEWNET = 0x40000000
+
+
+def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip() or done.stdout.strip()}")
+    return done
+
+
+@cache
+def _probe() -> tuple[str | None, str | None]:
+    """(why the harness cannot run here, why netem cannot) — None where it can."""
+    if not sys.platform.startswith("linux"):
+        return "the multi-host harness needs Linux network namespaces", "no Linux"
+    if os.geteuid() != 0:
+        return "the multi-host harness needs root (it makes network namespaces and veth pairs)", "no root"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` (iproute2) is not installed: apt-get install iproute2", "no iproute2"
+    name = janitor.netns_name(os.getpid(), 0, "probe")
+    made = _run("ip", "netns", "add", name, check=False)
+    if made.returncode != 0:
+        return f"`ip netns add` is not permitted here: {made.stderr.strip()}", "no namespaces"
+    try:
+        for argv in (("ip", "-n", name, "link", "add", "p0", "type", "veth", "peer", "name", "p1"),
+                     ("ip", "-n", name, "link", "add", "br0", "type", "bridge")):
+            done = _run(*argv, check=False)
+            if done.returncode != 0:
+                return f"`{' '.join(argv[3:])}` failed in a namespace: {done.stderr.strip()}", "no veth/bridge"
+        _run("ip", "-n", name, "link", "set", "lo", "up")
+        netem = _run("tc", "-n", name, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms", check=False)
+        why_not_netem = None if netem.returncode == 0 else (
+            f"this kernel has no tc netem (sch_netem), so delay, jitter and loss cannot be set: "
+            f"{netem.stderr.strip()}")
+        return None, why_not_netem
+    finally:
+        _run("ip", "netns", "del", name, check=False)
+
+
+def unavailable() -> str | None:
+    """Why hosts cannot be made on this machine (one line), or None."""
+    return _probe()[0]
+
+
+def netem_missing() -> str | None:
+    """Why latency and loss cannot be set here (one line), or None."""
+    why, why_netem = _probe()
+    return why or why_netem
+
+
+_watcher: subprocess.Popen[bytes] | None = None
+_watcher_lock = threading.Lock()
+
+
+def _ensure_watcher() -> None:
+    """One janitor per process, sweeping its namespaces once it ends (even by SIGKILL)."""
+    global _watcher
+    with _watcher_lock:
+        if _watcher is None or _watcher.poll() is not None:
+            repo = str(Path(__file__).resolve().parents[3])
+            _watcher = subprocess.Popen(
+                [sys.executable, "-m", "tests.support.hosts.janitor", "--watch", str(os.getpid())],
+                cwd=repo, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True)
+
+
+def _setns(fd: int) -> None:
+    if hasattr(os, "setns"):  # Python >= 3.12
+        os.setns(fd, os.CLONE_NEWNET)
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@dataclass
+class HostProcess(ChildProcess):
+    """A process started on a host (its own session: signals go to its whole process group)."""
+
+    host: Host | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def kill(self, sig: int = signal.SIGKILL, timeout: float = 10.0) -> None:
+        """Send ``sig`` to the process group; for SIGKILL also wait until it is gone."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, sig)
+        if sig == signal.SIGKILL:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout)
+
+
+@dataclass
+class Host:
+    name: str
+    ip: str
+    netns: str
+    dir: Path  # this host's own directory (data, logs)
+    network: Network = field(repr=False)
+
+    def spawn(self, argv: list[str], *, name: str, env: dict[str, str] | None = None, cwd: str | None = None,
+              log: Path | None = None, inherit_env: bool = True) -> HostProcess:
+        """Start ``argv`` on this host; its output goes to ``log`` (default ``<host dir>/<name>.log``)."""
+        log_path = log or self.dir / f"{name}.log"
+        full_env = {**(os.environ if inherit_env else {}), **(env or {})}
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(["ip", "netns", "exec", self.netns, *argv], env=full_env, cwd=cwd,
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        child = HostProcess(name=f"{self.name}/{name}", process=proc, log_path=log_path, host=self)
+        self.network.processes.append(child)
+        return child
+
+    def run(self, argv: list[str], *, timeout: float = 30.0, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a short command on this host and wait for it."""
+        done = subprocess.run(["ip", "netns", "exec", self.netns, *argv], capture_output=True, text=True,
+                              timeout=timeout, check=False)
+        if check and done.returncode != 0:
+            raise RuntimeError(f"on {self.name}: {' '.join(argv)}: {done.stderr.strip() or done.stdout.strip()}")
+        return done
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[Host]:
+        """Within the block, sockets this thread opens are opened on this host. They stay there
+        afterwards; a client that reconnects later must do so inside such a block too."""
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        target = os.open(janitor.NETNS_DIR / self.netns, os.O_RDONLY)
+        try:
+            _setns(target)
+            try:
+                yield self
+            finally:
+                _setns(home)
+        finally:
+            os.close(target)
+            os.close(home)
+
+    def pids(self) -> list[int]:
+        """Every process running on this host (in its namespace), tracked or not."""
+        return janitor.processes_in(self.netns)
+
+    def kill_all(self) -> None:
+        """SIGKILL every process on this host and wait until they are gone."""
+        left = janitor.kill_namespace_processes(self.netns)
+        for child in self.network.processes:
+            if child.host is self:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.process.wait(5)
+        if left:
+            raise RuntimeError(f"processes on {self.name} survived SIGKILL: {left}")
+
+
+class Network:
+    """A switch and the hosts plugged into it; ``close()`` removes all of it."""
+
+    def __init__(self) -> None:
+        why = unavailable()
+        if why:
+            raise RuntimeError(why)
+        self.owner = os.getpid()
+        self.index = next(_networks)
+        self.dir = Path(tempfile.mkdtemp(prefix="rlmq-hosts-"))
+        self.switch = janitor.netns_name(self.owner, self.index, "sw")
+        self.hosts: dict[str, Host] = {}
+        self.processes: list[HostProcess] = []
+        self._partitions: set[frozenset[str]] = set()
+        self._closed = False
+        _ensure_watcher()
+        atexit.register(self.close)
+        try:
+            _run("ip", "netns", "add", self.switch)
+            self._ip(self.switch, "link", "set", "lo", "up")
+            self._ip(self.switch, "link", "add", "br0", "type", "bridge")
+            self._ip(self.switch, "link", "set", "br0", "up")
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _ip(netns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return _run("ip", "-n", netns, *argv, check=check)
+
+    def namespaces(self) -> list[str]:
+        return [self.switch, *(h.netns for h in self.hosts.values())]
+
+    def add_host(self, name: str) -> Host:
+        if not _HOST_NAME.match(name) or name in self.hosts or name == "sw":
+            raise ValueError(f"host name {name!r}: a new lowercase name of 1-8 letters/digits, not 'sw'")
+        host = Host(name=name, ip=f"{SUBNET_PREFIX}{len(self.hosts) + 1}",
+                    netns=janitor.netns_name(self.owner, self.index, name), dir=self.dir / name, network=self)
+        host.dir.mkdir()
+        _run("ip", "netns", "add", host.netns)
+        self.hosts[name] = host
+        self._ip(host.netns, "link", "set", "lo", "up")
+        # Both ends are made inside their namespaces: no link ever appears in this machine's own.
+        _run("ip", "link", "add", "eth0", "netns", host.netns, "type", "veth", "peer", "name", name,
+             "netns", self.switch)
+        self._ip(host.netns, "addr", "add", f"{host.ip}/{PREFIX_LEN}", "dev", "eth0")
+        self._ip(host.netns, "link", "set", "eth0", "up")
+        self._ip(self.switch, "link", "set", "dev", name, "master", "br0")
+        self._ip(self.switch, "link", "set", "dev", name, "up")
+        return host
+
+    def add_hosts(self, *names: str) -> list[Host]:
+        return [self.add_host(name) for name in names]
+
+    def _host(self, host: Host | str) -> Host:
+        return self.hosts[host] if isinstance(host, str) else host
+
+    # -- faults ---------------------------------------------------------------------------------
+
+    def cut(self, host: Host | str) -> None:
+        self._ip(self.switch, "link", "set", "dev", self._host(host).name, "down")
+
+    def restore(self, host: Host | str) -> None:
+        self._ip(self.switch, "link", "set", "dev", self._host(host).name, "up")
+
+    def partition(self, a: Host | str, b: Host | str) -> None:
+        a, b = self._host(a), self._host(b)
+        for here, there in ((a, b), (b, a)):
+            self._ip(here.netns, "neigh", "replace", there.ip, "lladdr", NOWHERE_MAC, "dev", "eth0", "nud", "permanent")
+        self._partitions.add(frozenset((a.name, b.name)))
+
+    def heal(self, a: Host | str, b: Host | str) -> None:
+        a, b = self._host(a), self._host(b)
+        for here, there in ((a, b), (b, a)):
+            self._ip(here.netns, "neigh", "del", there.ip, "dev", "eth0", check=False)
+        self._partitions.discard(frozenset((a.name, b.name)))
+
+    def heal_all(self) -> None:
+        for pair in list(self._partitions):
+            self.heal(*sorted(pair))
+
+    def set_latency(self, delay_ms: float, jitter_ms: float = 0.0, loss_pct: float = 0.0) -> None:
+        """Delay every packet between hosts by ``delay_ms`` (± ``jitter_ms``) and drop ``loss_pct`` %."""
+        why = netem_missing()
+        if why:
+            raise RuntimeError(why)
+        for host in self.hosts.values():
+            _run("tc", "-n", host.netns, "qdisc", "replace", "dev", "eth0", "root", "netem",
+                 "delay", f"{delay_ms}ms", f"{jitter_ms}ms", "loss", f"{loss_pct}%")
+
+    def clear_latency(self) -> None:
+        for host in self.hosts.values():
+            _run("tc", "-n", host.netns, "qdisc", "del", "dev", "eth0", "root", check=False)
+
+    def power_off(self, host: Host | str) -> None:
+        host = self._host(host)
+        self.cut(host)  # first: a host losing power sends nothing, not even the FIN of a killed process
+        host.kill_all()
+
+    def power_on(self, host: Host | str) -> None:
+        self.restore(host)
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Kill every process, delete every namespace (links and bridge go with them). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for child in self.processes:
+            child.stop(grace=0)
+        survivors = []
+        for netns in self.namespaces():
+            survivors += janitor.kill_namespace_processes(netns)
+            _run("ip", "netns", "del", netns, check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        atexit.unregister(self.close)
+        if survivors:
+            raise RuntimeError(f"processes survived SIGKILL in the hosts' namespaces: {survivors}")
+
+    def __enter__(self) -> Network:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
