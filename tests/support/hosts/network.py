@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
@@ -74,7 +75,7 @@ def _probe() -> tuple[str | None, str | None]:
         return "the multi-host harness needs Linux network namespaces", "no Linux"
     if os.geteuid() != 0:
         return "the multi-host harness needs root (it makes network namespaces and veth pairs)", "no root"
-    for tool in ("ip", "tc"):
+    for tool in ("ip", "tc", "bridge"):
         if shutil.which(tool) is None:
             return f"`{tool}` (iproute2) is not installed: apt-get install iproute2", "no iproute2"
     name = janitor.netns_name(os.getpid(), 0, "probe")
@@ -275,8 +276,20 @@ class Network:
     def cut(self, host: Host | str) -> None:
         self._ip(self.switch, "link", "set", "dev", self._host(host).name, "down")
 
-    def restore(self, host: Host | str) -> None:
-        self._ip(self.switch, "link", "set", "dev", self._host(host).name, "up")
+    def restore(self, host: Host | str, timeout: float = 5.0) -> None:
+        """Bring the host's port back up, and return once packets flow (the kernel turns a
+        carrier on asynchronously, up to a second later)."""
+        host = self._host(host)
+        self._ip(self.switch, "link", "set", "dev", host.name, "up")
+        deadline = time.monotonic() + timeout
+        while True:
+            port = _run("bridge", "-n", self.switch, "link", "show", "dev", host.name).stdout
+            nic = self._ip(host.netns, "-o", "link", "show", "dev", "eth0").stdout
+            if "state forwarding" in port and "state UP" in nic:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{host.name}'s link did not come back within {timeout:.0f}s: {port} {nic}")
+            time.sleep(0.02)
 
     def partition(self, a: Host | str, b: Host | str) -> None:
         a, b = self._host(a), self._host(b)
