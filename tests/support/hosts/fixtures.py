@@ -2,8 +2,8 @@
 
 ``network`` is a fresh, empty ``Network`` per test, closed (processes killed, namespaces deleted)
 however the test ends; the whole module skips, saying why, where hosts cannot be made (not
-Linux, not root, no iproute2, ``ip netns add`` refused). ``require_netem()`` skips one test that
-needs delay or loss where the kernel has no netem.
+Linux, not root, no iproute2, ``ip netns add`` refused). ``require_latency()`` skips one test that
+needs delay or loss where neither netem nor the NFQUEUE delayer can be had.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.hosts import janitor
-from tests.support.hosts.network import Network, netem_missing, unavailable
+from tests.support.hosts.network import Network, latency_missing, unavailable
 
-__all__ = ["hosts_harness", "network", "require_netem"]
+__all__ = ["hosts_harness", "network", "require_latency"]
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +33,7 @@ def network(hosts_harness: None) -> Iterator[Network]:
         yield net
 
 
-def require_netem() -> None:
-    why = netem_missing()
+def require_latency() -> None:
+    why = latency_missing()
     if why:
         pytest.skip(why)

@@ -15,9 +15,11 @@ Faults, each undone by its pair:
 - ``partition(a, b)`` / ``heal(a, b)``: a and b lose each other, and only each other: each one's
   neighbour entry for the other points at a MAC address no host has, so their frames go out and
   vanish on the switch. Needs nothing but iproute2 (no netem, no firewall).
-- ``set_latency(delay_ms, jitter_ms, loss_pct)`` / ``clear_latency()``: ``tc netem`` on every
-  host's ``eth0``: each packet between two hosts is delayed once (a round trip takes twice the
-  delay). Needs the kernel's sch_netem; ``netem_missing()`` says why it cannot be had.
+- ``set_latency(delay_ms, jitter_ms, loss_pct)`` / ``clear_latency()``: each packet between two
+  hosts is delayed once (a round trip takes twice the delay): ``tc netem`` on every host's
+  ``eth0`` where the kernel has sch_netem, else the switch queues every packet it forwards to a
+  userspace delayer (``delayer``, NFQUEUE via iptables). ``latency_missing()`` says why neither
+  can be had.
 - ``power_off(host)`` / ``power_on(host)``: cut the host, then SIGKILL every process in its
   namespace; powering on restores the link (what it ran stays dead, as after a reboot).
 
@@ -51,7 +53,7 @@ from pathlib import Path
 from rlmq.stack import ChildProcess
 from tests.support.hosts import janitor
 
-__all__ = ["Host", "HostProcess", "Network", "netem_missing", "unavailable"]
+__all__ = ["Host", "HostProcess", "Network", "latency_backend", "latency_missing", "unavailable"]
 
 SUBNET_PREFIX = "198.18.0."  # host n gets .n (within 198.18.0.0/15)
 PREFIX_LEN = 24
@@ -59,6 +61,7 @@ NOWHERE_MAC = "02:00:00:00:00:00"  # locally administered; no veth is given it
 _HOST_NAME = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 _networks = itertools.count(1)  # 0 is the probe's
 _CLONE_NEWNET = 0x40000000
+_REPO = Path(__file__).resolve().parents[3]
 
 
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -69,33 +72,48 @@ def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 @cache
-def _probe() -> tuple[str | None, str | None]:
-    """(why the harness cannot run here, why netem cannot) — None where it can."""
+def _probe() -> tuple[str | None, str | None, str | None]:
+    """(why hosts cannot be made here, why netem cannot be used, why the NFQUEUE delayer cannot
+    be used) — None where it can."""
     if not sys.platform.startswith("linux"):
-        return "the multi-host harness needs Linux network namespaces", "no Linux"
+        return "the multi-host harness needs Linux network namespaces", "no Linux", "no Linux"
     if os.geteuid() != 0:
-        return "the multi-host harness needs root (it makes network namespaces and veth pairs)", "no root"
+        why = "the multi-host harness needs root (it makes network namespaces and veth pairs)"
+        return why, why, why
     for tool in ("ip", "tc", "bridge"):
         if shutil.which(tool) is None:
-            return f"`{tool}` (iproute2) is not installed: apt-get install iproute2", "no iproute2"
+            why = f"`{tool}` (iproute2) is not installed: apt-get install iproute2"
+            return why, why, why
     name = janitor.netns_name(os.getpid(), 0, "probe")
     made = _run("ip", "netns", "add", name, check=False)
     if made.returncode != 0:
-        return f"`ip netns add` is not permitted here: {made.stderr.strip()}", "no namespaces"
+        why = f"`ip netns add` is not permitted here: {made.stderr.strip()}"
+        return why, why, why
     try:
         for argv in (("ip", "-n", name, "link", "add", "p0", "type", "veth", "peer", "name", "p1"),
                      ("ip", "-n", name, "link", "add", "br0", "type", "bridge")):
             done = _run(*argv, check=False)
             if done.returncode != 0:
-                return f"`{' '.join(argv[3:])}` failed in a namespace: {done.stderr.strip()}", "no veth/bridge"
+                why = f"`{' '.join(argv[3:])}` failed in a namespace: {done.stderr.strip()}"
+                return why, why, why
         _run("ip", "-n", name, "link", "set", "lo", "up")
         netem = _run("tc", "-n", name, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms", check=False)
         why_not_netem = None if netem.returncode == 0 else (
-            f"this kernel has no tc netem (sch_netem), so delay, jitter and loss cannot be set: "
-            f"{netem.stderr.strip()}")
-        return None, why_not_netem
+            f"this kernel has no tc netem (sch_netem): {netem.stderr.strip()}")
+        if shutil.which("iptables") is None:
+            why_not_queue = "`iptables` is not installed (apt-get install iptables)"
+        else:
+            queue = _run("ip", "netns", "exec", name, *_queue_rule("-A"), check=False)
+            why_not_queue = None if queue.returncode == 0 else (
+                f"iptables cannot queue packets to userspace (NFQUEUE): {queue.stderr.strip()}")
+        return None, why_not_netem, why_not_queue
     finally:
         _run("ip", "netns", "del", name, check=False)
+
+
+def _queue_rule(action: str) -> tuple[str, ...]:
+    """The switch's rule handing every forwarded IPv4 packet to the delayer (queue 0)."""
+    return ("iptables", "-w", action, "FORWARD", "-j", "NFQUEUE", "--queue-num", "0")
 
 
 def unavailable() -> str | None:
@@ -103,10 +121,20 @@ def unavailable() -> str | None:
     return _probe()[0]
 
 
-def netem_missing() -> str | None:
+def latency_backend() -> str | None:
+    """How ``set_latency`` works here: "netem", "nfqueue" (the userspace delayer), or None."""
+    why, why_netem, why_queue = _probe()
+    if why:
+        return None
+    return "netem" if why_netem is None else "nfqueue" if why_queue is None else None
+
+
+def latency_missing() -> str | None:
     """Why latency and loss cannot be set here (one line), or None."""
-    why, why_netem = _probe()
-    return why or why_netem
+    why, why_netem, why_queue = _probe()
+    if why:
+        return why
+    return None if latency_backend() else f"{why_netem}; and {why_queue}"
 
 
 _watcher: subprocess.Popen[bytes] | None = None
@@ -118,10 +146,9 @@ def _ensure_watcher() -> None:
     global _watcher
     with _watcher_lock:
         if _watcher is None or _watcher.poll() is not None:
-            repo = str(Path(__file__).resolve().parents[3])
             _watcher = subprocess.Popen(
                 [sys.executable, "-m", "tests.support.hosts.janitor", "--watch", str(os.getpid())],
-                cwd=repo, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                cwd=str(_REPO), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True)
 
 
@@ -165,15 +192,8 @@ class Host:
     def spawn(self, argv: list[str], *, name: str, env: dict[str, str] | None = None, cwd: str | None = None,
               log: Path | None = None, inherit_env: bool = True) -> HostProcess:
         """Start ``argv`` on this host; its output goes to ``log`` (default ``<host dir>/<name>.log``)."""
-        log_path = log or self.dir / f"{name}.log"
-        full_env = {**(os.environ if inherit_env else {}), **(env or {})}
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen(["ip", "netns", "exec", self.netns, *argv], env=full_env, cwd=cwd,
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        child = HostProcess(name=f"{self.name}/{name}", process=proc, log_path=log_path, host=self)
-        self.network.processes.append(child)
-        return child
+        return self.network._spawn(self.netns, argv, name=f"{self.name}/{name}", host=self,
+                                   log=log or self.dir / f"{name}.log", env=env, cwd=cwd, inherit_env=inherit_env)
 
     def run(self, argv: list[str], *, timeout: float = 30.0, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a short command on this host and wait for it."""
@@ -228,6 +248,7 @@ class Network:
         self.hosts: dict[str, Host] = {}
         self.processes: list[HostProcess] = []
         self._partitions: set[frozenset[str]] = set()
+        self._delayer: HostProcess | None = None
         self._closed = False
         _ensure_watcher()
         atexit.register(self.close)
@@ -239,6 +260,17 @@ class Network:
         except BaseException:
             self.close()
             raise
+
+    def _spawn(self, netns: str, argv: list[str], *, name: str, host: Host | None, log: Path,
+               env: dict[str, str] | None = None, cwd: str | None = None, inherit_env: bool = True) -> HostProcess:
+        full_env = {**(os.environ if inherit_env else {}), **(env or {})}
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(["ip", "netns", "exec", netns, *argv], env=full_env, cwd=cwd,
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        child = HostProcess(name=name, process=proc, log_path=log, host=host)
+        self.processes.append(child)
+        return child
 
     @staticmethod
     def _ip(netns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -307,18 +339,41 @@ class Network:
         for pair in list(self._partitions):
             self.heal(*sorted(pair))
 
-    def set_latency(self, delay_ms: float, jitter_ms: float = 0.0, loss_pct: float = 0.0) -> None:
-        """Delay every packet between hosts by ``delay_ms`` (± ``jitter_ms``) and drop ``loss_pct`` %."""
-        why = netem_missing()
-        if why:
-            raise RuntimeError(why)
-        for host in self.hosts.values():
-            _run("tc", "-n", host.netns, "qdisc", "replace", "dev", "eth0", "root", "netem",
-                 "delay", f"{delay_ms}ms", f"{jitter_ms}ms", "loss", f"{loss_pct}%")
+    def set_latency(self, delay_ms: float, jitter_ms: float = 0.0, loss_pct: float = 0.0,
+                    backend: str | None = None) -> None:
+        """Delay every packet between hosts by ``delay_ms`` (± ``jitter_ms``, uniform) and drop
+        ``loss_pct`` %: with netem where the kernel has it, else with the userspace delayer."""
+        backend = backend or latency_backend()
+        if backend is None:
+            raise RuntimeError(latency_missing())
+        self.clear_latency()
+        if backend == "netem":
+            for host in self.hosts.values():
+                _run("tc", "-n", host.netns, "qdisc", "replace", "dev", "eth0", "root", "netem",
+                     "delay", f"{delay_ms}ms", f"{jitter_ms}ms", "loss", f"{loss_pct}%")
+            return
+        self._delayer = self._spawn(
+            self.switch, [sys.executable, "-m", "tests.support.hosts.delayer", "--delay-ms", str(delay_ms),
+                          "--jitter-ms", str(jitter_ms), "--loss-pct", str(loss_pct)],
+            name="switch/delayer", host=None, log=self.dir / "delayer.log", cwd=str(_REPO))
+        deadline = time.monotonic() + 15
+        while "bound" not in self._delayer.log_tail(5):
+            if not self._delayer.alive or time.monotonic() > deadline:
+                raise RuntimeError(f"the delayer did not start: {self._delayer.log_tail()}")
+            time.sleep(0.02)
+        _run("ip", "netns", "exec", self.switch, *_queue_rule("-A"))
 
     def clear_latency(self) -> None:
         for host in self.hosts.values():
             _run("tc", "-n", host.netns, "qdisc", "del", "dev", "eth0", "root", check=False)
+        if self._delayer is not None:
+            _run("ip", "netns", "exec", self.switch, *_queue_rule("-D"), check=False)
+            self._delayer.stop(grace=0)
+            self._delayer = None
+
+    def delayer_alive(self) -> bool | None:
+        """Whether the userspace delayer still runs (None when none was started)."""
+        return None if self._delayer is None else self._delayer.alive
 
     def power_off(self, host: Host | str) -> None:
         host = self._host(host)
