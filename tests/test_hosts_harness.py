@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import redis
 from tests.support.hosts import Host, Network, janitor
 from tests.support.hosts.fixtures import hosts_harness, network, require_latency  # noqa: F401
 from tests.support.hosts.sentinel import MASTER_NAME, RedisSentinel
+from tests.support.stub_llm import StubLLM
 
 REPO = Path(__file__).resolve().parents[1]
 PORT = 7000
@@ -151,6 +153,24 @@ def test_total_loss_cuts_every_pair_until_cleared(network: Network, listeners: d
     assert not reachable(a, b) and not reachable(c, a)
     network.clear_latency()
     assert reachable_again(a, b) and reachable_again(c, a)
+
+
+def test_stub_llm_on_one_host_answers_another(network: Network) -> None:
+    """The pattern the fault tests use for "D runs the stub LLM": its socket is opened on d."""
+    b, d = network.add_hosts("b", "d")
+    with d.entered():
+        stub = StubLLM(host=d.ip).start()
+    try:
+        body = json.dumps({"model": "stub", "messages": [{"role": "user", "content": "hello"}]}).encode()
+        request = urllib.request.Request(f"{stub.api_base}/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy reaches the hosts
+        with b.entered():
+            reply = json.loads(direct.open(request, timeout=5).read())
+        assert stub.api_base.startswith(f"http://{d.ip}:")
+        assert reply["choices"][0]["message"]["content"] and len(stub.requests) == 1
+    finally:
+        stub.stop()
 
 
 def test_power_off_kills_everything_on_the_host(network: Network, listeners: dict[str, Listener]) -> None:
