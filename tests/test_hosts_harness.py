@@ -332,3 +332,30 @@ def test_losing_the_primary_host_fails_over_to_the_replica(network: Network) -> 
         assert primary.connection_pool.get_master_address() == (b.ip, 6379)
     print(f"writes resumed {recovered:.1f} s after the primary's host was lost")
     assert recovered < 20
+
+
+@pytest.mark.slow
+def test_celery_url_reaches_the_primary_through_sentinel(network: Network) -> None:
+    """kombu (broker) and Celery's result backend find the primary from the URL and options."""
+    from celery import Celery
+    from kombu import Connection
+
+    a, b, c, d = network.add_hosts("a", "b", "c", "d")
+    group = RedisSentinel(primary=a, replicas=[b], sentinels=[a, b, c]).start()
+    url = group.celery_url()
+    assert url.count("sentinel://") == 3 and url.endswith("/0") and group.password in url.split(";")[0]
+    assert group.sentinel_password not in url
+    with d.entered():
+        with Connection(url, transport_options=group.transport_options()) as conn:
+            queue = conn.SimpleQueue("harness-check")
+            queue.put({"hello": "hosts"})
+            message = queue.get(timeout=5)
+            assert message.payload == {"hello": "hosts"}
+            message.ack()
+            queue.close()
+        app = Celery("harness-check", broker=url, backend=url)
+        app.conf.result_backend_transport_options = group.transport_options()
+        app.backend.set("harness-check-key", "stored")
+        assert app.backend.get("harness-check-key") == b"stored"
+        assert app.backend.client.connection_pool.get_master_address() == (a.ip, 6379)
+        app.close()
