@@ -143,8 +143,9 @@ def test_latency_applies_to_every_pair(network: Network, listeners: dict[str, Li
     network.clear_latency()
     after = [connect_ms(a, b) for _ in range(5)]
     assert None not in during and None not in after
-    # each direction is delayed 20 ± 5 ms, and a connect is one round trip: 30-50 ms, 40 on average
-    assert 30 <= min(during) and max(during) < 80 and 35 < statistics.mean(during) < 50, during
+    # each direction is delayed 20 ± 5 ms and a connect is one round trip: never under 30 ms, about 40
+    # (the upper bound leaves room for a busy machine)
+    assert min(during) >= 30 and 35 < statistics.median(during) < 70, during
     assert statistics.median(after) < 5, after
 
 
