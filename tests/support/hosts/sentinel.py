@@ -5,8 +5,9 @@ deployment that survives losing its Redis host would run them.
 on the primary and each replica (``requirepass`` and ``masterauth``, append-only file fsynced
 every second) and ``redis-server --sentinel`` on each Sentinel host (its own ``requirepass``,
 ``sentinel auth-pass`` for the Redis password, ``sentinel sentinel-pass`` between Sentinels), and
-waits until every Sentinel sees the primary, the replicas and the other Sentinels. Failure is
-noticed after ``down_after_ms`` (1 s here, 30 s by default in Redis) so tests fail over in seconds.
+waits until the replicas are in sync and every Sentinel sees the primary, the replicas and the
+other Sentinels. Failure is noticed after ``down_after_ms`` (1 s here, 30 s by default in Redis),
+so tests fail over in seconds.
 
 Passwords reach the servers in 0600 config files, never on a command line. Every port is the
 standard one (6379, 26379): each host is a namespace of its own, so nothing else can hold them.
@@ -146,8 +147,21 @@ class RedisSentinel:
             finally:
                 conn.close()
 
+    def online_replicas(self) -> int:
+        """How many replicas the primary streams to now (``INFO replication``, state online)."""
+        with self.primary.entered():
+            conn = redis.Redis(host=self.primary.ip, port=REDIS_PORT, password=self.password, socket_timeout=1.0,
+                               socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0))
+            try:
+                info = conn.info("replication")
+            finally:
+                conn.close()
+        return sum(1 for key, value in info.items()
+                   if key.startswith("slave") and isinstance(value, dict) and value.get("state") == "online")
+
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Until each Sentinel knows the primary, every replica and every other Sentinel."""
+        """Until every replica is in sync with the primary, and each Sentinel knows the primary,
+        every replica and every other Sentinel."""
         deadline = time.monotonic() + timeout
         last = "no answer yet"
         while time.monotonic() < deadline:
@@ -162,7 +176,10 @@ class RedisSentinel:
                 last = repr([(v.get("ip"), v.get("num-slaves"), v.get("num-other-sentinels")) for v in views])
                 if all(v.get("ip") == self.primary.ip and int(v["num-slaves"]) == len(self.replicas)
                        and int(v["num-other-sentinels"]) == len(self.sentinels) - 1 for v in views):
-                    return
+                    online = self.online_replicas()
+                    if online == len(self.replicas):
+                        return
+                    last = f"{online} of {len(self.replicas)} replicas in sync"
             time.sleep(0.2)
         raise RuntimeError(f"the Sentinels did not agree on the topology within {timeout:.0f}s: {last}")
 
