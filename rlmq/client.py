@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import redis
 
@@ -31,6 +31,9 @@ from rlmq.trace import read_trajectory
 from rlmq.flower_repr import describe_inputs, task_reprs
 
 __all__ = ["Client", "ClientError", "RedisUnreachable", "UnknownRun", "check_run_id", "check_signature", "check_tool_path"]
+
+
+_T = TypeVar("_T")
 
 
 class ClientError(RuntimeError):
@@ -61,7 +64,7 @@ class Client:
         self.store = RunStore(self.redis)
         self.celery = client_app(self.redis_url)
 
-    def _call(self, what: str, action: Callable[[], Any]) -> Any:
+    def _call(self, what: str, action: Callable[[], _T]) -> _T:
         try:
             return action()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
@@ -170,6 +173,9 @@ class Client:
             time.sleep(interval)
 
     def result(self, run_id: str) -> dict[str, Any]:
+        """A succeeded run's result document (JSON): ``outputs``, ``final_reasoning``, DSPy's
+        ``trajectory``, ``steps``, and the last ``progress`` and its ``usage`` (the JSON of
+        ``rlmq.store.records.Progress`` and ``Usage``; ``usage["total"]`` sums root and sub-calls)."""
         record = self.status(run_id)
         if record.status is not RunStatus.SUCCEEDED:
             detail = f": {record.error}" if record.error else ""
@@ -205,9 +211,11 @@ class Client:
         return self.status(run_id)
 
     def list_runs(self, limit: int = 50) -> list[RunRecord]:
-        ids = self._call("list", lambda: self.store.list(limit))
-        records = [self._call("list", lambda run_id=run_id: self.store.get(run_id)) for run_id in ids]
-        return [r for r in records if r is not None]
+        def read() -> list[RunRecord]:
+            records = (self.store.get(run_id) for run_id in self.store.list(limit))
+            return [r for r in records if r is not None]
+
+        return self._call("list", read)
 
     def close(self) -> None:
         self.redis.close()

@@ -80,16 +80,15 @@ def wait_finished(r: redis.Redis, run_id: str, timeout: float = 120.0) -> RunSta
 
 def test_full_run_over_monte_cristo(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
     run_id, script = submit(r, chapters, stub=stub)
-    t0 = time.monotonic()
     assert wait_finished(r, run_id) is RunStatus.SUCCEEDED, RunStore(r).get(run_id)
-    cold = time.monotonic() - t0
     result = RunStore(r).result(run_id)
     assert result["outputs"]["richest"] == [{"chapter": n, "answer": f"richest-{n}"} for n in range(1, 118)]
     assert result["outputs"]["verdict"] == "Monte Cristo"  # the sandbox sub-agent went through the fleet
     assert len(result["trajectory"]) == 3 and "117 Chapter" in result["trajectory"][0]["output"]
     progress = result["progress"]
     assert progress["llm_calls"] == 118 and progress["iteration"] == 3
-    assert progress["sandbox"] == {"backend": "local", "isolation": "namespaces"}  # the record says what isolated it
+    sandbox = progress["sandbox"]  # the record says which sandbox ran the code and what isolated it
+    assert (sandbox["backend"], sandbox["isolation"]) == ("local", "namespaces") and sandbox["id"]
     served = set(progress["llm_workers"])
     assert len(served) == 2 and served == {w.name for w in fleet.workers if w.queue == "llm"}
     assert script.calls == [0, 1, 2]
@@ -99,13 +98,10 @@ def test_full_run_over_monte_cristo(fleet: Fleet, stub: StubLLM, r, chapters) ->
     # The same run again: every root and sub call comes from Redis, none reaches the LLM.
     stub.reset_stats()
     rerun_id, _ = submit(r, chapters, stub=stub)
-    t0 = time.monotonic()
     assert wait_finished(r, rerun_id) is RunStatus.SUCCEEDED
-    warm = time.monotonic() - t0
     assert stub.request_count == 0
     assert RunStore(r).result(rerun_id)["outputs"] == result["outputs"]
     assert RunStore(r).result(rerun_id)["progress"]["cache_hits"] == 118
-    assert warm < cold, (cold, warm)
 
 
 def test_faults_in_a_run_end_as_errors_and_the_run_finishes(fleet: Fleet, stub: StubLLM, r, chapters) -> None:

@@ -117,7 +117,7 @@ def test_run_page_shows_steps_live_and_the_answer(fleet, flower, ui, stub, r, tm
     client, run_id = submit(r, stub, slower, ["a fig", "a pear"])
     assert http_get(f"{base}/run/{run_id}")[0] == 401  # basic auth, as Flower's
     assert http_get(f"{base}/run/{run_id}", auth="viewer:wrong")[0] == 401
-    wait_until(lambda: len(client.trace(run_id)) >= 1 and client.status(run_id).progress.get("iteration") == 2,
+    wait_until(lambda: len(client.trace(run_id)) >= 1 and client.status(run_id).progress.iteration == 2,
                timeout=60, interval=0.1, what="step 1 done, step 2 running")
     code, page = http_get(f"{base}/run/{run_id}", auth=creds)
     assert code == 200 and 'http-equiv="refresh"' in page and "RUNNING" in page
@@ -148,6 +148,8 @@ def test_run_page_shows_steps_live_and_the_answer(fleet, flower, ui, stub, r, tm
     assert "sub-LLM" in page and "uncached" in page
     data = json.loads(http_get(f"{base}/api/run/{run_id}", auth=creds)[1])
     assert len(data["steps"]) == 3 and data["result"]["outputs"]["answers"][0].startswith("fine: ")
+    sandbox = data["run"]["progress"]["sandbox"]  # the page says which sandbox ran the code
+    assert sandbox["id"] and f"sandbox {sandbox['id']} (local, {sandbox['isolation']})" in page
     code, runs = http_get(f"{base}/", auth=creds)
     assert code == 200 and run_id[:12] in runs
     if missing is not None:

@@ -1,4 +1,5 @@
-"""The interpreter's behaviour, the same tests on every available backend (local always; Daytona with a key)."""
+"""The interpreter's behaviour, the same tests on every backend: local, Daytona through the emulator, and
+Daytona's cloud where a key is set."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from tests.support.sandboxes import available_backends, make_factory
 
 @pytest.fixture(params=available_backends())
 def backend(request):
+    if request.param == "daytona":
+        request.getfixturevalue("daytona_env")  # the emulator stands in for Daytona's cloud
     return request.param
 
 

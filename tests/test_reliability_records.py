@@ -9,7 +9,7 @@ import time
 import redis
 
 from rlmq.progress import format_progress
-from rlmq.store.records import RunSpec, RunStatus, RunStore, new_run_id
+from rlmq.store.records import Progress, RunSpec, RunStatus, RunStore, new_run_id
 
 
 def queued(r: redis.Redis) -> tuple[RunStore, str]:
@@ -45,12 +45,12 @@ def test_recovery_restarts_then_fences_the_old_attempt(redis_client: redis.Redis
     assert store.claim(run_id, "w2/1", 30, worker="w2") == 2
     # the old owner comes back: every write of attempt 1 is refused, and it learns it must stop
     assert not store.renew_claim(run_id, 1, "w1/1", 30)
-    assert not store.set_progress(run_id, {"iteration": 9}, attempt=1)
+    assert not store.set_progress(run_id, Progress(iteration=9), attempt=1)
     assert not store.finish(run_id, RunStatus.SUCCEEDED, result={"stale": True}, attempt=1)
     assert store.renew_claim(run_id, 2, "w2/1", 30)
-    assert store.set_progress(run_id, {"iteration": 1}, attempt=2)
+    assert store.set_progress(run_id, Progress(iteration=1), attempt=2)
     assert store.finish(run_id, RunStatus.SUCCEEDED, result={"fresh": True}, attempt=2)
-    assert store.result(run_id) == {"fresh": True} and store.get(run_id).progress == {"iteration": 1}
+    assert store.result(run_id) == {"fresh": True} and store.get(run_id).progress == Progress(iteration=1)
     assert store.active() == []
     assert "attempt 2 (restarted: worker w1 stopped heartbeating" in format_progress(store.get(run_id))
 

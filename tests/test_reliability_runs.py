@@ -67,7 +67,7 @@ def replace(fleet: Fleet, dead: WorkerProcess) -> None:
 def running_in_step(r, stub, run_id: str, subs: int):
     def ready():
         record = RunStore(r).get(run_id)
-        return record if (record.status is RunStatus.RUNNING and record.progress.get("iteration") == 2
+        return record if (record.status is RunStatus.RUNNING and record.progress.iteration == 2
                           and sub_requests(stub) >= subs) else None
 
     return wait_until(ready, 60, "run in its second step with its batch answered")
@@ -139,7 +139,7 @@ def test_queued_runs_start_on_an_idle_worker_and_cancel_is_revoked(fleet: Fleet,
                                                                    r) -> None:
     long_id, _ = submit(r, stub, ["import time\nfor _ in range(900):\n    time.sleep(0.1)", "SUBMIT(answers=[])"],
                         tag="long")
-    long = wait_until(lambda: (rec := RunStore(r).get(long_id)).progress.get("iteration") == 1 and rec, 60,
+    long = wait_until(lambda: (rec := RunStore(r).get(long_id)).progress.iteration == 1 and rec, 60,
                     "long run executing its first step")
     quick = [submit(r, stub, ["SUBMIT(answers=['quick'])"], tag=f"quick{i}")[0] for i in range(2)]
     for run_id in quick:  # neither waits behind the busy worker (no prefetch into its buffer)

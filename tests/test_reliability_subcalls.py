@@ -38,10 +38,10 @@ def test_killed_llm_worker_mid_batch_loses_no_prompt(fleet: Fleet, stub: StubLLM
 
     record = wait_status(r, run_id, timeout=120)  # far below the defaults (300 s step, 1200 s gather)
     print(f"\nMEASURED kill llm worker: run succeeded {time.monotonic() - killed_at:.1f}s after the kill, "
-          f"{record.progress.get('subtasks_resent')} sub-task(s) resent")
+          f"{record.progress.subtasks_resent} sub-task(s) resent")
     assert record.status is RunStatus.SUCCEEDED, (record.error, record.error_detail)
     answers = RunStore(r).result(run_id)["outputs"]["answers"]
     assert answers == [f"answer-{i}" for i in range(40)]  # no [ERROR], no timeout
     progress = record.progress
-    assert progress["subtasks_resent"] >= 1 and progress["llm_errors"] == 0, progress
+    assert progress.subtasks_resent >= 1 and progress.llm_errors == 0, progress
     fleet.workers.remove(victim)

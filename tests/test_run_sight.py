@@ -119,7 +119,7 @@ def test_max_cost_refuses_the_batch_that_would_exceed_it(fleet: Fleet, stub: Stu
     assert script.calls == [0, 1]
     trace = client.trace(run_id)
     assert len(trace) == 2 and "budget" in trace[1]["output"].lower()
-    paid = record.progress["usage"]["total"]["cost_paid"]
+    paid = record.progress.cost_usd
     assert 0 < paid <= 0.004
 
 
@@ -143,7 +143,7 @@ def test_status_shows_a_500_prompt_batch_while_it_runs(fleet: Fleet, stub: StubL
     line = rlmq("status", run_id, env=env, cwd=tmp_path).stdout
     assert "sub-LLM calls" in line
     assert finished(client, run_id).status.value == "SUCCEEDED"
-    assert client.status(run_id).progress["llm_calls"] == 500
+    assert client.status(run_id).progress.llm_calls == 500
 
 
 def test_submit_wait_prints_the_outputs_on_stdout(fleet: Fleet, stub: StubLLM, r, tmp_path) -> None:
@@ -166,7 +166,7 @@ def test_workers_and_stats_show_the_fleet_at_work(fleet: Fleet, stub: StubLLM, r
              "import time\nfor _ in range(300):\n    time.sleep(0.1)",
              "SUBMIT(answers=out[:1])"]
     client, run_id, _ = submit(r, stub, steps, ["a"])
-    wait_until(lambda: client.status(run_id).progress.get("iteration") == 2, timeout=60, interval=0.1,
+    wait_until(lambda: client.status(run_id).progress.iteration == 2, timeout=60, interval=0.1,
                what="the run sleeping in step 2")
     env = cli_env(tmp_path, REDIS_URL=redis_url_of(r))
     done = rlmq("workers", "--json", env=env, cwd=tmp_path)

@@ -42,15 +42,15 @@ from dspy.utils.callback import BaseCallback
 
 from broker_bridge import interpreter_factory
 from rlmq.store.blobs import get_blobs
-from rlmq.store.records import RunSpec, RunStatus, RunStore
+from rlmq.store.records import Progress, RunSandbox, RunSpec, RunStatus, RunStore
 from rlmq.run_options import check_tools, with_options
 from rlmq.settings import SandboxBackend, SettingsError
 from workers.dspy_cache import install_redis_dspy_cache
 from workers.context import redis_client, worker_settings
 from workers.budget import Budget, BudgetExceeded
 from workers.dspy_private import action_predictor, iteration_of
-from workers.fanout import Fanout, FanoutCancelled, FanoutStats
-from workers.monitor import count, one_line, publish_progress, summary_line
+from workers.fanout import Fanout, FanoutCancelled
+from workers.monitor import count, publish_progress, summary_line
 from workers.rlm import TracedRLM
 from workers.trajectory import TrajectoryLog
 from workers.usage import RunUsage
@@ -101,7 +101,7 @@ class RunExecution:
         self.base = worker_settings()
         self.client = redis_client()
         self.store = RunStore(self.client, expire_seconds=self.base.result_expires)
-        self.stats = FanoutStats()
+        self.stats = RunUsage(root_model="", sub_model="")  # the run's models are known once its options are
         self.cancelled = threading.Event()
         self.iteration = 0
         self.max_iters = 0
@@ -115,7 +115,7 @@ class RunExecution:
         self.trace: TrajectoryLog | None = None
         self.started_wall = time.time()
         self._counted: tuple[int, int] = (0, 0)
-        self.sandbox: dict[str, str] = {}  # backend and isolation of the run's sandbox, once it exists
+        self.sandbox: RunSandbox | None = None  # the run's sandbox, once it exists
         self.attempt = 0  # set by the claim; every write of this execution is fenced by it
         self.fenced = threading.Event()  # the run moved on to a newer attempt without us
 
@@ -143,14 +143,15 @@ class RunExecution:
             if self.trace is not None:
                 self.trace.expire(self.base.result_expires)
         progress = self.progress()
+        document = progress.to_json_dict()
         if not _when_redis_is_back(lambda: self.store.finish(
                 self.run_id, RunStatus.SUCCEEDED,
-                result={**result, "progress": progress, "usage": progress.get("usage")},
+                result={**result, "progress": document, "usage": document["usage"]},
                 progress=progress, attempt=self.attempt)):
             logger.warning("run %s: attempt %d was superseded; its result is dropped", self.run_id, self.attempt)
             raise Ignore()
         # What Celery stores and Flower shows as the result: the summary first (Flower cuts long reprs).
-        brief = {k: v for k, v in progress.items() if k not in ("usage", "llm_workers")}
+        brief = {k: v for k, v in document.items() if k not in ("usage", "llm_workers")}
         return {"run_id": self.run_id, "status": RunStatus.SUCCEEDED.value, "summary": summary_line(progress), **brief}
 
     def _execute(self, spec: RunSpec) -> dict[str, Any]:
@@ -185,7 +186,7 @@ class RunExecution:
             labels={"rlmq.run": self.run_id},
             on_sandbox_created=self._sandbox_created, on_sandbox_destroyed=self.keeper.destroyed, **local,
         )
-        fanout = Fanout(settings, app=self.task.app, options=spec.options, stats=self.stats,
+        fanout = Fanout(settings, app=self.task.app, options=spec.options, observer=self.stats,
                         should_stop=self.cancelled.is_set, run_id=self.run_id)
         rlm = TracedRLM(spec.signature, fanout=fanout, tools=tools, max_iters=settings.max_iters,
                         max_llm_calls=settings.max_llm_calls, interpreter_factory=factory,
@@ -254,16 +255,15 @@ class RunExecution:
             logger.exception("could not record run %s as revoked in Celery", self.run_id)
 
     # -- progress and cancellation ------------------------------------------------------------
-    def progress(self) -> dict[str, Any]:
-        return {"iteration": self.iteration, "max_iters": self.max_iters,
-                "elapsed": round(time.monotonic() - self.started, 3), **self.stats.snapshot(),
-                **({"sandbox": self.sandbox} if self.sandbox else {})}
+    def progress(self) -> Progress:
+        return self.stats.progress(iteration=self.iteration, max_iters=self.max_iters,
+                                   elapsed=time.monotonic() - self.started, sandbox=self.sandbox)
 
     def _sandbox_created(self, info: Any) -> None:
         """Lease the sandbox, and keep what isolates it in the record ("process" is no boundary)."""
         assert self.keeper is not None
         self.keeper.created(info)
-        self.sandbox = {"backend": info.backend, "isolation": info.isolation}
+        self.sandbox = RunSandbox(backend=info.backend, id=info.sandbox_id, isolation=info.isolation)
         if info.isolation == "process":
             logger.warning("run %s: its local sandbox is plain processes (RLMQ_LOCAL_ISOLATION=process), "
                            "no security boundary", self.run_id)
@@ -273,7 +273,7 @@ class RunExecution:
         """Report progress to the result backend, Flower (event) and the run record."""
         with self._publish_lock:
             meta = self.progress()
-            counts = (meta["llm_calls"], meta["cache_hits"])
+            counts = (meta.llm_calls, meta.cache_hits)
             now = time.monotonic()
             if not force and (counts == self._last_counts or now - self._last_publish < _PUBLISH_EVERY):
                 return

@@ -8,6 +8,7 @@ succeeded, ``""`` that it failed. Secrets never go to the sandbox: the canary's 
 the host compares what comes back with the real value.
 
     python -m tests.support.attacks < TARGET_JSON    # run every attack, print the outcomes as JSON
+                                                     # (an "isolation" key picks the local sandbox's mode)
 """
 
 from __future__ import annotations
@@ -421,4 +422,5 @@ if __name__ == "__main__":
 
     load_dotenv(".env")  # as the worker's settings do: the keys are then in this process's memory too
     spec = json.loads(sys.stdin.read())  # not argv: the host's command line is no place for the canary
-    print(json.dumps(run_local_suite(Target(**spec)), default=repr))
+    isolation = spec.pop("isolation", "namespaces")
+    print(json.dumps(run_local_suite(Target(**spec), isolation=isolation), default=repr))

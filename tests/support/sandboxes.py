@@ -19,22 +19,24 @@ from broker_bridge.backends.process_jail import SANDBOX_MARKER_VAR, pids_with_ma
 
 
 def available_backends() -> list:
-    """Local always; Daytona only where a key is set (the live cloud is unreachable otherwise)."""
-    backends = ["local"]
-    backends.append(
+    """Local always; Daytona against the emulator (the ``backend`` fixture starts it; several processes,
+    so slow); Daytona's cloud as "daytona-live" where a key is set."""
+    return [
+        "local",
+        pytest.param("daytona", marks=pytest.mark.slow),
         pytest.param(
-            "daytona",
+            "daytona-live",
             marks=[
                 pytest.mark.live,
                 pytest.mark.skipif(not os.environ.get("DAYTONA_API_KEY"), reason="DAYTONA_API_KEY is not set"),
             ],
-        )
-    )
-    return backends
+        ),
+    ]
 
 
 def make_factory(backend: str, **options):
-    if backend == "daytona":
+    if backend == "daytona-live":
+        backend = "daytona"
         options.setdefault("execution_timeout", 120)
     return interpreter_factory(backend, **options)
 

@@ -117,7 +117,8 @@ def _tokens(text: str) -> int:
 class StubLLM:
     """Threaded stub server; use as a context manager or call start()/stop()."""
 
-    def __init__(self, *, latency: float = 0.0, responder: Responder | None = None, port: int = 0) -> None:
+    def __init__(self, *, latency: float = 0.0, responder: Responder | None = None, port: int = 0,
+                 host: str = "127.0.0.1") -> None:
         self._lock = threading.Lock()
         self._latency = latency
         self._responder: Responder = responder or default_responder
@@ -131,6 +132,7 @@ class StubLLM:
         self._ids = itertools.count(1)
         self._stopping = threading.Event()
         self._port = port
+        self._host = host  # another address: a harness host's, started within host.entered()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -138,7 +140,7 @@ class StubLLM:
     def start(self) -> StubLLM:
         if self._server is not None:
             return self
-        server = _Server(("127.0.0.1", self._port), type("Handler", (_Handler,), {"stub": self}))
+        server = _Server((self._host, self._port), type("Handler", (_Handler,), {"stub": self}))
         self._server = server
         self._stopping.clear()
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -169,7 +171,7 @@ class StubLLM:
 
     @property
     def api_base(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://{self._host}:{self.port}/v1"
 
     # -- knobs -------------------------------------------------------------------------------
     @property
