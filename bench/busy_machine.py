@@ -78,6 +78,7 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--size-mb", type=int, default=2048)
     parser.add_argument("--no-ci", action="store_true", help="set the machine up, then wait for Ctrl-C")
+    parser.add_argument("--log", default="busy-machine-ci.log", help="where CI's whole output goes")
     args = parser.parse_args()
 
     tree = Path(tempfile.mkdtemp(prefix="rlmq-busy-tree-", dir="/tmp"))
@@ -100,7 +101,9 @@ def main() -> int:
             ci_started = time.monotonic()
             ci = subprocess.run(["bash", ".ci/run"], cwd=clone, env={**os.environ, "CI": "true"},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            Path(args.log).write_text(ci.stdout)
             print("\n".join(ci.stdout.splitlines()[-25:]))
+            print(f"CI's whole output: {Path(args.log).resolve()}")
             print(f"\n.ci/run exit code {ci.returncode} after {time.monotonic() - ci_started:.0f} s "
                   f"(busy machine: {args.files:,} files under /tmp, another stack running)", flush=True)
             return ci.returncode

@@ -69,7 +69,7 @@ def kill_rlm(fleet: Fleet, stub: StubLLM, r: redis.Redis) -> tuple[str, float, i
     stub.reset_stats()
     run_id, _ = submit(r, stub, ["print(items)", batch_step(16, then="import time\ntime.sleep(3)"),
                                  "SUBMIT(answers=answers)"], tag="bench-rlm")
-    wait_for(lambda: RunStore(r).get(run_id).progress.get("iteration") == 2 and sub_requests(stub) >= 16, 120,
+    wait_for(lambda: RunStore(r).get(run_id).progress.iteration == 2 and sub_requests(stub) >= 16, 120,
              "batch answered")
     holder = next(w for w in fleet.workers if w.name == RunStore(r).get(run_id).worker)
     fleet.kill(holder)
@@ -89,7 +89,7 @@ def kill_llm(fleet: Fleet, stub: StubLLM, r: redis.Redis) -> tuple[str, float, i
     t0 = time.monotonic()
     record = wait_status(r, run_id, timeout=300)
     assert record.status.value == "SUCCEEDED", record.error
-    return f"{record.progress.get('subtasks_resent')} sub-task(s)", time.monotonic() - t0, len(prompt_repeats(stub))
+    return f"{record.progress.subtasks_resent} sub-task(s)", time.monotonic() - t0, len(prompt_repeats(stub))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ sandboxes, with an in-sandbox Flask broker for tool calls. Knows sandboxes and D
 """
 
 from broker_bridge.backends.base import (
+    BackendName,
+    Isolation,
     SandboxCapacityError,
     SandboxDied,
     SandboxError,
@@ -10,11 +12,13 @@ from broker_bridge.backends.base import (
     SandboxStartError,
     SandboxTimeout,
 )
-from broker_bridge.factory import InterpreterFactory, destroy_sandbox, interpreter_factory
+from broker_bridge.factory import InterpreterFactory, destroy_sandbox, interpreter_factory, reap_labelled
 from broker_bridge.interpreter import SandboxInterpreter
 
 __all__ = [
+    "BackendName",
     "InterpreterFactory",
+    "Isolation",
     "SandboxCapacityError",
     "SandboxDied",
     "SandboxError",
@@ -24,4 +28,5 @@ __all__ = [
     "SandboxTimeout",
     "destroy_sandbox",
     "interpreter_factory",
+    "reap_labelled",
 ]

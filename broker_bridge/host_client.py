@@ -36,12 +36,6 @@ class BrokerClient:
             raise BrokerUnreachable(f"broker answered HTTP {status} to {method} {path}: {raw[:200]!r}")
         return protocol.loads(raw)
 
-    def close_thread_connection(self) -> None:
-        self._http.close(self._url)
-
-    def health(self, timeout: float = 5.0) -> dict[str, Any]:
-        return self._request("GET", protocol.PATH_HEALTH, timeout=timeout)
-
     def poll(self, wait: float) -> list[dict[str, Any]]:
         """Every queued message (tool calls, outcomes), waiting up to ``wait`` seconds for the first."""
         reply = self._request("GET", f"{protocol.PATH_POLL}?wait={wait:.3f}", timeout=wait + 30)

@@ -29,16 +29,16 @@ import secrets
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from dspy.primitives.code_interpreter import CodeExecutionError, CodeInterpreterError, FinalOutput
 
 from broker_bridge.backends.base import (
-    SandboxBackend, SandboxDied, SandboxError, SandboxInfo, SandboxSpec, SandboxTimeout,
+    Sandbox, SandboxDied, SandboxError, SandboxInfo, SandboxSpec, SandboxStartError, SandboxTimeout,
 )
 from broker_bridge.host_client import BrokerClient, BrokerUnreachable
 from broker_bridge.step_clock import StepClock
-from broker_bridge.sandbox.protocol import token_digest
+from broker_bridge.sandbox import protocol
 
 logger = logging.getLogger(__name__)
 
@@ -54,19 +54,27 @@ EXECUTION_INSTRUCTIONS = (
 
 
 class SandboxInterpreter:
-    """A ``dspy.primitives.CodeInterpreter`` whose code runs in a sandbox (one per interpreter)."""
+    """A ``dspy.primitives.CodeInterpreter`` whose code runs in a sandbox (one per interpreter).
+
+    Sandbox hooks, each given a ``SandboxInfo``: ``on_sandbox_creating`` before the backend creates
+    anything (register a lease here: the sandbox's name and labels are already fixed, so a reaper can
+    find it even if the worker dies mid-boot); ``on_sandbox_created`` once it booted;
+    ``on_sandbox_destroyed`` after it was destroyed. A failed boot calls no further hook: the backend
+    has tried to delete what it made, and what ``on_sandbox_creating`` registered stays for a reaper.
+    """
 
     execution_instructions = EXECUTION_INSTRUCTIONS
 
     def __init__(
         self,
-        backend_factory: Callable[[], SandboxBackend],
+        backend_factory: Callable[[], Sandbox],
         *,
         tools: dict[str, Callable[..., Any]] | None = None,
         output_fields: list[dict[str, Any]] | None = None,
         execution_timeout: float = 300.0,
         tool_wait_limit: float = 0.0,
         labels: dict[str, str] | None = None,
+        on_sandbox_creating: Callable[[SandboxInfo], None] | None = None,
         on_sandbox_created: Callable[[SandboxInfo], None] | None = None,
         on_sandbox_destroyed: Callable[[SandboxInfo], None] | None = None,
         tool_concurrency: int = 32,
@@ -83,11 +91,12 @@ class SandboxInterpreter:
         self._clock = StepClock()
         self._backend_factory = backend_factory
         self._labels = dict(labels or {})
+        self._on_creating = on_sandbox_creating
         self._on_created = on_sandbox_created
         self._on_destroyed = on_sandbox_destroyed
         self._tool_concurrency = tool_concurrency
         self._output_limit, self._line_limit, self._inline_limit = output_limit, line_limit, inline_limit
-        self._backend: SandboxBackend | None = None
+        self._backend: Sandbox | None = None
         self._client: BrokerClient | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._uploaded: set[str] = set()
@@ -117,11 +126,19 @@ class SandboxInterpreter:
             self.sandbox_id = f"rlmq-{uuid.uuid4().hex[:16]}"
             spec = SandboxSpec(
                 sandbox_id=self.sandbox_id,
-                host_token_sha256=token_digest(host_token),
+                host_token_sha256=protocol.token_digest(host_token),
                 sandbox_token=sandbox_token,
                 labels={"rlmq.sandbox": self.sandbox_id, **self._labels},
             )
             backend = self._backend_factory()
+            if self._on_creating is not None:
+                # Before anything exists (a lease, say): a worker killed during the boot then still
+                # leaves a record a reaper can act on. A failed hook creates nothing.
+                try:
+                    self._on_creating(backend.planned_info(spec))
+                except Exception as exc:
+                    raise SandboxStartError(f"could not register sandbox {spec.sandbox_id} before creating it: "
+                                            f"{exc}") from exc
             endpoint = backend.boot(spec)  # cleans up after itself when it raises
             self._backend = backend
             try:
@@ -137,12 +154,7 @@ class SandboxInterpreter:
                 )
                 backend.run_code(bootstrap, timeout=60)
             except BaseException as exc:
-                self._die(f"sandbox start failed: {exc}")
-                if isinstance(exc, SandboxError):
-                    raise
-                if isinstance(exc, Exception):
-                    raise SandboxError(f"sandbox start failed: {exc}") from exc
-                raise
+                self._raise_terminal_error(f"sandbox start failed: {exc}", exc, wrap=True)
 
     def shutdown(self) -> None:
         with self._state_lock:
@@ -156,6 +168,16 @@ class SandboxInterpreter:
             raise SandboxDied(f"this interpreter's sandbox is gone ({self._dead_reason}); it cannot be used again")
         if self._ended:
             raise CodeInterpreterError("this interpreter has been shut down")
+
+    def _raise_terminal_error(self, reason: str, exc: BaseException, *, wrap: bool = False) -> NoReturn:
+        """The sandbox or the protocol broke, or the caller was interrupted: kill the sandbox, mark this
+        interpreter dead with ``reason``, and raise ``exc`` as itself (an interrupt or Celery's time
+        limit must reach the caller unchanged); ``wrap`` turns any other ``Exception`` that is not a
+        ``SandboxError`` into one, so DSPy aborts the run instead of feeding it to the model."""
+        self._die(reason)
+        if wrap and isinstance(exc, Exception) and not isinstance(exc, SandboxError):
+            raise SandboxError(reason) from exc
+        raise exc
 
     def _die(self, reason: str) -> None:
         if self._dead_reason is None:
@@ -194,16 +216,13 @@ class SandboxInterpreter:
             try:
                 request = self._build_request(code, variables or {})
             except SandboxError as exc:  # an upload failed: the sandbox is not usable any more
-                self._die(str(exc))
-                raise
+                self._raise_terminal_error(str(exc), exc)
             try:
                 outcome = self._run(request)
             except SandboxError as exc:
-                self._die(str(exc))
-                raise
+                self._raise_terminal_error(str(exc), exc)
             except BaseException as exc:  # KeyboardInterrupt, Celery's SoftTimeLimitExceeded, ...: never recoverable
-                self._die(f"interrupted by {type(exc).__name__}")
-                raise
+                self._raise_terminal_error(f"interrupted by {type(exc).__name__}", exc)
             return self._interpret(outcome)
         finally:
             self._lock.release()
@@ -228,14 +247,7 @@ class SandboxInterpreter:
                 self._backend.put_file(f"inputs/{digest}", data)
                 self._uploaded.add(digest)
             files[name] = {"sha256": digest, "format": fmt}
-        return {
-            "exec_id": uuid.uuid4().hex,
-            "code": code,
-            "tools": tool_names,
-            "output_fields": self.output_fields,
-            "inline": inline,
-            "files": files,
-        }
+        return protocol.execute_request(uuid.uuid4().hex, code, tool_names, self.output_fields, inline, files)
 
     def _run(self, request: dict[str, Any]) -> dict[str, Any]:
         backend, client = self._backend, self._client
@@ -277,11 +289,11 @@ class SandboxInterpreter:
                     raise failure[0]
                 raise SandboxDied(f"the sandbox broker stopped answering: {exc}") from exc
             for message in messages:
-                if message.get("type") == "call":
+                if message.get("type") == protocol.CALL:
                     assert self._executor is not None
                     clock.enter()
                     self._executor.submit(context.copy().run, self._answer_call, message, clock)
-                elif message.get("type") == "outcome" and message.get("exec_id") == request["exec_id"]:
+                elif message.get("type") == protocol.OUTCOME and message.get("exec_id") == request["exec_id"]:
                     outcome = message
             if outcome is None and drained_after_finish:
                 if failure:
@@ -306,8 +318,7 @@ class SandboxInterpreter:
                 clock.leave()
 
     def _invoke_tool(self, call: dict[str, Any]) -> dict[str, Any]:
-        name = call.get("name")
-        reply: dict[str, Any] = {"type": "result", "id": call.get("id", "")}
+        name, call_id = call.get("name"), call.get("id", "")
         tool = self.tools.get(name) if isinstance(name, str) else None
         try:
             if tool is None:
@@ -322,10 +333,9 @@ class SandboxInterpreter:
                     f"host tool {name}() returned a {type(value).__name__}, which cannot cross into the sandbox "
                     f"(tools must return JSON-compatible values): {exc}"
                 ) from None
-            reply.update(ok=True, value=value)
         except BaseException as exc:  # a tool's failure belongs to the calling code, whatever it is
-            reply.update(ok=False, error_type=type(exc).__name__, error=str(exc) or type(exc).__name__)
-        return reply
+            return protocol.error_result(call_id, type(exc).__name__, str(exc) or type(exc).__name__)
+        return protocol.value_result(call_id, value)
 
     def _interpret(self, outcome: dict[str, Any]) -> Any:
         kind, output = outcome["kind"], outcome.get("output", "")

@@ -10,12 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rlmq.client import Client
 
 __all__ = ["add_budget_flags", "add_view_commands", "budget_options", "print_outputs"]
 
 
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace) -> Client:
     # Not rlmq.cli's: under `python -m rlmq.cli` that module is __main__, and importing it again
     # would make a second copy whose exception classes main() does not catch.
     from rlmq.client import Client
@@ -50,7 +54,7 @@ def budget_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"max_cost": args.max_cost, "max_tokens": args.max_tokens, "time_limit": args.time_limit}
 
 
-def print_outputs(client: Any, run_id: str) -> None:
+def print_outputs(client: Client, run_id: str) -> None:
     """A succeeded run's outputs as JSON on stdout (progress went to stderr)."""
     result = client.result(run_id)
     print(json.dumps(result.get("outputs"), indent=2, ensure_ascii=False))
@@ -68,7 +72,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
             print(json.dumps(step, ensure_ascii=False))
     elif args.json:
         print(json.dumps({"run_id": args.run, "status": record.status.value, "error": record.error,
-                          "signature": record.spec.signature, "usage": (record.progress or {}).get("usage"),
+                          "signature": record.spec.signature, "usage": record.progress.usage.to_json_dict(),
                           "steps": steps}, indent=2, ensure_ascii=False))
     else:
         color = {"always": True, "never": False}.get(args.color, sys.stdout.isatty())

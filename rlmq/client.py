@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -36,6 +36,7 @@ __all__ = ["Client", "ClientError", "RedisUnreachable", "UnknownRun", "check_run
 
 
 _RETRY = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5)  # 0.1 + 0.2 + 0.4 + 0.8 + 1 s
+_T = TypeVar("_T")
 
 
 class ClientError(RuntimeError):
@@ -69,7 +70,7 @@ class Client:
         self.store = RunStore(self.redis)
         self.celery = client_app(self.redis_url)
 
-    def _call(self, what: str, action: Callable[[], Any]) -> Any:
+    def _call(self, what: str, action: Callable[[], _T]) -> _T:
         try:
             return action()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
@@ -178,6 +179,9 @@ class Client:
             time.sleep(interval)
 
     def result(self, run_id: str) -> dict[str, Any]:
+        """A succeeded run's result document (JSON): ``outputs``, ``final_reasoning``, DSPy's
+        ``trajectory``, ``steps``, and the last ``progress`` and its ``usage`` (the JSON of
+        ``rlmq.store.records.Progress`` and ``Usage``; ``usage["total"]`` sums root and sub-calls)."""
         record = self.status(run_id)
         if record.status is not RunStatus.SUCCEEDED:
             detail = f": {record.error}" if record.error else ""
@@ -213,9 +217,11 @@ class Client:
         return self.status(run_id)
 
     def list_runs(self, limit: int = 50) -> list[RunRecord]:
-        ids = self._call("list", lambda: self.store.list(limit))
-        records = [self._call("list", lambda run_id=run_id: self.store.get(run_id)) for run_id in ids]
-        return [r for r in records if r is not None]
+        def read() -> list[RunRecord]:
+            records = (self.store.get(run_id) for run_id in self.store.list(limit))
+            return [r for r in records if r is not None]
+
+        return self._call("list", read)
 
     def close(self) -> None:
         self.redis.close()

@@ -11,18 +11,21 @@ live sandbox leases, and runs in progress.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rlmq.store import keys
 from rlmq.celery_config import LLM_TASK, QUEUES, RUN_TASK
-from rlmq.store.records import RunStatus
+from rlmq.store import keys
+from rlmq.store.records import Progress, RunStatus
+
+if TYPE_CHECKING:
+    from rlmq.client import Client
 
 __all__ = ["fleet_stats", "format_stats", "format_workers", "workers_view"]
 
 _PRIORITY_SEP = "\x06\x16"  # Kombu's Redis transport: queue "llm" priority 3 lives in "llm\x06\x163"
 
 
-def workers_view(client: Any, timeout: float = 1.5) -> list[dict[str, Any]]:
+def workers_view(client: Client, timeout: float = 1.5) -> list[dict[str, Any]]:
     """One dict per worker that answered: name, queues, concurrency, active runs and sub-tasks, totals."""
     inspect = client.celery.control.inspect(timeout=timeout)
     queues = inspect.active_queues() or {}
@@ -36,10 +39,10 @@ def workers_view(client: Any, timeout: float = 1.5) -> list[dict[str, Any]]:
             if task.get("name") != RUN_TASK:
                 continue
             record = client.store.get(task.get("id", ""))
-            progress = record.progress if record else {}
-            runs.append({"run_id": task.get("id"), "iteration": progress.get("iteration"),
-                         "max_iters": progress.get("max_iters"), "llm_calls": progress.get("llm_calls", 0),
-                         "batch": progress.get("batch")})
+            progress = record.progress if record else Progress()
+            runs.append({"run_id": task.get("id"), "iteration": progress.iteration, "max_iters": progress.max_iters,
+                         "llm_calls": progress.llm_calls,
+                         "batch": None if progress.batch is None else progress.batch.to_json_dict()})
         info = stats.get(name) or {}
         out.append({
             "name": name,
@@ -81,7 +84,7 @@ def _counter_sum(redis_client: Any, name: str, seconds: int, now: int) -> int:
     return sum(int(v) for v in values if v is not None)
 
 
-def fleet_stats(client: Any, *, window: int = 60, now: float | None = None) -> dict[str, Any]:
+def fleet_stats(client: Client, *, window: int = 60, now: float | None = None) -> dict[str, Any]:
     """Queue depths, sub-calls per second, cache hit rate, 429s, live sandboxes, runs in progress."""
     r = client.redis
     second = int(time.time() if now is None else now)

@@ -4,45 +4,49 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TextIO
+
+from rlmq.store.records import RunRecord
 
 __all__ = ["format_progress", "progress_printer"]
 
 
-def format_progress(record, *, clock: bool = True) -> str:
-    p = record.progress or {}
+def format_progress(record: RunRecord, *, clock: bool = True) -> str:
+    p = record.progress
     parts = [record.status.value.lower()]
-    attempt = getattr(record, "attempt", 1) or 1
-    if attempt > 1:
-        parts.append(f"attempt {attempt} (restarted: {record.restart_reason})")
-    if p.get("iteration") is not None:
-        parts.append(f"iteration {p.get('iteration')}/{p.get('max_iters', '?')}")
-    batch = p.get("batch")
-    if batch and not record.status.finished:
-        parts.append(f"batch {batch.get('done', 0)}/{batch.get('total', 0)} ({batch.get('cache_hits', 0)} cached)")
-    parts.append(f"sub-LLM calls {p.get('llm_calls', 0)}")
-    parts.append(f"cache hits {p.get('cache_hits', 0)}")
-    total = (p.get("usage") or {}).get("total")
-    if total:
-        parts.append(f"{total.get('paid_input_tokens', 0) + total.get('paid_output_tokens', 0):,} tokens paid")
-        parts.append(f"${total.get('cost_paid', 0):.4f} paid / ${total.get('cost_uncached', 0):.4f} uncached"
-                     + ("" if total.get("priced", True) else " (some models unpriced)"))
+    if record.attempt > 1:
+        parts.append(f"attempt {record.attempt} (restarted: {record.restart_reason})")
+    if p.max_iters:
+        parts.append(f"iteration {p.iteration}/{p.max_iters}")
+    if p.batch and not record.status.finished:
+        parts.append(f"batch {p.batch.done}/{p.batch.total} ({p.batch.cache_hits} cached)")
+    parts.append(f"sub-LLM calls {p.llm_calls}")
+    parts.append(f"cache hits {p.cache_hits}")
+    if record.started_at is not None:  # a worker took it: its usage is known
+        total = p.usage.total
+        parts.append(f"{total.paid_tokens:,} tokens paid")
+        parts.append(f"${total.cost_paid:.4f} paid / ${total.cost_uncached:.4f} uncached"
+                     + ("" if total.priced else " (some models unpriced)"))
     if clock:
         started = record.started_at or record.spec.submitted_at
         end = record.finished_at or time.time()
         parts.append(f"elapsed {end - started:.1f}s")
-    if (p.get("sandbox") or {}).get("isolation") == "process":
-        parts.append("sandbox: plain processes, no security boundary (RLMQ_LOCAL_ISOLATION=process)")
+    if p.sandbox:
+        box = p.sandbox
+        parts.append(f"sandbox {box.id} ({box.backend}{', ' + box.isolation if box.isolation else ''})")
+        if box.isolation == "process":
+            parts.append("plain processes, no security boundary (RLMQ_LOCAL_ISOLATION=process)")
     if record.error:
         parts.append(f"error: {record.error}")
     return " · ".join(parts)
 
 
-def progress_printer(stream=sys.stderr) -> Callable[[Any], None]:
+def progress_printer(stream: TextIO = sys.stderr) -> Callable[[RunRecord], None]:
     live = stream.isatty()
     last = [""]
 
-    def show(record) -> None:
+    def show(record: RunRecord) -> None:
         # A terminal line is redrawn in place (the clock ticks); a pipe or log gets a new line
         # only when something other than the clock changed.
         line = format_progress(record)

@@ -15,21 +15,25 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, abort, jsonify, render_template, request
 from markupsafe import Markup, escape
 
 from rlmq.progress import format_progress
-from rlmq.store.records import RunStatus
+from rlmq.store.records import RunStatus, Usage
 from rlmq.trace import format_money, format_usage
+
+if TYPE_CHECKING:
+    from rlmq.client import Client
 
 __all__ = ["create_app", "serve"]
 
 REFRESH_SECONDS = 2
 
 
-def _highlighter():
+def _highlighter() -> tuple[Callable[[str], Markup], str]:
     try:
         from pygments import highlight
         from pygments.formatters import HtmlFormatter
@@ -38,10 +42,10 @@ def _highlighter():
         return (lambda code: Markup("<pre class='code'>") + escape(code) + Markup("</pre>")), ""
     formatter = HtmlFormatter(cssclass="code", nowrap=False)
     lexer = PythonLexer()
-    return (lambda code: Markup(highlight(code, lexer, formatter))), formatter.get_style_defs(".code")
+    return (lambda code: Markup(highlight(code, lexer, formatter))), str(formatter.get_style_defs(".code"))
 
 
-def create_app(client: Any, *, basic_auth: str | None = None) -> Flask:
+def create_app(client: Client, *, basic_auth: str | None = None) -> Flask:
     """The app over an ``rlmq.client.Client`` (its Redis holds every run, step and result)."""
     app = Flask(__name__)
     highlight, code_css = _highlighter()
@@ -73,8 +77,7 @@ def create_app(client: Any, *, basic_auth: str | None = None) -> Flask:
     @app.get("/")
     def runs() -> str:
         records = client.list_runs(100)
-        rows = [{"record": r, "line": format_progress(r),
-                 "cost": format_money(((r.progress or {}).get("usage") or {}).get("total", {}).get("cost_paid"))}
+        rows = [{"record": r, "line": format_progress(r), "cost": format_money(r.progress.usage.total.cost_paid)}
                 for r in records]
         live = any(not r.status.finished for r in records)
         return render_template("runs.html", rows=rows, refresh=REFRESH_SECONDS if live else None)
@@ -83,12 +86,12 @@ def create_app(client: Any, *, basic_auth: str | None = None) -> Flask:
     def run_page(run_id: str) -> str:
         data = load(run_id)
         record = data["record"]
-        usage = (record.progress or {}).get("usage") or {}
+        usage = record.progress.usage
         outputs = (data["result"] or {}).get("outputs")
         return render_template(
             "run.html", record=record, steps=data["steps"], line=format_progress(record),
             usage=usage, usage_line=format_usage(usage), money=format_money, highlight=highlight,
-            code_css=code_css, batch=(record.progress or {}).get("batch"),
+            code_css=code_css, batch=record.progress.batch, step_usage=Usage.from_json_dict,
             outputs=None if outputs is None else json.dumps(outputs, indent=2, ensure_ascii=False),
             refresh=None if record.status.finished else REFRESH_SECONDS)
 

@@ -114,7 +114,7 @@ def _local_sandbox_problems(settings: Settings) -> list[str]:
         return []
     from broker_bridge.backends.local import local_isolation_problem
 
-    problem = local_isolation_problem()
+    problem = local_isolation_problem(settings.local_isolation.value)
     return [f"local sandboxes cannot be isolated here: {problem}"] if problem else []
 
 

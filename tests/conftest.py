@@ -14,6 +14,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from multiprocessing.context import BaseContext
+from typing import TYPE_CHECKING
 
 # LiteLLM (and DSPy's model metadata) otherwise fetch a price map from the internet on first
 # use, retrying for seconds when offline. Set before anything imports them; children inherit it.
@@ -26,8 +27,12 @@ atexit.register(shutil.rmtree, os.environ["RLMQ_STATE_DIR"], ignore_errors=True)
 import pytest  # noqa: E402
 import redis  # noqa: E402
 
+from tests.support.daytona_emulator.harness import daytona_emulator, daytona_env, emulator  # noqa: E402,F401
 from tests.support.stub_llm import StubLLM  # noqa: E402
 from rlmq.local_redis import PrivateRedis, start_private_redis  # noqa: E402
+
+if TYPE_CHECKING:
+    from tests.support.sandboxes import SandboxPool
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +73,11 @@ def mp_context() -> BaseContext:
     and a fork of pytest's threads is not safe.
     """
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["redis", "workers.single_flight", "tests.support.stub_llm"])
+    ctx.set_forkserver_preload([
+        "redis", "workers.single_flight", "tests.support.stub_llm",
+        # what `rlmq` imports on its way to an answer (tests.support.cli.rlmq_forked): its client's Celery too
+        "tests.support.cli", "rlmq.cli", "rlmq.inputs", "rlmq.celery_config", "celery.app", "dotenv",
+    ])
     return ctx
 
 
@@ -105,6 +114,16 @@ def fresh_stub(stub: StubLLM) -> StubLLM:
 def stub_llm() -> Iterator[StubLLM]:
     with StubLLM() as stub:
         yield stub
+
+
+@pytest.fixture(scope="session")
+def sandbox_pool() -> Iterator[SandboxPool]:
+    """Started sandboxes shared by the tests of what code does inside one (``SandboxPool``)."""
+    from tests.support.sandboxes import SandboxPool  # broker_bridge loads DSPy: only where sandboxes run
+
+    pool = SandboxPool()
+    yield pool
+    pool.close()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,8 +17,9 @@ from typing import Any
 import pytest
 import redis
 
+from tests.support.children import run_children
 from tests.support.pickles import dotted_name_gadget, hostile_pickles
-from tests.support.stub_llm import StubLLM, default_responder
+from tests.support.stub_llm import StubLLM, default_responder, post_chat
 from workers.dspy_cache import install_redis_dspy_cache
 from workers.single_flight import ResponseCache
 from rlmq.store.keys import dspy_cache_key, inflight_key, response_cache_key
@@ -29,10 +29,7 @@ RESULTS, STARTED = "test:results", "test:started"  # test-only lists; not rlmq k
 
 
 def _ask_stub(api_base: str, prompt: str) -> dict[str, Any]:
-    body = json.dumps({"model": "stub", "messages": [{"role": "user", "content": prompt}]}).encode()
-    request = urllib.request.Request(f"{api_base}/chat/completions", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return {"text": json.load(response)["choices"][0]["message"]["content"]}
+    return {"text": post_chat(api_base, prompt)["choices"][0]["message"]["content"]}
 
 
 def _flight_worker(url: str, api_base: str, key: str, threads: int, barrier, worker: int) -> None:
@@ -77,15 +74,8 @@ def test_fifty_concurrent_callers_in_two_processes_pay_once(
 ) -> None:
     stub_llm.latency = 0.5
     barrier = mp_context.Barrier(2)
-    procs = [
-        mp_context.Process(target=_flight_worker, args=(redis_url, stub_llm.api_base, "k" * 64, 25, barrier, i))
-        for i in range(2)
-    ]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(60)
-        assert proc.exitcode == 0
+    run_children(mp_context, _flight_worker,
+                 [(redis_url, stub_llm.api_base, "k" * 64, 25, barrier, i) for i in range(2)])
     results = [json.loads(raw) for raw in redis_client.lrange(RESULTS, 0, -1)]
     assert len(results) == 50
     assert stub_llm.request_count == 1

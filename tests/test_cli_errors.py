@@ -1,10 +1,17 @@
-"""Bad input to the ``rlmq`` command: a one-line error, a non-zero exit code, never a traceback."""
+"""Bad input to the ``rlmq`` command: a one-line error, a non-zero exit code, never a traceback.
+
+Each case runs the command in a process of its own, forked from the session's forkserver
+(``rlmq_forked``); one test runs the real ``python -m rlmq.cli`` to hold the two to the same answers.
+"""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
-from tests.support.cli import cli_env, rlmq
+from tests.support.cli import cli_env, rlmq_forked
+from tests.support.cli import rlmq as rlmq_subprocess
 
 SIGNATURE = "chapters: list[str], task: str -> answer: str"
 
@@ -12,6 +19,11 @@ SIGNATURE = "chapters: list[str], task: str -> answer: str"
 @pytest.fixture
 def env(tmp_path, redis_url):
     return cli_env(tmp_path, REDIS_URL=redis_url)
+
+
+@pytest.fixture
+def rlmq(mp_context):
+    return functools.partial(rlmq_forked, mp_context)
 
 
 def assert_one_line_error(result, code: int, *fragments: str) -> None:
@@ -24,18 +36,20 @@ def assert_one_line_error(result, code: int, *fragments: str) -> None:
         assert fragment in error, (fragment, error)
 
 
-def test_every_subcommand_has_help(env, tmp_path):
+def test_every_subcommand_has_help(env, tmp_path, rlmq):
     for command in ("submit", "status", "watch", "result", "cancel", "list", "worker", "flower", "up", "demo"):
         result = rlmq(command, "--help", env=env, cwd=tmp_path)
         assert result.code == 0 and "usage: rlmq " + command in result.stdout, command
 
 
-def test_unknown_subcommand_and_option(env, tmp_path):
-    assert_one_line_error(rlmq("frobnicate", env=env, cwd=tmp_path), 2, "invalid choice: 'frobnicate'")
-    assert_one_line_error(rlmq("list", "--colour", env=env, cwd=tmp_path), 2, "unrecognized arguments: --colour")
+def test_unknown_subcommand_and_option(env, tmp_path, rlmq):
+    for run in (rlmq, rlmq_subprocess):  # forked as the other cases, and the real command: the same answers
+        assert_one_line_error(run("frobnicate", env=env, cwd=tmp_path), 2, "invalid choice: 'frobnicate'")
+        assert_one_line_error(run("list", "--colour", env=env, cwd=tmp_path), 2, "unrecognized arguments: --colour")
+        assert_one_line_error(run("status", "no-such-run", env=env, cwd=tmp_path), 4, "no run with id 'no-such-run'")
 
 
-def test_missing_unreadable_binary_and_empty_inputs(env, tmp_path):
+def test_missing_unreadable_binary_and_empty_inputs(env, tmp_path, rlmq):
     binary = tmp_path / "blob.txt"
     binary.write_bytes(b"\x00\xff\xfe" * 100)
     empty = tmp_path / "empty.txt"
@@ -50,7 +64,7 @@ def test_missing_unreadable_binary_and_empty_inputs(env, tmp_path):
         assert_one_line_error(result, 2, fragment)
 
 
-def test_bad_signature_and_input_names(env, tmp_path):
+def test_bad_signature_and_input_names(env, tmp_path, rlmq):
     book = tmp_path / "book.txt"
     book.write_text("Some text.")
     result = rlmq("submit", "--signature", "chapters -> -> x", "--input", f"chapters=@{book}", env=env, cwd=tmp_path)
@@ -64,12 +78,12 @@ def test_bad_signature_and_input_names(env, tmp_path):
     assert_one_line_error(result, 2)
 
 
-def test_unknown_run_id(env, tmp_path):
+def test_unknown_run_id(env, tmp_path, rlmq):
     for command in ("status", "result", "cancel", "watch"):
         assert_one_line_error(rlmq(command, "no-such-run", env=env, cwd=tmp_path), 4, "no run with id 'no-such-run'")
 
 
-def test_redis_unreachable_and_unconfigured(tmp_path):
+def test_redis_unreachable_and_unconfigured(tmp_path, rlmq):
     down = cli_env(tmp_path, REDIS_URL="redis://127.0.0.1:1/0")
     assert_one_line_error(rlmq("list", env=down, cwd=tmp_path), 3, "cannot reach Redis at redis://127.0.0.1:1/0")
     nowhere = cli_env(tmp_path)
@@ -136,5 +150,5 @@ BAD_ARGUMENTS = [
 
 @pytest.mark.parametrize("arguments, code, fragment", BAD_ARGUMENTS,
                          ids=[" ".join(a)[:60] for a, _, _ in BAD_ARGUMENTS])
-def test_every_bad_argument_gets_a_one_line_error(arguments, code, fragment, env, tmp_path):
+def test_every_bad_argument_gets_a_one_line_error(arguments, code, fragment, env, tmp_path, rlmq):
     assert_one_line_error(rlmq(*arguments, env=env, cwd=tmp_path), code, fragment)

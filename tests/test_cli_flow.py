@@ -23,9 +23,11 @@ import redis
 
 from rlmq.demo import CHARACTERS, CORPUS
 from tests.support.demo_script import DEMO, DEMO_PROMPT, demo_sub_answer, is_demo_prompt, scripted_wealth
-from tests.support.cli import RLMQ, Result, cli_env, http_status, processes_with_env, rlmq, wait_until
+from tests.support.cli import RLMQ, Result, cli_env, processes_with_cmdline, processes_with_env, rlmq
+from tests.support.net import free_port, http_status, one_try_redis
 from tests.support.sandboxes import SandboxesOf
 from tests.support.stub_llm import ScriptedRoot, last_user_text, route
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +94,7 @@ def test_cli_end_to_end_with_rlmq_up(tmp_path, llm_env):
             assert stat.S_IMODE(state.stat().st_mode) == 0o600 and stat.S_IMODE(state.parent.stat().st_mode) == 0o700
             bare = redis.Redis.from_url(redis_url)
             with pytest.raises(redis.AuthenticationError):
-                redis.Redis(port=bare.connection_pool.connection_kwargs["port"]).ping()
+                one_try_redis(port=bare.connection_pool.connection_kwargs["port"]).ping()
             assert bare.ping()
 
             # submit --wait: a scripted analysis over the first chapters of the book
@@ -117,11 +119,11 @@ def test_cli_end_to_end_with_rlmq_up(tmp_path, llm_env):
                         "--input", "task=LONGRUN", env=llm_env, cwd=tmp_path)
             assert long.code == 0, long.stderr
             long_id = long.stdout.strip()
-            wait_until(lambda: sandboxes.sample(), 120, message="the long run's sandbox")
+            wait_until(lambda: sandboxes.sample(), 120, what="the long run's sandbox")
             long_sandbox = sandboxes.sample()
             cancelled = rlmq("cancel", long_id, env=llm_env, cwd=tmp_path)
             assert cancelled.code == 0 and cancelled.stdout.split() == [long_id, "cancelled"], cancelled
-            wait_until(lambda: not long_sandbox & sandboxes.live(), 10, message="the cancelled run's sandbox to be gone")
+            wait_until(lambda: not long_sandbox & sandboxes.live(), 10, what="the cancelled run's sandbox to be gone")
 
             # `rlmq worker` with no REDIS_URL joins the stack, password and all
             extra = subprocess.Popen([*RLMQ, "worker", "llm", "--name", "extra", "-c", "2"], env=llm_env, cwd=tmp_path,
@@ -130,7 +132,7 @@ def test_cli_end_to_end_with_rlmq_up(tmp_path, llm_env):
                 out: list[str] = []
                 threading.Thread(target=lambda: [out.append(line) for line in extra.stdout], daemon=True).start()
                 wait_until(lambda: any(" ready." in line for line in out) or extra.poll() is not None, 120,
-                           message="`rlmq worker llm` to be ready")
+                           what="`rlmq worker llm` to be ready")
                 assert extra.poll() is None, "".join(out)
             finally:
                 os.killpg(extra.pid, signal.SIGTERM)
@@ -145,7 +147,7 @@ def test_cli_end_to_end_with_rlmq_up(tmp_path, llm_env):
             up.send_signal(signal.SIGINT)  # Ctrl-C
             code = up.wait(90)
     assert code == 0
-    wait_until(lambda: not processes_with_env(f"REDIS_URL={redis_url}"), 15, message="every stack process to exit")
+    wait_until(lambda: not processes_with_env(f"REDIS_URL={redis_url}"), 15, what="every stack process to exit")
     assert long_sandbox <= sandboxes.seen and not sandboxes.live(), (sandboxes.seen, sandboxes.live())
 
 
@@ -171,18 +173,8 @@ def test_demo_brings_up_its_own_stack_and_plots(tmp_path, llm_env):
     assert sandboxes.seen and not sandboxes.live(), (sandboxes.seen, sandboxes.live())
 
 
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_rlmq_up_protects_flower_with_a_generated_login(tmp_path, llm_env):
-    port, other_port = _free_port(), _free_port()
+    port, other_port = free_port(), free_port()
     env = {k: v for k, v in llm_env.items() if k != "FLOWER_BASIC_AUTH"}
     seen: list[str] = []
     up, redis_url = start_up(env, tmp_path, "--flower-port", str(port), "--rlm-concurrency", "1", seen=seen)
@@ -194,7 +186,7 @@ def test_rlmq_up_protects_flower_with_a_generated_login(tmp_path, llm_env):
         state = json.loads((Path(env["RLMQ_STATE_DIR"]) / "stack.json").read_text())
         assert state["flower"]["basic_auth"] == f"rlmq:{password}"
         url = f"http://127.0.0.1:{port}/"
-        wait_until(lambda: http_status(url) != 0, 60, message="flower to answer")
+        wait_until(lambda: http_status(url) != 0, 60, what="flower to answer")
         assert http_status(url) == 401 and http_status(url, "rlmq:wrong") == 401
         assert http_status(url, f"rlmq:{password}") == 200
         assert not processes_with_cmdline(password), "the login is on a command line"
@@ -202,7 +194,7 @@ def test_rlmq_up_protects_flower_with_a_generated_login(tmp_path, llm_env):
         flower = subprocess.Popen([*RLMQ, "flower", "--port", str(other_port)], env=env, cwd=tmp_path,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
         other = f"http://127.0.0.1:{other_port}/"
-        wait_until(lambda: http_status(other) != 0 or flower.poll() is not None, 60, message="rlmq flower")
+        wait_until(lambda: http_status(other) != 0 or flower.poll() is not None, 60, what="rlmq flower")
         assert http_status(other) == 401 and http_status(other, f"rlmq:{password}") == 200
     finally:
         if flower is not None:
@@ -212,16 +204,4 @@ def test_rlmq_up_protects_flower_with_a_generated_login(tmp_path, llm_env):
         code = up.wait(90)
     assert code == 0
     assert "rlmq:" + password not in "".join(seen).replace(login, "")  # printed once, on its own line
-    wait_until(lambda: not processes_with_env(f"REDIS_URL={redis_url}"), 15, message="every stack process to exit")
-
-
-def processes_with_cmdline(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
+    wait_until(lambda: not processes_with_env(f"REDIS_URL={redis_url}"), 15, what="every stack process to exit")

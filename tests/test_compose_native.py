@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from rlmq.stack import LocalStack
-from tests.support.cli import http_status
+from tests.support.cli import processes_with_cmdline
+from tests.support.net import http_status, one_try_redis
 
 pytestmark = pytest.mark.slow
 
@@ -96,15 +97,8 @@ def test_compose_redis_requires_its_password(tmp_path):
                 assert server.poll() is None and time.monotonic() < deadline, "redis did not start"
                 time.sleep(0.1)
         with pytest.raises(redis_py.AuthenticationError):
-            redis_py.Redis(port=port).ping()
-        cmdlines = []
-        for proc in Path("/proc").iterdir():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if str(port) in cmdline:
-                cmdlines.append(cmdline)
+            one_try_redis(port=port).ping()
+        cmdlines = processes_with_cmdline(str(port)).values()
         assert any("redis-server" in c for c in cmdlines) and not any("compose-redis-pw" in c for c in cmdlines)
         health = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["redis"]["healthcheck"]["test"]
         probe = health[1].replace("redis-cli", f"redis-cli -p {port}")

@@ -1,55 +1,37 @@
-"""The Daytona backend, offline against the real SDK, plus one live test.
-
-Offline means no Daytona cloud, not no SDK: errors come from the SDK's own translation of HTTP
-answers (a fake Daytona API on loopback), ``run_code`` goes through the SDK's real code-interpreter
-client to a fake daemon websocket, and boot starts the real broker from the real runtime files on
-this machine behind a fake preview proxy that checks the token header.
-"""
+"""The Daytona backend against the Daytona emulator (tests/support/daytona_emulator), through the real
+SDK: boot, runs, timeouts, faults, reaping. No doubles: each sandbox is a real one on this machine.
+Error mapping, create params and output logging are checked on their own; one test runs against
+Daytona's cloud when ``DAYTONA_API_KEY`` is set (marker ``live``)."""
 
 from __future__ import annotations
 
 import contextlib
-import http.server
+import dataclasses
 import json
 import logging
-import math
 import os
 import secrets
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 daytona = pytest.importorskip("daytona")
-import httpx  # noqa: E402
 from daytona import (  # noqa: E402
     CreateSandboxFromImageParams,
     CreateSandboxFromSnapshotParams,
-    DaytonaConfig,
-    DaytonaConflictError,
     DaytonaError,
     DaytonaNotFoundError,
     DaytonaTimeoutError,
-    ListSandboxesQuery,
 )
 from daytona._sync.code_interpreter import CodeInterpreter  # noqa: E402
 from daytona._utils.errors import create_daytona_error  # noqa: E402
-from daytona_toolbox_api_client import ApiClient as ToolboxApiClient  # noqa: E402
-from daytona_toolbox_api_client import Configuration as ToolboxConfiguration  # noqa: E402
-from daytona_toolbox_api_client import InterpreterApi, InterpreterContext  # noqa: E402
-from wsproto import ConnectionType, WSConnection  # noqa: E402
-from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage  # noqa: E402
 
-from broker_bridge.backends import daytona as dmod  # noqa: E402
-from broker_bridge.backends import daytona_setup as dsetup  # noqa: E402
+from broker_bridge import SandboxInterpreter, destroy_sandbox, reap_labelled  # noqa: E402
+from broker_bridge.backends import bwrap  # noqa: E402
 from broker_bridge.backends.base import (  # noqa: E402
     RUNTIME_FILES,
     SANDBOX_SOURCE_DIR,
@@ -60,20 +42,23 @@ from broker_bridge.backends.base import (  # noqa: E402
     SandboxStartError,
     SandboxTimeout,
 )
+from broker_bridge.backends.daytona import client as dclient  # noqa: E402
+from broker_bridge.backends.daytona import sandbox as dsandbox  # noqa: E402
 from broker_bridge.backends.daytona import (  # noqa: E402
-    DaytonaSandbox,
-    OutputLog,
-    delete_daytona_sandbox,
-    reap_daytona_sandboxes,
-)
-from broker_bridge.backends.daytona_setup import (  # noqa: E402
+    DEFAULT_TTL_MINUTES,
     PREVIEW_TOKEN_HEADER,
     DaytonaOptions,
+    DaytonaSandbox,
+    OutputLog,
     build_create_params,
+    delete_daytona_sandbox,
     describe_daytona_error,
     preview_headers,
+    reap_daytona_sandboxes,
 )
+from broker_bridge.backends.daytona.options import check_no_secrets  # noqa: E402
 from broker_bridge.sandbox.protocol import KEEPALIVE_MARKER, PATH_HEALTH, token_digest  # noqa: E402
+from tests.support.daytona_emulator.harness import running_emulator  # noqa: E402
 
 SPEC = SandboxSpec(
     sandbox_id="rlmq-0123456789abcdef",
@@ -81,20 +66,53 @@ SPEC = SandboxSpec(
     sandbox_token="sandbox-token-not-for-labels",
     labels={"rlmq.run": "run-1"},
 )
-VENV_BIN = str(Path(sys.executable).parent)
+needs_namespaces = pytest.mark.skipif(bwrap.probe()[0] is None, reason=f"no namespaces here: {bwrap.probe()[1]}")
 
 
-@pytest.fixture(autouse=True)
-def no_cached_clients():
-    dsetup._clients.clear()
-    yield
-    dsetup._clients.clear()
+def on_emulator(test):
+    """An emulator process and real sandboxes: slow, and only where namespaces work."""
+    return pytest.mark.slow(needs_namespaces(test))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def new_spec(**labels: str) -> SandboxSpec:
+    sandbox_id = f"rlmq-{uuid.uuid4().hex[:16]}"
+    return SandboxSpec(sandbox_id=sandbox_id, host_token_sha256="ab" * 32, sandbox_token=secrets.token_urlsafe(16),
+                       labels={"rlmq.sandbox": sandbox_id, **labels})
+
+
+def remaining(emulator) -> list[str]:
+    return [s["name"] for s in emulator.sandboxes()]
+
+
+def gone(emulator, within: float = 15.0) -> bool:
+    """No sandbox left on the emulator (deletions may finish on a background thread)."""
+    deadline = time.monotonic() + within
+    while remaining(emulator) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not remaining(emulator)
+
+
+@pytest.fixture
+def booted(daytona_env):
+    """A booted DaytonaSandbox on the emulator, and the emulator; destroyed afterwards."""
+    backends = []
+
+    def boot(spec: SandboxSpec | None = None, **options):
+        backend = DaytonaSandbox(**options)
+        backends.append(backend)
+        return backend, backend.boot(spec or new_spec())
+
+    yield boot
+    for backend in backends:
+        backend.destroy()
+
+
+def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
 
 
 # ------------------------------------------------------------------ error mapping (SDK instances)
@@ -156,31 +174,31 @@ def test_describe_daytona_error_defaults_and_passthrough():
     assert isinstance(_close_error(4008, ""), DaytonaTimeoutError)  # what run_code turns into SandboxTimeout
 
 
-# ------------------------------------------------------------------ create params
+# ------------------------------------------------------------------ options, create params, client
 
 def test_constructor_takes_every_option_by_name():
-    import dataclasses
     import inspect
 
     from broker_bridge.factory import interpreter_factory
 
     accepted = set(inspect.signature(DaytonaSandbox.__init__).parameters) - {"self"}
     assert {f.name for f in dataclasses.fields(DaytonaOptions)} <= accepted
-    backend = DaytonaSandbox(auto_stop_interval=5, snapshot="snap", boot_timeout=10)
-    assert (backend.options.auto_stop_interval, backend.options.snapshot) == (5, "snap")
-    interpreter_factory("daytona", auto_stop_interval=5, api_url="http://x")  # accepted by the factory
+    backend = DaytonaSandbox(auto_stop_interval=5, snapshot="snap", boot_timeout=10, api_timeout=3)
+    assert (backend.options.auto_stop_interval, backend.options.snapshot, backend.options.api_timeout) == (5, "snap", 3)
+    interpreter_factory("daytona", auto_stop_interval=5, api_url="http://x", on_sandbox_creating=print)
     with pytest.raises(TypeError):
         interpreter_factory("daytona", auto_stop=5)
     assert "secret" not in repr(DaytonaOptions(api_key="secret"))
 
 
-def test_create_params_are_labelled_named_private_and_carry_no_env():
+def test_create_params_are_labelled_named_private_capped_and_carry_no_env():
     params = build_create_params(SPEC, DaytonaOptions())
     assert isinstance(params, CreateSandboxFromSnapshotParams)
     assert params.name == SPEC.sandbox_id
     assert params.labels == {"rlmq.run": "run-1", "rlmq.sandbox": SPEC.sandbox_id}
     assert params.auto_stop_interval == 15
     assert params.auto_delete_interval == 0  # SDK: 0 = delete as soon as it stops
+    assert params.ttl_minutes == DEFAULT_TTL_MINUTES > 6 * 60  # outlives rlmq's default run limit, nothing more
     assert params.public is False
     assert params.env_vars is None and params.secrets is None
     assert params.language == "python"
@@ -193,10 +211,12 @@ def test_create_params_options():
     assert (params.snapshot, params.auto_stop_interval, params.auto_delete_interval) == ("snap", 5, -1)
     assert (params.target, params.ttl_minutes) == ("eu", 90)
     assert build_create_params(SPEC, DaytonaOptions(ephemeral=True)).auto_delete_interval == 0
+    assert build_create_params(SPEC, DaytonaOptions(ttl_minutes=0)).ttl_minutes == 0  # explicitly off
     image = build_create_params(SPEC, DaytonaOptions(image="python:3.12-slim", resources={"cpu": 2, "memory": 4}))
     assert isinstance(image, CreateSandboxFromImageParams)
     assert (image.resources.cpu, image.resources.memory) == (2, 4)
-    for bad in (dict(snapshot="a", image="b"), dict(resources={"cpu": 1}), dict(ephemeral=True, auto_delete_interval=5)):
+    for bad in (dict(snapshot="a", image="b"), dict(resources={"cpu": 1}), dict(ephemeral=True, auto_delete_interval=5),
+                dict(ttl_minutes=-1), dict(boot_timeout=0), dict(api_timeout=-1)):
         with pytest.raises(ValueError):
             DaytonaOptions(**bad)
 
@@ -216,45 +236,36 @@ def test_secret_check_covers_env_and_secrets():
     params = build_create_params(SPEC, DaytonaOptions())
     params.env_vars = {"OPENAI_API_KEY": "sk-..."}
     with pytest.raises(SandboxStartError, match="environment"):
-        dsetup.check_no_secrets(params, SPEC)
+        check_no_secrets(params, SPEC)
 
-
-# ------------------------------------------------------------------ client, key, headers, output
 
 def test_missing_api_key_fails_at_boot_and_creates_nothing(monkeypatch):
     monkeypatch.delenv("DAYTONA_API_KEY", raising=False)
     monkeypatch.setattr(daytona, "Daytona", lambda *a, **k: pytest.fail("a client was constructed"))
+    dclient.forget_clients()
     backend = DaytonaSandbox()  # constructing reads nothing
     with pytest.raises(SandboxStartError, match="DAYTONA_API_KEY is not set"):
         backend.boot(SPEC)
-    assert not dsetup._clients
+    assert not dclient._clients
     backend.destroy()  # nothing to do, no error
-
-
-def test_client_is_cached_per_process_and_forgotten_in_a_fork(monkeypatch):
-    made = []
-
-    class FakeDaytona:
-        def __init__(self, config):
-            made.append(config)
-
-    monkeypatch.setenv("DAYTONA_API_KEY", "key-1")
-    monkeypatch.setattr(daytona, "Daytona", FakeDaytona)
-    first = dsetup.daytona_client()
-    assert dsetup.daytona_client() is first and len(made) == 1 and made[0].api_key == "key-1"
-    assert dsetup.daytona_client(api_key="key-2") is not first
-    pid = os.fork()
-    if pid == 0:  # child: the parent's clients are forgotten, a new one is made on demand
-        ok = not dsetup._clients and dsetup.daytona_client() is not first
-        os._exit(0 if ok else 1)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_preview_header_is_the_one_the_sdk_documents():
     assert preview_headers("tok") == {"X-Daytona-Preview-Token": "tok", "X-Daytona-Skip-Preview-Warning": "true"}
     assert PREVIEW_TOKEN_HEADER in daytona.Sandbox.get_preview_link.__doc__
     assert PREVIEW_TOKEN_HEADER not in preview_headers("")
+
+
+def test_call_within_bounds_a_call_that_takes_no_timeout():
+    release = threading.Event()
+    started = time.monotonic()
+    with pytest.raises(DaytonaTimeoutError, match="get_user_home_dir within 0s"):
+        dclient.call_within(0.3, "get_user_home_dir", release.wait, 30)
+    assert time.monotonic() - started < 2
+    release.set()
+    assert dclient.call_within(5, "echo", lambda x: x, 7) == 7
+    with pytest.raises(KeyError):
+        dclient.call_within(5, "fails", {}.__getitem__, "missing")
 
 
 def test_output_log_drops_keepalive_lines_even_when_split(caplog):
@@ -278,546 +289,354 @@ def test_output_log_bounds_long_lines_and_tail():
     assert len(out.tail()) < 120 and out.tail().endswith("line 99")
 
 
-# ------------------------------------------------------------------ a fake Daytona API (real SDK client)
+# ------------------------------------------------------------------ the client, on the emulator
 
-class FakeApi:
-    """Answers the Daytona REST API with canned responses and records what the SDK sent."""
-
-    def __init__(self):
-        self.requests: list[tuple[str, str, dict, bytes]] = []
-        self.answers: dict[tuple[str, str], tuple[int, dict, dict]] = {}
-        api = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def _answer(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                api.requests.append((self.command, self.path, dict(self.headers), body))
-                path = self.path.split("?")[0]
-                status, payload, headers = api.answers.get(
-                    (self.command, path), (404, {"statusCode": 404, "message": "Sandbox not found"}, {}))
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                for key, value in {"Content-Type": "application/json", **headers}.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_DELETE = _answer
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def client(self):
-        return daytona.Daytona(DaytonaConfig(api_key="test-key-123", api_url=self.url, target="us",
-                                             use_deprecated_polling=True))
+@pytest.mark.slow
+def test_client_is_cached_per_process_and_forgotten_in_a_fork(daytona_env):
+    first = dclient.daytona_client()
+    assert dclient.daytona_client() is first
+    assert dclient.daytona_client(api_url=daytona_env.api_url) is not first  # other settings, other client
+    pid = os.fork()
+    if pid == 0:  # child: the parent's clients are forgotten, a new one is made on demand
+        ok = not dclient._clients and dclient.daytona_client() is not first
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
-@pytest.fixture
-def fake_api():
-    api = FakeApi()
-    yield api
-    api.server.shutdown()
-    api.server.server_close()
+# ------------------------------------------------------------------ boot
 
+@on_emulator
+def test_boot_installs_runtime_starts_broker_and_waits_for_health(booted, daytona_env):
+    backend, endpoint = booted(new_spec(**{"rlmq.run": "run-1"}), broker_port=8765)
+    sandbox = backend._sandbox
+    assert backend.runtime_dir == "/home/daytona/rlmq"
+    for name in RUNTIME_FILES:
+        assert sandbox.fs.download_file(f"{backend.runtime_dir}/{name}") == (SANDBOX_SOURCE_DIR / name).read_bytes()
+    link = sandbox.get_preview_link(8765)
+    assert endpoint.url == link.url.rstrip("/") and endpoint.inside_url == "http://127.0.0.1:8765"
+    assert endpoint.headers == {PREVIEW_TOKEN_HEADER: link.token, "X-Daytona-Skip-Preview-Warning": "true"}
+    status, body = http_get(endpoint.url + PATH_HEALTH, endpoint.headers)
+    assert status == 200 and isinstance(json.loads(body), dict)
+    assert http_get(endpoint.url + PATH_HEALTH)[0] == 401  # no token, no way in
 
-def test_create_request_over_http_is_private_labelled_and_maps_rate_limit(fake_api):
-    fake_api.answers[("POST", "/sandbox")] = (
-        429, {"statusCode": 429, "message": "ThrottlerException: Too Many Requests"}, {"Retry-After": "7"})
-    backend = DaytonaSandbox(client=fake_api.client())
-    with pytest.raises(SandboxCapacityError, match="rate limit.*Retry-After: 7.*retry later"):
-        backend.boot(SPEC)
-    assert [(m, p.split("?")[0]) for m, p, _, _ in fake_api.requests] == [("POST", "/sandbox")]  # no cleanup calls
-    _, _, headers, body = fake_api.requests[0]
-    sent = json.loads(body)
-    assert headers["Authorization"] == "Bearer test-key-123"
-    assert sent["name"] == SPEC.sandbox_id
-    assert sent["labels"] == {"rlmq.run": "run-1", "rlmq.sandbox": SPEC.sandbox_id, "code-toolbox-language": "python"}
-    assert (sent["autoStopInterval"], sent["autoDeleteInterval"], sent["public"]) == (15, 0, False)
-    assert sent.get("env") in ({}, None) and not sent.get("secrets")
-    for secret in ("test-key-123", SPEC.sandbox_token):
-        assert secret not in body.decode()
+    (command,) = sandbox.process.get_session(dsandbox.BROKER_SESSION).commands
+    assert "--bind 0.0.0.0" in command.command and "--port 8765" in command.command
+    assert command.exit_code is None  # started with runAsync, still running
+    spec = backend._spec
+    assert token_digest(spec.sandbox_token) in command.command and spec.sandbox_token not in command.command
+    assert backend._context.cwd == backend.runtime_dir
+    runtime_bytes = sum((SANDBOX_SOURCE_DIR / name).stat().st_size for name in RUNTIME_FILES)
+    assert runtime_bytes < backend.bytes_sent < runtime_bytes + 2000
+    created = daytona_env.client().get(spec.sandbox_id)
+    assert created.labels == {**spec.labels, "rlmq.run": "run-1", "code-toolbox-language": "python"}
+    assert (created.public, created.auto_stop_interval, created.auto_delete_interval) == (False, 15, 0)
+    assert created.auto_destroy_at is not None  # the default TTL
+    assert daytona_env.api_key not in sandbox.process.exec("env").result  # no key inside
 
+    before = backend.bytes_sent
+    backend.put_file("inputs/abc123", b"war and peace")
+    assert sandbox.fs.download_file(f"{backend.runtime_dir}/inputs/abc123") == b"war and peace"
+    assert backend.bytes_sent == before + len(b"war and peace")
+    for bad in ("../escape", "/etc/passwd", "inputs//x", ""):
+        with pytest.raises(ValueError):
+            backend.put_file(bad, b"")
 
-@pytest.mark.parametrize(
-    "status, message, expected, cleanup",
-    [
-        (403, "Total memory limit exceeded. Maximum allowed: 20GiB.", SandboxCapacityError, False),
-        (401, "Unauthorized", SandboxStartError, False),
-        (409, "Sandbox with name rlmq-0123456789abcdef already exists", SandboxStartError, False),
-        (500, "Internal server error", SandboxStartError, True),  # may exist: look it up by name
-    ],
-)
-def test_create_errors_over_http(fake_api, status, message, expected, cleanup):
-    fake_api.answers[("POST", "/sandbox")] = (status, {"statusCode": status, "message": message}, {})
-    with pytest.raises(expected) as caught:
-        DaytonaSandbox(client=fake_api.client()).boot(SPEC)
-    assert type(caught.value) is expected
-    calls = [(m, p.split("?")[0]) for m, p, _, _ in fake_api.requests]
-    assert calls == [("POST", "/sandbox")] + ([("GET", f"/sandbox/{SPEC.sandbox_id}")] if cleanup else [])
-
-
-# ------------------------------------------------------------------ a sandbox double on this machine
-
-class PreviewProxy:
-    """Stands in for Daytona's preview proxy: 401 without the token, 502 until the port answers."""
-
-    def __init__(self, port: int, token: str):
-        self.authorized = 0
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                if self.headers.get(PREVIEW_TOKEN_HEADER) != token:
-                    return self._send(401, b'{"error": "unauthorized"}')
-                proxy.authorized += 1
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}{self.path}", timeout=5) as resp:
-                        return self._send(resp.status, resp.read())
-                except urllib.error.HTTPError as exc:
-                    return self._send(exc.code, exc.read())
-                except OSError:
-                    return self._send(502, b"bad gateway")
-
-            def _send(self, status, data):
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class SandboxDouble:
-    """The surface of ``daytona.Sandbox`` the backend uses, acted out on this machine."""
-
-    def __init__(self, params, home: Path, *, setup_exit: int = 0):
-        self.id, self.name, self.labels = f"uuid-{uuid.uuid4().hex[:8]}", params.name, dict(params.labels or {})
-        self.state, self.home, self.setup_exit = "started", home, setup_exit
-        self.delete_calls, self.deleted, self.activity = 0, False, 0
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.session_requests: list = []
-        self.execs: list[str] = []
-        self.proxy: PreviewProxy | None = None
-        self.fs = SimpleNamespace(upload_files=self._upload_files, create_folder=self._create_folder)
-        self.process = SimpleNamespace(
-            exec=self._exec, create_session=lambda session_id: None,
-            execute_session_command=self._execute_session_command,
-            get_session_command=lambda s, cmd_id: SimpleNamespace(exit_code=self.procs[cmd_id].poll()),
-            get_session_command_logs=lambda s, cmd_id: SimpleNamespace(
-                output=(self.home / f"{cmd_id}.log").read_text(), stdout=None, stderr=None),
-        )
-        self.code_interpreter = SimpleNamespace(create_context=lambda cwd=None: InterpreterContext(
-            id="ctx-1", active=True, created_at="now", cwd=cwd or str(home), language="python"))
-
-    def _env(self):
-        return {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
-
-    def _upload_files(self, files, timeout=1800):
-        for upload in files:
-            Path(upload.destination).parent.mkdir(parents=True, exist_ok=True)
-            Path(upload.destination).write_bytes(upload.source)
-
-    def _create_folder(self, path, mode):
-        Path(path).mkdir(parents=True, exist_ok=True)
-
-    def _exec(self, command, cwd=None, env=None, timeout=None):
-        self.execs.append(command)
-        if self.setup_exit:
-            return SimpleNamespace(exit_code=self.setup_exit, result="ERROR: No matching distribution found for flask")
-        done = subprocess.run(command, shell=True, env=self._env(), capture_output=True, text=True, timeout=timeout)
-        return SimpleNamespace(exit_code=done.returncode, result=done.stdout + done.stderr)
-
-    def _execute_session_command(self, session_id, req, timeout=None):
-        self.session_requests.append(req)
-        cmd_id = f"cmd-{len(self.procs)}"
-        with open(self.home / f"{cmd_id}.log", "wb") as log_file:
-            self.procs[cmd_id] = subprocess.Popen(["sh", "-c", req.command], env=self._env(), stdout=log_file,
-                                                  stderr=subprocess.STDOUT, start_new_session=True)
-        return SimpleNamespace(cmd_id=cmd_id, exit_code=None, output="")
-
-    def get_user_home_dir(self):
-        return str(self.home)
-
-    def get_preview_link(self, port):
-        self.proxy = self.proxy or PreviewProxy(port, token="preview-token-1")
-        return SimpleNamespace(url=self.proxy.url + "/", token="preview-token-1", sandbox_id=self.id)
-
-    def refresh_activity(self):
-        self.activity += 1
-
-    def delete(self, timeout=60, wait=False):
-        self.delete_calls += 1
-        if self.deleted:
-            raise DaytonaNotFoundError("Sandbox not found", status_code=404)
-        self.deleted, self.state = True, "destroyed"
-        self.stop()
-
-    def stop(self):
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, 9)
-                proc.wait()
-        if self.proxy:
-            self.proxy.close()
-            self.proxy = None
-
-
-class ClientDouble:
-    """The surface of ``daytona.Daytona`` the backend and the reapers use."""
-
-    def __init__(self, home: Path, *, fail_create: Exception | None = None, create_anyway: bool = False,
-                 setup_exit: int = 0, filter_labels: bool = True):
-        self.home, self.fail_create, self.create_anyway = home, fail_create, create_anyway
-        self.setup_exit, self.filter_labels = setup_exit, filter_labels
-        self.sandboxes: list[SandboxDouble] = []
-        self.queries: list = []
-
-    def add(self, params) -> SandboxDouble:
-        home = self.home / f"sb-{uuid.uuid4().hex[:8]}"
-        home.mkdir()
-        sandbox = SandboxDouble(params, home, setup_exit=self.setup_exit)
-        self.sandboxes.append(sandbox)
-        return sandbox
-
-    def create(self, params, *, timeout=60):
-        self.created_params = params
-        if self.fail_create is not None:
-            if self.create_anyway:
-                sandbox = self.add(params)
-                if isinstance(self.fail_create, DaytonaTimeoutError):
-                    self.fail_create._attach_sandbox_id(sandbox.id)
-            raise self.fail_create
-        return self.add(params)
-
-    def get(self, id_or_name):
-        for sandbox in self.sandboxes:
-            if id_or_name in (sandbox.id, sandbox.name) and not sandbox.deleted:
-                return sandbox
-        raise DaytonaNotFoundError(f"Sandbox {id_or_name} not found", status_code=404)
-
-    def list(self, query=None):
-        self.queries.append(query)
-        for sandbox in list(self.sandboxes):
-            wanted = (query.labels or {}) if query and self.filter_labels else {}
-            if not sandbox.deleted and all(sandbox.labels.get(k) == v for k, v in wanted.items()):
-                yield sandbox
-
-    def stop_all(self):
-        for sandbox in self.sandboxes:
-            sandbox.stop()
-
-
-@pytest.fixture
-def client(tmp_path):
-    doubles: list[ClientDouble] = []
-
-    def make(**kwargs) -> ClientDouble:
-        doubles.append(ClientDouble(tmp_path, **kwargs))
-        return doubles[-1]
-
-    yield make
-    for double in doubles:
-        double.stop_all()
-
-
-def test_boot_installs_runtime_starts_broker_and_waits_for_health(client):
-    clients = client()
-    port = free_port()
-    backend = DaytonaSandbox(client=clients, broker_port=port, boot_timeout=30)
-    endpoint = backend.boot(SPEC)
-    sandbox = clients.sandboxes[0]
-    try:
-        assert backend.runtime_dir == f"{sandbox.home}/rlmq"
-        for name in RUNTIME_FILES:
-            assert (sandbox.home / "rlmq" / name).read_bytes() == (SANDBOX_SOURCE_DIR / name).read_bytes()
-        assert endpoint.url == sandbox.proxy.url  # trailing slash trimmed
-        assert endpoint.inside_url == f"http://127.0.0.1:{port}"
-        assert endpoint.headers == {PREVIEW_TOKEN_HEADER: "preview-token-1", "X-Daytona-Skip-Preview-Warning": "true"}
-        assert sandbox.proxy.authorized >= 1  # /health went through the proxy with the token
-        with urllib.request.urlopen(urllib.request.Request(endpoint.url + PATH_HEALTH, headers=endpoint.headers)) as r:
-            assert r.status == 200 and isinstance(json.loads(r.read()), dict)
-        with pytest.raises(urllib.error.HTTPError):
-            urllib.request.urlopen(endpoint.url + PATH_HEALTH)  # no token, no way in
-
-        (request,) = sandbox.session_requests
-        assert request.run_async is True
-        assert "--bind 0.0.0.0" in request.command and f"--port {port}" in request.command
-        assert token_digest(SPEC.sandbox_token) in request.command and SPEC.sandbox_token not in request.command
-        assert "import flask" in sandbox.execs[0]
-        assert backend._context.cwd == backend.runtime_dir
-        runtime_bytes = sum((SANDBOX_SOURCE_DIR / name).stat().st_size for name in RUNTIME_FILES)
-        assert runtime_bytes < backend.bytes_sent < runtime_bytes + 2000
-
-        before = backend.bytes_sent
-        backend.put_file("inputs/abc123", b"war and peace")
-        assert (sandbox.home / "rlmq" / "inputs" / "abc123").read_bytes() == b"war and peace"
-        assert backend.bytes_sent == before + len(b"war and peace")
-        for bad in ("../escape", "/etc/passwd", "inputs//x", ""):
-            with pytest.raises(ValueError):
-                backend.put_file(bad, b"")
-
-        info = backend.info()
-        assert (info.backend, info.sandbox_id) == ("daytona", SPEC.sandbox_id)
-        assert info.labels == {"rlmq.run": "run-1", "rlmq.sandbox": SPEC.sandbox_id}
-    finally:
-        backend.destroy()
-    assert sandbox.deleted and all(proc.poll() is not None for proc in sandbox.procs.values())
+    info = backend.info()
+    assert (info.backend, info.sandbox_id, info.isolation) == ("daytona", spec.sandbox_id, "vm")
+    assert info.labels == {**spec.labels, "rlmq.run": "run-1"} and info.provider == {"api_url": daytona_env.api_url}
     backend.destroy()
-    assert sandbox.delete_calls == 1
+    assert gone(daytona_env)
+    backend.destroy()  # idempotent
     with pytest.raises(SandboxDied):
         backend.put_file("late", b"x")
 
 
-def test_boot_fails_fast_when_the_broker_exits_and_deletes_the_sandbox(client, monkeypatch):
-    monkeypatch.setattr(dmod, "_PROBE_EVERY", 0.2)
-    monkeypatch.setattr(dmod, "runtime_file_contents", lambda: {
+@on_emulator
+def test_boot_fails_fast_when_the_broker_exits_and_deletes_the_sandbox(daytona_env, monkeypatch):
+    monkeypatch.setattr(dsandbox, "_PROBE_EVERY", 0.2)
+    monkeypatch.setattr(dsandbox, "runtime_file_contents", lambda: {
         "broker.py": b"import sys\nprint('broker exploded')\nsys.exit(3)\n", "protocol.py": b"", "runtime.py": b""})
-    clients = client()
-    backend = DaytonaSandbox(client=clients, broker_port=free_port(), boot_timeout=30)
+    backend = DaytonaSandbox(boot_timeout=30)
     started = time.monotonic()
     with pytest.raises(SandboxStartError, match="exited with code 3.*broker exploded"):
-        backend.boot(SPEC)
+        backend.boot(new_spec())
     assert time.monotonic() - started < 10
-    assert clients.sandboxes[0].deleted and "broker exploded" in backend.broker_log
+    assert "broker exploded" in backend.broker_log and gone(daytona_env)
 
 
-def test_boot_times_out_when_health_never_answers(client, monkeypatch):
-    monkeypatch.setattr(dmod, "runtime_file_contents", lambda: {
+@on_emulator
+def test_boot_times_out_when_health_never_answers(daytona_env, monkeypatch):
+    monkeypatch.setattr(dsandbox, "runtime_file_contents", lambda: {
         "broker.py": b"import time\ntime.sleep(60)\n", "protocol.py": b"", "runtime.py": b""})
-    clients = client()
-    backend = DaytonaSandbox(client=clients, broker_port=free_port(), boot_timeout=4)
     with pytest.raises(SandboxStartError, match="did not answer /health.*HTTP 502"):
-        backend.boot(SPEC)
-    sandbox = clients.sandboxes[0]
-    assert sandbox.deleted and all(proc.poll() is not None for proc in sandbox.procs.values())
+        DaytonaSandbox(boot_timeout=4).boot(new_spec())
+    assert gone(daytona_env)
 
 
-def test_boot_fails_clearly_without_flask_and_deletes_the_sandbox(client):
-    clients = client(setup_exit=1)
-    with pytest.raises(SandboxStartError, match="Flask.*No matching distribution"):
-        DaytonaSandbox(client=clients, broker_port=free_port()).boot(SPEC)
-    assert clients.sandboxes[0].deleted and not clients.sandboxes[0].session_requests
+@on_emulator
+def test_boot_fails_clearly_without_flask_and_deletes_the_sandbox(daytona_env):
+    with pytest.raises(SandboxStartError, match="could not make Flask importable"):
+        DaytonaSandbox(snapshot="daytona-bare").boot(new_spec())  # stdlib only, and no network to pip from
+    assert gone(daytona_env)
 
 
-def test_create_timeout_deletes_the_sandbox_daytona_made(client):
-    clients = client(fail_create=DaytonaTimeoutError("Sandbox failed to become ready within the timeout"),
-                     create_anyway=True)
+@on_emulator
+def test_a_create_that_outlasts_the_boot_deletes_the_sandbox_daytona_made(daytona_env):
+    daytona_env.clock(create_delay=6)
+    started = time.monotonic()
     with pytest.raises(SandboxStartError, match="timed out"):
-        DaytonaSandbox(client=clients).boot(SPEC)
-    assert clients.sandboxes[0].deleted
+        DaytonaSandbox(boot_timeout=2).boot(new_spec())
+    assert time.monotonic() - started < 2 + 12  # the boot's bound plus the cleanup's wait
+    daytona_env.clock(create_delay=0)
+    assert gone(daytona_env)
 
 
-def test_lost_create_response_deletes_our_sandbox_but_a_conflict_leaves_theirs(client):
-    clients = client(fail_create=DaytonaError("Failed to create sandbox: connection reset"), create_anyway=True)
+@on_emulator
+def test_a_lost_create_reply_deletes_our_sandbox_but_a_conflict_leaves_theirs(daytona_env):
+    daytona_env.faults(lose_create=1)
     with pytest.raises(SandboxStartError):
-        DaytonaSandbox(client=clients).boot(SPEC)
-    assert clients.sandboxes[0].deleted
+        DaytonaSandbox().boot(new_spec())
+    assert gone(daytona_env)  # found by its name and label, and deleted
 
-    clients = client(fail_create=DaytonaConflictError("already exists", status_code=409))
-    existing = clients.add(build_create_params(SPEC, DaytonaOptions()))
+    spec = new_spec()
+    theirs = daytona_env.client().create(CreateSandboxFromSnapshotParams(name=spec.sandbox_id, labels={"team": "x"}))
     with pytest.raises(SandboxStartError, match="already exists"):
-        DaytonaSandbox(client=clients).boot(SPEC)
-    assert not existing.deleted
+        DaytonaSandbox().boot(spec)
+    assert remaining(daytona_env) == [theirs.name]
 
 
-# ------------------------------------------------------------------ run_code: SDK client, fake daemon
-
-class FakeDaemon:
-    """The daemon's interpreter websocket (/process/interpreter/execute), scripted per test."""
-
-    def __init__(self):
-        self.script: list[tuple] = []
-        self.requests: list[dict] = []
-        self.release = threading.Event()
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
-        ws = WSConnection(ConnectionType.SERVER)
-        try:
-            text = None
-            while text is None:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                ws.receive_data(data)
-                for event in ws.events():
-                    if isinstance(event, Request):
-                        conn.sendall(ws.send(AcceptConnection()))
-                    elif isinstance(event, TextMessage):
-                        text = event.data
-            self.requests.append(json.loads(text))
-            for kind, *args in self.script:
-                if kind == "hang":
-                    self.release.wait(30)
-                    return
-                if kind == "close":
-                    conn.sendall(ws.send(CloseConnection(code=args[0], reason=args[1])))
-                    conn.settimeout(2)
-                    while conn.recv(65536):  # until the client answers the close and hangs up
-                        pass
-                    return
-                chunk = {"type": kind, "text": args[0]} if kind in ("stdout", "stderr", "control") else \
-                    {"type": "error", "name": args[0], "value": args[1], "traceback": args[2]}
-                conn.sendall(ws.send(TextMessage(data=json.dumps(chunk))))
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def close(self):
-        self.release.set()
-        self.sock.close()
-        for conn in self.conns:
-            try:
-                conn.close()
-            except OSError:
-                pass
-
-
-@pytest.fixture
-def daemon():
-    fake = FakeDaemon()
-    yield fake
-    fake.close()
-
-
-@pytest.fixture
-def running(daemon, tmp_path):
-    """A DaytonaSandbox as boot() leaves it, whose code interpreter is the SDK's, talking to the daemon."""
-    http_client = httpx.Client()
-    sandbox = SandboxDouble(SimpleNamespace(name=SPEC.sandbox_id, labels={}), tmp_path)
-    sandbox.code_interpreter = CodeInterpreter(InterpreterApi(ToolboxApiClient(ToolboxConfiguration(host=daemon.url))),
-                                               http_client=http_client)
-    backend = DaytonaSandbox(client=object(), run_grace=30)
-    backend._spec, backend._sandbox, backend._runtime_dir = SPEC, sandbox, str(tmp_path / "rlmq")
-    backend._context = InterpreterContext(id="ctx-1", active=True, created_at="now", cwd=str(tmp_path),
-                                          language="python")
-    yield backend, sandbox
-    http_client.close()
-
-
-def test_run_code_streams_output_without_keepalives(running, daemon, caplog):
-    caplog.set_level(logging.DEBUG, logger="broker_bridge.backends.daytona")
-    backend, sandbox = running
-    daemon.script = [("stdout", "step 1\n"), ("stdout", KEEPALIVE_MARKER[:5]), ("stdout", KEEPALIVE_MARKER[5:] + "\n"),
-                     ("stderr", "careful\n"), ("control", "completed"), ("close", 1000, "")]
-    before = backend.bytes_sent
-    assert backend.run_code("x = 6 * 7", timeout=12.5) is None
-    (request,) = daemon.requests
-    assert request == {"code": "x = 6 * 7", "contextId": "ctx-1", "timeout": math.ceil(12.5 + 30)}
-    assert backend.bytes_sent == before + len("x = 6 * 7")
-    logged = [r.getMessage() for r in caplog.records if r.name == "broker_bridge.backends.daytona"]
-    assert "[rlmq-0123456789abcdef stdout] step 1" in logged and "[rlmq-0123456789abcdef stderr] careful" in logged
-    assert not any("keep-alive" in line for line in logged)
-    assert not sandbox.deleted
-
-
-def test_run_code_reports_an_error_escaping_the_driver_but_keeps_the_sandbox(running, daemon, caplog):
-    backend, sandbox = running
-    daemon.script = [("error", "NameError", "name 'rt' is not defined", "Traceback ..."), ("control", "completed"),
-                     ("close", 1000, "")]
-    backend.run_code("rt.execute()", timeout=10)
-    assert backend.last_execution_error.name == "NameError"
-    assert any("NameError" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
-    assert not sandbox.deleted
-
-
-@pytest.mark.parametrize(
-    "close, expected, words",
-    [
-        ((4008, ""), SandboxTimeout, "Daytona stopped the code"),
-        ((1008, "context not found: ctx-1"), SandboxDied, "context not found"),
-        ((1001, "worker process ended"), SandboxDied, "worker process ended"),
-        ((1011, "internal error"), SandboxDied, "lost the Daytona sandbox"),
-    ],
-)
-def test_run_code_maps_daemon_closes_and_destroys(running, daemon, close, expected, words):
-    backend, sandbox = running
-    daemon.script = [("stdout", "last words\n"), ("close", *close)]
-    with pytest.raises(expected, match=words) as caught:
-        backend.run_code("work()", timeout=10)
+@pytest.mark.parametrize("status, message, expected", [
+    (403, "Total memory limit exceeded. Maximum allowed: 20GiB.", SandboxCapacityError),
+    (429, "ThrottlerException: Too Many Requests", SandboxCapacityError),
+    (503, "Service unavailable", SandboxCapacityError),
+    (500, "Internal server error", SandboxStartError),
+    pytest.param(0, "", SandboxStartError, id="api-key"),
+])
+@on_emulator
+def test_create_errors_map_to_sandbox_errors_and_leave_nothing(daytona_env, monkeypatch, status, message, expected):
+    if status:
+        daytona_env.faults(fail=[{"scope": "api", "status": status, "count": 1, "method": "POST",
+                                  "path": "/api/sandbox", "message": message}])
+    else:
+        monkeypatch.setenv("DAYTONA_API_KEY", "not-the-key")
+    with pytest.raises(expected) as caught:
+        DaytonaSandbox().boot(new_spec())
     assert type(caught.value) is expected
-    assert sandbox.deleted and sandbox.delete_calls == 1
-    if expected is SandboxDied:
+    assert gone(daytona_env)
+    if status == 429:
+        assert "Retry-After: 1" in str(caught.value)
+
+
+@on_emulator
+def test_a_hung_toolbox_cannot_hold_the_boot_past_its_timeout(daytona_env, monkeypatch):
+    """The first toolbox call of the boot (get_user_home_dir) takes no timeout: the watchdog bounds it."""
+    monkeypatch.setattr(dsandbox, "_CLEANUP_WAIT", 1.0)
+    daytona_env.faults(hang=["toolbox"])
+    started = time.monotonic()
+    with pytest.raises(SandboxStartError, match="get_user_home_dir"):
+        DaytonaSandbox(boot_timeout=3).boot(new_spec())
+    assert time.monotonic() - started < 3 + 1 + 4  # the boot's bound, the cleanup's wait, slack for a busy box
+    daytona_env.clear_faults()
+    assert gone(daytona_env)
+
+
+@on_emulator
+def test_a_slow_toolbox_step_cannot_hold_the_boot_past_its_timeout(daytona_env, monkeypatch):
+    """Later steps get what is left of boot_timeout as their own timeout."""
+    monkeypatch.setattr(dsandbox, "_CLEANUP_WAIT", 1.0)
+    daytona_env.faults(latency={"toolbox": 1.5})
+    started = time.monotonic()
+    with pytest.raises(SandboxStartError, match="boot within 4s|timed out|did not answer"):
+        DaytonaSandbox(boot_timeout=4).boot(new_spec())
+    assert time.monotonic() - started < 4 + 1.5 + 1 + 3
+    daytona_env.clear_faults()
+    assert gone(daytona_env)
+
+
+# ------------------------------------------------------------------ run_code
+
+@on_emulator
+def test_run_code_streams_output_without_keepalives(booted, caplog):
+    caplog.set_level(logging.DEBUG, logger="broker_bridge.backends.daytona")
+    backend, _ = booted()
+    before = backend.bytes_sent
+    code = (f"import sys\nprint('step 1')\nprint({KEEPALIVE_MARKER!r})\nsys.stdout.write({KEEPALIVE_MARKER[:5]!r})\n"
+            f"sys.stdout.write({KEEPALIVE_MARKER[5:]!r} + '\\n')\nprint('careful', file=sys.stderr)")
+    assert backend.run_code(code, timeout=20) is None
+    assert backend.bytes_sent == before + len(code)
+    sid = backend._spec.sandbox_id
+    logged = [r.getMessage() for r in caplog.records if r.name == "broker_bridge.backends.daytona"]
+    assert f"[{sid} stdout] step 1" in logged and f"[{sid} stderr] careful" in logged
+    assert not any("keep-alive" in line for line in logged)
+
+
+@on_emulator
+def test_code_that_raises_past_the_runtime_is_a_sandbox_error(booted):
+    backend, _ = booted()
+    backend.run_code("x = 1", timeout=20)
+    with pytest.raises(SandboxError, match="the sandbox runtime failed: NameError: name 'rt' is not defined"):
+        backend.run_code("rt.execute()", timeout=20)
+    assert backend.last_execution_error.name == "NameError"
+
+
+@on_emulator
+def test_a_broken_bootstrap_fails_the_start_with_its_cause(daytona_env, monkeypatch):
+    files = dsandbox.runtime_file_contents()
+    monkeypatch.setattr(dsandbox, "runtime_file_contents", lambda: {
+        **files, "runtime.py": b"raise RuntimeError('bootstrap exploded')\n"})
+    interpreter = SandboxInterpreter(DaytonaSandbox)
+    with pytest.raises(SandboxError, match="RuntimeError: bootstrap exploded") as caught:
+        interpreter.execute("print(1)")
+    assert "without reporting an outcome" not in str(caught.value)
+    assert gone(daytona_env)
+
+
+@pytest.mark.parametrize("how, expected, words", [
+    ("context", SandboxDied, "context not found"),
+    ("worker", SandboxDied, "worker process ended"),
+    ("agent", SandboxDied, "lost the Daytona sandbox|stopped"),
+    ("daemon-timeout", SandboxTimeout, "Daytona stopped the code"),
+])
+@on_emulator
+def test_run_code_maps_daemon_closes_and_destroys(booted, daytona_env, how, expected, words):
+    backend, _ = booted(run_grace=-3 if how == "daemon-timeout" else 30)
+    code = "print('last words')\nimport time\ntime.sleep(30)"
+    if how == "context":
+        backend._sandbox.code_interpreter.delete_context(backend._context)
+    elif how == "worker":
+        code = "print('last words')\nimport os\nos._exit(1)"
+    elif how == "agent":
+        threading.Timer(1.0, daytona_env.kill, args=(backend.daytona_id, "agent")).start()
+    with pytest.raises(expected, match=words) as caught:
+        backend.run_code(code, timeout=6)
+    assert type(caught.value) is expected
+    if how == "worker":
         assert "last words" in str(caught.value)
+    assert gone(daytona_env)
     with pytest.raises(SandboxDied, match="destroyed"):
         backend.run_code("again()", timeout=10)  # never sent: a dead sandbox is not retried
-    assert len(daemon.requests) == 1
 
 
-def test_run_code_times_out_on_the_host_and_destroys(running, daemon):
-    backend, sandbox = running
-    daemon.script = [("stdout", "working\n"), ("hang",)]
+@on_emulator
+def test_run_code_times_out_on_the_host_and_destroys(booted, daytona_env):
+    backend, _ = booted()
     started = time.monotonic()
-    with pytest.raises(SandboxTimeout, match="ran past 0.5s"):
-        backend.run_code("while True: pass", timeout=0.5)
+    with pytest.raises(SandboxTimeout, match="ran past 1s"):
+        backend.run_code("while True: pass", timeout=1)
     assert time.monotonic() - started < 5
-    assert sandbox.deleted
+    assert gone(daytona_env)
 
 
 @pytest.mark.parametrize("auto_stop, refreshed", [(15, True), (0, False)])
-def test_run_code_refreshes_activity_during_a_long_run(running, daemon, monkeypatch, auto_stop, refreshed):
-    monkeypatch.setattr(dmod, "_ACTIVITY_EVERY_MIN", 0.05)
-    monkeypatch.setattr(dmod, "_ACTIVITY_FRACTION", 0.0001)  # 15 min -> every 0.09 s
-    backend, sandbox = running
-    backend.options = DaytonaOptions(auto_stop_interval=auto_stop)
-    daemon.script = [("hang",)]
-    with pytest.raises(SandboxTimeout):
-        backend.run_code("slow()", timeout=1.0)
-    assert (sandbox.activity >= 3) if refreshed else (sandbox.activity == 0)
+@on_emulator
+def test_run_code_refreshes_activity_during_a_long_run(booted, daytona_env, monkeypatch, auto_stop, refreshed):
+    monkeypatch.setattr(dsandbox, "_ACTIVITY_EVERY_MIN", 0.2)
+    monkeypatch.setattr(dsandbox, "_ACTIVITY_FRACTION", 0.0001)  # 15 min -> every 0.2 s
+    backend, _ = booted(auto_stop_interval=auto_stop)
+    daytona_env.reset_requests()
+    backend.run_code("import time\ntime.sleep(1.5)", timeout=10)
+    refreshes = daytona_env.requests().get("api POST /api/sandbox/{ref}/last-activity", 0)
+    assert (refreshes >= 3) if refreshed else (refreshes == 0)
 
 
-# ------------------------------------------------------------------ reaping
+@on_emulator
+def test_a_stalled_api_does_not_hold_the_run_timeout(booted, daytona_env, monkeypatch):
+    """refresh_activity and the deletion after a timeout hang on the API; the timeout fires anyway."""
+    monkeypatch.setattr(dsandbox, "_ACTIVITY_EVERY_MIN", 0.2)
+    monkeypatch.setattr(dsandbox, "_ACTIVITY_FRACTION", 0.0001)
+    monkeypatch.setattr(dsandbox, "_CLEANUP_WAIT", 1.0)
+    backend, _ = booted()
+    daytona_env.faults(hang=["api"])
+    started = time.monotonic()
+    with pytest.raises(SandboxTimeout, match="ran past 2s"):
+        backend.run_code("import time\ntime.sleep(30)", timeout=2)
+    assert time.monotonic() - started < 2 + 1 + 3  # the timeout, the deletion's wait, slack for a busy box
+    assert daytona_env.requests().get("api POST /api/sandbox/{ref}/last-activity", 0) >= 1  # it did try
+    daytona_env.clear_faults()  # the API is back: the deletion that went on in the background finishes
+    assert gone(daytona_env)
 
-def test_reap_deletes_exactly_the_labelled_sandboxes(client):
-    clients = client(filter_labels=False)  # a server that ignores the filter: the reaper still checks
-    mine = [clients.add(SimpleNamespace(name=f"rlmq-{i}", labels={"rlmq.run": "r1", "rlmq.sandbox": f"rlmq-{i}"}))
+
+# ------------------------------------------------------------------ leases, reaping, TTL
+
+@on_emulator
+def test_the_creating_hook_runs_before_the_create_and_a_failing_one_creates_nothing(daytona_env):
+    seen = []
+
+    def register(info):
+        creates = daytona_env.requests().get("api POST /api/sandbox", 0)
+        seen.append((info, creates))
+
+    interpreter = SandboxInterpreter(DaytonaSandbox, on_sandbox_creating=register)
+    try:
+        interpreter.start()
+        ((info, creates_before),) = seen
+        assert creates_before == 0
+        assert (info.backend, info.sandbox_id) == ("daytona", interpreter.sandbox_id)
+        assert info.labels["rlmq.sandbox"] == interpreter.sandbox_id
+        assert info.provider == {"api_url": daytona_env.api_url}  # where a reaper elsewhere must look
+    finally:
+        interpreter.shutdown()
+
+    def refuse(info):
+        raise ConnectionError("redis is down")
+
+    daytona_env.reset_requests()
+    with pytest.raises(SandboxStartError, match="could not register.*redis is down"):
+        SandboxInterpreter(DaytonaSandbox, on_sandbox_creating=refuse).start()
+    assert daytona_env.requests().get("api POST /api/sandbox", 0) == 0
+
+
+@on_emulator
+def test_reap_deletes_exactly_the_labelled_sandboxes(daytona_env):
+    client = daytona_env.client()
+    mine = [client.create(CreateSandboxFromSnapshotParams(labels={"rlmq.run": "r1", "rlmq.sandbox": f"rlmq-{i}"}))
             for i in range(2)]
-    other = clients.add(SimpleNamespace(name="rlmq-9", labels={"rlmq.run": "r2", "rlmq.sandbox": "rlmq-9"}))
-    assert reap_daytona_sandboxes({"rlmq.run": "r1"}, client=clients) == 2
-    assert all(sb.deleted for sb in mine) and not other.deleted
-    (query,) = clients.queries
-    assert isinstance(query, ListSandboxesQuery) and query.labels == {"rlmq.run": "r1"}
-    assert reap_daytona_sandboxes({"rlmq.run": "r1"}, client=clients) == 0
+    other = client.create(CreateSandboxFromSnapshotParams(labels={"rlmq.run": "r2", "rlmq.sandbox": "rlmq-9"}))
+    assert reap_daytona_sandboxes({"rlmq.run": "r1"}) == 2
+    assert remaining(daytona_env) == [other.name] and all(s.name not in remaining(daytona_env) for s in mine)
+    assert reap_daytona_sandboxes({"rlmq.run": "r1"}) == 0
+    assert reap_labelled("daytona", {"rlmq.run": "r2"}) == 1 and reap_labelled("local", {"rlmq.run": "r2"}) == 0
     with pytest.raises(ValueError):
-        reap_daytona_sandboxes({}, client=clients)
+        reap_daytona_sandboxes({})
 
 
-def test_delete_by_name_only_deletes_rlmq_sandboxes(client):
-    clients = client()
-    ours = clients.add(SimpleNamespace(name="rlmq-a", labels={"rlmq.sandbox": "rlmq-a"}))
-    theirs = clients.add(SimpleNamespace(name="rlmq-b", labels={"team": "other"}))
-    assert delete_daytona_sandbox("rlmq-a", client=clients) is True and ours.deleted
-    assert delete_daytona_sandbox("rlmq-a", client=clients) is False  # already gone: not an error
+@on_emulator
+def test_delete_by_name_only_deletes_rlmq_sandboxes(daytona_env):
+    client = daytona_env.client()
+    client.create(CreateSandboxFromSnapshotParams(name="rlmq-a", labels={"rlmq.sandbox": "rlmq-a"}))
+    client.create(CreateSandboxFromSnapshotParams(name="rlmq-b", labels={"team": "other"}))
+    assert delete_daytona_sandbox("rlmq-a") is True
+    assert delete_daytona_sandbox("rlmq-a") is False  # already gone: not an error
     with pytest.raises(SandboxError, match="not created by rlmq"):
-        delete_daytona_sandbox("rlmq-b", client=clients)
-    assert not theirs.deleted
+        delete_daytona_sandbox("rlmq-b")
+    assert remaining(daytona_env) == ["rlmq-b"]
+
+
+@on_emulator
+def test_reapers_look_where_the_sandbox_lives_not_only_where_the_environment_points(daytona_env):
+    """A worker's environment names one Daytona; the run's sandbox lives on another (its api_url)."""
+    with running_emulator(api_key=daytona_env.api_key) as elsewhere:
+        backend = DaytonaSandbox(api_url=elsewhere.api_url)
+        try:
+            backend.boot(new_spec(**{"rlmq.run": "far"}))
+            info = backend.info()
+            assert info.provider == {"api_url": elsewhere.api_url} and remaining(daytona_env) == []
+            destroy_sandbox(info)  # as a reaper rebuilding the info from a lease would
+            assert gone(elsewhere)
+            orphan = elsewhere.client().create(CreateSandboxFromSnapshotParams(labels={"rlmq.run": "far"}))
+            assert reap_labelled("daytona", {"rlmq.run": "far"}, info.provider) == 1  # a dead worker's orphan
+            assert remaining(elsewhere) == [] and orphan.name
+        finally:
+            backend.destroy()
+
+
+@on_emulator
+def test_the_ttl_destroys_a_sandbox_whose_worker_vanished(daytona_env):
+    backend = DaytonaSandbox(ttl_minutes=1)
+    backend.boot(new_spec())
+    daytona_env.clock(minute=0.5)  # the worker "died" holding the sandbox: only the TTL is left
+    assert gone(daytona_env, within=5)
 
 
 # ------------------------------------------------------------------ live
@@ -844,7 +663,7 @@ def test_live_daytona_sandbox_boots_runs_and_is_deleted():
         sandbox_token=secrets.token_urlsafe(32),
         labels={"rlmq.test": "daytona-backend"},
     )
-    backend = DaytonaSandbox(boot_timeout=300)
+    backend = DaytonaSandbox(boot_timeout=300, ttl_minutes=30)
     try:
         endpoint = backend.boot(spec)
         request = urllib.request.Request(endpoint.url + PATH_HEALTH, headers=endpoint.headers)
@@ -867,8 +686,8 @@ def test_live_daytona_sandbox_boots_runs_and_is_deleted():
         daytona_id = backend.daytona_id
         with pytest.raises(SandboxTimeout):
             backend.run_code("import time\ntime.sleep(120)", timeout=5)  # destroys the sandbox
-        assert _gone(dsetup.daytona_client(), daytona_id)
+        assert _gone(dclient.daytona_client(), daytona_id)
     finally:
         backend.destroy()
         with contextlib.suppress(Exception):  # a leftover must not hide the failure above
-            reap_daytona_sandboxes({dsetup.SANDBOX_LABEL: spec.sandbox_id})
+            reap_daytona_sandboxes({"rlmq.sandbox": spec.sandbox_id})

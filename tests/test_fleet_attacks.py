@@ -42,10 +42,7 @@ def run_suite_through_the_fleet(isolation: str, redis_server, stub: StubLLM, r, 
                     secret_canary=canary)
     victim = interpreter_factory("local", isolation=isolation)()  # another run's sandbox on this host
     try:
-        victim.execute(f"open('secret.txt', 'w').write({canary!r})")
-        target.victim_dir = victim._backend.host_dir
-        target.victim_pid = victim._backend._kernel.pid
-        target.victim_broker = victim._client._url
+        target.aim_at(victim)
         steps = [a.code for a in FLEET_ATTACKS] + ["SUBMIT(verdicts=['done'])"]
         script = ScriptedRoot(steps)
         stub.set_responder(route(root=script, sub=lambda prompt: "sub"))
@@ -70,7 +67,7 @@ def run_suite_through_the_fleet(isolation: str, redis_server, stub: StubLLM, r, 
         for attack, step in zip(FLEET_ATTACKS, trajectory):
             verdict = parse_verdict(step["output"])
             outcomes[attack.name] = {"evidence": attack.check(verdict, target), "verdict": verdict}
-        outcomes["isolation"] = record.progress.get("sandbox", {})
+        outcomes["isolation"] = record.progress.sandbox
         try:
             victim.execute("print('alive')")
             outcomes["victim_survived"] = True
@@ -85,7 +82,8 @@ def run_suite_through_the_fleet(isolation: str, redis_server, stub: StubLLM, r, 
 
 def test_every_attack_fails_through_the_fleet(redis_server, stub_llm: StubLLM, r, listener, tmp_path) -> None:
     outcomes = run_suite_through_the_fleet("namespaces", redis_server, stub_llm, r, listener, tmp_path)
-    assert outcomes.pop("isolation") == {"backend": "local", "isolation": "namespaces"}
+    sandbox = outcomes.pop("isolation")
+    assert (sandbox.backend, sandbox.isolation) == ("local", "namespaces")
     assert outcomes.pop("victim_survived") is True
     succeeded = {name: o["evidence"] for name, o in outcomes.items() if o["evidence"]}
     assert not succeeded, f"attacks that got through the fleet's sandbox: {succeeded}"
@@ -97,7 +95,8 @@ def test_every_attack_fails_through_the_fleet(redis_server, stub_llm: StubLLM, r
 def test_the_fleet_suite_catches_a_sandbox_that_is_no_boundary(redis_server, stub_llm: StubLLM, r, listener,
                                                                tmp_path) -> None:
     outcomes = run_suite_through_the_fleet("process", redis_server, stub_llm, r, listener, tmp_path)
-    assert outcomes.pop("isolation") == {"backend": "local", "isolation": "process"}
+    sandbox = outcomes.pop("isolation")
+    assert (sandbox.backend, sandbox.isolation) == ("local", "process")
     outcomes.pop("victim_survived")
     succeeded = {name for name, o in outcomes.items() if o["evidence"]}
     must_catch = {"relative_dotenv", "host_cwd_and_home", "redis", "loopback_listener", "other_sandbox",

@@ -9,7 +9,6 @@ test gets workers of its own, started with those settings, on another Redis data
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import dspy
 import pytest
@@ -17,34 +16,33 @@ import pytest
 from workers.engines import FleetLM
 from workers.fanout import Fanout, plan_chunks
 from workers.rlm import make_llm_tools
-from tests.support.fleet import Fleet, configure_app
+from tests.support.fleet import Fleet, fleet_fixture
 from tasks.app import app
 from tests.support.stub_llm import FaultKind, StubLLM, chat_adapter_reply, default_responder
 from rlmq.settings import Settings
 from workers.dspy_private import LLMCallBudget
+from workers.usage import RunUsage
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]
 
 SUB_MODEL = "openai/stub-sub"
 
 
-@pytest.fixture(scope="module")
-def fleet(redis_server, stub: StubLLM) -> Iterator[Fleet]:
-    configure_app(redis_server.url)
-    env = {"RLMQ_LM": SUB_MODEL, "RLMQ_LM_API_BASE": stub.api_base,
-           "RLMQ_RATE_LIMIT_RPS": "1000", "RLMQ_RATE_LIMIT_BURST": "1000",
-           "RLMQ_ALLOWED_MODELS": "openai/gpt-4o-mini"}  # a priced model for the cost test, pinned by the operator
-    with Fleet(redis_server.url, env) as fl:
-        workers = [fl.start("llm", name=f"llm{i}", concurrency=16, wait=False) for i in range(3)]
-        fl.wait_ready(workers, timeout=90)
-        yield fl
+fleet = fleet_fixture(
+    env={"RLMQ_LM": SUB_MODEL, "RLMQ_RATE_LIMIT_RPS": "1000", "RLMQ_RATE_LIMIT_BURST": "1000",
+         "RLMQ_ALLOWED_MODELS": "openai/gpt-4o-mini"},  # a priced model for the cost test, pinned by the operator
+    workers=[("llm", f"llm{i}", 16) for i in range(3)])
 
 
-def make_fanout(stub: StubLLM, redis_server, **overrides) -> Fanout:
+def make_fanout(stub: StubLLM, redis_server, usage: RunUsage | None = None, **overrides) -> Fanout:
     options = overrides.pop("options", {})
     settings = Settings(redis_url=redis_server.url, lm="openai/stub-root", sub_lm=SUB_MODEL,
                         lm_api_base=stub.api_base, **overrides)
-    return Fanout(settings, app=app, options=options)
+    return Fanout(settings, app=app, options=options, observer=usage)
+
+
+def sub_usage() -> RunUsage:
+    return RunUsage(root_model="openai/stub-root", sub_model=SUB_MODEL)
 
 
 def expected(prompt: str) -> str:
@@ -63,13 +61,14 @@ def test_plan_chunks_keeps_order_and_spreads() -> None:
 
 def test_batch_in_prompt_order_spread_over_workers(fleet: Fleet, stub: StubLLM, r, redis_server) -> None:
     stub.latency = 0.05
-    fanout = make_fanout(stub, redis_server)
+    usage = sub_usage()
+    fanout = make_fanout(stub, redis_server, usage)
     tools = make_llm_tools(fanout, LLMCallBudget(1000))
     prompts = [f"chapter {i}: who is rich?" for i in range(200)]
     out = tools["llm_query_batched"](prompts)
     assert out == [expected(p) for p in prompts]
     assert stub.request_count == 200
-    served = fanout.stats.snapshot()["llm_workers"]
+    served = usage.progress().llm_workers
     assert len(served) >= 2, served
     assert set(served) <= {w.name for w in fleet.workers}
     assert tools["llm_query"]("one more") == expected("one more")
@@ -95,13 +94,14 @@ def test_cached_rerun_makes_no_requests_and_is_faster(fleet: Fleet, stub: StubLL
     cold = first.query(prompts)
     cold_s = time.perf_counter() - t0
     assert stub.request_count == 64 and not any(a.cached for a in cold)
-    second = make_fanout(stub, redis_server, fanout_width=16)
+    usage = sub_usage()
+    second = make_fanout(stub, redis_server, usage, fanout_width=16)
     t0 = time.perf_counter()
     warm = second.query(prompts)
     warm_s = time.perf_counter() - t0
     assert stub.request_count == 64, "the rerun reached the LLM"
     assert [a.text for a in warm] == [a.text for a in cold]
-    assert second.stats.snapshot()["cache_hits"] == 64
+    assert usage.progress().cache_hits == 64
     assert warm_s < cold_s / 3, (cold_s, warm_s)
 
 
@@ -129,8 +129,8 @@ def test_rate_limit_holds_across_three_workers(stub: StubLLM, redis_server) -> N
                             fanout_width=48)
         sender = client_app(url)
         try:
-            fanout = Fanout(settings, app=sender)
-            answers = fanout.query([f"rate {i}" for i in range(130)])
+            usage = sub_usage()
+            answers = Fanout(settings, app=sender, observer=usage).query([f"rate {i}" for i in range(130)])
         finally:
             sender.close()
     assert all(a.ok for a in answers)
@@ -139,13 +139,14 @@ def test_rate_limit_holds_across_three_workers(stub: StubLLM, redis_server) -> N
     worst = max(sum(1 for t in times[i:] if t < start + 1.0) for i, start in enumerate(times))
     assert worst <= rate + burst, f"{worst} requests in one second"
     assert times[-1] - times[0] >= (130 - burst) / rate - 0.5  # it really was paced
-    assert len(fanout.stats.snapshot()["llm_workers"]) == 3
+    assert len(usage.progress().llm_workers) == 3
 
 
 def test_429_retry_after_pauses_the_whole_fleet(fleet: Fleet, stub: StubLLM, r, redis_server) -> None:
     stub.latency = 0.1
     stub.add_fault(FaultKind.RATE_LIMIT, count=1, retry_after=2)
-    fanout = make_fanout(stub, redis_server, chunk_size=8, fanout_width=24)
+    usage = sub_usage()
+    fanout = make_fanout(stub, redis_server, usage, chunk_size=8, fanout_width=24)
     prompts = [f"paced {i}" for i in range(192)]
     answers = fanout.query(prompts)
     assert [a.text for a in answers] == [expected(p) for p in prompts]
@@ -157,7 +158,7 @@ def test_429_retry_after_pauses_the_whole_fleet(fleet: Fleet, stub: StubLLM, r, 
     # (tolerances leave room for a loaded 2-core box; without the cooldown the gap is ~0.1 s)
     assert 1.5 <= gap <= 2.8 and gap_start - t429 < 1.0, (gap, gap_start - t429, [
         (round(a - t429, 3)) for a in arrivals if a < t429 + 3])
-    assert len(fanout.stats.snapshot()["llm_workers"]) >= 2
+    assert len(usage.progress().llm_workers) >= 2
 
 
 def test_faults_end_as_answer_or_error_and_workers_survive(fleet: Fleet, stub: StubLLM, r, redis_server) -> None:
@@ -199,13 +200,13 @@ def test_gather_timeout_revokes_stragglers(fleet: Fleet, stub: StubLLM, r, redis
 
 def test_fleet_lm_routes_dspy_sub_agents(fleet: Fleet, stub: StubLLM, r, redis_server) -> None:
     stub.set_responder(lambda messages, body: chat_adapter_reply({"answer": "Edmond Dantès"}))
-    fanout = make_fanout(stub, redis_server)
-    lm = FleetLM(fanout)
+    usage = sub_usage()
+    lm = FleetLM(make_fanout(stub, redis_server, usage))
     assert isinstance(lm, dspy.BaseLM) and lm.model == SUB_MODEL
     pred = dspy.Predict("question -> answer")(question="Who is the Count?", lm=lm)
     assert pred.answer == "Edmond Dantès"
     assert stub.request_count == 1 and stub.requests[0].model == "stub-sub"
-    assert fanout.stats.snapshot()["llm_calls"] == 1
+    assert usage.progress().llm_calls == 1
     stub.add_fault(FaultKind.SERVER_ERROR, count=None)
     with pytest.raises(dspy.LMError):
         dspy.Predict("question -> answer")(question="And now?", lm=lm)
@@ -217,10 +218,10 @@ def test_both_lm_clients_retry_and_report_usage_and_cost(client, fleet: Fleet, s
     stub.add_fault(FaultKind.RATE_LIMIT, count=1, marker="second", retry_after=0.3)
     settings_model = "openai/gpt-4o-mini"  # a model LiteLLM has a price for, served by the stub
     settings = Settings(redis_url=redis_server.url, lm="openai/x", sub_lm=settings_model, lm_api_base=stub.api_base)
-    fanout = Fanout(settings, app=app, options={"lm_client": client})
-    answers = fanout.query(["first prompt", "second prompt", "third prompt"])
+    usage = RunUsage(root_model="openai/x", sub_model=settings_model)
+    answers = Fanout(settings, app=app, options={"lm_client": client}, observer=usage).query(["first prompt", "second prompt", "third prompt"])
     assert [a.text for a in answers] == [expected(p) for p in ("first prompt", "second prompt", "third prompt")]
     assert [a.attempts for a in answers] == [2, 2, 1]
     assert all(a.usage["total_tokens"] > 0 and (a.cost or 0) > 0 for a in answers)
     assert {rec.model for rec in stub.requests} == {"gpt-4o-mini"}
-    assert fanout.stats.snapshot()["cost_usd"] > 0
+    assert usage.progress().cost_usd > 0 and usage.usage().sub.priced

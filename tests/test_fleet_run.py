@@ -4,9 +4,7 @@ Redis, local sandboxes, and the stub LLM over HTTP playing both the scripted roo
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -19,9 +17,8 @@ from rlmq.celery_config import LLM_QUEUE, LLM_TASK, RLM_QUEUE, RUN_TASK
 from rlmq.client import Client, ClientError
 from rlmq.store.keys import dspy_cache_key, response_cache_key
 from tests.support.pickles import ExecOnUnpickle, hostile_pickles
-from tests.support.fleet import configure_app
-from tests.support.fleet import Fleet, redis_url_of
-from tests.support.stub_llm import FaultKind, ScriptedRoot, StubLLM, chat_adapter_reply, route
+from tests.support.fleet import Fleet, fleet_fixture, redis_url_of
+from tests.support.stub_llm import FaultKind, ScriptedRoot, StubLLM, richest_in_chapter, route
 from rlmq.store.blobs import put_blobs
 from workers.claim import RunClaim
 from workers.sandbox_registry import LeaseRegistry
@@ -43,11 +40,7 @@ STEPS = [
 ]
 
 
-def sub_answer(prompt: str) -> str:
-    if "[[ ## question ## ]]" in prompt:
-        return chat_adapter_reply({"answer": "Monte Cristo"})
-    match = re.search(r"richest in chapter (\d+)", prompt)
-    return f"richest-{match.group(1)}" if match else "unknown"
+sub_answer = richest_in_chapter("Monte Cristo")
 
 
 @pytest.fixture(scope="module")
@@ -57,19 +50,11 @@ def chapters() -> list[str]:
     return value
 
 
-@pytest.fixture(scope="module")
-def fleet(redis_server, stub: StubLLM) -> Iterator[Fleet]:
-    configure_app(redis_server.url)
-    env = {"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub", "RLMQ_LM_API_BASE": stub.api_base,
-           "RLMQ_RATE_LIMIT_RPS": "1000", "RLMQ_RATE_LIMIT_BURST": "1000", "RLMQ_LEASE_TTL": "30",
-           "OPENAI_API_KEY": PROVIDER_KEY,
-           "RLMQ_ALLOWED_TOOLS": "tests.support.sample_tools:*,no_such_package.tools:*"}
-    with Fleet(redis_server.url, env) as fl:
-        workers = [fl.start("rlm", name="rlm1", concurrency=2, wait=False),
-                   fl.start("llm", name="llmA", concurrency=16, wait=False),
-                   fl.start("llm", name="llmB", concurrency=16, wait=False)]
-        fl.wait_ready(workers, timeout=120)
-        yield fl
+fleet = fleet_fixture(
+    env={"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub",
+         "RLMQ_RATE_LIMIT_RPS": "1000", "RLMQ_RATE_LIMIT_BURST": "1000", "RLMQ_LEASE_TTL": "30",
+         "OPENAI_API_KEY": PROVIDER_KEY, "RLMQ_ALLOWED_TOOLS": "tests.support.sample_tools:*,no_such_package.tools:*"},
+    workers=[("rlm", "rlm1", 2), ("llm", "llmA", 16), ("llm", "llmB", 16)])
 
 
 def submit(r: redis.Redis, chapters: list[str], *, steps: list[str] = STEPS, options: dict | None = None,
@@ -96,16 +81,15 @@ def wait_finished(r: redis.Redis, run_id: str, timeout: float = 120.0) -> RunSta
 
 def test_full_run_over_monte_cristo(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
     run_id, script = submit(r, chapters, stub=stub)
-    t0 = time.monotonic()
     assert wait_finished(r, run_id) is RunStatus.SUCCEEDED, RunStore(r).get(run_id)
-    cold = time.monotonic() - t0
     result = RunStore(r).result(run_id)
     assert result["outputs"]["richest"] == [{"chapter": n, "answer": f"richest-{n}"} for n in range(1, 118)]
     assert result["outputs"]["verdict"] == "Monte Cristo"  # the sandbox sub-agent went through the fleet
     assert len(result["trajectory"]) == 3 and "117 Chapter" in result["trajectory"][0]["output"]
     progress = result["progress"]
     assert progress["llm_calls"] == 118 and progress["iteration"] == 3
-    assert progress["sandbox"] == {"backend": "local", "isolation": "namespaces"}  # the record says what isolated it
+    sandbox = progress["sandbox"]  # the record says which sandbox ran the code and what isolated it
+    assert (sandbox["backend"], sandbox["isolation"]) == ("local", "namespaces") and sandbox["id"]
     served = set(progress["llm_workers"])
     assert len(served) == 2 and served == {w.name for w in fleet.workers if w.queue == "llm"}
     assert script.calls == [0, 1, 2]
@@ -115,13 +99,10 @@ def test_full_run_over_monte_cristo(fleet: Fleet, stub: StubLLM, r, chapters) ->
     # The same run again: every root and sub call comes from Redis, none reaches the LLM.
     stub.reset_stats()
     rerun_id, _ = submit(r, chapters, stub=stub)
-    t0 = time.monotonic()
     assert wait_finished(r, rerun_id) is RunStatus.SUCCEEDED
-    warm = time.monotonic() - t0
     assert stub.request_count == 0
     assert RunStore(r).result(rerun_id)["outputs"] == result["outputs"]
     assert RunStore(r).result(rerun_id)["progress"]["cache_hits"] == 118
-    assert warm < cold, (cold, warm)
 
 
 def test_faults_in_a_run_end_as_errors_and_the_run_finishes(fleet: Fleet, stub: StubLLM, r, chapters) -> None:

@@ -10,21 +10,18 @@ under the test's tmp dir; skipped with the reason when Chromium is missing).
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
 from rlmq.client import Client
-from rlmq.stack import flower_command
-from tests.support.cli import wait_until
-from tests.support.fleet import Fleet, configure_app, redis_url_of
+from tests.support.fleet import Fleet, fleet_fixture, redis_url_of
+from tests.support.net import free_port, http_get
 from tests.support.screenshots import chromium_missing, dom, screenshot
 from tests.support.stub_llm import ScriptedRoot, StubLLM, route
+from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]
 
@@ -35,53 +32,17 @@ SLOW = ["print('looking at', len(items), 'items')",
         "SUBMIT(answers=answers)"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def get(url: str, auth: str | None = None) -> tuple[int, str]:
-    req = urllib.request.Request(url)
-    if auth:
-        import base64
-
-        req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
-@pytest.fixture(scope="module")
-def fleet(redis_server, stub: StubLLM) -> Iterator[Fleet]:
-    configure_app(redis_server.url)
-    env = {"RLMQ_LM": "openai/gpt-4o-mini", "RLMQ_LM_API_BASE": stub.api_base, "OPENAI_API_KEY": "stub-key",
-           "RLMQ_RATE_LIMIT_RPS": "5000", "RLMQ_RATE_LIMIT_BURST": "5000", "RLMQ_LEASE_TTL": "30"}
-    with Fleet(redis_server.url, env) as fl:
-        workers = [fl.start("rlm", name="rlm1", concurrency=2, wait=False),
-                   fl.start("llm", name="llmA", concurrency=16, wait=False)]
-        fl.wait_ready(workers, timeout=120)
-        yield fl
+fleet = fleet_fixture(
+    env={"RLMQ_LM": "openai/gpt-4o-mini", "OPENAI_API_KEY": "stub-key", "RLMQ_RATE_LIMIT_RPS": "5000",
+         "RLMQ_RATE_LIMIT_BURST": "5000", "RLMQ_LEASE_TTL": "30"},
+    workers=[("rlm", "rlm1", 2), ("llm", "llmA", 16)])
 
 
 @pytest.fixture(scope="module")
 def flower(fleet: Fleet) -> str:
-    port = free_port()
-    fleet.stack.spawn("flower", flower_command(port=port, address="127.0.0.1"),
-                      env={"FLOWER_UNAUTHENTICATED_API": "true"})
-    base = f"http://127.0.0.1:{port}"
-    wait_until(lambda: _ok(base + "/healthcheck"), timeout=60, message="Flower answering")
+    base = fleet.start_flower()
     time.sleep(2.0)  # Flower's event consumer is up a moment after its HTTP server
     return base
-
-
-def _ok(url: str) -> bool:
-    try:
-        return get(url)[0] == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -109,28 +70,28 @@ def submit(r, stub: StubLLM, steps: list[str], items: list[str], **kwargs) -> tu
 
 
 def flower_task(flower: str, run_id: str) -> dict:
-    code, body = get(f"{flower}/api/task/info/{run_id}")
+    code, body = http_get(f"{flower}/api/task/info/{run_id}")
     return json.loads(body) if code == 200 else {}
 
 
 def test_flower_shows_what_runs_are_while_they_work_and_how_they_end(fleet, flower, stub, r) -> None:
     client, run_id = submit(r, stub, SLOW, ["a fig", "a pear", "a plum"])
     wait_until(lambda: "iteration 2/5 · sub-calls 3" in str(flower_task(flower, run_id).get("result")), timeout=60,
-               interval=0.2, message="Flower showing the run STARTED with its progress")
+               interval=0.2, what="Flower showing the run STARTED with its progress")
     task = flower_task(flower, run_id)
     assert task["state"] == "STARTED" and task["name"] == "rlmq.run_rlm"
     assert SIGNATURE in task["args"]
     assert "'items': 'list[3]" in task["kwargs"] and "a fig" not in task["kwargs"] + task["args"]
     assert task["started"] < task["timestamp"]  # progress events keep the run's start time
-    code, body = get(f"{flower}/api/tasks?state=STARTED")
+    code, body = http_get(f"{flower}/api/tasks?state=STARTED")
     assert code == 200 and run_id in json.loads(body), "the running run is not under Flower's Started filter"
 
     assert client.wait(run_id, timeout=60).status.value == "SUCCEEDED"
-    wait_until(lambda: flower_task(flower, run_id).get("state") == "SUCCESS", timeout=20, message="SUCCESS")
+    wait_until(lambda: flower_task(flower, run_id).get("state") == "SUCCESS", timeout=20, what="SUCCESS")
     assert "3 sub-calls" in flower_task(flower, run_id)["result"] or "sub-calls 3" in flower_task(flower, run_id)["result"]
 
     # The llm worker's row counts its sub-tasks (task events on for llm_batch).
-    code, body = get(f"{flower}/workers?json=1")
+    code, body = http_get(f"{flower}/workers?json=1")
     rows = json.loads(body)["data"] if code == 200 else []
     llm = [w for w in rows if w.get("hostname", "").startswith("llmA@")]
     assert llm and llm[0].get("task-received", 0) >= 1, rows
@@ -138,27 +99,27 @@ def test_flower_shows_what_runs_are_while_they_work_and_how_they_end(fleet, flow
     # A failed run ends FAILURE, its error on one line.
     client2, failed_id = submit(r, stub, SLOW, ["x"], tools=["rlmq_no_such_module:tool"])
     assert client2.wait(failed_id, timeout=60).status.value == "FAILED"
-    wait_until(lambda: flower_task(flower, failed_id).get("state") == "FAILURE", timeout=20, message="FAILURE")
+    wait_until(lambda: flower_task(flower, failed_id).get("state") == "FAILURE", timeout=20, what="FAILURE")
     assert "\\n" not in flower_task(flower, failed_id)["exception"]
 
 
 def test_a_cancelled_run_ends_revoked_in_flower(fleet, flower, stub, r) -> None:
     client, run_id = submit(r, stub, ["import time\nfor _ in range(300):\n    time.sleep(0.1)", "SUBMIT(answers=[])"],
                             ["x"])
-    wait_until(lambda: flower_task(flower, run_id).get("state") == "STARTED", timeout=60, message="STARTED")
+    wait_until(lambda: flower_task(flower, run_id).get("state") == "STARTED", timeout=60, what="STARTED")
     client.cancel(run_id)
-    wait_until(lambda: flower_task(flower, run_id).get("state") == "REVOKED", timeout=20, message="REVOKED")
+    wait_until(lambda: flower_task(flower, run_id).get("state") == "REVOKED", timeout=20, what="REVOKED")
 
 
 def test_run_page_shows_steps_live_and_the_answer(fleet, flower, ui, stub, r, tmp_path) -> None:
     base, creds = ui
     slower = [SLOW[0], SLOW[1].replace("range(40)", "range(150)"), SLOW[2]]  # 15 s: shots of a live run
     client, run_id = submit(r, stub, slower, ["a fig", "a pear"])
-    assert get(f"{base}/run/{run_id}")[0] == 401  # basic auth, as Flower's
-    assert get(f"{base}/run/{run_id}", auth="viewer:wrong")[0] == 401
-    wait_until(lambda: len(client.trace(run_id)) >= 1 and client.status(run_id).progress.get("iteration") == 2,
-               timeout=60, interval=0.1, message="step 1 done, step 2 running")
-    code, page = get(f"{base}/run/{run_id}", auth=creds)
+    assert http_get(f"{base}/run/{run_id}")[0] == 401  # basic auth, as Flower's
+    assert http_get(f"{base}/run/{run_id}", auth="viewer:wrong")[0] == 401
+    wait_until(lambda: len(client.trace(run_id)) >= 1 and client.status(run_id).progress.iteration == 2,
+               timeout=60, interval=0.1, what="step 1 done, step 2 running")
+    code, page = http_get(f"{base}/run/{run_id}", auth=creds)
     assert code == 200 and 'http-equiv="refresh"' in page and "RUNNING" in page
     assert "print(&#39;looking at&#39;" in page or "looking at" in page
     assert 'id="step-1"' in page and "looking at 2 items" in page
@@ -181,13 +142,15 @@ def test_run_page_shows_steps_live_and_the_answer(fleet, flower, ui, stub, r, tm
         assert png.stat().st_size > 10_000
 
     assert client.wait(run_id, timeout=60).status.value == "SUCCEEDED"
-    code, page = get(f"{base}/run/{run_id}", auth=creds)
+    code, page = http_get(f"{base}/run/{run_id}", auth=creds)
     assert code == 200 and 'id="answer"' in page and "fine: " in page and 'http-equiv="refresh"' not in page
     assert [f'id="step-{n}"' in page for n in (1, 2, 3)] == [True] * 3
     assert "sub-LLM" in page and "uncached" in page
-    data = json.loads(get(f"{base}/api/run/{run_id}", auth=creds)[1])
+    data = json.loads(http_get(f"{base}/api/run/{run_id}", auth=creds)[1])
     assert len(data["steps"]) == 3 and data["result"]["outputs"]["answers"][0].startswith("fine: ")
-    code, runs = get(f"{base}/", auth=creds)
+    sandbox = data["run"]["progress"]["sandbox"]  # the page says which sandbox ran the code
+    assert sandbox["id"] and f"sandbox {sandbox['id']} (local, {sandbox['isolation']})" in page
+    code, runs = http_get(f"{base}/", auth=creds)
     assert code == 200 and run_id[:12] in runs
     if missing is not None:
         pytest.skip(f"run page checked over HTTP only; Chromium part skipped: {missing}")

@@ -1,4 +1,5 @@
-"""The interpreter's behaviour, the same tests on every available backend (local always; Daytona with a key)."""
+"""The interpreter's behaviour, the same tests on every backend: local, Daytona through the emulator, and
+Daytona's cloud where a key is set."""
 
 from __future__ import annotations
 
@@ -16,14 +17,16 @@ from tests.support.sandboxes import available_backends, make_factory
 
 @pytest.fixture(params=available_backends())
 def backend(request):
+    if request.param == "daytona":
+        request.getfixturevalue("daytona_env")  # the emulator stands in for Daytona's cloud
     return request.param
 
 
 @pytest.fixture
-def interp(backend):
-    interpreter = make_factory(backend)()
-    yield interpreter
-    interpreter.shutdown()
+def interp(backend, sandbox_pool):
+    """A started sandbox of ``backend`` from the session's pool, its globals and tools reset after the test."""
+    with sandbox_pool.lend(backend) as interpreter:
+        yield interpreter
 
 
 def test_state_persists_across_executes(interp):
@@ -176,7 +179,8 @@ def test_calls_from_many_sandbox_threads_all_progress(interp):
     assert out == str(sorted(i * i for i in range(16)))
 
 
-def test_shutdown_ends_the_session(interp):
+def test_shutdown_ends_the_session(backend):
+    interp = make_factory(backend)()  # its own: the pool's sandboxes outlive the test
     interp.execute("x = 1")
     interp.shutdown()
     with pytest.raises(CodeInterpreterError, match="shut down"):
@@ -201,3 +205,15 @@ def test_output_is_capped_and_the_cap_is_stated(interp):
     assert "output capped" in out and "characters not shown" in out
     assert max(len(line) for line in out.splitlines()) <= 10_001
     assert len(out) < 101_000
+
+
+def test_the_pooled_sandbox_forgets_the_previous_tests_names_and_tools(backend, sandbox_pool):
+    with sandbox_pool.lend(backend) as first:
+        first.tools["ping"] = lambda: "pong"
+        first.output_fields = [{"name": "answer"}]
+        first.execute("import json\nleft_over = ping()\ndef helper():\n    return 1")
+    with sandbox_pool.lend(backend) as second:
+        assert second is first and not second.tools and second.output_fields is None
+        assert second.execute("print(sorted(n for n in ('left_over', 'helper', 'ping', 'json') if n in globals()))") \
+            == "[]"
+        assert second.execute("SUBMIT('one value')") == FinalOutput({"output": "one value"})

@@ -18,6 +18,7 @@ from rlmq.celery_config import client_app
 from rlmq.redis_url import unauthenticated_redis_problem
 from rlmq.settings import Settings
 from tests.support.fleet import Fleet
+from tests.support.net import one_try_redis
 from tests.support.stub_llm import StubLLM, default_responder
 from workers.fanout import Fanout
 
@@ -81,7 +82,7 @@ def test_workers_and_client_over_tls(tls_redis, stub_llm: StubLLM) -> None:
     with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
         redis.Redis.from_url(_url(port, d / "other-ca.pem"), socket_connect_timeout=2).ping()
     with pytest.raises(redis.ConnectionError):
-        redis.Redis(port=port, password=PASSWORD, socket_connect_timeout=2).ping()  # no plain TCP at all
+        one_try_redis(port=port, password=PASSWORD, socket_connect_timeout=2).ping()  # no plain TCP at all
     env = {"RLMQ_LM": "openai/stub-sub", "RLMQ_LM_API_BASE": stub_llm.api_base}
     with Fleet(url, env) as fleet:
         fleet.start("llm", name="tls-llm", concurrency=4)

@@ -13,7 +13,7 @@ import redis
 
 from rlmq.progress import format_progress
 from rlmq.store.keys import inflight_key
-from rlmq.store.records import RunSpec, RunStatus, RunStore, new_run_id
+from rlmq.store.records import Progress, RunSpec, RunStatus, RunStore, new_run_id
 from workers.claim import Recovery, RunClaim, recover
 from workers.context import redis_client
 from workers.single_flight import ResponseCache
@@ -65,12 +65,12 @@ def test_recovery_restarts_then_fences_the_old_attempt(redis_client: redis.Redis
     assert new.take() == 2
     # the old owner comes back: every write of attempt 1 is refused, and it learns it must stop
     assert not old.renew() and old.fenced.is_set()
-    assert not old.write_progress({"iteration": 9})
+    assert not old.write_progress(Progress(iteration=9))
     assert not store.finish(run_id, RunStatus.SUCCEEDED, result={"stale": True}, attempt=1)
     assert new.renew() and not new.fenced.is_set()
-    assert new.write_progress({"iteration": 1})
+    assert new.write_progress(Progress(iteration=1))
     assert store.finish(run_id, RunStatus.SUCCEEDED, result={"fresh": True}, attempt=2)
-    assert store.result(run_id) == {"fresh": True} and store.get(run_id).progress == {"iteration": 1}
+    assert store.result(run_id) == {"fresh": True} and store.get(run_id).progress == Progress(iteration=1)
     assert store.active() == [] and redis_client.get(f"rlmq:run:{run_id}:owner") is None
     assert "attempt 2 (restarted: worker w1 stopped heartbeating" in format_progress(store.get(run_id))
 

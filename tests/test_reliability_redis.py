@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 
@@ -23,8 +24,9 @@ from rlmq.client import Client
 from rlmq.local_redis import PrivateRedis, start_private_redis
 from rlmq.store.records import RunStatus, RunStore
 from tests.support.cli import RLMQ, cli_env
-from tests.support.fleet import Fleet, configure_app
-from tests.support.reliability import FAST_FAULTS_ENV, batch_step, sub_requests, submit, wait_for, wait_status
+from tests.support.fleet import Fleet, started_fleet
+from tests.support.reliability import WORKER_ENV, batch_step, sub_requests, submit, wait_status
+from tests.support.wait import wait_until
 from tests.support.stub_llm import StubLLM
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]
@@ -40,15 +42,9 @@ def aof_redis(tmp_path_factory) -> Iterator[PrivateRedis]:
 
 @pytest.fixture(scope="module")
 def fleet(aof_redis, stub: StubLLM) -> Iterator[Fleet]:
-    url = aof_redis["server"].url
-    configure_app(url)
-    env = {"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub", "RLMQ_LM_API_BASE": stub.api_base,
-           **FAST_FAULTS_ENV}
-    with Fleet(url, env) as fl:
-        workers = [fl.start("rlm", name="rlm1", concurrency=1, wait=False),
-                   fl.start("llm", name="llmA", concurrency=4, wait=False),
-                   fl.start("llm", name="llmB", concurrency=4, wait=False)]
-        fl.wait_ready(workers, timeout=180)
+    env = {**WORKER_ENV, "RLMQ_LM_API_BASE": stub.api_base}
+    with started_fleet(aof_redis["server"].url, env, [("rlm", "rlm1", 1), ("llm", "llmA", 4), ("llm", "llmB", 4)],
+                       timeout=180) as fl:
         yield fl
 
 
@@ -57,7 +53,7 @@ def test_redis_restart_during_a_batch_loses_no_answer(fleet: Fleet, aof_redis, s
     r = redis.Redis.from_url(server.url)
     stub.latency = 0.3
     run_id, _ = submit(r, stub, ["print(items)", batch_step(40), "SUBMIT(answers=answers)"], tag="redis-restart")
-    wait_for(lambda: sub_requests(stub) >= 6, 60, "the batch under way")
+    wait_until(lambda: sub_requests(stub) >= 6, 60, "the batch under way")
     server.stop()  # SIGTERM: Redis writes its AOF and exits
     time.sleep(5.0)  # longer than the workers' 3-s leases: every claim and sandbox lease lapses
     aof_redis["server"] = start_private_redis(server.port, dir=server.dir, appendonly=True, password=server.password)
@@ -99,14 +95,11 @@ def up_log(cwd: Path) -> str:
 
 
 def redis_pid(port: int) -> int:
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"redis-server" in cmd and re.search(rb"(:|\0)%d(\0|\s|$)" % port, cmd):  # Redis retitles itself
-                return int(proc.name)
+    """The redis-server listening on ``port``."""
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            if "redis-server" in psutil.Process(conn.pid).name():
+                return conn.pid
     raise AssertionError(f"no redis-server on port {port}")
 
 
@@ -120,19 +113,18 @@ def stop_up(process: subprocess.Popen) -> None:
 
 
 def test_rlmq_up_redis_restart_keeps_the_run(tmp_path, stub_llm: StubLLM) -> None:
-    env = cli_env(tmp_path, RLMQ_LM="openai/scripted-root", RLMQ_SUB_LM="openai/stub-sub",
-                  RLMQ_LM_API_BASE=stub_llm.api_base, OPENAI_API_KEY="stub-key", **FAST_FAULTS_ENV)
+    env = cli_env(tmp_path, RLMQ_LM_API_BASE=stub_llm.api_base, OPENAI_API_KEY="stub-key", **WORKER_ENV)
     up, url = start_up(env, tmp_path)
     try:
         r = redis.Redis.from_url(url)
         stub_llm.latency = 0.2
         run_id, _ = submit(r, stub_llm, ["print(items)", batch_step(30, then="import time\ntime.sleep(2)"),
                                          "SUBMIT(answers=answers)"], tag="up-redis")
-        wait_for(lambda: sub_requests(stub_llm) >= 4, 90, "the batch under way")
+        wait_until(lambda: sub_requests(stub_llm) >= 4, 90, "the batch under way")
         os.kill(redis_pid(int(url.rsplit(":", 1)[1].split("/")[0])), signal.SIGTERM)
         time.sleep(1.0)
         client = Client(url)
-        assert wait_for(lambda: _visible(client, run_id), 30, "run visible again after the restart")
+        assert wait_until(lambda: _visible(client, run_id), 30, "run visible again after the restart")
         try:
             record = wait_status(r, run_id, timeout=120)
         except AssertionError as exc:

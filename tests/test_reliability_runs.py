@@ -11,11 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 
 import pytest
 from celery.exceptions import TaskRevokedError
@@ -24,47 +20,37 @@ from celery.result import AsyncResult
 from broker_bridge.backends.process_jail import pids_with_marker
 from rlmq.client import Client
 from rlmq.store.records import RunStatus, RunStore
-from rlmq.stack import flower_command
-from tests.support.fleet import Fleet, WorkerProcess, configure_app, redis_url_of
+from tests.support.fleet import Fleet, WorkerProcess, fleet_fixture, redis_url_of
+from tests.support.net import http_get
 from tests.support.reliability import (
-    FAST_FAULTS_ENV, batch_step, child_pids, kill, prompt_repeats, sub_requests, submit, wait_for, wait_status,
+    WORKER_ENV, batch_step, child_pids, kill, prompt_repeats, sub_requests, submit, wait_status,
 )
 from tests.support.stub_llm import StubLLM
+from tests.support.wait import wait_until
 from workers.sandbox_registry import LeaseRegistry
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]
 
 
+fleet = fleet_fixture(env=WORKER_ENV, workers=[("rlm", "rlm1", 1), ("rlm", "rlm2", 1), ("llm", "llmA", 8)],
+                      timeout=180)
+
+
 @pytest.fixture(scope="module")
-def fleet(redis_server, stub: StubLLM) -> Iterator[Fleet]:
-    configure_app(redis_server.url)
-    env = {"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub", "RLMQ_LM_API_BASE": stub.api_base,
-           **FAST_FAULTS_ENV}
-    with Fleet(redis_server.url, env) as fl:
-        workers = [fl.start("rlm", name="rlm1", concurrency=1, wait=False),
-                   fl.start("rlm", name="rlm2", concurrency=1, wait=False),
-                   fl.start("llm", name="llmA", concurrency=8, wait=False)]
-        fl.wait_ready(workers, timeout=180)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        fl.flower = fl.stack.spawn("flower", flower_command(port=port, address="127.0.0.1"),  # type: ignore[attr-defined]
-                                   env={"FLOWER_UNAUTHENTICATED_API": "true"})
-        fl.flower_url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
-        wait_for(lambda: flower_get(fl, "/api/workers") is not None, 60, "Flower answering")
-        yield fl
+def flower(fleet: Fleet) -> str:
+    return fleet.start_flower()
 
 
-def flower_get(fleet: Fleet, path: str):
+def flower_get(flower: str, path: str):
+    status, body = http_get(flower + path, timeout=5)
     try:
-        with urllib.request.urlopen(fleet.flower_url + path, timeout=5) as reply:  # type: ignore[attr-defined]
-            return json.loads(reply.read() or b"null")
-    except (OSError, ValueError):
+        return json.loads(body) if status == 200 else None
+    except ValueError:
         return None
 
 
-def flower_state(fleet: Fleet, run_id: str) -> str | None:
-    info = flower_get(fleet, f"/api/task/info/{run_id}")
+def flower_state(flower: str, run_id: str) -> str | None:
+    info = flower_get(flower, f"/api/task/info/{run_id}")
     return info.get("state") if isinstance(info, dict) else None
 
 
@@ -81,10 +67,10 @@ def replace(fleet: Fleet, dead: WorkerProcess) -> None:
 def running_in_step(r, stub, run_id: str, subs: int):
     def ready():
         record = RunStore(r).get(run_id)
-        return record if (record.status is RunStatus.RUNNING and record.progress.get("iteration") == 2
+        return record if (record.status is RunStatus.RUNNING and record.progress.iteration == 2
                           and sub_requests(stub) >= subs) else None
 
-    return wait_for(ready, 60, "run in its second step with its batch answered")
+    return wait_until(ready, 60, "run in its second step with its batch answered")
 
 
 STEPS = ["print(items)", batch_step(12, then="import time\ntime.sleep(4)\nprint('slept')"),
@@ -108,7 +94,7 @@ def test_run_resumes_on_a_live_worker_without_paying_twice(fleet: Fleet, stub: S
         for pid in children:
             kill(pid)
 
-    restarted = wait_for(lambda: RunStore(r).get(run_id).attempt == 2, 120, "attempt 2")
+    restarted = wait_until(lambda: RunStore(r).get(run_id).attempt == 2, 120, "attempt 2")
     restarted_after = time.monotonic() - killed_at
     done = wait_status(r, run_id, timeout=120)
     print(f"\nMEASURED kill {victim}: restarted after {restarted_after:.1f}s, "
@@ -118,8 +104,9 @@ def test_run_resumes_on_a_live_worker_without_paying_twice(fleet: Fleet, stub: S
     assert RunStore(r).result(run_id)["outputs"]["answers"] == ANSWERS
     assert prompt_repeats(stub) == {}  # every root step and sub-call was paid once: the replay read the caches
     assert script.calls == [0, 1, 2]
-    assert AsyncResult(run_id).state == "SUCCESS"
-    wait_for(lambda: not pids_with_marker(sandboxes[0]), 20, "the dead attempt's sandbox processes gone")
+    # The run's record is written before the task returns; Celery stores SUCCESS a moment later.
+    wait_until(lambda: AsyncResult(run_id).state == "SUCCESS", 10, "Celery state SUCCESS")
+    wait_until(lambda: not pids_with_marker(sandboxes[0]), 20, "the dead attempt's sandbox processes gone")
     assert LeaseRegistry(r, 3).live() == []
     if victim == "whole worker":
         replace(fleet, holder)
@@ -139,7 +126,7 @@ def test_a_stalled_owner_cut_off_from_its_run_writes_nothing(fleet: Fleet, stub:
         os.killpg(holder.proc.pid, signal.SIGCONT)
     assert done.status is RunStatus.SUCCEEDED and done.attempt == 2 and done.worker != holder.name
     result = RunStore(r).result(run_id)
-    wait_for(lambda: "lost its claim" in holder.log_tail(200), 30, "the old owner noticed it was fenced off")
+    wait_until(lambda: "lost its claim" in holder.log_tail(200), 30, "the old owner noticed it was fenced off")
     time.sleep(2.0)
     after = RunStore(r).get(run_id)
     assert (after.status, after.attempt, after.worker, after.finished_at) == (
@@ -148,10 +135,11 @@ def test_a_stalled_owner_cut_off_from_its_run_writes_nothing(fleet: Fleet, stub:
     assert holder.alive and LeaseRegistry(r, 3).live() == []
 
 
-def test_queued_runs_start_on_an_idle_worker_and_cancel_is_revoked(fleet: Fleet, stub: StubLLM, r) -> None:
+def test_queued_runs_start_on_an_idle_worker_and_cancel_is_revoked(fleet: Fleet, flower: str, stub: StubLLM,
+                                                                   r) -> None:
     long_id, _ = submit(r, stub, ["import time\nfor _ in range(900):\n    time.sleep(0.1)", "SUBMIT(answers=[])"],
                         tag="long")
-    long = wait_for(lambda: (rec := RunStore(r).get(long_id)).progress.get("iteration") == 1 and rec, 60,
+    long = wait_until(lambda: (rec := RunStore(r).get(long_id)).progress.iteration == 1 and rec, 60,
                     "long run executing its first step")
     quick = [submit(r, stub, ["SUBMIT(answers=['quick'])"], tag=f"quick{i}")[0] for i in range(2)]
     for run_id in quick:  # neither waits behind the busy worker (no prefetch into its buffer)
@@ -163,30 +151,29 @@ def test_queued_runs_start_on_an_idle_worker_and_cancel_is_revoked(fleet: Fleet,
     Client(redis_url_of(r)).cancel(long_id)  # during sandbox execution
     assert wait_status(r, long_id, timeout=15).status is RunStatus.CANCELLED
     result = AsyncResult(long_id)
-    wait_for(lambda: result.state == "REVOKED", 10, "Celery state REVOKED")
+    wait_until(lambda: result.state == "REVOKED", 10, "Celery state REVOKED")
     assert isinstance(result.info, TaskRevokedError)  # readable, not a ValueError
     assert all(not pids_with_marker(s) for s in sandboxes) and LeaseRegistry(r, 3).live() == []
     try:
-        wait_for(lambda: flower_state(fleet, long_id) == "REVOKED", 15, "Flower shows REVOKED (not PROGRESS)")
+        wait_until(lambda: flower_state(flower, long_id) == "REVOKED", 15, "Flower shows REVOKED (not PROGRESS)")
     except AssertionError:
-        raise AssertionError(flower_get(fleet, f"/api/task/info/{long_id}")) from None
-    try:  # Flower reads the stored state without an error (it answered 500 for a plain-dict REVOKED)
-        with urllib.request.urlopen(f"{fleet.flower_url}/api/task/result/{long_id}", timeout=5) as reply:  # type: ignore[attr-defined]
-            assert reply.status == 200 and json.loads(reply.read())["state"] == "REVOKED"
-    except urllib.error.HTTPError as exc:
-        raise AssertionError(f"Flower /api/task/result answered {exc.code}") from None
+        raise AssertionError(flower_get(flower, f"/api/task/info/{long_id}")) from None
+    # Flower reads the stored state without an error (it answered 500 for a plain-dict REVOKED)
+    status, body = http_get(f"{flower}/api/task/result/{long_id}", timeout=5)
+    assert status == 200, f"Flower /api/task/result answered {status}"
+    assert json.loads(body)["state"] == "REVOKED"
 
 
-def test_cancel_during_fan_out_revokes_the_batch(fleet: Fleet, stub: StubLLM, r) -> None:
+def test_cancel_during_fan_out_revokes_the_batch(fleet: Fleet, flower: str, stub: StubLLM, r) -> None:
     stub.latency = 0.5
     run_id, _ = submit(r, stub, ["print(items)", batch_step(48), "SUBMIT(answers=answers)"], tag="cancel-fanout")
-    wait_for(lambda: sub_requests(stub) >= 4, 60, "the batch under way")
+    wait_until(lambda: sub_requests(stub) >= 4, 60, "the batch under way")
     Client(redis_url_of(r)).cancel(run_id)
     assert wait_status(r, run_id, timeout=15).status is RunStatus.CANCELLED
-    wait_for(lambda: AsyncResult(run_id).state == "REVOKED", 10, "Celery state REVOKED")
-    wait_for(lambda: flower_state(fleet, run_id) == "REVOKED", 15, "Flower shows REVOKED")
+    wait_until(lambda: AsyncResult(run_id).state == "REVOKED", 10, "Celery state REVOKED")
+    wait_until(lambda: flower_state(flower, run_id) == "REVOKED", 15, "Flower shows REVOKED")
     seen = sub_requests(stub)
-    wait_for(lambda: sub_requests(stub) == seen, 10, "no more sub-calls", interval=2.0)
+    wait_until(lambda: sub_requests(stub) == seen, 10, "no more sub-calls", interval=2.0)
     assert seen < 48, "the rest of the batch was revoked"
     assert LeaseRegistry(r, 3).live() == []
 
@@ -196,5 +183,5 @@ def test_failed_run_has_a_one_line_reason(fleet: Fleet, stub: StubLLM, r) -> Non
     record = wait_status(r, run_id, timeout=60)
     assert record.status is RunStatus.FAILED and "\n" not in record.error and record.error_detail
     result = AsyncResult(run_id)
-    wait_for(lambda: result.state == "FAILURE", 10, "Celery state FAILURE")
+    wait_until(lambda: result.state == "FAILURE", 10, "Celery state FAILURE")
     assert "\n" not in str(result.info) and str(result.info) == record.error

@@ -8,31 +8,21 @@ Real Redis, real worker processes (one rlm, two llm), a local sandbox, the stub 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import time
 
 import pytest
 
 from rlmq.store.records import RunStatus, RunStore
-from tests.support.fleet import Fleet, configure_app
-from tests.support.reliability import FAST_FAULTS_ENV, batch_step, sub_requests, submit, wait_for, wait_status
+from tests.support.fleet import Fleet, fleet_fixture
+from tests.support.reliability import WORKER_ENV, batch_step, sub_requests, submit, wait_status
+from tests.support.wait import wait_until
 from tests.support.stub_llm import StubLLM
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]
 
 
-@pytest.fixture(scope="module")
-def fleet(redis_server, stub: StubLLM) -> Iterator[Fleet]:
-    configure_app(redis_server.url)
-    env = {"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub", "RLMQ_LM_API_BASE": stub.api_base,
-           **FAST_FAULTS_ENV}
-    with Fleet(redis_server.url, env) as fl:
-        workers = [fl.start("rlm", name="rlm1", concurrency=1, wait=False),
-                   fl.start("llm", name="llmA", concurrency=4, wait=False),
-                   fl.start("llm", name="llmB", concurrency=4, wait=False)]
-        fl.wait_ready(workers, timeout=180)
-        yield fl
+fleet = fleet_fixture(env=WORKER_ENV, workers=[("rlm", "rlm1", 1), ("llm", "llmA", 4), ("llm", "llmB", 4)],
+                      timeout=180)
 
 
 def test_killed_llm_worker_mid_batch_loses_no_prompt(fleet: Fleet, stub: StubLLM, r) -> None:
@@ -41,17 +31,17 @@ def test_killed_llm_worker_mid_batch_loses_no_prompt(fleet: Fleet, stub: StubLLM
     # is time spent waiting on a host tool, which the step clock does not count.
     run_id, _ = submit(r, stub, ["print(items)", batch_step(40), "SUBMIT(answers=answers)"],
                        options={"execution_timeout": 5}, tag="llm-kill")
-    wait_for(lambda: sub_requests(stub) >= 6, 60, "the batch under way")
+    wait_until(lambda: sub_requests(stub) >= 6, 60, "the batch under way")
     victim = next(w for w in fleet.workers if w.name.startswith("llmA"))
     fleet.kill(victim)
     killed_at = time.monotonic()
 
     record = wait_status(r, run_id, timeout=120)  # far below the defaults (300 s step, 1200 s gather)
     print(f"\nMEASURED kill llm worker: run succeeded {time.monotonic() - killed_at:.1f}s after the kill, "
-          f"{record.progress.get('subtasks_resent')} sub-task(s) resent")
+          f"{record.progress.subtasks_resent} sub-task(s) resent")
     assert record.status is RunStatus.SUCCEEDED, (record.error, record.error_detail)
     answers = RunStore(r).result(run_id)["outputs"]["answers"]
     assert answers == [f"answer-{i}" for i in range(40)]  # no [ERROR], no timeout
     progress = record.progress
-    assert progress["subtasks_resent"] >= 1 and progress["llm_errors"] == 0, progress
+    assert progress.subtasks_resent >= 1 and progress.llm_errors == 0, progress
     fleet.workers.remove(victim)

@@ -3,7 +3,6 @@ the stub endpoint through the real dspy.LM, over the Monte Cristo chapters."""
 
 from __future__ import annotations
 
-import re
 
 import dspy
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from broker_bridge import interpreter_factory
 from rlmq.demo import CORPUS
 from rlmq.inputs import load_input_value
-from tests.support.stub_llm import chat_adapter_reply, route, ScriptedRoot
+from tests.support.stub_llm import ScriptedRoot, richest_in_chapter, route
 
 CHAPTER_PROMPT = "Which character is richest in chapter {n}? Answer with one name.\n\n{text}"
 
@@ -23,12 +22,7 @@ def chapters() -> list[str]:
     return value
 
 
-def sub_answer(prompt: str) -> str:
-    """The stub sub-LM: answers chapter prompts by their number, and dspy.Predict prompts in ChatAdapter form."""
-    if "[[ ## question ## ]]" in prompt:
-        return chat_adapter_reply({"answer": "Marseilles"})
-    match = re.search(r"richest in chapter (\d+)", prompt)
-    return f"richest-{match.group(1)}" if match else "unknown"
+sub_answer = richest_in_chapter("Marseilles")
 
 
 def sub_prompts(stub) -> list[str]:

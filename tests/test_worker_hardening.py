@@ -8,15 +8,15 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import sysconfig
-import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from rlmq.stack import LocalStack, worker_command
 from tests.support.nobody import needs_nobody_readable_checkout
+from tests.support.wait import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 NOBODY = 65534
@@ -44,24 +44,6 @@ print(json.dumps(out))
 """
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def _uid(pid: int) -> int:
-    line = next(x for x in (Path(f"/proc/{pid}/status").read_text().splitlines()) if x.startswith("Uid:"))
-    return int(line.split()[1])
-
-
 def test_workers_environ_is_unreadable_to_their_own_uid(redis_server, tmp_path) -> None:
     home = tmp_path / "home"
     home.mkdir()
@@ -79,15 +61,14 @@ def test_workers_environ_is_unreadable_to_their_own_uid(redis_server, tmp_path) 
         ]
         stack.wait_ready(children, timeout=120)
         rlm_main, llm_main = (c.process.pid for c in children)  # setpriv execs: same pid
-        (rlm_child,) = _children(rlm_main)
+        (rlm_child,) = (child.pid for child in psutil.Process(rlm_main).children())
         bystander = subprocess.Popen([*AS_NOBODY, "sleep", "60"], env={"OPENAI_API_KEY": CANARY})
-        deadline = time.monotonic() + 10
-        while not Path(f"/proc/{bystander.pid}/cmdline").read_bytes().startswith(b"sleep"):  # setpriv has exec'd
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(lambda: psutil.Process(bystander.pid).cmdline()[:1] == ["sleep"], 10, "setpriv to exec sleep",
+                   interval=0.01)
         try:
             targets = {"rlm main": rlm_main, "rlm child": rlm_child, "llm worker": llm_main, "bystander": bystander.pid}
-            assert {name: _uid(pid) for name, pid in targets.items()} == {name: NOBODY for name in targets}
+            assert {name: psutil.Process(pid).uids().real for name, pid in targets.items()} == {
+                name: NOBODY for name in targets}
             probe = subprocess.run([*AS_NOBODY, SYSTEM_PYTHON, "-c", PROBE,
                                     *map(str, targets.values())], capture_output=True, text=True, timeout=60,
                                    env={"HOME": str(home)})

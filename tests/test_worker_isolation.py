@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -70,8 +69,9 @@ def test_a_run_in_process_mode_says_so_in_its_record_and_status(redis_server, st
             time.sleep(0.1)
         record = RunStore(r).get(spec.run_id)
         assert record.status is RunStatus.SUCCEEDED, record.error
-        assert record.progress["sandbox"] == {"backend": "local", "isolation": "process"}
+        sandbox = record.progress.sandbox
+        assert sandbox is not None and (sandbox.backend, sandbox.isolation) == ("local", "process")
         line = rlmq("status", spec.run_id, env=cli_env(tmp_path, REDIS_URL=redis_url_of(r)), cwd=tmp_path).stdout
-        assert "no security boundary" in line, line
+        assert "no security boundary" in line and f"sandbox {sandbox.id} (local, process)" in line, line
         assert "NOT a security boundary" in rlm.log_tail(400)
         assert "no security boundary" in rlm.log_tail(400).split("NOT a security boundary", 1)[1]  # the run's warning

@@ -23,7 +23,7 @@ import redis
 from rlmq.run_options import model_allowed, with_options
 from rlmq.settings import Settings, SettingsError
 from workers.adaptive_limit import AdaptiveLimiter
-from workers.lm_gateway import SUBTASK_DEADLINE_SECONDS, fleet_limiter, limited_call, max_call_seconds
+from workers.lm_gateway import SUBTASK_DEADLINE_SECONDS, LMFailure, fleet_limiter, limited_call, max_call_seconds
 from workers.single_flight import ResponseCache
 from workers.context import redis_client, worker_settings
 from workers.answer import Answer
@@ -123,10 +123,14 @@ def answer_prompt(prompt: Any, model: str, settings: Settings, cache: ResponseCa
     def compute() -> dict[str, Any]:
         """The reply as a dict, or ``{"error": ...}`` (handed to concurrent askers, never cached)."""
         nonlocal attempts
-        value, attempts = limited_call(model, prompt_messages(prompt), settings, limiter, params=params,
+        if paid:
+            return paid
+        reply, attempts = limited_call(model, prompt_messages(prompt), settings, limiter, params=params,
                                        deadline=deadline, on_throttled=lambda: count(cache.redis, [("ratelimited", 1)]))
-        if "error" not in value:
-            paid.update(value)
+        if isinstance(reply, LMFailure):
+            return {"error": reply.error}
+        value = reply.to_json_dict()
+        paid.update(value)
         return value
 
     known_miss = key is not None  # llm_batch looked the batch up already

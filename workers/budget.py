@@ -16,7 +16,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from workers.llm_call import Messages
 from workers.pricing import estimate_tokens, model_price, price
+from workers.usage import RunUsage
 
 __all__ = ["Budget", "BudgetExceeded"]
 
@@ -28,9 +30,9 @@ class BudgetExceeded(Exception):
 
 
 class Budget:
-    def __init__(self, usage: Any, *, max_cost: float | None, max_tokens: int | None,
+    def __init__(self, usage: RunUsage, *, max_cost: float | None, max_tokens: int | None,
                  time_limit: float | None, started: float | None = None) -> None:
-        self.usage = usage  # a workers.usage.RunUsage
+        self.usage = usage
         self.max_cost = max_cost
         self.max_tokens = max_tokens
         self.time_limit = time_limit
@@ -81,22 +83,14 @@ class Budget:
         cost = price(self.usage.root_model, tokens_in, tokens_out) or 0.0
         self._check("the next root-LM step", cost, tokens_in + tokens_out)
 
-    def check_batch(self, prompts: Sequence[Any], params: dict[str, Any]) -> None:
+    def check_batch(self, prompts: Sequence[str | Messages], params: dict[str, Any]) -> None:
         """Before a batch of sub-calls is sent; raises BudgetExceeded to refuse it whole."""
         if self.tripped is None and not self.limited:
             return
-        tokens_in = sum(estimate_tokens(_text(p)) for p in prompts)
-        sub = self.usage.sub
+        tokens_in = sum(estimate_tokens(p) for p in prompts)
+        sub = self.usage.usage().sub
         per_answer = (sub.output_tokens // sub.calls) if sub.calls else _DEFAULT_OUTPUT_TOKENS
         per_answer = int(params.get("max_tokens") or max(1, per_answer))
         tokens_out = per_answer * len(prompts)
         cost = price(self.usage.sub_model, tokens_in, tokens_out) or 0.0
         self._check(f"a batch of {len(prompts)} sub-call(s)", cost, tokens_in + tokens_out)
-
-
-def _text(prompt: Any) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list):  # chat messages
-        return "\n".join(str(m.get("content", "")) for m in prompt if isinstance(m, dict))
-    return str(prompt)

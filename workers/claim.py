@@ -19,11 +19,11 @@ import threading
 import time
 import uuid
 from enum import Enum
-from typing import Any
 
 import redis
 
 from rlmq.store import keys
+from rlmq.store.records import Progress
 from rlmq.store.lua import lua_scripts
 from rlmq.store.records import RunStatus
 
@@ -78,10 +78,10 @@ class RunClaim:
         """Let the claim expire now (the worker is stopping), so the sweep restarts the run elsewhere."""
         self.renew(ttl_ms=1)
 
-    def write_progress(self, progress: dict[str, Any]) -> bool:
+    def write_progress(self, progress: Progress) -> bool:
         """Store the run's progress; False once this attempt no longer runs it."""
         return bool(_LUA.run(self.redis, "run_progress", [keys.run_key(self.run_id)], {"attempt": self.attempt},
-                             json.dumps(progress, allow_nan=False)))
+                             json.dumps(progress.to_json_dict(), allow_nan=False)))
 
     def _keys(self, *more: str) -> list[str]:
         return [keys.run_key(self.run_id), keys.run_owner_key(self.run_id), *more]

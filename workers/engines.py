@@ -1,11 +1,15 @@
-"""rlmq's two DSPy 3.4 engines (``complete(Request) -> Response``, ``dspy.lm15``), and the conversion
-of DSPy's requests and responses they share.
+"""rlmq's DSPy 3.4 engine (``complete(Request) -> Response``, ``dspy.lm15``), the two ways it answers,
+and the conversion of DSPy's requests and responses.
 
-- ``FleetLM`` is a run's ``sub_lm``: its engine sends each request through the run's
+:class:`FleetEngine` turns a request into chat messages and sampling parameters, hands them to an
+*answer* function, and turns its reply into a ``Response`` (a failure into ``ServerError``, which
+DSPy maps to ``LMServerError``). Two answer functions, two LMs:
+
+- ``FleetLM`` is a run's ``sub_lm``: :func:`through_fanout` sends each request through the run's
   :class:`~workers.fanout.Fanout` (an ``llm_batch`` sub-task on the fleet). DSPy's own response
   cache and retries are off: the sub-task has both.
 - ``fleet_root_lm(settings)`` is a run's root LM: ``dspy.cache`` first (Redis-backed in workers,
-  ``workers.dspy_cache``), then an engine that sends each request through
+  ``workers.dspy_cache``), then :func:`through_limiter`, which sends each request through
   ``workers.lm_gateway.limited_call``: the model's fleet-wide limiter (shared with every other run
   and with the sub-calls), the LM client and rlmq's retries. DSPy's own retries are off:
   ``limited_call`` retries and must see every attempt. DSPy's native engine does not expose a
@@ -15,6 +19,7 @@ of DSPy's requests and responses they share.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import dspy
@@ -24,10 +29,15 @@ from rlmq.settings import Settings
 from workers.context import redis_client
 from workers.fanout import Fanout
 from workers.llm_call import LMReply, Messages
-from workers.lm_gateway import SUBTASK_DEADLINE_SECONDS, fleet_limiter, limited_call
+from workers.lm_gateway import ROOT_CALL_DEADLINE_SECONDS, LMFailure, fleet_limiter, limited_call
 
-__all__ = ["FleetEngine", "FleetLM", "LimitedEngine", "fleet_root_lm", "request_messages", "text_response"]
+__all__ = [
+    "Answerer", "FleetEngine", "FleetLM", "fleet_root_lm", "request_messages", "text_response", "through_fanout",
+    "through_limiter",
+]
 
+# How an engine answers: chat messages + sampling parameters -> the reply, or why there is none.
+Answerer = Callable[[Messages, dict[str, Any]], LMReply | LMFailure]
 
 
 def request_messages(request: Any) -> tuple[Messages, dict[str, Any]]:
@@ -55,50 +65,17 @@ def text_response(model: str, text: str, usage: dict[str, Any]) -> Response:
 
 
 class FleetEngine:
-    """A DSPy 3.4 engine (``complete(Request) -> Response``) answering through :class:`Fanout`."""
+    """A DSPy 3.4 engine (``complete(Request) -> Response``) whose requests ``answer`` answers."""
 
-    def __init__(self, fanout: Fanout) -> None:
-        self.fanout = fanout
-
-    def complete(self, request: Any) -> Response:
-        messages, params = request_messages(request)
-        answer = self.fanout.query([messages], params=params)[0]
-        if not answer.ok:
-            raise ServerError(answer.error or "no answer")  # DSPy maps it to LMServerError for the facade
-        return text_response(self.fanout.model, answer.text or "", answer.usage)
-
-    def stream(self, request: Any) -> Any:
-        return response_to_events(self.complete(request))
-
-    def close(self) -> None:
-        pass
-
-
-class FleetLM(dspy.LM):
-    """The run's sub-LM: model = the run's sub-LM string; calls go through the fleet.
-
-    DSPy's own response cache and retries are off: the ``llm_batch`` sub-task has both.
-    """
-
-    def __init__(self, fanout: Fanout, **kwargs: Any) -> None:
-        super().__init__(fanout.model, engine=FleetEngine(fanout), cache=False, num_retries=0, **kwargs)
-
-
-class LimitedEngine:
-    """Answers a ``dspy.LM``'s requests through the fleet limiter of ``settings.lm``."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.model = settings.lm
+    def __init__(self, model: str, answer: Answerer) -> None:
+        self.model = model
+        self.answer = answer
 
     def complete(self, request: Any) -> Response:
         messages, params = request_messages(request)
-        limiter = fleet_limiter(redis_client(self.settings.redis_url or None), self.model, self.settings)
-        value, _ = limited_call(self.model, messages, self.settings, limiter, params=params,
-                                deadline=time.monotonic() + SUBTASK_DEADLINE_SECONDS)
-        if "error" in value:
-            raise ServerError(str(value["error"]))
-        reply = LMReply.from_json_dict(value)
+        reply = self.answer(messages, params)
+        if isinstance(reply, LMFailure):
+            raise ServerError(reply.error)
         return text_response(self.model, reply.text, reply.usage)
 
     def stream(self, request: Any) -> Any:
@@ -108,6 +85,41 @@ class LimitedEngine:
         pass
 
 
+def through_fanout(fanout: Fanout) -> Answerer:
+    """Each request as a one-prompt batch of the run's fan-out (an ``llm_batch`` sub-task)."""
+
+    def answer(messages: Messages, params: dict[str, Any]) -> LMReply | LMFailure:
+        got = fanout.query([messages], params=params)[0]
+        if not got.ok:
+            return LMFailure(got.error or "no answer")
+        return LMReply(text=got.text or "", usage=got.usage, cost=got.cost, model=fanout.model)
+
+    return answer
+
+
+def through_limiter(settings: Settings) -> Answerer:
+    """Each request through the fleet limiter of ``settings.lm``, its LM client and retries."""
+
+    def answer(messages: Messages, params: dict[str, Any]) -> LMReply | LMFailure:
+        limiter = fleet_limiter(redis_client(settings.redis_url or None), settings.lm, settings)
+        reply, _ = limited_call(settings.lm, messages, settings, limiter, params=params,
+                                deadline=time.monotonic() + ROOT_CALL_DEADLINE_SECONDS)
+        return reply
+
+    return answer
+
+
+class FleetLM(dspy.LM):
+    """The run's sub-LM: model = the run's sub-LM string; calls go through the fleet.
+
+    DSPy's own response cache and retries are off: the ``llm_batch`` sub-task has both.
+    """
+
+    def __init__(self, fanout: Fanout, **kwargs: Any) -> None:
+        super().__init__(fanout.model, engine=FleetEngine(fanout.model, through_fanout(fanout)), cache=False,
+                         num_retries=0, **kwargs)
+
+
 def fleet_root_lm(settings: Settings) -> dspy.LM:
     """The root ``dspy.LM`` of a run: ``dspy.cache`` first, then the fleet-limited engine."""
-    return dspy.LM(settings.lm, engine=LimitedEngine(settings), num_retries=0)
+    return dspy.LM(settings.lm, engine=FleetEngine(settings.lm, through_limiter(settings)), num_retries=0)

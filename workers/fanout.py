@@ -4,7 +4,9 @@
 sub-tasks and gathers them event-driven, returning answers in prompt order; a failed prompt is an
 ``Answer`` with its error; on gather timeout the stragglers are revoked and reported as errors.
 ``workers.rlm`` gives it to sandbox code as ``llm_query`` / ``llm_query_batched``, and
-``workers.engines.FleetLM`` to sub-agents.
+``workers.engines.FleetLM`` to sub-agents. What a batch does is reported to a
+:class:`FanoutObserver` (the run's ``workers.usage.RunUsage``: counters, live progress, and the
+budget check that may refuse a batch before it is sent).
 
 A sub-task held by an llm worker that died (no heartbeat: ``workers.liveness``) is sent again
 within about a second of the heartbeat's expiry, up to ``MAX_RESENDS`` times per chunk; the first
@@ -17,12 +19,10 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from celery import group
 from celery.exceptions import TimeoutError as CeleryTimeoutError
@@ -35,7 +35,7 @@ from workers.context import redis_client
 from workers.liveness import lost_subtasks
 from workers.llm_call import Messages
 
-__all__ = ["Fanout", "FanoutCancelled", "FanoutStats", "plan_chunks"]
+__all__ = ["Fanout", "FanoutCancelled", "FanoutObserver", "plan_chunks"]
 
 GATHER_INTERVAL = 0.01  # seconds; Celery's 0.5 s default would add up to half a second per batch
 LIVENESS_CHECK_SECONDS = 1.0  # how often a gather asks whether its pending sub-tasks' workers live
@@ -71,47 +71,39 @@ class FanoutCancelled(Exception):
     """The run was cancelled while a batch was in flight (its sub-tasks were revoked)."""
 
 
-@dataclass
-class FanoutStats:
-    """Counters of one run's sub-LLM traffic; updated from tool threads."""
+class FanoutObserver(Protocol):
+    """What a fan-out reports as a batch goes (``workers.usage.RunUsage`` counts it), in order:
+    ``batch_started``, then ``chunk_arrived`` per sub-task answered, ``resent`` per dead worker's
+    sub-tasks sent again, and ``batch_done`` with every answer. A batch runs in one thread; the
+    run's concurrent tool calls run batches in several at once."""
 
-    prompts: int = 0
-    cache_hits: int = 0
-    errors: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost: float = 0.0
-    resent: int = 0  # sub-tasks sent again because their worker died
-    workers: Counter[str] = field(default_factory=Counter)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, answers: Sequence[Answer]) -> None:
-        with self._lock:
-            for a in answers:
-                self.prompts += 1
-                self.errors += 0 if a.ok else 1
-                if a.worker:
-                    self.workers[a.worker] += 1
-                if a.cached:
-                    self.cache_hits += 1
-                    continue  # a hit costs nothing; its usage was paid by the first asker
-                self.prompt_tokens += int(a.usage.get("prompt_tokens", 0))
-                self.completion_tokens += int(a.usage.get("completion_tokens", 0))
-                self.cost += float(a.cost or 0.0)
-
-    # Hooks for live progress and budgets (workers.usage.RunUsage fills them in).
-    def batch_started(self, prompts: Sequence[Any], params: dict[str, Any]) -> None:
-        """Before a batch is sent; may raise to refuse it (nothing is sent then)."""
+    def batch_started(self, prompts: Sequence[str | Messages], params: dict[str, Any]) -> None:
+        """Before the batch is sent; raising refuses it whole (nothing is sent)."""
 
     def chunk_arrived(self, answers: Sequence[Answer]) -> None:
         """One sub-task's answers, as they arrive during the gather."""
 
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            return {"llm_calls": self.prompts, "cache_hits": self.cache_hits, "llm_errors": self.errors,
-                    "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                    "cost_usd": round(self.cost, 6), "llm_workers": dict(self.workers),
-                    "subtasks_resent": self.resent}
+    def resent(self, n: int) -> None:
+        """``n`` sub-tasks were sent again because the worker holding them died."""
+
+    def batch_done(self, answers: Sequence[Answer]) -> None:
+        """Every answer of the batch, in prompt order (failed prompts as errors)."""
+
+
+class _Unobserved:
+    """The observer of a fan-out nobody watches (benchmarks, sub-agents in tests)."""
+
+    def batch_started(self, prompts: Sequence[str | Messages], params: dict[str, Any]) -> None:
+        pass
+
+    def chunk_arrived(self, answers: Sequence[Answer]) -> None:
+        pass
+
+    def resent(self, n: int) -> None:
+        pass
+
+    def batch_done(self, answers: Sequence[Answer]) -> None:
+        pass
 
 
 def plan_chunks(n: int, chunk_size: int, width: int) -> list[tuple[int, int]]:
@@ -133,13 +125,13 @@ class Fanout:
     """Sends prompts to the ``llm`` queue as one group per batch and gathers the answers."""
 
     def __init__(self, settings: Settings, *, app: Any, options: dict[str, Any] | None = None,
-                 stats: FanoutStats | None = None, should_stop: Callable[[], bool] | None = None,
+                 observer: FanoutObserver | None = None, should_stop: Callable[[], bool] | None = None,
                  run_id: str | None = None) -> None:
         self.settings = settings
         self.app = app  # sends llm_batch by name: the engine does not import the task modules
         self.model = settings.effective_sub_lm
         self.options = dict(options or {})  # the run's per-run options; each sub-task applies them
-        self.stats = stats or FanoutStats()
+        self.observer: FanoutObserver = observer if observer is not None else _Unobserved()
         self.should_stop = should_stop
         self.run_id = run_id  # names the sub-tasks' parent in Flower
 
@@ -155,10 +147,10 @@ class Fanout:
         bounds = plan_chunks(len(todo), self.settings.chunk_size, self.settings.fanout_width)
         chunks = [[todo[j] for j in range(a, b)] for a, b in bounds]
         if chunks:
-            self.stats.batch_started([prompts[i] for i in todo], params or {})  # budget check, live progress
+            self.observer.batch_started([prompts[i] for i in todo], params or {})  # budget check, live progress
             self._dispatch([[prompts[i] for i in c] for c in chunks], chunks, answers, params or {})
         done = [a if a is not None else Answer(error="no answer") for a in answers]
-        self.stats.add(done)
+        self.observer.batch_done(done)
         return done
 
     def _dispatch(self, payloads: list[list[Any]], chunks: list[list[int]], answers: list[Answer | None],
@@ -185,12 +177,12 @@ class Fanout:
                 del pending[other]
             indexes = chunks[n]
             if isinstance(value, list) and len(value) == len(indexes):
-                for i, raw in zip(indexes, value):
-                    answers[i] = Answer.from_json_dict(raw)
+                arrived = [Answer.from_json_dict(raw) for raw in value]
             else:  # the sub-task itself failed (it should not): every prompt of it is an error
-                for i in indexes:
-                    answers[i] = Answer(error=f"sub-task failed: {value!r}"[:300])
-            self.stats.chunk_arrived([answers[i] for i in indexes])  # live progress of the batch
+                arrived = [Answer(error=f"sub-task failed: {value!r}"[:300]) for _ in indexes]
+            for i, answer in zip(indexes, arrived):
+                answers[i] = answer
+            self.observer.chunk_arrived(arrived)  # live progress of the batch
 
         def check() -> None:
             if self.should_stop is not None and self.should_stop():
@@ -228,6 +220,7 @@ class Fanout:
                                     on_interval=check, disable_sync_subtasks=False)
             except _Lost as lost:
                 self.app.control.revoke(lost.task_ids)
+                sent_again = 0
                 for task_id in lost.task_ids:
                     n = pending.pop(task_id, None)
                     if n is None:
@@ -236,7 +229,9 @@ class Fanout:
                     results[copy.id] = copy
                     pending[copy.id] = n
                     resends[n] += 1
-                    self.stats.resent += 1
+                    sent_again += 1
+                if sent_again:
+                    self.observer.resent(sent_again)
                 logger.warning("%d sub-task(s) were on a dead llm worker: sent again", len(lost.task_ids))
             except _Rejoin:
                 continue

@@ -1,11 +1,13 @@
-"""One sub-LLM call, with its failure classified: direct HTTP to an OpenAI-compatible endpoint, or LiteLLM.
+"""One LM request, with its failure classified: direct HTTP to an OpenAI-compatible endpoint, or LiteLLM.
 
-``call_lm`` makes exactly one HTTP attempt (LiteLLM's and the OpenAI SDK's own retries are
-off: retries, rate limiting and caching belong to ``workers/batch_answer.py``, which must see every
-attempt). Which client serves a call is ``RLMQ_LM_CLIENT`` (``auto``: direct HTTP for
-``openai/...`` models on a configured api base, LiteLLM otherwise). Failures become :class:`LMCallError` with a :class:`FailureKind` that says what to
-do next: wait ``retry_after`` and retry (rate limited), retry with backoff (transient), or
-give up (permanent). An empty completion is an error, so it is never cached.
+``call_lm`` makes exactly one HTTP attempt (LiteLLM's and the OpenAI SDK's own retries are off:
+retries and rate limiting belong to ``workers.lm_gateway``, caching to ``workers.batch_answer``, and
+both must see every attempt). Which client serves a call is ``RLMQ_LM_CLIENT`` (``auto``: direct
+HTTP for ``openai/...`` models on a configured api base, LiteLLM otherwise). Failures become
+:class:`LMCallError` with a :class:`FailureKind` that says what to do next: wait ``retry_after`` and
+retry (rate limited), retry with backoff (transient), or give up (permanent). An empty completion
+is an error, so it is never cached. A reply's price comes from ``workers.pricing`` on both paths:
+the direct one never imports LiteLLM.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from broker_bridge.keepalive import KeepAlivePool
 from rlmq.settings import LMClient
+from workers.pricing import price
 
 # LiteLLM otherwise fetches its price map from the internet at import (seconds, or a hang
 # offline); the copy it ships is enough to price known models.
@@ -65,7 +68,7 @@ class LMReply:
 
     text: str
     usage: dict[str, int]
-    cost: float | None  # USD, where LiteLLM knows the model's price
+    cost: float | None  # USD, where LiteLLM's price table knows the model (workers.pricing)
     model: str
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -141,7 +144,7 @@ def _call_litellm(model: str, messages: Messages, *, api_base: str | None, timeo
         raise LMCallError(FailureKind.TRANSIENT, f"malformed completion: {exc}") from exc
     usage_obj = getattr(response, "usage", None)
     usage = {k: int(getattr(usage_obj, k, 0) or 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-    return _reply(model, text, usage, _cost(response))
+    return _reply(model, text, usage)
 
 
 def preload() -> None:
@@ -186,32 +189,14 @@ def _call_http(model: str, messages: Messages, *, api_base: str, timeout: float,
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise LMCallError(FailureKind.TRANSIENT, f"malformed completion: {_short(exc, 120)}") from exc
     usage = {k: int(usage_raw.get(k) or 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-    return _reply(model, text, usage, _price(model, usage))
+    return _reply(model, text, usage)
 
 
-def _reply(model: str, text: Any, usage: dict[str, int], cost: float | None) -> LMReply:
+def _reply(model: str, text: Any, usage: dict[str, int]) -> LMReply:
     if not isinstance(text, str) or not text.strip():
         raise LMCallError(FailureKind.TRANSIENT, "empty completion")
-    return LMReply(text=text, usage=usage, cost=cost, model=model)
-
-
-def _price(model: str, usage: dict[str, int]) -> float | None:
-    """LiteLLM's price for a known model name (e.g. a proxy serving openai/gpt-4o-mini); else None."""
-    try:
-        prompt_cost, completion_cost = litellm_module().cost_per_token(
-            model=model, prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"])
-    except Exception:  # unknown model: no price
-        return None
-    total = float(prompt_cost) + float(completion_cost)
-    return total or None
-
-
-def _cost(response: Any) -> float | None:
-    try:
-        cost = litellm_module().completion_cost(completion_response=response)
-    except Exception:  # unknown model: no price
-        return None
-    return float(cost) if cost else None
+    return LMReply(text=text, usage=usage, model=model,
+                   cost=price(model, usage["prompt_tokens"], usage["completion_tokens"]))
 
 
 _PERMANENT_STATUS = {400, 401, 403, 404, 413, 422}

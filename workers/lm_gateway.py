@@ -13,19 +13,27 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from rlmq.settings import Settings
 from workers.adaptive_limit import AdaptiveLimiter
-from workers.llm_call import FailureKind, LMCallError, call_lm
+from workers.llm_call import FailureKind, LMCallError, LMReply, Messages, call_lm
+from workers.pricing import estimate_tokens
 
-__all__ = ["RATE_MARGIN", "SUBTASK_DEADLINE_SECONDS", "fleet_limiter", "limited_call", "max_call_seconds"]
+__all__ = [
+    "RATE_MARGIN", "ROOT_CALL_DEADLINE_SECONDS", "SUBTASK_DEADLINE_SECONDS", "LMFailure",
+    "fleet_limiter", "limited_call", "max_call_seconds",
+]
 
 logger = logging.getLogger(__name__)
 
 # A sub-task stops starting new prompts after this long (the parent's gather timeout and the
 # broker's visibility timeout are both larger); late prompts come back as errors.
 SUBTASK_DEADLINE_SECONDS = 900.0
+# A root-LM call stops waiting for the limiter and retrying after this long (then the run's step
+# fails like any LM error); the run's own time limit usually ends it first.
+ROOT_CALL_DEADLINE_SECONDS = 900.0
 _MAX_BACKOFF = 20.0
 _THROTTLED_RETRIES = 4  # 429s allowed per allowed retry (RLMQ_LM_RETRIES)
 # The provider counts requests when they arrive, not when Redis grants them; grant-to-arrival
@@ -44,13 +52,20 @@ def fleet_limiter(client: Any, model: str, settings: Settings) -> AdaptiveLimite
                            lease_seconds=settings.lm_timeout + 30.0, initial_rps=ceiling or 10.0)
 
 
-def limited_call(model: str, messages: list[dict[str, Any]], settings: Settings, limiter: AdaptiveLimiter, *,
+@dataclass(frozen=True)
+class LMFailure:
+    """A request given up after its retries: why, in one line (sandbox code sees ``[ERROR] <error>``)."""
+
+    error: str
+
+
+def limited_call(model: str, messages: Messages, settings: Settings, limiter: AdaptiveLimiter, *,
                  params: dict[str, Any], deadline: float,
-                 on_throttled: Callable[[], None] | None = None) -> tuple[dict[str, Any], int]:
-    """One request through the fleet limiter and the LM, with retries: (reply dict or ``{"error": ...}``, attempts).
+                 on_throttled: Callable[[], None] | None = None) -> tuple[LMReply | LMFailure, int]:
+    """One request through the fleet limiter and the LM, with retries: (the reply or the failure, attempts).
 
     ``on_throttled`` is called for each 429 (``rlmq stats`` counts them)."""
-    estimate = sum(len(str(m.get("content", ""))) for m in messages) // 4 + int(params.get("max_tokens") or 0)
+    estimate = estimate_tokens(messages) + int(params.get("max_tokens") or 0)
     failures = throttled = attempts = 0
     while True:
         attempts += 1
@@ -67,7 +82,7 @@ def limited_call(model: str, messages: list[dict[str, Any]], settings: Settings,
             # more often than a failure before the prompt is given up.
             if (exc.kind is FailureKind.PERMANENT or failures > settings.lm_retries
                     or throttled > _THROTTLED_RETRIES * settings.lm_retries):
-                return {"error": f"{exc.kind.value} after {attempts} attempt(s): {exc}"}, attempts
+                return LMFailure(f"{exc.kind.value} after {attempts} attempt(s): {exc}"), attempts
             if limited:
                 # Pause the whole fleet; every worker's acquire() waits the cooldown out.
                 pause = exc.retry_after if exc.retry_after is not None else _backoff(throttled - 1)
@@ -82,7 +97,7 @@ def limited_call(model: str, messages: list[dict[str, Any]], settings: Settings,
             slot.done(failed=True)
             raise
         slot.done(headers=headers, used_tokens=int(reply.usage.get("total_tokens") or 0) or None)
-        return reply.to_json_dict(), attempts
+        return reply, attempts
 
 
 def _backoff(attempt: int) -> float:

@@ -1,10 +1,12 @@
-"""Dollar prices of LM calls, from LiteLLM's price table, without importing LiteLLM.
+"""Dollar prices of LM calls, from LiteLLM's price table, without importing LiteLLM; and the one
+estimate of a prompt's tokens.
 
 LiteLLM ships its price map as JSON (``model_prices_and_context_window_backup.json``, the table
-behind ``litellm.model_cost`` / ``litellm.cost_per_token``). Run workers read that file directly:
-importing LiteLLM costs ~6 s of CPU, which a run worker otherwise never pays. A model the table
-does not know has no price (``None``): rlmq then reports tokens but no dollars, and a
-``max_cost`` budget cannot be enforced for it (the run says so).
+behind ``litellm.model_cost`` / ``litellm.cost_per_token``). Every price in rlmq comes from here
+(``workers.llm_call`` prices each reply, ``workers.usage`` and ``workers.budget`` the run's calls),
+reading that file directly: importing LiteLLM costs ~6 s of CPU, which a run worker whose calls go
+over direct HTTP never pays. A model the table does not know has no price (``None``): rlmq then
+reports tokens but no dollars, and a ``max_cost`` budget cannot be enforced for it (the run says so).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -62,6 +65,13 @@ def price(model: str, input_tokens: int, output_tokens: int) -> float | None:
     return input_tokens * rates[0] + output_tokens * rates[1]
 
 
-def estimate_tokens(text: str) -> int:
-    """The usual ~4 characters per token: enough to keep a budget from being overrun."""
+def estimate_tokens(prompt: str | Sequence[Mapping[str, Any]]) -> int:
+    """Tokens of a prompt or of chat messages' contents, at the usual ~4 characters per token: what
+    budgets refuse a batch by and what the rate limiter charges before the reply says the real count."""
+    if isinstance(prompt, str):
+        text = prompt
+    elif isinstance(prompt, Sequence):
+        text = "\n".join(str(m.get("content", "")) for m in prompt if isinstance(m, Mapping))
+    else:
+        text = str(prompt)
     return max(1, (len(text) + 3) // 4)

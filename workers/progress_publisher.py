@@ -18,8 +18,9 @@ from dspy.utils.callback import BaseCallback
 
 from workers.claim import RunClaim
 from workers.dspy_private import iteration_of
-from workers.fanout import FanoutStats
+from rlmq.store.records import Progress, RunSandbox
 from workers.monitor import count, publish_progress
+from workers.usage import RunUsage
 
 __all__ = ["PUBLISH_EVERY", "IterationCallback", "ProgressPublisher"]
 
@@ -35,10 +36,10 @@ class ProgressPublisher:
         self.hostname = hostname
         self.claim = claim
         self.client = client  # fleet counters
-        self.stats = FanoutStats()  # the run's counters (a workers.usage.RunUsage once the run is set up)
+        self.stats = RunUsage(root_model="", sub_model="")  # the run's counters; its models once it is set up
         self.iteration = 0
         self.max_iters = 0
-        self.sandbox: dict[str, str] = {}  # backend and isolation of the run's sandbox, once it exists
+        self.sandbox: RunSandbox | None = None  # the run's sandbox, once it exists
         self.started = time.monotonic()
         self.started_wall = time.time()
         self._lock = threading.Lock()
@@ -49,18 +50,17 @@ class ProgressPublisher:
 
     def sandbox_created(self, info: Any) -> None:
         """Keep what isolates the run's sandbox in its progress ("process" is no boundary: said loudly)."""
-        self.sandbox = {"backend": info.backend, "isolation": info.isolation}
+        self.sandbox = RunSandbox(backend=info.backend, id=info.sandbox_id, isolation=info.isolation)
         if info.isolation == "process":
             logger.warning("run %s: its local sandbox is plain processes (RLMQ_LOCAL_ISOLATION=process), "
                            "no security boundary", self.run_id)
         self.publish(force=True)
 
-    def snapshot(self) -> dict[str, Any]:
-        return {"iteration": self.iteration, "max_iters": self.max_iters,
-                "elapsed": round(time.monotonic() - self.started, 3), **self.stats.snapshot(),
-                **({"sandbox": self.sandbox} if self.sandbox else {})}
+    def snapshot(self) -> Progress:
+        return self.stats.progress(iteration=self.iteration, max_iters=self.max_iters,
+                                   elapsed=time.monotonic() - self.started, sandbox=self.sandbox)
 
-    def close(self) -> dict[str, Any]:
+    def close(self) -> Progress:
         """The last progress, for the run's final write; nothing is published after it, so no late
         update can overwrite the final Celery state (REVOKED, FAILURE) with STARTED."""
         with self._lock:
@@ -73,7 +73,7 @@ class ProgressPublisher:
             if self._closed:
                 return
             meta = self.snapshot()
-            counts = (meta["llm_calls"], meta["cache_hits"])
+            counts = (meta.llm_calls, meta.cache_hits)
             now = time.monotonic()
             if not force and (counts == self._last_counts or now - self._last_publish < PUBLISH_EVERY):
                 return

@@ -19,7 +19,7 @@ from broker_bridge import interpreter_factory
 from rlmq.run_options import check_tools, with_options
 from rlmq.settings import SandboxBackend, Settings, SettingsError
 from rlmq.store.blobs import get_blobs
-from rlmq.store.records import RunSpec, RunStatus, RunStore
+from rlmq.store.records import Progress, RunSpec, RunStatus, RunStore
 from workers.budget import Budget
 from workers.claim import RunClaim
 from workers.context import redis_client, worker_settings
@@ -99,7 +99,7 @@ class RunExecution:
         self.leases.start()
         factory = _sandboxes(settings, self.base.run_time_limit, labels={"rlmq.run": self.run_id},
                              on_sandbox_created=self._sandbox_created, on_sandbox_destroyed=self.leases.destroyed)
-        fanout = Fanout(settings, app=self.task.app, options=spec.options, stats=stats,
+        fanout = Fanout(settings, app=self.task.app, options=spec.options, observer=stats,
                         should_stop=self.ticker.cancelled.is_set, run_id=self.run_id)
         rlm = TracedRLM(spec.signature, fanout=fanout, tools=tools, max_iters=settings.max_iters,
                         max_llm_calls=settings.max_llm_calls, interpreter_factory=factory,
@@ -115,8 +115,9 @@ class RunExecution:
 
     def _succeeded(self, result: dict[str, Any]) -> dict[str, Any]:
         progress = self.progress.close()
+        document = progress.to_json_dict()
         if not self.store.finish(self.run_id, RunStatus.SUCCEEDED, progress=progress, attempt=self.claim.attempt,
-                                 result={**result, "progress": progress, "usage": progress.get("usage")}):
+                                 result={**result, "progress": document, "usage": document["usage"]}):
             logger.warning("run %s: attempt %d was superseded; its result is dropped", self.run_id, self.claim.attempt)
             raise Ignore()
         return _task_result(self.run_id, progress)
@@ -175,7 +176,7 @@ def _result_document(run_id: str, prediction: Any, output_fields: list[str], ste
         "trajectory": getattr(prediction, "trajectory", []), "steps": steps}, fallback=str)
 
 
-def _task_result(run_id: str, progress: dict[str, Any]) -> dict[str, Any]:
+def _task_result(run_id: str, progress: Progress) -> dict[str, Any]:
     """What Celery stores and Flower shows as the result: the summary first (Flower cuts long reprs)."""
-    brief = {k: v for k, v in progress.items() if k not in ("usage", "llm_workers")}
+    brief = {k: v for k, v in progress.to_json_dict().items() if k not in ("usage", "llm_workers")}
     return {"run_id": run_id, "status": RunStatus.SUCCEEDED.value, "summary": summary_line(progress), **brief}

@@ -22,6 +22,8 @@ from typing import Any
 import redis
 
 from rlmq.store.keys import run_trajectory_key
+from rlmq.store.records import Usage
+from workers.usage import RunUsage
 
 __all__ = ["OUTPUT_KEEP", "TrajectoryLog", "cut_output"]
 
@@ -42,20 +44,20 @@ def cut_output(text: str, keep: int = OUTPUT_KEEP) -> tuple[str, int]:
 class TrajectoryLog:
     """Appends a run's steps to Redis; monitoring must never break the run, so errors are logged."""
 
-    def __init__(self, client: redis.Redis, run_id: str, usage: Any, *, ttl_seconds: int | None = None) -> None:
+    def __init__(self, client: redis.Redis, run_id: str, usage: RunUsage, *, ttl_seconds: int | None = None) -> None:
         self.redis = client
         self.key = run_trajectory_key(run_id)
-        self.usage = usage  # workers.usage.RunUsage
+        self.usage = usage
         self.ttl_seconds = ttl_seconds  # renewed with every step, so a dead worker's trace still expires
         self.steps = 0
         self._began = 0.0
         self._began_wall = 0.0
-        self._marks: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+        self._before = Usage()  # the run's usage when the step began
         self.exec_seconds = 0.0
 
     def begin(self) -> None:
         self._began, self._began_wall = time.monotonic(), time.time()
-        self._marks = self.usage.group_marks()
+        self._before = self.usage.usage()
         self.exec_seconds = 0.0
 
     def end(self, entry: Any, *, kind: str = "code", final: bool = False) -> dict[str, Any]:
@@ -63,7 +65,7 @@ class TrajectoryLog:
         output = str(data.get("output", ""))
         kept, cut = cut_output(output)
         seconds = time.monotonic() - self._began
-        self.usage.sync_root()
+        now = self.usage.usage()
         self.steps += 1
         record = {
             "step": self.steps, "kind": kind, "final": final,
@@ -72,7 +74,8 @@ class TrajectoryLog:
             "started_at": round(self._began_wall, 3), "seconds": round(seconds, 3),
             "exec_seconds": round(self.exec_seconds, 3),
             "lm_seconds": round(max(0.0, seconds - self.exec_seconds), 3),
-            "root": self.usage.root.minus(self._marks[0]), "sub": self.usage.sub.minus(self._marks[1]),
+            "root": now.root.minus(self._before.root).to_json_dict(),
+            "sub": now.sub.minus(self._before.sub).to_json_dict(),
         }
         try:
             pipe = self.redis.pipeline()

@@ -1,108 +1,74 @@
 """What one run used: root-LM and sub-LLM calls, tokens, cache hits, dollars paid and uncached.
 
-``RunUsage`` is the run's :class:`~workers.fanout.FanoutStats` (the fan-out feeds it every
-answer) plus the root LM's calls, read from the ``dspy.LM`` history: an entry whose ``usage`` is
-empty while its response carries token counts was a ``dspy.cache`` hit (DSPy drops the billed
-usage of a hit but keeps the response). Two prices per group, from LiteLLM's table
-(:mod:`workers.pricing`):
+``RunUsage`` is the run's one set of counters (a ``CallUsage`` per kind of call, the shapes in
+:mod:`rlmq.store.records`). Sub-calls reach it as the fan-out's observer
+(:class:`~workers.fanout.FanoutObserver`); root-LM calls are read from the ``dspy.LM``
+history: an entry whose ``usage`` is empty while its response carries token counts was a
+``dspy.cache`` hit (DSPy drops the billed usage of a hit but keeps the response). Prices come from
+LiteLLM's table (:mod:`workers.pricing`).
 
-- **paid**: what the provider billed for this run (cache hits cost nothing);
-- **uncached**: what the same calls would have cost without the cache.
-
-It also tracks the fan-out batch in flight (``batch_started`` / ``chunk_arrived``, called by
-:class:`~workers.fanout.Fanout` as each sub-task's answers arrive), so progress shows done/total
-and cache hits while a 500-prompt batch runs, and lets a :class:`~workers.budget.Budget` refuse
-a batch before it is sent.
+It also tracks the fan-out batch in flight (answers count as each sub-task's arrive), so progress
+shows done/total and cache hits while a 500-prompt batch runs, and lets a
+:class:`~workers.budget.Budget` refuse a batch before it is sent.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
-from workers.fanout import FanoutStats
+from rlmq.store.records import Batch, CallUsage, Progress, RunSandbox, Usage
 from workers.answer import Answer
 from workers.pricing import price
 
-__all__ = ["CallGroup", "RunUsage"]
+if TYPE_CHECKING:
+    from workers.budget import Budget  # which reads this run's usage: a runtime import would be circular
+    from workers.llm_call import Messages
+
+__all__ = ["RunUsage"]
 
 
 @dataclass
-class CallGroup:
-    """Counters of one kind of LM call (root or sub)."""
-
-    calls: int = 0
-    cache_hits: int = 0
-    errors: int = 0
-    input_tokens: int = 0  # every call's tokens, cached or not (what it would be without the cache)
-    output_tokens: int = 0
-    paid_input_tokens: int = 0
-    paid_output_tokens: int = 0
-    cost_paid: float = 0.0
-    cost_uncached: float = 0.0
-    unpriced_calls: int = 0  # calls whose model LiteLLM's table does not price
-    seconds: float = 0.0  # wall time spent waiting for these calls
-
-    def add(self, *, input_tokens: int, output_tokens: int, cost: float | None, cached: bool, ok: bool = True) -> None:
-        self.calls += 1
-        self.errors += 0 if ok else 1
-        self.input_tokens += input_tokens
-        self.output_tokens += output_tokens
-        if cost is None and (input_tokens or output_tokens):
-            self.unpriced_calls += 1
-        self.cost_uncached += cost or 0.0
-        if cached:
-            self.cache_hits += 1
-            return
-        self.paid_input_tokens += input_tokens
-        self.paid_output_tokens += output_tokens
-        self.cost_paid += cost or 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"calls": self.calls, "cache_hits": self.cache_hits, "errors": self.errors,
-                "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
-                "paid_input_tokens": self.paid_input_tokens, "paid_output_tokens": self.paid_output_tokens,
-                "cost_paid": round(self.cost_paid, 8), "cost_uncached": round(self.cost_uncached, 8),
-                "unpriced_calls": self.unpriced_calls, "seconds": round(self.seconds, 3)}
-
-    def minus(self, before: dict[str, Any]) -> dict[str, Any]:
-        now = self.as_dict()
-        return {k: (round(v - before.get(k, 0), 8) if isinstance(v, float) else v - before.get(k, 0))
-                for k, v in now.items()}
-
-
-@dataclass
-class _Batch:
+class _InFlight:
     total: int
     done: int = 0
     cache_hits: int = 0
     started: float = field(default_factory=time.monotonic)
 
 
-class RunUsage(FanoutStats):
+class RunUsage:
     """The run's usage; thread-safe (tool threads, the run thread and the progress tick all touch it)."""
 
     def __init__(self, *, root_model: str, sub_model: str) -> None:
-        super().__init__()
-        self.root_model = root_model
-        self.sub_model = sub_model
-        self.root = CallGroup()
-        self.sub = CallGroup()
-        self.budget: Any = None  # a workers.budget.Budget, consulted before each batch
-        self._batches: dict[int, _Batch] = {}  # by thread: batches of concurrent tool calls
-        self._root_lm: Any = None
+        self.root = CallUsage(model=root_model)
+        self.sub = CallUsage(model=sub_model)
+        self.budget: Budget | None = None  # consulted before each batch is sent
+        self.workers: Counter[str] = Counter()  # sub-calls answered, per llm worker
+        self.subtasks_resent = 0
+        self._lock = threading.Lock()
+        self._batches: dict[int, _InFlight] = {}  # by thread: batches of concurrent tool calls
+        self._root_lm: Any = None  # a dspy.LM (or anything with its ``history``)
         self._root_seen = 0
         self.last_root_call: tuple[int, int] = (0, 0)  # (input, output) tokens of the latest root call
 
-    # -- sub-calls (the fan-out's hooks) --------------------------------------------------------
-    def batch_started(self, prompts: Sequence[Any], params: dict[str, Any]) -> None:
+    @property
+    def root_model(self) -> str:
+        return self.root.model
+
+    @property
+    def sub_model(self) -> str:
+        return self.sub.model
+
+    # -- sub-calls: the fan-out's observer -------------------------------------------------------
+    def batch_started(self, prompts: Sequence[str | Messages], params: dict[str, Any]) -> None:
         if self.budget is not None:
             self.budget.check_batch(prompts, params)  # raises BudgetExceeded: nothing is sent
         with self._lock:
-            self._batches[threading.get_ident()] = _Batch(total=len(prompts))
+            self._batches[threading.get_ident()] = _InFlight(total=len(prompts))
 
     def chunk_arrived(self, answers: Sequence[Answer]) -> None:
         with self._lock:
@@ -111,17 +77,22 @@ class RunUsage(FanoutStats):
                 batch.done += len(answers)
                 batch.cache_hits += sum(1 for a in answers if a.cached)
 
-    def add(self, answers: Sequence[Answer]) -> None:
-        super().add(answers)
+    def batch_done(self, answers: Sequence[Answer]) -> None:
         with self._lock:
             batch = self._batches.pop(threading.get_ident(), None)
             if batch is not None:
                 self.sub.seconds += time.monotonic() - batch.started
             for a in answers:
+                if a.worker:
+                    self.workers[a.worker] += 1
                 tokens_in = int(a.usage.get("prompt_tokens", 0))
                 tokens_out = int(a.usage.get("completion_tokens", 0))
-                cost = a.cost if a.cost is not None else price(self.sub_model, tokens_in, tokens_out)
-                self.sub.add(input_tokens=tokens_in, output_tokens=tokens_out, cost=cost, cached=a.cached, ok=a.ok)
+                cost = a.cost if a.cost is not None else price(self.sub.model, tokens_in, tokens_out)
+                self.sub.count(input_tokens=tokens_in, output_tokens=tokens_out, cost=cost, cached=a.cached, ok=a.ok)
+
+    def resent(self, n: int) -> None:
+        with self._lock:
+            self.subtasks_resent += n
 
     # -- root LM ----------------------------------------------------------------------------
     def watch_root(self, lm: Any) -> None:
@@ -145,60 +116,33 @@ class RunUsage(FanoutStats):
         billed = entry.get("usage") or {}
         full = _tokens(billed) if billed else _tokens(getattr(entry.get("response"), "usage", None))
         cached = not billed and any(full)
-        model = str(entry.get("model") or self.root_model)
-        cost = price(model, *full)
-        self.root.add(input_tokens=full[0], output_tokens=full[1], cost=cost, cached=cached)
+        model = str(entry.get("model") or self.root.model)
+        self.root.count(input_tokens=full[0], output_tokens=full[1], cost=price(model, *full), cached=cached)
         self.last_root_call = full
 
     # -- reading ----------------------------------------------------------------------------
-    def totals(self) -> dict[str, Any]:
-        root, sub = self.root, self.sub
-        return {
-            "calls": root.calls + sub.calls, "cache_hits": root.cache_hits + sub.cache_hits,
-            "input_tokens": root.input_tokens + sub.input_tokens, "output_tokens": root.output_tokens + sub.output_tokens,
-            "paid_input_tokens": root.paid_input_tokens + sub.paid_input_tokens,
-            "paid_output_tokens": root.paid_output_tokens + sub.paid_output_tokens,
-            "cost_paid": round(root.cost_paid + sub.cost_paid, 8),
-            "cost_uncached": round(root.cost_uncached + sub.cost_uncached, 8),
-            "priced": root.unpriced_calls + sub.unpriced_calls == 0,
-        }
-
-    def usage(self) -> dict[str, Any]:
-        """The usage document: stored with progress, the result, and shown by status and the UI."""
+    def usage(self) -> Usage:
+        """A copy of the counters now."""
         self.sync_root()
         with self._lock:
-            return {"root": {"model": self.root_model, **self.root.as_dict()},
-                    "sub": {"model": self.sub_model, **self.sub.as_dict()},
-                    "total": self.totals()}
+            return Usage(root=replace(self.root), sub=replace(self.sub))
 
     def paid(self) -> tuple[float, int]:
         """(dollars, tokens) paid so far: what budgets count."""
-        self.sync_root()
-        with self._lock:
-            t = self.totals()
-            return t["cost_paid"], t["paid_input_tokens"] + t["paid_output_tokens"]
+        total = self.usage().total
+        return total.cost_paid, total.paid_tokens
 
-    def snapshot(self) -> dict[str, Any]:
-        out = super().snapshot()
-        usage = self.usage()
-        with self._lock:
+    def progress(self, *, iteration: int = 0, max_iters: int = 0, elapsed: float = 0.0,
+                 sandbox: RunSandbox | None = None) -> Progress:
+        """The run's progress with these counters (the run engine knows the rest)."""
+        self.sync_root()
+        with self._lock:  # one lock: a batch that just ended is in usage or in flight, never both
             live = list(self._batches.values())
-        if live:  # answers of the batch in flight count at once, not when the batch ends
-            out["llm_calls"] += sum(b.done for b in live)
-            out["cache_hits"] += sum(b.cache_hits for b in live)
-            out["batch"] = {"done": sum(b.done for b in live), "total": sum(b.total for b in live),
-                            "cache_hits": sum(b.cache_hits for b in live)}
-        else:
-            out["batch"] = None
-        out["cost_usd"] = usage["total"]["cost_paid"]
-        out["usage"] = usage
-        return out
-
-    def group_marks(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Counters of both groups now, for per-step differences."""
-        self.sync_root()
-        with self._lock:
-            return self.root.as_dict(), self.sub.as_dict()
+            batch = Batch(total=sum(b.total for b in live), done=sum(b.done for b in live),
+                          cache_hits=sum(b.cache_hits for b in live)) if live else None
+            return Progress(iteration=iteration, max_iters=max_iters, elapsed=elapsed,
+                            usage=Usage(root=replace(self.root), sub=replace(self.sub)), batch=batch,
+                            llm_workers=dict(self.workers), subtasks_resent=self.subtasks_resent, sandbox=sandbox)
 
 
 def _tokens(usage: Any) -> tuple[int, int]:

@@ -12,14 +12,33 @@ import abc
 import json
 import socket
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Callable
 
 from dspy.primitives.code_interpreter import CodeInterpreterError
 
 SANDBOX_SOURCE_DIR = Path(__file__).resolve().parent.parent / "sandbox"
 # Files every sandbox gets; the local backend adds kernel.py (Daytona has its own code interpreter).
 RUNTIME_FILES = ("protocol.py", "broker.py", "runtime.py")
+
+
+class BackendName(str, Enum):
+    """The sandbox backends (``rlmq.settings.SandboxBackend`` names the same; a test keeps them equal)."""
+
+    LOCAL = "local"  # this machine: bubblewrap namespaces, or plain processes (broker_bridge.backends.local)
+    DAYTONA = "daytona"  # a Daytona cloud VM (broker_bridge.backends.daytona)
+
+
+class Isolation(str, Enum):
+    """What stands between sandbox code and the host."""
+
+    NAMESPACES = "namespaces"  # local, the default: bubblewrap, no network, only the bound paths
+    PROCESS = "process"  # local, accepted explicitly: plain subprocesses, NO security boundary
+    VM = "vm"  # Daytona
+
+
+# What a local sandbox may be asked for (``rlmq.settings.LocalIsolation`` names the same; a test keeps them equal).
+LOCAL_ISOLATIONS = (Isolation.NAMESPACES, Isolation.PROCESS)
 
 
 class SandboxError(CodeInterpreterError):
@@ -71,22 +90,27 @@ class BrokerEndpoint:
 class SandboxInfo:
     """What lifecycle hooks and reapers need to know about a live sandbox."""
 
-    backend: str
+    backend: BackendName  # given as the enum or its value
     sandbox_id: str
     labels: dict[str, str]
     host: str = field(default_factory=socket.gethostname)
-    # What stands between sandbox code and the host: "vm" (Daytona), "namespaces" (local, bubblewrap),
-    # "process" (local fallback, no security boundary); "" when unknown (e.g. rebuilt from a lease).
-    isolation: str = ""
+    # What stands between sandbox code and the host: VM (Daytona), NAMESPACES (local, bubblewrap),
+    # PROCESS (local fallback, no security boundary); None (or "") when unknown, e.g. rebuilt from a lease.
+    isolation: Isolation | None = None
+    # Where the provider is reached, for a reaper in another process (Daytona: api_url, target).
+    # Never a secret: the reaper brings its own key.
+    provider: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Backends and leases may pass plain strings; an unknown name is an error here, not in a reaper later.
+        object.__setattr__(self, "backend", BackendName(self.backend))
+        object.__setattr__(self, "isolation", Isolation(self.isolation) if self.isolation else None)
 
 
-OutputCallback = Callable[[str], None]
-
-
-class SandboxBackend(abc.ABC):
+class Sandbox(abc.ABC):
     """One sandbox. Not thread-safe except ``destroy``, which may be called from any thread."""
 
-    kind: str = ""
+    kind: BackendName
 
     def __init__(self) -> None:
         self.bytes_sent = 0  # everything sent host -> sandbox: files, code, tool results (for bench/)
@@ -122,6 +146,11 @@ class SandboxBackend(abc.ABC):
     @abc.abstractmethod
     def info(self) -> SandboxInfo:
         """Identity of this sandbox for leases and reapers."""
+
+    def planned_info(self, spec: SandboxSpec) -> SandboxInfo:
+        """What ``info()`` will say once ``spec`` is booted, known before anything is created: enough
+        for a reaper to find and delete the sandbox even if ``boot`` never returns."""
+        return SandboxInfo(backend=self.kind, sandbox_id=spec.sandbox_id, labels=dict(spec.labels))
 
 
 def broker_command(

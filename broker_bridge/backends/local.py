@@ -8,9 +8,9 @@ Isolation ``namespaces`` (the default on Linux): each of the two runs in its own
 in a directory the kernel can read but not change. Sandbox code sees its own ``/sandbox``, a private
 ``/tmp``, the stdlib and the packages it was given, and nothing else of the machine.
 
-Isolation ``process`` (opt-in with ``RLMQ_LOCAL_ISOLATION=process``, or where namespaces are missing
-and the operator accepts it): plain subprocesses on a loopback port. That is no security boundary:
-sandbox code runs as the worker's user and can read and reach what that user can.
+Isolation ``process`` (opt-in with ``isolation="process"``, rlmq's ``RLMQ_LOCAL_ISOLATION=process``,
+where namespaces are missing and the operator accepts it): plain subprocesses on a loopback port. That
+is no security boundary: sandbox code runs as the worker's user and can read and reach what that user can.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import queue
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,8 +28,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from broker_bridge.backends.base import (
+    LOCAL_ISOLATIONS,
+    BackendName,
     BrokerEndpoint,
-    SandboxBackend,
+    Isolation,
+    Sandbox,
     SandboxDied,
     SandboxError,
     SandboxInfo,
@@ -84,8 +86,20 @@ def scrubbed_environment(sandbox_id: str, home: str, extra: dict[str, str] | Non
     return env
 
 
-class LocalSandbox(SandboxBackend):
-    kind = "local"
+def local_isolation(mode: Isolation | str) -> Isolation:
+    """``mode`` as a local sandbox's isolation; a ValueError in one line for anything else."""
+    try:
+        isolation: Isolation | None = Isolation(mode)
+    except ValueError:
+        isolation = None
+    if isolation is None or isolation not in LOCAL_ISOLATIONS:
+        choices = ", ".join(i.value for i in LOCAL_ISOLATIONS)
+        raise ValueError(f"local sandbox isolation must be one of {choices}, not {mode!r}")
+    return isolation
+
+
+class LocalSandbox(Sandbox):
+    kind = BackendName.LOCAL
 
     def __init__(
         self,
@@ -98,16 +112,16 @@ class LocalSandbox(SandboxBackend):
         base_dir: str | None = None,
         boot_timeout: float = 30.0,
         env: dict[str, str] | None = None,
-        isolation: str | None = None,
+        isolation: Isolation | str = Isolation.NAMESPACES,
         packages: tuple[str, ...] | None = None,
         tmp_size_mb: int = 256,
     ) -> None:
-        """``isolation``: "namespaces" or "process" (default: ``$RLMQ_LOCAL_ISOLATION``, else namespaces).
+        """``isolation``: "namespaces" (bubblewrap) or "process" (plain subprocesses, no security boundary).
         ``packages``: what sandbox code may import besides the stdlib under namespaces (default: numpy
         where installed); a named package that is not installed is an error at boot. ``tmp_size_mb``:
         the private /tmp under namespaces (a tmpfs, so memory)."""
         super().__init__()
-        self.isolation = bwrap.isolation_mode(isolation)
+        self.isolation = local_isolation(isolation)
         if isinstance(packages, str) or not all(
             isinstance(name, str) and all(part.isidentifier() for part in name.split(".")) for name in packages or ()
         ):
@@ -135,7 +149,7 @@ class LocalSandbox(SandboxBackend):
 
     @property
     def namespaced(self) -> bool:
-        return self.isolation == "namespaces"
+        return self.isolation is Isolation.NAMESPACES
 
     @property
     def host_dir(self) -> str:
@@ -381,14 +395,14 @@ def _warn_process_mode() -> None:
     if not _warned_process_mode:
         _warned_process_mode = True
         logger.warning(
-            "local sandboxes run with %s=process: plain subprocesses, no security boundary "
-            "(sandbox code can read the worker user's files and reach its network)", bwrap.ISOLATION_VAR,
+            "local sandboxes run with isolation \"process\": plain subprocesses, no security boundary "
+            "(sandbox code can read the worker user's files and reach its network)"
         )
 
 
-def local_isolation_problem() -> str | None:
-    """For worker start checks: why a default local sandbox would refuse to start here, or None."""
-    if bwrap.isolation_mode() == "process":
+def local_isolation_problem(isolation: Isolation | str) -> str | None:
+    """For worker start checks: why a local sandbox of ``isolation`` would refuse to start here, or None."""
+    if local_isolation(isolation) is Isolation.PROCESS:
         return None
     binary, reason = bwrap.probe()
     return None if binary else f"{reason}; {bwrap.INSTALL_HINT}"

@@ -59,8 +59,7 @@ class Mailbox:
         with self.lock:
             slot = self.waiting.get(call_id)
         if slot is None:
-            return {"type": "result", "id": call_id, "ok": False, "error_type": "RuntimeError",
-                    "error": f"unknown call id {call_id!r}"}
+            return protocol.error_result(call_id, "RuntimeError", f"unknown call id {call_id!r}")
         if not slot[0].wait(timeout):
             return None
         with self.lock:
@@ -88,7 +87,7 @@ class Mailbox:
 
     def wake(self):
         with self.lock:
-            self.outbox.append({"type": "wake"})
+            self.outbox.append(protocol.wake_message())
             self.lock.notify_all()
 
     def cancel(self, reason):
@@ -100,8 +99,7 @@ class Mailbox:
             slot[0].set()
 
     def _cancel_result(self, call_id):
-        return {"type": "result", "id": call_id, "ok": False, "error_type": "RuntimeError",
-                "error": f"the host cancelled this call: {self.cancelled}"}
+        return protocol.error_result(call_id, "RuntimeError", f"the host cancelled this call: {self.cancelled}")
 
 
 def create_app(host_digest, sandbox_digest):
@@ -137,14 +135,14 @@ def create_app(host_digest, sandbox_digest):
             return refuse("sandbox")
         message = protocol.validate_call(body())
         result = mailbox.submit_call(message) or mailbox.wait_result(message["id"], CALL_HOLD_SECONDS)
-        return reply(result if result is not None else {"type": "pending", "id": message["id"]})
+        return reply(result if result is not None else protocol.pending_message(message["id"]))
 
     @app.get(protocol.PATH_WAIT + "<call_id>")
     def wait(call_id):
         if not sandbox_only():
             return refuse("sandbox")
         result = mailbox.wait_result(call_id, CALL_HOLD_SECONDS)
-        return reply(result if result is not None else {"type": "pending", "id": call_id})
+        return reply(result if result is not None else protocol.pending_message(call_id))
 
     @app.post(protocol.PATH_OUTCOME)
     def outcome():

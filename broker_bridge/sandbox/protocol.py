@@ -7,13 +7,22 @@ Three parties speak it:
 - the in-sandbox broker (``broker.py``) queues them for the host;
 - the host takes every queued message in one long-poll and posts **results** back.
 
-Messages are JSON objects tagged by ``type``:
+Messages are JSON objects tagged by ``type``, a closed set (``MESSAGE_TYPES``), each built only by its
+constructor here (all string fields are str):
 
-    call     {"type": "call", "id": str, "name": str, "args": list, "kwargs": dict}
-    result   {"type": "result", "id": str, "ok": true, "value": any}
-             {"type": "result", "id": str, "ok": false, "error_type": str, "error": str}
-    outcome  {"type": "outcome", "exec_id": str, "kind": "result"|"final"|"syntax"|"error",
-              "output": str, "value": any, "error": str}
+    call     sandbox code -> host   call_message     {"type": "call", "id", "name", "args": list, "kwargs": dict}
+    result   host -> sandbox code   value_result     {"type": "result", "id", "ok": true, "value": any}
+                                    error_result     {"type": "result", "id", "ok": false, "error_type", "error"}
+    outcome  runtime -> host        outcome_message  {"type": "outcome", "exec_id", "kind": one of OUTCOME_KINDS,
+                                                      "output", "value": any[, "error"]}
+    pending  broker -> sandbox code pending_message  {"type": "pending", "id"}: no result yet, ask on /wait/<id>
+    wake     broker -> host         wake_message     {"type": "wake"}: end the host's long-poll now
+
+The host starts each execute with one request, passed to the runtime through the backend's code runner
+(not the broker), built by ``execute_request``:
+
+    {"exec_id": str, "code": str, "tools": [str], "output_fields": [dict] | null,
+     "inline": {name: value}, "files": {name: {"sha256": str, "format": "text"|"json"}}}
 
 Tokens: the host's token authorizes the host endpoints; the sandbox token authorizes calls and
 outcomes. The broker keeps only their SHA-256 digests, so no file, argument or environment variable
@@ -48,6 +57,8 @@ PATH_RESULTS = "/host/results"
 PATH_WAKE = "/host/wake"
 PATH_CANCEL = "/host/cancel"
 
+CALL, RESULT, OUTCOME, PENDING, WAKE = "call", "result", "outcome", "pending", "wake"
+MESSAGE_TYPES = (CALL, RESULT, OUTCOME, PENDING, WAKE)
 OUTCOME_KINDS = ("result", "final", "syntax", "error")
 
 
@@ -79,39 +90,63 @@ def loads(data):
     return message
 
 
-def _require(message, key, kind):
-    if not isinstance(message.get(key), kind):
-        raise ProtocolError(f"{message.get('type', 'message')!s} needs {key!r} of type {kind.__name__}")
+def execute_request(exec_id, code, tools, output_fields, inline, files):
+    return {"exec_id": exec_id, "code": code, "tools": list(tools), "output_fields": output_fields,
+            "inline": inline, "files": files}
+
+
+def call_message(call_id, name, args, kwargs):
+    return {"type": CALL, "id": call_id, "name": name, "args": list(args), "kwargs": dict(kwargs)}
+
+
+def value_result(call_id, value):
+    return {"type": RESULT, "id": call_id, "ok": True, "value": value}
+
+
+def error_result(call_id, error_type, error):
+    return {"type": RESULT, "id": call_id, "ok": False, "error_type": error_type, "error": error}
+
+
+def outcome_message(exec_id, kind, output, value=None, error=None):
+    if kind not in OUTCOME_KINDS:
+        raise ProtocolError(f"outcome kind must be one of {OUTCOME_KINDS}")
+    message = {"type": OUTCOME, "exec_id": exec_id, "kind": kind, "output": output, "value": value}
+    if error is not None:
+        message["error"] = error
+    return message
+
+
+def pending_message(call_id):
+    return {"type": PENDING, "id": call_id}
+
+
+def wake_message():
+    return {"type": WAKE}
+
+
+def _check(message, message_type, fields):
+    """``message`` is of ``message_type`` and has each (key, type) of ``fields``; else a ProtocolError."""
+    if message.get("type") != message_type:
+        raise ProtocolError(f"expected a message of type {message_type!r}")
+    for key, kind in fields:
+        if not isinstance(message.get(key), kind):
+            raise ProtocolError(f"{message_type} needs {key!r} of type {kind.__name__}")
+    return message
 
 
 def validate_call(message):
-    if message.get("type") != "call":
-        raise ProtocolError("expected a call")
-    _require(message, "id", str)
-    _require(message, "name", str)
-    _require(message, "args", list)
-    _require(message, "kwargs", dict)
-    return message
+    return _check(message, CALL, (("id", str), ("name", str), ("args", list), ("kwargs", dict)))
 
 
 def validate_result(message):
-    if message.get("type") != "result":
-        raise ProtocolError("expected a result")
-    _require(message, "id", str)
-    _require(message, "ok", bool)
-    if not message["ok"]:
-        _require(message, "error", str)
-        _require(message, "error_type", str)
-    return message
+    _check(message, RESULT, (("id", str), ("ok", bool)))
+    return message if message["ok"] else _check(message, RESULT, (("error", str), ("error_type", str)))
 
 
 def validate_outcome(message):
-    if message.get("type") != "outcome":
-        raise ProtocolError("expected an outcome")
-    _require(message, "exec_id", str)
+    _check(message, OUTCOME, (("exec_id", str), ("output", str)))
     if message.get("kind") not in OUTCOME_KINDS:
         raise ProtocolError(f"outcome kind must be one of {OUTCOME_KINDS}")
-    _require(message, "output", str)
     return message
 
 

@@ -144,7 +144,7 @@ class BrokerConnection:
 
     def call(self, message):
         reply = self.request("POST", protocol.PATH_CALL, message)
-        while reply.get("type") == "pending":
+        while reply.get("type") == protocol.PENDING:
             # Slow host tool (e.g. a big llm_query_batched): show life so idle timeouts do not fire.
             self.keep_alive()
             reply = self.request("GET", protocol.PATH_WAIT + message["id"])
@@ -182,7 +182,7 @@ class Runtime:
         broker = self.broker
 
         def tool(*args, **kwargs):
-            message = {"type": "call", "id": uuid.uuid4().hex, "name": name, "args": list(args), "kwargs": kwargs}
+            message = protocol.call_message(uuid.uuid4().hex, name, args, kwargs)
             try:
                 json.dumps(message, allow_nan=False)
             except (TypeError, ValueError) as exc:
@@ -249,24 +249,24 @@ class Runtime:
     def execute(self, request_json, namespace):
         request = json.loads(request_json)
         captured = CappedOutput(self.output_limit, self.line_limit)
-        outcome = {"type": "outcome", "exec_id": request["exec_id"], "kind": "result", "value": None}
+        kind, value, error = "result", None, None
         saved = sys.stdout, sys.stderr
         self.broker.run_stdout = saved[0]
         sys.stdout = sys.stderr = captured
         try:
             self.bind(request, namespace)
-            outcome["value"] = self.run(request["code"], namespace)
+            value = self.run(request["code"], namespace)
         except Submission as submission:
-            outcome.update(kind="final", value=submission.value)
+            kind, value = "final", submission.value
         except SyntaxError as exc:
-            outcome.update(kind="syntax", error=_describe_syntax_error(exc))
+            kind, error = "syntax", _describe_syntax_error(exc)
         except BaseException as exc:  # SystemExit and KeyboardInterrupt from code are the code's errors too
-            outcome.update(kind="error", error=_describe_error(exc))
+            kind, error = "error", _describe_error(exc)
         finally:
             sys.stdout, sys.stderr = saved
             if os.getpid() != self.pid:
                 os._exit(0)  # a fork of the session must never report or continue the session
-        outcome["output"] = captured.text()
+        outcome = protocol.outcome_message(request["exec_id"], kind, captured.text(), value=value, error=error)
         self.broker.request("POST", protocol.PATH_OUTCOME, _jsonable_outcome(outcome))
 
     @staticmethod

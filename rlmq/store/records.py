@@ -1,10 +1,11 @@
 """Typed run records and their home in Redis.
 
 ``RunSpec`` is what a client submits (inputs as blob digests, never the data itself);
-``RunStatus`` the life of a run; ``RunStore`` reads and writes the run record, a Redis hash
-under ``keys.run_key(run_id)`` (one field per concern, so progress updates never rewrite the
-spec), the final result under ``keys.run_result_key``, and the submit-time index
-``keys.runs_index_key``. Everything is JSON.
+``RunStatus`` the life of a run; ``Progress`` what the worker running it reports (with its
+``Usage``: root-LM and sub-LLM calls, tokens and dollars, one ``CallUsage`` per kind).
+``RunStore`` reads and writes the run record, a Redis hash under ``keys.run_key(run_id)`` (one
+field per concern, so progress updates never rewrite the spec), the final result under
+``keys.run_result_key``, and the submit-time index ``keys.runs_index_key``. Everything is JSON.
 
 The worker running a run claims it and fences its writes by the attempt number (``workers.claim``);
 only the final write, which a client's cancel of a queued run shares, is here
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
@@ -25,7 +26,8 @@ import redis
 from rlmq.store import keys
 from rlmq.store.lua import lua_scripts
 
-__all__ = ["RunRecord", "RunSpec", "RunStatus", "RunStore", "new_run_id"]
+__all__ = ["Batch", "CallUsage", "Progress", "RunRecord", "RunSandbox", "RunSpec", "RunStatus", "RunStore", "Usage",
+           "new_run_id"]
 
 
 class RunStatus(str, Enum):
@@ -76,6 +78,197 @@ class RunSpec:
         )
 
 
+# -- what the worker running a run reports ----------------------------------------------------
+# Dataclasses rather than TypedDicts: readers use attributes (a misspelt name fails loudly instead
+# of reading a .get default), the derived numbers (totals, the live sub-call count) are computed in
+# one place, and each JSON document is written by one to_json_dict and read by one from_json_dict.
+
+
+def _from_json_fields(cls: Any, raw: dict[str, Any]) -> Any:
+    """A flat dataclass whose fields all have defaults, from JSON: known fields only, each coerced
+    to its default's type (a record written by an older version lacks the newer fields)."""
+    default = cls()
+    return cls(**{f.name: type(getattr(default, f.name))(raw[f.name]) for f in fields(cls)
+                  if raw.get(f.name) is not None})
+
+
+@dataclass
+class CallUsage:
+    """Counters of one kind of LM call: the root LM's, the sub-calls', or both (``Usage.total``).
+
+    Two prices, from LiteLLM's table: ``cost_paid`` is what the provider billed (a cache hit costs
+    nothing), ``cost_uncached`` what the same calls would have cost without the cache.
+    """
+
+    model: str = ""  # "" for a sum over two models
+    calls: int = 0
+    cache_hits: int = 0
+    errors: int = 0
+    input_tokens: int = 0  # every call's tokens, cached or not (what they would be without the cache)
+    output_tokens: int = 0
+    paid_input_tokens: int = 0
+    paid_output_tokens: int = 0
+    cost_paid: float = 0.0
+    cost_uncached: float = 0.0
+    unpriced_calls: int = 0  # calls whose model LiteLLM's table does not price
+    seconds: float = 0.0  # wall time spent waiting for these calls
+
+    @property
+    def priced(self) -> bool:
+        return self.unpriced_calls == 0
+
+    @property
+    def paid_tokens(self) -> int:
+        return self.paid_input_tokens + self.paid_output_tokens
+
+    def count(self, *, input_tokens: int, output_tokens: int, cost: float | None, cached: bool,
+              ok: bool = True) -> None:
+        """Count one call; ``cost`` is its uncached price, None when its model has none."""
+        self.calls += 1
+        self.errors += 0 if ok else 1
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
+        if cost is None and (input_tokens or output_tokens):
+            self.unpriced_calls += 1
+        self.cost_uncached += cost or 0.0
+        if cached:
+            self.cache_hits += 1
+            return
+        self.paid_input_tokens += input_tokens
+        self.paid_output_tokens += output_tokens
+        self.cost_paid += cost or 0.0
+
+    def plus(self, other: CallUsage) -> CallUsage:
+        return CallUsage(model=self.model if self.model == other.model else "",
+                         **{name: getattr(self, name) + getattr(other, name) for name in _COUNTERS})
+
+    def minus(self, before: CallUsage) -> CallUsage:
+        """What was counted since ``before`` (a copy of this group taken earlier)."""
+        return CallUsage(model=self.model, **{name: getattr(self, name) - getattr(before, name) for name in _COUNTERS})
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "cost_paid": round(self.cost_paid, 8), "cost_uncached": round(self.cost_uncached, 8),
+                "seconds": round(self.seconds, 3)}
+
+    @classmethod
+    def from_json_dict(cls, raw: dict[str, Any]) -> CallUsage:
+        return _from_json_fields(cls, raw)  # type: ignore[no-any-return]
+
+
+_COUNTERS = tuple(f.name for f in fields(CallUsage) if f.name != "model")
+
+
+@dataclass
+class Usage:
+    """What a run used: its root-LM calls and its sub-LLM calls, each with its model."""
+
+    root: CallUsage = field(default_factory=CallUsage)
+    sub: CallUsage = field(default_factory=CallUsage)
+
+    @property
+    def total(self) -> CallUsage:
+        return self.root.plus(self.sub)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """``{"root": ..., "sub": ..., "total": ...}``; ``total`` (documented in the README) has no
+        model and says ``priced``: False if some call's model has no price."""
+        total = self.total
+        summed = {k: v for k, v in total.to_json_dict().items() if k != "model"}
+        return {"root": self.root.to_json_dict(), "sub": self.sub.to_json_dict(),
+                "total": {**summed, "priced": total.priced}}
+
+    @classmethod
+    def from_json_dict(cls, raw: dict[str, Any]) -> Usage:
+        return cls(root=CallUsage.from_json_dict(raw.get("root") or {}),
+                   sub=CallUsage.from_json_dict(raw.get("sub") or {}))
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The fan-out batch in flight (summed over the run's concurrent tool calls)."""
+
+    total: int = 0  # prompts sent
+    done: int = 0  # answered so far
+    cache_hits: int = 0
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json_dict(cls, raw: dict[str, Any]) -> Batch:
+        return _from_json_fields(cls, raw)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class RunSandbox:
+    """The sandbox a run's code executes in."""
+
+    backend: str = ""  # rlmq.settings.SandboxBackend's value: "local" or "daytona"
+    id: str = ""  # the backend's sandbox id (its lease in workers.sandbox_registry, its name at Daytona)
+    # What stands between the code and the host: "vm", "namespaces", or "process" (no security boundary)
+    isolation: str = ""
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json_dict(cls, raw: dict[str, Any]) -> RunSandbox:
+        return _from_json_fields(cls, raw)  # type: ignore[no-any-return]
+
+
+@dataclass
+class Progress:
+    """What the worker running a run reports: kept in the run record (``rlmq status``), sent as the
+    Celery state's meta and to Flower (``workers.monitor``), and stored with the result."""
+
+    iteration: int = 0  # the RLM step under way, from 1
+    max_iters: int = 0  # 0 until the worker has applied the run's options
+    elapsed: float = 0.0  # seconds since this attempt started
+    usage: Usage = field(default_factory=Usage)  # finished calls
+    batch: Batch | None = None  # the fan-out batch in flight; its answers are not in usage yet
+    llm_workers: dict[str, int] = field(default_factory=dict)  # sub-calls answered, per llm worker
+    subtasks_resent: int = 0  # sub-tasks sent again because their worker died
+    sandbox: RunSandbox | None = None  # once it exists
+
+    @property
+    def llm_calls(self) -> int:
+        """Sub-calls answered, the batch in flight's included."""
+        return self.usage.sub.calls + (self.batch.done if self.batch else 0)
+
+    @property
+    def cache_hits(self) -> int:
+        """Sub-calls answered from the response cache, the batch in flight's included."""
+        return self.usage.sub.cache_hits + (self.batch.cache_hits if self.batch else 0)
+
+    @property
+    def llm_errors(self) -> int:
+        return self.usage.sub.errors
+
+    @property
+    def cost_usd(self) -> float:
+        """Dollars paid so far, root and sub-calls."""
+        return self.usage.total.cost_paid
+
+    def to_json_dict(self) -> dict[str, Any]:
+        # The flat sub-call numbers ride along for readers of flat fields (Flower's event fields,
+        # AsyncResult(run_id).info); from_json_dict recomputes them.
+        return {"iteration": self.iteration, "max_iters": self.max_iters, "elapsed": round(self.elapsed, 3),
+                "llm_calls": self.llm_calls, "cache_hits": self.cache_hits, "llm_errors": self.llm_errors,
+                "cost_usd": round(self.cost_usd, 8), "subtasks_resent": self.subtasks_resent,
+                "llm_workers": dict(self.llm_workers),
+                "batch": None if self.batch is None else self.batch.to_json_dict(), "usage": self.usage.to_json_dict(),
+                "sandbox": None if self.sandbox is None else self.sandbox.to_json_dict()}
+
+    @classmethod
+    def from_json_dict(cls, raw: dict[str, Any]) -> Progress:
+        return cls(iteration=int(raw.get("iteration") or 0), max_iters=int(raw.get("max_iters") or 0),
+                   elapsed=float(raw.get("elapsed") or 0.0), usage=Usage.from_json_dict(raw.get("usage") or {}),
+                   batch=Batch.from_json_dict(raw["batch"]) if raw.get("batch") else None,
+                   llm_workers={str(k): int(v) for k, v in (raw.get("llm_workers") or {}).items()},
+                   subtasks_resent=int(raw.get("subtasks_resent") or 0),
+                   sandbox=RunSandbox.from_json_dict(raw["sandbox"]) if raw.get("sandbox") else None)
+
+
 @dataclass
 class RunRecord:
     """What Redis knows about a run (the spec plus everything that happened to it)."""
@@ -86,7 +279,7 @@ class RunRecord:
     started_at: float | None = None
     finished_at: float | None = None
     error: str | None = None  # one line; the details (a traceback's tail) are in error_detail
-    progress: dict[str, Any] = field(default_factory=dict)
+    progress: Progress = field(default_factory=Progress)  # as last reported by the worker running it
     attempt: int = 1  # 1 for the first start; restarts on another worker count up
     restarts: list[dict[str, Any]] = field(default_factory=list)  # {at, attempt, reason} per restart
     error_detail: str | None = None
@@ -98,6 +291,7 @@ class RunRecord:
     def to_json(self) -> str:
         out = asdict(self)
         out["status"] = self.status.value
+        out["progress"] = self.progress.to_json_dict()
         return json.dumps(out, allow_nan=False)
 
     @classmethod
@@ -117,7 +311,7 @@ class RunRecord:
             started_at=num("started_at"),
             finished_at=num("finished_at"),
             error=get("error") or None,
-            progress=json.loads(get("progress") or "{}"),
+            progress=Progress.from_json_dict(json.loads(get("progress") or "{}")),
             attempt=int(get("attempt") or 1),
             restarts=list(json.loads(get("restarts") or "[]")),
             error_detail=get("error_detail") or None,
@@ -148,7 +342,7 @@ class RunStore:
         return RunStatus(raw.decode()) if raw else None
 
     def finish(self, run_id: str, status: RunStatus, *, result: dict[str, Any] | None = None,
-               error: str | None = None, error_detail: str | None = None, progress: dict[str, Any] | None = None,
+               error: str | None = None, error_detail: str | None = None, progress: Progress | None = None,
                attempt: int | None = None, expect: RunStatus | None = None) -> bool:
         """Record the end of a run: status, error text, last progress, and the result document.
 
@@ -168,7 +362,7 @@ class RunStore:
         return bool(lua_scripts("rlmq.store").run(
             self.redis, "run_finish",
             [keys.run_key(run_id), keys.run_result_key(run_id), keys.run_owner_key(run_id), keys.runs_active_key()],
-            named, "" if progress is None else json.dumps(progress, allow_nan=False),
+            named, "" if progress is None else json.dumps(progress.to_json_dict(), allow_nan=False),
             "" if result is None else json.dumps(result, allow_nan=False, default=str)))
 
     def result(self, run_id: str) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ succeeded, ``""`` that it failed. Secrets never go to the sandbox: the canary's 
 the host compares what comes back with the real value.
 
     python -m tests.support.attacks < TARGET_JSON    # run every attack, print the outcomes as JSON
+                                                     # (an "isolation" key picks the local sandbox's mode)
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ class Target:
 
     def for_sandbox(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "secret_canary"}
+
+    def aim_at(self, victim: Any) -> None:
+        """Make a started interpreter's sandbox the victim: a canary file in it, its directory, kernel and broker."""
+        victim.execute(f"open('secret.txt', 'w').write({self.secret_canary!r})")
+        self.victim_dir = victim._backend.host_dir
+        self.victim_pid = victim._backend._kernel.pid
+        self.victim_broker = victim._client._url
 
 
 @dataclass(frozen=True)
@@ -389,10 +397,7 @@ def run_local_suite(target: Target, **options: Any) -> list[dict[str, Any]]:
     factory = interpreter_factory("local", execution_timeout=120, **options)
     victim, attacker = factory(), factory()
     try:
-        victim.execute(f"open('secret.txt', 'w').write({target.secret_canary!r})")
-        target.victim_dir = victim._backend.host_dir
-        target.victim_pid = victim._backend._kernel.pid
-        target.victim_broker = victim._client._url
+        target.aim_at(victim)
         attacker.start()
         target.host_token_sha256 = hashlib.sha256(
             attacker._client._headers["X-Rlmq-Host-Token"].encode()).hexdigest()
@@ -417,4 +422,5 @@ if __name__ == "__main__":
 
     load_dotenv(".env")  # as the worker's settings do: the keys are then in this process's memory too
     spec = json.loads(sys.stdin.read())  # not argv: the host's command line is no place for the canary
-    print(json.dumps(run_local_suite(Target(**spec)), default=repr))
+    isolation = spec.pop("isolation", "namespaces")
+    print(json.dumps(run_local_suite(Target(**spec), isolation=isolation), default=repr))

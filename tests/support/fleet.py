@@ -1,9 +1,15 @@
 """Real Celery workers as separate OS processes, started the way `rlmq up` starts them.
 
-``Fleet(redis_url, env)`` is ``rlmq.stack.LocalStack`` without Redis or Flower of its own: each
+``Fleet(redis_url, env)`` is ``rlmq.stack.LocalStack`` without Redis of its own: each
 ``start`` runs ``celery -A tasks worker -Q <queue>`` in its own session, ``wait_ready`` waits for
-the worker's "ready." line (failing with its log if it exits first), and ``stop`` sends a warm
-shutdown, then kills each worker's whole process group: nothing is left running.
+the worker's "ready." line (failing with its log if it exits first), ``start_flower`` adds Flower,
+and ``stop`` sends a warm shutdown, then kills each worker's whole process group: nothing is left running.
+
+A test module that wants long-lived workers declares them once::
+
+    fleet = fleet_fixture(env={...}, workers=[("rlm", "rlm1", 2), ("llm", "llmA", 16)])
+
+a module-scoped ``fleet`` fixture on the session's Redis and the module's stub LLM.
 """
 
 from __future__ import annotations
@@ -12,15 +18,22 @@ import os
 import signal
 import socket
 import subprocess
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+import pytest
 from celery import Celery
 
-from rlmq.stack import ChildProcess, LocalStack
+from rlmq.stack import ChildProcess, LocalStack, flower_command
+from tests.support.net import free_port, http_get
+from tests.support.stub_llm import StubLLM
+from tests.support.wait import wait_until
 
-__all__ = ["Fleet", "WorkerProcess", "REPO_ROOT", "configure_app", "redis_url_of"]
+__all__ = ["Fleet", "WorkerProcess", "WorkerSpec", "REPO_ROOT", "configure_app", "fleet_fixture", "redis_url_of",
+           "started_fleet"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -92,6 +105,16 @@ class Fleet:
             pass
         worker.proc.wait(10)
 
+    def start_flower(self, timeout: float = 60.0) -> str:
+        """Flower as users run it (its REST API open, as ``FLOWER_UNAUTHENTICATED_API=true`` makes it) on
+        a free loopback port, once its API answers: its base URL."""
+        port = free_port()
+        self.stack.spawn("flower", flower_command(port=port, address="127.0.0.1"),
+                         env={"FLOWER_UNAUTHENTICATED_API": "true"})
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http_get(url + "/api/workers")[0] == 200, timeout, "Flower answering")
+        return url
+
     def stop(self, grace: float = 10.0) -> None:
         self.stack.stop(grace)
         self.workers.clear()
@@ -102,3 +125,31 @@ class Fleet:
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+WorkerSpec = tuple[str, str, int]  # (queue, node name, concurrency)
+
+
+@contextmanager
+def started_fleet(redis_url: str, env: dict[str, str], workers: Sequence[WorkerSpec],
+                  timeout: float = 120.0) -> Iterator[Fleet]:
+    """``workers`` started together (their imports overlap) and ready, with the tests' Celery app pointed
+    at the same Redis; all of them stopped on exit."""
+    configure_app(redis_url)
+    with Fleet(redis_url, env) as fleet:
+        started = [fleet.start(queue, name=name, concurrency=concurrency, wait=False)
+                   for queue, name, concurrency in workers]
+        fleet.wait_ready(started, timeout=timeout)
+        yield fleet
+
+
+def fleet_fixture(*, env: dict[str, str], workers: Sequence[WorkerSpec], timeout: float = 120.0):
+    """A module-scoped ``fleet`` fixture: ``workers`` on the session's Redis with ``env``, their LLM
+    endpoint (``RLMQ_LM_API_BASE``) the module's stub."""
+
+    @pytest.fixture(scope="module", name="fleet")
+    def fixture(redis_server, stub: StubLLM) -> Iterator[Fleet]:
+        with started_fleet(redis_server.url, {**env, "RLMQ_LM_API_BASE": stub.api_base}, workers, timeout) as fleet:
+            yield fleet
+
+    return fixture

@@ -7,9 +7,8 @@ import collections
 import os
 import re
 import signal
-import time
-from pathlib import Path
 
+import psutil
 import redis
 
 from rlmq.store.blobs import put_blobs
@@ -17,14 +16,17 @@ from rlmq.client import Client
 from rlmq.store.records import RunRecord, RunSpec, RunStore, new_run_id
 from tests.support.fleet import redis_url_of
 from tests.support.stub_llm import ScriptedRoot, StubLLM, message_text, route
+from tests.support.wait import wait_until
 
-__all__ = ["FAST_FAULTS_ENV", "SIGNATURE", "batch_step", "child_pids", "kill", "prompt_repeats", "sub_answer",
-           "sub_requests", "submit", "wait_for", "wait_status"]
+__all__ = ["FAST_FAULTS_ENV", "SIGNATURE", "WORKER_ENV", "batch_step", "child_pids", "kill", "prompt_repeats", "sub_answer",
+           "sub_requests", "submit", "wait_status"]
 
 # Faults noticed in seconds, not the production 30 s / 10 s: claim and sandbox leases of 3 s,
 # maintenance every second, worker heartbeats that expire after 2 s.
 FAST_FAULTS_ENV = {"RLMQ_LEASE_TTL": "3", "RLMQ_MAINTENANCE_INTERVAL": "1", "RLMQ_WORKER_HEARTBEAT_TTL": "2",
                    "RLMQ_RATE_LIMIT_RPS": "1000", "RLMQ_RATE_LIMIT_BURST": "1000"}
+# The workers of the fault tests: the stub plays a scripted root LM and answers sub-calls (``submit``).
+WORKER_ENV = {"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub", **FAST_FAULTS_ENV}
 SIGNATURE = "items: list[str] -> answers: list[str]"
 
 
@@ -63,17 +65,6 @@ def submit(r: redis.Redis, stub: StubLLM, steps: list[str], *, options: dict | N
     return spec.run_id, script
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout:g}s")
-        time.sleep(interval)
-
-
 def wait_status(r: redis.Redis, run_id: str, timeout: float = 120.0) -> RunRecord:
     store = RunStore(r)
 
@@ -85,7 +76,7 @@ def wait_status(r: redis.Redis, run_id: str, timeout: float = 120.0) -> RunRecor
         return record if record is not None and record.status.finished else None
 
     try:
-        return wait_for(finished, timeout, f"run {run_id} finished")
+        return wait_until(finished, timeout, f"run {run_id} finished")
     except AssertionError as exc:
         try:
             record: object = store.get(run_id)
@@ -106,8 +97,8 @@ def sub_requests(stub: StubLLM) -> int:
 
 def child_pids(pid: int) -> list[int]:
     try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
+        return [child.pid for child in psutil.Process(pid).children()]
+    except psutil.NoSuchProcess:
         return []
 
 

@@ -1,38 +1,101 @@
-"""Which sandbox backends the interpreter tests run against, and how to check nothing was left behind."""
+"""Which sandbox backends the interpreter tests run against, a pool of started sandboxes they share, and
+how to check nothing was left behind."""
 
 from __future__ import annotations
 
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 import pytest
+from dspy.primitives.code_interpreter import CodeInterpreterError
 
 from broker_bridge import interpreter_factory
 from broker_bridge.backends.process_jail import SANDBOX_MARKER_VAR, pids_with_marker
 
 
 def available_backends() -> list:
-    """Local always; Daytona only where a key is set (the live cloud is unreachable otherwise)."""
-    backends = ["local"]
-    backends.append(
+    """Local always; Daytona against the emulator (the ``backend`` fixture starts it; several processes,
+    so slow); Daytona's cloud as "daytona-live" where a key is set."""
+    return [
+        "local",
+        pytest.param("daytona", marks=pytest.mark.slow),
         pytest.param(
-            "daytona",
+            "daytona-live",
             marks=[
                 pytest.mark.live,
                 pytest.mark.skipif(not os.environ.get("DAYTONA_API_KEY"), reason="DAYTONA_API_KEY is not set"),
             ],
-        )
-    )
-    return backends
+        ),
+    ]
 
 
 def make_factory(backend: str, **options):
-    if backend == "daytona":
+    if backend == "daytona-live":
+        backend = "daytona"
         options.setdefault("execution_timeout", 120)
     return interpreter_factory(backend, **options)
+
+
+# Run once in a new pooled sandbox: remember its globals (the bridge's runtime among them) and define how
+# to return to them. The same reset DSPy's own tests give their pooled interpreter.
+_POOL_SETUP = """
+def _rlmq_pool_reset():
+    names = globals()
+    for name in [n for n in names if n not in _RLMQ_POOL_SAVED]:
+        del names[name]
+    names.update(_RLMQ_POOL_SAVED)
+
+_RLMQ_POOL_SAVED = dict(globals())
+_RLMQ_POOL_SAVED["_RLMQ_POOL_SAVED"] = _RLMQ_POOL_SAVED
+"""
+
+
+class SandboxPool:
+    """Started interpreters, one per backend, lent to one test at a time and reset after it.
+
+    A sandbox costs a start (a bwrap and a Python on the local backend, a cloud sandbox on Daytona); tests
+    of what code does inside one need not pay it each. After each test the host side drops its tools and
+    output fields, and the sandbox's globals return to what they were after the start. A test that ends
+    its session (shutdown, a timeout) must take an interpreter of its own: returning a dead one fails
+    the test that killed it, loudly, and the next test gets a new sandbox.
+    """
+
+    def __init__(self) -> None:
+        self._idle: dict[str, object] = {}
+
+    @contextmanager
+    def lend(self, backend: str) -> Iterator:
+        interpreter = self._idle.pop(backend, None)
+        if interpreter is None:
+            interpreter = make_factory(backend)()
+            interpreter.execute(_POOL_SETUP)
+        yield interpreter
+        interpreter.tools.clear()
+        interpreter.output_fields = None
+        try:
+            interpreter.execute("_rlmq_pool_reset()")
+        except CodeInterpreterError:
+            interpreter.shutdown()
+            raise
+        self._idle[backend] = interpreter
+
+    def close(self) -> None:
+        for interpreter in self._idle.values():
+            interpreter.shutdown()
+        self._idle.clear()
+
+
+def started_local(**options) -> tuple:
+    """A started local interpreter with what ``assert_local_sandbox_gone`` checks once it is gone:
+    (interpreter, its sandbox id, its host directory)."""
+    interpreter = interpreter_factory("local", **options)()
+    interpreter.start()
+    return interpreter, interpreter.sandbox_id, host_dir(interpreter)
 
 
 def host_dir(interpreter) -> str:

@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     from rlmq.client import Client
     from rlmq.stack import LocalStack, flower_command
     from rlmq.ui import create_app
+    from tests.support.net import free_port
     from tests.support.stub_llm import ScriptedRoot, StubLLM, route
+    from tests.support.wait import wait_until
     from werkzeug.serving import make_server
 
     out = Path(args.out)
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                "FLOWER_UNAUTHENTICATED_API": "true", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
                "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
         with LocalStack(flower_port=None, env=env, llm_concurrency=16) as stack:
-            flower_port, ui_port = _free_port(), _free_port()
+            flower_port, ui_port = free_port(), free_port()
             stack.spawn("flower", flower_command(port=flower_port, address="127.0.0.1"))
             client = Client(stack.redis_url)
             server = make_server("127.0.0.1", ui_port, create_app(client), threaded=True)
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(3)  # Flower subscribes to events before the runs start
             live_id = client.submit("items: list[str] -> answers: list[str]",
                                     {"items": [f"item {i}" for i in range(40)]}, max_iters=8)
-            _until(lambda: len(client.trace(live_id)) >= 2, 120)  # then it thinks for 90 s
+            wait_until(lambda: len(client.trace(live_id)) >= 2, 120, "the run's second step")  # then it thinks for 90 s
             pngs = [screenshot(f"http://127.0.0.1:{flower_port}/task/{live_id}", out / "flower_task_live.png",
                                size="1280,1100"),
                     screenshot(f"http://127.0.0.1:{flower_port}/tasks", out / "flower_tasks.png", size="1800,800",
@@ -111,22 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     for png in pngs:
         print(png)
     return 0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _until(predicate, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("the run did not get that far")
-        time.sleep(0.2)
 
 
 if __name__ == "__main__":

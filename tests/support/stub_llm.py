@@ -35,6 +35,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -100,6 +101,15 @@ def default_responder(messages: Messages, body: dict[str, Any]) -> str:
     return f"answer:{hashlib.sha256(text.encode()).hexdigest()[:12]}:{text[:40]}"
 
 
+def post_chat(api_base: str, prompt: str, *, model: str = "stub", timeout: float = 10) -> dict[str, Any]:
+    """One chat completion as any HTTP client posts it (no DSPy, no LiteLLM): the reply's JSON.
+    An error status raises ``urllib.error.HTTPError``."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}]}).encode()
+    request = urllib.request.Request(f"{api_base}/chat/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.load(response)
+
+
 def _tokens(text: str) -> int:
     return max(1, (len(text) + 3) // 4)  # the usual ~4 chars per token
 
@@ -107,7 +117,8 @@ def _tokens(text: str) -> int:
 class StubLLM:
     """Threaded stub server; use as a context manager or call start()/stop()."""
 
-    def __init__(self, *, latency: float = 0.0, responder: Responder | None = None, port: int = 0) -> None:
+    def __init__(self, *, latency: float = 0.0, responder: Responder | None = None, port: int = 0,
+                 host: str = "127.0.0.1") -> None:
         self._lock = threading.Lock()
         self._latency = latency
         self._responder: Responder = responder or default_responder
@@ -121,6 +132,7 @@ class StubLLM:
         self._ids = itertools.count(1)
         self._stopping = threading.Event()
         self._port = port
+        self._host = host  # another address: a harness host's, started within host.entered()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -128,7 +140,7 @@ class StubLLM:
     def start(self) -> StubLLM:
         if self._server is not None:
             return self
-        server = _Server(("127.0.0.1", self._port), type("Handler", (_Handler,), {"stub": self}))
+        server = _Server((self._host, self._port), type("Handler", (_Handler,), {"stub": self}))
         self._server = server
         self._stopping.clear()
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -159,7 +171,7 @@ class StubLLM:
 
     @property
     def api_base(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://{self._host}:{self.port}/v1"
 
     # -- knobs -------------------------------------------------------------------------------
     @property
@@ -432,6 +444,19 @@ def chat_adapter_reply(fields: dict[str, str]) -> str:
     """A reply in ChatAdapter's format: ``[[ ## name ## ]]`` sections, then the completed marker."""
     parts = [f"[[ ## {name} ## ]]\n{value}" for name, value in fields.items()]
     return "\n\n".join(parts) + "\n\n[[ ## completed ## ]]\n"
+
+
+def richest_in_chapter(predict_answer: str) -> Callable[[str], str]:
+    """A sub-LM for runs over the book's chapters: a "richest in chapter N" prompt gets ``richest-N``, and a
+    ``dspy.Predict('question -> answer')`` call from sandbox code (ChatAdapter form) gets ``predict_answer``."""
+
+    def answer(prompt: str) -> str:
+        if "[[ ## question ## ]]" in prompt:
+            return chat_adapter_reply({"answer": predict_answer})
+        match = re.search(r"richest in chapter (\d+)", prompt)
+        return f"richest-{match.group(1)}" if match else "unknown"
+
+    return answer
 
 
 class ScriptedRoot:
