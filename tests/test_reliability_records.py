@@ -13,7 +13,7 @@ import redis
 
 from rlmq.progress import format_progress
 from rlmq.store.keys import inflight_key
-from rlmq.store.records import Progress, RunSpec, RunStatus, RunStore, new_run_id
+from rlmq.store.records import Progress, RunSandbox, RunSpec, RunStatus, RunStore, new_run_id
 from workers.claim import Recovery, RunClaim, recover
 from workers.context import redis_client
 from workers.single_flight import ResponseCache
@@ -94,7 +94,8 @@ def test_text_and_documents_pass_through_the_scripts_unchanged(redis_client: red
     store, run_id = queued(redis_client)
     run = claim(redis_client, run_id, "wörker-🦀")
     assert run.take() == 1
-    progress = {"note": 'quote " backslash \\ newline \n émoji 🦀 \u2028', "n": 12345678901234567}
+    note = 'quote " backslash \\ newline \n émoji 🦀 \u2028'
+    progress = Progress(iteration=12345678901234567, sandbox=RunSandbox(backend="local", id=note, isolation="vm"))
     assert run.write_progress(progress)
     assert store.get(run_id).progress == progress
     error = 'line 1\n"line 2" 🦀'

@@ -50,7 +50,8 @@ class ProgressPublisher:
 
     def sandbox_created(self, info: Any) -> None:
         """Keep what isolates the run's sandbox in its progress ("process" is no boundary: said loudly)."""
-        self.sandbox = RunSandbox(backend=info.backend, id=info.sandbox_id, isolation=info.isolation)
+        self.sandbox = RunSandbox(backend=info.backend.value, id=info.sandbox_id,
+                                  isolation=info.isolation.value if info.isolation else "")
         if info.isolation == "process":
             logger.warning("run %s: its local sandbox is plain processes (RLMQ_LOCAL_ISOLATION=process), "
                            "no security boundary", self.run_id)
