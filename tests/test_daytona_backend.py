@@ -369,8 +369,10 @@ def test_boot_fails_fast_when_the_broker_exits_and_deletes_the_sandbox(daytona_e
 def test_boot_times_out_when_health_never_answers(daytona_env, monkeypatch):
     monkeypatch.setattr(dsandbox, "runtime_file_contents", lambda: {
         "broker.py": b"import time\ntime.sleep(60)\n", "protocol.py": b"", "runtime.py": b""})
+    # 10 s: creating takes ~0.2 s on a quiet box but several seconds under load, and the health wait
+    # must still be what the time runs out on
     with pytest.raises(SandboxStartError, match="did not answer /health.*HTTP 502"):
-        DaytonaSandbox(boot_timeout=4).boot(new_spec())
+        DaytonaSandbox(boot_timeout=10).boot(new_spec())
     assert gone(daytona_env)
 
 

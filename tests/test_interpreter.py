@@ -207,7 +207,8 @@ def test_output_is_capped_and_the_cap_is_stated(interp):
     assert len(out) < 101_000
 
 
-def test_the_pooled_sandbox_forgets_the_previous_tests_names_and_tools(backend, sandbox_pool):
+def test_the_pooled_sandbox_forgets_the_previous_tests_names_and_tools(sandbox_pool):
+    backend = "local"  # only local sandboxes are pooled (see SandboxPool.lend)
     with sandbox_pool.lend(backend) as first:
         first.tools["ping"] = lambda: "pong"
         first.output_fields = [{"name": "answer"}]

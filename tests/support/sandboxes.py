@@ -70,6 +70,15 @@ class SandboxPool:
 
     @contextmanager
     def lend(self, backend: str) -> Iterator:
+        if backend != "local":
+            # A Daytona sandbox lives in the emulator, whose per-test cleanup deletes every sandbox (that
+            # is how tests prove nothing leaked): it cannot outlive the test, so it is not pooled.
+            interpreter = make_factory(backend)()
+            try:
+                yield interpreter
+            finally:
+                interpreter.shutdown()
+            return
         interpreter = self._idle.pop(backend, None)
         if interpreter is None:
             interpreter = make_factory(backend)()
