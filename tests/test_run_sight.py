@@ -10,6 +10,7 @@ root LM and the sub-calls, through one `rlm` worker and two `llm` worker process
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 
 import pytest
@@ -36,9 +37,10 @@ fleet = fleet_fixture(
     workers=[("rlm", "rlm1", 2), ("llm", "llmA", 16), ("llm", "llmB", 16)])
 
 
-def submit(r, stub: StubLLM, steps: list[str], items: list[str], **options) -> tuple[Client, str, ScriptedRoot]:
+def submit(r, stub: StubLLM, steps: list[str], items: list[str], *, sub=None,
+           **options) -> tuple[Client, str, ScriptedRoot]:
     script = ScriptedRoot(steps)
-    stub.set_responder(route(root=script, sub=sub_answer))
+    stub.set_responder(route(root=script, sub=sub or sub_answer))
     client = Client(redis_url_of(r))
     run_id = client.submit(SIGNATURE, {"items": items}, max_iters=6, **options)
     return client, run_id, script
@@ -124,11 +126,19 @@ def test_max_cost_refuses_the_batch_that_would_exceed_it(fleet: Fleet, stub: Stu
 
 
 def test_status_shows_a_500_prompt_batch_while_it_runs(fleet: Fleet, stub: StubLLM, r, tmp_path) -> None:
-    stub.latency = 0.15  # 64 sub-tasks of 8 prompts on 32 threads: a few seconds
     nonce = uuid.uuid4().hex[:8]
     steps = ["out = llm_query_batched([f'p{i} " + nonce + "' for i in range(500)])\nprint(len(out))",
              "SUBMIT(answers=out[:3])"]
-    client, run_id, _ = submit(r, stub, steps, ["a"], max_llm_calls=600)
+    # The second half of the batch waits at the provider until the test has seen the batch mid-way:
+    # how fast the fleet answers (or how slow a busy machine starts the CLI) cannot close the window.
+    release = threading.Event()
+
+    def held_sub(prompt: str) -> str:
+        if int(prompt.split()[0][1:]) >= 250:
+            release.wait(90)
+        return sub_answer(prompt)
+
+    client, run_id, _ = submit(r, stub, steps, ["a"], sub=held_sub, max_llm_calls=600)
     env = cli_env(tmp_path, REDIS_URL=redis_url_of(r))
     seen: list[dict] = []
 
@@ -138,10 +148,13 @@ def test_status_shows_a_500_prompt_batch_while_it_runs(fleet: Fleet, stub: StubL
         seen.append(progress)
         return 0 < progress.get("llm_calls", 0) < 500
 
-    wait_until(mid_batch, timeout=60, interval=0.05, what="a sub-call count strictly between 0 and 500")
-    assert seen[-1]["batch"]["total"] == 500 and 0 < seen[-1]["batch"]["done"] < 500
-    line = rlmq("status", run_id, env=env, cwd=tmp_path).stdout
-    assert "sub-LLM calls" in line
+    try:
+        wait_until(mid_batch, timeout=60, interval=0.05, what="a sub-call count strictly between 0 and 500")
+        assert seen[-1]["batch"]["total"] == 500 and 0 < seen[-1]["batch"]["done"] <= 250, seen[-1]
+        line = rlmq("status", run_id, env=env, cwd=tmp_path).stdout
+        assert "sub-LLM calls" in line
+    finally:
+        release.set()
     assert finished(client, run_id).status.value == "SUCCEEDED"
     assert client.status(run_id).progress.llm_calls == 500
 
