@@ -18,10 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from broker_bridge import interpreter_factory  # noqa: E402
-from rlmq.demo import CORPUS  # noqa: E402
-from rlmq.inputs import load_input_value  # noqa: E402
-
+from broker_bridge import interpreter_factory
+from rlmq.demo import CORPUS
+from rlmq.inputs import load_input_value
 
 
 def round_trips(interp, calls: int) -> list[float]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.daytona_emulator.harness import running_emulator  # noqa: E402
+from tests.support.daytona_emulator.harness import running_emulator
 
 
 def row(name: str, seconds: list[float]) -> str:

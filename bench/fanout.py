@@ -29,11 +29,11 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import dspy  # noqa: E402
 
 from rlmq.celery_config import point_at  # noqa: E402
+from rlmq.local_redis import start_private_redis  # noqa: E402
+from rlmq.settings import Settings  # noqa: E402
 from tasks.app import app  # noqa: E402
 from tests.support.fleet import Fleet  # noqa: E402
 from tests.support.stub_llm import StubLLM  # noqa: E402
-from rlmq.local_redis import start_private_redis  # noqa: E402
-from rlmq.settings import Settings  # noqa: E402
 
 
 def dspy_builtin(stub: StubLLM, prompts: list[str]) -> float:
@@ -56,7 +56,6 @@ def cpu_seconds(pid: int) -> float:
 def rlmq_fanout(stub: StubLLM, redis_url: str, prompts: list[str], args: argparse.Namespace,
                 cpu_pids: dict[str, list[int]]) -> tuple[float, float, dict[str, float]]:
     from workers.dspy_private import LLMCallBudget
-
     from workers.fanout import Fanout
     from workers.rlm import make_llm_tools
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.hosts import Host, Network, latency_backend, latency_missing, unavailable  # noqa: E402
+from tests.support.hosts import Host, Network, latency_backend, latency_missing, unavailable
 
 PORT_ECHO, PORT_SINK = 7100, 7101
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import redis  # noqa: E402
+import redis
 
-from rlmq.local_redis import start_private_redis  # noqa: E402
-from workers.adaptive_limit import AdaptiveLimiter  # noqa: E402
-from workers.single_flight import ResponseCache  # noqa: E402
+from rlmq.local_redis import start_private_redis
+from workers.adaptive_limit import AdaptiveLimiter
+from workers.single_flight import ResponseCache
 
 HEADERS = {"x-ratelimit-limit-requests": "1000000", "x-ratelimit-remaining-requests": "999999",
            "x-ratelimit-reset-requests": "1ms"}

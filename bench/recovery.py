@@ -31,7 +31,12 @@ from rlmq.local_redis import start_private_redis  # noqa: E402
 from rlmq.store.records import RunStore  # noqa: E402
 from tests.support.fleet import Fleet, configure_app  # noqa: E402
 from tests.support.reliability import (  # noqa: E402
-    batch_step, prompt_repeats, sub_requests, submit, wait_for, wait_status,
+    batch_step,
+    prompt_repeats,
+    sub_requests,
+    submit,
+    wait_for,
+    wait_status,
 )
 from tests.support.stub_llm import StubLLM  # noqa: E402
 

@@ -28,17 +28,24 @@ import logging
 import secrets
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 from dspy.primitives.code_interpreter import CodeExecutionError, CodeInterpreterError, FinalOutput
 
 from broker_bridge.backends.base import (
-    Sandbox, SandboxDied, SandboxError, SandboxInfo, SandboxSpec, SandboxStartError, SandboxTimeout,
+    Sandbox,
+    SandboxDied,
+    SandboxError,
+    SandboxInfo,
+    SandboxSpec,
+    SandboxStartError,
+    SandboxTimeout,
 )
 from broker_bridge.host_client import BrokerClient, BrokerUnreachable
-from broker_bridge.step_clock import StepClock
 from broker_bridge.sandbox import protocol
+from broker_bridge.step_clock import StepClock
 
 logger = logging.getLogger(__name__)
 

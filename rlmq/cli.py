@@ -12,7 +12,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from rlmq.cli_show import add_budget_flags, add_view_commands, budget_options, print_outputs
 from rlmq.progress import format_progress, progress_printer

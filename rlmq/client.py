@@ -17,20 +17,21 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from rlmq.store.blobs import put_blobs
 from rlmq.celery_config import RLM_QUEUE, RUN_TASK, client_app
-from rlmq.store.records import RunRecord, RunSpec, RunStatus, RunStore, new_run_id
+from rlmq.flower_repr import describe_inputs, task_reprs
 from rlmq.run_options import check_tools, with_options
 from rlmq.settings import RUN_OPTIONS, Settings, SettingsError, load_dotenv_once, redis_url_from_env
 from rlmq.stack import running_stack_url
+from rlmq.store.blobs import put_blobs
+from rlmq.store.records import RunRecord, RunSpec, RunStatus, RunStore, new_run_id
 from rlmq.trace import read_trajectory
-from rlmq.flower_repr import describe_inputs, task_reprs
 
 __all__ = ["Client", "ClientError", "RedisUnreachable", "UnknownRun", "check_run_id", "check_signature", "check_tool_path"]
 
@@ -142,8 +143,8 @@ class Client:
                               **task_reprs(spec, described or self._blob_sizes(spec)))
 
     def _blob_sizes(self, spec: RunSpec) -> dict[str, str]:
-        from rlmq.store.keys import blob_key
         from rlmq.flower_repr import human_bytes
+        from rlmq.store.keys import blob_key
 
         sizes = self.redis.pipeline()
         for digest in spec.inputs.values():

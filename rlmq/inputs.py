@@ -30,8 +30,8 @@ from rlmq.chapters import ChapterError, split_chapters
 
 __all__ = [
     "InputError",
-    "parse_input_arg",
     "load_input_value",
+    "parse_input_arg",
     "split_text",
 ]
 

@@ -22,8 +22,16 @@ from typing import Any
 
 from rlmq.settings import CAPPED_OPTIONS, RUN_OPTIONS, Settings, SettingsError, parse_field, reason
 
-__all__ = ["CAPPED_OPTIONS", "OptionRefused", "RUN_OPTIONS", "api_base_allowed", "check_tools", "maximum",
-           "model_allowed", "with_options"]
+__all__ = [
+    "CAPPED_OPTIONS",
+    "RUN_OPTIONS",
+    "OptionRefused",
+    "api_base_allowed",
+    "check_tools",
+    "maximum",
+    "model_allowed",
+    "with_options",
+]
 
 
 class OptionRefused(SettingsError):

@@ -21,8 +21,16 @@ from typing import Any, TypeVar
 from rlmq.redis_url import parse_url
 
 __all__ = [
-    "CAPPED_OPTIONS", "LMClient", "LocalIsolation", "RUN_OPTIONS", "SandboxBackend", "Settings", "SettingsError",
-    "load_dotenv_once", "parse_field", "redis_url_from_env",
+    "CAPPED_OPTIONS",
+    "RUN_OPTIONS",
+    "LMClient",
+    "LocalIsolation",
+    "SandboxBackend",
+    "Settings",
+    "SettingsError",
+    "load_dotenv_once",
+    "parse_field",
+    "redis_url_from_env",
 ]
 
 E = TypeVar("E", bound=Enum)

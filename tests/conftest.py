@@ -27,9 +27,9 @@ atexit.register(shutil.rmtree, os.environ["RLMQ_STATE_DIR"], ignore_errors=True)
 import pytest  # noqa: E402
 import redis  # noqa: E402
 
+from rlmq.local_redis import PrivateRedis, start_private_redis  # noqa: E402
 from tests.support.daytona_emulator.harness import daytona_emulator, daytona_env, emulator  # noqa: E402,F401
 from tests.support.stub_llm import StubLLM  # noqa: E402
-from rlmq.local_redis import PrivateRedis, start_private_redis  # noqa: E402
 
 if TYPE_CHECKING:
     from tests.support.sandboxes import SandboxPool

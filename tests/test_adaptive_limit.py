@@ -28,10 +28,10 @@ from rlmq.settings import Settings
 from tests.support.children import run_children
 from tests.support.stub_llm import StubLLM
 from workers.adaptive_limit import AdaptiveLimiter
-from workers.llm_call import LMCallError, LMReply, call_lm
-from workers.rate_headers import parse_duration, parse_rate_headers
 from workers.engines import fleet_root_lm
+from workers.llm_call import LMCallError, LMReply, call_lm
 from workers.lm_gateway import LMFailure, fleet_limiter, limited_call
+from workers.rate_headers import parse_duration, parse_rate_headers
 
 MODEL = "openai/limited"
 REPO = Path(__file__).resolve().parents[1]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from multiprocessing.context import BaseContext
 import os
 import subprocess
 import sys
@@ -11,18 +10,19 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
+from rlmq.store.keys import dspy_cache_key, inflight_key, response_cache_key
 from tests.support.children import run_children
 from tests.support.pickles import dotted_name_gadget, hostile_pickles
 from tests.support.stub_llm import StubLLM, default_responder, post_chat
 from workers.dspy_cache import install_redis_dspy_cache
 from workers.single_flight import ResponseCache
-from rlmq.store.keys import dspy_cache_key, inflight_key, response_cache_key
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS, STARTED = "test:results", "test:started"  # test-only lists; not rlmq keys
@@ -159,7 +159,7 @@ def test_waiting_gives_up_after_wait_timeout(redis_client: redis.Redis) -> None:
     redis_client.set(inflight_key("w" * 64), "someone-else", px=10_000)
     started = time.monotonic()
     with pytest.raises(TimeoutError, match="still computing"):
-        ResponseCache(redis_client, 60).single_flight("w" * 64, lambda: {}, lock_ttl=5, wait_timeout=0.5)
+        ResponseCache(redis_client, 60).single_flight("w" * 64, dict, lock_ttl=5, wait_timeout=0.5)
     assert 0.45 <= time.monotonic() - started <= 1.5
 
 

@@ -14,8 +14,8 @@ JSON = {"application/json"}
 
 
 def _apps(url: str):
-    from tests.support.fleet import configure_app
     from tasks.app import app
+    from tests.support.fleet import configure_app
 
     # Point the workers' app at the suite's Redis before touching its backend: Celery caches the
     # backend on first use, and the fleet tests that follow expect this very URL (configure_app).

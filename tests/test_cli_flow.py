@@ -12,8 +12,8 @@ import os
 import queue
 import re
 import signal
-import subprocess
 import stat
+import subprocess
 import threading
 from pathlib import Path
 from urllib.parse import urlparse
@@ -22,8 +22,8 @@ import pytest
 import redis
 
 from rlmq.demo import CHARACTERS, CORPUS
-from tests.support.demo_script import DEMO, DEMO_PROMPT, demo_sub_answer, is_demo_prompt, scripted_wealth
 from tests.support.cli import RLMQ, Result, cli_env, processes_with_cmdline, processes_with_env, rlmq
+from tests.support.demo_script import DEMO, DEMO_PROMPT, demo_sub_answer, is_demo_prompt, scripted_wealth
 from tests.support.net import free_port, http_status, one_try_redis
 from tests.support.sandboxes import SandboxesOf
 from tests.support.stub_llm import ScriptedRoot, last_user_text, route

@@ -4,8 +4,8 @@ fleet starts from its exact compose command and does its job against a real Redi
 from __future__ import annotations
 
 import os
-import signal
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path

@@ -42,8 +42,6 @@ from broker_bridge.backends.base import (  # noqa: E402
     SandboxStartError,
     SandboxTimeout,
 )
-from broker_bridge.backends.daytona import client as dclient  # noqa: E402
-from broker_bridge.backends.daytona import sandbox as dsandbox  # noqa: E402
 from broker_bridge.backends.daytona import (  # noqa: E402
     DEFAULT_TTL_MINUTES,
     PREVIEW_TOKEN_HEADER,
@@ -56,6 +54,8 @@ from broker_bridge.backends.daytona import (  # noqa: E402
     preview_headers,
     reap_daytona_sandboxes,
 )
+from broker_bridge.backends.daytona import client as dclient  # noqa: E402
+from broker_bridge.backends.daytona import sandbox as dsandbox  # noqa: E402
 from broker_bridge.backends.daytona.options import check_no_secrets  # noqa: E402
 from broker_bridge.sandbox.protocol import KEEPALIVE_MARKER, PATH_HEALTH, token_digest  # noqa: E402
 from tests.support.daytona_emulator.harness import running_emulator  # noqa: E402

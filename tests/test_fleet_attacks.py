@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from broker_bridge import interpreter_factory
-from rlmq.store.blobs import put_blobs
 from rlmq.client import Client
+from rlmq.store.blobs import put_blobs
 from rlmq.store.records import RunSpec, RunStatus, RunStore, new_run_id
 from tests.support.attacks import ATTACKS, CANARY_PREFIX, Target, parse_verdict
 from tests.support.fleet import Fleet, redis_url_of

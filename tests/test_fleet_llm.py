@@ -13,14 +13,14 @@ import time
 import dspy
 import pytest
 
+from rlmq.settings import Settings
+from tasks.app import app
+from tests.support.fleet import Fleet, fleet_fixture
+from tests.support.stub_llm import FaultKind, StubLLM, chat_adapter_reply, default_responder
+from workers.dspy_private import LLMCallBudget
 from workers.engines import FleetLM
 from workers.fanout import Fanout, plan_chunks
 from workers.rlm import make_llm_tools
-from tests.support.fleet import Fleet, fleet_fixture
-from tasks.app import app
-from tests.support.stub_llm import FaultKind, StubLLM, chat_adapter_reply, default_responder
-from rlmq.settings import Settings
-from workers.dspy_private import LLMCallBudget
 from workers.usage import RunUsage
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]

@@ -12,11 +12,11 @@ import pytest
 import redis
 
 from broker_bridge import interpreter_factory
+from rlmq.store import keys
 from tests.support.fleet import REPO_ROOT
 from workers.liveness import Heartbeat
 from workers.sandbox_registry import LeaseRegistry, SandboxLease, reap_expired
 from workers.ticker import Ticker
-from rlmq.store import keys
 
 
 def start_worker(env_overrides: dict[str, str], *queue_args: str) -> subprocess.CompletedProcess[str]:

@@ -10,16 +10,16 @@ import pytest
 import redis
 from celery.result import AsyncResult
 
-from rlmq.demo import CORPUS
-from rlmq.inputs import load_input_value
-from rlmq.store.records import RunSpec, RunStatus, RunStore, new_run_id
 from rlmq.celery_config import LLM_QUEUE, LLM_TASK, RLM_QUEUE, RUN_TASK
 from rlmq.client import Client, ClientError
-from rlmq.store.keys import dspy_cache_key, response_cache_key
-from tests.support.pickles import ExecOnUnpickle, hostile_pickles
-from tests.support.fleet import Fleet, fleet_fixture, redis_url_of
-from tests.support.stub_llm import FaultKind, ScriptedRoot, StubLLM, richest_in_chapter, route
+from rlmq.demo import CORPUS
+from rlmq.inputs import load_input_value
 from rlmq.store.blobs import put_blobs
+from rlmq.store.keys import dspy_cache_key, response_cache_key
+from rlmq.store.records import RunSpec, RunStatus, RunStore, new_run_id
+from tests.support.fleet import Fleet, fleet_fixture, redis_url_of
+from tests.support.pickles import ExecOnUnpickle, hostile_pickles
+from tests.support.stub_llm import FaultKind, ScriptedRoot, StubLLM, richest_in_chapter, route
 from workers.claim import RunClaim
 from workers.sandbox_registry import LeaseRegistry
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from rlmq.demo import CORPUS
 from rlmq.chapters import split_chapters, strip_gutenberg
+from rlmq.demo import CORPUS
 from rlmq.inputs import InputError, load_input_value, parse_input_arg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -363,7 +363,7 @@ def test_unreadable_file():
                     report = "NO ERROR"
                 except InputError as exc:
                     report, status = f"ERR {exc}", 0
-                except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                except BaseException as exc:
                     report = f"OTHER {type(exc).__name__}: {exc}"
                 os.write(write_fd, report.encode())
             finally:

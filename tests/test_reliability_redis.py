@@ -26,8 +26,8 @@ from rlmq.store.records import RunStatus, RunStore
 from tests.support.cli import RLMQ, cli_env
 from tests.support.fleet import Fleet, started_fleet
 from tests.support.reliability import WORKER_ENV, batch_step, sub_requests, submit, wait_status
-from tests.support.wait import wait_until
 from tests.support.stub_llm import StubLLM
+from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]
 

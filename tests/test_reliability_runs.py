@@ -23,7 +23,14 @@ from rlmq.store.records import RunStatus, RunStore
 from tests.support.fleet import Fleet, WorkerProcess, fleet_fixture, redis_url_of
 from tests.support.net import http_get
 from tests.support.reliability import (
-    WORKER_ENV, batch_step, child_pids, kill, prompt_repeats, sub_requests, submit, wait_status,
+    WORKER_ENV,
+    batch_step,
+    child_pids,
+    kill,
+    prompt_repeats,
+    sub_requests,
+    submit,
+    wait_status,
 )
 from tests.support.stub_llm import StubLLM
 from tests.support.wait import wait_until

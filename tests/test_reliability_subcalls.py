@@ -15,8 +15,8 @@ import pytest
 from rlmq.store.records import RunStatus, RunStore
 from tests.support.fleet import Fleet, fleet_fixture
 from tests.support.reliability import WORKER_ENV, batch_step, sub_requests, submit, wait_status
-from tests.support.wait import wait_until
 from tests.support.stub_llm import StubLLM
+from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]
 

@@ -3,7 +3,6 @@ the stub endpoint through the real dspy.LM, over the Monte Cristo chapters."""
 
 from __future__ import annotations
 
-
 import dspy
 import pytest
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from broker_bridge.backends import bwrap
-from tests.support.nobody import needs_nobody_readable_checkout
 from tests.support.attacks import ATTACKS, CANARY_PREFIX, Target
+from tests.support.nobody import needs_nobody_readable_checkout
 
 REPO = Path(__file__).resolve().parents[1]
 NOBODY = 65534

@@ -139,7 +139,7 @@ def test_scripted_root_drives_a_real_rlm(stub_llm: StubLLM) -> None:
         result = rlm(context="twelve chars")
     assert result.answer == "sub says: how long is 12"
     assert root.calls == [0, 1]
-    assert [("how long is 12" == r.prompt) for r in stub_llm.requests] == [False, True, False]
+    assert [(r.prompt == "how long is 12") for r in stub_llm.requests] == [False, True, False]
 
 
 def test_runs_as_a_script_until_sigterm() -> None:

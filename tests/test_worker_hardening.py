@@ -67,8 +67,7 @@ def test_workers_environ_is_unreadable_to_their_own_uid(redis_server, tmp_path) 
                    interval=0.01)
         try:
             targets = {"rlm main": rlm_main, "rlm child": rlm_child, "llm worker": llm_main, "bystander": bystander.pid}
-            assert {name: psutil.Process(pid).uids().real for name, pid in targets.items()} == {
-                name: NOBODY for name in targets}
+            assert {name: psutil.Process(pid).uids().real for name, pid in targets.items()} == dict.fromkeys(targets, NOBODY)
             probe = subprocess.run([*AS_NOBODY, SYSTEM_PYTHON, "-c", PROBE,
                                     *map(str, targets.values())], capture_output=True, text=True, timeout=60,
                                    env={"HOME": str(home)})

@@ -10,10 +10,10 @@ import time
 import pytest
 
 from broker_bridge.backends import bwrap
-from rlmq.store.records import RunSpec, RunStatus, RunStore, new_run_id
-from rlmq.store.blobs import put_blobs
 from rlmq.client import Client
 from rlmq.stack import worker_command
+from rlmq.store.blobs import put_blobs
+from rlmq.store.records import RunSpec, RunStatus, RunStore, new_run_id
 from tests.support.cli import cli_env, rlmq
 from tests.support.fleet import REPO_ROOT, Fleet, redis_url_of
 from tests.support.stub_llm import ScriptedRoot, StubLLM, route

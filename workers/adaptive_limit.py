@@ -32,8 +32,14 @@ from typing import Any
 
 import redis
 
-from rlmq.store.keys import (cooldown_key, limit_state_key, rate_limit_key, rate_limit_tokens_key, slots_free_key,
-                             slots_key)
+from rlmq.store.keys import (
+    cooldown_key,
+    limit_state_key,
+    rate_limit_key,
+    rate_limit_tokens_key,
+    slots_free_key,
+    slots_key,
+)
 from rlmq.store.lua import lua_scripts
 from workers.rate_headers import Bounds, parse_rate_headers
 

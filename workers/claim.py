@@ -23,9 +23,8 @@ from enum import Enum
 import redis
 
 from rlmq.store import keys
-from rlmq.store.records import Progress
 from rlmq.store.lua import lua_scripts
-from rlmq.store.records import RunStatus
+from rlmq.store.records import Progress, RunStatus
 
 __all__ = ["Recovery", "RunClaim", "recover"]
 

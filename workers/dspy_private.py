@@ -22,7 +22,7 @@ from typing import Any
 
 from dspy.predict.rlm import _LLMCallBudget as LLMCallBudget
 
-__all__ = ["LLMCallBudget", "TOOLS_HOOK", "action_predictor", "iteration_of", "use_as_disk_tier"]
+__all__ = ["TOOLS_HOOK", "LLMCallBudget", "action_predictor", "iteration_of", "use_as_disk_tier"]
 
 TOOLS_HOOK = "_make_llm_tools"  # the name FleetRLM overrides
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 from dataclasses import asdict, dataclass
 from enum import Enum
 from functools import lru_cache
@@ -85,7 +84,7 @@ class LMReply:
         usage, cost = raw.get("usage") or {}, raw.get("cost")
         return (isinstance(raw.get("text"), str) and bool(raw["text"].strip()) and isinstance(usage, dict)
                 and all(isinstance(v, int) and not isinstance(v, bool) for v in usage.values())
-                and (cost is None or isinstance(cost, (int, float)) and not isinstance(cost, bool))
+                and (cost is None or (isinstance(cost, (int, float)) and not isinstance(cost, bool)))
                 and isinstance(raw.get("model", ""), str))
 
 
@@ -159,7 +158,7 @@ def _post_json(api_base: str, path: str, body: bytes, headers: dict[str, str], t
     """POST to ``api_base + path``; a failure to get an answer is a TRANSIENT :class:`LMCallError`."""
     try:
         return _http.request(api_base.rstrip("/"), "POST", path, body=body, headers=headers, timeout=timeout)
-    except (TimeoutError, socket.timeout) as exc:
+    except TimeoutError as exc:
         raise LMCallError(FailureKind.TRANSIENT, f"timeout after {timeout:g}s: {type(exc).__name__}") from exc
     except (OSError, http.client.HTTPException) as exc:
         raise LMCallError(FailureKind.TRANSIENT, _short(exc)) from exc
@@ -243,8 +242,8 @@ def _retry_after_headers(headers: Any) -> float | None:
     try:
         return max(0.0, float(raw))
     except ValueError:
-        from email.utils import parsedate_to_datetime
         import time
+        from email.utils import parsedate_to_datetime
 
         try:
             return max(0.0, parsedate_to_datetime(raw).timestamp() - time.time())

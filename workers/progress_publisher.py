@@ -16,9 +16,9 @@ from typing import Any
 import redis
 from dspy.utils.callback import BaseCallback
 
+from rlmq.store.records import Progress, RunSandbox
 from workers.claim import RunClaim
 from workers.dspy_private import iteration_of
-from rlmq.store.records import Progress, RunSandbox
 from workers.monitor import count, publish_progress
 from workers.usage import RunUsage
 

@@ -193,7 +193,7 @@ class _LockRenewer:
         self._thread: threading.Thread | None = None
         self._pid = 0
 
-    def holding(self, client: redis.Redis, lock: str, token: str, lease_ms: int, *, until: float) -> "_Held":
+    def holding(self, client: redis.Redis, lock: str, token: str, lease_ms: int, *, until: float) -> _Held:
         return _Held(self, (id(client), lock, token), (client, lease_ms, until))
 
     def _add(self, item: tuple[int, str, str], value: tuple[redis.Redis, int, float]) -> None:

@@ -50,7 +50,7 @@ def bwrap_candidates() -> list[str]:
     return list(dict.fromkeys(path for path in found if path))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def probe() -> tuple[str | None, str]:
     """``(bwrap path, "")`` for the first bwrap that starts a test sandbox here, else ``(None, reason)``.
 
@@ -163,7 +163,7 @@ def describe_python(names):
             "packages": packages}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def python_layout(python: str, names: tuple[str, ...]) -> PythonLayout:
     if os.path.realpath(python) == os.path.realpath(sys.executable):
         info = describe_python(names)

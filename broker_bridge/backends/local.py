@@ -27,6 +27,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from broker_bridge.backends import bwrap
 from broker_bridge.backends.base import (
     LOCAL_ISOLATIONS,
     BackendName,
@@ -42,7 +43,6 @@ from broker_bridge.backends.base import (
     broker_command,
     runtime_file_contents,
 )
-from broker_bridge.backends import bwrap
 from broker_bridge.backends.host_writes import remove_tree, write_beneath
 from broker_bridge.backends.process_jail import SANDBOX_MARKER_VAR, ProcessJail, pids_with_marker
 from broker_bridge.sandbox.protocol import PORT_ANNOUNCEMENT, SOCKET_ANNOUNCEMENT, protect_host_process, unix_url

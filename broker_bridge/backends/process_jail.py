@@ -67,7 +67,7 @@ class ProcessJail:
             self.cgroup = None
 
     @classmethod
-    def existing(cls, sandbox_id: str) -> "ProcessJail":
+    def existing(cls, sandbox_id: str) -> ProcessJail:
         """The jail of a sandbox started elsewhere in this machine (for reapers)."""
         return cls(sandbox_id, 0, create=False)
 

@@ -24,8 +24,8 @@ from collections import deque
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import protocol  # noqa: E402  (shipped beside this file)
-from flask import Flask, Response, request  # noqa: E402
+import protocol
+from flask import Flask, Response, request
 
 CALL_HOLD_SECONDS = 10.0  # a call answered within this returns at once; slower ones continue on /wait
 MAX_POLL_SECONDS = 30.0

@@ -15,8 +15,7 @@ import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import protocol  # noqa: E402
-
+import protocol
 
 
 def reap_children():

@@ -62,8 +62,8 @@ def fleet_for_demo(redis_url: str | None) -> Iterator[str]:
 def run_demo(args) -> bool:
     """Run the analysis and write the JSON and the plot; False if the run did not succeed."""
     from rlmq.client import Client
-    from rlmq.inputs import load_input_value
     from rlmq.demo.plot import plot_wealth
+    from rlmq.inputs import load_input_value
     from rlmq.progress import progress_printer
 
     chapters = load_input_value(f"@{CORPUS}", split="chapters")

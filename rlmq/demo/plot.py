@@ -17,7 +17,7 @@ import math
 import numbers
 from pathlib import Path
 
-__all__ = ["WealthDataError", "normalise_wealth_rows", "plot_wealth", "moving_average"]
+__all__ = ["WealthDataError", "moving_average", "normalise_wealth_rows", "plot_wealth"]
 
 DEFAULT_TITLE = "Wealth trajectories — The Count of Monte Cristo"
 
@@ -29,9 +29,7 @@ class WealthDataError(ValueError):
 def _chapter(value: object, where: str) -> int:
     if isinstance(value, bool):
         raise WealthDataError(f"{where}: chapter must be a whole number, got {value!r}")
-    if isinstance(value, numbers.Integral):
-        chapter = int(value)
-    elif isinstance(value, numbers.Real) and float(value).is_integer():
+    if isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and float(value).is_integer()):
         chapter = int(value)
     elif isinstance(value, str) and value.strip().lstrip("+").isdigit():
         chapter = int(value.strip())

@@ -52,8 +52,8 @@ __all__ = [
     "inflight_done_key",
     "inflight_key",
     "lease_key",
-    "limit_state_key",
     "leases_index_key",
+    "limit_state_key",
     "rate_limit_key",
     "rate_limit_tokens_key",
     "response_cache_key",
@@ -62,13 +62,13 @@ __all__ = [
     "run_owner_key",
     "run_result_key",
     "run_trajectory_key",
-    "stats_key",
-    "runs_index_key",
     "runs_active_key",
-    "subtask_holder_key",
-    "worker_heartbeat_key",
+    "runs_index_key",
     "slots_free_key",
     "slots_key",
+    "stats_key",
+    "subtask_holder_key",
+    "worker_heartbeat_key",
 ]
 
 NAMESPACE = "rlmq"

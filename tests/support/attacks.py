@@ -17,8 +17,9 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 VERDICT = "RLMQ-VERDICT "
 CANARY_PREFIX = "rlmq-canary-"
@@ -384,7 +385,7 @@ def run_attacks(execute: Callable[[str, dict[str, Any]], Any], target: Target) -
         if attack.then is not None:
             try:
                 execute("pass", attack.then)
-            except Exception as exc:  # noqa: BLE001 - the host refusing is the good outcome
+            except Exception as exc:
                 verdict["then"] = f"{type(exc).__name__}: {exc}"
         outcomes.append({"name": attack.name, "evidence": attack.check(verdict, target), "verdict": verdict})
     return outcomes
@@ -405,7 +406,7 @@ def run_local_suite(target: Target, **options: Any) -> list[dict[str, Any]]:
         outcomes = run_attacks(attacker.execute, target)
         try:
             alive = victim.execute("print('alive')") == "alive"
-        except Exception as exc:  # noqa: BLE001 - a killed victim is the evidence
+        except Exception as exc:
             alive = False
             outcomes.append({"name": "victim_survived", "evidence": f"the victim sandbox died: {exc}", "verdict": {}})
         if alive:

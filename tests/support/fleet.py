@@ -32,8 +32,16 @@ from tests.support.net import free_port, http_get
 from tests.support.stub_llm import StubLLM
 from tests.support.wait import wait_until
 
-__all__ = ["Fleet", "WorkerProcess", "WorkerSpec", "REPO_ROOT", "configure_app", "fleet_fixture", "redis_url_of",
-           "started_fleet"]
+__all__ = [
+    "REPO_ROOT",
+    "Fleet",
+    "WorkerProcess",
+    "WorkerSpec",
+    "configure_app",
+    "fleet_fixture",
+    "redis_url_of",
+    "started_fleet",
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

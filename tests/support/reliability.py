@@ -11,8 +11,8 @@ import signal
 import psutil
 import redis
 
-from rlmq.store.blobs import put_blobs
 from rlmq.client import Client
+from rlmq.store.blobs import put_blobs
 from rlmq.store.records import RunRecord, RunSpec, RunStore, new_run_id
 from tests.support.fleet import redis_url_of
 from tests.support.stub_llm import ScriptedRoot, StubLLM, message_text, route

@@ -74,13 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         print(chromium_missing(), file=sys.stderr)
         return 2
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    from werkzeug.serving import make_server
+
     from rlmq.client import Client
     from rlmq.stack import LocalStack, flower_command
     from rlmq.ui import create_app
     from tests.support.net import free_port
     from tests.support.stub_llm import ScriptedRoot, StubLLM, route
     from tests.support.wait import wait_until
-    from werkzeug.serving import make_server
 
     out = Path(args.out)
     steps = ["print(len(items), items[:2])",

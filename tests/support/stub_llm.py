@@ -326,7 +326,7 @@ class _Handler(BaseHTTPRequestHandler):
     stub: StubLLM
     protocol_version = "HTTP/1.1"  # keep-alive, as real providers do
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # quiet: tests read the stub's records instead
 
     def setup(self) -> None:

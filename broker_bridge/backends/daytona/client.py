@@ -7,7 +7,8 @@ import hashlib
 import os
 import re
 import threading
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from broker_bridge.backends.base import SandboxCapacityError, SandboxDied, SandboxError, SandboxStartError
 
@@ -111,11 +112,19 @@ def describe_daytona_error(
     rate limit or quota is a ``SandboxStartError``; afterwards a lost sandbox is ``SandboxDied``.
     """
     from daytona import (
-        DaytonaAuthenticationError, DaytonaConflictError, DaytonaConnectionError, DaytonaError,
-        DaytonaForbiddenError, DaytonaNotFoundError, DaytonaRateLimitError, DaytonaTimeoutError,
+        DaytonaAuthenticationError,
+        DaytonaConflictError,
+        DaytonaConnectionError,
+        DaytonaError,
+        DaytonaForbiddenError,
+        DaytonaNotFoundError,
+        DaytonaRateLimitError,
+        DaytonaTimeoutError,
     )
     from daytona.common.errors import (
-        DaytonaBadGatewayError, DaytonaQueueTimeoutError, DaytonaServiceUnavailableError,
+        DaytonaBadGatewayError,
+        DaytonaQueueTimeoutError,
+        DaytonaServiceUnavailableError,
     )
 
     if isinstance(exc, SandboxError):

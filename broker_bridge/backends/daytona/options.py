@@ -11,8 +11,15 @@ from typing import Any
 from broker_bridge.backends.base import SandboxSpec, SandboxStartError
 
 __all__ = [
-    "DEFAULT_TTL_MINUTES", "DaytonaOptions", "PREVIEW_TOKEN_HEADER", "SANDBOX_LABEL", "build_create_params",
-    "check_no_secrets", "preview_headers", "provider_of", "sandbox_labels",
+    "DEFAULT_TTL_MINUTES",
+    "PREVIEW_TOKEN_HEADER",
+    "SANDBOX_LABEL",
+    "DaytonaOptions",
+    "build_create_params",
+    "check_no_secrets",
+    "preview_headers",
+    "provider_of",
+    "sandbox_labels",
 ]
 
 SANDBOX_LABEL = "rlmq.sandbox"

@@ -24,17 +24,37 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from broker_bridge.backends.base import (
-    BackendName, BrokerEndpoint, Isolation, Sandbox, SandboxDied, SandboxError, SandboxInfo, SandboxSpec, SandboxStartError,
-    SandboxTimeout, broker_command, runtime_file_contents,
+    BackendName,
+    BrokerEndpoint,
+    Isolation,
+    Sandbox,
+    SandboxDied,
+    SandboxError,
+    SandboxInfo,
+    SandboxSpec,
+    SandboxStartError,
+    SandboxTimeout,
+    broker_command,
+    runtime_file_contents,
 )
 from broker_bridge.backends.daytona.client import (
-    call_within, daytona_client, describe_daytona_error, error_message, is_celery_time_limit,
+    call_within,
+    daytona_client,
+    describe_daytona_error,
+    error_message,
+    is_celery_time_limit,
 )
 from broker_bridge.backends.daytona.options import (
-    DEFAULT_TTL_MINUTES, SANDBOX_LABEL, DaytonaOptions, build_create_params, preview_headers, provider_of,
+    DEFAULT_TTL_MINUTES,
+    SANDBOX_LABEL,
+    DaytonaOptions,
+    build_create_params,
+    preview_headers,
+    provider_of,
     sandbox_labels,
 )
 from broker_bridge.backends.daytona.output_log import OutputLog
@@ -248,8 +268,12 @@ class DaytonaSandbox(Sandbox):
     def _delete_half_created(self, client: Any, spec: SandboxSpec, exc: BaseException) -> None:
         """After a failed create, delete the sandbox if Daytona made one (never a conflicting one).
         A create whose reply was lost made one: it is found by its name and our label."""
-        from daytona import (DaytonaAuthenticationError, DaytonaConflictError, DaytonaForbiddenError,
-                             DaytonaRateLimitError)
+        from daytona import (
+            DaytonaAuthenticationError,
+            DaytonaConflictError,
+            DaytonaForbiddenError,
+            DaytonaRateLimitError,
+        )
 
         if isinstance(exc, (DaytonaConflictError, DaytonaRateLimitError, DaytonaAuthenticationError,
                             DaytonaForbiddenError, SandboxError)):

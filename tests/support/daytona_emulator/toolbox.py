@@ -237,7 +237,7 @@ class Toolbox:
         path = self.query(request, "path")
         reader = await request.multipart()
         async for part in reader:
-            if part.name and part.name.endswith(".file") or part.filename:
+            if (part.name and part.name.endswith(".file")) or part.filename:
                 await link.write_file(path, _part_chunks(part))
                 return web.Response(status=200)
             await part.release()

@@ -24,7 +24,7 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["PREFIX", "NETNS_DIR", "netns_name", "owned_namespaces", "processes_in", "sweep"]
+__all__ = ["NETNS_DIR", "PREFIX", "netns_name", "owned_namespaces", "processes_in", "sweep"]
 
 PREFIX = "rlmqh-"
 NETNS_DIR = Path("/run/netns")
