@@ -30,7 +30,9 @@ class KeepAlivePool:
         self._local = threading.local()
 
     def _connections(self) -> dict[str, tuple[http.client.HTTPConnection, str]]:
-        return self._local.__dict__.setdefault("connections", {})
+        connections: dict[str, tuple[http.client.HTTPConnection, str]] = self._local.__dict__.setdefault(
+            "connections", {})
+        return connections
 
     def request(self, base: str, method: str, path: str, *, body: bytes | None = None,
                 headers: dict[str, str] | None = None, timeout: float = 30.0,
