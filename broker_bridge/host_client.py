@@ -24,7 +24,7 @@ class BrokerClient:
         self._http = KeepAlivePool()
         self._counter = counter  # the backend, whose bytes_sent we add result bytes to
 
-    def _request(self, method: str, path: str, payload: Any = None, timeout: float = 30.0) -> dict[str, Any]:
+    def _request(self, method: str, path: str, payload: object = None, timeout: float = 30.0) -> dict[str, Any]:
         data = None if payload is None else protocol.dumps(payload)
         if data and self._counter is not None:
             self._counter.bytes_sent += len(data)

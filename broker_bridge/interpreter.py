@@ -28,7 +28,7 @@ import logging
 import secrets
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
@@ -359,7 +359,7 @@ class SandboxInterpreter:
         return f"{output}\n{value!r}" if output else value
 
 
-def _is_identifier(name: Any) -> bool:
+def _is_identifier(name: object) -> bool:
     return isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)
 
 
@@ -397,7 +397,7 @@ def _as_keywords(tool: Callable[..., Any], args: list[Any], kwargs: dict[str, An
     return named
 
 
-def _await(awaitable: Any) -> Any:
+def _await(awaitable: Awaitable[Any]) -> Any:
     async def wrapper() -> Any:
         return await awaitable
 
