@@ -78,8 +78,9 @@ CELERY_CONFIG: dict[str, Any] = dict(
 
 def point_at(app: Any, redis_url: str) -> None:
     """Use ``redis_url`` as the app's broker and result backend; call before the app is first used."""
-    app.conf.broker_url = redis_url
-    app.conf.result_backend = redis_url
+    from rlmq.redis_url import celery_settings
+
+    app.conf.update(celery_settings(redis_url))
 
 
 def client_app(redis_url: str) -> Any:

@@ -26,6 +26,7 @@ from redis.retry import Retry
 
 from rlmq.celery_config import RLM_QUEUE, RUN_TASK, client_app
 from rlmq.flower_repr import describe_inputs, task_reprs
+from rlmq.redis_url import connect
 from rlmq.run_options import check_tools, with_options
 from rlmq.settings import RUN_OPTIONS, Settings, SettingsError, load_dotenv_once, redis_url_from_env
 from rlmq.stack import running_stack_url
@@ -68,7 +69,7 @@ class Client:
         self.blob_chunk_bytes = blob_chunk_bytes
         # A restart of Redis (``rlmq up`` brings its own back within a second) is waited out by redis-py;
         # longer outages reach the caller as RedisUnreachable after ~2.5 s, so a wrong URL is said soon.
-        self.redis = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5, retry=_RETRY,
+        self.redis = connect(self.redis_url, socket_connect_timeout=5, retry=_RETRY,
                                           retry_on_error=[redis.ConnectionError, redis.TimeoutError])
         self.store = RunStore(self.redis)
         self.celery = client_app(self.redis_url)

@@ -1,12 +1,117 @@
-"""Redis URLs: which ones rlmq accepts, and which a worker must refuse (a remote Redis without a password)."""
+"""Redis URLs: which ones rlmq accepts, which a worker must refuse (a remote Redis without a password),
+and how a client of any kind connects to one — Redis Sentinel included.
+
+A Sentinel deployment is named in Celery's own form, one ``sentinel://`` per Sentinel joined by ``;``,
+the Redis servers' password on the first, the database on the last, plus the query arguments
+``master_name`` (required) and ``sentinel_password`` (the Sentinels' own ``requirepass``, if set)::
+
+    sentinel://:PASSWORD@h1:26379;sentinel://h2:26379;sentinel://h3:26379/0?master_name=rlmq
+
+Every rlmq Redis client (:func:`connect`) asks the Sentinels for the primary and asks again after a
+failover (redis-py's ``SentinelConnectionPool``); Celery gets the same URL without the query and the
+two arguments as its broker and result-backend transport options (:func:`celery_settings`).
+"""
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
-from urllib.parse import urlparse
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote, urlparse
 
-__all__ = ["parse_url", "redis_url_argument", "unauthenticated_redis_problem"]
+if TYPE_CHECKING:  # redis-py is imported by the clients that connect, not by every reader of settings
+    import redis
+
+__all__ = ["SentinelURL", "celery_settings", "connect", "parse_url", "redis_url_argument",
+           "unauthenticated_redis_problem"]
+
+SENTINEL = "sentinel"
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """A parsed ``sentinel://`` URL (see the module docstring)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    master_name: str
+    db: int
+    username: str | None
+    password: str | None  # the Redis servers'
+    sentinel_password: str | None  # the Sentinels'
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelURL:
+        body, _, query = url.strip().partition("?")
+        args = {k: v[-1] for k, v in parse_qs(query).items()}
+        if not args.get("master_name"):
+            raise ValueError("a sentinel:// URL needs ?master_name=NAME (the name the Sentinels monitor)")
+        unknown = sorted(set(args) - {"master_name", "sentinel_password"})
+        if unknown:
+            raise ValueError(f"unknown argument(s) {', '.join(unknown)} in the sentinel:// URL")
+        sentinels: list[tuple[str, int]] = []
+        username = password = None
+        db = 0
+        for n, chunk in enumerate(body.split(";")):
+            part = urlparse(chunk.strip())
+            if part.scheme != SENTINEL or not part.hostname:
+                raise ValueError("each ';'-separated part must be sentinel://host:port")
+            try:
+                sentinels.append((part.hostname, part.port or 26379))
+            except ValueError:
+                raise ValueError("has a port that is not a number") from None
+            if n == 0 and part.password:
+                username, password = unquote(part.username or "") or None, unquote(part.password)
+            if part.path.strip("/"):
+                if not part.path.strip("/").isdigit():
+                    raise ValueError("the database after the last Sentinel must be a number, e.g. /0")
+                db = int(part.path.strip("/"))
+        return cls(tuple(sentinels), args["master_name"], db, username, password, args.get("sentinel_password"))
+
+    def celery_url(self) -> str:
+        """Celery's form, without rlmq's query arguments (they go in transport options)."""
+        auth = f"{self.username or ''}:{self.password}@" if self.password else ""
+        parts = [f"{SENTINEL}://{auth if n == 0 else ''}{host}:{port}" for n, (host, port) in enumerate(self.sentinels)]
+        return ";".join(parts) + f"/{self.db}"
+
+    def sentinel_kwargs(self) -> dict[str, Any]:
+        """How to talk to the Sentinels: their password, short timeouts, and no retries of one that does
+        not answer (the next is asked anyway; redis-py's default retries, nested inside the primary's
+        own, stall a client for over a minute when a Sentinel's host is gone)."""
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        return {"socket_timeout": 1.0, "socket_connect_timeout": 1.0, "retry": Retry(NoBackoff(), 0),
+                **({"password": self.sentinel_password} if self.sentinel_password else {})}
+
+
+def is_sentinel(url: str) -> bool:
+    return url.strip().startswith(f"{SENTINEL}://")
+
+
+def connect(url: str, **kwargs: Any) -> redis.Redis:
+    """A client of ``url`` (``kwargs`` as ``redis.Redis`` takes them); for Sentinel, one of the primary
+    that finds the new primary after a failover."""
+    import redis
+
+    if not is_sentinel(url):
+        return redis.Redis.from_url(url, **kwargs)
+    from redis.sentinel import Sentinel
+
+    parsed = SentinelURL.parse(url)
+    sentinel = Sentinel(list(parsed.sentinels), sentinel_kwargs=parsed.sentinel_kwargs())
+    return sentinel.master_for(parsed.master_name, redis_class=redis.Redis, db=parsed.db,
+                               username=parsed.username, password=parsed.password, **kwargs)
+
+
+def celery_settings(url: str) -> dict[str, Any]:
+    """Celery's ``broker_url``, ``result_backend`` and, for Sentinel, their transport options."""
+    if not is_sentinel(url):
+        return {"broker_url": url, "result_backend": url}
+    parsed = SentinelURL.parse(url)
+    options = {"master_name": parsed.master_name, "sentinel_kwargs": parsed.sentinel_kwargs()}
+    return {"broker_url": parsed.celery_url(), "result_backend": parsed.celery_url(),
+            "broker_transport_options": options, "result_backend_transport_options": options}
 
 
 def parse_url(*schemes: str) -> Callable[[str], str]:
@@ -14,6 +119,9 @@ def parse_url(*schemes: str) -> Callable[[str], str]:
 
     def parse(raw: str) -> str:
         value = raw.strip()
+        if SENTINEL in schemes and is_sentinel(value):
+            SentinelURL.parse(value)
+            return value
         parsed = urlparse(value)
         try:
             parsed.port  # noqa: B018  (raises ValueError for a port that is not a number)
@@ -32,21 +140,33 @@ def unauthenticated_redis_problem(url: str) -> str | None:
     Loopback and Unix sockets are this machine's own business (``rlmq up``'s Redis has a password
     anyway); anywhere else, whoever reaches the port could rewrite runs and caches and enqueue work.
     """
+    if is_sentinel(url):
+        sentinel = SentinelURL.parse(url)
+        if sentinel.password:
+            return None
+        remote = [h for h, _ in sentinel.sentinels if not _is_loopback(h)]
+        return None if not remote else (
+            f"REDIS_URL names Sentinels on {remote[0]} without the Redis password: put it in the first part, "
+            "e.g. sentinel://:PASSWORD@h1:26379;sentinel://h2:26379/0?master_name=rlmq")
     parsed = urlparse(url)
     if parsed.scheme == "unix" or parsed.password or "password=" in parsed.query:
         return None
     if "ssl_certfile=" in parsed.query and parsed.scheme == "rediss":
         return None  # TLS client certificates authenticate the worker
     host = (parsed.hostname or "").lower()
-    try:
-        if host == "localhost" or ipaddress.ip_address(host).is_loopback:
-            return None
-    except ValueError:
-        pass
+    if _is_loopback(host):
+        return None
     return (f"REDIS_URL points at {host or '?'} without a password: set one on the server (requirepass or an "
             "ACL user) and put it in the URL, e.g. redis://rlmq-worker:PASSWORD@host:6379/0")
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return host.lower() == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def redis_url_argument(raw: str) -> str:
     """``--redis-url``'s value, checked like ``REDIS_URL``."""
-    return parse_url("redis", "rediss", "unix")(raw)
+    return parse_url("redis", "rediss", "unix", SENTINEL)(raw)

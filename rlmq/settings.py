@@ -164,7 +164,7 @@ def _opt(env: str, parse: Callable[[str], Any], default: Any, *, per_run: bool =
 class Settings:
     """Everything a worker or client needs; see the README's configuration table."""
 
-    redis_url: str = _opt("REDIS_URL", parse_url("redis", "rediss", "unix"), "", per_run=False)
+    redis_url: str = _opt("REDIS_URL", parse_url("redis", "rediss", "unix", "sentinel"), "", per_run=False)
     lm: str = _opt("RLMQ_LM", _model, "")
     sub_lm: str = _opt("RLMQ_SUB_LM", _model, "")  # empty: same as lm
     lm_api_base: str | None = _opt("RLMQ_LM_API_BASE", parse_url("http", "https"), None)

@@ -16,7 +16,7 @@ from celery import Celery, signals
 from kombu import Queue
 
 from rlmq.celery_config import CELERY_CONFIG, LLM_QUEUE, QUEUES, RLM_QUEUE, point_at
-from rlmq.redis_url import unauthenticated_redis_problem
+from rlmq.redis_url import celery_settings, unauthenticated_redis_problem
 from rlmq.settings import SandboxBackend, Settings, SettingsError, redis_url_from_env
 from workers.context import setting_at_import, worker_settings
 from workers.hardening import make_non_dumpable
@@ -78,7 +78,7 @@ def _refuse_a_bad_start(queues: set[str]) -> Settings:
 def _use_the_settings_redis(conf: Any, settings: Settings) -> None:
     """The broker and result backend are the settings' Redis (``.env`` included, not only the environment)."""
     if conf is not None:
-        conf.broker_url = conf.result_backend = settings.redis_url
+        conf.update(celery_settings(settings.redis_url))
 
 
 def _reserve_runs_only_when_free(conf: Any) -> None:

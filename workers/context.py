@@ -25,6 +25,7 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
+from rlmq.redis_url import connect
 from rlmq.settings import Settings, SettingsError
 
 __all__ = ["OUTAGE_RETRY", "SOCKET_TIMEOUT", "redis_client", "setting_at_import", "worker_settings"]
@@ -56,5 +57,5 @@ def setting_at_import(name: str) -> Any:
 def redis_client(url: str | None = None, *, wait_out_outages: bool = True) -> redis.Redis:
     """A shared client (redis-py pools are thread-safe and reset themselves after fork)."""
     retry = OUTAGE_RETRY if wait_out_outages else Retry(NoBackoff(), retries=0)
-    return redis.Redis.from_url(url or worker_settings().redis_url, health_check_interval=30, retry=retry,
+    return connect(url or worker_settings().redis_url, health_check_interval=30, retry=retry,
                                 retry_on_error=_OUTAGE_ERRORS, socket_timeout=SOCKET_TIMEOUT)

@@ -27,6 +27,7 @@ from types import TracebackType
 import pytest
 from celery import Celery
 
+from rlmq.celery_config import point_at
 from rlmq.stack import ChildProcess, LocalStack, flower_command
 from tests.support.net import free_port, http_get
 from tests.support.stub_llm import StubLLM
@@ -89,7 +90,8 @@ class Fleet:
             "LITELLM_LOCAL_MODEL_COST_MAP": "True", **(env or {}), "PYTHONPATH": pythonpath,
         }, cwd=cwd)
         self.workers: list[WorkerProcess] = []
-        self.client = Celery("rlmq-test-client", broker=redis_url, backend=redis_url)
+        self.client = Celery("rlmq-test-client")
+        point_at(self.client, redis_url)  # a sentinel:// URL too
         self.client.conf.accept_content = ["json"]
 
     def start(self, queue: str, *, name: str, concurrency: int = 4, pool: str | None = None,
