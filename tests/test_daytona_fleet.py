@@ -1,0 +1,137 @@
+"""rlmq's runs on Daytona, against the emulator (``tests.support.daytona_emulator``) driven by the
+unmodified SDK: no Daytona sandbox outlives its run.
+
+First the worker's wiring, in this process on real Redis: a sandbox is leased before it is created,
+the lease says where it lives, a stopping run refuses a sandbox still booting, and recovery deletes a
+dead attempt's sandboxes by label. Then a Celery fleet with ``RLMQ_SANDBOX=daytona`` (two rlm workers,
+one llm worker, 3-s leases, 1-s sweeps): a fan-out run, cancels before the sandbox exists and during a
+step, and a SIGKILL of the worker mid-run and mid-boot.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("daytona")
+from daytona import CreateSandboxFromSnapshotParams
+
+from broker_bridge import SandboxError, SandboxInfo, SandboxStartError, interpreter_factory
+from broker_bridge.backends import bwrap
+from broker_bridge.backends.daytona import client as daytona_client_module
+from tests.support.daytona_emulator.harness import EmulatorProcess, running_emulator
+from tests.support.reliability import WORKER_ENV
+from tests.support.wait import wait_until
+from workers.run_engine import sandbox_ttl_minutes
+from workers.sandbox_registry import (
+    LeaseKeeper,
+    LeaseRegistry,
+    attempt_labels,
+    reap_attempt,
+    reap_expired,
+)
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(bwrap.probe()[0] is None, reason=f"no namespaces here: {bwrap.probe()[1]}"),
+]
+
+LEASE_SECONDS = float(WORKER_ENV["RLMQ_LEASE_TTL"])
+SWEEP_SECONDS = float(WORKER_ENV["RLMQ_MAINTENANCE_INTERVAL"])
+
+
+def of_run(emulator: EmulatorProcess, run_id: str, attempt: int | None = None) -> list[dict]:
+    """The emulator's sandboxes of ``run_id`` (of one attempt if given), whatever their state."""
+    wanted = attempt_labels(run_id, attempt) if attempt else {"rlmq.run": run_id}
+    return [s for s in emulator.sandboxes() if all(s["labels"].get(k) == v for k, v in wanted.items())]
+
+
+# ------------------------------------------------------------------ the worker's wiring
+
+def test_sandbox_ttl_follows_the_run_time_limit() -> None:
+    assert sandbox_ttl_minutes(None, 6 * 3600) == 6 * 60 + 10  # the worker's limit
+    assert sandbox_ttl_minutes(600, 6 * 3600) == 20  # the run's own, shorter
+    assert sandbox_ttl_minutes(10 * 3600, 3600) == 70  # never past the worker's
+
+
+def test_a_sandbox_is_leased_before_it_exists_and_reaped_where_it_lives(daytona_env, redis_client,
+                                                                         monkeypatch) -> None:
+    """The lease is there while Daytona is still creating the sandbox, and it names the run's Daytona,
+    which a reaper whose environment points elsewhere still reaches."""
+    with running_emulator("--create-delay", "2", api_key=daytona_env.api_key) as runs_daytona:
+        registry = LeaseRegistry(redis_client, ttl_seconds=0.5)
+        keeper = LeaseKeeper(registry, run_id="run-a", owner="dead-worker")
+        factory = interpreter_factory("daytona", api_url=runs_daytona.api_url, labels=attempt_labels("run-a", 1),
+                                      on_sandbox_creating=keeper.creating, on_sandbox_created=keeper.created,
+                                      on_sandbox_destroyed=keeper.destroyed)
+        interpreter = factory()
+        boot = threading.Thread(target=interpreter.start, daemon=True)
+        boot.start()
+        try:
+            creating = wait_until(lambda: [s for s in runs_daytona.sandboxes() if s["state"] == "creating"], 10,
+                                  "the sandbox being created")
+            (lease_id,) = registry.live()
+            assert creating[0]["name"] == lease_id and creating[0]["labels"]["rlmq.attempt"] == "1"
+            boot.join(30)
+            assert interpreter.execute("print(6 * 7)").strip() == "42"
+            # The worker "dies": nothing renews the lease, and this reaper's environment names another Daytona.
+            monkeypatch.setenv("DAYTONA_API_URL", daytona_env.api_url)
+            daytona_client_module.forget_clients()
+            time.sleep(0.6)
+            (reaped,) = reap_expired(redis_client, time.time())
+            assert reaped.provider == {"api_url": runs_daytona.api_url} and reaped.sandbox_id == lease_id
+            assert wait_until(lambda: runs_daytona.sandboxes() == [], 15, "the sandbox deleted where it lives")
+            assert registry.live() == [] and registry.homes("run-a") == [("daytona", reaped.provider)]
+        finally:
+            interpreter.shutdown()
+
+
+def test_a_stopping_run_refuses_a_sandbox_still_booting(daytona_env, redis_client) -> None:
+    """A cancel that arrives while the sandbox is being created is not lost: the sandbox is deleted as
+    its boot ends, and no later one may start."""
+    daytona_env.clock(create_delay=2.0)
+    registry = LeaseRegistry(redis_client, ttl_seconds=5)
+    keeper = LeaseKeeper(registry, run_id="run-b", owner="w")
+    factory = interpreter_factory("daytona", labels=attempt_labels("run-b", 1), on_sandbox_creating=keeper.creating,
+                                  on_sandbox_created=keeper.created, on_sandbox_destroyed=keeper.destroyed)
+    interpreter = factory()
+    failure: list[BaseException] = []
+    boot = threading.Thread(target=lambda: _catch(interpreter.start, failure), daemon=True)
+    boot.start()
+    wait_until(lambda: of_run(daytona_env, "run-b"), 10, "the sandbox being created")
+    keeper.close("cancel requested")  # what the run's ticker does on a cancel
+    boot.join(30)
+    assert len(failure) == 1 and isinstance(failure[0], SandboxError), failure
+    assert "stopping (cancel requested)" in str(failure[0])
+    assert wait_until(lambda: of_run(daytona_env, "run-b") == [], 15, "the booted sandbox deleted")
+    assert registry.live() == [] and keeper.held() == []
+    daytona_env.reset_requests()
+    with pytest.raises(SandboxStartError, match="stopping"):
+        factory().start()
+    assert daytona_env.requests().get("api POST /api/sandbox", 0) == 0
+
+
+def _catch(call, into: list[BaseException]) -> None:
+    try:
+        call()
+    except BaseException as exc:
+        into.append(exc)
+
+
+def test_recovery_reaps_a_dead_attempts_orphans_by_label(daytona_env, redis_client) -> None:
+    """A sandbox no lease names (its create completed after the lease was reaped) is found by its
+    attempt's labels, on the Daytona the run registered; another attempt's is left alone."""
+    client = daytona_env.client()
+    registry = LeaseRegistry(redis_client, ttl_seconds=5)
+    for attempt in (1, 2):
+        labels = {**attempt_labels("run-c", attempt), "rlmq.sandbox": f"rlmq-c{attempt}"}
+        client.create(CreateSandboxFromSnapshotParams(name=f"rlmq-c{attempt}", labels=labels), timeout=60)
+        info = SandboxInfo(backend="daytona", sandbox_id=f"rlmq-c{attempt}", labels=labels,
+                           provider={"api_url": daytona_env.api_url})
+        registry.register(info, run_id="run-c", owner="w")
+        registry.release(info.sandbox_id)  # reaped long ago: no lease names it any more
+    assert reap_attempt(redis_client, "run-c", 1) == 1
+    assert [s["name"] for s in daytona_env.sandboxes()] == ["rlmq-c2"]
+    assert reap_attempt(redis_client, "run-c", 1) == 0 and reap_attempt(redis_client, "run-none", 1) == 0
