@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -21,8 +22,12 @@ from daytona import CreateSandboxFromSnapshotParams
 from broker_bridge import SandboxError, SandboxInfo, SandboxStartError, interpreter_factory
 from broker_bridge.backends import bwrap
 from broker_bridge.backends.daytona import client as daytona_client_module
+from rlmq.client import Client
+from rlmq.store.records import RunStatus, RunStore
 from tests.support.daytona_emulator.harness import EmulatorProcess, running_emulator
-from tests.support.reliability import WORKER_ENV
+from tests.support.fleet import Fleet, WorkerProcess, redis_url_of, started_fleet
+from tests.support.reliability import WORKER_ENV, batch_step, prompt_repeats, submit, wait_status
+from tests.support.stub_llm import StubLLM
 from tests.support.wait import wait_until
 from workers.run_engine import sandbox_ttl_minutes
 from workers.sandbox_registry import (
@@ -135,3 +140,108 @@ def test_recovery_reaps_a_dead_attempts_orphans_by_label(daytona_env, redis_clie
     assert reap_attempt(redis_client, "run-c", 1) == 1
     assert [s["name"] for s in daytona_env.sandboxes()] == ["rlmq-c2"]
     assert reap_attempt(redis_client, "run-c", 1) == 0 and reap_attempt(redis_client, "run-none", 1) == 0
+
+
+# ------------------------------------------------------------------ a fleet on Daytona
+
+@pytest.fixture(scope="module")
+def fleet(redis_server, stub: StubLLM, daytona_emulator: EmulatorProcess) -> Iterator[Fleet]:
+    env = {**WORKER_ENV, "RLMQ_SANDBOX": "daytona", **daytona_emulator.env(), "RLMQ_LM_API_BASE": stub.api_base}
+    with started_fleet(redis_server.url, env, [("rlm", "rlm1", 1), ("rlm", "rlm2", 1), ("llm", "llmA", 8)],
+                       timeout=180) as fleet:
+        yield fleet
+
+
+@pytest.fixture
+def on_daytona(fleet: Fleet, emulator: EmulatorProcess, fresh_stub: StubLLM, r) -> EmulatorProcess:
+    """The fleet's emulator, its faults, clock and sandboxes reset around the test."""
+    return emulator
+
+
+ANSWERS = [f"answer-{i}" for i in range(12)]
+
+
+def holder_of(fleet: Fleet, hostname: str | None) -> WorkerProcess:
+    return next(w for w in fleet.workers if w.name == hostname and w.alive)
+
+
+def replace(fleet: Fleet, dead: WorkerProcess) -> None:
+    """Start a worker in place of a killed one, for the tests after this one."""
+    fleet.workers.remove(dead)
+    fleet.start(dead.queue, name=dead.name.split("@")[0], concurrency=1, wait=True)
+
+
+def test_a_fan_out_run_succeeds_in_a_daytona_sandbox(on_daytona, stub: StubLLM, r) -> None:
+    run_id, script = submit(r, stub, ["print(items)", batch_step(12, then="import time\ntime.sleep(2)"),
+                                      "SUBMIT(answers=answers)"], options={"time_limit": 600}, tag="dt-fanout")
+    (sandbox,) = wait_until(lambda: [s for s in of_run(on_daytona, run_id) if s["state"] == "started"], 60,
+                            "the run's sandbox started")
+    assert sandbox["labels"]["rlmq.attempt"] == "1" and sandbox["labels"]["rlmq.sandbox"] == sandbox["name"]
+    assert sandbox["autoDestroyAt"] is not None and sandbox["public"] is False
+    done = wait_status(r, run_id, timeout=120)
+    assert done.status is RunStatus.SUCCEEDED, (done.error, done.error_detail)
+    assert RunStore(r).result(run_id)["outputs"]["answers"] == ANSWERS and script.calls == [0, 1, 2]
+    assert done.progress.sandbox.backend == "daytona" and done.progress.sandbox.isolation == "vm"
+    assert wait_until(lambda: of_run(on_daytona, run_id) == [], 15, "the sandbox deleted")
+    assert LeaseRegistry(r, LEASE_SECONDS).live() == []
+
+
+def test_a_cancel_before_the_sandbox_exists_stops_the_run(on_daytona, stub: StubLLM, r) -> None:
+    on_daytona.clock(create_delay=3.0)
+    run_id, script = submit(r, stub, ["import time\ntime.sleep(60)", "SUBMIT(answers=[])"], tag="dt-early-cancel")
+    wait_until(lambda: [s for s in of_run(on_daytona, run_id) if s["state"] == "creating"], 60,
+               "the run's sandbox being created")
+    asked = time.monotonic()
+    Client(redis_url_of(r)).cancel(run_id)
+    done = wait_status(r, run_id, timeout=30)
+    print(f"\nMEASURED cancel during the create: CANCELLED after {time.monotonic() - asked:.1f}s")
+    assert done.status is RunStatus.CANCELLED, (done.error, done.error_detail)
+    assert script.calls == []  # neither the root LM nor the step (a minute's sleep) ran
+    assert wait_until(lambda: of_run(on_daytona, run_id) == [], 15, "the sandbox deleted once it booted")
+    assert LeaseRegistry(r, LEASE_SECONDS).live() == []
+
+
+def test_a_cancel_during_a_step_deletes_the_sandbox(on_daytona, stub: StubLLM, r) -> None:
+    run_id, _ = submit(r, stub, ["import time\nfor _ in range(600):\n    time.sleep(0.1)", "SUBMIT(answers=[])"],
+                       tag="dt-cancel")
+    wait_until(lambda: (rec := RunStore(r).get(run_id)).progress.iteration == 1 and rec, 60, "the step running")
+    asked = time.monotonic()
+    Client(redis_url_of(r)).cancel(run_id)
+    done = wait_status(r, run_id, timeout=20)
+    assert done.status is RunStatus.CANCELLED and time.monotonic() - asked < 15
+    assert wait_until(lambda: of_run(on_daytona, run_id) == [], 15, "the sandbox deleted")
+    assert LeaseRegistry(r, LEASE_SECONDS).live() == []
+
+
+@pytest.mark.parametrize("when", ["mid-run", "mid-boot"])
+def test_a_killed_worker_leaves_no_sandbox_of_its_attempt(fleet: Fleet, on_daytona, stub: StubLLM, r,
+                                                          when: str) -> None:
+    """SIGKILL of the rlm worker holding the run: the run resumes on the other worker, and within a lease
+    and a sweep (plus the deletion) the emulator lists no sandbox of the dead attempt."""
+    steps = ["print(items)", batch_step(12, then="import time\ntime.sleep(4)"), "SUBMIT(answers=answers)"]
+    if when == "mid-boot":
+        on_daytona.clock(create_delay=30.0)
+    run_id, _ = submit(r, stub, steps, tag=f"dt-kill-{when}")
+    if when == "mid-boot":
+        wait_until(lambda: [s for s in of_run(on_daytona, run_id) if s["state"] == "creating"], 60, "creating")
+    else:
+        wait_until(lambda: RunStore(r).get(run_id).progress.iteration == 2 and of_run(on_daytona, run_id), 60,
+                   "the run in its second step")
+    holder = holder_of(fleet, RunStore(r).get(run_id).worker)
+    fleet.kill(holder)
+    killed_at = time.monotonic()
+    on_daytona.clock(create_delay=0.0)  # the next attempt boots at once
+    bound = LEASE_SECONDS + SWEEP_SECONDS + 10.0  # the lease lapses, a sweep notices, the deletion runs
+    try:
+        assert wait_until(lambda: of_run(on_daytona, run_id, 1) == [], bound, "no sandbox of attempt 1")
+        gone_after = time.monotonic() - killed_at
+        done = wait_status(r, run_id, timeout=120)
+        print(f"\nMEASURED kill {when}: attempt 1's sandbox gone {gone_after:.1f}s after the kill, "
+              f"run {done.status.value} after {time.monotonic() - killed_at:.1f}s")
+        assert done.status is RunStatus.SUCCEEDED and done.attempt == 2, (done.error, done.restarts)
+        assert RunStore(r).result(run_id)["outputs"]["answers"] == ANSWERS
+        assert prompt_repeats(stub) == {}  # the replay read the caches
+        assert wait_until(lambda: of_run(on_daytona, run_id) == [], 15, "attempt 2's sandbox deleted")
+        assert LeaseRegistry(r, LEASE_SECONDS).live() == []
+    finally:
+        replace(fleet, holder)
