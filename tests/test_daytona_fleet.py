@@ -10,6 +10,7 @@ step, and a SIGKILL of the worker mid-run and mid-boot.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -23,11 +24,14 @@ from broker_bridge import SandboxError, SandboxInfo, SandboxStartError, interpre
 from broker_bridge.backends import bwrap
 from broker_bridge.backends.daytona import client as daytona_client_module
 from rlmq.client import Client
+from rlmq.demo import CHARACTERS
 from rlmq.store.records import RunStatus, RunStore
+from tests.support.cli import cli_env, rlmq
 from tests.support.daytona_emulator.harness import EmulatorProcess, running_emulator
+from tests.support.demo_script import DEMO, demo_sub_answer
 from tests.support.fleet import Fleet, WorkerProcess, redis_url_of, started_fleet
 from tests.support.reliability import WORKER_ENV, batch_step, prompt_repeats, submit, wait_status
-from tests.support.stub_llm import StubLLM
+from tests.support.stub_llm import StubLLM, route
 from tests.support.wait import wait_until
 from workers.run_engine import sandbox_ttl_minutes
 from workers.sandbox_registry import (
@@ -140,6 +144,24 @@ def test_recovery_reaps_a_dead_attempts_orphans_by_label(daytona_env, redis_clie
     assert reap_attempt(redis_client, "run-c", 1) == 1
     assert [s["name"] for s in daytona_env.sandboxes()] == ["rlmq-c2"]
     assert reap_attempt(redis_client, "run-c", 1) == 0 and reap_attempt(redis_client, "run-none", 1) == 0
+
+
+# ------------------------------------------------------------------ the demo, as a user runs it
+
+def test_the_monte_cristo_demo_runs_on_daytona(tmp_path, daytona_env, stub_llm: StubLLM) -> None:
+    """``rlmq demo monte-cristo --sandbox daytona`` with only the emulator's URL and key in the
+    environment: the demo's own stack runs the analysis in a Daytona sandbox and deletes it."""
+    stub_llm.set_responder(route(root=DEMO, sub=demo_sub_answer))
+    env = cli_env(tmp_path, RLMQ_LM="openai/scripted-root", RLMQ_SUB_LM="openai/stub-sub",
+                  RLMQ_LM_API_BASE=stub_llm.api_base, OPENAI_API_KEY="stub-key", **daytona_env.env())
+    result = rlmq("demo", "monte-cristo", "--sandbox", "daytona", "--output-dir", str(tmp_path / "out"), env=env,
+                  cwd=tmp_path, timeout=600)
+    assert result.code == 0, result.stderr
+    rows = json.loads((tmp_path / "out" / "monte_cristo_wealth.json").read_text())
+    assert len(rows) == 117 * 5 and {r["character"] for r in rows} == set(CHARACTERS)
+    assert (tmp_path / "out" / "monte_cristo_wealth.png").read_bytes().startswith(b"\x89PNG")
+    assert daytona_env.requests().get("api POST /api/sandbox", 0) == 1  # the code ran on Daytona
+    assert wait_until(lambda: daytona_env.sandboxes() == [], 15, "the demo's sandbox deleted")
 
 
 # ------------------------------------------------------------------ a fleet on Daytona
