@@ -11,9 +11,14 @@ step, and a SIGKILL of the worker mid-run and mid-boot.
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -26,10 +31,10 @@ from broker_bridge.backends.daytona import client as daytona_client_module
 from rlmq.client import Client
 from rlmq.demo import CHARACTERS
 from rlmq.store.records import RunStatus, RunStore
-from tests.support.cli import cli_env, rlmq
+from tests.support.cli import cli_env, processes_with_cmdline, rlmq
 from tests.support.daytona_emulator.harness import EmulatorProcess, running_emulator
 from tests.support.demo_script import DEMO, demo_sub_answer
-from tests.support.fleet import Fleet, WorkerProcess, redis_url_of, started_fleet
+from tests.support.fleet import REPO_ROOT, Fleet, WorkerProcess, redis_url_of, started_fleet
 from tests.support.reliability import WORKER_ENV, batch_step, prompt_repeats, submit, wait_status
 from tests.support.stub_llm import StubLLM, route
 from tests.support.wait import wait_until
@@ -162,6 +167,30 @@ def test_the_monte_cristo_demo_runs_on_daytona(tmp_path, daytona_env, stub_llm: 
     assert (tmp_path / "out" / "monte_cristo_wealth.png").read_bytes().startswith(b"\x89PNG")
     assert daytona_env.requests().get("api POST /api/sandbox", 0) == 1  # the code ran on Daytona
     assert wait_until(lambda: daytona_env.sandboxes() == [], 15, "the demo's sandbox deleted")
+
+
+def test_the_readme_daytona_commands_work_as_written(tmp_path, stub_llm: StubLLM) -> None:
+    """The README's Daytona block, run by bash exactly as written, in a directory with the quick
+    start's ``.env`` and the virtualenv's ``python`` and ``rlmq`` first on ``PATH``."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- ci:daytona -->\n```bash\n(.*?)```", readme, re.DOTALL)
+    assert block, "README.md lost its ci:daytona block"
+    stub_llm.set_responder(route(root=DEMO, sub=demo_sub_answer))
+    (tmp_path / ".env").write_text(f"OPENAI_API_KEY=stub-key\nRLMQ_LM_API_BASE={stub_llm.api_base}\n")
+    env = cli_env(tmp_path)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    for name in ("DAYTONA_API_URL", "DAYTONA_API_KEY", "DAYTONA_TARGET"):
+        env.pop(name, None)
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", block.group(1)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"succeeded .* sandbox rlmq-[0-9a-f]{16} \(daytona, vm\)", done.stderr), done.stderr[-3000:]
+    rows = json.loads((tmp_path / "rlmq-output" / "monte_cristo_wealth.json").read_text())
+    assert len(rows) == 117 * 5
+    url = (tmp_path / "daytona-emulator.url").read_text().splitlines()[0]
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/api")
+    assert wait_until(lambda: not processes_with_cmdline("daytona_emulator --port 0 --api-key dev-key"), 20,
+                      "the emulator stopped by the block's kill")
 
 
 # ------------------------------------------------------------------ a fleet on Daytona
