@@ -7,9 +7,10 @@ depends on beat.
 
 For each active run, ``workers.claim.recover`` decides (:class:`~workers.claim.Recovery`); the dead
 attempt's sandboxes are deleted by their labels (``reap_attempt``: also those no lease names, such as
-one whose create completed after its worker died), then a restarted run is sent again (the run id stays the task id) and recorded in Celery's own terms (state RETRY, a
-``task-retried`` event; FAILURE or REVOKED for a run that ends here), so ``AsyncResult`` and Flower
-show it waiting, not lost. Any number of workers may sweep at once: exactly one restarts a given run.
+one whose create completed after its worker died); a restarted run is sent again (the run id stays
+the task id) and recorded in Celery's own terms (state RETRY, a ``task-retried`` event; FAILURE or
+REVOKED for a run that ends here), so ``AsyncResult`` and Flower show it waiting, not lost. Any
+number of workers may sweep at once: exactly one restarts a given run.
 
 A sweep never waits out a Redis outage (its client fails fast): a command held back until Redis
 returns could restart runs whose owners have not yet re-taken their lapsed claims. The next sweep is

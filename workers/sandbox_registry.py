@@ -183,9 +183,10 @@ class LeaseKeeper:
         """Lease the sandbox before it exists, so a worker killed mid-boot leaves it to a reaper."""
         with self._lock:
             self._refuse_if_closed(info)
+        self.registry.register(info, run_id=self.run_id, owner=self.owner)  # raising, it creates nothing
+        with self._lock:  # closed meanwhile: ``created`` refuses it
             self._held[info.sandbox_id] = info
             self._booting.add(info.sandbox_id)
-        self.registry.register(info, run_id=self.run_id, owner=self.owner)
 
     def created(self, info: SandboxInfo) -> None:
         with self._lock:

@@ -14,7 +14,7 @@ rlmq:run:{run_id}:owner             string  "{attempt}|{owner}" of the attempt r
 rlmq:run:{run_id}:result            string  the run's final result (JSON)
 rlmq:run:{run_id}:cancel            string  present when a cancel was requested
 rlmq:run:{run_id}:trajectory        list    one JSON entry per finished iteration, appended live
-rlmq:run:{run_id}:sandbox-homes     set     where its sandboxes live: JSON {backend, provider} (never a key)
+rlmq:run:{run_id}:sandbox-homes     set     where its sandboxes live: JSON {backend, provider} (no API key)
 rlmq:runs                           zset    run ids scored by submit time (unix seconds)
 rlmq:runs:active                    zset    runs started or restarted, not finished (score: last change)
 rlmq:worker:{hostname}              string  a live worker's heartbeat (TTL = RLMQ_WORKER_HEARTBEAT_TTL)
