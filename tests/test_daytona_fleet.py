@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -25,12 +26,12 @@ import pytest
 pytest.importorskip("daytona")
 from daytona import CreateSandboxFromSnapshotParams
 
-from broker_bridge import SandboxError, SandboxInfo, SandboxStartError, interpreter_factory
+from broker_bridge import BackendName, SandboxError, SandboxInfo, SandboxStartError, interpreter_factory
 from broker_bridge.backends import bwrap
 from broker_bridge.backends.daytona import client as daytona_client_module
 from rlmq.client import Client
 from rlmq.demo import CHARACTERS
-from rlmq.store.records import RunStatus, RunStore
+from rlmq.store.records import RunRecord, RunStatus, RunStore
 from tests.support.cli import cli_env, processes_with_cmdline, rlmq
 from tests.support.daytona_emulator.harness import EmulatorProcess, running_emulator
 from tests.support.demo_script import DEMO, demo_sub_answer
@@ -142,7 +143,7 @@ def test_recovery_reaps_a_dead_attempts_orphans_by_label(daytona_env, redis_clie
     for attempt in (1, 2):
         labels = {**attempt_labels("run-c", attempt), "rlmq.sandbox": f"rlmq-c{attempt}"}
         client.create(CreateSandboxFromSnapshotParams(name=f"rlmq-c{attempt}", labels=labels), timeout=60)
-        info = SandboxInfo(backend="daytona", sandbox_id=f"rlmq-c{attempt}", labels=labels,
+        info = SandboxInfo(backend=BackendName.DAYTONA, sandbox_id=f"rlmq-c{attempt}", labels=labels,
                            provider={"api_url": daytona_env.api_url})
         registry.register(info, run_id="run-c", owner="w")
         registry.release(info.sandbox_id)  # reaped long ago: no lease names it any more
@@ -212,6 +213,18 @@ def on_daytona(fleet: Fleet, emulator: EmulatorProcess, fresh_stub: StubLLM, r) 
 ANSWERS = [f"answer-{i}" for i in range(12)]
 
 
+def record_of(r, run_id: str) -> RunRecord:
+    record = RunStore(r).get(run_id)
+    assert record is not None, f"run {run_id} has no record"
+    return record
+
+
+def answers_of(r, run_id: str) -> list[str]:
+    result = RunStore(r).result(run_id)
+    assert result is not None, f"run {run_id} has no result"
+    return result["outputs"]["answers"]
+
+
 def holder_of(fleet: Fleet, hostname: str | None) -> WorkerProcess:
     return next(w for w in fleet.workers if w.name == hostname and w.alive)
 
@@ -228,11 +241,14 @@ def test_a_fan_out_run_succeeds_in_a_daytona_sandbox(on_daytona, stub: StubLLM, 
     (sandbox,) = wait_until(lambda: [s for s in of_run(on_daytona, run_id) if s["state"] == "started"], 60,
                             "the run's sandbox started")
     assert sandbox["labels"]["rlmq.attempt"] == "1" and sandbox["labels"]["rlmq.sandbox"] == sandbox["name"]
-    assert sandbox["autoDestroyAt"] is not None and sandbox["public"] is False
+    ttl = datetime.fromisoformat(sandbox["autoDestroyAt"]) - datetime.fromisoformat(sandbox["createdAt"])
+    assert ttl.total_seconds() == pytest.approx((10 + 10) * 60, abs=1)  # the run's 600-s limit + 10 min
+    assert sandbox["public"] is False
     done = wait_status(r, run_id, timeout=120)
     assert done.status is RunStatus.SUCCEEDED, (done.error, done.error_detail)
-    assert RunStore(r).result(run_id)["outputs"]["answers"] == ANSWERS and script.calls == [0, 1, 2]
-    assert done.progress.sandbox.backend == "daytona" and done.progress.sandbox.isolation == "vm"
+    assert answers_of(r, run_id) == ANSWERS and script.calls == [0, 1, 2]
+    assert done.progress.sandbox is not None
+    assert (done.progress.sandbox.backend, done.progress.sandbox.isolation) == ("daytona", "vm")
     assert wait_until(lambda: of_run(on_daytona, run_id) == [], 15, "the sandbox deleted")
     assert LeaseRegistry(r, LEASE_SECONDS).live() == []
 
@@ -255,7 +271,7 @@ def test_a_cancel_before_the_sandbox_exists_stops_the_run(on_daytona, stub: Stub
 def test_a_cancel_during_a_step_deletes_the_sandbox(on_daytona, stub: StubLLM, r) -> None:
     run_id, _ = submit(r, stub, ["import time\nfor _ in range(600):\n    time.sleep(0.1)", "SUBMIT(answers=[])"],
                        tag="dt-cancel")
-    wait_until(lambda: (rec := RunStore(r).get(run_id)).progress.iteration == 1 and rec, 60, "the step running")
+    wait_until(lambda: record_of(r, run_id).progress.iteration == 1, 60, "the step running")
     asked = time.monotonic()
     Client(redis_url_of(r)).cancel(run_id)
     done = wait_status(r, run_id, timeout=20)
@@ -276,9 +292,9 @@ def test_a_killed_worker_leaves_no_sandbox_of_its_attempt(fleet: Fleet, on_dayto
     if when == "mid-boot":
         wait_until(lambda: [s for s in of_run(on_daytona, run_id) if s["state"] == "creating"], 60, "creating")
     else:
-        wait_until(lambda: RunStore(r).get(run_id).progress.iteration == 2 and of_run(on_daytona, run_id), 60,
+        wait_until(lambda: record_of(r, run_id).progress.iteration == 2 and of_run(on_daytona, run_id), 60,
                    "the run in its second step")
-    holder = holder_of(fleet, RunStore(r).get(run_id).worker)
+    holder = holder_of(fleet, record_of(r, run_id).worker)
     fleet.kill(holder)
     killed_at = time.monotonic()
     on_daytona.clock(create_delay=0.0)  # the next attempt boots at once
@@ -290,7 +306,7 @@ def test_a_killed_worker_leaves_no_sandbox_of_its_attempt(fleet: Fleet, on_dayto
         print(f"\nMEASURED kill {when}: attempt 1's sandbox gone {gone_after:.1f}s after the kill, "
               f"run {done.status.value} after {time.monotonic() - killed_at:.1f}s")
         assert done.status is RunStatus.SUCCEEDED and done.attempt == 2, (done.error, done.restarts)
-        assert RunStore(r).result(run_id)["outputs"]["answers"] == ANSWERS
+        assert answers_of(r, run_id) == ANSWERS
         assert prompt_repeats(stub) == {}  # the replay read the caches
         assert wait_until(lambda: of_run(on_daytona, run_id) == [], 15, "attempt 2's sandbox deleted")
         assert LeaseRegistry(r, LEASE_SECONDS).live() == []
