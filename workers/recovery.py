@@ -5,10 +5,12 @@ expired are destroyed, and runs whose worker died are started again elsewhere.
 its own thread (``tasks.watchdog``), and in beat's ``reap_leases`` where beat is deployed: nothing
 depends on beat.
 
-For each active run, ``workers.claim.recover`` decides (:class:`~workers.claim.Recovery`); a restarted
-run is sent again (the run id stays the task id) and recorded in Celery's own terms (state RETRY, a
-``task-retried`` event; FAILURE or REVOKED for a run that ends here), so ``AsyncResult`` and Flower
-show it waiting, not lost. Any number of workers may sweep at once: exactly one restarts a given run.
+For each active run, ``workers.claim.recover`` decides (:class:`~workers.claim.Recovery`); the dead
+attempt's sandboxes are deleted by their labels (``reap_attempt``: also those no lease names, such as
+one whose create completed after its worker died); a restarted run is sent again (the run id stays
+the task id) and recorded in Celery's own terms (state RETRY, a ``task-retried`` event; FAILURE or
+REVOKED for a run that ends here), so ``AsyncResult`` and Flower show it waiting, not lost. Any
+number of workers may sweep at once: exactly one restarts a given run.
 
 A sweep never waits out a Redis outage (its client fails fast): a command held back until Redis
 returns could restart runs whose owners have not yet re-taken their lapsed claims. The next sweep is
@@ -30,7 +32,7 @@ from rlmq.store.records import RunStore
 from workers.claim import Recovery, recover
 from workers.context import redis_client, worker_settings
 from workers.outcomes import RunFailed, mark_revoked
-from workers.sandbox_registry import reap_expired
+from workers.sandbox_registry import reap_attempt, reap_expired
 
 __all__ = ["RECOVERY_GRACE_SECONDS", "RESEND_AFTER_SECONDS", "maintain", "reap_here", "recover_runs"]
 
@@ -53,6 +55,8 @@ def recover_runs(client: redis.Redis, app: Any, settings: Settings) -> dict[str,
         counts[action.value] += 1
         record = store.get(run_id)
         reason = (record.restart_reason if record else None) or "worker lost"
+        if record is not None and action is not Recovery.RESEND:  # RESTART made it the next attempt
+            reap_attempt(client, run_id, record.attempt - (action is Recovery.RESTART))
         if action in (Recovery.FAILED, Recovery.CANCELLED):
             error = record.error if record and record.error else reason
             logger.error("run %s %s: %s", run_id, action.value.upper(), error)

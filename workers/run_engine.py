@@ -9,6 +9,7 @@ outcome table (:mod:`workers.outcomes`).
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, NoReturn
 
 import dspy
@@ -32,14 +33,16 @@ from workers.outcomes import CeleryEnd, RunCancelled, RunFailed, ending_of, mark
 from workers.progress_publisher import IterationCallback, ProgressPublisher
 from workers.rlm import TracedRLM
 from workers.run_ticker import RunTicker
-from workers.sandbox_registry import LeaseKeeper, LeaseRegistry
+from workers.sandbox_registry import LeaseKeeper, LeaseRegistry, attempt_labels
 from workers.trajectory import TrajectoryLog
 from workers.usage import RunUsage
 from workers.user_tools import ToolLoadError, load_tools
 
-__all__ = ["RunExecution"]
+__all__ = ["RunExecution", "sandbox_ttl_minutes"]
 
 logger = logging.getLogger(__name__)
+
+SANDBOX_TTL_MARGIN_MINUTES = 10  # a boot (3 min at most) and the deletion after the run's last step
 
 
 class RunExecution:
@@ -76,7 +79,7 @@ class RunExecution:
         finally:
             self.ticker.stop()
             self.leases.stop()
-            self.leases.destroy_all()  # normally empty: DSPy shut the interpreter down
+            self.leases.close("the run ended", booting=True)  # normally empty: DSPy shut the interpreter down
             if self.trace is not None:
                 self.trace.expire(self.base.result_expires)
         return self._succeeded(result)
@@ -97,8 +100,10 @@ class RunExecution:
         self.trace = TrajectoryLog(self.client, self.run_id, stats, ttl_seconds=self.base.result_expires)
         inputs = get_blobs(self.client, spec.inputs)
         self.leases.start()
-        factory = _sandboxes(settings, self.base.run_time_limit, labels={"rlmq.run": self.run_id},
-                             on_sandbox_created=self._sandbox_created, on_sandbox_destroyed=self.leases.destroyed)
+        labels = attempt_labels(self.run_id, self.claim.attempt)  # what recovery reaps a dead attempt's by
+        factory = _sandboxes(settings, self.base.run_time_limit, labels=labels,
+                             on_sandbox_creating=self.leases.creating, on_sandbox_created=self._sandbox_created,
+                             on_sandbox_destroyed=self.leases.destroyed)
         fanout = Fanout(settings, app=self.task.app, options=spec.options, observer=stats,
                         should_stop=self.ticker.cancelled.is_set, run_id=self.run_id)
         rlm = TracedRLM(spec.signature, fanout=fanout, tools=tools, max_iters=settings.max_iters,
@@ -161,11 +166,22 @@ def _budget(stats: RunUsage, settings: Settings, *, started: float) -> Budget:
     return budget
 
 
-def _sandboxes(settings: Settings, tool_wait_limit: float, **hooks: Any) -> Any:
+def _sandboxes(settings: Settings, run_time_limit: float, **hooks: Any) -> Any:
     """The interpreter factory of the run's sandboxes (``hooks``: labels and the lease callbacks)."""
-    local = {"isolation": settings.local_isolation.value} if settings.sandbox is SandboxBackend.LOCAL else {}
+    backend: dict[str, Any]
+    if settings.sandbox is SandboxBackend.LOCAL:
+        backend = {"isolation": settings.local_isolation.value}
+    else:  # Daytona deletes the sandbox at its TTL even if every reaper is gone
+        backend = {"ttl_minutes": sandbox_ttl_minutes(settings.time_limit, run_time_limit)}
     return interpreter_factory(settings.sandbox.value, execution_timeout=settings.execution_timeout,
-                               tool_wait_limit=tool_wait_limit, **hooks, **local)
+                               tool_wait_limit=run_time_limit, **hooks, **backend)
+
+
+def sandbox_ttl_minutes(time_limit: float | None, run_time_limit: float) -> int:
+    """A Daytona sandbox's wall-clock cap: the run's time limit (its own, else the worker's) plus the
+    boot and cleanup margin; one attempt never outlives it."""
+    limit = min(time_limit, run_time_limit) if time_limit else run_time_limit
+    return math.ceil(limit / 60) + SANDBOX_TTL_MARGIN_MINUTES
 
 
 def _result_document(run_id: str, prediction: Any, output_fields: list[str], steps: int) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Each tick keeps the run's claim and publishes its progress. When the claim is lost (the run moved on
 to another attempt), a cancel is requested, or the run's wall-clock budget runs out, it deletes the
-run's sandbox instead, so the step running in it fails at once; ``cancelled`` also stops the fan-out.
+run's sandbox instead, so the step running in it fails at once, and no sandbox may start after it (one
+still booting is deleted as its boot ends); ``cancelled`` also stops the fan-out.
 """
 
 from __future__ import annotations
@@ -49,4 +50,4 @@ class RunTicker(Ticker):
         logger.warning("run %s: %s; deleting its sandbox", self.run_id, why)
         if cancel:
             self.cancelled.set()
-        self.leases.destroy_all()
+        self.leases.close(why)

@@ -16,6 +16,7 @@ rlmq:run:{run_id}:owner             string  "{attempt}|{owner}" of the attempt r
 rlmq:run:{run_id}:result            string  the run's final result (JSON)
 rlmq:run:{run_id}:cancel            string  present when a cancel was requested
 rlmq:run:{run_id}:trajectory        list    one JSON entry per finished iteration, appended live
+rlmq:run:{run_id}:sandbox-homes     set     where its sandboxes live: JSON {backend, provider} (no API key)
 rlmq:runs                           zset    run ids scored by submit time (unix seconds)
 rlmq:runs:active                    zset    runs started or restarted, not finished (score: last change)
 rlmq:worker:{hostname}              string  a live worker's heartbeat (TTL = RLMQ_WORKER_HEARTBEAT_TTL)
@@ -64,6 +65,7 @@ __all__ = [
     "run_key",
     "run_owner_key",
     "run_result_key",
+    "run_sandbox_homes_key",
     "run_trajectory_key",
     "runs_active_key",
     "runs_index_key",
@@ -122,6 +124,10 @@ def run_result_key(run_id: str) -> str:
 
 def run_cancel_key(run_id: str) -> str:
     return f"{run_key(run_id)}:cancel"
+
+
+def run_sandbox_homes_key(run_id: str) -> str:
+    return f"{run_key(run_id)}:sandbox-homes"
 
 
 def run_trajectory_key(run_id: str) -> str:
