@@ -247,6 +247,12 @@ class DaytonaSandbox(Sandbox):
                 last = f"HTTP {exc.code}"
             except (OSError, ValueError) as exc:  # URLError, timeouts, resets, a non-JSON page
                 last = f"{type(exc).__name__}: {exc}"
+            # the time is up: say what /health last answered (before a probe could run out of it)
+            if deadline - time.monotonic() <= 0:
+                self.broker_log = self._broker_output(sandbox, cmd_id)
+                raise SandboxStartError(f"the broker did not answer /health through the preview link within "
+                                        f"{self.options.boot_timeout:.0f}s (last: {last}); broker output: "
+                                        f"{self.broker_log[-1500:] or '(none)'}")
             if time.monotonic() >= next_probe:  # fail fast when the broker process already exited
                 next_probe = time.monotonic() + _PROBE_EVERY
                 command = sandbox.process.get_session_command(
@@ -255,11 +261,6 @@ class DaytonaSandbox(Sandbox):
                     self.broker_log = self._broker_output(sandbox, cmd_id)
                     raise SandboxStartError(f"the broker exited with code {command.exit_code}: "
                                             f"{self.broker_log[-1500:]}")
-            if deadline - time.monotonic() <= 0:
-                self.broker_log = self._broker_output(sandbox, cmd_id)
-                raise SandboxStartError(f"the broker did not answer /health through the preview link within "
-                                        f"{self.options.boot_timeout:.0f}s (last: {last}); broker output: "
-                                        f"{self.broker_log[-1500:] or '(none)'}")
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
     @staticmethod
