@@ -88,6 +88,8 @@ def client_app(redis_url: str) -> Any:
     from kombu import Queue
 
     app = Celery("rlmq-client", set_as_current=False)
-    app.conf.update(CELERY_CONFIG, task_queues=tuple(Queue(q) for q in QUEUES))
+    # kombu ships type information but leaves Queue.__init__ unannotated
+    queues = tuple(Queue(q) for q in QUEUES)  # type: ignore[no-untyped-call]
+    app.conf.update(CELERY_CONFIG, task_queues=queues)
     point_at(app, redis_url)
     return app

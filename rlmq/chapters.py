@@ -103,7 +103,7 @@ def split_chapters(text: str, *, what: str = "the text") -> list[str]:
     ]
     # 2. The last contents entry may be followed by a long preface: drop a heading that comes
     #    right after a run of contents entries when numbering then goes backwards (117 → 1).
-    kept: list[re.Match] = []
+    kept: list[re.Match[str]] = []
     for i, m in enumerate(headings):
         if not substantial[i]:
             continue

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 
 import redis
 
-from broker_bridge import SandboxInfo, destroy_sandbox
-from rlmq.store import keys
+from broker_bridge import BackendName, SandboxInfo, destroy_sandbox
+from rlmq.store import keys, replies
 from workers.ticker import Ticker
 
 __all__ = ["LeaseKeeper", "LeaseRegistry", "SandboxLease", "reap_expired"]
@@ -46,7 +46,7 @@ class SandboxLease:
     created_at: float = field(default_factory=time.time)
 
     def info(self) -> SandboxInfo:
-        return SandboxInfo(backend=self.backend, sandbox_id=self.sandbox_id, labels=dict(self.labels), host=self.host)
+        return SandboxInfo(backend=BackendName(self.backend), sandbox_id=self.sandbox_id, labels=dict(self.labels), host=self.host)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), allow_nan=False)
@@ -87,7 +87,7 @@ class LeaseRegistry:
         pipe.execute()
 
     def live(self) -> list[str]:
-        return [m.decode() for m in self.redis.zrange(keys.leases_index_key(), 0, -1)]
+        return replies.members(self.redis.zrange(keys.leases_index_key(), 0, -1))
 
 
 def reap_expired(client: redis.Redis, now: float, *, host: str | None = None,
@@ -96,8 +96,7 @@ def reap_expired(client: redis.Redis, now: float, *, host: str | None = None,
     host = host or socket.gethostname()
     index = keys.leases_index_key()
     reaped: list[SandboxLease] = []
-    for member in client.zrangebyscore(index, "-inf", now):
-        sandbox_id = member.decode() if isinstance(member, bytes) else str(member)
+    for sandbox_id in replies.members(client.zrangebyscore(index, "-inf", now)):
         raw = client.get(keys.lease_key(sandbox_id))
         lease = SandboxLease.from_json(raw) if raw else None
         if lease is not None and lease.backend == "local" and lease.host != host:

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from rlmq.store import keys
+from rlmq.store import keys, replies
 
 __all__ = ["BlobError", "encode_blob", "get_blob", "get_blobs", "put_blob", "put_blobs"]
 
@@ -52,7 +52,7 @@ def get_blob(client: redis.Redis, digest: str, *, verify: bool = True) -> Any:
     data = client.get(keys.blob_key(digest))
     if data is None:
         raise BlobError(f"input blob {digest[:12]}… is missing from Redis (expired or never uploaded)")
-    if verify and hashlib.sha256(data).hexdigest() != digest:
+    if verify and hashlib.sha256(replies.raw(data)).hexdigest() != digest:
         raise BlobError(f"input blob {digest[:12]}… does not match its digest")
     return json.loads(data)
 

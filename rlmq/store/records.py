@@ -14,6 +14,7 @@ only the final write, which a client's cancel of a queued run shares, is here
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
 import uuid
@@ -23,7 +24,7 @@ from typing import Any
 
 import redis
 
-from rlmq.store import keys
+from rlmq.store import keys, replies
 from rlmq.store.lua import lua_scripts
 
 __all__ = ["Batch", "CallUsage", "Progress", "RunRecord", "RunSandbox", "RunSpec", "RunStatus", "RunStore", "Usage",
@@ -332,14 +333,14 @@ class RunStore:
         pipe.execute()
 
     def get(self, run_id: str) -> RunRecord | None:
-        fields = self.redis.hgetall(keys.run_key(run_id))
+        fields = replies.raw_hash(self.redis.hgetall(keys.run_key(run_id)))
         if not fields or b"spec" not in fields:
             return None
         return RunRecord.from_hash(fields)
 
     def status(self, run_id: str) -> RunStatus | None:
         raw = self.redis.hget(keys.run_key(run_id), "status")
-        return RunStatus(raw.decode()) if raw else None
+        return RunStatus(replies.text(raw)) if raw else None
 
     def finish(self, run_id: str, status: RunStatus, *, result: dict[str, Any] | None = None,
                error: str | None = None, error_detail: str | None = None, progress: Progress | None = None,
@@ -371,11 +372,11 @@ class RunStore:
 
     def list(self, limit: int = 50) -> list[str]:
         """Most recent run ids first."""
-        return [r.decode() for r in self.redis.zrevrange(keys.runs_index_key(), 0, limit - 1)]
+        return replies.members(self.redis.zrevrange(keys.runs_index_key(), 0, limit - 1))
 
-    def active(self) -> list[str]:
+    def active(self) -> builtins.list[str]:  # ``list`` here is the method above
         """Runs that were started (or restarted) and have not finished."""
-        return [r.decode() for r in self.redis.zrange(keys.runs_active_key(), 0, -1)]
+        return replies.members(self.redis.zrange(keys.runs_active_key(), 0, -1))
 
     # cancellation
     def request_cancel(self, run_id: str, ttl_seconds: int = 7 * 24 * 3600) -> None:
