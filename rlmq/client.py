@@ -149,7 +149,7 @@ class Client:
         sizes = self.redis.pipeline()
         for digest in spec.inputs.values():
             sizes.strlen(blob_key(digest))
-        return {name: human_bytes(n) for name, n in zip(spec.inputs, sizes.execute())}
+        return {name: human_bytes(n) for name, n in zip(spec.inputs, sizes.execute(), strict=True)}
 
     # ---- follow ----------------------------------------------------------------------------
     def status(self, run_id: str) -> RunRecord:

@@ -47,8 +47,8 @@ def lost_subtasks(client: redis.Redis, task_ids: Sequence[str]) -> list[str]:
     hosts = sorted({replies.text(h) for h in holders if h})
     if not hosts:
         return []
-    alive = dict(zip(hosts, client.mget([keys.worker_heartbeat_key(h) for h in hosts])))
-    return [t for t, h in zip(task_ids, holders) if h and alive.get(replies.text(h)) is None]
+    alive = dict(zip(hosts, client.mget([keys.worker_heartbeat_key(h) for h in hosts]), strict=True))
+    return [t for t, h in zip(task_ids, holders, strict=True) if h and alive.get(replies.text(h)) is None]
 
 
 class Heartbeat:

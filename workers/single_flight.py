@@ -87,7 +87,7 @@ class ResponseCache:
         if not keys:
             return []
         raws = self.redis.mget([response_cache_key(k) for k in keys])
-        return [self._decode_entry(k, raw) for k, raw in zip(keys, raws)]
+        return [self._decode_entry(k, raw) for k, raw in zip(keys, raws, strict=True)]
 
     def _decode_entry(self, key: str, raw: bytes | str | None) -> dict[str, Any] | None:
         if raw is None:

@@ -165,7 +165,7 @@ def plot_wealth(
     ax = fig.add_subplot()
     colours = _colours(len(series))
     all_chapters, all_wealth = [], []
-    for (name, points), colour in zip(series.items(), colours):
+    for (name, points), colour in zip(series.items(), colours, strict=True):
         chapters = [c for c, _ in points]
         wealth = [w for _, w in points]
         all_chapters += chapters
