@@ -28,6 +28,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import dspy  # noqa: E402
 
+from bench._common import command_line  # noqa: E402
 from rlmq.celery_config import point_at  # noqa: E402
 from rlmq.local_redis import start_private_redis  # noqa: E402
 from rlmq.settings import Settings  # noqa: E402
@@ -80,13 +81,8 @@ def rlmq_fanout(stub: StubLLM, redis_url: str, prompts: list[str], args: argpars
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=500)
-    parser.add_argument("--latency", type=float, default=0.2)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=32)
-    parser.add_argument("--chunk-size", type=int, default=8, help="prompts per sub-task message")
-    args = parser.parse_args(argv)
+    args = command_line(__doc__, argv, prompts=500, latency=0.2, workers=2, threads=32,
+                        chunk_size=(8, "prompts per sub-task message"))
     prompts = [f"bench prompt {i}: who is the richest?" for i in range(args.prompts)]
 
     server = start_private_redis()

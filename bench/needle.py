@@ -18,7 +18,6 @@ untimed warm-up run. Prints each wall time and the ratio (a)/(b). Run: ``python 
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import statistics
@@ -33,6 +32,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import dspy  # noqa: E402
 
+from bench._common import command_line  # noqa: E402
 from rlmq.client import Client  # noqa: E402
 from rlmq.local_redis import start_private_redis  # noqa: E402
 from rlmq.store.records import RunStatus  # noqa: E402
@@ -87,15 +87,12 @@ def rlmq_run(client: Client, n: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--docs", type=int, default=500)
-    parser.add_argument("--rps", type=float, default=100.0)
-    parser.add_argument("--latency", type=float, default=0.25)
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args(argv)
+    args = command_line(__doc__, argv, docs=500, rps=100.0, latency=0.25, repeats=2)
 
     server = start_private_redis()
-    dspy_times, rlmq_times, throttled = [], [], []
+    dspy_times: list[float] = []
+    rlmq_times: list[float] = []
+    throttled: list[tuple[str, int, int]] = []  # (side, 429 replies, requests)
     try:
         with StubLLM(latency=args.latency) as stub:
             stub.set_responder(route(root=ScriptedRoot(STEPS), sub=sub_answer))

@@ -28,17 +28,17 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import redis  # noqa: E402
 
 from rlmq.local_redis import start_private_redis  # noqa: E402
-from rlmq.store.records import RunStore  # noqa: E402
+from rlmq.store.records import RunRecord, RunStore  # noqa: E402
 from tests.support.fleet import Fleet, configure_app  # noqa: E402
 from tests.support.reliability import (  # noqa: E402
     batch_step,
     prompt_repeats,
     sub_requests,
     submit,
-    wait_for,
     wait_status,
 )
 from tests.support.stub_llm import StubLLM  # noqa: E402
+from tests.support.wait import wait_until  # noqa: E402
 
 
 def main() -> int:
@@ -70,16 +70,22 @@ def main() -> int:
     return 0
 
 
+def stored(r: redis.Redis, run_id: str) -> RunRecord:
+    record = RunStore(r).get(run_id)
+    assert record is not None, f"run {run_id} has no record"
+    return record
+
+
 def kill_rlm(fleet: Fleet, stub: StubLLM, r: redis.Redis) -> tuple[str, float, int]:
     stub.reset_stats()
     run_id, _ = submit(r, stub, ["print(items)", batch_step(16, then="import time\ntime.sleep(3)"),
                                  "SUBMIT(answers=answers)"], tag="bench-rlm")
-    wait_for(lambda: RunStore(r).get(run_id).progress.iteration == 2 and sub_requests(stub) >= 16, 120,
-             "batch answered")
-    holder = next(w for w in fleet.workers if w.name == RunStore(r).get(run_id).worker)
+    wait_until(lambda: stored(r, run_id).progress.iteration == 2 and sub_requests(stub) >= 16, 120,
+               "batch answered")
+    holder = next(w for w in fleet.workers if w.name == stored(r, run_id).worker)
     fleet.kill(holder)
     t0 = time.monotonic()
-    wait_for(lambda: RunStore(r).get(run_id).attempt == 2, 300, "attempt 2")
+    wait_until(lambda: stored(r, run_id).attempt == 2, 300, "attempt 2")
     restarted = time.monotonic() - t0
     record = wait_status(r, run_id, timeout=300)
     assert record.status.value == "SUCCEEDED", record.error
@@ -89,7 +95,7 @@ def kill_rlm(fleet: Fleet, stub: StubLLM, r: redis.Redis) -> tuple[str, float, i
 def kill_llm(fleet: Fleet, stub: StubLLM, r: redis.Redis) -> tuple[str, float, int]:
     stub.reset_stats()
     run_id, _ = submit(r, stub, ["print(items)", batch_step(40), "SUBMIT(answers=answers)"], tag="bench-llm")
-    wait_for(lambda: sub_requests(stub) >= 6, 120, "batch under way")
+    wait_until(lambda: sub_requests(stub) >= 6, 120, "batch under way")
     fleet.kill(next(w for w in fleet.workers if w.queue == "llm" and w.alive))
     t0 = time.monotonic()
     record = wait_status(r, run_id, timeout=300)
