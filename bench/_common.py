@@ -39,8 +39,9 @@ class Column(Generic[Row]):
         return format(self.header, f"{align or ('<' if self.spec.endswith('s') else '>')}{width}s")
 
 
-def print_table(columns: Sequence[Column[Row]], rows: Sequence[Row]) -> None:
-    """One line of headers, then one line per row; cells are separated by a space."""
+def print_table(caption: str, columns: Sequence[Column[Row]], rows: Sequence[Row]) -> None:
+    """The caption, a line of headers, then one line per row; cells are separated by a space."""
+    print(caption)
     print(" ".join(c.heading() for c in columns))
     for row in rows:
         print(" ".join(format(c.cell(row), c.spec) for c in columns))

@@ -166,19 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     args = command_line(__doc__, argv, runs=32, docs=100, latency=0.1,
                         pools="prefork:2,prefork:4,prefork:8,threads:8,threads:16,threads:32")
     pools = [(p.split(":")[0], int(p.split(":")[1])) for p in args.pools.split(",")]
-    server = start_private_redis()
     rows: list[PoolResult] = []
-    try:
-        with StubLLM(latency=args.latency) as stub:
-            stub.set_responder(route(root=ScriptedRoot(STEPS), sub=sub_answer))
-            for pool, concurrency in pools:
-                rows.append(run_pool(server.url, stub, pool, concurrency, args))
-                print(f"  {rows[-1].pool}: {rows[-1].wall:.1f}s", flush=True)
-    finally:
-        server.stop()
-    print(f"\n{args.runs} concurrent runs x {args.docs} documents; stub latency {args.latency * 1000:.0f} ms; "
-          f"1 llm worker x 32 threads; {os.cpu_count()} cores")
-    print_table(COLUMNS, rows)
+    with start_private_redis() as server, StubLLM(latency=args.latency) as stub:
+        stub.set_responder(route(root=ScriptedRoot(STEPS), sub=sub_answer))
+        for pool, concurrency in pools:
+            rows.append(run_pool(server.url, stub, pool, concurrency, args))
+            print(f"  {rows[-1].pool}: {rows[-1].wall:.1f}s", flush=True)
+    print_table(f"\n{args.runs} concurrent runs x {args.docs} documents; stub latency {args.latency * 1000:.0f} ms; "
+                f"1 llm worker x 32 threads; {os.cpu_count()} cores", COLUMNS, rows)
     return 0
 
 

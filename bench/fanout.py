@@ -85,9 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                         chunk_size=(8, "prompts per sub-task message"))
     prompts = [f"bench prompt {i}: who is the richest?" for i in range(args.prompts)]
 
-    server = start_private_redis()
-    point_at(app, server.url)
-    try:
+    with start_private_redis() as server:
+        point_at(app, server.url)
         with StubLLM(latency=args.latency) as stub:
             print(f"stub latency {args.latency * 1000:.0f} ms, {args.prompts} prompts", flush=True)
             builtin = dspy_builtin(stub, prompts)
@@ -103,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
                             "llm workers": [w.proc.pid for w in workers], "redis": [server.process.pid]}
                 cold, warm, cpu = rlmq_fanout(stub, server.url, prompts, args, cpu_pids)
             sent_fleet = stub.request_count
-    finally:
-        server.stop()
 
     slots = args.workers * args.threads
     ideal = args.prompts * args.latency / slots

@@ -89,33 +89,29 @@ def rlmq_run(client: Client, n: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = command_line(__doc__, argv, docs=500, rps=100.0, latency=0.25, repeats=2)
 
-    server = start_private_redis()
     dspy_times: list[float] = []
     rlmq_times: list[float] = []
     throttled: list[tuple[str, int, int]] = []  # (side, 429 replies, requests)
-    try:
-        with StubLLM(latency=args.latency) as stub:
-            stub.set_responder(route(root=ScriptedRoot(STEPS), sub=sub_answer))
-            stub.set_provider_limit(args.rps, headers="openai")
-            env = {"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub",
-                   "RLMQ_LM_API_BASE": stub.api_base}  # nothing about rate limits: the defaults
-            with Fleet(server.url, env) as fleet:
-                workers = [fleet.start("rlm", name="needle-rlm", concurrency=2, wait=False),
-                           fleet.start("llm", name="needle-llm", concurrency=32, wait=False)]
-                fleet.wait_ready(workers, timeout=180)
-                client = Client(server.url)
-                dspy_in_process(stub, 20)  # warm-ups, untimed
-                rlmq_run(client, 20)
-                for _ in range(args.repeats):
-                    for side, fn, times in (("dspy", lambda: dspy_in_process(stub, args.docs), dspy_times),
-                                            ("rlmq", lambda: rlmq_run(client, args.docs), rlmq_times)):
-                        time.sleep(1.5)  # the provider's bucket refills between runs
-                        stub.reset_stats()
-                        times.append(fn())
-                        throttled.append((side, sum(r.status == 429 for r in stub.requests), stub.request_count))
-                        print(f"  {side}: {times[-1]:.2f}s", flush=True)
-    finally:
-        server.stop()
+    with start_private_redis() as server, StubLLM(latency=args.latency) as stub:
+        stub.set_responder(route(root=ScriptedRoot(STEPS), sub=sub_answer))
+        stub.set_provider_limit(args.rps, headers="openai")
+        env = {"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub",
+               "RLMQ_LM_API_BASE": stub.api_base}  # nothing about rate limits: the defaults
+        with Fleet(server.url, env) as fleet:
+            workers = [fleet.start("rlm", name="needle-rlm", concurrency=2, wait=False),
+                       fleet.start("llm", name="needle-llm", concurrency=32, wait=False)]
+            fleet.wait_ready(workers, timeout=180)
+            client = Client(server.url)
+            dspy_in_process(stub, 20)  # warm-ups, untimed
+            rlmq_run(client, 20)
+            for _ in range(args.repeats):
+                for side, fn, times in (("dspy", lambda: dspy_in_process(stub, args.docs), dspy_times),
+                                        ("rlmq", lambda: rlmq_run(client, args.docs), rlmq_times)):
+                    time.sleep(1.5)  # the provider's bucket refills between runs
+                    stub.reset_stats()
+                    times.append(fn())
+                    throttled.append((side, sum(r.status == 429 for r in stub.requests), stub.request_count))
+                    print(f"  {side}: {times[-1]:.2f}s", flush=True)
 
     print(f"\n{args.docs} documents, provider {args.rps:g} requests/s (OpenAI headers), latency "
           f"{args.latency * 1000:.0f} ms, rlmq on default settings")

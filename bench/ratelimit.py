@@ -101,10 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                         latency=0.05, workers=2, threads=32)
     cases = [(c.split(":")[0], float(c.split(":")[1])) for c in args.cases.split(",")]
 
-    server = start_private_redis()
-    point_at(app, server.url)
     rows: list[CaseResult] = []
-    try:
+    with start_private_redis() as server:
+        point_at(app, server.url)
         with StubLLM(latency=args.latency) as stub:
             env = {"RLMQ_LM": "openai/bench", "RLMQ_LM_API_BASE": stub.api_base}  # no limit settings: defaults
             with Fleet(server.url, env) as fleet:
@@ -117,12 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                     row = run_case(stub, server.url, fmt, rate, args)
                     rows.append(row)
                     print(f"  done {fmt}:{rate:g} in {row.wall:.1f}s", flush=True)
-    finally:
-        server.stop()
 
-    print(f"\nstub latency {args.latency * 1000:.0f} ms; {args.workers} llm workers x {args.threads} threads; "
-          f"default settings (no RLMQ_RATE_LIMIT_RPS)\n")
-    print_table(COLUMNS, rows)
+    print_table(f"\nstub latency {args.latency * 1000:.0f} ms; {args.workers} llm workers x {args.threads} threads; "
+                f"default settings (no RLMQ_RATE_LIMIT_RPS)\n", COLUMNS, rows)
     return 0
 
 

@@ -49,21 +49,17 @@ def main() -> int:
     args = parser.parse_args()
     env_overrides = {k: str(v) for k, v in (("RLMQ_LEASE_TTL", args.lease), ("RLMQ_MAINTENANCE_INTERVAL", args.interval),
                                              ("RLMQ_WORKER_HEARTBEAT_TTL", args.heartbeat)) if v is not None}
-    server = start_private_redis()
-    try:
-        with StubLLM(latency=0.3) as stub:
-            configure_app(server.url)
-            env = {"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub",
-                   "RLMQ_LM_API_BASE": stub.api_base, "RLMQ_RATE_LIMIT_RPS": "1000", "RLMQ_RATE_LIMIT_BURST": "1000",
-                   **env_overrides}
-            with Fleet(server.url, env) as fleet:
-                workers = [fleet.start("rlm", name=f"rlm{i}", concurrency=1, wait=False) for i in (1, 2)]
-                workers += [fleet.start("llm", name=f"llm{i}", concurrency=4, wait=False) for i in (1, 2)]
-                fleet.wait_ready(workers, timeout=300)
-                r = redis.Redis.from_url(server.url)
-                rows = [("rlm worker SIGKILL", *kill_rlm(fleet, stub, r)), ("llm worker SIGKILL", *kill_llm(fleet, stub, r))]
-    finally:
-        server.stop()
+    with start_private_redis() as server, StubLLM(latency=0.3) as stub:
+        configure_app(server.url)
+        env = {"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub",
+               "RLMQ_LM_API_BASE": stub.api_base, "RLMQ_RATE_LIMIT_RPS": "1000", "RLMQ_RATE_LIMIT_BURST": "1000",
+               **env_overrides}
+        with Fleet(server.url, env) as fleet:
+            workers = [fleet.start("rlm", name=f"rlm{i}", concurrency=1, wait=False) for i in (1, 2)]
+            workers += [fleet.start("llm", name=f"llm{i}", concurrency=4, wait=False) for i in (1, 2)]
+            fleet.wait_ready(workers, timeout=300)
+            r = redis.Redis.from_url(server.url)
+            rows = [("rlm worker SIGKILL", *kill_rlm(fleet, stub, r)), ("llm worker SIGKILL", *kill_llm(fleet, stub, r))]
     print(f"{'fault':<20} {'restarted/resent':>18} {'succeeded after':>16} {'prompts paid twice':>19}")
     for name, first, done, twice in rows:
         print(f"{name:<20} {first:>18} {done:>15.1f}s {twice:>19}")
