@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     with start_private_redis() as server:
         point_at(app, server.url)
         with StubLLM(latency=args.latency) as stub:
-            env = {"RLMQ_LM": "openai/bench", "RLMQ_LM_API_BASE": stub.api_base}  # no limit settings: defaults
+            # no limit settings: defaults; each case's model (its own limiter state) and the warm-up's allowed
+            env = {"RLMQ_LM": "openai/bench", "RLMQ_LM_API_BASE": stub.api_base,
+                   "RLMQ_ALLOWED_MODELS": "openai/bench-*,openai/warm-up"}
             with Fleet(server.url, env) as fleet:
                 workers = [fleet.start("llm", name=f"rl{i}", concurrency=args.threads, wait=False)
                            for i in range(args.workers)]
