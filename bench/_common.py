@@ -16,12 +16,16 @@ Row = TypeVar("Row")
 def command_line(doc: str | None, argv: Sequence[str] | None = None, /,
                  **options: int | float | str | tuple[int | float | str, str]) -> argparse.Namespace:
     """Parse a benchmark's options: ``--name VALUE`` for each keyword (``chunk_size`` is ``--chunk-size``),
-    typed and defaulting as its value; ``(value, help)`` adds a help text. The description is the
-    first line of ``doc`` (the benchmark's docstring)."""
+    typed and defaulting as its value, or a bare ``--name`` flag for ``False``; ``(value, help)`` adds a
+    help text. The description is the first line of ``doc`` (the benchmark's docstring)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
     for name, option in options.items():
         default, help_text = option if isinstance(option, tuple) else (option, None)
-        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=help_text)
+        flag = "--" + name.replace("_", "-")
+        if default is False:
+            parser.add_argument(flag, action="store_true", help=help_text)
+        else:
+            parser.add_argument(flag, type=type(default), default=default, help=help_text)
     return parser.parse_args(argv)
 
 

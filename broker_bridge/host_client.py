@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import http.client
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker_bridge.keepalive import KeepAlivePool
 from broker_bridge.sandbox import protocol
+
+if TYPE_CHECKING:
+    from broker_bridge.backends.base import Sandbox
 
 
 class BrokerUnreachable(ConnectionError):
@@ -14,14 +17,14 @@ class BrokerUnreachable(ConnectionError):
 
 
 class BrokerClient:
-    def __init__(self, url: str, headers: dict[str, str], host_token: str, counter: Any = None) -> None:
+    def __init__(self, url: str, headers: dict[str, str], host_token: str, counter: Sandbox | None = None) -> None:
         protocol.broker_connection(url, timeout=None)  # validates the URL now
         self._url = url
         self._headers = {**headers, protocol.HOST_TOKEN_HEADER: host_token, "Content-Type": "application/json"}
         self._http = KeepAlivePool()
         self._counter = counter  # the backend, whose bytes_sent we add result bytes to
 
-    def _request(self, method: str, path: str, payload: Any = None, timeout: float = 30.0) -> dict[str, Any]:
+    def _request(self, method: str, path: str, payload: object = None, timeout: float = 30.0) -> dict[str, Any]:
         data = None if payload is None else protocol.dumps(payload)
         if data and self._counter is not None:
             self._counter.bytes_sent += len(data)
@@ -39,9 +42,10 @@ class BrokerClient:
     def poll(self, wait: float) -> list[dict[str, Any]]:
         """Every queued message (tool calls, outcomes), waiting up to ``wait`` seconds for the first."""
         reply = self._request("GET", f"{protocol.PATH_POLL}?wait={wait:.3f}", timeout=wait + 30)
-        return reply.get("messages", [])
+        messages: list[dict[str, Any]] = reply.get("messages", [])  # JSON from the sandbox: checked by the caller
+        return messages
 
-    def post_results(self, results: list[dict[str, Any]]) -> None:
+    def post_results(self, results: list[protocol.ResultMessage]) -> None:
         self._request("POST", protocol.PATH_RESULTS, {"results": results})
 
     def wake(self) -> None:

@@ -28,7 +28,7 @@ import logging
 import secrets
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
@@ -234,13 +234,13 @@ class SandboxInterpreter:
         finally:
             self._lock.release()
 
-    def _build_request(self, code: str, variables: dict[str, Any]) -> dict[str, Any]:
+    def _build_request(self, code: str, variables: dict[str, Any]) -> protocol.ExecuteRequest:
         tool_names = list(self.tools)
         bad_tools = [n for n in tool_names if not _is_identifier(n) or n in RESERVED_NAMES]
         if bad_tools:
             raise CodeInterpreterError(f"tool names must be plain Python identifiers: {bad_tools}")
         inline: dict[str, Any] = {}
-        files: dict[str, dict[str, str]] = {}
+        files: dict[str, protocol.InputFile] = {}
         for name, value in variables.items():
             if not _is_identifier(name) or name in RESERVED_NAMES or name in self.tools:
                 raise CodeInterpreterError(f"variable name {name!r} is not usable (reserved, a tool, or not an identifier)")
@@ -256,7 +256,7 @@ class SandboxInterpreter:
             files[name] = {"sha256": digest, "format": fmt}
         return protocol.execute_request(uuid.uuid4().hex, code, tool_names, self.output_fields, inline, files)
 
-    def _run(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _run(self, request: protocol.ExecuteRequest) -> dict[str, Any]:
         backend, client = self._backend, self._client
         assert backend is not None and client is not None
         driver = f"{RUNTIME_NAME}.execute({json.dumps(request, ensure_ascii=False)!r}, globals())\n"
@@ -293,7 +293,7 @@ class SandboxInterpreter:
             except (BrokerUnreachable, PermissionError) as exc:
                 finished.wait(10)
                 if failure:
-                    raise failure[0]
+                    raise failure[0]  # noqa: B904 - the code runner's own error, its cause left as it was
                 raise SandboxDied(f"the sandbox broker stopped answering: {exc}") from exc
             for message in messages:
                 if message.get("type") == protocol.CALL:
@@ -324,7 +324,7 @@ class SandboxInterpreter:
             if clock is not None:
                 clock.leave()
 
-    def _invoke_tool(self, call: dict[str, Any]) -> dict[str, Any]:
+    def _invoke_tool(self, call: dict[str, Any]) -> protocol.ResultMessage:
         name, call_id = call.get("name"), call.get("id", "")
         tool = self.tools.get(name) if isinstance(name, str) else None
         try:
@@ -359,7 +359,7 @@ class SandboxInterpreter:
         return f"{output}\n{value!r}" if output else value
 
 
-def _is_identifier(name: Any) -> bool:
+def _is_identifier(name: object) -> bool:
     return isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)
 
 
@@ -397,7 +397,7 @@ def _as_keywords(tool: Callable[..., Any], args: list[Any], kwargs: dict[str, An
     return named
 
 
-def _await(awaitable: Any) -> Any:
+def _await(awaitable: Awaitable[Any]) -> Any:
     async def wrapper() -> Any:
         return await awaitable
 

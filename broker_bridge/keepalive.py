@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import http.client
 import threading
-from typing import Any
 
 from broker_bridge.sandbox.protocol import broker_connection, connect
 
@@ -30,11 +29,13 @@ class KeepAlivePool:
         self._local = threading.local()
 
     def _connections(self) -> dict[str, tuple[http.client.HTTPConnection, str]]:
-        return self._local.__dict__.setdefault("connections", {})
+        connections: dict[str, tuple[http.client.HTTPConnection, str]] = self._local.__dict__.setdefault(
+            "connections", {})
+        return connections
 
     def request(self, base: str, method: str, path: str, *, body: bytes | None = None,
                 headers: dict[str, str] | None = None, timeout: float = 30.0,
-                retry_fresh: bool = False) -> tuple[int, Any, bytes]:
+                retry_fresh: bool = False) -> tuple[int, http.client.HTTPMessage, bytes]:
         """(status, headers, body). A kept-alive connection the server closed meanwhile is reopened
         once; ``retry_fresh`` also retries once after any other connection error. Errors are
         ``OSError`` (timeouts included) or ``http.client.HTTPException``, for the caller to classify."""

@@ -29,7 +29,7 @@ from rlmq.flower_repr import describe_inputs, task_reprs
 from rlmq.run_options import check_tools, with_options
 from rlmq.settings import RUN_OPTIONS, Settings, SettingsError, load_dotenv_once, redis_url_from_env
 from rlmq.stack import running_stack_url
-from rlmq.store.blobs import put_blobs
+from rlmq.store.blobs import CHUNK_BYTES, blob_size, put_blobs
 from rlmq.store.records import RunRecord, RunSpec, RunStatus, RunStore, new_run_id
 from rlmq.trace import read_trajectory
 
@@ -62,8 +62,10 @@ def resolve_redis_url(explicit: str | None = None) -> str:
 
 
 class Client:
-    def __init__(self, redis_url: str | None = None) -> None:
+    def __init__(self, redis_url: str | None = None, *, blob_chunk_bytes: int = CHUNK_BYTES) -> None:
+        """``blob_chunk_bytes``: no Redis value an input is stored in is larger (inputs past it are chunked)."""
         self.redis_url = resolve_redis_url(redis_url)
+        self.blob_chunk_bytes = blob_chunk_bytes
         # A restart of Redis (``rlmq up`` brings its own back within a second) is waited out by redis-py;
         # longer outages reach the caller as RedisUnreachable after ~2.5 s, so a wrong URL is said soon.
         self.redis = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5, retry=_RETRY,
@@ -114,7 +116,7 @@ class Client:
         run_id = new_run_id()
 
         def store_and_enqueue() -> None:
-            refs = put_blobs(self.redis, inputs)
+            refs = put_blobs(self.redis, inputs, chunk_bytes=self.blob_chunk_bytes)
             self.enqueue(RunSpec(run_id=run_id, signature=signature, inputs=refs, options=run_options,
                                  tools=tool_paths), described=describe_inputs(inputs))
 
@@ -144,12 +146,8 @@ class Client:
 
     def _blob_sizes(self, spec: RunSpec) -> dict[str, str]:
         from rlmq.flower_repr import human_bytes
-        from rlmq.store.keys import blob_key
 
-        sizes = self.redis.pipeline()
-        for digest in spec.inputs.values():
-            sizes.strlen(blob_key(digest))
-        return {name: human_bytes(n) for name, n in zip(spec.inputs, sizes.execute(), strict=True)}
+        return {name: human_bytes(blob_size(self.redis, digest)) for name, digest in spec.inputs.items()}
 
     # ---- follow ----------------------------------------------------------------------------
     def status(self, run_id: str) -> RunRecord:

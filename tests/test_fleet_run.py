@@ -202,6 +202,17 @@ def test_runs_send_progress_events_and_sub_calls_never_show_prompts(fleet: Fleet
     assert RunStore(r).result(run_id)["progress"]["llm_calls"] == 21
 
 
+def test_a_chunked_input_reaches_the_sandbox_whole(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
+    """An input stored in chunks (here 64 KiB, by default 64 MiB) is one value again in the run."""
+    client = Client(redis_url_of(r), blob_chunk_bytes=64 * 1024)
+    script = ScriptedRoot(["SUBMIT(richest=[{'n': len(chapters), 'chars': sum(map(len, chapters))}], verdict='whole')"])
+    stub.set_responder(route(root=script, sub=sub_answer))
+    run_id = client.submit(SIGNATURE, {"chapters": chapters}, max_iters=3)
+    assert r.keys("rlmq:blob-chunk:*"), "the corpus was not chunked"
+    assert client.wait(run_id, timeout=120).status is RunStatus.SUCCEEDED
+    assert client.result(run_id)["outputs"]["richest"] == [{"n": len(chapters), "chars": sum(map(len, chapters))}]
+
+
 def test_cancel_before_start_and_the_worker_skips_it(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
     from tasks.run_rlm import run_rlm
 

@@ -8,16 +8,16 @@ every worker process of the fleet obeys one limit per model. Lua scripts on Redi
 - ``acquire``: wait out a cooldown; refuse while ``max_in_flight`` leases are live (expired
   leases, a dead worker's, are dropped first); then GCRA at the learned rate (times ``margin``,
   capped by the optional ceiling; a burst may spend half of what the provider last said
-  remains, up to a second's worth) and, when a token budget is known, the TPM bucket charged
+  remains, up to a second's worth; before the first headers or 429, nothing but the ceiling) and, when a token budget is known, the TPM bucket charged
   with the request's estimate. A grant adds a lease (expiring after ``lease_seconds``).
 - ``observe``: release the lease, wake one waiter, and learn from the reply. With rate-limit
   headers (``workers.rate_headers``) the limit is the geometric mean of the tightest bounds seen
   so far (an upper bound alone, from a near-full bucket, is used as is: the bucket absorbs the
   overshoot until lower bounds arrive); bounds widen slowly (~10 min), so a raised limit is
-  found again. Without them, AIMD: +1 request/s per success in slow start (the rate doubles
-  each second it is the bottleneck), +0.03 after it (3 %/s); x0.5 on the first 429, x0.7 on
-  later ones (once per second, however many arrive together). Increases only happen while
-  callers are actually waiting on the limiter. The token bucket is corrected by
+  found again. Without them nothing throttles (only the in-flight cap) until the first 429,
+  which starts AIMD at 0.7x the successes per second achieved so far (the best 1-s window);
+  then +0.03 request/s per success (3 %/s), x0.7 on later 429s (once per second, however many
+  arrive together). Increases only happen while callers are actually waiting on the limiter. The token bucket is corrected by
   ``actual - estimate`` tokens.
 - ``cooldown``: a 429's ``Retry-After`` pauses the whole fleet.
 """

@@ -41,7 +41,7 @@ class Isolation(str, Enum):
 LOCAL_ISOLATIONS = (Isolation.NAMESPACES, Isolation.PROCESS)
 
 
-class SandboxError(CodeInterpreterError):
+class SandboxError(CodeInterpreterError):  # type: ignore[misc]  # dspy ships no types: its base class is Any
     """Terminal: the sandbox cannot be used (never started, died, timed out, or was refused).
 
     A ``CodeInterpreterError`` that is not a ``CodeExecutionError``, so DSPy aborts the run

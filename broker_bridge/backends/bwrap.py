@@ -18,6 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 INSIDE_DIR = "/sandbox"  # the sandbox's private writable directory (its HOME and cwd)
 INSIDE_SOCKET_DIR = "/run/rlmq"  # the broker's socket directory (read-only for the kernel)
@@ -120,7 +121,16 @@ class PythonLayout:
     packages: dict[str, tuple[str, ...]]  # importable name -> paths to bind into INSIDE_SITE
 
 
-def describe_python(names):
+class PythonDescription(TypedDict):
+    """What ``describe_python`` reports (as JSON, when another Python runs it)."""
+
+    executable: str
+    binds: list[str]
+    sites: list[str]
+    packages: dict[str, list[str]]
+
+
+def describe_python(names: tuple[str, ...]) -> PythonDescription:
     """Run by the sandbox's Python (stdlib only): its real files, its site dirs, where ``names`` are."""
     import importlib.util
     import os
@@ -140,20 +150,22 @@ def describe_python(names):
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     if os.path.isdir(libdir):
         binds.append(real(libdir))
-    sites = set(site.getsitepackages() + [paths["purelib"], paths["platlib"]])
+    sites = {*site.getsitepackages(), paths["purelib"], paths["platlib"]}
     sites.update(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
     sites.update(p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages"))
     for stdlib in {paths["stdlib"], paths["platstdlib"]}:
         sites.update(os.path.join(stdlib, name) for name in ("site-packages", "dist-packages"))
-    packages = {}
+    packages: dict[str, list[str]] = {}
     for name in names:
         try:
             spec = importlib.util.find_spec(name)
         except (ImportError, ValueError):
             spec = None
-        if spec is None or not (spec.origin or spec.submodule_search_locations):
+        if spec is None:
             continue
-        locations = list(spec.submodule_search_locations or []) or [spec.origin]
+        locations = list(spec.submodule_search_locations or []) or ([spec.origin] if spec.origin else [])
+        if not locations:
+            continue
         found = [real(locations[0])]
         libs = os.path.join(os.path.dirname(found[0]), name + ".libs")  # auditwheel's vendored .so files
         if os.path.isdir(libs):
@@ -167,8 +179,9 @@ def describe_python(names):
 def python_layout(python: str, names: tuple[str, ...]) -> PythonLayout:
     if os.path.realpath(python) == os.path.realpath(sys.executable):
         info = describe_python(names)
-    else:  # another interpreter: ask it (once per process)
-        script = inspect.getsource(describe_python) + f"\nimport json\nprint(json.dumps(describe_python({list(names)!r})))"
+    else:  # another interpreter: ask it (once per process), its annotations unevaluated (they name our types)
+        script = ("from __future__ import annotations\n" + inspect.getsource(describe_python)
+                  + f"\nimport json\nprint(json.dumps(describe_python({list(names)!r})))")
         result = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=30)
         if result.returncode != 0:
             raise IsolationUnavailable(f"could not inspect {python}: {result.stderr.strip()[-200:]}")

@@ -141,8 +141,8 @@ class LocalSandbox(Sandbox):
         self._dir: Path | None = None
         self._spec: SandboxSpec | None = None
         self._jail: ProcessJail | None = None
-        self._broker: subprocess.Popen | None = None
-        self._kernel: subprocess.Popen | None = None
+        self._broker: subprocess.Popen[str] | None = None
+        self._kernel: subprocess.Popen[str] | None = None
         self._replies: queue.Queue[str | None] = queue.Queue()
         self._destroy_lock = threading.Lock()
         self._destroyed = False
@@ -185,6 +185,7 @@ class LocalSandbox(Sandbox):
             else:
                 endpoint = self._boot_namespaces(spec, binary)
             ready = self._next_reply(self.boot_timeout)
+            assert self._kernel is not None  # started by either _boot_ method
             if ready is None or not json.loads(ready).get("ready"):
                 raise SandboxStartError(
                     f"the local sandbox kernel did not start (exit code {self._kernel.poll()}){self._log_tail('kernel')}"
@@ -282,12 +283,13 @@ class LocalSandbox(Sandbox):
         env.update(PATH=INSIDE_PATH, TMPDIR="/tmp")  # the host's PATH names host directories
         return env
 
-    def _spawn(self, command: list[str], env: dict[str, str], role: str, stdin) -> subprocess.Popen:
+    def _spawn(self, command: list[str], env: dict[str, str], role: str, stdin: int) -> subprocess.Popen[str]:
         assert self._dir is not None
         # The broker's bwrap errors go to a host file for the boot error; never the kernel's: its bwrap
         # init stays in the sandbox's pid namespace, and a host file open there would be a way out.
-        log = open(self._dir / f"{role}.log", "wb") if self.namespaced and role == "broker" else subprocess.DEVNULL
-        try:
+        with contextlib.ExitStack() as closing:
+            log = (closing.enter_context(open(self._dir / f"{role}.log", "wb"))
+                   if self.namespaced and role == "broker" else subprocess.DEVNULL)
             return _SPAWNER.submit(
                 subprocess.Popen,
                 command,
@@ -300,20 +302,20 @@ class LocalSandbox(Sandbox):
                 text=True,
                 close_fds=True,
             ).result()
-        finally:
-            if log is not subprocess.DEVNULL:
-                log.close()
 
     def _log_tail(self, role: str) -> str:
+        assert self._dir is not None
         try:
-            lines = (self._dir / f"{role}.log").read_text(errors="replace").strip().splitlines()  # type: ignore[operator]
+            lines = (self._dir / f"{role}.log").read_text(errors="replace").strip().splitlines()
         except OSError:
             return ""
         return f": {lines[-1]}" if lines else ""
 
-    def _read_announcement(self, broker: subprocess.Popen, announcement: str) -> str:
+    def _read_announcement(self, broker: subprocess.Popen[str], announcement: str) -> str:
         lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: lines.put(broker.stdout.readline()), daemon=True).start()
+        stdout = broker.stdout
+        assert stdout is not None  # spawned with stdout=PIPE
+        threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
         try:
             line = lines.get(timeout=self.boot_timeout)
         except queue.Empty:
@@ -324,7 +326,8 @@ class LocalSandbox(Sandbox):
             )
         return line.split()[1]
 
-    def _read_replies(self, kernel: subprocess.Popen) -> None:
+    def _read_replies(self, kernel: subprocess.Popen[str]) -> None:
+        assert kernel.stdout is not None  # spawned with stdout=PIPE
         for line in kernel.stdout:
             self._replies.put(line)
         self._replies.put(None)
@@ -347,6 +350,7 @@ class LocalSandbox(Sandbox):
         if kernel is None or self._destroyed:
             raise SandboxDied("the local sandbox is not running")
         line = json.dumps({"code": code}) + "\n"
+        assert kernel.stdin is not None  # spawned with stdin=PIPE
         try:
             kernel.stdin.write(line)
             kernel.stdin.flush()

@@ -9,6 +9,8 @@ it binds a free port and prints ``RLMQ-BROKER-PORT <n>``. With ``--unix-socket P
 port it listens on a Unix socket (a sandbox without any network) and prints ``RLMQ-BROKER-SOCKET PATH``.
 """
 
+from __future__ import annotations
+
 import argparse
 import http.server
 import io
@@ -21,32 +23,48 @@ import threading
 import time
 import urllib.parse
 from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import protocol
 from flask import Flask, Response, request
+
+if TYPE_CHECKING:  # the checker knows the package; in the sandbox, protocol.py is a sibling on sys.path
+    from _typeshed import OptExcInfo
+
+    from broker_bridge.sandbox import protocol
+else:
+    import protocol
 
 CALL_HOLD_SECONDS = 10.0  # a call answered within this returns at once; slower ones continue on /wait
 MAX_POLL_SECONDS = 30.0
 
 
+class _Slot:
+    """A call waiting for its result: ``result`` is set, then ``done``."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: protocol.ResultMessage | None = None
+
+
 class Mailbox:
     """Queued messages for the host, and the calls waiting for their results."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.lock = threading.Condition()
-        self.outbox = deque()
-        self.waiting = {}  # call id -> [threading.Event, result or None]
-        self.cancelled = None  # reason, once the host cancelled everything
+        self.outbox: deque[protocol.HostMessage] = deque()
+        self.waiting: dict[str, _Slot] = {}  # call id -> its slot
+        self.cancelled: str | None = None  # reason, once the host cancelled everything
 
-    def post(self, message):
+    def post(self, message: protocol.HostMessage) -> None:
         with self.lock:
             self.outbox.append(message)
             self.lock.notify_all()
 
-    def submit_call(self, call):
-        slot = [threading.Event(), None]
+    def submit_call(self, call: protocol.CallMessage) -> protocol.ErrorResult | None:
+        slot = _Slot()
         with self.lock:
             if self.cancelled:
                 return self._cancel_result(call["id"])
@@ -55,25 +73,25 @@ class Mailbox:
             self.lock.notify_all()
         return None
 
-    def wait_result(self, call_id, timeout):
+    def wait_result(self, call_id: str, timeout: float) -> protocol.ResultMessage | None:
         with self.lock:
             slot = self.waiting.get(call_id)
         if slot is None:
             return protocol.error_result(call_id, "RuntimeError", f"unknown call id {call_id!r}")
-        if not slot[0].wait(timeout):
+        if not slot.done.wait(timeout):
             return None
         with self.lock:
             self.waiting.pop(call_id, None)
-        return slot[1]
+        return slot.result
 
-    def deliver(self, result):
+    def deliver(self, result: protocol.ResultMessage) -> None:
         with self.lock:
             slot = self.waiting.get(result["id"])
         if slot is not None:
-            slot[1] = result
-            slot[0].set()
+            slot.result = result
+            slot.done.set()
 
-    def take_all(self, timeout):
+    def take_all(self, timeout: float) -> list[protocol.HostMessage]:
         deadline = time.monotonic() + timeout
         with self.lock:
             while not self.outbox:
@@ -85,52 +103,52 @@ class Mailbox:
             self.outbox.clear()
             return messages
 
-    def wake(self):
+    def wake(self) -> None:
         with self.lock:
             self.outbox.append(protocol.wake_message())
             self.lock.notify_all()
 
-    def cancel(self, reason):
+    def cancel(self, reason: str) -> None:
         with self.lock:
             self.cancelled = reason
             pending = list(self.waiting.items())
         for call_id, slot in pending:
-            slot[1] = self._cancel_result(call_id)
-            slot[0].set()
+            slot.result = self._cancel_result(call_id)
+            slot.done.set()
 
-    def _cancel_result(self, call_id):
+    def _cancel_result(self, call_id: str) -> protocol.ErrorResult:
         return protocol.error_result(call_id, "RuntimeError", f"the host cancelled this call: {self.cancelled}")
 
 
-def create_app(host_digest, sandbox_digest):
+def create_app(host_digest: str, sandbox_digest: str) -> Flask:
     app = Flask("rlmq-broker")
     mailbox = Mailbox()
 
-    def reply(payload, status=200):
+    def reply(payload: object, status: int = 200) -> Response:
         return Response(protocol.dumps(payload), status=status, mimetype="application/json")
 
-    def refuse(who):
+    def refuse(who: str) -> Response:
         return reply({"error": f"invalid or missing {who} token"}, 403)
 
-    def host_only():
+    def host_only() -> bool:
         return protocol.token_matches(request.headers.get(protocol.HOST_TOKEN_HEADER), host_digest)
 
-    def sandbox_only():
+    def sandbox_only() -> bool:
         return protocol.token_matches(request.headers.get(protocol.SANDBOX_TOKEN_HEADER), sandbox_digest)
 
-    def body():
+    def body() -> dict[str, Any]:
         return protocol.loads(request.get_data())
 
     @app.errorhandler(protocol.ProtocolError)
-    def bad_message(exc):
+    def bad_message(exc: protocol.ProtocolError) -> Response:
         return reply({"error": f"bad message: {exc}"}, 400)
 
     @app.get(protocol.PATH_HEALTH)
-    def health():
+    def health() -> Response:
         return reply({"ok": True, "pid": os.getpid()})
 
     @app.post(protocol.PATH_CALL)
-    def call():
+    def call() -> Response:
         if not sandbox_only():
             return refuse("sandbox")
         message = protocol.validate_call(body())
@@ -138,28 +156,28 @@ def create_app(host_digest, sandbox_digest):
         return reply(result if result is not None else protocol.pending_message(message["id"]))
 
     @app.get(protocol.PATH_WAIT + "<call_id>")
-    def wait(call_id):
+    def wait(call_id: str) -> Response:
         if not sandbox_only():
             return refuse("sandbox")
         result = mailbox.wait_result(call_id, CALL_HOLD_SECONDS)
         return reply(result if result is not None else protocol.pending_message(call_id))
 
     @app.post(protocol.PATH_OUTCOME)
-    def outcome():
+    def outcome() -> Response:
         if not sandbox_only():
             return refuse("sandbox")
         mailbox.post(protocol.validate_outcome(body()))
         return reply({"ok": True})
 
     @app.get(protocol.PATH_POLL)
-    def poll():
+    def poll() -> Response:
         if not host_only():
             return refuse("host")
         wait_seconds = min(float(request.args.get("wait", "0")), MAX_POLL_SECONDS)
         return reply({"messages": mailbox.take_all(wait_seconds)})
 
     @app.post(protocol.PATH_RESULTS)
-    def results():
+    def results() -> Response:
         if not host_only():
             return refuse("host")
         for message in body().get("results", []):
@@ -167,14 +185,14 @@ def create_app(host_digest, sandbox_digest):
         return reply({"ok": True})
 
     @app.post(protocol.PATH_WAKE)
-    def wake():
+    def wake() -> Response:
         if not host_only():
             return refuse("host")
         mailbox.wake()
         return reply({"ok": True})
 
     @app.post(protocol.PATH_CANCEL)
-    def cancel():
+    def cancel() -> Response:
         if not host_only():
             return refuse("host")
         mailbox.cancel(body().get("reason", "cancelled"))
@@ -192,20 +210,21 @@ class KeepAliveHandler(http.server.BaseHTTPRequestHandler):
     """
 
     protocol_version = "HTTP/1.1"
+    server: KeepAliveWSGIServer | UnixKeepAliveWSGIServer  # the servers below, which carry the app
 
-    def setup(self):
+    def setup(self) -> None:
         super().setup()
         if self.connection.family != socket.AF_UNIX:
             # Headers and body go out as separate writes; without NODELAY, Nagle adds ~40 ms.
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def log_message(self, *args):
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def _serve(self):
+    def _serve(self) -> None:
         path, _, query = self.path.partition("?")
         length = int(self.headers.get("Content-Length") or 0)
-        environ = {
+        environ: dict[str, Any] = {
             "REQUEST_METHOD": self.command,
             "PATH_INFO": urllib.parse.unquote(path),
             "QUERY_STRING": query,
@@ -225,13 +244,17 @@ class KeepAliveHandler(http.server.BaseHTTPRequestHandler):
         }
         for name, value in self.headers.items():
             environ["HTTP_" + name.upper().replace("-", "_")] = value
-        status_headers = []
+        status_headers: list[tuple[str, list[tuple[str, str]]]] = []
+        written: list[bytes] = []
 
-        def start_response(status, headers, exc_info=None):
-            status_headers[:] = [status, headers]
+        def start_response(status: str, headers: list[tuple[str, str]],
+                           exc_info: OptExcInfo | None = None) -> Callable[[bytes], object]:
+            status_headers[:] = [(status, headers)]
+            return written.append  # WSGI's legacy write(); Flask never calls it
 
-        body = b"".join(self.server.app(environ, start_response))
-        status, headers = status_headers
+        chunks = list(self.server.app(environ, start_response))
+        body = b"".join(written + chunks)
+        [(status, headers)] = status_headers
         self.send_response_only(int(status.split()[0]), status.partition(" ")[2])
         for name, value in headers:
             if name.lower() != "content-length":
@@ -252,7 +275,7 @@ class KeepAliveWSGIServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, address, app):
+    def __init__(self, address: tuple[str, int], app: Flask) -> None:
         super().__init__(address, KeepAliveHandler)
         self.app = app
 
@@ -263,12 +286,12 @@ class UnixKeepAliveWSGIServer(socketserver.ThreadingMixIn, socketserver.UnixStre
     daemon_threads = True
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, path, app):
+    def __init__(self, path: str, app: Flask) -> None:
         super().__init__(path, KeepAliveHandler)
         self.app = app
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="rlmq in-sandbox broker")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--port", type=int)
@@ -284,7 +307,7 @@ def main(argv=None):
 
     app = create_app(args.host_token_sha256, args.sandbox_token_sha256)
     if args.unix_socket:
-        server = UnixKeepAliveWSGIServer(args.unix_socket, app)
+        server: socketserver.BaseServer = UnixKeepAliveWSGIServer(args.unix_socket, app)
         announcement = f"{protocol.SOCKET_ANNOUNCEMENT} {args.unix_socket}"
     else:
         server = KeepAliveWSGIServer((args.bind, args.port), app)

@@ -6,19 +6,25 @@ copy of stdout. File descriptors 1 and 2 point at /dev/null, so nothing sandbox 
 corrupt the protocol; the runtime captures code output itself.
 """
 
+from __future__ import annotations
+
 import argparse
 import builtins
 import json
 import os
 import sys
 import threading
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import protocol
+if TYPE_CHECKING:  # the checker knows the package; in the sandbox, protocol.py is a sibling on sys.path
+    from broker_bridge.sandbox import protocol
+else:
+    import protocol
 
 
-def reap_children():
+def reap_children() -> None:
     """Collect exited children and orphans (we are their subreaper), as init would.
 
     Unreaped zombies would keep counting against the sandbox's process cap. A ``subprocess.Popen``
@@ -33,7 +39,7 @@ def reap_children():
             return
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="rlmq local sandbox kernel")
     parser.add_argument("--limits", default="{}", help="JSON resource limits (see protocol.apply_limits)")
     parser.add_argument("--parent-pid", type=int)
@@ -51,14 +57,14 @@ def main(argv=None):
         threading.Thread(target=protocol.exit_with_parent, args=(args.parent_pid,), daemon=True).start()
 
     pid = os.getpid()
-    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
     replies.write(json.dumps({"ready": True}) + "\n")
     replies.flush()
     for line in sys.stdin:
         try:
             code = json.loads(line)["code"]
             exec(compile(code, "<rlmq-driver>", "exec"), namespace)
-            reply = {"ok": True}
+            reply: dict[str, bool | str] = {"ok": True}
         except BaseException as exc:  # the runtime catches code errors; this is a broken driver
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         if os.getpid() != pid:

@@ -29,6 +29,8 @@ outcomes. The broker keeps only their SHA-256 digests, so no file, argument or e
 in the sandbox reveals the host's token.
 """
 
+from __future__ import annotations
+
 import ctypes
 import hashlib
 import hmac
@@ -39,6 +41,8 @@ import resource
 import socket
 import time
 import urllib.parse
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, TypedDict, cast
 
 HOST_TOKEN_HEADER = "X-Rlmq-Host-Token"
 SANDBOX_TOKEN_HEADER = "X-Rlmq-Sandbox-Token"
@@ -61,6 +65,74 @@ CALL, RESULT, OUTCOME, PENDING, WAKE = "call", "result", "outcome", "pending", "
 MESSAGE_TYPES = (CALL, RESULT, OUTCOME, PENDING, WAKE)
 OUTCOME_KINDS = ("result", "final", "syntax", "error")
 
+# The messages' shapes, for the type checker (at run time they are plain dicts). The type tags are the
+# str constants above; ``ok`` is a Literal so that a result narrows on it. Python 3.10 has no
+# NotRequired: an optional key lives in a total=False subclass.
+
+
+class ExecuteRequest(TypedDict):
+    exec_id: str
+    code: str
+    tools: list[str]
+    output_fields: list[dict[str, Any]] | None
+    inline: dict[str, Any]
+    files: dict[str, InputFile]
+
+
+class InputFile(TypedDict):
+    sha256: str
+    format: str  # "text" | "json"
+
+
+class CallMessage(TypedDict):
+    type: str
+    id: str
+    name: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+
+
+class ValueResult(TypedDict):
+    type: str
+    id: str
+    ok: Literal[True]
+    value: Any
+
+
+class ErrorResult(TypedDict):
+    type: str
+    id: str
+    ok: Literal[False]
+    error_type: str
+    error: str
+
+
+ResultMessage = ValueResult | ErrorResult
+
+
+class _OutcomeFields(TypedDict):
+    type: str
+    exec_id: str
+    kind: str  # one of OUTCOME_KINDS
+    output: str
+    value: Any
+
+
+class OutcomeMessage(_OutcomeFields, total=False):
+    error: str
+
+
+class PendingMessage(TypedDict):
+    type: str
+    id: str
+
+
+class WakeMessage(TypedDict):
+    type: str
+
+
+HostMessage = CallMessage | OutcomeMessage | WakeMessage  # what the broker queues for the host
+
 
 class ProtocolError(ValueError):
     """A message that does not follow this module's format."""
@@ -70,17 +142,17 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def token_matches(presented, digest: str) -> bool:
+def token_matches(presented: str | None, digest: str) -> bool:
     if not presented:
         return False
     return hmac.compare_digest(token_digest(presented), digest)
 
 
-def dumps(message) -> bytes:
+def dumps(message: object) -> bytes:
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def loads(data):
+def loads(data: str | bytes) -> dict[str, Any]:
     try:
         message = json.loads(data)
     except (TypeError, ValueError) as exc:
@@ -90,74 +162,77 @@ def loads(data):
     return message
 
 
-def execute_request(exec_id, code, tools, output_fields, inline, files):
+def execute_request(exec_id: str, code: str, tools: Iterable[str], output_fields: list[dict[str, Any]] | None,
+                    inline: dict[str, Any], files: dict[str, InputFile]) -> ExecuteRequest:
     return {"exec_id": exec_id, "code": code, "tools": list(tools), "output_fields": output_fields,
             "inline": inline, "files": files}
 
 
-def call_message(call_id, name, args, kwargs):
+def call_message(call_id: str, name: str, args: Iterable[Any], kwargs: Mapping[str, Any]) -> CallMessage:
     return {"type": CALL, "id": call_id, "name": name, "args": list(args), "kwargs": dict(kwargs)}
 
 
-def value_result(call_id, value):
+def value_result(call_id: str, value: Any) -> ValueResult:
     return {"type": RESULT, "id": call_id, "ok": True, "value": value}
 
 
-def error_result(call_id, error_type, error):
+def error_result(call_id: str, error_type: str, error: str) -> ErrorResult:
     return {"type": RESULT, "id": call_id, "ok": False, "error_type": error_type, "error": error}
 
 
-def outcome_message(exec_id, kind, output, value=None, error=None):
+def outcome_message(exec_id: str, kind: str, output: str, value: Any = None, error: str | None = None) -> OutcomeMessage:
     if kind not in OUTCOME_KINDS:
         raise ProtocolError(f"outcome kind must be one of {OUTCOME_KINDS}")
-    message = {"type": OUTCOME, "exec_id": exec_id, "kind": kind, "output": output, "value": value}
+    message: OutcomeMessage = {"type": OUTCOME, "exec_id": exec_id, "kind": kind, "output": output, "value": value}
     if error is not None:
         message["error"] = error
     return message
 
 
-def pending_message(call_id):
+def pending_message(call_id: str) -> PendingMessage:
     return {"type": PENDING, "id": call_id}
 
 
-def wake_message():
+def wake_message() -> WakeMessage:
     return {"type": WAKE}
 
 
-def _check(message, message_type, fields):
+def _check(message: dict[str, Any], message_type: str, fields: tuple[tuple[str, type], ...]) -> None:
     """``message`` is of ``message_type`` and has each (key, type) of ``fields``; else a ProtocolError."""
     if message.get("type") != message_type:
         raise ProtocolError(f"expected a message of type {message_type!r}")
     for key, kind in fields:
         if not isinstance(message.get(key), kind):
             raise ProtocolError(f"{message_type} needs {key!r} of type {kind.__name__}")
-    return message
 
 
-def validate_call(message):
-    return _check(message, CALL, (("id", str), ("name", str), ("args", list), ("kwargs", dict)))
+def validate_call(message: dict[str, Any]) -> CallMessage:
+    _check(message, CALL, (("id", str), ("name", str), ("args", list), ("kwargs", dict)))
+    return cast(CallMessage, message)
 
 
-def validate_result(message):
+def validate_result(message: dict[str, Any]) -> ResultMessage:
     _check(message, RESULT, (("id", str), ("ok", bool)))
-    return message if message["ok"] else _check(message, RESULT, (("error", str), ("error_type", str)))
+    if not message["ok"]:
+        _check(message, RESULT, (("error", str), ("error_type", str)))
+    return cast(ResultMessage, message)
 
 
-def validate_outcome(message):
+def validate_outcome(message: dict[str, Any]) -> OutcomeMessage:
     _check(message, OUTCOME, (("exec_id", str), ("output", str)))
     if message.get("kind") not in OUTCOME_KINDS:
         raise ProtocolError(f"outcome kind must be one of {OUTCOME_KINDS}")
-    return message
+    return cast(OutcomeMessage, message)
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
     """HTTP/1.1 (keep-alive) over a Unix socket: how a broker in a network-less sandbox is reached."""
 
-    def __init__(self, path, timeout=None):
+    def __init__(self, path: str, timeout: float | None = None) -> None:
         super().__init__("localhost", timeout=timeout)
         self.socket_path = path
 
-    def connect(self):
+    def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(self.timeout)
@@ -168,11 +243,11 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def unix_url(path):
+def unix_url(path: str) -> str:
     return f"{UNIX_SCHEME}://{path}"
 
 
-def broker_connection(url, timeout):
+def broker_connection(url: str, timeout: float | None) -> tuple[http.client.HTTPConnection, str]:
     """An unconnected keep-alive connection to a broker URL, and the path prefix its requests need.
 
     ``http://host:port[/prefix]`` and ``https://...`` are TCP (Daytona's preview links, the process
@@ -190,14 +265,14 @@ def broker_connection(url, timeout):
     return cls(parsed.hostname or "127.0.0.1", port, timeout=timeout), parsed.path.rstrip("/")
 
 
-def connect(conn):
+def connect(conn: http.client.HTTPConnection) -> None:
     """Open ``conn``'s socket; TCP gets NODELAY (headers and body are separate writes: Nagle adds ~40 ms)."""
     conn.connect()
     if conn.sock.family in (socket.AF_INET, socket.AF_INET6):
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def apply_limits(limits):
+def apply_limits(limits: dict[str, int | None] | None) -> None:
     """Set resource limits on the current process: {"as_bytes", "cpu_seconds", "open_files", "processes"}.
 
     Done by the sandbox processes themselves at start, so the host never needs a ``preexec_fn``
@@ -227,7 +302,7 @@ _PR_SET_CHILD_SUBREAPER = 36
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
-def drop_privileges():
+def drop_privileges() -> None:
     """Give up every Linux capability, for this process and anything it executes.
 
     A sandbox running as root (as in a container) could otherwise read the worker's memory and
@@ -251,7 +326,7 @@ def drop_privileges():
     libc.capset(ctypes.byref(Header(_LINUX_CAPABILITY_VERSION_3, 0)), (Data * 2)())
 
 
-def become_subreaper():
+def become_subreaper() -> None:
     """Orphaned descendants (a fork bomb's) are re-parented to this process, which reaps them."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
@@ -259,7 +334,7 @@ def become_subreaper():
         pass
 
 
-def protect_host_process():
+def protect_host_process() -> None:
     """Make the calling (host) process non-dumpable: unprivileged processes of the same user, such as
     a sandbox, can then no longer read its /proc/<pid>/environ or memory, where API keys live."""
     try:
@@ -268,7 +343,7 @@ def protect_host_process():
         pass
 
 
-def exit_with_parent(parent_pid):
+def exit_with_parent(parent_pid: int) -> None:
     """Local backend (run in a daemon thread): a sandbox process must not outlive the worker that
     started it, even when that worker is SIGKILLed."""
     while True:

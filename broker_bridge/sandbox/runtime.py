@@ -6,6 +6,8 @@ execute, one line: ``__rlmq.execute(<request json>, globals())``. The runtime bi
 outcome to the broker. Large inputs arrive as files named by content hash and are read once.
 """
 
+from __future__ import annotations
+
 import ast
 import builtins
 import http.client
@@ -15,8 +17,13 @@ import sys
 import threading
 import traceback
 import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-import protocol
+if TYPE_CHECKING:  # the checker knows the package; in the sandbox, protocol.py is a sibling on sys.path
+    from broker_bridge.sandbox import protocol
+else:
+    import protocol
 
 CODE_FILENAME = "<rlmq-code>"
 
@@ -24,7 +31,7 @@ CODE_FILENAME = "<rlmq-code>"
 class Submission(BaseException):
     """Raised by SUBMIT; a BaseException so ``except Exception`` in generated code cannot swallow it."""
 
-    def __init__(self, value):
+    def __init__(self, value: dict[str, Any]) -> None:
         super().__init__("SUBMIT")
         self.value = value
 
@@ -36,17 +43,17 @@ class ToolError(RuntimeError):
 class CappedOutput:
     """A stdout/stderr stand-in that keeps at most ``limit`` characters and cuts very long lines."""
 
-    def __init__(self, limit, line_limit):
+    def __init__(self, limit: int, line_limit: int) -> None:
         self.limit = limit
         self.line_limit = line_limit
-        self.parts = []
+        self.parts: list[str] = []
         self.kept = 0
         self.dropped = 0
         self.line_length = 0
         self.line_cut = False
         self.lock = threading.Lock()
 
-    def write(self, text):
+    def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         with self.lock:
@@ -54,7 +61,7 @@ class CappedOutput:
                 self._write_piece(piece)
         return len(text)
 
-    def _write_piece(self, piece):
+    def _write_piece(self, piece: str) -> None:
         ends_line = piece.endswith("\n")
         body = piece[:-1] if ends_line else piece
         room_on_line = self.line_limit - self.line_length
@@ -74,13 +81,13 @@ class CappedOutput:
             self.parts.append(body)
             self.kept += len(body)
 
-    def flush(self):
+    def flush(self) -> None:
         pass
 
-    def isatty(self):
+    def isatty(self) -> bool:
         return False
 
-    def text(self):
+    def text(self) -> str:
         text = "".join(self.parts).rstrip("\n")
         if self.dropped:
             text += (
@@ -93,7 +100,7 @@ class CappedOutput:
 class BrokerConnection:
     """Keep-alive HTTP to the broker, one connection per thread (sandbox code may call from many)."""
 
-    def __init__(self, url, token, keepalive_seconds):
+    def __init__(self, url: str, token: str, keepalive_seconds: float) -> None:
         self.url = url
         _, self.prefix = protocol.broker_connection(url, timeout=60)
         self.headers = {protocol.SANDBOX_TOKEN_HEADER: token, "Content-Type": "application/json"}
@@ -101,10 +108,10 @@ class BrokerConnection:
         self.local = threading.local()
         # The stream the sandbox's code runner reads for this run (set per execute). Not
         # sys.__stdout__: on Daytona that is the worker's JSON pipe to its daemon.
-        self.run_stdout = None
+        self.run_stdout: TextIO | None = None
         self.keepalive_lock = threading.Lock()
 
-    def keep_alive(self):
+    def keep_alive(self) -> None:
         stream = self.run_stdout
         if stream is None:
             return
@@ -115,8 +122,8 @@ class BrokerConnection:
             except (OSError, ValueError):
                 pass
 
-    def _connection(self):
-        conn = getattr(self.local, "conn", None)
+    def _connection(self) -> http.client.HTTPConnection:
+        conn: http.client.HTTPConnection | None = getattr(self.local, "conn", None)
         if conn is None:
             conn, _ = protocol.broker_connection(self.url, timeout=60)
             self.local.conn = conn
@@ -124,7 +131,7 @@ class BrokerConnection:
             protocol.connect(conn)
         return conn
 
-    def request(self, method, path, payload=None):
+    def request(self, method: str, path: str, payload: object = None) -> dict[str, Any]:
         data = None if payload is None else protocol.dumps(payload)
         for attempt in (1, 2):
             conn = self._connection()
@@ -141,8 +148,9 @@ class BrokerConnection:
             if response.status != 200:
                 raise RuntimeError(f"rlmq broker refused {method} {path}: HTTP {response.status} {raw[:200]!r}")
             return protocol.loads(raw)
+        raise AssertionError("unreachable")
 
-    def call(self, message):
+    def call(self, message: protocol.CallMessage) -> protocol.ResultMessage:
         reply = self.request("POST", protocol.PATH_CALL, message)
         while reply.get("type") == protocol.PENDING:
             # Slow host tool (e.g. a big llm_query_batched): show life so idle timeouts do not fire.
@@ -151,11 +159,11 @@ class BrokerConnection:
         return protocol.validate_result(reply)
 
 
-def _raise_tool_error(reply):
+def _raise_tool_error(reply: protocol.ErrorResult) -> NoReturn:
     """Re-raise a host tool's failure as the same built-in exception type where one exists."""
     error_type = getattr(builtins, reply["error_type"], None)
     message = reply["error"]
-    error = None
+    error: Exception | None = None
     if isinstance(error_type, type) and issubclass(error_type, Exception):
         try:
             error = error_type(message)
@@ -165,8 +173,8 @@ def _raise_tool_error(reply):
 
 
 class Runtime:
-    def __init__(self, broker_url, sandbox_token, runtime_dir, output_limit=100_000, line_limit=10_000,
-                 keepalive_seconds=10.0):
+    def __init__(self, broker_url: str, sandbox_token: str, runtime_dir: str, output_limit: int = 100_000,
+                 line_limit: int = 10_000, keepalive_seconds: float = 10.0) -> None:
         self.broker = BrokerConnection(broker_url, sandbox_token, keepalive_seconds)
         self.runtime_dir = runtime_dir
         self.output_limit = output_limit
@@ -174,14 +182,14 @@ class Runtime:
         self.pid = os.getpid()
         # Connect now: after a fork bomb the broker may be unable to start a thread for a new connection.
         self.broker.request("GET", protocol.PATH_HEALTH)
-        self.raw_inputs = {}  # content hash -> file text, read once per sandbox
-        self.tool_names = set()
+        self.raw_inputs: dict[str, str] = {}  # content hash -> file text, read once per sandbox
+        self.tool_names: set[str] = set()
 
     # ---- binding ---------------------------------------------------------------------------
-    def make_tool(self, name):
+    def make_tool(self, name: str) -> Callable[..., Any]:
         broker = self.broker
 
-        def tool(*args, **kwargs):
+        def tool(*args: Any, **kwargs: Any) -> Any:
             message = protocol.call_message(uuid.uuid4().hex, name, args, kwargs)
             try:
                 json.dumps(message, allow_nan=False)
@@ -197,10 +205,10 @@ class Runtime:
         return tool
 
     @staticmethod
-    def make_submit(output_fields):
+    def make_submit(output_fields: list[dict[str, Any]] | None) -> Callable[..., NoReturn]:
         names = [field["name"] for field in output_fields] if output_fields else None
 
-        def SUBMIT(*args, **kwargs):
+        def SUBMIT(*args: Any, **kwargs: Any) -> NoReturn:
             if names is None:
                 if kwargs and not args:
                     raise Submission(dict(kwargs))
@@ -214,7 +222,7 @@ class Runtime:
                     raise TypeError(
                         f"SUBMIT takes {len(names)} value(s) ({', '.join(names)}) but {len(args)} were given"
                     )
-                raise Submission(dict(zip(names, args)))
+                raise Submission(dict(zip(names, args, strict=True)))
             missing = [name for name in names if name not in kwargs]
             unexpected = [name for name in kwargs if name not in names]
             if missing or unexpected:
@@ -225,7 +233,7 @@ class Runtime:
 
         return SUBMIT
 
-    def bind(self, request, namespace):
+    def bind(self, request: protocol.ExecuteRequest, namespace: dict[str, Any]) -> None:
         for name in self.tool_names - set(request["tools"]):
             namespace.pop(name, None)
         self.tool_names = set(request["tools"])
@@ -236,7 +244,7 @@ class Runtime:
         for name, ref in request.get("files", {}).items():
             namespace[name] = self.load_input(ref)
 
-    def load_input(self, ref):
+    def load_input(self, ref: protocol.InputFile) -> Any:
         digest, fmt = ref["sha256"], ref["format"]
         raw = self.raw_inputs.get(digest)
         if raw is None:
@@ -246,8 +254,8 @@ class Runtime:
         return raw if fmt == "text" else json.loads(raw)
 
     # ---- running ---------------------------------------------------------------------------
-    def execute(self, request_json, namespace):
-        request = json.loads(request_json)
+    def execute(self, request_json: str, namespace: dict[str, Any]) -> None:
+        request: protocol.ExecuteRequest = json.loads(request_json)
         captured = CappedOutput(self.output_limit, self.line_limit)
         kind, value, error = "result", None, None
         saved = sys.stdout, sys.stderr
@@ -270,29 +278,32 @@ class Runtime:
         self.broker.request("POST", protocol.PATH_OUTCOME, _jsonable_outcome(outcome))
 
     @staticmethod
-    def run(code, namespace):
+    def run(code: str, namespace: dict[str, Any]) -> Any:
         tree = ast.parse(code, filename=CODE_FILENAME, mode="exec")
-        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        last = tree.body[-1] if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        if last is not None:
+            tree.body.pop()
         exec(compile(tree, CODE_FILENAME, "exec"), namespace)
         if last is None:
             return None
         return eval(compile(ast.Expression(last.value), CODE_FILENAME, "eval"), namespace)
 
 
-def _jsonable_outcome(outcome):
+def _jsonable_outcome(outcome: protocol.OutcomeMessage) -> protocol.OutcomeMessage:
     try:
         json.dumps(outcome)
         return outcome
     except (TypeError, ValueError):
-        return json.loads(json.dumps(outcome, default=repr))
+        reprs: protocol.OutcomeMessage = json.loads(json.dumps(outcome, default=repr))
+        return reprs
 
 
-def _describe_syntax_error(exc):
+def _describe_syntax_error(exc: SyntaxError) -> str:
     where = f" (line {exc.lineno})" if exc.lineno else ""
     return f"{type(exc).__name__}: {exc.msg}{where}"
 
 
-def _describe_error(exc):
+def _describe_error(exc: BaseException) -> str:
     """The traceback limited to the generated code's own frames: what the model can act on."""
     frames = [frame for frame in traceback.extract_tb(exc.__traceback__) if frame.filename == CODE_FILENAME]
     lines = [f"  line {frame.lineno}, in {frame.name}" for frame in frames[-5:]]

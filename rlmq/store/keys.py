@@ -8,7 +8,9 @@ Schema (``{x}`` is an argument; ``digest`` is a sha256 hex digest):
 ==================================  ======  =================================================
 key                                 type    holds
 ==================================  ======  =================================================
-rlmq:blob:{digest}                  string  an input blob, stored once by content hash
+rlmq:blob:{digest}                  string  an input blob, stored once by content hash (or, past the chunk
+                                            size, its manifest naming its chunks)
+rlmq:blob-chunk:{digest}            string  one chunk of a large blob, by its own content hash
 rlmq:run:{run_id}                   hash    the run record (spec, status, timestamps)
 rlmq:run:{run_id}:owner             string  "{attempt}|{owner}" of the attempt running it (TTL = lease)
 rlmq:run:{run_id}:result            string  the run's final result (JSON)
@@ -46,6 +48,7 @@ import re
 
 __all__ = [
     "NAMESPACE",
+    "blob_chunk_key",
     "blob_key",
     "cooldown_key",
     "dspy_cache_key",
@@ -99,6 +102,10 @@ def _name(value: str) -> str:
 
 def blob_key(digest: str) -> str:
     return f"{NAMESPACE}:blob:{_ident(digest)}"
+
+
+def blob_chunk_key(digest: str) -> str:
+    return f"{NAMESPACE}:blob-chunk:{_ident(digest)}"
 
 
 def run_key(run_id: str) -> str:

@@ -1,7 +1,8 @@
 -- One request asks the fleet's limiter of one model for a slot (workers.adaptive_limit), on Redis's clock:
 -- wait out a cooldown; refuse while `cap` leases are live (expired ones, a dead worker's, dropped
 -- first); then GCRA at the learned rate (times `margin`, capped by `ceiling_rps`; a burst may spend half
--- of what the provider last said remains, up to a second's worth) and, when a token budget is known,
+-- of what the provider last said remains, up to a second's worth; before anything is learned, only
+-- the ceiling if one is set) and, when a token budget is known,
 -- the TPM bucket charged with the request's estimate. A grant adds a lease expiring after `lease_us`.
 --
 -- KEYS[1] the limiter's state hash, KEYS[2] the requests' TAT, KEYS[3] the tokens' TAT, KEYS[4] the
@@ -26,16 +27,22 @@ if cap > 0 then
   end
 end
 
-local rate = tonumber(redis.call('HGET', KEYS[1], 'rate') or a.initial_rps) * a.margin
+-- Until the provider has said its limit (headers) or refused a request (a 429), nothing is known that
+-- a rate could be based on: only the in-flight cap (and the operator's ceiling) bound the requests.
+local mode = redis.call('HGET', KEYS[1], 'mode') or 'start'
 local ceiling = a.ceiling_rps
-if ceiling > 0 and rate > ceiling then rate = ceiling end
-local interval = 1000000 / rate
--- Spend up to half of what the provider last said remains (at most a second's worth) at once.
-local left = math.floor(tonumber(redis.call('HGET', KEYS[1], 'rrem') or 0) / 2)
-local burst = math.max(a.burst, math.min(left, rate))
-local tat = math.max(tonumber(redis.call('GET', KEYS[2]) or 0), now)
-local new_tat = tat + interval
-local wait = new_tat - now - burst * interval
+local wait, new_tat = -1, nil
+if mode ~= 'start' or ceiling > 0 then
+  local rate = tonumber(redis.call('HGET', KEYS[1], 'rate') or a.initial_rps) * a.margin
+  if mode == 'start' or (ceiling > 0 and rate > ceiling) then rate = ceiling end
+  local interval = 1000000 / rate
+  -- Spend up to half of what the provider last said remains (at most a second's worth) at once.
+  local left = math.floor(tonumber(redis.call('HGET', KEYS[1], 'rrem') or 0) / 2)
+  local burst = math.max(a.burst, math.min(left, rate))
+  local tat = math.max(tonumber(redis.call('GET', KEYS[2]) or 0), now)
+  new_tat = tat + interval
+  wait = new_tat - now - burst * interval
+end
 
 local tpm = tonumber(redis.call('HGET', KEYS[1], 'tpm') or 0)
 local tpm_ceiling = a.ceiling_tpm
@@ -53,7 +60,9 @@ if wait > 0 then
   redis.call('HSET', KEYS[1], 'pressed', string.format('%.0f', now))
   return {0, math.ceil(wait), now, 0}
 end
-redis.call('SET', KEYS[2], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
+if new_tat then
+  redis.call('SET', KEYS[2], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
+end
 if tok_new > 0 then
   redis.call('SET', KEYS[3], string.format('%.0f', tok_new), 'PX', math.ceil((tok_new - now) / 1000) + 1)
 end

@@ -1,7 +1,8 @@
 -- A reply came back: release its slot, wake one waiter, and learn the model's limit from the reply
 -- (workers.adaptive_limit). With rate-limit headers the rate is the geometric mean of the tightest bounds
--- seen so far (an upper bound alone is used as is), bounds widening slowly (~10 min); without them AIMD:
--- +1/s per success in slow start, +0.03/s after it, x0.5 on the first 429, x0.7 later (once a second).
+-- seen so far (an upper bound alone is used as is), bounds widening slowly (~10 min); without them no
+-- throttle until the first 429, which starts AIMD at 0.7x the successes per second achieved so far:
+-- +0.03/s per success, x0.7 on later 429s (once a second).
 -- Increases only while callers wait on the limiter. The token bucket is corrected by actual - estimate.
 --
 -- KEYS[1] the limiter's state hash, KEYS[2] the tokens' TAT, KEYS[3] the in-flight leases, KEYS[4] the
@@ -47,6 +48,18 @@ local function learn(prefix, bounds)
   return nil, hi
 end
 
+-- Before headers or a 429 nothing throttles (limit_acquire): count the successes per second
+-- (the best 1-s window so far), so the first 429 starts the AIMD from the rate actually achieved.
+if mode == 'start' and outcome == 'ok' then
+  local wat, wn = tonumber(s.wat or now), tonumber(s.wn or 0) + 1
+  local span = (now - wat) / 1000000
+  if span >= 1 then
+    s.ach = math.max(tonumber(s.ach or 0), wn / span)
+    wat, wn = now, 0
+  end
+  s.wat, s.wn = wat, wn
+end
+
 local est, upper = learn('r', a.requests)
 local headroom = a.headroom or -1
 if a.remaining then s.rrem = a.remaining end
@@ -61,7 +74,12 @@ if outcome == 'limited' and now - tonumber(s.dec or 0) > 1000000 then
     s.rhi = math.max(tonumber(s.rlo or 0), math.min(tonumber(s.rhi or rate), rate) * 0.9)
     rate = rate * 0.9
   elseif mode == 'start' then
-    rate, mode = rate * 0.5, 'avoid'  -- slow start overshot: halve, as TCP does
+    -- The first refusal: the provider served about what succeeded per second so far; AIMD starts
+    -- just under it (x0.7, as on later 429s), or at half the initial rate if nothing succeeded yet.
+    local span = math.max((now - tonumber(s.wat or now)) / 1000000, 0.25)
+    local achieved = math.max(tonumber(s.ach or 0), tonumber(s.wn or 0) / span)
+    if achieved > 0 then rate = achieved * 0.7 else rate = rate * 0.5 end
+    mode = 'avoid'
   else
     rate = rate * 0.7
   end

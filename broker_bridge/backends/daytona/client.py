@@ -8,9 +8,12 @@ import os
 import re
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from broker_bridge.backends.base import SandboxCapacityError, SandboxDied, SandboxError, SandboxStartError
+
+if TYPE_CHECKING:
+    from daytona import Daytona
 
 __all__ = [
     "MISSING_KEY", "call_within", "daytona_client", "describe_daytona_error", "error_message", "forget_clients",
@@ -30,7 +33,7 @@ _NOT_RUNNING = re.compile(r"(?i)SANDBOX_NOT_RUNNING|not running|is stopped|conte
 
 # ---------------------------------------------------------------- client, one per process
 
-_clients: dict[tuple[int, str, str | None, str | None], Any] = {}
+_clients: dict[tuple[int, str, str | None, str | None], Daytona] = {}
 _clients_lock = threading.Lock()
 
 
@@ -44,7 +47,7 @@ def forget_clients() -> None:
 os.register_at_fork(after_in_child=forget_clients)
 
 
-def daytona_client(api_key: str | None = None, api_url: str | None = None, target: str | None = None):
+def daytona_client(api_key: str | None = None, api_url: str | None = None, target: str | None = None) -> Daytona:
     """This process's ``daytona.Daytona`` for these credentials (created on first use).
 
     ``api_url``/``target`` default to the SDK's own (``DAYTONA_API_URL``, ``DAYTONA_TARGET``); the key to
@@ -71,13 +74,14 @@ def call_within(seconds: float, what: str, call: Callable[..., T], *args: Any, *
     """``call(*args, **kwargs)`` for an SDK method that takes no timeout: run on a helper thread and
     abandoned (left to finish on its own) after ``seconds`` with the SDK's ``DaytonaTimeoutError``.
     Every other SDK call gets its timeout passed in; this is the watchdog for the rest."""
-    outcome: dict[str, Any] = {}
+    returned: list[T] = []
+    raised: list[BaseException] = []
 
     def run() -> None:
         try:
-            outcome["value"] = call(*args, **kwargs)
+            returned.append(call(*args, **kwargs))
         except BaseException as exc:  # handed to the caller's thread
-            outcome["error"] = exc
+            raised.append(exc)
 
     worker = threading.Thread(target=run, name=f"rlmq-daytona-{what}", daemon=True)
     worker.start()
@@ -86,9 +90,9 @@ def call_within(seconds: float, what: str, call: Callable[..., T], *args: Any, *
         from daytona import DaytonaTimeoutError
 
         raise DaytonaTimeoutError(f"Daytona did not answer {what} within {seconds:.0f}s")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+    if raised:
+        raise raised[0]
+    return returned[0]
 
 
 # ---------------------------------------------------------------- errors

@@ -6,15 +6,19 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from broker_bridge.backends.base import SandboxSpec, SandboxStartError
+
+if TYPE_CHECKING:
+    from daytona import CreateSandboxBaseParams, CreateSandboxFromImageParams, CreateSandboxFromSnapshotParams
 
 __all__ = [
     "DEFAULT_TTL_MINUTES",
     "PREVIEW_TOKEN_HEADER",
     "SANDBOX_LABEL",
     "DaytonaOptions",
+    "DaytonaResources",
     "build_create_params",
     "check_no_secrets",
     "preview_headers",
@@ -31,6 +35,15 @@ DEFAULT_TTL_MINUTES = 7 * 60
 _SECRETISH = re.compile(r"(?i)(api[_-]?key|token|secret|passw(or)?d|credential)")
 
 
+class DaytonaResources(TypedDict, total=False):
+    """An image-built sandbox's size: ``daytona.Resources``' numeric fields (memory and disk in GiB)."""
+
+    cpu: int
+    memory: int
+    disk: int
+    gpu: int
+
+
 @dataclass(frozen=True)
 class DaytonaOptions:
     """How sandboxes are created. Intervals are minutes, as the Daytona API takes them."""
@@ -40,7 +53,7 @@ class DaytonaOptions:
     target: str | None = None  # region; default: DAYTONA_TARGET, else the organization's
     snapshot: str | None = None  # default: Daytona's default Python snapshot
     image: str | None = None  # build from an image instead (slow first time)
-    resources: dict[str, int] | None = None  # {"cpu":, "memory": GiB, "disk": GiB}; image only
+    resources: DaytonaResources | None = None  # image only
     auto_stop_interval: int = 15  # stop after this long without activity (0 = never)
     auto_delete_interval: int = 0  # delete this long after stopping: 0 = at once, negative = never
     ephemeral: bool | None = None  # SDK sugar for auto_delete_interval=0
@@ -75,24 +88,27 @@ def provider_of(options: DaytonaOptions) -> dict[str, str]:
     return {k: v for k, v in found.items() if v}
 
 
-def build_create_params(spec: SandboxSpec, options: DaytonaOptions):
+def build_create_params(
+    spec: SandboxSpec, options: DaytonaOptions
+) -> CreateSandboxFromImageParams | CreateSandboxFromSnapshotParams:
     """The SDK's create params for ``spec``: private, named and labelled, no env, no secrets."""
     from daytona import CreateSandboxFromImageParams, CreateSandboxFromSnapshotParams, Resources
 
-    common: dict[str, Any] = dict(
-        name=spec.sandbox_id,
-        language="python",
-        labels=sandbox_labels(spec),
-        public=False,
-        env_vars=None,
-        secrets=None,
-        auto_stop_interval=options.auto_stop_interval,
-        auto_delete_interval=options.auto_delete_interval,
-        ephemeral=options.ephemeral,
-        ttl_minutes=options.ttl_minutes,
-        network_block_all=options.network_block_all,
-        target=options.target,
-    )
+    common: dict[str, Any] = {
+        "name": spec.sandbox_id,
+        "language": "python",
+        "labels": sandbox_labels(spec),
+        "public": False,
+        "env_vars": None,
+        "secrets": None,
+        "auto_stop_interval": options.auto_stop_interval,
+        "auto_delete_interval": options.auto_delete_interval,
+        "ephemeral": options.ephemeral,
+        "ttl_minutes": options.ttl_minutes,
+        "network_block_all": options.network_block_all,
+        "target": options.target,
+    }
+    params: CreateSandboxFromImageParams | CreateSandboxFromSnapshotParams
     if options.image:
         params = CreateSandboxFromImageParams(
             image=options.image, resources=Resources(**options.resources) if options.resources else None,
@@ -103,7 +119,7 @@ def build_create_params(spec: SandboxSpec, options: DaytonaOptions):
     return params
 
 
-def check_no_secrets(params: Any, spec: SandboxSpec, api_key: str | None = None) -> None:
+def check_no_secrets(params: CreateSandboxBaseParams, spec: SandboxSpec, api_key: str | None = None) -> None:
     """Refuse to create a sandbox that would carry a secret (explicit check, survives ``-O``)."""
     if params.env_vars or getattr(params, "secrets", None):
         raise SandboxStartError("refusing to pass environment variables or secrets into a Daytona sandbox")

@@ -5,13 +5,16 @@ only this process's environment; the key is always this process's own."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
 
 from broker_bridge.backends.base import SandboxError
 from broker_bridge.backends.daytona.client import daytona_client, error_message, is_celery_time_limit
 from broker_bridge.backends.daytona.options import SANDBOX_LABEL
+
+if TYPE_CHECKING:
+    import daytona
 
 __all__ = ["delete_daytona_sandbox", "delete_sandbox", "reap_daytona_sandboxes"]
 
@@ -28,7 +31,7 @@ def _worth_retrying(exc: BaseException) -> bool:
     return not (is_celery_time_limit(exc) or isinstance(exc, (DaytonaAuthenticationError, DaytonaForbiddenError)))
 
 
-def delete_sandbox(sandbox: Any, *, budget: float = DELETE_BUDGET) -> bool:
+def delete_sandbox(sandbox: daytona.Sandbox, *, budget: float = DELETE_BUDGET) -> bool:
     """Delete one SDK sandbox; already gone counts as done. Transient errors are retried (delete is
     idempotent) for at most ``budget`` seconds; False if it could not be deleted."""
     from daytona import DaytonaNotFoundError
@@ -51,11 +54,11 @@ def delete_sandbox(sandbox: Any, *, budget: float = DELETE_BUDGET) -> bool:
     return True
 
 
-def _client(client: Any, api_url: str | None, target: str | None) -> Any:
+def _client(client: daytona.Daytona | None, api_url: str | None, target: str | None) -> daytona.Daytona:
     return client or daytona_client(api_url=api_url, target=target)
 
 
-def reap_daytona_sandboxes(labels: dict[str, str], *, client: Any = None, api_url: str | None = None,
+def reap_daytona_sandboxes(labels: dict[str, str], *, client: daytona.Daytona | None = None, api_url: str | None = None,
                            target: str | None = None) -> int:
     """Delete every sandbox carrying all of ``labels`` (e.g. ``{"rlmq.run": run_id}``: a run's orphans,
     including one whose create reply was lost); return how many were deleted."""
@@ -77,7 +80,7 @@ def reap_daytona_sandboxes(labels: dict[str, str], *, client: Any = None, api_ur
     return deleted
 
 
-def delete_daytona_sandbox(sandbox_id: str, *, client: Any = None, api_url: str | None = None,
+def delete_daytona_sandbox(sandbox_id: str, *, client: daytona.Daytona | None = None, api_url: str | None = None,
                            target: str | None = None) -> bool:
     """Delete the sandbox rlmq created for ``sandbox_id`` (its name and label); False if none."""
     from daytona import DaytonaNotFoundError

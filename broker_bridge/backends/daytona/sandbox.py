@@ -25,7 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from broker_bridge.backends.base import (
     BackendName,
@@ -52,6 +52,7 @@ from broker_bridge.backends.daytona.options import (
     DEFAULT_TTL_MINUTES,
     SANDBOX_LABEL,
     DaytonaOptions,
+    DaytonaResources,
     build_create_params,
     preview_headers,
     provider_of,
@@ -60,6 +61,10 @@ from broker_bridge.backends.daytona.options import (
 from broker_bridge.backends.daytona.output_log import OutputLog
 from broker_bridge.backends.daytona.reap import LOOKUP_TIMEOUT, delete_sandbox
 from broker_bridge.sandbox.protocol import PATH_HEALTH
+
+if TYPE_CHECKING:
+    import daytona
+    from daytona_toolbox_api_client import InterpreterContext
 
 __all__ = ["DaytonaSandbox"]
 
@@ -86,7 +91,7 @@ class DaytonaSandbox(Sandbox):
         target: str | None = None,
         snapshot: str | None = None,
         image: str | None = None,
-        resources: dict[str, int] | None = None,
+        resources: DaytonaResources | None = None,
         auto_stop_interval: int = 15,
         auto_delete_interval: int = 0,
         ephemeral: bool | None = None,
@@ -97,7 +102,7 @@ class DaytonaSandbox(Sandbox):
         broker_port: int = 8765,
         run_grace: float = 30.0,
         runtime_subdir: str = "rlmq",
-        client: Any = None,
+        client: daytona.Daytona | None = None,
     ) -> None:
         """Options as in ``DaytonaOptions`` (explicit here: the factory checks names against this
         signature). ``client``: a ``daytona.Daytona`` to use instead of this process's own."""
@@ -112,14 +117,14 @@ class DaytonaSandbox(Sandbox):
         self._runtime_subdir = runtime_subdir
         self._runtime_dir: str | None = None
         self._spec: SandboxSpec | None = None
-        self._sandbox: Any = None
-        self._context: Any = None
+        self._sandbox: daytona.Sandbox | None = None
+        self._context: InterpreterContext | None = None
         self._lock = threading.Lock()
         self._destroyed = False
         self._refreshing = False
         self._folders: set[str] = set()  # folders known to exist in the sandbox
         self.broker_log = ""  # the broker's output when it failed to come up
-        self.last_execution_error: Any = None  # an exception that escaped the driver code itself
+        self.last_execution_error: daytona.ExecutionError | None = None  # an exception that escaped the driver code itself
 
     # -- identity
 
@@ -183,7 +188,7 @@ class DaytonaSandbox(Sandbox):
                                     f"(the time ran out {doing})")
         return max(1.0, left)
 
-    def _install_and_start(self, sandbox: Any, spec: SandboxSpec, deadline: float) -> BrokerEndpoint:
+    def _install_and_start(self, sandbox: daytona.Sandbox, spec: SandboxSpec, deadline: float) -> BrokerEndpoint:
         from daytona import FileUpload, SessionExecuteRequest
 
         opts = self.options
@@ -227,7 +232,7 @@ class DaytonaSandbox(Sandbox):
         log.info("daytona sandbox %s (%s) ready, broker at %s", spec.sandbox_id, sandbox.id, endpoint.url)
         return endpoint
 
-    def _wait_for_health(self, sandbox: Any, endpoint: BrokerEndpoint, cmd_id: str, deadline: float) -> None:
+    def _wait_for_health(self, sandbox: daytona.Sandbox, endpoint: BrokerEndpoint, cmd_id: str, deadline: float) -> None:
         last, next_probe = "no answer yet", time.monotonic() + _PROBE_EVERY
         while True:
             left = deadline - time.monotonic()
@@ -258,14 +263,14 @@ class DaytonaSandbox(Sandbox):
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
     @staticmethod
-    def _broker_output(sandbox: Any, cmd_id: str) -> str:
+    def _broker_output(sandbox: daytona.Sandbox, cmd_id: str) -> str:
         try:
             logs = sandbox.process.get_session_command_logs(BROKER_SESSION, cmd_id, request_timeout=10.0)
             return (logs.output or f"{logs.stdout or ''}{logs.stderr or ''}").strip()
         except Exception as exc:  # diagnostics only
             return f"(broker output unavailable: {error_message(exc)})"
 
-    def _delete_half_created(self, client: Any, spec: SandboxSpec, exc: BaseException) -> None:
+    def _delete_half_created(self, client: daytona.Daytona, spec: SandboxSpec, exc: BaseException) -> None:
         """After a failed create, delete the sandbox if Daytona made one (never a conflicting one).
         A create whose reply was lost made one: it is found by its name and our label."""
         from daytona import (
@@ -325,7 +330,7 @@ class DaytonaSandbox(Sandbox):
 
     # -- work
 
-    def _live(self) -> tuple[Any, Any]:
+    def _live(self) -> tuple[daytona.Sandbox, InterpreterContext]:
         with self._lock:
             if self._destroyed:
                 raise SandboxDied("the Daytona sandbox was destroyed")
@@ -361,17 +366,18 @@ class DaytonaSandbox(Sandbox):
         sandbox, context = self._live()
         sid = self._spec.sandbox_id if self._spec else "?"
         output = OutputLog(sid)
-        outcome: dict[str, Any] = {}
+        returned: list[daytona.ExecutionResult] = []
+        raised: list[BaseException] = []
         self.last_execution_error = None
 
         def run() -> None:
             try:
-                outcome["result"] = sandbox.code_interpreter.run_code(
+                returned.append(sandbox.code_interpreter.run_code(
                     code, context=context, timeout=max(1, math.ceil(timeout + self.options.run_grace)),
                     on_stdout=lambda msg: output.feed("stdout", msg.output),
-                    on_stderr=lambda msg: output.feed("stderr", msg.output))
+                    on_stderr=lambda msg: output.feed("stderr", msg.output)))
             except BaseException as exc:  # handed over to the caller's thread
-                outcome["error"] = exc
+                raised.append(exc)
 
         self.bytes_sent += len(code.encode())
         started = time.monotonic()
@@ -394,11 +400,9 @@ class DaytonaSandbox(Sandbox):
         if worker.is_alive():
             self.destroy()  # ends the run in the sandbox; a retry could run the code twice
             raise SandboxTimeout(f"code ran past {timeout:g}s; Daytona sandbox {sid} destroyed")
-        error = outcome.get("error")
-        if error is not None:
-            self._raise_run_error(error, elapsed, timeout, sid, output)
-        result = outcome.get("result")
-        failure = getattr(result, "error", None)
+        if raised:
+            self._raise_run_error(raised[0], elapsed, timeout, sid, output)
+        failure = returned[0].error
         if failure is not None:  # raised past the runtime: the runtime or the bootstrap is broken
             self.last_execution_error = failure
             trace = (getattr(failure, "traceback", "") or "").strip()
@@ -406,7 +410,7 @@ class DaytonaSandbox(Sandbox):
                                + (f"\n{trace[-1500:]}" if trace else ""))
 
     def _raise_run_error(self, error: BaseException, elapsed: float, timeout: float, sid: str,
-                         output: OutputLog) -> None:
+                         output: OutputLog) -> NoReturn:
         from daytona import DaytonaConnectionError, DaytonaTimeoutError
 
         if not isinstance(error, Exception) or is_celery_time_limit(error):
