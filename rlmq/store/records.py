@@ -20,12 +20,15 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 
 from rlmq.store import keys, replies
 from rlmq.store.lua import lua_scripts
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 __all__ = ["Batch", "CallUsage", "Progress", "RunRecord", "RunSandbox", "RunSpec", "RunStatus", "RunStore", "Usage",
            "new_run_id"]
@@ -85,7 +88,10 @@ class RunSpec:
 # one place, and each JSON document is written by one to_json_dict and read by one from_json_dict.
 
 
-def _from_json_fields(cls: Any, raw: dict[str, Any]) -> Any:
+Flat = TypeVar("Flat", bound="DataclassInstance")
+
+
+def _from_json_fields(cls: type[Flat], raw: dict[str, Any]) -> Flat:
     """A flat dataclass whose fields all have defaults, from JSON: known fields only, each coerced
     to its default's type (a record written by an older version lacks the newer fields)."""
     default = cls()
@@ -153,7 +159,7 @@ class CallUsage:
 
     @classmethod
     def from_json_dict(cls, raw: dict[str, Any]) -> CallUsage:
-        return _from_json_fields(cls, raw)  # type: ignore[no-any-return]
+        return _from_json_fields(cls, raw)
 
 
 _COUNTERS = tuple(f.name for f in fields(CallUsage) if f.name != "model")
@@ -197,7 +203,7 @@ class Batch:
 
     @classmethod
     def from_json_dict(cls, raw: dict[str, Any]) -> Batch:
-        return _from_json_fields(cls, raw)  # type: ignore[no-any-return]
+        return _from_json_fields(cls, raw)
 
 
 @dataclass(frozen=True)
@@ -214,7 +220,7 @@ class RunSandbox:
 
     @classmethod
     def from_json_dict(cls, raw: dict[str, Any]) -> RunSandbox:
-        return _from_json_fields(cls, raw)  # type: ignore[no-any-return]
+        return _from_json_fields(cls, raw)
 
 
 @dataclass
