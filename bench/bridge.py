@@ -10,7 +10,6 @@ the corpus size.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._common import command_line
 from broker_bridge import interpreter_factory
 from rlmq.demo import CORPUS
 from rlmq.inputs import load_input_value
@@ -94,11 +94,7 @@ def bytes_over_iterations(iterations: int) -> tuple[int, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=500)
-    parser.add_argument("--iterations", type=int, default=40)
-    parser.add_argument("--starts", type=int, default=10)
-    args = parser.parse_args()
+    args = command_line(__doc__, calls=500, iterations=40, starts=10)
 
     modes = ("process", "namespaces")
     results = {mode: measure(mode, args.calls, args.starts) for mode in modes}

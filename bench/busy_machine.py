@@ -42,13 +42,14 @@ def fill_tmp(root: Path, files: int, size_mb: int) -> None:
         (directory / f"f{n % per_dir:04d}.bin").write_bytes(chunk)
 
 
-def start_other_stack(workdir: Path, stub: StubLLM) -> subprocess.Popen:
+def start_other_stack(workdir: Path, stub: StubLLM) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RLMQ_", "REDIS_URL"))}
     env.update(RLMQ_STATE_DIR=str(workdir / "state"), RLMQ_LM="openai/busy-root", RLMQ_SUB_LM="openai/busy-sub",
                RLMQ_LM_API_BASE=stub.api_base, OPENAI_API_KEY="busy-key", LITELLM_LOCAL_MODEL_COST_MAP="True",
                PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    up = subprocess.Popen([sys.executable, "-m", "rlmq.cli", "up", "--no-flower"], env=env, cwd=workdir,
-                          stdout=open(workdir / "up.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    with open(workdir / "up.log", "w") as log:  # the child has its own copy of the descriptor
+        up = subprocess.Popen([sys.executable, "-m", "rlmq.cli", "up", "--no-flower"], env=env, cwd=workdir,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 180
     while "Ctrl-C stops everything" not in (workdir / "up.log").read_text():
         if up.poll() is not None or time.monotonic() > deadline:

@@ -22,9 +22,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +33,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import psutil  # noqa: E402
 
+from bench._common import Column, command_line, every, print_table  # noqa: E402
 from rlmq.client import Client  # noqa: E402
 from rlmq.local_redis import start_private_redis  # noqa: E402
 from rlmq.store.records import RunStatus  # noqa: E402
@@ -52,55 +53,72 @@ def sub_answer(prompt: str) -> str:
     return "YES" if "shipping" in prompt.split("\n\n", 1)[-1] else "NO"
 
 
-class MemorySampler:
-    """Peak RSS/PSS of a worker's Celery processes and of its sandboxes, sampled every 0.1 s."""
+class MemoryPeaks:
+    """Peak RSS/PSS of a worker's Celery processes and of its sandboxes, over the samples taken."""
 
     def __init__(self, root_pid: int) -> None:
         self.root = psutil.Process(root_pid)
         self.peak_worker_rss = self.peak_worker_pss = 0
         self.peak_sandbox_rss_each = 0.0
         self.peak_sandboxes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> MemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(0.1):
+    def sample(self) -> None:
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return
+        worker_rss = worker_pss = sandbox_rss = 0
+        sessions = set()  # each sandbox (kernel + broker) runs in its own session
+        for p in procs:
             try:
-                procs = [self.root, *self.root.children(recursive=True)]
-            except psutil.Error:
+                is_worker = "celery" in " ".join(p.cmdline())
+                info = p.memory_full_info()
+                session = os.getsid(p.pid)
+            except (psutil.Error, OSError):
                 continue
-            worker_rss = worker_pss = sandbox_rss = 0
-            sessions = set()  # each sandbox (kernel + broker) runs in its own session
-            for p in procs:
-                try:
-                    is_worker = "celery" in " ".join(p.cmdline())
-                    info = p.memory_full_info()
-                    session = os.getsid(p.pid)
-                except (psutil.Error, OSError):
-                    continue
-                if is_worker:
-                    worker_rss += info.rss
-                    worker_pss += getattr(info, "pss", info.rss)
-                else:
-                    sandbox_rss += info.rss
-                    sessions.add(session)
-            sandboxes = len(sessions)  # processes: each has its own session
-            self.peak_worker_rss = max(self.peak_worker_rss, worker_rss)
-            self.peak_worker_pss = max(self.peak_worker_pss, worker_pss)
-            if sandboxes:
-                self.peak_sandboxes = max(self.peak_sandboxes, sandboxes)
-                self.peak_sandbox_rss_each = max(self.peak_sandbox_rss_each, sandbox_rss / sandboxes)
+            if is_worker:
+                worker_rss += info.rss
+                worker_pss += getattr(info, "pss", info.rss)
+            else:
+                sandbox_rss += info.rss
+                sessions.add(session)
+        sandboxes = len(sessions)  # processes: each has its own session
+        self.peak_worker_rss = max(self.peak_worker_rss, worker_rss)
+        self.peak_worker_pss = max(self.peak_worker_pss, worker_pss)
+        if sandboxes:
+            self.peak_sandboxes = max(self.peak_sandboxes, sandboxes)
+            self.peak_sandbox_rss_each = max(self.peak_sandbox_rss_each, sandbox_rss / sandboxes)
 
 
-def run_pool(server_url: str, stub: StubLLM, pool: str, concurrency: int, args: argparse.Namespace) -> dict:
+@dataclass(frozen=True)
+class PoolResult:
+    pool: str
+    wall: float
+    runs_per_min: float
+    failed: int
+    rss_slot: float  # MiB per rlm slot
+    pss_slot: float
+    rss_total: float  # MiB, the whole rlm worker
+    sandbox_rss: float  # MiB per sandbox process
+    sandboxes: int
+    cpu_per_run: float
+
+
+COLUMNS: list[Column[PoolResult]] = [
+    Column("rlm pool", "14s", lambda r: r.pool),
+    Column("wall s", "7.1f", lambda r: r.wall),
+    Column("runs/min", "9.1f", lambda r: r.runs_per_min),
+    Column("MiB RSS/slot", "13.0f", lambda r: r.rss_slot),
+    Column("MiB PSS/slot", "13.0f", lambda r: r.pss_slot),
+    Column("MiB worker", "11.0f", lambda r: r.rss_total),
+    Column("MiB/sbx proc", "13.0f", lambda r: r.sandbox_rss),
+    Column("sbx procs", "10d", lambda r: r.sandboxes),
+    Column("CPU s/run", "10.2f", lambda r: r.cpu_per_run),
+    Column("failed", "7d", lambda r: r.failed),
+]
+
+
+def run_pool(server_url: str, stub: StubLLM, pool: str, concurrency: int, args: argparse.Namespace) -> PoolResult:
     env = {"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub", "RLMQ_LM_API_BASE": stub.api_base}
     with Fleet(server_url, env) as fleet:
         rlm = fleet.start("rlm", name=f"cr-{pool}{concurrency}", concurrency=concurrency, pool=pool, wait=False)
@@ -112,7 +130,8 @@ def run_pool(server_url: str, stub: StubLLM, pool: str, concurrency: int, args: 
             client.wait(run_id, timeout=600)
         worker = psutil.Process(rlm.proc.pid)
         cpu0 = _cpu(worker)
-        with MemorySampler(rlm.proc.pid) as memory:
+        memory = MemoryPeaks(rlm.proc.pid)
+        with every(0.1, memory.sample):
             t0 = time.perf_counter()
             ids = [client.submit(SIGNATURE, {"docs": docs(args.docs)}, max_iters=6, max_llm_calls=args.docs + 10)
                    for _ in range(args.runs)]
@@ -120,11 +139,11 @@ def run_pool(server_url: str, stub: StubLLM, pool: str, concurrency: int, args: 
             wall = time.perf_counter() - t0
         cpu = _cpu(worker) - cpu0
     failed = [r for r in records if r.status is not RunStatus.SUCCEEDED]
-    return {"pool": f"{pool} -c {concurrency}", "concurrency": concurrency, "wall": wall,
-            "runs_per_min": 60 * len(ids) / wall, "failed": len(failed),
-            "rss_slot": memory.peak_worker_rss / concurrency / 2**20, "pss_slot": memory.peak_worker_pss / concurrency / 2**20,
-            "rss_total": memory.peak_worker_rss / 2**20, "sandbox_rss": memory.peak_sandbox_rss_each / 2**20,
-            "sandboxes": memory.peak_sandboxes, "cpu_per_run": cpu / len(ids)}
+    return PoolResult(pool=f"{pool} -c {concurrency}", wall=wall, runs_per_min=60 * len(ids) / wall, failed=len(failed),
+                      rss_slot=memory.peak_worker_rss / concurrency / 2**20,
+                      pss_slot=memory.peak_worker_pss / concurrency / 2**20, rss_total=memory.peak_worker_rss / 2**20,
+                      sandbox_rss=memory.peak_sandbox_rss_each / 2**20, sandboxes=memory.peak_sandboxes,
+                      cpu_per_run=cpu / len(ids))
 
 
 def _cpu(proc: psutil.Process) -> float:
@@ -144,31 +163,17 @@ def docs(n: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=32)
-    parser.add_argument("--docs", type=int, default=100)
-    parser.add_argument("--latency", type=float, default=0.1)
-    parser.add_argument("--pools", default="prefork:2,prefork:4,prefork:8,threads:8,threads:16,threads:32")
-    args = parser.parse_args(argv)
+    args = command_line(__doc__, argv, runs=32, docs=100, latency=0.1,
+                        pools="prefork:2,prefork:4,prefork:8,threads:8,threads:16,threads:32")
     pools = [(p.split(":")[0], int(p.split(":")[1])) for p in args.pools.split(",")]
-    server = start_private_redis()
-    rows = []
-    try:
-        with StubLLM(latency=args.latency) as stub:
-            stub.set_responder(route(root=ScriptedRoot(STEPS), sub=sub_answer))
-            for pool, concurrency in pools:
-                rows.append(run_pool(server.url, stub, pool, concurrency, args))
-                print(f"  {rows[-1]['pool']}: {rows[-1]['wall']:.1f}s", flush=True)
-    finally:
-        server.stop()
-    print(f"\n{args.runs} concurrent runs x {args.docs} documents; stub latency {args.latency * 1000:.0f} ms; "
-          f"1 llm worker x 32 threads; {os.cpu_count()} cores")
-    print(f"{'rlm pool':14s} {'wall s':>7s} {'runs/min':>9s} {'MiB RSS/slot':>13s} {'MiB PSS/slot':>13s} "
-          f"{'MiB worker':>11s} {'MiB/sbx proc':>13s} {'sbx procs':>10s} {'CPU s/run':>10s} {'failed':>7s}")
-    for r in rows:
-        print(f"{r['pool']:14s} {r['wall']:7.1f} {r['runs_per_min']:9.1f} {r['rss_slot']:13.0f} {r['pss_slot']:13.0f} "
-              f"{r['rss_total']:11.0f} {r['sandbox_rss']:13.0f} {r['sandboxes']:10d} {r['cpu_per_run']:10.2f} "
-              f"{r['failed']:7d}")
+    rows: list[PoolResult] = []
+    with start_private_redis() as server, StubLLM(latency=args.latency) as stub:
+        stub.set_responder(route(root=ScriptedRoot(STEPS), sub=sub_answer))
+        for pool, concurrency in pools:
+            rows.append(run_pool(server.url, stub, pool, concurrency, args))
+            print(f"  {rows[-1].pool}: {rows[-1].wall:.1f}s", flush=True)
+    print_table(f"\n{args.runs} concurrent runs x {args.docs} documents; stub latency {args.latency * 1000:.0f} ms; "
+                f"1 llm worker x 32 threads; {os.cpu_count()} cores", COLUMNS, rows)
     return 0
 
 

@@ -28,6 +28,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import dspy  # noqa: E402
 
+from bench._common import command_line  # noqa: E402
 from rlmq.celery_config import point_at  # noqa: E402
 from rlmq.local_redis import start_private_redis  # noqa: E402
 from rlmq.settings import Settings  # noqa: E402
@@ -80,18 +81,12 @@ def rlmq_fanout(stub: StubLLM, redis_url: str, prompts: list[str], args: argpars
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=500)
-    parser.add_argument("--latency", type=float, default=0.2)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=32)
-    parser.add_argument("--chunk-size", type=int, default=8, help="prompts per sub-task message")
-    args = parser.parse_args(argv)
+    args = command_line(__doc__, argv, prompts=500, latency=0.2, workers=2, threads=32,
+                        chunk_size=(8, "prompts per sub-task message"))
     prompts = [f"bench prompt {i}: who is the richest?" for i in range(args.prompts)]
 
-    server = start_private_redis()
-    point_at(app, server.url)
-    try:
+    with start_private_redis() as server:
+        point_at(app, server.url)
         with StubLLM(latency=args.latency) as stub:
             print(f"stub latency {args.latency * 1000:.0f} ms, {args.prompts} prompts", flush=True)
             builtin = dspy_builtin(stub, prompts)
@@ -107,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
                             "llm workers": [w.proc.pid for w in workers], "redis": [server.process.pid]}
                 cold, warm, cpu = rlmq_fanout(stub, server.url, prompts, args, cpu_pids)
             sent_fleet = stub.request_count
-    finally:
-        server.stop()
 
     slots = args.workers * args.threads
     ideal = args.prompts * args.latency / slots

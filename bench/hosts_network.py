@@ -11,16 +11,17 @@ would: ~40 ms per round trip and little CPU beyond that.
 
 from __future__ import annotations
 
-import argparse
 import socket
 import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._common import command_line
 from tests.support.hosts import Host, Network, latency_backend, latency_missing, unavailable
 
 PORT_ECHO, PORT_SINK = 7100, 7101
@@ -31,29 +32,29 @@ def serve(host: Host) -> list[socket.socket]:
         echo = socket.create_server((host.ip, PORT_ECHO))
         sink = socket.create_server((host.ip, PORT_SINK))
 
-    def echo_loop() -> None:
-        while True:
-            try:
-                conn, _ = echo.accept()
-            except OSError:
-                return
-            with conn:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-
-    def sink_loop() -> None:
-        while True:
-            try:
-                conn, _ = sink.accept()
-            except OSError:
-                return
-            with conn:
-                while conn.recv(1 << 20):
-                    pass
-
-    for loop in (echo_loop, sink_loop):
-        threading.Thread(target=loop, daemon=True).start()
+    for server, handle in ((echo, echo_back), (sink, swallow)):
+        threading.Thread(target=accept_until_closed, args=(server, handle), daemon=True).start()
     return [echo, sink]
+
+
+def accept_until_closed(server: socket.socket, handle: Callable[[socket.socket], None]) -> None:
+    while True:
+        try:
+            conn, _ = server.accept()
+        except OSError:  # closed
+            return
+        with conn:
+            handle(conn)
+
+
+def echo_back(conn: socket.socket) -> None:
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+
+def swallow(conn: socket.socket) -> None:
+    while conn.recv(1 << 20):
+        pass
 
 
 def round_trips(src: Host, dst: Host, seconds: float) -> list[float]:
@@ -93,11 +94,7 @@ def report(label: str, src: Host, dst: Host, seconds: float) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--delay-ms", type=float, default=20.0)
-    parser.add_argument("--jitter-ms", type=float, default=5.0)
-    parser.add_argument("--seconds", type=float, default=3.0)
-    args = parser.parse_args()
+    args = command_line(__doc__, delay_ms=20.0, jitter_ms=5.0, seconds=3.0)
     if unavailable():
         sys.exit(f"cannot make hosts here: {unavailable()}")
     with Network() as net:

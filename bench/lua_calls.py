@@ -9,7 +9,6 @@ to compare two versions of the scripts on the same box.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import redis
 
+from bench._common import command_line
 from rlmq.local_redis import start_private_redis
 from workers.adaptive_limit import AdaptiveLimiter
 from workers.single_flight import ResponseCache
@@ -27,12 +27,8 @@ HEADERS = {"x-ratelimit-limit-requests": "1000000", "x-ratelimit-remaining-reque
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=3000)
-    calls = parser.parse_args().calls
-    server = start_private_redis()
-    client = redis.Redis.from_url(server.url)
-    try:
+    calls = command_line(__doc__, calls=3000).calls
+    with start_private_redis() as server, redis.Redis.from_url(server.url) as client:
         limiter = AdaptiveLimiter(client, "bench-model", ceiling_rps=1e6, burst=100_000, max_in_flight=128)
         cache = ResponseCache(client, ttl_seconds=60)
         cases = {
@@ -49,9 +45,6 @@ def main() -> None:
                 call(i)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             print(f"{name:<26} {wall / calls * 1e6:>12.0f} {cpu / calls * 1e6:>12.0f}")
-    finally:
-        client.close()
-        server.stop()
 
 
 if __name__ == "__main__":

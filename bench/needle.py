@@ -22,7 +22,6 @@ Prints each wall time and the ratio (a)/(b). Run: ``python bench/needle.py``;
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import statistics
@@ -37,6 +36,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import dspy  # noqa: E402
 
+from bench._common import command_line  # noqa: E402
 from rlmq.client import Client  # noqa: E402
 from rlmq.local_redis import start_private_redis  # noqa: E402
 from rlmq.store.records import RunStatus  # noqa: E402
@@ -91,44 +91,36 @@ def rlmq_run(client: Client, n: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--docs", type=int, default=500)
-    parser.add_argument("--rps", type=float, default=100.0)
-    parser.add_argument("--latency", type=float, default=0.25)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--cold", action="store_true", help="no warm-up run: time fresh workers' first runs")
-    parser.add_argument("--no-headers", action="store_true", help="a provider with no limit and no headers")
-    parser.add_argument("--llm-workers", type=int, default=1)
-    args = parser.parse_args(argv)
+    args = command_line(__doc__, argv, docs=500, rps=100.0, latency=0.25, repeats=2,
+                        cold=(False, "no warm-up run: time fresh workers' first runs"),
+                        no_headers=(False, "a provider with no limit and no headers"), llm_workers=1)
 
-    server = start_private_redis()
-    dspy_times, rlmq_times, throttled = [], [], []
-    try:
-        with StubLLM(latency=args.latency) as stub:
-            stub.set_responder(route(root=ScriptedRoot(STEPS), sub=sub_answer))
-            if not args.no_headers:
-                stub.set_provider_limit(args.rps, headers="openai")
-            env = {"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub",
-                   "RLMQ_LM_API_BASE": stub.api_base}  # nothing about rate limits: the defaults
-            with Fleet(server.url, env) as fleet:
-                workers = [fleet.start("rlm", name="needle-rlm", concurrency=2, wait=False)]
-                workers += [fleet.start("llm", name=f"needle-llm{i}", concurrency=32, wait=False)
-                            for i in range(args.llm_workers)]
-                fleet.wait_ready(workers, timeout=180)
-                client = Client(server.url)
-                dspy_in_process(stub, 20)  # DSPy's imports are paid by this process either way
-                if not args.cold:
-                    rlmq_run(client, 20)  # warm-up, untimed
-                for _ in range(args.repeats):
-                    for side, fn, times in (("dspy", lambda: dspy_in_process(stub, args.docs), dspy_times),
-                                            ("rlmq", lambda: rlmq_run(client, args.docs), rlmq_times)):
-                        time.sleep(1.5)  # the provider's bucket refills between runs
-                        stub.reset_stats()
-                        times.append(fn())
-                        throttled.append((side, sum(r.status == 429 for r in stub.requests), stub.request_count))
-                        print(f"  {side}: {times[-1]:.2f}s", flush=True)
-    finally:
-        server.stop()
+    dspy_times: list[float] = []
+    rlmq_times: list[float] = []
+    throttled: list[tuple[str, int, int]] = []  # (side, 429 replies, requests)
+    with start_private_redis() as server, StubLLM(latency=args.latency) as stub:
+        stub.set_responder(route(root=ScriptedRoot(STEPS), sub=sub_answer))
+        if not args.no_headers:
+            stub.set_provider_limit(args.rps, headers="openai")
+        env = {"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub",
+               "RLMQ_LM_API_BASE": stub.api_base}  # nothing about rate limits: the defaults
+        with Fleet(server.url, env) as fleet:
+            workers = [fleet.start("rlm", name="needle-rlm", concurrency=2, wait=False)]
+            workers += [fleet.start("llm", name=f"needle-llm{i}", concurrency=32, wait=False)
+                        for i in range(args.llm_workers)]
+            fleet.wait_ready(workers, timeout=180)
+            client = Client(server.url)
+            dspy_in_process(stub, 20)  # DSPy's imports are paid by this process either way
+            if not args.cold:
+                rlmq_run(client, 20)  # warm-up, untimed
+            for _ in range(args.repeats):
+                for side, fn, times in (("dspy", lambda: dspy_in_process(stub, args.docs), dspy_times),
+                                        ("rlmq", lambda: rlmq_run(client, args.docs), rlmq_times)):
+                    time.sleep(1.5)  # the provider's bucket refills between runs
+                    stub.reset_stats()
+                    times.append(fn())
+                    throttled.append((side, sum(r.status == 429 for r in stub.requests), stub.request_count))
+                    print(f"  {side}: {times[-1]:.2f}s", flush=True)
 
     provider = "no limit, no headers" if args.no_headers else f"{args.rps:g} requests/s (OpenAI headers)"
     print(f"\n{args.docs} documents, provider {provider}, latency {args.latency * 1000:.0f} ms, rlmq on default "

@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +29,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import redis  # noqa: E402
 
+from bench._common import Column, command_line, print_table  # noqa: E402
 from rlmq.celery_config import point_at  # noqa: E402
 from rlmq.local_redis import start_private_redis  # noqa: E402
 from rlmq.settings import Settings  # noqa: E402
@@ -40,7 +42,37 @@ from workers.fanout import Fanout  # noqa: E402
 DEFAULT_CASES = "openai:20,openai:200,anthropic:50,openrouter:50,none:50"
 
 
-def run_case(stub: StubLLM, redis_url: str, fmt: str, rate: float, args: argparse.Namespace) -> dict[str, float]:
+@dataclass(frozen=True)
+class CaseResult:
+    rate: float  # R, the provider's limit (requests/s)
+    format: str  # its rate-limit headers
+    prompts: int
+    errors: int
+    wall: float
+    overall: float  # requests served per second over the whole batch
+    steady_mean: float  # ... per one-second window after the settling time
+    steady_min: int
+    throttled: float  # share of 429 replies
+    learned: float  # the rate the fleet's limiter settled on
+    mode: str
+
+
+COLUMNS: list[Column[CaseResult]] = [
+    Column("headers", "10s", lambda r: r.format),
+    Column("R/s", "6.0f", lambda r: r.rate),
+    Column("prompts", "8d", lambda r: r.prompts),
+    Column("steady/s", "9.1f", lambda r: r.steady_mean),
+    Column("% of R", ">7s", lambda r: f"{100 * r.steady_mean / r.rate:6.1f}%"),
+    Column("min 1-s", "8d", lambda r: r.steady_min),
+    Column("overall/s", "10.1f", lambda r: r.overall),
+    Column("throttled", ">10s", lambda r: f"{100 * r.throttled:9.2f}%"),
+    Column("learned", "8.1f", lambda r: r.learned),
+    Column("mode", ">8s", lambda r: r.mode),
+    Column("errors", "7d", lambda r: r.errors),
+]
+
+
+def run_case(stub: StubLLM, redis_url: str, fmt: str, rate: float, args: argparse.Namespace) -> CaseResult:
     model = f"openai/bench-{fmt}-{rate:g}"  # its own limiter state in Redis
     settings = Settings(redis_url=redis_url, lm=model, lm_api_base=stub.api_base)
     stub.set_provider_limit(rate, headers=None if fmt == "none" else fmt)
@@ -57,29 +89,25 @@ def run_case(stub: StubLLM, redis_url: str, fmt: str, rate: float, args: argpars
     windows = [sum(1 for t in ok if start + k <= t < start + k + 1) for k in range(int(end - start))]
     steady = windows[int(args.settle):] or windows
     state = AdaptiveLimiter(redis.Redis.from_url(redis_url), model).state()
-    return {"R": rate, "format": fmt, "prompts": len(prompts), "errors": sum(not a.ok for a in answers),
-            "wall": wall, "overall": len(ok) / max(end - start, 1e-9), "steady_mean": statistics.mean(steady),
-            "steady_min": min(steady), "throttled": throttled / max(1, len(records)),
-            "learned": float(state.get("rate", "nan")), "mode": state.get("mode", "?")}
+    return CaseResult(rate=rate, format=fmt, prompts=len(prompts), errors=sum(not a.ok for a in answers),
+                      wall=wall, overall=len(ok) / max(end - start, 1e-9), steady_mean=statistics.mean(steady),
+                      steady_min=min(steady), throttled=throttled / max(1, len(records)),
+                      learned=float(state.get("rate", "nan")), mode=state.get("mode", "?"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default=DEFAULT_CASES, help="format:R,... (format: openai|anthropic|openrouter|none)")
-    parser.add_argument("--seconds", type=float, default=12.0, help="batch size = R x this")
-    parser.add_argument("--settle", type=float, default=2.0, help="seconds left out of the steady rate")
-    parser.add_argument("--latency", type=float, default=0.05)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=32)
-    args = parser.parse_args(argv)
+    args = command_line(__doc__, argv, cases=(DEFAULT_CASES, "format:R,... (format: openai|anthropic|openrouter|none)"),
+                        seconds=(12.0, "batch size = R x this"), settle=(2.0, "seconds left out of the steady rate"),
+                        latency=0.05, workers=2, threads=32)
     cases = [(c.split(":")[0], float(c.split(":")[1])) for c in args.cases.split(",")]
 
-    server = start_private_redis()
-    point_at(app, server.url)
-    rows = []
-    try:
+    rows: list[CaseResult] = []
+    with start_private_redis() as server:
+        point_at(app, server.url)
         with StubLLM(latency=args.latency) as stub:
-            env = {"RLMQ_LM": "openai/bench", "RLMQ_LM_API_BASE": stub.api_base}  # no limit settings: defaults
+            # no limit settings: defaults; each case's model (its own limiter state) and the warm-up's allowed
+            env = {"RLMQ_LM": "openai/bench", "RLMQ_LM_API_BASE": stub.api_base,
+                   "RLMQ_ALLOWED_MODELS": "openai/bench-*,openai/warm-up"}
             with Fleet(server.url, env) as fleet:
                 workers = [fleet.start("llm", name=f"rl{i}", concurrency=args.threads, wait=False)
                            for i in range(args.workers)]
@@ -89,18 +117,10 @@ def main(argv: list[str] | None = None) -> int:
                 for fmt, rate in cases:
                     row = run_case(stub, server.url, fmt, rate, args)
                     rows.append(row)
-                    print(f"  done {fmt}:{rate:g} in {row['wall']:.1f}s", flush=True)
-    finally:
-        server.stop()
+                    print(f"  done {fmt}:{rate:g} in {row.wall:.1f}s", flush=True)
 
-    print(f"\nstub latency {args.latency * 1000:.0f} ms; {args.workers} llm workers x {args.threads} threads; "
-          f"default settings (no RLMQ_RATE_LIMIT_RPS)\n")
-    print(f"{'headers':10s} {'R/s':>6s} {'prompts':>8s} {'steady/s':>9s} {'% of R':>7s} {'min 1-s':>8s} "
-          f"{'overall/s':>10s} {'throttled':>10s} {'learned':>8s} {'mode':>8s} {'errors':>7s}")
-    for r in rows:
-        print(f"{r['format']:10s} {r['R']:6.0f} {r['prompts']:8d} {r['steady_mean']:9.1f} "
-              f"{100 * r['steady_mean'] / r['R']:6.1f}% {r['steady_min']:8d} {r['overall']:10.1f} "
-              f"{100 * r['throttled']:9.2f}% {r['learned']:8.1f} {r['mode']:>8s} {r['errors']:7d}")
+    print_table(f"\nstub latency {args.latency * 1000:.0f} ms; {args.workers} llm workers x {args.threads} threads; "
+                f"default settings (no RLMQ_RATE_LIMIT_RPS)\n", COLUMNS, rows)
     return 0
 
 

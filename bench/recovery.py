@@ -28,17 +28,17 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import redis  # noqa: E402
 
 from rlmq.local_redis import start_private_redis  # noqa: E402
-from rlmq.store.records import RunStore  # noqa: E402
+from rlmq.store.records import RunRecord, RunStore  # noqa: E402
 from tests.support.fleet import Fleet, configure_app  # noqa: E402
 from tests.support.reliability import (  # noqa: E402
     batch_step,
     prompt_repeats,
     sub_requests,
     submit,
-    wait_for,
     wait_status,
 )
 from tests.support.stub_llm import StubLLM  # noqa: E402
+from tests.support.wait import wait_until  # noqa: E402
 
 
 def main() -> int:
@@ -49,37 +49,39 @@ def main() -> int:
     args = parser.parse_args()
     env_overrides = {k: str(v) for k, v in (("RLMQ_LEASE_TTL", args.lease), ("RLMQ_MAINTENANCE_INTERVAL", args.interval),
                                              ("RLMQ_WORKER_HEARTBEAT_TTL", args.heartbeat)) if v is not None}
-    server = start_private_redis()
-    try:
-        with StubLLM(latency=0.3) as stub:
-            configure_app(server.url)
-            env = {"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub",
-                   "RLMQ_LM_API_BASE": stub.api_base, "RLMQ_RATE_LIMIT_RPS": "1000", "RLMQ_RATE_LIMIT_BURST": "1000",
-                   **env_overrides}
-            with Fleet(server.url, env) as fleet:
-                workers = [fleet.start("rlm", name=f"rlm{i}", concurrency=1, wait=False) for i in (1, 2)]
-                workers += [fleet.start("llm", name=f"llm{i}", concurrency=4, wait=False) for i in (1, 2)]
-                fleet.wait_ready(workers, timeout=300)
-                r = redis.Redis.from_url(server.url)
-                rows = [("rlm worker SIGKILL", *kill_rlm(fleet, stub, r)), ("llm worker SIGKILL", *kill_llm(fleet, stub, r))]
-    finally:
-        server.stop()
+    with start_private_redis() as server, StubLLM(latency=0.3) as stub:
+        configure_app(server.url)
+        env = {"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub",
+               "RLMQ_LM_API_BASE": stub.api_base, "RLMQ_RATE_LIMIT_RPS": "1000", "RLMQ_RATE_LIMIT_BURST": "1000",
+               **env_overrides}
+        with Fleet(server.url, env) as fleet:
+            workers = [fleet.start("rlm", name=f"rlm{i}", concurrency=1, wait=False) for i in (1, 2)]
+            workers += [fleet.start("llm", name=f"llm{i}", concurrency=4, wait=False) for i in (1, 2)]
+            fleet.wait_ready(workers, timeout=300)
+            r = redis.Redis.from_url(server.url)
+            rows = [("rlm worker SIGKILL", *kill_rlm(fleet, stub, r)), ("llm worker SIGKILL", *kill_llm(fleet, stub, r))]
     print(f"{'fault':<20} {'restarted/resent':>18} {'succeeded after':>16} {'prompts paid twice':>19}")
     for name, first, done, twice in rows:
         print(f"{name:<20} {first:>18} {done:>15.1f}s {twice:>19}")
     return 0
 
 
+def stored(r: redis.Redis, run_id: str) -> RunRecord:
+    record = RunStore(r).get(run_id)
+    assert record is not None, f"run {run_id} has no record"
+    return record
+
+
 def kill_rlm(fleet: Fleet, stub: StubLLM, r: redis.Redis) -> tuple[str, float, int]:
     stub.reset_stats()
     run_id, _ = submit(r, stub, ["print(items)", batch_step(16, then="import time\ntime.sleep(3)"),
                                  "SUBMIT(answers=answers)"], tag="bench-rlm")
-    wait_for(lambda: RunStore(r).get(run_id).progress.iteration == 2 and sub_requests(stub) >= 16, 120,
-             "batch answered")
-    holder = next(w for w in fleet.workers if w.name == RunStore(r).get(run_id).worker)
+    wait_until(lambda: stored(r, run_id).progress.iteration == 2 and sub_requests(stub) >= 16, 120,
+               "batch answered")
+    holder = next(w for w in fleet.workers if w.name == stored(r, run_id).worker)
     fleet.kill(holder)
     t0 = time.monotonic()
-    wait_for(lambda: RunStore(r).get(run_id).attempt == 2, 300, "attempt 2")
+    wait_until(lambda: stored(r, run_id).attempt == 2, 300, "attempt 2")
     restarted = time.monotonic() - t0
     record = wait_status(r, run_id, timeout=300)
     assert record.status.value == "SUCCEEDED", record.error
@@ -89,7 +91,7 @@ def kill_rlm(fleet: Fleet, stub: StubLLM, r: redis.Redis) -> tuple[str, float, i
 def kill_llm(fleet: Fleet, stub: StubLLM, r: redis.Redis) -> tuple[str, float, int]:
     stub.reset_stats()
     run_id, _ = submit(r, stub, ["print(items)", batch_step(40), "SUBMIT(answers=answers)"], tag="bench-llm")
-    wait_for(lambda: sub_requests(stub) >= 6, 120, "batch under way")
+    wait_until(lambda: sub_requests(stub) >= 6, 120, "batch under way")
     fleet.kill(next(w for w in fleet.workers if w.queue == "llm" and w.alive))
     t0 = time.monotonic()
     record = wait_status(r, run_id, timeout=300)

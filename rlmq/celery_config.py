@@ -44,36 +44,36 @@ VISIBILITY_TIMEOUT_SECONDS = 3600
 # a Redis restart: about two minutes, as the workers' own Redis client does (workers.context).
 OUTAGE_RETRY_POLICY = {"max_retries": 60, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
 
-CELERY_CONFIG: dict[str, Any] = dict(
-    task_serializer="json",
-    result_serializer="json",
-    event_serializer="json",
-    accept_content=["json"],
-    result_accept_content=["json"],
-    task_default_queue=RLM_QUEUE,
-    task_create_missing_queues=False,
-    task_routes={RUN_TASK: {"queue": RLM_QUEUE}, LLM_TASK: {"queue": LLM_QUEUE}, REAP_TASK: {"queue": LLM_QUEUE}},
-    worker_prefetch_multiplier=1,
-    task_acks_late=False,  # the default; llm_batch opts in on its decorator
-    worker_send_task_events=True,  # runs, and llm_batch unless RLMQ_SUBTASK_EVENTS=off
-    task_send_sent_event=False,
-    task_track_started=True,
+CELERY_CONFIG: dict[str, Any] = {
+    "task_serializer": "json",
+    "result_serializer": "json",
+    "event_serializer": "json",
+    "accept_content": ["json"],
+    "result_accept_content": ["json"],
+    "task_default_queue": RLM_QUEUE,
+    "task_create_missing_queues": False,
+    "task_routes": {RUN_TASK: {"queue": RLM_QUEUE}, LLM_TASK: {"queue": LLM_QUEUE}, REAP_TASK: {"queue": LLM_QUEUE}},
+    "worker_prefetch_multiplier": 1,
+    "task_acks_late": False,  # the default; llm_batch opts in on its decorator
+    "worker_send_task_events": True,  # runs, and llm_batch unless RLMQ_SUBTASK_EVENTS=off
+    "task_send_sent_event": False,
+    "task_track_started": True,
     # result_expires is RLMQ_RESULT_EXPIRES, a worker setting: tasks.app sets it (the client stores no results)
-    broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
-    result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS,
-                                      "retry_policy": OUTAGE_RETRY_POLICY},
-    broker_connection_retry_on_startup=True,
-    broker_connection_max_retries=None,  # a worker waits for Redis to come back, however long
+    "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
+    "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS,
+                                         "retry_policy": OUTAGE_RETRY_POLICY},
+    "broker_connection_retry_on_startup": True,
+    "broker_connection_max_retries": None,  # a worker waits for Redis to come back, however long
     # A Redis restart must not lose a result or a sent task: storing and publishing wait it out.
-    result_backend_always_retry=True,
-    result_backend_max_sleep_between_retries_ms=2000,
-    task_publish_retry_policy=OUTAGE_RETRY_POLICY,
-    worker_cancel_long_running_tasks_on_connection_loss=False,
-    beat_schedule={
+    "result_backend_always_retry": True,
+    "result_backend_max_sleep_between_retries_ms": 2000,
+    "task_publish_retry_policy": OUTAGE_RETRY_POLICY,
+    "worker_cancel_long_running_tasks_on_connection_loss": False,
+    "beat_schedule": {
         "reap-expired-sandbox-leases": {"task": REAP_TASK, "schedule": REAP_INTERVAL_SECONDS,
                                          "options": {"expires": REAP_INTERVAL_SECONDS}},
     },
-)
+}
 
 
 def point_at(app: Any, redis_url: str) -> None:
@@ -89,6 +89,8 @@ def client_app(redis_url: str) -> Any:
     from kombu import Queue
 
     app = Celery("rlmq-client", set_as_current=False)
-    app.conf.update(CELERY_CONFIG, task_queues=tuple(Queue(q) for q in QUEUES))
+    # kombu ships type information but leaves Queue.__init__ unannotated
+    queues = tuple(Queue(q) for q in QUEUES)  # type: ignore[no-untyped-call]
+    app.conf.update(CELERY_CONFIG, task_queues=queues)
     point_at(app, redis_url)
     return app

@@ -99,11 +99,11 @@ def split_chapters(text: str, *, what: str = "the text") -> list[str]:
     # 1. A heading followed by (almost) no text before the next heading is a contents entry.
     bounds = [m.start() for m in headings[1:]] + [len(body)]
     substantial = [
-        _nonspace_len(body[m.end():nxt]) >= _MIN_CHAPTER_CHARS for m, nxt in zip(headings, bounds)
+        _nonspace_len(body[m.end():nxt]) >= _MIN_CHAPTER_CHARS for m, nxt in zip(headings, bounds, strict=True)
     ]
     # 2. The last contents entry may be followed by a long preface: drop a heading that comes
     #    right after a run of contents entries when numbering then goes backwards (117 → 1).
-    kept: list[re.Match] = []
+    kept: list[re.Match[str]] = []
     for i, m in enumerate(headings):
         if not substantial[i]:
             continue
@@ -119,7 +119,7 @@ def split_chapters(text: str, *, what: str = "the text") -> list[str]:
 
     chapters = []
     ends = [m.start() for m in kept[1:]] + [len(body)]
-    for n, (m, end) in enumerate(zip(kept, ends)):
+    for n, (m, end) in enumerate(zip(kept, ends, strict=True)):
         chunk = body[m.start():end]
         if n == len(kept) - 1:
             back = _BACK_MATTER.search(chunk, m.end() - m.start())
@@ -132,9 +132,8 @@ def split_chapters(text: str, *, what: str = "the text") -> list[str]:
 
 def _strip_trailing_division(chunk: str) -> str:
     """Remove "VOLUME TWO" (plus illustration ids etc.) left at the end of a chapter."""
-    last = None
-    for last in _TRAILING_DIVISION.finditer(chunk):
-        pass
+    divisions = list(_TRAILING_DIVISION.finditer(chunk))
+    last = divisions[-1] if divisions else None
     if last is not None and last.start() > 0 and _nonspace_len(chunk[last.end():]) < 100:
         return chunk[: last.start()].rstrip()
     return chunk

@@ -13,10 +13,15 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from rlmq.cli_show import add_budget_flags, add_view_commands, budget_options, print_outputs
 from rlmq.progress import format_progress, progress_printer
+
+if TYPE_CHECKING:  # imported when a command needs them: `rlmq --help` stays light
+    from rlmq.client import Client
+    from rlmq.store.records import RunRecord
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NO_RUN, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
 EPILOG = (
@@ -32,17 +37,17 @@ class CliError(Exception):
 
 
 # ---- helpers -------------------------------------------------------------------------------
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace) -> Client:
     from rlmq.client import Client
 
     return Client(getattr(args, "redis_url", None))
 
 
-def _finish_code(record) -> int:
+def _finish_code(record: RunRecord) -> int:
     return EXIT_OK if record.status.value == "SUCCEEDED" else EXIT_RUN_FAILED
 
 
-def _wait(client, run_id: str, timeout: float | None) -> int:
+def _wait(client: Client, run_id: str, timeout: float | None) -> int:
     record = client.wait(run_id, timeout=timeout, on_progress=progress_printer())
     if record.status.value != "SUCCEEDED":
         print(f"rlmq: run {run_id} {record.status.value.lower()}: {record.error or 'no detail'}", file=sys.stderr)
@@ -180,6 +185,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         signal.signal(signum, _interrupt)
     try:
         stack.start_or_explain()
+        assert stack.redis_url is not None  # the stack's Redis, started if none was given
         flower = "" if args.no_flower else f"  flower: http://127.0.0.1:{args.flower_port}"
         print(f"rlmq stack is up: REDIS_URL={redacted_url(stack.redis_url)}{flower}  logs: {stack.log_dir}",
               flush=True)
@@ -206,7 +212,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         stack.stop()
 
 
-def _interrupt(signum, frame) -> None:
+def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
@@ -262,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Redis of the fleet (default: REDIS_URL, .env, or the `rlmq up` stack)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
         p.set_defaults(func=func)
         return p
@@ -356,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     from rlmq.stack import StackError
 
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except UnknownRun as exc:
         return _fail(str(exc), EXIT_NO_RUN)
     except ClientError as exc:

@@ -43,8 +43,8 @@ def describe_inputs(inputs: dict[str, Any]) -> dict[str, str]:
 
 def task_reprs(spec: Any, described: dict[str, str]) -> dict[str, str]:
     """``argsrepr`` / ``kwargsrepr`` for ``send_task`` of a run (a ``RunSpec``)."""
-    kwargs = {name: described.get(name, "?") for name in spec.inputs}
-    kwargs.update({k: v for k, v in sorted(spec.options.items())})
+    kwargs: dict[str, object] = {name: described.get(name, "?") for name in spec.inputs}
+    kwargs.update(dict(sorted(spec.options.items())))
     if spec.tools:
         kwargs["tools"] = list(spec.tools)
     return {"argsrepr": repr(spec.signature)[:_REPR_LIMIT], "kwargsrepr": repr(kwargs)[:_REPR_LIMIT]}

@@ -25,6 +25,7 @@ import keyword
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from rlmq.chapters import ChapterError, split_chapters
 
@@ -114,7 +115,7 @@ def _exists(path: Path) -> bool:
         raise InputError(f"cannot access {path}: {exc.strerror or exc}") from exc
 
 
-def _load_directory(path: Path, split: str | None) -> list:
+def _load_directory(path: Path, split: str | None) -> list[Any]:
     try:
         entries = sorted(os.scandir(path), key=lambda e: e.name)
     except PermissionError as exc:
@@ -127,14 +128,14 @@ def _load_directory(path: Path, split: str | None) -> list:
     return _load_many(files, split)
 
 
-def _is_regular(entry: os.DirEntry) -> bool:
+def _is_regular(entry: os.DirEntry[str]) -> bool:
     try:
         return entry.is_file(follow_symlinks=True)
     except OSError:
         return False
 
 
-def _load_glob(pattern: str, split: str | None) -> list:
+def _load_glob(pattern: str, split: str | None) -> list[Any]:
     matches = sorted(_glob.glob(pattern, recursive=True))
     files = [Path(m) for m in matches if os.path.isfile(m)]
     if not files:
@@ -144,8 +145,8 @@ def _load_glob(pattern: str, split: str | None) -> list:
     return _load_many(files, split)
 
 
-def _load_many(files: list[Path], split: str | None) -> list:
-    out: list = []
+def _load_many(files: list[Path], split: str | None) -> list[Any]:
+    out: list[Any] = []
     for f in files:
         item = _load_file(f, split)
         if split is not None:
@@ -155,7 +156,7 @@ def _load_many(files: list[Path], split: str | None) -> list:
     return out
 
 
-def _load_file(path: Path, split: str | None) -> object:
+def _load_file(path: Path, split: str | None) -> Any:  # a JSON value, the text, or its parts
     if not path.is_file():
         raise InputError(f"input {path} is not a regular file")
     try:
@@ -203,7 +204,7 @@ def _load_file(path: Path, split: str | None) -> object:
     return _apply_split(text, split, f"input file {path}")
 
 
-def _apply_split(text: str, split: str | None, what: str) -> object:
+def _apply_split(text: str, split: str | None, what: str) -> str | list[str]:
     if split is None:
         return text
     return split_text(text, split, what=what)

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -76,7 +77,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _pdeathsig_preexec():
+def _pdeathsig_preexec() -> Callable[[], None] | None:
     """A preexec_fn arming PR_SET_PDEATHSIG, or None where that cannot be done safely."""
     if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
         return None

@@ -90,7 +90,8 @@ def check_tools(settings: Settings, paths: Sequence[str], *, whose: str = "the w
 
 def maximum(settings: Settings, name: str) -> float:
     """The highest value a run may ask for a capped option: RLMQ_RUN_MAXIMA, else the configured one."""
-    return dict(settings.run_maxima).get(name, getattr(settings, name))
+    configured: float = getattr(settings, name)
+    return dict(settings.run_maxima).get(name, configured)
 
 
 def _refusal(settings: Settings, name: str, value: Any) -> str | None:

@@ -155,69 +155,78 @@ def _nonneg_float(raw: str) -> float:
     return value
 
 
-def _opt(env: str, parse: Callable[[str], Any], default: Any, *, per_run: bool = True, capped: bool = False) -> Any:
-    """A setting: its variable, its parser, and whether a run may set it (and only lower it: ``capped``)."""
-    return field(default=default, metadata={"env": env, "parse": parse, "per_run": per_run, "capped": capped})
+def _setting(env: str, parse: Callable[[str], Any], *, per_run: bool = True, capped: bool = False) -> dict[str, Any]:
+    """A field's metadata: its variable, its parser, and whether a run may set it (and only lower it: ``capped``)."""
+    return {"env": env, "parse": parse, "per_run": per_run, "capped": capped}
 
 
 @dataclass(frozen=True)
 class Settings:
     """Everything a worker or client needs; see the README's configuration table."""
 
-    redis_url: str = _opt("REDIS_URL", parse_url("redis", "rediss", "unix", "sentinel"), "", per_run=False)
-    lm: str = _opt("RLMQ_LM", _model, "")
-    sub_lm: str = _opt("RLMQ_SUB_LM", _model, "")  # empty: same as lm
-    lm_api_base: str | None = _opt("RLMQ_LM_API_BASE", parse_url("http", "https"), None)
-    sandbox: SandboxBackend = _opt("RLMQ_SANDBOX", _sandbox, SandboxBackend.LOCAL)
+    redis_url: str = field(
+        default="", metadata=_setting("REDIS_URL", parse_url("redis", "rediss", "unix", "sentinel"), per_run=False))
+    lm: str = field(default="", metadata=_setting("RLMQ_LM", _model))
+    sub_lm: str = field(default="", metadata=_setting("RLMQ_SUB_LM", _model))  # empty: same as lm
+    lm_api_base: str | None = field(default=None, metadata=_setting("RLMQ_LM_API_BASE", parse_url("http", "https")))
+    sandbox: SandboxBackend = field(default=SandboxBackend.LOCAL, metadata=_setting("RLMQ_SANDBOX", _sandbox))
     # local sandboxes: bubblewrap namespaces, or (explicitly accepted) plain processes, no boundary
-    local_isolation: LocalIsolation = _opt("RLMQ_LOCAL_ISOLATION", _enum(LocalIsolation), LocalIsolation.NAMESPACES,
-                                           per_run=False)
+    local_isolation: LocalIsolation = field(
+        default=LocalIsolation.NAMESPACES,
+        metadata=_setting("RLMQ_LOCAL_ISOLATION", _enum(LocalIsolation), per_run=False))
     # the operator's pins: what a run may ask for (empty: only what this worker is configured with)
-    allowed_api_bases: tuple[str, ...] = _opt("RLMQ_ALLOWED_API_BASES", _list_of(parse_url("http", "https")), (),
-                                              per_run=False)
-    allowed_models: tuple[str, ...] = _opt("RLMQ_ALLOWED_MODELS", _list_of(_model_pattern), (), per_run=False)
-    allowed_sandboxes: tuple[SandboxBackend, ...] = _opt("RLMQ_ALLOWED_SANDBOXES", _list_of(_sandbox), (),
-                                                         per_run=False)
-    run_maxima: tuple[tuple[str, float], ...] = _opt("RLMQ_RUN_MAXIMA", _maxima, (), per_run=False)
+    allowed_api_bases: tuple[str, ...] = field(
+        default=(), metadata=_setting("RLMQ_ALLOWED_API_BASES", _list_of(parse_url("http", "https")), per_run=False))
+    allowed_models: tuple[str, ...] = field(
+        default=(), metadata=_setting("RLMQ_ALLOWED_MODELS", _list_of(_model_pattern), per_run=False))
+    allowed_sandboxes: tuple[SandboxBackend, ...] = field(
+        default=(), metadata=_setting("RLMQ_ALLOWED_SANDBOXES", _list_of(_sandbox), per_run=False))
+    run_maxima: tuple[tuple[str, float], ...] = field(
+        default=(), metadata=_setting("RLMQ_RUN_MAXIMA", _maxima, per_run=False))
     # user tools ("module:function", globs) a run may import on the worker (empty: none)
-    allowed_tools: tuple[str, ...] = _opt("RLMQ_ALLOWED_TOOLS", _list_of(_model_pattern), (), per_run=False)
+    allowed_tools: tuple[str, ...] = field(
+        default=(), metadata=_setting("RLMQ_ALLOWED_TOOLS", _list_of(_model_pattern), per_run=False))
     # fleet-wide limits per model (sub-calls and root calls): learned from the provider's replies;
     # these are optional ceilings on top (workers.adaptive_limit). The operator's, never a run's.
-    rate_limit_rps: float | None = _opt("RLMQ_RATE_LIMIT_RPS", _float, None, per_run=False)
-    rate_limit_burst: int = _opt("RLMQ_RATE_LIMIT_BURST", _int, 10, per_run=False)
-    tokens_per_minute: int | None = _opt("RLMQ_TOKENS_PER_MINUTE", _int, None, per_run=False)
-    max_in_flight: int = _opt("RLMQ_MAX_IN_FLIGHT", _int, 128, per_run=False)  # a property of the fleet
-    cache_ttl_seconds: int = _opt("RLMQ_CACHE_TTL", _int, 7 * 24 * 3600, per_run=False)
-    lm_timeout: float = _opt("RLMQ_LM_TIMEOUT", _float, 120.0, capped=True)
-    lm_retries: int = _opt("RLMQ_LM_RETRIES", _nonneg_int, 4, capped=True)
+    rate_limit_rps: float | None = field(default=None, metadata=_setting("RLMQ_RATE_LIMIT_RPS", _float, per_run=False))
+    rate_limit_burst: int = field(default=10, metadata=_setting("RLMQ_RATE_LIMIT_BURST", _int, per_run=False))
+    tokens_per_minute: int | None = field(
+        default=None, metadata=_setting("RLMQ_TOKENS_PER_MINUTE", _int, per_run=False))
+    # a property of the fleet
+    max_in_flight: int = field(default=128, metadata=_setting("RLMQ_MAX_IN_FLIGHT", _int, per_run=False))
+    cache_ttl_seconds: int = field(default=7 * 24 * 3600, metadata=_setting("RLMQ_CACHE_TTL", _int, per_run=False))
+    lm_timeout: float = field(default=120.0, metadata=_setting("RLMQ_LM_TIMEOUT", _float, capped=True))
+    lm_retries: int = field(default=4, metadata=_setting("RLMQ_LM_RETRIES", _nonneg_int, capped=True))
     # auto: direct HTTP for openai/<name> + api_base (OpenAI-compatible), LiteLLM otherwise
-    lm_client: LMClient = _opt("RLMQ_LM_CLIENT", _enum(LMClient), LMClient.AUTO)
+    lm_client: LMClient = field(default=LMClient.AUTO, metadata=_setting("RLMQ_LM_CLIENT", _enum(LMClient)))
     # the RLM run
-    max_iters: int = _opt("RLMQ_MAX_ITERS", _int, 20, capped=True)
-    max_llm_calls: int = _opt("RLMQ_MAX_LLM_CALLS", _int, 500, capped=True)
-    execution_timeout: float = _opt("RLMQ_EXECUTION_TIMEOUT", _float, 300.0, capped=True)
+    max_iters: int = field(default=20, metadata=_setting("RLMQ_MAX_ITERS", _int, capped=True))
+    max_llm_calls: int = field(default=500, metadata=_setting("RLMQ_MAX_LLM_CALLS", _int, capped=True))
+    execution_timeout: float = field(default=300.0, metadata=_setting("RLMQ_EXECUTION_TIMEOUT", _float, capped=True))
     # fan-out: prompts per sub-task message, and how many sub-tasks a big batch spreads over
-    chunk_size: int = _opt("RLMQ_CHUNK_SIZE", _int, 8, capped=True)
-    fanout_width: int = _opt("RLMQ_FANOUT_WIDTH", _int, 64, capped=True)
+    chunk_size: int = field(default=8, metadata=_setting("RLMQ_CHUNK_SIZE", _int, capped=True))
+    fanout_width: int = field(default=64, metadata=_setting("RLMQ_FANOUT_WIDTH", _int, capped=True))
     # > the sub-task's own hard limit (SUBTASK_DEADLINE + 60 s), so a live sub-task never times out here first
-    gather_timeout: float = _opt("RLMQ_GATHER_TIMEOUT", _float, 1200.0, capped=True)
+    gather_timeout: float = field(default=1200.0, metadata=_setting("RLMQ_GATHER_TIMEOUT", _float, capped=True))
     # budgets per run (none by default): dollars (LiteLLM's prices), tokens, wall-clock seconds
-    max_cost: float | None = _opt("RLMQ_MAX_COST", _float, None)
-    max_tokens: int | None = _opt("RLMQ_MAX_TOKENS", _int, None)
-    time_limit: float | None = _opt("RLMQ_TIME_LIMIT", _float, None)
+    max_cost: float | None = field(default=None, metadata=_setting("RLMQ_MAX_COST", _float))
+    max_tokens: int | None = field(default=None, metadata=_setting("RLMQ_MAX_TOKENS", _int))
+    time_limit: float | None = field(default=None, metadata=_setting("RLMQ_TIME_LIMIT", _float))
     # worker-level, not per run
-    run_time_limit: float = _opt("RLMQ_RUN_TIME_LIMIT", _float, 6 * 3600.0, per_run=False)
+    run_time_limit: float = field(default=6 * 3600.0, metadata=_setting("RLMQ_RUN_TIME_LIMIT", _float, per_run=False))
     # a run's claim and its sandboxes' leases: a dead owner is noticed this long after its last renewal
-    lease_ttl: float = _opt("RLMQ_LEASE_TTL", _float, 30.0, per_run=False)
+    lease_ttl: float = field(default=30.0, metadata=_setting("RLMQ_LEASE_TTL", _float, per_run=False))
     # how often every rlm worker sweeps for lost runs and expired sandbox leases
-    maintenance_interval: float = _opt("RLMQ_MAINTENANCE_INTERVAL", _float, 5.0, per_run=False)
+    maintenance_interval: float = field(
+        default=5.0, metadata=_setting("RLMQ_MAINTENANCE_INTERVAL", _float, per_run=False))
     # how many times a run is started in all (the first start included) before it FAILS
-    run_attempts: int = _opt("RLMQ_RUN_ATTEMPTS", _int, 3, per_run=False)
+    run_attempts: int = field(default=3, metadata=_setting("RLMQ_RUN_ATTEMPTS", _int, per_run=False))
     # a worker whose heartbeat is older than this is dead: its sub-tasks are sent again
-    worker_heartbeat_ttl: float = _opt("RLMQ_WORKER_HEARTBEAT_TTL", _float, 10.0, per_run=False)
-    result_expires: int = _opt("RLMQ_RESULT_EXPIRES", _int, 7 * 24 * 3600, per_run=False)
+    worker_heartbeat_ttl: float = field(
+        default=10.0, metadata=_setting("RLMQ_WORKER_HEARTBEAT_TTL", _float, per_run=False))
+    result_expires: int = field(default=7 * 24 * 3600, metadata=_setting("RLMQ_RESULT_EXPIRES", _int, per_run=False))
     # task events for llm_batch sub-tasks (Flower's per-worker counts; ~costs measured in docs/ARCHITECTURE.md)
-    subtask_events: bool = _opt("RLMQ_SUBTASK_EVENTS", _bool, True, per_run=False)
+    subtask_events: bool = field(default=True, metadata=_setting("RLMQ_SUBTASK_EVENTS", _bool, per_run=False))
 
     @property
     def effective_sub_lm(self) -> str:

@@ -27,6 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rlmq.celery_config import CELERY_APP, RLM_QUEUE
 from rlmq.local_redis import PrivateRedis, start_private_redis
@@ -46,7 +47,7 @@ def redis_data_dir() -> Path:
     return state_file().parent / "redis"
 
 
-def running_stack() -> dict | None:
+def running_stack() -> dict[str, Any] | None:
     """The state of a stack started by ``rlmq up`` that is still running, if any."""
     try:
         state = json.loads(state_file().read_text())
@@ -101,7 +102,7 @@ def flower_command(*, port: int, address: str) -> list[str]:
 @dataclass
 class ChildProcess:
     name: str
-    process: subprocess.Popen
+    process: subprocess.Popen[bytes]
     log_path: Path
 
     @property
@@ -239,7 +240,7 @@ class LocalStack:
                 path.unlink()
 
     def _write_state(self) -> None:
-        state: dict = {"pid": os.getpid(), "redis_url": self.redis_url, "logs": str(self.log_dir)}
+        state: dict[str, Any] = {"pid": os.getpid(), "redis_url": self.redis_url, "logs": str(self.log_dir)}
         if self.flower_port is not None:
             state["flower"] = {"url": f"http://127.0.0.1:{self.flower_port}", "basic_auth": self.flower_auth}
         write_private(state_file(), json.dumps(state))

@@ -32,6 +32,7 @@ from typing import Any
 
 import redis
 
+from rlmq.store import replies
 from rlmq.store.keys import (
     cooldown_key,
     limit_state_key,
@@ -146,7 +147,7 @@ class AdaptiveLimiter:
         return float(raw) if raw is not None else self.initial_rps
 
     def state(self) -> dict[str, str]:
-        return {k.decode(): v.decode() for k, v in self.redis.hgetall(self._keys[0]).items()}
+        return {replies.text(k): replies.text(v) for k, v in self.redis.hgetall(self._keys[0]).items()}
 
     def in_flight(self) -> int:
         return int(self.redis.zcount(self._keys[4], time.time() * 1e6, "+inf"))

@@ -30,7 +30,8 @@ class Answer:
 
     def for_sandbox(self) -> str:
         """What sandbox code sees: the text, or ``[ERROR] ...``."""
-        return self.text if self.ok else f"[ERROR] {self.error or 'no answer'}"  # type: ignore[return-value]
+        # ``ok``, spelled out so that the text is known to be a str
+        return self.text if self.error is None and self.text is not None else f"[ERROR] {self.error or 'no answer'}"
 
     def to_json_dict(self) -> dict[str, Any]:
         return asdict(self)

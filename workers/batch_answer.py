@@ -57,7 +57,7 @@ def answer_batch(prompts: list[Any], model: str, options: dict[str, Any] | None,
     params = params or {}
     keys, hits = _look_up(cache, model, prompts, params)
     answers = []
-    for prompt, key, hit in zip(prompts, keys, hits):
+    for prompt, key, hit in zip(prompts, keys, hits, strict=True):
         if hit is not None and "error" not in hit:
             answers.append(_answer(hit, cached=True, worker=worker, attempts=0))
         elif time.monotonic() > deadline:

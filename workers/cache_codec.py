@@ -37,7 +37,7 @@ def _native_format() -> str:
     return CACHE_FORMAT
 
 
-def _pydantic_class(tag: bytes) -> type:
+def _pydantic_class(tag: bytes) -> type[Any]:  # litellm's response classes, which ship no types
     module, name = _PYDANTIC[tag]
     return getattr(__import__(module), name)
 

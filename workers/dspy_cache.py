@@ -14,6 +14,7 @@ from typing import Any
 import redis
 from dspy.clients.cache import Cache
 
+from rlmq.store import replies
 from rlmq.store.keys import dspy_cache_key
 from workers import cache_codec
 from workers.dspy_private import use_as_disk_tier
@@ -46,7 +47,7 @@ class RedisCacheTier:
         if raw is None:
             return default
         try:
-            return cache_codec.decode(raw)
+            return cache_codec.decode(replies.raw(raw))
         except cache_codec.RejectedEntry as exc:
             cache_codec.log_once(logger, "dspy-get", "dspy cache entry %s rejected, treated as a miss: %s", key[:12], exc)
             self.redis.delete(dspy_cache_key(key))

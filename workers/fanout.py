@@ -59,7 +59,7 @@ def _stored_results(backend: Any, task_ids: list[str]) -> dict[str, Any]:
     pub/sub connection was down (a Redis restart) is never announced again."""
     raws = backend.mget([backend.get_key_for_task(t) for t in task_ids])
     ready = {}
-    for task_id, raw in zip(task_ids, raws):
+    for task_id, raw in zip(task_ids, raws, strict=True):
         if raw:
             meta = backend.decode_result(raw)
             if meta.get("status") in ("SUCCESS", "FAILURE"):
@@ -180,7 +180,7 @@ class Fanout:
                 arrived = [Answer.from_json_dict(raw) for raw in value]
             else:  # the sub-task itself failed (it should not): every prompt of it is an error
                 arrived = [Answer(error=f"sub-task failed: {value!r}"[:300]) for _ in indexes]
-            for i, answer in zip(indexes, arrived):
+            for i, answer in zip(indexes, arrived, strict=True):
                 answers[i] = answer
             self.observer.chunk_arrived(arrived)  # live progress of the batch
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import redis
 
-from rlmq.store import keys
+from rlmq.store import keys, replies
 from workers.ticker import Ticker
 
 __all__ = ["HOLDER_TTL_SECONDS", "Heartbeat", "lost_subtasks", "mark_received", "unmark"]
@@ -44,11 +44,11 @@ def lost_subtasks(client: redis.Redis, task_ids: Sequence[str]) -> list[str]:
     if not task_ids:
         return []
     holders = client.mget([keys.subtask_holder_key(t) for t in task_ids])
-    hosts = sorted({h.decode() for h in holders if h})
+    hosts = sorted({replies.text(h) for h in holders if h})
     if not hosts:
         return []
-    alive = dict(zip(hosts, client.mget([keys.worker_heartbeat_key(h) for h in hosts])))
-    return [t for t, h in zip(task_ids, holders) if h and alive.get(h.decode()) is None]
+    alive = dict(zip(hosts, client.mget([keys.worker_heartbeat_key(h) for h in hosts]), strict=True))
+    return [t for t, h in zip(task_ids, holders, strict=True) if h and alive.get(replies.text(h)) is None]
 
 
 class Heartbeat:

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 
 import redis
 
-from broker_bridge import SandboxInfo, destroy_sandbox, reap_labelled
-from rlmq.store import keys
+from broker_bridge import BackendName, SandboxInfo, destroy_sandbox, reap_labelled
+from rlmq.store import keys, replies
 from workers.ticker import Ticker
 
 __all__ = ["ATTEMPT_LABEL", "RUN_LABEL", "LeaseKeeper", "LeaseRegistry", "SandboxLease", "attempt_labels",
@@ -58,8 +58,8 @@ class SandboxLease:
     provider: dict[str, str] = field(default_factory=dict)  # where it lives (Daytona: api_url, target)
 
     def info(self) -> SandboxInfo:
-        return SandboxInfo(backend=self.backend, sandbox_id=self.sandbox_id, labels=dict(self.labels), host=self.host,
-                           provider=dict(self.provider))
+        return SandboxInfo(backend=BackendName(self.backend), sandbox_id=self.sandbox_id, labels=dict(self.labels),
+                           host=self.host, provider=dict(self.provider))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), allow_nan=False)
@@ -105,7 +105,7 @@ class LeaseRegistry:
         pipe.execute()
 
     def live(self) -> list[str]:
-        return [m.decode() for m in self.redis.zrange(keys.leases_index_key(), 0, -1)]
+        return replies.members(self.redis.zrange(keys.leases_index_key(), 0, -1))
 
     def homes(self, run_id: str) -> list[tuple[str, dict[str, str]]]:
         """Each (backend, provider) the run's sandboxes were registered in."""
@@ -135,8 +135,7 @@ def reap_expired(client: redis.Redis, now: float, *, host: str | None = None,
     host = host or socket.gethostname()
     index = keys.leases_index_key()
     reaped: list[SandboxLease] = []
-    for member in client.zrangebyscore(index, "-inf", now):
-        sandbox_id = member.decode() if isinstance(member, bytes) else str(member)
+    for sandbox_id in replies.members(client.zrangebyscore(index, "-inf", now)):
         raw = client.get(keys.lease_key(sandbox_id))
         lease = SandboxLease.from_json(raw) if raw else None
         if lease is not None and lease.backend == "local" and lease.host != host:

@@ -37,6 +37,7 @@ from typing import Any
 
 import redis
 
+from rlmq.store import replies
 from rlmq.store.keys import inflight_done_key, inflight_key, response_cache_key
 from rlmq.store.lua import lua_scripts
 from workers import cache_codec
@@ -54,10 +55,6 @@ _DONE_TTL_MS = 10_000  # a wake-up is consumed at once; the TTL only sweeps left
 FLIGHT_LEASE_SECONDS = 10.0  # a single-flight lock outlives its leader's process by at most this
 
 _LUA = lua_scripts("workers")  # workers/lua/flight_*.lua
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class ResponseCache:
@@ -90,9 +87,9 @@ class ResponseCache:
         if not keys:
             return []
         raws = self.redis.mget([response_cache_key(k) for k in keys])
-        return [self._decode_entry(k, raw) for k, raw in zip(keys, raws)]
+        return [self._decode_entry(k, raw) for k, raw in zip(keys, raws, strict=True)]
 
-    def _decode_entry(self, key: str, raw: bytes | None) -> dict[str, Any] | None:
+    def _decode_entry(self, key: str, raw: bytes | str | None) -> dict[str, Any] | None:
         if raw is None:
             return None
         try:
@@ -156,7 +153,7 @@ class ResponseCache:
                 message = json.loads(payload)
             except ValueError:
                 continue  # not ours to read: drop it, re-check
-            if not isinstance(message, dict) or message.get("flight") != _text(holder):
+            if not isinstance(message, dict) or message.get("flight") != replies.text(holder):
                 continue  # left over from an earlier flight: drop it, re-check
             self.redis.rpush(done, payload)  # pass the wake-up on to the next waiter
             handed = message.get("value")

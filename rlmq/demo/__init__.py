@@ -7,6 +7,7 @@ for the duration of the run.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import sys
@@ -53,13 +54,14 @@ def fleet_for_demo(redis_url: str | None) -> Iterator[str]:
         return
     print("rlmq: no workers are running; starting a local stack for the demo...", file=sys.stderr, flush=True)
     stack = LocalStack(redis_url=url, flower_port=None).start_or_explain()
+    assert stack.redis_url is not None  # the stack's Redis, started if none was given
     try:
         yield stack.redis_url
     finally:
         stack.stop()
 
 
-def run_demo(args) -> bool:
+def run_demo(args: argparse.Namespace) -> bool:
     """Run the analysis and write the JSON and the plot; False if the run did not succeed."""
     from rlmq.client import Client
     from rlmq.demo.plot import plot_wealth
@@ -67,6 +69,7 @@ def run_demo(args) -> bool:
     from rlmq.progress import progress_printer
 
     chapters = load_input_value(f"@{CORPUS}", split="chapters")
+    assert isinstance(chapters, list)  # a split input is its parts
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with fleet_for_demo(getattr(args, "redis_url", None)) as redis_url:

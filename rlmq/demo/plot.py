@@ -15,7 +15,14 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # matplotlib is optional: imported for real only to draw
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
 __all__ = ["WealthDataError", "moving_average", "normalise_wealth_rows", "plot_wealth"]
 
@@ -29,8 +36,10 @@ class WealthDataError(ValueError):
 def _chapter(value: object, where: str) -> int:
     if isinstance(value, bool):
         raise WealthDataError(f"{where}: chapter must be a whole number, got {value!r}")
-    if isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and float(value).is_integer()):
+    if isinstance(value, numbers.Integral):
         chapter = int(value)
+    elif isinstance(value, numbers.Real) and float(value).is_integer():
+        chapter = int(float(value))
     elif isinstance(value, str) and value.strip().lstrip("+").isdigit():
         chapter = int(value.strip())
     else:
@@ -57,7 +66,7 @@ def _wealth(value: object, where: str) -> float:
     return wealth
 
 
-def normalise_wealth_rows(rows) -> dict[str, list[tuple[int, float]]]:
+def normalise_wealth_rows(rows: Iterable[object]) -> dict[str, list[tuple[int, float]]]:
     """``{character: [(chapter, wealth), ...]}``, chapters ascending, characters in order of
     first appearance. Raises :class:`WealthDataError` for a row that is not a dict, lacks a
     chapter, has a non-numeric wealth, an empty character name, or repeats a
@@ -121,7 +130,7 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def _import_matplotlib():
+def _import_matplotlib() -> tuple[ModuleType, type[Figure], type[FigureCanvasAgg]]:
     try:
         import matplotlib
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -134,7 +143,7 @@ def _import_matplotlib():
 
 
 def plot_wealth(
-    wealth_data: list[dict],
+    wealth_data: list[dict[str, Any]],  # JSON rows, checked by normalise_wealth_rows
     path: str,
     *,
     smoothing: int = 5,
@@ -156,7 +165,7 @@ def plot_wealth(
     ax = fig.add_subplot()
     colours = _colours(len(series))
     all_chapters, all_wealth = [], []
-    for (name, points), colour in zip(series.items(), colours):
+    for (name, points), colour in zip(series.items(), colours, strict=True):
         chapters = [c for c, _ in points]
         wealth = [w for _, w in points]
         all_chapters += chapters
@@ -185,7 +194,7 @@ def plot_wealth(
     return str(path)
 
 
-def _colours(n: int) -> list:
+def _colours(n: int) -> list[tuple[float, float, float, float]]:
     from matplotlib import colormaps
 
     cmap = colormaps["tab10" if n <= 10 else "tab20"]

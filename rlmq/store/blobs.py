@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from rlmq.store import keys
+from rlmq.store import keys, replies
 
 __all__ = ["CHUNK_BYTES", "BlobError", "blob_size", "encode_blob", "get_blob", "get_blobs", "put_blob", "put_blobs"]
 
@@ -69,9 +69,10 @@ def put_blobs(client: redis.Redis, values: Mapping[str, Any], **kwargs: Any) -> 
 
 
 def get_blob(client: redis.Redis, digest: str, *, verify: bool = True) -> Any:
-    data = client.get(keys.blob_key(digest))
-    if data is None:
+    stored = client.get(keys.blob_key(digest))
+    if stored is None:
         raise BlobError(f"input blob {digest[:12]}… is missing from Redis (expired or never uploaded)")
+    data: bytes | bytearray = replies.raw(stored)
     if data.startswith(_MANIFEST):
         data = _join_chunks(client, digest, json.loads(data[len(_MANIFEST):]))
     if verify and hashlib.sha256(data).hexdigest() != digest:
@@ -86,7 +87,7 @@ def _join_chunks(client: redis.Redis, digest: str, manifest: dict[str, Any]) -> 
         if part is None:
             raise BlobError(f"input blob {digest[:12]}… lost its chunk {n + 1} of {len(manifest['chunks'])} "
                             "(expired or evicted)")
-        joined += part
+        joined += replies.raw(part)
     return joined
 
 

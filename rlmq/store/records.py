@@ -14,17 +14,21 @@ only the final write, which a client's cancel of a queued run shares, is here
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 
-from rlmq.store import keys
+from rlmq.store import keys, replies
 from rlmq.store.lua import lua_scripts
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 __all__ = ["Batch", "CallUsage", "Progress", "RunRecord", "RunSandbox", "RunSpec", "RunStatus", "RunStore", "Usage",
            "new_run_id"]
@@ -84,7 +88,10 @@ class RunSpec:
 # one place, and each JSON document is written by one to_json_dict and read by one from_json_dict.
 
 
-def _from_json_fields(cls: Any, raw: dict[str, Any]) -> Any:
+Flat = TypeVar("Flat", bound="DataclassInstance")
+
+
+def _from_json_fields(cls: type[Flat], raw: dict[str, Any]) -> Flat:
     """A flat dataclass whose fields all have defaults, from JSON: known fields only, each coerced
     to its default's type (a record written by an older version lacks the newer fields)."""
     default = cls()
@@ -152,7 +159,7 @@ class CallUsage:
 
     @classmethod
     def from_json_dict(cls, raw: dict[str, Any]) -> CallUsage:
-        return _from_json_fields(cls, raw)  # type: ignore[no-any-return]
+        return _from_json_fields(cls, raw)
 
 
 _COUNTERS = tuple(f.name for f in fields(CallUsage) if f.name != "model")
@@ -196,7 +203,7 @@ class Batch:
 
     @classmethod
     def from_json_dict(cls, raw: dict[str, Any]) -> Batch:
-        return _from_json_fields(cls, raw)  # type: ignore[no-any-return]
+        return _from_json_fields(cls, raw)
 
 
 @dataclass(frozen=True)
@@ -213,7 +220,7 @@ class RunSandbox:
 
     @classmethod
     def from_json_dict(cls, raw: dict[str, Any]) -> RunSandbox:
-        return _from_json_fields(cls, raw)  # type: ignore[no-any-return]
+        return _from_json_fields(cls, raw)
 
 
 @dataclass
@@ -332,14 +339,14 @@ class RunStore:
         pipe.execute()
 
     def get(self, run_id: str) -> RunRecord | None:
-        fields = self.redis.hgetall(keys.run_key(run_id))
+        fields = replies.raw_hash(self.redis.hgetall(keys.run_key(run_id)))
         if not fields or b"spec" not in fields:
             return None
         return RunRecord.from_hash(fields)
 
     def status(self, run_id: str) -> RunStatus | None:
         raw = self.redis.hget(keys.run_key(run_id), "status")
-        return RunStatus(raw.decode()) if raw else None
+        return RunStatus(replies.text(raw)) if raw else None
 
     def finish(self, run_id: str, status: RunStatus, *, result: dict[str, Any] | None = None,
                error: str | None = None, error_detail: str | None = None, progress: Progress | None = None,
@@ -371,11 +378,11 @@ class RunStore:
 
     def list(self, limit: int = 50) -> list[str]:
         """Most recent run ids first."""
-        return [r.decode() for r in self.redis.zrevrange(keys.runs_index_key(), 0, limit - 1)]
+        return replies.members(self.redis.zrevrange(keys.runs_index_key(), 0, limit - 1))
 
-    def active(self) -> list[str]:
+    def active(self) -> builtins.list[str]:  # ``list`` here is the method above
         """Runs that were started (or restarted) and have not finished."""
-        return [r.decode() for r in self.redis.zrange(keys.runs_active_key(), 0, -1)]
+        return replies.members(self.redis.zrange(keys.runs_active_key(), 0, -1))
 
     # cancellation
     def request_cancel(self, run_id: str, ttl_seconds: int = 7 * 24 * 3600) -> None:
