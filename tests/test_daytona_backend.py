@@ -359,7 +359,7 @@ def test_boot_fails_fast_when_the_broker_exits_and_deletes_the_sandbox(daytona_e
         "broker.py": b"import sys\nprint('broker exploded')\nsys.exit(3)\n", "protocol.py": b"", "runtime.py": b""})
     backend = DaytonaSandbox(boot_timeout=30)
     started = time.monotonic()
-    with pytest.raises(SandboxStartError, match="exited with code 3.*broker exploded"):
+    with pytest.raises(SandboxStartError, match=r"exited with code 3.*broker exploded"):
         backend.boot(new_spec())
     assert time.monotonic() - started < 10
     assert "broker exploded" in backend.broker_log and gone(daytona_env)
@@ -371,7 +371,7 @@ def test_boot_times_out_when_health_never_answers(daytona_env, monkeypatch):
         "broker.py": b"import time\ntime.sleep(60)\n", "protocol.py": b"", "runtime.py": b""})
     # 10 s: creating takes ~0.2 s on a quiet box but several seconds under load, and the health wait
     # must still be what the time runs out on
-    with pytest.raises(SandboxStartError, match="did not answer /health.*HTTP 502"):
+    with pytest.raises(SandboxStartError, match=r"did not answer /health.*HTTP 502"):
         DaytonaSandbox(boot_timeout=10).boot(new_spec())
     assert gone(daytona_env)
 
@@ -449,7 +449,7 @@ def test_a_slow_toolbox_step_cannot_hold_the_boot_past_its_timeout(daytona_env, 
     monkeypatch.setattr(dsandbox, "_CLEANUP_WAIT", 1.0)
     daytona_env.faults(latency={"toolbox": 1.5})
     started = time.monotonic()
-    with pytest.raises(SandboxStartError, match="boot within 4s|timed out|did not answer"):
+    with pytest.raises(SandboxStartError, match=r"boot within 4s|timed out|did not answer"):
         DaytonaSandbox(boot_timeout=4).boot(new_spec())
     assert time.monotonic() - started < 4 + 1.5 + 1 + 3
     daytona_env.clear_faults()
@@ -584,7 +584,7 @@ def test_the_creating_hook_runs_before_the_create_and_a_failing_one_creates_noth
         raise ConnectionError("redis is down")
 
     daytona_env.reset_requests()
-    with pytest.raises(SandboxStartError, match="could not register.*redis is down"):
+    with pytest.raises(SandboxStartError, match=r"could not register.*redis is down"):
         SandboxInterpreter(DaytonaSandbox, on_sandbox_creating=refuse).start()
     assert daytona_env.requests().get("api POST /api/sandbox", 0) == 0
 

@@ -5,6 +5,7 @@ the fault knobs, and the isolation of its sandboxes."""
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import threading
 import time
@@ -315,7 +316,7 @@ def test_interpreter_contexts_stream_and_close_with_daytonas_codes(emulator, cli
     assert swallowed.stdout == "caught\n"
 
     sandbox.code_interpreter.delete_context(caught_interrupt)
-    with pytest.raises(DaytonaConnectionError, match="context not found.*1008"):
+    with pytest.raises(DaytonaConnectionError, match=r"context not found.*1008"):
         sandbox.code_interpreter.run_code("print(1)", context=caught_interrupt)
 
     stalled = sandbox.code_interpreter.create_context()
@@ -329,9 +330,9 @@ def test_interpreter_contexts_stream_and_close_with_daytonas_codes(emulator, cli
 def test_interpreter_context_whose_worker_died_closes_with_1001_then_1008(emulator, client):
     sandbox = make(client)
     context = sandbox.code_interpreter.create_context()
-    with pytest.raises(DaytonaConnectionError, match="worker process ended.*1001"):
+    with pytest.raises(DaytonaConnectionError, match=r"worker process ended.*1001"):
         sandbox.code_interpreter.run_code("import os\nos._exit(3)", context=context)
-    with pytest.raises(DaytonaConnectionError, match="context is not active.*1008"):
+    with pytest.raises(DaytonaConnectionError, match=r"context is not active.*1008"):
         sandbox.code_interpreter.run_code("print(1)", context=context)
 
 
@@ -382,7 +383,7 @@ def test_cpu_quota_is_a_403():
     with running_emulator("--cpu-quota", "1") as emulator:
         client = emulator.client()
         first = make(client)
-        with pytest.raises(DaytonaForbiddenError, match="Total CPU limit exceeded. Maximum allowed: 1"):
+        with pytest.raises(DaytonaForbiddenError, match=re.escape("Total CPU limit exceeded. Maximum allowed: 1")):
             make(client)
         first.stop()
         make(client)  # a stopped sandbox uses no CPU

@@ -11,7 +11,7 @@ import time
 import pytest
 import redis
 
-from broker_bridge import interpreter_factory
+from broker_bridge import SandboxDied, interpreter_factory
 from rlmq.store import keys
 from tests.support.fleet import REPO_ROOT
 from workers.liveness import Heartbeat
@@ -98,7 +98,7 @@ def test_reaper_destroys_expired_local_sandboxes_only(redis_client: redis.Redis)
         reaped = reap_expired(redis_client, time.time())
         assert [lease.sandbox_id for lease in reaped] == [info.sandbox_id]
         assert sorted(registry.live()) == ["elsewhere-1", "fresh-1"]
-        with pytest.raises(Exception):
+        with pytest.raises(SandboxDied):
             interp.execute("print('still alive?')")
     finally:
         interp.shutdown()

@@ -217,7 +217,7 @@ def test_cancel_before_start_and_the_worker_skips_it(fleet: Fleet, stub: StubLLM
 
 
 def test_beat_reaper_destroys_orphaned_sandbox_and_restarts_its_run(fleet: Fleet, r) -> None:
-    from broker_bridge import interpreter_factory
+    from broker_bridge import SandboxDied, interpreter_factory
     from tasks.reap_leases import reap_leases
 
     created = []
@@ -238,7 +238,7 @@ def test_beat_reaper_destroys_orphaned_sandbox_and_restarts_its_run(fleet: Fleet
             time.sleep(0.1)
         record = RunStore(r).get(spec.run_id)
         assert record.attempt == 2 and "dead-worker@nowhere stopped heartbeating" in record.restart_reason
-        with pytest.raises(Exception):
+        with pytest.raises(SandboxDied):
             interp.execute("print(1)")
         wait_finished(r, spec.run_id)  # attempt 2 ran (and failed: the spec has no inputs)
     finally:
@@ -314,7 +314,7 @@ def test_a_submitter_cannot_point_a_run_at_its_own_endpoint(fleet: Fleet, stub: 
         for name, value in {"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub",
                             "RLMQ_LM_API_BASE": stub.api_base}.items():
             monkeypatch.setenv(name, value)
-        with pytest.raises(ClientError, match="lm_api_base=.* is not an endpoint the operator configured"):
+        with pytest.raises(ClientError, match=r"lm_api_base=.* is not an endpoint the operator configured"):
             Client(redis_url_of(r)).submit(SIGNATURE, {"chapters": chapters[:2]}, lm_api_base=rogue.api_base)
         # A spec written straight to Redis: the run fails with the reason before any LM call.
         run_id, script = submit(r, chapters[:2], stub=stub, options={"lm_api_base": rogue.api_base})

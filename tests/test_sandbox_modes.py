@@ -147,7 +147,7 @@ def test_a_malformed_package_list_is_a_one_line_error(packages):
 
 @needs_namespaces
 def test_a_package_that_is_not_installed_is_a_start_error():
-    with pytest.raises(SandboxStartError, match="package\\(s\\) not installed for .*: no_such_package_rlmq"):
+    with pytest.raises(SandboxStartError, match=r"package\(s\) not installed for .*: no_such_package_rlmq"):
         interpreter_factory("local", packages=("no_such_package_rlmq",))().start()
 
 
