@@ -28,11 +28,14 @@ import pytest  # noqa: E402
 import redis  # noqa: E402
 
 from rlmq.local_redis import PrivateRedis, start_private_redis  # noqa: E402
-from tests.support.daytona_emulator.harness import daytona_emulator, daytona_env, emulator  # noqa: E402,F401
 from tests.support.stub_llm import StubLLM  # noqa: E402
 
 if TYPE_CHECKING:
     from tests.support.sandboxes import SandboxPool
+
+# Fixtures of the Daytona emulator and of the multi-host harness, for every test module: loaded as plugins, not
+# imported by name into a test module, where each parameter asking for one would redefine it
+pytest_plugins = ["tests.support.daytona_emulator.harness", "tests.support.hosts.fixtures"]
 
 
 @pytest.fixture(scope="session")

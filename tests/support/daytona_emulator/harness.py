@@ -3,7 +3,7 @@
 Fixtures: ``daytona_emulator`` (one emulator for the session), ``emulator`` (that one, with faults,
 clock and request counts reset around each test and its leftover sandboxes deleted afterwards), and
 ``daytona_env`` (``DAYTONA_API_URL``/``DAYTONA_API_KEY`` pointing at it, rlmq's client cache empty).
-Light on purpose: conftest imports it, so nothing heavy (aiohttp, the SDK, broker_bridge) at import.
+Light on purpose: conftest loads it as a plugin, so nothing heavy (aiohttp, the SDK, broker_bridge) at import.
 """
 
 from __future__ import annotations
