@@ -102,7 +102,7 @@ def test_error_result_is_shared_with_waiters_but_not_cached(redis_client: redis.
     assert len(computes) == 1
     assert all(value == {"error": "upstream 500"} for value, _ in results)
     assert cache.get("e" * 64) is None
-    value, cached = call()  # the next caller tries again
+    _, cached = call()  # the next caller tries again
     assert len(computes) == 2 and not cached
 
 

@@ -166,7 +166,7 @@ def test_demo_brings_up_its_own_stack_and_plots(tmp_path, llm_env):
     assert all(set(r) == {"chapter", "character", "wealth", "event"} for r in rows)
     assert all(isinstance(r["event"], str) and r["event"].strip() for r in rows), "a row without an event"
     assert rows[:5] == [{"chapter": 1, "character": name, "wealth": w, "event": e}
-                        for name, (w, e) in zip(CHARACTERS, scripted_wealth(1))]
+                        for name, (w, e) in zip(CHARACTERS, scripted_wealth(1), strict=True)]
     assert {r["wealth"] for r in rows if r["chapter"] == 117} == {10, 2, 1}
     png = (tmp_path / "out" / "monte_cristo_wealth.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 20_000

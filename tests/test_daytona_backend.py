@@ -215,8 +215,8 @@ def test_create_params_options():
     image = build_create_params(SPEC, DaytonaOptions(image="python:3.12-slim", resources={"cpu": 2, "memory": 4}))
     assert isinstance(image, CreateSandboxFromImageParams)
     assert (image.resources.cpu, image.resources.memory) == (2, 4)
-    for bad in (dict(snapshot="a", image="b"), dict(resources={"cpu": 1}), dict(ephemeral=True, auto_delete_interval=5),
-                dict(ttl_minutes=-1), dict(boot_timeout=0), dict(api_timeout=-1)):
+    for bad in ({"snapshot": "a", "image": "b"}, {"resources": {"cpu": 1}}, {"ephemeral": True, "auto_delete_interval": 5},
+                {"ttl_minutes": -1}, {"boot_timeout": 0}, {"api_timeout": -1}):
         with pytest.raises(ValueError):
             DaytonaOptions(**bad)
 

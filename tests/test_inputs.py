@@ -159,7 +159,7 @@ def test_numbering_restarting_per_book_keeps_every_chapter():
             body += f"CHAPTER {n}\n\n{PARA}Book {book.lower()} chapter {n}.\n\n"
     chapters = split_chapters(_gutenberg(body))
     assert len(chapters) == 4
-    assert [c.rsplit("\n", 1)[-1][-25:] for c in chapters][0].endswith("Book one chapter I.")
+    assert chapters[0].rsplit("\n", 1)[-1][-25:].endswith("Book one chapter I.")
     assert chapters[1].endswith("Book one chapter II.")  # "BOOK TWO" trimmed off its end
     assert chapters[3].endswith("Book two chapter II.")
 

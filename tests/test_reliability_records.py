@@ -115,7 +115,7 @@ def test_a_cancelled_run_whose_owner_died_ends_cancelled(redis_client: redis.Red
 
 
 def test_a_lapsed_claim_is_retaken_while_nobody_took_over(redis_client: redis.Redis) -> None:
-    store, run_id = queued(redis_client)
+    _, run_id = queued(redis_client)
     run = claim(redis_client, run_id, "w1")
     run.take()
     lapse(redis_client, run_id)  # e.g. a long GC pause or a Redis restart, but no sweep ran yet
@@ -124,7 +124,7 @@ def test_a_lapsed_claim_is_retaken_while_nobody_took_over(redis_client: redis.Re
 
 
 def test_a_stopping_worker_lets_its_claim_lapse_at_once(redis_client: redis.Redis) -> None:
-    store, run_id = queued(redis_client)
+    _, run_id = queued(redis_client)
     run = claim(redis_client, run_id, "w1")
     run.take()
     run.lapse()
@@ -145,7 +145,7 @@ def test_last_attempt_fails_with_the_reason(redis_client: redis.Redis) -> None:
 
 
 def test_a_restarted_run_never_claimed_is_sent_again(redis_client: redis.Redis) -> None:
-    store, run_id = queued(redis_client)
+    _, run_id = queued(redis_client)
     claim(redis_client, run_id, "w1").take()
     lapse(redis_client, run_id)
     assert sweep(redis_client, run_id, resend_after=0.2) is Recovery.RESTART

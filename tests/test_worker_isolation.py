@@ -16,6 +16,7 @@ from rlmq.store.blobs import put_blobs
 from rlmq.store.records import RunSpec, RunStatus, RunStore, new_run_id
 from tests.support.cli import cli_env, rlmq
 from tests.support.fleet import REPO_ROOT, Fleet, redis_url_of
+from tests.support.records import stored_record
 from tests.support.stub_llm import ScriptedRoot, StubLLM, route
 
 pytestmark = pytest.mark.slow
@@ -67,7 +68,7 @@ def test_a_run_in_process_mode_says_so_in_its_record_and_status(redis_server, st
         while not (RunStore(r).status(spec.run_id) or RunStatus.QUEUED).finished:
             assert time.monotonic() < deadline, rlm.log_tail()
             time.sleep(0.1)
-        record = RunStore(r).get(spec.run_id)
+        record = stored_record(r, spec.run_id)
         assert record.status is RunStatus.SUCCEEDED, record.error
         sandbox = record.progress.sandbox
         assert sandbox is not None and (sandbox.backend, sandbox.isolation) == ("local", "process")
