@@ -24,7 +24,7 @@ import tempfile
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,7 @@ class Pool:
         self.cpu_quota = cpu_quota  # total vCPUs of an organization's running sandboxes; 0 = no limit
         self.create_delay = create_delay
         self.sandboxes: dict[str, Sandbox] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # the loop holds tasks weakly: one unreferenced may vanish
         self._binary = bwrap.require_bwrap()
         self._opt = state_dir / "opt"
         self._opt.mkdir(parents=True, exist_ok=True)
@@ -124,6 +125,11 @@ class Pool:
         # Agents' sockets: host-only paths, short enough for sun_path (107 bytes) wherever the state is
         self._run_dir = Path(tempfile.mkdtemp(prefix="daytona-emulator-run-"))
         (state_dir / "homes").mkdir(exist_ok=True)
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # ---------------------------------------------------------------- lookups and views
 
@@ -198,7 +204,7 @@ class Pool:
         self.sandboxes[sandbox.id] = sandbox
         self.home(sandbox).mkdir(mode=0o755)
         await self.emit(sandbox, "sandbox.created", self.dto(sandbox))
-        asyncio.ensure_future(self._start(sandbox, delay=self.create_delay))
+        self._in_background(self._start(sandbox, delay=self.create_delay))
         return sandbox
 
     async def start(self, sandbox: Sandbox) -> None:
@@ -207,7 +213,7 @@ class Pool:
         if sandbox.state in ("destroyed", "destroying"):
             raise ApiError(400, f"Sandbox {sandbox.id} is destroyed")
         await self._set_state(sandbox, "starting")
-        asyncio.ensure_future(self._start(sandbox))
+        self._in_background(self._start(sandbox))
 
     async def _start(self, sandbox: Sandbox, delay: float = 0.0) -> None:
         if delay:
@@ -316,7 +322,7 @@ class Pool:
                 env={"PATH": "/usr/bin:/bin"})
         finally:
             listener.close()  # the agent holds its own copy
-        asyncio.ensure_future(self._watch(sandbox, sandbox.process))
+        self._in_background(self._watch(sandbox, sandbox.process))
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
             try:
