@@ -13,7 +13,7 @@ import socket
 import tempfile
 import threading
 from collections.abc import Iterator
-from multiprocessing.context import BaseContext
+from multiprocessing.context import ForkServerContext
 from typing import TYPE_CHECKING
 
 # LiteLLM (and DSPy's model metadata) otherwise fetch a price map from the internet on first
@@ -68,7 +68,7 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture(scope="session")
-def mp_context() -> BaseContext:
+def mp_context() -> ForkServerContext:
     """Multiprocessing for tests that need separate OS processes.
 
     A forkserver does the heavy imports (dspy, redis) once per session; each child is then a

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from multiprocessing.context import BaseContext
+from multiprocessing.context import ForkServerContext
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ def test_key_for_is_canonical() -> None:
 
 
 def test_fifty_concurrent_callers_in_two_processes_pay_once(
-    redis_url: str, redis_client: redis.Redis, stub_llm: StubLLM, mp_context: BaseContext
+    redis_url: str, redis_client: redis.Redis, stub_llm: StubLLM, mp_context: ForkServerContext
 ) -> None:
     stub_llm.latency = 0.5
     barrier = mp_context.Barrier(2)
@@ -135,7 +135,7 @@ def test_exception_in_compute_hands_over_to_a_waiter(redis_client: redis.Redis) 
 
 
 def test_dead_leader_is_taken_over_after_lock_ttl(
-    redis_url: str, redis_client: redis.Redis, mp_context: BaseContext
+    redis_url: str, redis_client: redis.Redis, mp_context: ForkServerContext
 ) -> None:
     leader = mp_context.Process(target=_doomed_leader, args=(redis_url, "d" * 64))
     leader.start()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,7 +32,7 @@ FLEET_ATTACKS = [a for a in ATTACKS if a.then is None and a.name != "broker_toke
 
 
 def run_suite_through_the_fleet(isolation: str, redis_server, stub: StubLLM, r, listener: int,
-                                tmp_path: Path) -> dict[str, dict]:
+                                tmp_path: Path) -> dict[str, Any]:
     canary = CANARY_PREFIX + uuid.uuid4().hex
     workdir, home = tmp_path / "workers", tmp_path / "home"
     for d in (workdir, home):
@@ -64,7 +65,7 @@ def run_suite_through_the_fleet(isolation: str, redis_server, stub: StubLLM, r, 
             record = stored_record(r, spec.run_id)
             assert record.status is RunStatus.SUCCEEDED, (record.error, fleet.workers[0].log_tail())
             trajectory = stored_result(r, spec.run_id)["trajectory"]
-        outcomes = {}
+        outcomes: dict[str, Any] = {}
         for attack, step in zip(FLEET_ATTACKS, trajectory, strict=False):  # the last step is the SUBMIT
             verdict = parse_verdict(step["output"])
             outcomes[attack.name] = {"evidence": attack.check(verdict, target), "verdict": verdict}

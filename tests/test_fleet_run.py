@@ -5,6 +5,8 @@ Redis, local sandboxes, and the stub LLM over HTTP playing both the scripted roo
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
@@ -23,6 +25,9 @@ from tests.support.records import stored_record, stored_result
 from tests.support.stub_llm import FaultKind, ScriptedRoot, StubLLM, richest_in_chapter, route
 from workers.claim import RunClaim
 from workers.sandbox_registry import LeaseRegistry
+
+if TYPE_CHECKING:
+    from broker_bridge import SandboxInfo  # broker_bridge loads DSPy: imported where sandboxes run
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]
 
@@ -47,7 +52,7 @@ sub_answer = richest_in_chapter("Monte Cristo")
 @pytest.fixture(scope="module")
 def chapters() -> list[str]:
     value = load_input_value(f"@{CORPUS}", split="chapters")
-    assert len(value) == 117
+    assert isinstance(value, list) and len(value) == 117
     return value
 
 
@@ -59,7 +64,7 @@ fleet = fleet_fixture(
 
 
 def submit(r: redis.Redis, chapters: list[str], *, steps: list[str] = STEPS, options: dict | None = None,
-           signature: str = SIGNATURE, stub: StubLLM, tools: list[str] = ()) -> tuple[str, ScriptedRoot]:
+           signature: str = SIGNATURE, stub: StubLLM, tools: Sequence[str] = ()) -> tuple[str, ScriptedRoot]:
     script = ScriptedRoot(steps)
     stub.set_responder(route(root=script, sub=sub_answer))
     run_id = new_run_id()
@@ -221,7 +226,7 @@ def test_beat_reaper_destroys_orphaned_sandbox_and_restarts_its_run(fleet: Fleet
     from broker_bridge import SandboxDied, interpreter_factory
     from tasks.reap_leases import reap_leases
 
-    created = []
+    created: list[SandboxInfo] = []
     interp = interpreter_factory("local", on_sandbox_created=created.append)()
     try:
         interp.start()
@@ -238,7 +243,8 @@ def test_beat_reaper_destroys_orphaned_sandbox_and_restarts_its_run(fleet: Fleet
             assert time.monotonic() < deadline
             time.sleep(0.1)
         record = stored_record(r, spec.run_id)
-        assert record.attempt == 2 and "dead-worker@nowhere stopped heartbeating" in record.restart_reason
+        assert record.attempt == 2 and record.restart_reason is not None
+        assert "dead-worker@nowhere stopped heartbeating" in record.restart_reason
         with pytest.raises(SandboxDied):
             interp.execute("print(1)")
         wait_finished(r, spec.run_id)  # attempt 2 ran (and failed: the spec has no inputs)
@@ -272,11 +278,13 @@ def test_a_tool_that_does_not_import_fails_the_run_before_any_lm_call(fleet: Fle
     run_id, script = submit(r, chapters[:1], stub=stub, tools=["no_such_package.tools:helper"])
     assert wait_finished(r, run_id) is RunStatus.FAILED
     error = stored_record(r, run_id).error
+    assert error is not None
     assert "no_such_package.tools:helper" in error and "cannot be imported" in error and "\n" not in error, error
     assert stub.request_count == 0 and script.calls == []
     run_id, _ = submit(r, chapters[:1], stub=stub, tools=["tests.support.sample_tools:no_such_function"])
     assert wait_finished(r, run_id) is RunStatus.FAILED
-    assert "has no function 'no_such_function'" in stored_record(r, run_id).error
+    error = stored_record(r, run_id).error
+    assert error is not None and "has no function 'no_such_function'" in error
     assert stub.request_count == 0
 
 
@@ -321,7 +329,7 @@ def test_a_submitter_cannot_point_a_run_at_its_own_endpoint(fleet: Fleet, stub: 
         run_id, script = submit(r, chapters[:2], stub=stub, options={"lm_api_base": rogue.api_base})
         assert wait_finished(r, run_id) is RunStatus.FAILED
         error = stored_record(r, run_id).error
-        assert error.startswith("rlmq run options refused") and rogue.api_base in error, error
+        assert error is not None and error.startswith("rlmq run options refused") and rogue.api_base in error, error
         assert script.calls == [] and stub.request_count == 0
         # Sub-calls enqueued by hand: the llm worker applies the same pins, and sampling parameters only.
         for options, params, why in (({"lm_api_base": rogue.api_base}, None, "not an endpoint the operator"),
@@ -344,7 +352,8 @@ def test_a_user_tool_the_operator_did_not_list_fails_the_run_before_any_lm_call(
                    tools=["os:system"])  # host code sandbox code could call: the worker, handed over
     Client(redis_url_of(r)).enqueue(spec)
     assert wait_finished(r, spec.run_id) is RunStatus.FAILED
-    assert "tools refused by the workers' settings: os:system" in stored_record(r, spec.run_id).error
+    error = stored_record(r, spec.run_id).error
+    assert error is not None and "tools refused by the workers' settings: os:system" in error
     assert script.calls == [] and stub.request_count == 0
 
 

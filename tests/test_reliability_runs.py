@@ -19,7 +19,7 @@ from celery.result import AsyncResult
 
 from broker_bridge.backends.process_jail import pids_with_marker
 from rlmq.client import Client
-from rlmq.store.records import RunStatus, RunStore
+from rlmq.store.records import RunRecord, RunStatus, RunStore
 from tests.support.fleet import Fleet, WorkerProcess, fleet_fixture, redis_url_of
 from tests.support.net import http_get
 from tests.support.records import stored_record, stored_result
@@ -108,7 +108,8 @@ def test_run_resumes_on_a_live_worker_without_paying_twice(fleet: Fleet, stub: S
     print(f"\nMEASURED kill {victim}: restarted after {restarted_after:.1f}s, "
           f"succeeded {time.monotonic() - killed_at:.1f}s after the kill")
     assert restarted and done.status is RunStatus.SUCCEEDED, (done.error, done.error_detail)
-    assert done.attempt == 2 and "stopped heartbeating" in done.restart_reason, done.restarts
+    assert done.attempt == 2 and done.restart_reason is not None, done.restarts
+    assert "stopped heartbeating" in done.restart_reason, done.restarts
     assert stored_result(r, run_id)["outputs"]["answers"] == ANSWERS
     assert prompt_repeats(stub) == {}  # every root step and sub-call was paid once: the replay read the caches
     assert script.calls == [0, 1, 2]
@@ -147,8 +148,11 @@ def test_queued_runs_start_on_an_idle_worker_and_cancel_is_revoked(fleet: Fleet,
                                                                    r) -> None:
     long_id, _ = submit(r, stub, ["import time\nfor _ in range(900):\n    time.sleep(0.1)", "SUBMIT(answers=[])"],
                         tag="long")
-    long = wait_until(lambda: (rec := stored_record(r, long_id)).progress.iteration == 1 and rec, 60,
-                    "long run executing its first step")
+    def long_executing() -> RunRecord | None:
+        record = stored_record(r, long_id)
+        return record if record.progress.iteration == 1 else None
+
+    long = wait_until(long_executing, 60, "long run executing its first step")
     quick = [submit(r, stub, ["SUBMIT(answers=['quick'])"], tag=f"quick{i}")[0] for i in range(2)]
     for run_id in quick:  # neither waits behind the busy worker (no prefetch into its buffer)
         record = wait_status(r, run_id, timeout=60)
@@ -189,7 +193,8 @@ def test_cancel_during_fan_out_revokes_the_batch(fleet: Fleet, flower: str, stub
 def test_failed_run_has_a_one_line_reason(fleet: Fleet, stub: StubLLM, r) -> None:
     run_id, _ = submit(r, stub, ["SUBMIT(answers=[])"], signature="items: list[str] -> -> nonsense", tag="bad")
     record = wait_status(r, run_id, timeout=60)
-    assert record.status is RunStatus.FAILED and "\n" not in record.error and record.error_detail
+    assert record.status is RunStatus.FAILED and record.error is not None and record.error_detail
+    assert "\n" not in record.error
     result = AsyncResult(run_id)
     wait_until(lambda: result.state == "FAILURE", 10, "Celery state FAILURE")
     assert "\n" not in str(result.info) and str(result.info) == record.error
