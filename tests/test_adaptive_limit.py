@@ -227,7 +227,7 @@ def test_a_dead_workers_slots_come_back_when_their_leases_expire(
     ready = mp_context.Event()
     child = mp_context.Process(target=_hold_slots_and_die, args=(redis_url, 2, ready))
     child.start()
-    assert ready.wait(30)
+    assert ready.wait(30) and child.pid is not None
     os.kill(child.pid, signal.SIGKILL)  # no release, no cleanup: a crashed worker
     child.join(10)
     limiter = AdaptiveLimiter(redis_client, MODEL, max_in_flight=2, lease_seconds=1.5)

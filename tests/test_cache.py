@@ -28,6 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS, STARTED = "test:results", "test:started"  # test-only lists; not rlmq keys
 
 
+def stored_bytes(client: redis.Redis, key: bytes) -> bytes:
+    raw = client.get(key)
+    assert isinstance(raw, bytes), key
+    return raw
+
+
 def _ask_stub(api_base: str, prompt: str) -> dict[str, Any]:
     return {"text": post_chat(api_base, prompt)["choices"][0]["message"]["content"]}
 
@@ -220,7 +226,7 @@ def test_dspy_cache_round_trips_both_record_formats(redis_client: redis.Redis, s
     prompts = {engine: f"both formats via {engine} {time.time_ns()}" for engine in ("auto", "litellm")}
     first = {engine: _lm(stub_llm.api_base, engine)(p) for engine, p in prompts.items()}
     assert stub_llm.request_count == 2
-    raws = [redis_client.get(k) for k in redis_client.scan_iter(match=dspy_cache_key("*"))]
+    raws = [stored_bytes(redis_client, k) for k in redis_client.scan_iter(match=dspy_cache_key("*"))]
     assert {raw[:1] for raw in raws} == {b"J", b"M"}
     assert all(json.loads(raw[1:]) for raw in raws)  # JSON, nothing else
     install_redis_dspy_cache(redis_client, 3600)
@@ -292,4 +298,5 @@ def test_response_cache_entries_of_the_wrong_shape_are_misses(redis_client: redi
         assert cache.get("k" * 64) is None and cache.get_many(["k" * 64]) == [None]
     assert not marker.exists()
     cache.put("k" * 64, {"text": "fine", "usage": {"prompt_tokens": 1}, "cost": None, "model": "m"})
-    assert cache.get("k" * 64)["text"] == "fine"
+    hit = cache.get("k" * 64)
+    assert hit is not None and hit["text"] == "fine"

@@ -41,6 +41,7 @@ from broker_bridge.backends.base import (  # noqa: E402
     SandboxSpec,
     SandboxStartError,
     SandboxTimeout,
+    runtime_file_contents,
 )
 from broker_bridge.backends.daytona import (  # noqa: E402
     DEFAULT_TTL_MINUTES,
@@ -120,7 +121,7 @@ def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, byte
 def _close_error(code: int, reason: str) -> DaytonaError:
     """The exception the SDK's code-interpreter client raises for a daemon websocket close."""
     try:
-        CodeInterpreter._maybe_raise_from_close(None, code, reason)
+        CodeInterpreter._maybe_raise_from_close(None, code, reason)  # type: ignore[arg-type]  # the SDK method never uses self
     except DaytonaError as exc:
         return exc
     raise AssertionError(f"close code {code} raised nothing")
@@ -213,7 +214,7 @@ def test_create_params_options():
     assert build_create_params(SPEC, DaytonaOptions(ephemeral=True)).auto_delete_interval == 0
     assert build_create_params(SPEC, DaytonaOptions(ttl_minutes=0)).ttl_minutes == 0  # explicitly off
     image = build_create_params(SPEC, DaytonaOptions(image="python:3.12-slim", resources={"cpu": 2, "memory": 4}))
-    assert isinstance(image, CreateSandboxFromImageParams)
+    assert isinstance(image, CreateSandboxFromImageParams) and image.resources is not None
     assert (image.resources.cpu, image.resources.memory) == (2, 4)
     for bad in ({"snapshot": "a", "image": "b"}, {"resources": {"cpu": 1}}, {"ephemeral": True, "auto_delete_interval": 5},
                 {"ttl_minutes": -1}, {"boot_timeout": 0}, {"api_timeout": -1}):
@@ -484,7 +485,7 @@ def test_code_that_raises_past_the_runtime_is_a_sandbox_error(booted):
 
 @on_emulator
 def test_a_broken_bootstrap_fails_the_start_with_its_cause(daytona_env, monkeypatch):
-    files = dsandbox.runtime_file_contents()
+    files = runtime_file_contents()
     monkeypatch.setattr(dsandbox, "runtime_file_contents", lambda: {
         **files, "runtime.py": b"raise RuntimeError('bootstrap exploded')\n"})
     interpreter = SandboxInterpreter(DaytonaSandbox)
@@ -686,6 +687,7 @@ def test_live_daytona_sandbox_boots_runs_and_is_deleted():
         assert backend._sandbox.fs.download_file(f"{backend.runtime_dir}/out.txt") == b"six 42"
 
         daytona_id = backend.daytona_id
+        assert daytona_id is not None
         with pytest.raises(SandboxTimeout):
             backend.run_code("import time\ntime.sleep(120)", timeout=5)  # destroys the sandbox
         assert _gone(dclient.daytona_client(), daytona_id)

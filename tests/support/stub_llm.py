@@ -382,13 +382,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.stub._stopping.wait(latency)
         kind = fault.kind if fault else None
         if kind is FaultKind.TIMEOUT:
-            self.stub._stopping.wait(fault.hang_seconds)  # type: ignore[union-attr]
+            assert fault is not None
+            self.stub._stopping.wait(fault.hang_seconds)
             self.close_connection = True
             return
         if kind is FaultKind.SERVER_ERROR:
             self._error(500, "stub: injected server error", "server_error")
         elif kind is FaultKind.RATE_LIMIT:
-            seconds = fault.retry_after  # type: ignore[union-attr]
+            assert fault is not None
+            seconds = fault.retry_after
             headers = {"Retry-After": f"{seconds:g}"}
             if fault.marker is None and record.fault == "limit":  # the provider mode's own 429
                 headers = {**self.stub._limit_headers(), "Retry-After": str(max(1, math.ceil(seconds))),

@@ -33,6 +33,7 @@ import struct
 import sys
 import time
 import uuid
+from typing import Any
 
 MAX_LINE = 1024 * 1024  # the daemon reads worker output with a 1 MiB line buffer
 REQUEST_LIMIT = 8 * 1024 * 1024
@@ -150,7 +151,7 @@ class Context:
         self.id, self.cwd, self.process = context_id, cwd, process
         self.created_at = datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
         self.lock = asyncio.Lock()
-        self.chunks = asyncio.Queue()
+        self.chunks: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.reader = asyncio.ensure_future(self._read_chunks())
 
     @property

@@ -27,17 +27,19 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from tests.support.daytona_emulator.agent_link import AgentLink
 from tests.support.daytona_emulator.errors import ApiError, now_iso
 
 
-def _load_backend_module(name: str):
+def _load_backend_module(name: str) -> ModuleType:
     """A module of broker_bridge/backends loaded from its file: importing the package would load DSPy
     (seconds), and the emulator should start in well under one. Only stdlib modules qualify."""
     path = Path(__file__).resolve().parents[3] / "broker_bridge" / "backends" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"_daytona_emulator_{name}", path)
+    assert spec is not None and spec.loader is not None, path
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
