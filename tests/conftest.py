@@ -105,11 +105,8 @@ def stub() -> Iterator[StubLLM]:
 
 @pytest.fixture
 def fresh_stub(stub: StubLLM) -> StubLLM:
-    """The module's stub as new: no faults, no latency, no records, the default responder."""
-    stub.clear_faults()
-    stub.reset_stats()
-    stub.latency = 0.0
-    stub.set_responder(None)
+    """The module's stub as new (``StubLLM.reset``)."""
+    stub.reset()
     return stub
 
 

@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from typing import Any
 
 import pytest
 
@@ -127,36 +128,36 @@ def _close_error(code: int, reason: str) -> DaytonaError:
     raise AssertionError(f"close code {code} raised nothing")
 
 
+def _sdk_error(message: str, status: int, during: str, expected: type[SandboxError], words: list[str],
+               **details: Any) -> tuple[DaytonaError, str, type[SandboxError], list[str]]:
+    """A case for the test below: the SDK's error for an API answer with ``status``, raised ``during``."""
+    return create_daytona_error(message, status_code=status, **details), during, expected, words
+
+
+CREATING = "creating the sandbox"
+
+
 @pytest.mark.parametrize(
     "exc, during, expected, words",
     [
-        (create_daytona_error("Too many requests", status_code=429, headers={"Retry-After": "7"}),
-         "creating the sandbox", SandboxCapacityError, ["rate limit", "retry later", "7"]),
-        (create_daytona_error("Total CPU limit exceeded. Maximum allowed: 10.\nUpgrade your tier", status_code=403),
-         "creating the sandbox", SandboxCapacityError, ["quota", "Total CPU limit exceeded"]),
-        (create_daytona_error("Total disk limit exceeded. Maximum allowed: 30GiB.", status_code=400),
-         "creating the sandbox", SandboxCapacityError, ["quota"]),
-        (create_daytona_error("No available runners", status_code=400),
-         "creating the sandbox", SandboxCapacityError, ["No available runners"]),
-        (create_daytona_error("CPU request 8 exceeds maximum allowed per sandbox (4).", status_code=403),
-         "creating the sandbox", SandboxStartError, ["per-sandbox limit"]),
-        (create_daytona_error("Invalid API key", status_code=401),
-         "creating the sandbox", SandboxStartError, ["rejected the API key", "DAYTONA_API_KEY"]),
-        (create_daytona_error("Organization is suspended", status_code=403),
-         "creating the sandbox", SandboxStartError, ["403", "suspended"]),
-        (create_daytona_error("Snapshot nope not found. Did you add it?", status_code=400),
-         "creating the sandbox", SandboxStartError, ["Snapshot nope not found"]),
-        (create_daytona_error("Sandbox with name rlmq-x already exists", status_code=409),
-         "creating the sandbox", SandboxStartError, ["already exists"]),
-        (create_daytona_error("Service unavailable", status_code=503),
-         "creating the sandbox", SandboxCapacityError, ["retry later"]),
-        (create_daytona_error("Sandbox not found", status_code=404),
-         "starting the broker", SandboxStartError, ["not found"]),
-        (create_daytona_error("Sandbox not found", status_code=404),
-         "running code", SandboxDied, ["gone"]),
-        (create_daytona_error("Sandbox is not running", status_code=400, code="SANDBOX_NOT_RUNNING",
-                              source="DAYTONA_PROXY"),
-         "running code", SandboxDied, ["stopped"]),
+        _sdk_error("Too many requests", 429, CREATING, SandboxCapacityError, ["rate limit", "retry later", "7"],
+                   headers={"Retry-After": "7"}),
+        _sdk_error("Total CPU limit exceeded. Maximum allowed: 10.\nUpgrade your tier", 403, CREATING,
+                   SandboxCapacityError, ["quota", "Total CPU limit exceeded"]),
+        _sdk_error("Total disk limit exceeded. Maximum allowed: 30GiB.", 400, CREATING, SandboxCapacityError, ["quota"]),
+        _sdk_error("No available runners", 400, CREATING, SandboxCapacityError, ["No available runners"]),
+        _sdk_error("CPU request 8 exceeds maximum allowed per sandbox (4).", 403, CREATING, SandboxStartError,
+                   ["per-sandbox limit"]),
+        _sdk_error("Invalid API key", 401, CREATING, SandboxStartError, ["rejected the API key", "DAYTONA_API_KEY"]),
+        _sdk_error("Organization is suspended", 403, CREATING, SandboxStartError, ["403", "suspended"]),
+        _sdk_error("Snapshot nope not found. Did you add it?", 400, CREATING, SandboxStartError,
+                   ["Snapshot nope not found"]),
+        _sdk_error("Sandbox with name rlmq-x already exists", 409, CREATING, SandboxStartError, ["already exists"]),
+        _sdk_error("Service unavailable", 503, CREATING, SandboxCapacityError, ["retry later"]),
+        _sdk_error("Sandbox not found", 404, "starting the broker", SandboxStartError, ["not found"]),
+        _sdk_error("Sandbox not found", 404, "running code", SandboxDied, ["gone"]),
+        _sdk_error("Sandbox is not running", 400, "running code", SandboxDied, ["stopped"], code="SANDBOX_NOT_RUNNING",
+                   source="DAYTONA_PROXY"),
         (_close_error(1008, "context not found: ctx-1"), "running code", SandboxDied, ["context not found"]),
         (_close_error(1001, "worker process ended"), "running code", SandboxDied, ["worker process ended"]),
     ],

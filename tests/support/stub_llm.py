@@ -255,6 +255,13 @@ class StubLLM:
             self._served.clear()
             self._peak_in_flight = self._in_flight
 
+    def reset(self) -> None:
+        """As new: no faults or provider limit, no latency, no records, the default responder."""
+        self.clear_faults()
+        self.reset_stats()
+        self.latency = 0.0
+        self.set_responder(None)
+
     # -- serving (called from handler threads) -----------------------------------------------
     def _count_http(self) -> None:
         with self._lock:
