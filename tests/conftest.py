@@ -13,7 +13,7 @@ import socket
 import tempfile
 import threading
 from collections.abc import Iterator
-from multiprocessing.context import BaseContext
+from multiprocessing.context import ForkServerContext
 from typing import TYPE_CHECKING
 
 # LiteLLM (and DSPy's model metadata) otherwise fetch a price map from the internet on first
@@ -28,11 +28,14 @@ import pytest  # noqa: E402
 import redis  # noqa: E402
 
 from rlmq.local_redis import PrivateRedis, start_private_redis  # noqa: E402
-from tests.support.daytona_emulator.harness import daytona_emulator, daytona_env, emulator  # noqa: E402,F401
 from tests.support.stub_llm import StubLLM  # noqa: E402
 
 if TYPE_CHECKING:
     from tests.support.sandboxes import SandboxPool
+
+# Fixtures of the Daytona emulator and of the multi-host harness, for every test module: loaded as plugins, not
+# imported by name into a test module, where each parameter asking for one would redefine it
+pytest_plugins = ["tests.support.daytona_emulator.harness", "tests.support.hosts.fixtures"]
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +68,7 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture(scope="session")
-def mp_context() -> BaseContext:
+def mp_context() -> ForkServerContext:
     """Multiprocessing for tests that need separate OS processes.
 
     A forkserver does the heavy imports (dspy, redis) once per session; each child is then a
@@ -102,11 +105,8 @@ def stub() -> Iterator[StubLLM]:
 
 @pytest.fixture
 def fresh_stub(stub: StubLLM) -> StubLLM:
-    """The module's stub as new: no faults, no latency, no records, the default responder."""
-    stub.clear_faults()
-    stub.reset_stats()
-    stub.latency = 0.0
-    stub.set_responder(None)
+    """The module's stub as new (``StubLLM.reset``)."""
+    stub.reset()
     return stub
 
 

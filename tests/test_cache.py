@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from multiprocessing.context import BaseContext
+from multiprocessing.context import ForkServerContext
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,12 @@ from workers.single_flight import ResponseCache
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS, STARTED = "test:results", "test:started"  # test-only lists; not rlmq keys
+
+
+def stored_bytes(client: redis.Redis, key: bytes) -> bytes:
+    raw = client.get(key)
+    assert isinstance(raw, bytes), key
+    return raw
 
 
 def _ask_stub(api_base: str, prompt: str) -> dict[str, Any]:
@@ -70,7 +76,7 @@ def test_key_for_is_canonical() -> None:
 
 
 def test_fifty_concurrent_callers_in_two_processes_pay_once(
-    redis_url: str, redis_client: redis.Redis, stub_llm: StubLLM, mp_context: BaseContext
+    redis_url: str, redis_client: redis.Redis, stub_llm: StubLLM, mp_context: ForkServerContext
 ) -> None:
     stub_llm.latency = 0.5
     barrier = mp_context.Barrier(2)
@@ -102,7 +108,7 @@ def test_error_result_is_shared_with_waiters_but_not_cached(redis_client: redis.
     assert len(computes) == 1
     assert all(value == {"error": "upstream 500"} for value, _ in results)
     assert cache.get("e" * 64) is None
-    value, cached = call()  # the next caller tries again
+    _, cached = call()  # the next caller tries again
     assert len(computes) == 2 and not cached
 
 
@@ -135,7 +141,7 @@ def test_exception_in_compute_hands_over_to_a_waiter(redis_client: redis.Redis) 
 
 
 def test_dead_leader_is_taken_over_after_lock_ttl(
-    redis_url: str, redis_client: redis.Redis, mp_context: BaseContext
+    redis_url: str, redis_client: redis.Redis, mp_context: ForkServerContext
 ) -> None:
     leader = mp_context.Process(target=_doomed_leader, args=(redis_url, "d" * 64))
     leader.start()
@@ -220,7 +226,7 @@ def test_dspy_cache_round_trips_both_record_formats(redis_client: redis.Redis, s
     prompts = {engine: f"both formats via {engine} {time.time_ns()}" for engine in ("auto", "litellm")}
     first = {engine: _lm(stub_llm.api_base, engine)(p) for engine, p in prompts.items()}
     assert stub_llm.request_count == 2
-    raws = [redis_client.get(k) for k in redis_client.scan_iter(match=dspy_cache_key("*"))]
+    raws = [stored_bytes(redis_client, k) for k in redis_client.scan_iter(match=dspy_cache_key("*"))]
     assert {raw[:1] for raw in raws} == {b"J", b"M"}
     assert all(json.loads(raw[1:]) for raw in raws)  # JSON, nothing else
     install_redis_dspy_cache(redis_client, 3600)
@@ -292,4 +298,5 @@ def test_response_cache_entries_of_the_wrong_shape_are_misses(redis_client: redi
         assert cache.get("k" * 64) is None and cache.get_many(["k" * 64]) == [None]
     assert not marker.exists()
     cache.put("k" * 64, {"text": "fine", "usage": {"prompt_tokens": 1}, "cost": None, "model": "m"})
-    assert cache.get("k" * 64)["text"] == "fine"
+    hit = cache.get("k" * 64)
+    assert hit is not None and hit["text"] == "fine"

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from kombu.exceptions import DecodeError
 
 from rlmq.celery_config import client_app
 from tests.support.pickles import hostile_pickles
@@ -42,7 +43,7 @@ def test_a_pickle_planted_as_a_task_result_is_not_loaded(redis_url: str, redis_c
         for i, planted in enumerate(hostile_pickles(marker)):
             task_id = f"planted-{i}"
             redis_client.set(app.backend.get_key_for_task(task_id), planted)
-            with pytest.raises(Exception):  # the backend's fixed JSON content type: a decode error
+            with pytest.raises(DecodeError):  # the backend's fixed JSON content type
                 app.AsyncResult(task_id).state  # noqa: B018
         assert not marker.exists()
     finally:

@@ -15,7 +15,9 @@ import signal
 import stat
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlparse
 
 import pytest
@@ -60,11 +62,22 @@ def llm_env(tmp_path, stub_llm):
                    RLMQ_LM_API_BASE=stub_llm.api_base, OPENAI_API_KEY="stub-key")
 
 
+def pump(stream: IO[str] | None, sink: Callable[[str], object]) -> None:
+    """Each line of a child's piped output to ``sink``, from a daemon thread."""
+    assert stream is not None
+
+    def run() -> None:
+        for line in stream:
+            sink(line)
+
+    threading.Thread(target=run, daemon=True).start()
+
+
 def start_up(env, cwd, *args: str, seen: list[str] | None = None) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen([*RLMQ, "up", *(args or ("--no-flower",)), "--llm-concurrency", "8"], env=env,
                                cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    pump(process.stdout, lines.put)
     seen = [] if seen is None else seen
     while True:
         try:
@@ -129,11 +142,11 @@ def test_cli_end_to_end_with_rlmq_up(tmp_path, llm_env):
             extra = subprocess.Popen([*RLMQ, "worker", "llm", "--name", "extra", "-c", "2"], env=llm_env, cwd=tmp_path,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
             try:
-                out: list[str] = []
-                threading.Thread(target=lambda: [out.append(line) for line in extra.stdout], daemon=True).start()
-                wait_until(lambda: any(" ready." in line for line in out) or extra.poll() is not None, 120,
+                extra_out: list[str] = []
+                pump(extra.stdout, extra_out.append)
+                wait_until(lambda: any(" ready." in line for line in extra_out) or extra.poll() is not None, 120,
                            what="`rlmq worker llm` to be ready")
-                assert extra.poll() is None, "".join(out)
+                assert extra.poll() is None, "".join(extra_out)
             finally:
                 os.killpg(extra.pid, signal.SIGTERM)
                 extra.wait(30)
@@ -166,7 +179,7 @@ def test_demo_brings_up_its_own_stack_and_plots(tmp_path, llm_env):
     assert all(set(r) == {"chapter", "character", "wealth", "event"} for r in rows)
     assert all(isinstance(r["event"], str) and r["event"].strip() for r in rows), "a row without an event"
     assert rows[:5] == [{"chapter": 1, "character": name, "wealth": w, "event": e}
-                        for name, (w, e) in zip(CHARACTERS, scripted_wealth(1))]
+                        for name, (w, e) in zip(CHARACTERS, scripted_wealth(1), strict=True)]
     assert {r["wealth"] for r in rows if r["chapter"] == 117} == {10, 2, 1}
     png = (tmp_path / "out" / "monte_cristo_wealth.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 20_000
@@ -181,7 +194,9 @@ def test_rlmq_up_protects_flower_with_a_generated_login(tmp_path, llm_env):
     flower = None
     try:
         (login,) = [line for line in seen if line.startswith("flower login: ")]
-        user, password = re.fullmatch(r"flower login: (\S+) / (\S+)\n", login).groups()
+        match = re.fullmatch(r"flower login: (\S+) / (\S+)\n", login)
+        assert match, login
+        user, password = match.groups()
         assert user == "rlmq" and len(password) >= 20
         state = json.loads((Path(env["RLMQ_STATE_DIR"]) / "stack.json").read_text())
         assert state["flower"]["basic_auth"] == f"rlmq:{password}"

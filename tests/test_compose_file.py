@@ -324,8 +324,8 @@ def test_dockerfile_copies_exist_and_cover_the_packages():
 
 
 def test_dockerignore_keeps_secrets_out_and_sources_in():
-    lines = [l.strip() for l in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()]
-    patterns = [l for l in lines if l and not l.startswith("#")]
+    lines = [line.strip() for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()]
+    patterns = [line for line in lines if line and not line.startswith("#")]
     assert ".env" in patterns and ".git" in patterns
     for needed in ("pyproject.toml", "README.md", "rlmq", "tasks", "workers", "broker_bridge"):
         assert needed not in patterns

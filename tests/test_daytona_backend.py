@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from typing import Any
 
 import pytest
 
@@ -41,6 +42,7 @@ from broker_bridge.backends.base import (  # noqa: E402
     SandboxSpec,
     SandboxStartError,
     SandboxTimeout,
+    runtime_file_contents,
 )
 from broker_bridge.backends.daytona import (  # noqa: E402
     DEFAULT_TTL_MINUTES,
@@ -120,42 +122,42 @@ def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, byte
 def _close_error(code: int, reason: str) -> DaytonaError:
     """The exception the SDK's code-interpreter client raises for a daemon websocket close."""
     try:
-        CodeInterpreter._maybe_raise_from_close(None, code, reason)
+        CodeInterpreter._maybe_raise_from_close(None, code, reason)  # type: ignore[arg-type]  # the SDK method never uses self
     except DaytonaError as exc:
         return exc
     raise AssertionError(f"close code {code} raised nothing")
 
 
+def _sdk_error(message: str, status: int, during: str, expected: type[SandboxError], words: list[str],
+               **details: Any) -> tuple[DaytonaError, str, type[SandboxError], list[str]]:
+    """A case for the test below: the SDK's error for an API answer with ``status``, raised ``during``."""
+    return create_daytona_error(message, status_code=status, **details), during, expected, words
+
+
+CREATING = "creating the sandbox"
+
+
 @pytest.mark.parametrize(
     "exc, during, expected, words",
     [
-        (create_daytona_error("Too many requests", status_code=429, headers={"Retry-After": "7"}),
-         "creating the sandbox", SandboxCapacityError, ["rate limit", "retry later", "7"]),
-        (create_daytona_error("Total CPU limit exceeded. Maximum allowed: 10.\nUpgrade your tier", status_code=403),
-         "creating the sandbox", SandboxCapacityError, ["quota", "Total CPU limit exceeded"]),
-        (create_daytona_error("Total disk limit exceeded. Maximum allowed: 30GiB.", status_code=400),
-         "creating the sandbox", SandboxCapacityError, ["quota"]),
-        (create_daytona_error("No available runners", status_code=400),
-         "creating the sandbox", SandboxCapacityError, ["No available runners"]),
-        (create_daytona_error("CPU request 8 exceeds maximum allowed per sandbox (4).", status_code=403),
-         "creating the sandbox", SandboxStartError, ["per-sandbox limit"]),
-        (create_daytona_error("Invalid API key", status_code=401),
-         "creating the sandbox", SandboxStartError, ["rejected the API key", "DAYTONA_API_KEY"]),
-        (create_daytona_error("Organization is suspended", status_code=403),
-         "creating the sandbox", SandboxStartError, ["403", "suspended"]),
-        (create_daytona_error("Snapshot nope not found. Did you add it?", status_code=400),
-         "creating the sandbox", SandboxStartError, ["Snapshot nope not found"]),
-        (create_daytona_error("Sandbox with name rlmq-x already exists", status_code=409),
-         "creating the sandbox", SandboxStartError, ["already exists"]),
-        (create_daytona_error("Service unavailable", status_code=503),
-         "creating the sandbox", SandboxCapacityError, ["retry later"]),
-        (create_daytona_error("Sandbox not found", status_code=404),
-         "starting the broker", SandboxStartError, ["not found"]),
-        (create_daytona_error("Sandbox not found", status_code=404),
-         "running code", SandboxDied, ["gone"]),
-        (create_daytona_error("Sandbox is not running", status_code=400, code="SANDBOX_NOT_RUNNING",
-                              source="DAYTONA_PROXY"),
-         "running code", SandboxDied, ["stopped"]),
+        _sdk_error("Too many requests", 429, CREATING, SandboxCapacityError, ["rate limit", "retry later", "7"],
+                   headers={"Retry-After": "7"}),
+        _sdk_error("Total CPU limit exceeded. Maximum allowed: 10.\nUpgrade your tier", 403, CREATING,
+                   SandboxCapacityError, ["quota", "Total CPU limit exceeded"]),
+        _sdk_error("Total disk limit exceeded. Maximum allowed: 30GiB.", 400, CREATING, SandboxCapacityError, ["quota"]),
+        _sdk_error("No available runners", 400, CREATING, SandboxCapacityError, ["No available runners"]),
+        _sdk_error("CPU request 8 exceeds maximum allowed per sandbox (4).", 403, CREATING, SandboxStartError,
+                   ["per-sandbox limit"]),
+        _sdk_error("Invalid API key", 401, CREATING, SandboxStartError, ["rejected the API key", "DAYTONA_API_KEY"]),
+        _sdk_error("Organization is suspended", 403, CREATING, SandboxStartError, ["403", "suspended"]),
+        _sdk_error("Snapshot nope not found. Did you add it?", 400, CREATING, SandboxStartError,
+                   ["Snapshot nope not found"]),
+        _sdk_error("Sandbox with name rlmq-x already exists", 409, CREATING, SandboxStartError, ["already exists"]),
+        _sdk_error("Service unavailable", 503, CREATING, SandboxCapacityError, ["retry later"]),
+        _sdk_error("Sandbox not found", 404, "starting the broker", SandboxStartError, ["not found"]),
+        _sdk_error("Sandbox not found", 404, "running code", SandboxDied, ["gone"]),
+        _sdk_error("Sandbox is not running", 400, "running code", SandboxDied, ["stopped"], code="SANDBOX_NOT_RUNNING",
+                   source="DAYTONA_PROXY"),
         (_close_error(1008, "context not found: ctx-1"), "running code", SandboxDied, ["context not found"]),
         (_close_error(1001, "worker process ended"), "running code", SandboxDied, ["worker process ended"]),
     ],
@@ -213,10 +215,10 @@ def test_create_params_options():
     assert build_create_params(SPEC, DaytonaOptions(ephemeral=True)).auto_delete_interval == 0
     assert build_create_params(SPEC, DaytonaOptions(ttl_minutes=0)).ttl_minutes == 0  # explicitly off
     image = build_create_params(SPEC, DaytonaOptions(image="python:3.12-slim", resources={"cpu": 2, "memory": 4}))
-    assert isinstance(image, CreateSandboxFromImageParams)
+    assert isinstance(image, CreateSandboxFromImageParams) and image.resources is not None
     assert (image.resources.cpu, image.resources.memory) == (2, 4)
-    for bad in (dict(snapshot="a", image="b"), dict(resources={"cpu": 1}), dict(ephemeral=True, auto_delete_interval=5),
-                dict(ttl_minutes=-1), dict(boot_timeout=0), dict(api_timeout=-1)):
+    for bad in ({"snapshot": "a", "image": "b"}, {"resources": {"cpu": 1}}, {"ephemeral": True, "auto_delete_interval": 5},
+                {"ttl_minutes": -1}, {"boot_timeout": 0}, {"api_timeout": -1}):
         with pytest.raises(ValueError):
             DaytonaOptions(**bad)
 
@@ -359,7 +361,7 @@ def test_boot_fails_fast_when_the_broker_exits_and_deletes_the_sandbox(daytona_e
         "broker.py": b"import sys\nprint('broker exploded')\nsys.exit(3)\n", "protocol.py": b"", "runtime.py": b""})
     backend = DaytonaSandbox(boot_timeout=30)
     started = time.monotonic()
-    with pytest.raises(SandboxStartError, match="exited with code 3.*broker exploded"):
+    with pytest.raises(SandboxStartError, match=r"exited with code 3.*broker exploded"):
         backend.boot(new_spec())
     assert time.monotonic() - started < 10
     assert "broker exploded" in backend.broker_log and gone(daytona_env)
@@ -371,7 +373,7 @@ def test_boot_times_out_when_health_never_answers(daytona_env, monkeypatch):
         "broker.py": b"import time\ntime.sleep(60)\n", "protocol.py": b"", "runtime.py": b""})
     # 10 s: creating takes ~0.2 s on a quiet box but several seconds under load, and the health wait
     # must still be what the time runs out on
-    with pytest.raises(SandboxStartError, match="did not answer /health.*HTTP 502"):
+    with pytest.raises(SandboxStartError, match=r"did not answer /health.*HTTP 502"):
         DaytonaSandbox(boot_timeout=10).boot(new_spec())
     assert gone(daytona_env)
 
@@ -449,7 +451,7 @@ def test_a_slow_toolbox_step_cannot_hold_the_boot_past_its_timeout(daytona_env, 
     monkeypatch.setattr(dsandbox, "_CLEANUP_WAIT", 1.0)
     daytona_env.faults(latency={"toolbox": 1.5})
     started = time.monotonic()
-    with pytest.raises(SandboxStartError, match="boot within 4s|timed out|did not answer"):
+    with pytest.raises(SandboxStartError, match=r"boot within 4s|timed out|did not answer"):
         DaytonaSandbox(boot_timeout=4).boot(new_spec())
     assert time.monotonic() - started < 4 + 1.5 + 1 + 3
     daytona_env.clear_faults()
@@ -484,7 +486,7 @@ def test_code_that_raises_past_the_runtime_is_a_sandbox_error(booted):
 
 @on_emulator
 def test_a_broken_bootstrap_fails_the_start_with_its_cause(daytona_env, monkeypatch):
-    files = dsandbox.runtime_file_contents()
+    files = runtime_file_contents()
     monkeypatch.setattr(dsandbox, "runtime_file_contents", lambda: {
         **files, "runtime.py": b"raise RuntimeError('bootstrap exploded')\n"})
     interpreter = SandboxInterpreter(DaytonaSandbox)
@@ -584,7 +586,7 @@ def test_the_creating_hook_runs_before_the_create_and_a_failing_one_creates_noth
         raise ConnectionError("redis is down")
 
     daytona_env.reset_requests()
-    with pytest.raises(SandboxStartError, match="could not register.*redis is down"):
+    with pytest.raises(SandboxStartError, match=r"could not register.*redis is down"):
         SandboxInterpreter(DaytonaSandbox, on_sandbox_creating=refuse).start()
     assert daytona_env.requests().get("api POST /api/sandbox", 0) == 0
 
@@ -686,6 +688,7 @@ def test_live_daytona_sandbox_boots_runs_and_is_deleted():
         assert backend._sandbox.fs.download_file(f"{backend.runtime_dir}/out.txt") == b"six 42"
 
         daytona_id = backend.daytona_id
+        assert daytona_id is not None
         with pytest.raises(SandboxTimeout):
             backend.run_code("import time\ntime.sleep(120)", timeout=5)  # destroys the sandbox
         assert _gone(dclient.daytona_client(), daytona_id)

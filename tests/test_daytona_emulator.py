@@ -5,11 +5,13 @@ the fault knobs, and the isolation of its sandboxes."""
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -129,9 +131,9 @@ def test_names_are_unique_and_errors_have_daytona_bodies(emulator, client):
     with pytest.raises(DaytonaConflictError, match="already exists") as caught:
         make(client, name="taken")
     assert caught.value.status_code == 409 and caught.value.code == "CONFLICT" and caught.value.source == "DAYTONA_API"
-    with pytest.raises(DaytonaNotFoundError) as caught:
+    with pytest.raises(DaytonaNotFoundError) as missing:
         client.get("no-such-sandbox")
-    assert caught.value.status_code == 404
+    assert missing.value.status_code == 404
     with pytest.raises(DaytonaError, match="Snapshot nope not found"):
         make(client, snapshot="nope")
     response = httpx.get(f"{emulator.api_url}/sandbox/no-such", headers={"Authorization": f"Bearer {emulator.api_key}"})
@@ -315,7 +317,7 @@ def test_interpreter_contexts_stream_and_close_with_daytonas_codes(emulator, cli
     assert swallowed.stdout == "caught\n"
 
     sandbox.code_interpreter.delete_context(caught_interrupt)
-    with pytest.raises(DaytonaConnectionError, match="context not found.*1008"):
+    with pytest.raises(DaytonaConnectionError, match=r"context not found.*1008"):
         sandbox.code_interpreter.run_code("print(1)", context=caught_interrupt)
 
     stalled = sandbox.code_interpreter.create_context()
@@ -329,9 +331,9 @@ def test_interpreter_contexts_stream_and_close_with_daytonas_codes(emulator, cli
 def test_interpreter_context_whose_worker_died_closes_with_1001_then_1008(emulator, client):
     sandbox = make(client)
     context = sandbox.code_interpreter.create_context()
-    with pytest.raises(DaytonaConnectionError, match="worker process ended.*1001"):
+    with pytest.raises(DaytonaConnectionError, match=r"worker process ended.*1001"):
         sandbox.code_interpreter.run_code("import os\nos._exit(3)", context=context)
-    with pytest.raises(DaytonaConnectionError, match="context is not active.*1008"):
+    with pytest.raises(DaytonaConnectionError, match=r"context is not active.*1008"):
         sandbox.code_interpreter.run_code("print(1)", context=context)
 
 
@@ -382,7 +384,7 @@ def test_cpu_quota_is_a_403():
     with running_emulator("--cpu-quota", "1") as emulator:
         client = emulator.client()
         first = make(client)
-        with pytest.raises(DaytonaForbiddenError, match="Total CPU limit exceeded. Maximum allowed: 1"):
+        with pytest.raises(DaytonaForbiddenError, match=re.escape("Total CPU limit exceeded. Maximum allowed: 1")):
             make(client)
         first.stop()
         make(client)  # a stopped sandbox uses no CPU
@@ -395,7 +397,7 @@ def test_a_hung_api_holds_requests_until_released(emulator, client):
     with pytest.raises(DaytonaError):  # the SDK's own request timeout, the only bound a caller has
         client.get(sandbox.id, request_timeout=1)
     assert 0.9 < time.monotonic() - started < 5
-    answer = {}
+    answer: dict[str, str] = {}
     waiter = threading.Thread(target=lambda: answer.update(id=client.get(sandbox.id).id))
     waiter.start()
     time.sleep(0.3)
@@ -416,7 +418,7 @@ def test_a_lost_create_reply_still_makes_the_sandbox(emulator, client):
 def test_killing_the_agent_breaks_the_sandbox(emulator, client):
     sandbox = make(client)
     context = sandbox.code_interpreter.create_context()
-    running = {}
+    running: dict[str, Exception | None] = {}
     thread = threading.Thread(target=lambda: running.update(
         error=_raises(lambda: sandbox.code_interpreter.run_code("import time\ntime.sleep(60)", context=context))))
     thread.start()
@@ -444,7 +446,7 @@ def test_preview_latency_slows_only_preview_requests(emulator, client):
     assert time.monotonic() - started < 0.8
 
 
-def _raises(call):
+def _raises(call: Callable[[], object]) -> Exception | None:
     try:
         call()
     except Exception as exc:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,7 @@ from rlmq.store.blobs import put_blobs
 from rlmq.store.records import RunSpec, RunStatus, RunStore, new_run_id
 from tests.support.attacks import ATTACKS, CANARY_PREFIX, Target, parse_verdict
 from tests.support.fleet import Fleet, redis_url_of
+from tests.support.records import stored_record, stored_result
 from tests.support.stub_llm import ScriptedRoot, StubLLM, route
 
 pytestmark = pytest.mark.slow
@@ -30,7 +32,7 @@ FLEET_ATTACKS = [a for a in ATTACKS if a.then is None and a.name != "broker_toke
 
 
 def run_suite_through_the_fleet(isolation: str, redis_server, stub: StubLLM, r, listener: int,
-                                tmp_path: Path) -> dict[str, dict]:
+                                tmp_path: Path) -> dict[str, Any]:
     canary = CANARY_PREFIX + uuid.uuid4().hex
     workdir, home = tmp_path / "workers", tmp_path / "home"
     for d in (workdir, home):
@@ -60,11 +62,11 @@ def run_suite_through_the_fleet(isolation: str, redis_server, stub: StubLLM, r, 
             while not (RunStore(r).status(spec.run_id) or RunStatus.QUEUED).finished:
                 assert time.monotonic() < deadline, fleet.workers[0].log_tail()
                 time.sleep(0.2)
-            record = RunStore(r).get(spec.run_id)
+            record = stored_record(r, spec.run_id)
             assert record.status is RunStatus.SUCCEEDED, (record.error, fleet.workers[0].log_tail())
-            trajectory = RunStore(r).result(spec.run_id)["trajectory"]
-        outcomes = {}
-        for attack, step in zip(FLEET_ATTACKS, trajectory):
+            trajectory = stored_result(r, spec.run_id)["trajectory"]
+        outcomes: dict[str, Any] = {}
+        for attack, step in zip(FLEET_ATTACKS, trajectory, strict=False):  # the last step is the SUBMIT
             verdict = parse_verdict(step["output"])
             outcomes[attack.name] = {"evidence": attack.check(verdict, target), "verdict": verdict}
         outcomes["isolation"] = record.progress.sandbox

@@ -8,6 +8,7 @@ test gets workers of its own, started with those settings, on another Redis data
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import dspy
@@ -54,7 +55,7 @@ def test_plan_chunks_keeps_order_and_spreads() -> None:
     assert plan_chunks(3, 8, 64) == [(0, 1), (1, 2), (2, 3)]
     big = plan_chunks(500, 8, 64)
     assert len(big) == 64 and big[0][0] == 0 and big[-1][1] == 500
-    assert all(a[1] == b[0] for a, b in zip(big, big[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(big))
     assert {e - s for s, e in big} <= {7, 8}
     assert len(plan_chunks(5000, 8, 64)) == 625
 
@@ -154,7 +155,7 @@ def test_429_retry_after_pauses_the_whole_fleet(fleet: Fleet, stub: StubLLM, r, 
     t429 = next(rec.at for rec in records if rec.status == 429)
     # Requests already past the limiter when the 429 was read still land; then nothing for ~2 s.
     arrivals = [t429] + [rec.at for rec in records if rec.at > t429]
-    gap, gap_start = max((b - a, a) for a, b in zip(arrivals, arrivals[1:]))
+    gap, gap_start = max((b - a, a) for a, b in itertools.pairwise(arrivals))
     # (tolerances leave room for a loaded 2-core box; without the cooldown the gap is ~0.1 s)
     assert 1.5 <= gap <= 2.8 and gap_start - t429 < 1.0, (gap, gap_start - t429, [
         (round(a - t429, 3)) for a in arrivals if a < t429 + 3])
@@ -172,7 +173,7 @@ def test_faults_end_as_answer_or_error_and_workers_survive(fleet: Fleet, stub: S
     fanout = make_fanout(stub, redis_server, options={"lm_timeout": 1, "lm_retries": 2})
     tools = make_llm_tools(fanout, LLMCallBudget(100))
     prompts = ["ALWAYS500", "ONCE500", "HANG", "ALWAYSBAD", "ONCEBAD", "ALWAYSEMPTY", "ONCEEMPTY", "fine"]
-    out = dict(zip(prompts, tools["llm_query_batched"](prompts)))
+    out = dict(zip(prompts, tools["llm_query_batched"](prompts), strict=True))
     for p in ("ONCE500", "ONCEBAD", "ONCEEMPTY", "fine"):
         assert out[p] == expected(p), (p, out[p])
     for p in ("ALWAYS500", "HANG", "ALWAYSBAD", "ALWAYSEMPTY"):

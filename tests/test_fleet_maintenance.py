@@ -11,7 +11,7 @@ import time
 import pytest
 import redis
 
-from broker_bridge import interpreter_factory
+from broker_bridge import BackendName, SandboxDied, SandboxInfo, interpreter_factory
 from rlmq.store import keys
 from tests.support.fleet import REPO_ROOT
 from workers.liveness import Heartbeat
@@ -61,7 +61,12 @@ def test_a_slow_sweep_does_not_delay_the_heartbeat(redis_client: redis.Redis) ->
     deletes with retries) must not let the worker's heartbeat expire."""
     beat = Heartbeat(redis_client, "slow-sweeper", ttl_seconds=0.4).start()
     sweeps: list[float] = []
-    sweeper = Ticker("slow-sweep", 0.05, lambda: (sweeps.append(time.monotonic()), time.sleep(1.5))).start()
+
+    def stuck_sweep() -> None:
+        sweeps.append(time.monotonic())
+        time.sleep(1.5)
+
+    sweeper = Ticker("slow-sweep", 0.05, stuck_sweep).start()
     try:
         time.sleep(0.2)
         seen = set()
@@ -78,7 +83,7 @@ def test_a_slow_sweep_does_not_delay_the_heartbeat(redis_client: redis.Redis) ->
 
 def test_reaper_destroys_expired_local_sandboxes_only(redis_client: redis.Redis) -> None:
     registry = LeaseRegistry(redis_client, ttl_seconds=0.5)
-    created = []
+    created: list[SandboxInfo] = []
     factory = interpreter_factory("local", labels={"rlmq.run": "r1"}, on_sandbox_created=created.append)
     interp = factory()
     try:
@@ -91,14 +96,14 @@ def test_reaper_destroys_expired_local_sandboxes_only(redis_client: redis.Redis)
         redis_client.set(keys.lease_key(other.sandbox_id), other.to_json())
         redis_client.zadd(keys.leases_index_key(), {other.sandbox_id: other.expires_at})
         LeaseRegistry(redis_client, 60).register(
-            type(info)(backend="local", sandbox_id="fresh-1", labels={}, host=socket.gethostname()),
+            SandboxInfo(backend=BackendName.LOCAL, sandbox_id="fresh-1", labels={}, host=socket.gethostname()),
             run_id="r3", owner="w")
         assert reap_expired(redis_client, time.time()) == []  # nothing expired yet on this host
         time.sleep(0.6)
         reaped = reap_expired(redis_client, time.time())
         assert [lease.sandbox_id for lease in reaped] == [info.sandbox_id]
         assert sorted(registry.live()) == ["elsewhere-1", "fresh-1"]
-        with pytest.raises(Exception):
+        with pytest.raises(SandboxDied):
             interp.execute("print('still alive?')")
     finally:
         interp.shutdown()

@@ -5,6 +5,8 @@ Redis, local sandboxes, and the stub LLM over HTTP playing both the scripted roo
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
@@ -19,9 +21,13 @@ from rlmq.store.keys import dspy_cache_key, response_cache_key
 from rlmq.store.records import RunSpec, RunStatus, RunStore, new_run_id
 from tests.support.fleet import Fleet, fleet_fixture, redis_url_of
 from tests.support.pickles import ExecOnUnpickle, hostile_pickles
+from tests.support.records import stored_record, stored_result
 from tests.support.stub_llm import FaultKind, ScriptedRoot, StubLLM, richest_in_chapter, route
 from workers.claim import RunClaim
 from workers.sandbox_registry import LeaseRegistry
+
+if TYPE_CHECKING:
+    from broker_bridge import SandboxInfo  # broker_bridge loads DSPy: imported where sandboxes run
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]
 
@@ -46,7 +52,7 @@ sub_answer = richest_in_chapter("Monte Cristo")
 @pytest.fixture(scope="module")
 def chapters() -> list[str]:
     value = load_input_value(f"@{CORPUS}", split="chapters")
-    assert len(value) == 117
+    assert isinstance(value, list) and len(value) == 117
     return value
 
 
@@ -58,7 +64,7 @@ fleet = fleet_fixture(
 
 
 def submit(r: redis.Redis, chapters: list[str], *, steps: list[str] = STEPS, options: dict | None = None,
-           signature: str = SIGNATURE, stub: StubLLM, tools: list[str] = ()) -> tuple[str, ScriptedRoot]:
+           signature: str = SIGNATURE, stub: StubLLM, tools: Sequence[str] = ()) -> tuple[str, ScriptedRoot]:
     script = ScriptedRoot(steps)
     stub.set_responder(route(root=script, sub=sub_answer))
     run_id = new_run_id()
@@ -82,7 +88,7 @@ def wait_finished(r: redis.Redis, run_id: str, timeout: float = 120.0) -> RunSta
 def test_full_run_over_monte_cristo(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
     run_id, script = submit(r, chapters, stub=stub)
     assert wait_finished(r, run_id) is RunStatus.SUCCEEDED, RunStore(r).get(run_id)
-    result = RunStore(r).result(run_id)
+    result = stored_result(r, run_id)
     assert result["outputs"]["richest"] == [{"chapter": n, "answer": f"richest-{n}"} for n in range(1, 118)]
     assert result["outputs"]["verdict"] == "Monte Cristo"  # the sandbox sub-agent went through the fleet
     assert len(result["trajectory"]) == 3 and "117 Chapter" in result["trajectory"][0]["output"]
@@ -101,8 +107,8 @@ def test_full_run_over_monte_cristo(fleet: Fleet, stub: StubLLM, r, chapters) ->
     rerun_id, _ = submit(r, chapters, stub=stub)
     assert wait_finished(r, rerun_id) is RunStatus.SUCCEEDED
     assert stub.request_count == 0
-    assert RunStore(r).result(rerun_id)["outputs"] == result["outputs"]
-    assert RunStore(r).result(rerun_id)["progress"]["cache_hits"] == 118
+    assert stored_result(r, rerun_id)["outputs"] == result["outputs"]
+    assert stored_result(r, rerun_id)["progress"]["cache_hits"] == 118
 
 
 def test_faults_in_a_run_end_as_errors_and_the_run_finishes(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
@@ -113,7 +119,7 @@ def test_faults_in_a_run_end_as_errors_and_the_run_finishes(fleet: Fleet, stub: 
     stub.add_fault(FaultKind.SERVER_ERROR, count=1, marker="chapter 11?")
     run_id, _ = submit(r, chapters, stub=stub, options={"lm_timeout": 1, "lm_retries": 1})
     assert wait_finished(r, run_id) is RunStatus.SUCCEEDED, RunStore(r).get(run_id)
-    answers = {row["chapter"]: row["answer"] for row in RunStore(r).result(run_id)["outputs"]["richest"]}
+    answers = {row["chapter"]: row["answer"] for row in stored_result(r, run_id)["outputs"]["richest"]}
     for n in (3, 5, 7, 9):
         assert answers[n].startswith("[ERROR] "), (n, answers[n])
     assert answers[11] == "richest-11" and answers[1] == "richest-1"
@@ -123,12 +129,12 @@ def test_faults_in_a_run_end_as_errors_and_the_run_finishes(fleet: Fleet, stub: 
 def test_bad_input_is_a_failed_record_and_the_worker_lives(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
     run_id, _ = submit(r, chapters[:3], stub=stub, signature="chapters: list[str] -> -> nonsense")
     assert wait_finished(r, run_id) is RunStatus.FAILED
-    record = RunStore(r).get(run_id)
+    record = stored_record(r, run_id)
     assert record.error and record.error.startswith("ValueError:") and "->" in record.error, record.error
     assert AsyncResult(run_id).state == "FAILURE"
     crash_id, _ = submit(r, chapters[:3], stub=stub, steps=["import os\nos._exit(3)"], options={"max_iters": 2})
     assert wait_finished(r, crash_id) in (RunStatus.FAILED, RunStatus.SUCCEEDED)
-    assert RunStore(r).get(crash_id).status.finished
+    assert stored_record(r, crash_id).status.finished
     assert all(w.alive for w in fleet.workers)
     fleet.wait_ready(timeout=10)
     assert LeaseRegistry(r, 30).live() == []
@@ -156,7 +162,7 @@ def test_progress_and_cancel(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
         time.sleep(0.1)
     info = result.info
     assert info["max_iters"] == 6 and info["elapsed"] > 0 and "llm_calls" in info and "cache_hits" in info
-    assert RunStore(r).get(run_id).status is RunStatus.RUNNING
+    assert stored_record(r, run_id).status is RunStatus.RUNNING
     assert len(LeaseRegistry(r, 30).live()) == 1
     t0 = time.monotonic()
     Client(redis_url_of(r)).cancel(run_id)
@@ -199,7 +205,7 @@ def test_runs_send_progress_events_and_sub_calls_never_show_prompts(fleet: Fleet
     assert {"task-received", "task-started", "task-succeeded"} <= kinds, kinds
     progress = [e for e in task_events if e["type"] == "task-started" and "iteration" in e]
     assert max(e["iteration"] for e in progress) == 3 and max(e["llm_calls"] for e in progress) == 21
-    assert RunStore(r).result(run_id)["progress"]["llm_calls"] == 21
+    assert stored_result(r, run_id)["progress"]["llm_calls"] == 21
 
 
 def test_a_chunked_input_reaches_the_sandbox_whole(fleet: Fleet, stub: StubLLM, r, chapters) -> None:
@@ -228,10 +234,10 @@ def test_cancel_before_start_and_the_worker_skips_it(fleet: Fleet, stub: StubLLM
 
 
 def test_beat_reaper_destroys_orphaned_sandbox_and_restarts_its_run(fleet: Fleet, r) -> None:
-    from broker_bridge import interpreter_factory
+    from broker_bridge import SandboxDied, interpreter_factory
     from tasks.reap_leases import reap_leases
 
-    created = []
+    created: list[SandboxInfo] = []
     interp = interpreter_factory("local", on_sandbox_created=created.append)()
     try:
         interp.start()
@@ -244,12 +250,13 @@ def test_beat_reaper_destroys_orphaned_sandbox_and_restarts_its_run(fleet: Fleet
         time.sleep(0.3)
         reap_leases.delay()
         deadline = time.monotonic() + 30
-        while LeaseRegistry(r, 1).live() or not RunStore(r).get(spec.run_id).restarts:
+        while LeaseRegistry(r, 1).live() or not stored_record(r, spec.run_id).restarts:
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        record = RunStore(r).get(spec.run_id)
-        assert record.attempt == 2 and "dead-worker@nowhere stopped heartbeating" in record.restart_reason
-        with pytest.raises(Exception):
+        record = stored_record(r, spec.run_id)
+        assert record.attempt == 2 and record.restart_reason is not None
+        assert "dead-worker@nowhere stopped heartbeating" in record.restart_reason
+        with pytest.raises(SandboxDied):
             interp.execute("print(1)")
         wait_finished(r, spec.run_id)  # attempt 2 ran (and failed: the spec has no inputs)
     finally:
@@ -265,9 +272,9 @@ def test_user_tools_run_on_the_worker_and_sandbox_code_calls_them(fleet: Fleet, 
              "found = find_names(chapters[0], limit=5)\n"  # keyword default names=None kept
              "loud = shout('dantes')\nprint(words, found, loud)",
              "SUBMIT(richest=[{'words': words, 'found': found}], verdict=loud)"]
-    run_id, script = submit(r, chapters[:1], stub=stub, steps=steps, tools=TOOLS)
+    run_id, _ = submit(r, chapters[:1], stub=stub, steps=steps, tools=TOOLS)
     assert wait_finished(r, run_id) is RunStatus.SUCCEEDED, RunStore(r).get(run_id)
-    outputs = RunStore(r).result(run_id)["outputs"]
+    outputs = stored_result(r, run_id)["outputs"]
     from tests.support.sample_tools import count_words, find_names
 
     assert outputs["richest"] == [{"words": count_words(chapters[0]), "found": find_names(chapters[0], limit=5)}]
@@ -281,12 +288,14 @@ def test_a_tool_that_does_not_import_fails_the_run_before_any_lm_call(fleet: Fle
     stub.reset_stats()
     run_id, script = submit(r, chapters[:1], stub=stub, tools=["no_such_package.tools:helper"])
     assert wait_finished(r, run_id) is RunStatus.FAILED
-    error = RunStore(r).get(run_id).error
+    error = stored_record(r, run_id).error
+    assert error is not None
     assert "no_such_package.tools:helper" in error and "cannot be imported" in error and "\n" not in error, error
     assert stub.request_count == 0 and script.calls == []
     run_id, _ = submit(r, chapters[:1], stub=stub, tools=["tests.support.sample_tools:no_such_function"])
     assert wait_finished(r, run_id) is RunStatus.FAILED
-    assert "has no function 'no_such_function'" in RunStore(r).get(run_id).error
+    error = stored_record(r, run_id).error
+    assert error is not None and "has no function 'no_such_function'" in error
     assert stub.request_count == 0
 
 
@@ -295,7 +304,7 @@ def test_planted_pickles_in_every_cache_entry_are_misses_and_run_no_code(fleet: 
     first_id, _ = submit(r, chapters[:6], stub=stub)
     assert wait_finished(r, first_id) is RunStatus.SUCCEEDED, RunStore(r).get(first_id)
     paid = stub.request_count
-    first = RunStore(r).result(first_id)
+    first = stored_result(r, first_id)
     # Every cache entry the run left: its root-LM calls in dspy.cache, its sub-calls in the response cache.
     dspy_keys = sorted(r.scan_iter(match=dspy_cache_key("*")))
     response_keys = sorted(k for k in r.scan_iter(match=response_cache_key("*")) if k.count(b":") == 2)
@@ -311,7 +320,7 @@ def test_planted_pickles_in_every_cache_entry_are_misses_and_run_no_code(fleet: 
     assert wait_finished(r, rerun_id) is RunStatus.SUCCEEDED, RunStore(r).get(rerun_id)
     assert not marker.exists()  # no pickle was loaded, in the rlm worker or an llm worker
     assert stub.request_count == paid  # every entry was a miss: the stub was paid again
-    rerun = RunStore(r).result(rerun_id)
+    rerun = stored_result(r, rerun_id)
     assert rerun["outputs"] == first["outputs"] and rerun["progress"]["cache_hits"] == 0
     assert all(not r.get(k).startswith((b"P", b"\x80")) for k in dspy_keys + response_keys)  # rewritten as JSON
 
@@ -325,13 +334,13 @@ def test_a_submitter_cannot_point_a_run_at_its_own_endpoint(fleet: Fleet, stub: 
         for name, value in {"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub",
                             "RLMQ_LM_API_BASE": stub.api_base}.items():
             monkeypatch.setenv(name, value)
-        with pytest.raises(ClientError, match="lm_api_base=.* is not an endpoint the operator configured"):
+        with pytest.raises(ClientError, match=r"lm_api_base=.* is not an endpoint the operator configured"):
             Client(redis_url_of(r)).submit(SIGNATURE, {"chapters": chapters[:2]}, lm_api_base=rogue.api_base)
         # A spec written straight to Redis: the run fails with the reason before any LM call.
         run_id, script = submit(r, chapters[:2], stub=stub, options={"lm_api_base": rogue.api_base})
         assert wait_finished(r, run_id) is RunStatus.FAILED
-        error = RunStore(r).get(run_id).error
-        assert error.startswith("rlmq run options refused") and rogue.api_base in error, error
+        error = stored_record(r, run_id).error
+        assert error is not None and error.startswith("rlmq run options refused") and rogue.api_base in error, error
         assert script.calls == [] and stub.request_count == 0
         # Sub-calls enqueued by hand: the llm worker applies the same pins, and sampling parameters only.
         for options, params, why in (({"lm_api_base": rogue.api_base}, None, "not an endpoint the operator"),
@@ -354,7 +363,8 @@ def test_a_user_tool_the_operator_did_not_list_fails_the_run_before_any_lm_call(
                    tools=["os:system"])  # host code sandbox code could call: the worker, handed over
     Client(redis_url_of(r)).enqueue(spec)
     assert wait_finished(r, spec.run_id) is RunStatus.FAILED
-    assert "tools refused by the workers' settings: os:system" in RunStore(r).get(spec.run_id).error
+    error = stored_record(r, spec.run_id).error
+    assert error is not None and "tools refused by the workers' settings: os:system" in error
     assert script.calls == [] and stub.request_count == 0
 
 

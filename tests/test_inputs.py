@@ -82,13 +82,21 @@ def test_plain_string_with_regex_split():
 @pytest.fixture(scope="module")
 def monte_cristo_chapters() -> list[str]:
     assert MONTE_CRISTO.is_file(), f"demo corpus missing: {MONTE_CRISTO}"
-    return load_input_value(f"@{MONTE_CRISTO}", split="chapters")
+    chapters = load_input_value(f"@{MONTE_CRISTO}", split="chapters")
+    assert isinstance(chapters, list)
+    return chapters
+
+
+def chapter_number(chapter: str) -> int:
+    match = re.match(r"Chapter (\d+)\. ", chapter)
+    assert match, chapter[:80]
+    return int(match.group(1))
 
 
 def test_monte_cristo_has_117_chapters_in_order(monte_cristo_chapters):
     chapters = monte_cristo_chapters
     assert len(chapters) == 117
-    numbers = [int(re.match(r"Chapter (\d+)\. ", c).group(1)) for c in chapters]
+    numbers = [chapter_number(c) for c in chapters]
     assert numbers == list(range(1, 118))
 
 
@@ -159,7 +167,7 @@ def test_numbering_restarting_per_book_keeps_every_chapter():
             body += f"CHAPTER {n}\n\n{PARA}Book {book.lower()} chapter {n}.\n\n"
     chapters = split_chapters(_gutenberg(body))
     assert len(chapters) == 4
-    assert [c.rsplit("\n", 1)[-1][-25:] for c in chapters][0].endswith("Book one chapter I.")
+    assert chapters[0].rsplit("\n", 1)[-1][-25:].endswith("Book one chapter I.")
     assert chapters[1].endswith("Book one chapter II.")  # "BOOK TWO" trimmed off its end
     assert chapters[3].endswith("Book two chapter II.")
 

@@ -90,7 +90,7 @@ def test_runtime_error_is_a_code_execution_error_with_output_and_traceback(inter
 @pytest.mark.parametrize("statement", ["raise SystemExit(3)", "raise KeyboardInterrupt", "import sys\nsys.exit('bye')"])
 def test_system_exit_and_keyboard_interrupt_from_code_are_recoverable(interp, statement):
     interp.execute("kept = 7")
-    with pytest.raises(CodeExecutionError, match="SystemExit|KeyboardInterrupt"):
+    with pytest.raises(CodeExecutionError, match=r"SystemExit|KeyboardInterrupt"):
         interp.execute(statement)
     assert interp.execute("print(kept)") == "7"
 

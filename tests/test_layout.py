@@ -23,7 +23,7 @@ HEAVY = ("dspy", "litellm", "workers.run_engine", "tasks.run_rlm", "broker_bridg
 
 def imported_packages(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
-    found = set()
+    found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name.split(".")[0] for alias in node.names)

@@ -14,6 +14,7 @@ import redis
 from rlmq.progress import format_progress
 from rlmq.store.keys import inflight_key
 from rlmq.store.records import Progress, RunSandbox, RunSpec, RunStatus, RunStore, new_run_id
+from tests.support.records import stored_record
 from workers.claim import Recovery, RunClaim, recover
 from workers.context import redis_client
 from workers.single_flight import ResponseCache
@@ -45,7 +46,7 @@ def test_claim_runs_a_queued_run_once(redis_client: redis.Redis) -> None:
     assert first.take() == 1  # the same execution asking again (a retried call whose reply was lost)
     assert claim(redis_client, run_id, "w1").take() == 0  # a duplicate delivery, even to the same worker
     assert claim(redis_client, run_id, "w2").take() == 0
-    record = store.get(run_id)
+    record = stored_record(redis_client, run_id)
     assert record.status is RunStatus.RUNNING and record.worker == "w1" and record.attempt == 1
     assert store.active() == [run_id]
 
@@ -58,9 +59,9 @@ def test_recovery_restarts_then_fences_the_old_attempt(redis_client: redis.Redis
     lapse(redis_client, run_id)
     assert sweep(redis_client, run_id) is Recovery.RESTART
     assert sweep(redis_client, run_id) is Recovery.NOTHING  # once only
-    record = store.get(run_id)
+    record = stored_record(redis_client, run_id)
     assert record.status is RunStatus.QUEUED and record.attempt == 2
-    assert "worker w1 stopped heartbeating" in record.restart_reason
+    assert record.restart_reason is not None and "worker w1 stopped heartbeating" in record.restart_reason
     new = claim(redis_client, run_id, "w2")
     assert new.take() == 2
     # the old owner comes back: every write of attempt 1 is refused, and it learns it must stop
@@ -70,9 +71,9 @@ def test_recovery_restarts_then_fences_the_old_attempt(redis_client: redis.Redis
     assert new.renew() and not new.fenced.is_set()
     assert new.write_progress(Progress(iteration=1))
     assert store.finish(run_id, RunStatus.SUCCEEDED, result={"fresh": True}, attempt=2)
-    assert store.result(run_id) == {"fresh": True} and store.get(run_id).progress == Progress(iteration=1)
+    assert store.result(run_id) == {"fresh": True} and stored_record(redis_client, run_id).progress == Progress(iteration=1)
     assert store.active() == [] and redis_client.get(f"rlmq:run:{run_id}:owner") is None
-    assert "attempt 2 (restarted: worker w1 stopped heartbeating" in format_progress(store.get(run_id))
+    assert "attempt 2 (restarted: worker w1 stopped heartbeating" in format_progress(stored_record(redis_client, run_id))
 
 
 def test_the_final_write_is_idempotent_for_its_attempt(redis_client: redis.Redis) -> None:
@@ -85,7 +86,7 @@ def test_the_final_write_is_idempotent_for_its_attempt(redis_client: redis.Redis
     assert not store.finish(run_id, RunStatus.SUCCEEDED, result={"late": True}, attempt=1)
     assert not store.finish(run_id, RunStatus.FAILED, error="boom", attempt=2)
     assert not store.finish(run_id, RunStatus.FAILED, error="boom")  # no attempt: no idempotent answer
-    record = store.get(run_id)
+    record = stored_record(redis_client, run_id)
     assert record.status is RunStatus.FAILED and record.error == "boom" and store.result(run_id) is None
 
 
@@ -97,10 +98,10 @@ def test_text_and_documents_pass_through_the_scripts_unchanged(redis_client: red
     note = 'quote " backslash \\ newline \n émoji 🦀 \u2028'
     progress = Progress(iteration=12345678901234567, sandbox=RunSandbox(backend="local", id=note, isolation="vm"))
     assert run.write_progress(progress)
-    assert store.get(run_id).progress == progress
+    assert stored_record(redis_client, run_id).progress == progress
     error = 'line 1\n"line 2" 🦀'
     assert store.finish(run_id, RunStatus.FAILED, error=error, error_detail=error * 3, progress=progress, attempt=1)
-    record = store.get(run_id)
+    record = stored_record(redis_client, run_id)
     assert (record.worker, record.error, record.error_detail, record.progress) == ("wörker-🦀", error, error * 3,
                                                                                   progress)
 
@@ -115,7 +116,7 @@ def test_a_cancelled_run_whose_owner_died_ends_cancelled(redis_client: redis.Red
 
 
 def test_a_lapsed_claim_is_retaken_while_nobody_took_over(redis_client: redis.Redis) -> None:
-    store, run_id = queued(redis_client)
+    _, run_id = queued(redis_client)
     run = claim(redis_client, run_id, "w1")
     run.take()
     lapse(redis_client, run_id)  # e.g. a long GC pause or a Redis restart, but no sweep ran yet
@@ -124,7 +125,7 @@ def test_a_lapsed_claim_is_retaken_while_nobody_took_over(redis_client: redis.Re
 
 
 def test_a_stopping_worker_lets_its_claim_lapse_at_once(redis_client: redis.Redis) -> None:
-    store, run_id = queued(redis_client)
+    _, run_id = queued(redis_client)
     run = claim(redis_client, run_id, "w1")
     run.take()
     run.lapse()
@@ -138,14 +139,14 @@ def test_last_attempt_fails_with_the_reason(redis_client: redis.Redis) -> None:
         assert claim(redis_client, run_id, f"w{attempt}").take() == attempt
         lapse(redis_client, run_id)
         assert sweep(redis_client, run_id, max_attempts=2) is (Recovery.RESTART if attempt == 1 else Recovery.FAILED)
-    record = store.get(run_id)
+    record = stored_record(redis_client, run_id)
     assert record.status is RunStatus.FAILED and record.attempt == 2 and len(record.restarts) == 2
-    assert record.error.startswith("gave up after 2 attempt(s): worker w2 stopped heartbeating")
+    assert record.error is not None and record.error.startswith("gave up after 2 attempt(s): worker w2 stopped heartbeating")
     assert store.active() == []
 
 
 def test_a_restarted_run_never_claimed_is_sent_again(redis_client: redis.Redis) -> None:
-    store, run_id = queued(redis_client)
+    _, run_id = queued(redis_client)
     claim(redis_client, run_id, "w1").take()
     lapse(redis_client, run_id)
     assert sweep(redis_client, run_id, resend_after=0.2) is Recovery.RESTART

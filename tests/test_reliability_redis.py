@@ -22,9 +22,10 @@ import redis
 
 from rlmq.client import Client
 from rlmq.local_redis import PrivateRedis, start_private_redis
-from rlmq.store.records import RunStatus, RunStore
+from rlmq.store.records import RunStatus
 from tests.support.cli import RLMQ, cli_env
 from tests.support.fleet import Fleet, started_fleet
+from tests.support.records import stored_result
 from tests.support.reliability import WORKER_ENV, batch_step, sub_requests, submit, wait_status
 from tests.support.stub_llm import StubLLM
 from tests.support.wait import wait_until
@@ -62,7 +63,7 @@ def test_redis_restart_during_a_batch_loses_no_answer(fleet: Fleet, aof_redis, s
     record = wait_status(r, run_id, timeout=120)
     print(f"\nMEASURED Redis down 5 s mid-batch: run succeeded {time.monotonic() - back_at:.1f}s after Redis was back")
     assert record.status is RunStatus.SUCCEEDED, (record.error, record.error_detail)
-    answers = RunStore(r).result(run_id)["outputs"]["answers"]
+    answers = stored_result(r, run_id)["outputs"]["answers"]
     assert answers == [f"answer-{i}" for i in range(40)]  # none came back as [ERROR]
     assert record.attempt == 1  # the owner re-took its lapsed claim; its sandbox was not reaped
     assert all(w.alive for w in fleet.workers)
@@ -70,10 +71,9 @@ def test_redis_restart_during_a_batch_loses_no_answer(fleet: Fleet, aof_redis, s
 
 def start_up(env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen, str]:
     log = cwd / f"up-{len(list(cwd.glob('up-*.log')))}.log"
-    output = open(log, "w")
-    process = subprocess.Popen([*RLMQ, "up", "--no-flower", "--llm-concurrency", "8", "--rlm-concurrency", "1"],
-                               env=env, cwd=cwd, stdout=output, stderr=subprocess.STDOUT, text=True)
-    output.close()
+    with open(log, "w") as output:
+        process = subprocess.Popen([*RLMQ, "up", "--no-flower", "--llm-concurrency", "8", "--rlm-concurrency", "1"],
+                                   env=env, cwd=cwd, stdout=output, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if re.search(r"REDIS_URL=(\S+)", log.read_text()):
@@ -97,9 +97,9 @@ def up_log(cwd: Path) -> str:
 def redis_pid(port: int) -> int:
     """The redis-server listening on ``port``."""
     for conn in psutil.net_connections("tcp"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
-            if "redis-server" in psutil.Process(conn.pid).name():
-                return conn.pid
+        if (conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid
+                and "redis-server" in psutil.Process(conn.pid).name()):
+            return conn.pid
     raise AssertionError(f"no redis-server on port {port}")
 
 

@@ -19,9 +19,10 @@ from celery.result import AsyncResult
 
 from broker_bridge.backends.process_jail import pids_with_marker
 from rlmq.client import Client
-from rlmq.store.records import RunStatus, RunStore
+from rlmq.store.records import RunRecord, RunStatus, RunStore
 from tests.support.fleet import Fleet, WorkerProcess, fleet_fixture, redis_url_of
 from tests.support.net import http_get
+from tests.support.records import stored_record, stored_result
 from tests.support.reliability import (
     WORKER_ENV,
     batch_step,
@@ -73,7 +74,7 @@ def replace(fleet: Fleet, dead: WorkerProcess) -> None:
 
 def running_in_step(r, stub, run_id: str, subs: int):
     def ready():
-        record = RunStore(r).get(run_id)
+        record = stored_record(r, run_id)
         return record if (record.status is RunStatus.RUNNING and record.progress.iteration == 2
                           and sub_requests(stub) >= subs) else None
 
@@ -101,14 +102,15 @@ def test_run_resumes_on_a_live_worker_without_paying_twice(fleet: Fleet, stub: S
         for pid in children:
             kill(pid)
 
-    restarted = wait_until(lambda: RunStore(r).get(run_id).attempt == 2, 120, "attempt 2")
+    restarted = wait_until(lambda: stored_record(r, run_id).attempt == 2, 120, "attempt 2")
     restarted_after = time.monotonic() - killed_at
     done = wait_status(r, run_id, timeout=120)
     print(f"\nMEASURED kill {victim}: restarted after {restarted_after:.1f}s, "
           f"succeeded {time.monotonic() - killed_at:.1f}s after the kill")
     assert restarted and done.status is RunStatus.SUCCEEDED, (done.error, done.error_detail)
-    assert done.attempt == 2 and "stopped heartbeating" in done.restart_reason, done.restarts
-    assert RunStore(r).result(run_id)["outputs"]["answers"] == ANSWERS
+    assert done.attempt == 2 and done.restart_reason is not None, done.restarts
+    assert "stopped heartbeating" in done.restart_reason, done.restarts
+    assert stored_result(r, run_id)["outputs"]["answers"] == ANSWERS
     assert prompt_repeats(stub) == {}  # every root step and sub-call was paid once: the replay read the caches
     assert script.calls == [0, 1, 2]
     # The run's record is written before the task returns; Celery stores SUCCESS a moment later.
@@ -132,10 +134,10 @@ def test_a_stalled_owner_cut_off_from_its_run_writes_nothing(fleet: Fleet, stub:
     finally:
         os.killpg(holder.proc.pid, signal.SIGCONT)
     assert done.status is RunStatus.SUCCEEDED and done.attempt == 2 and done.worker != holder.name
-    result = RunStore(r).result(run_id)
+    result = stored_result(r, run_id)
     wait_until(lambda: "lost its claim" in holder.log_tail(200), 30, "the old owner noticed it was fenced off")
     time.sleep(2.0)
-    after = RunStore(r).get(run_id)
+    after = stored_record(r, run_id)
     assert (after.status, after.attempt, after.worker, after.finished_at) == (
         done.status, done.attempt, done.worker, done.finished_at)
     assert RunStore(r).result(run_id) == result and AsyncResult(run_id).state == "SUCCESS"
@@ -146,8 +148,11 @@ def test_queued_runs_start_on_an_idle_worker_and_cancel_is_revoked(fleet: Fleet,
                                                                    r) -> None:
     long_id, _ = submit(r, stub, ["import time\nfor _ in range(900):\n    time.sleep(0.1)", "SUBMIT(answers=[])"],
                         tag="long")
-    long = wait_until(lambda: (rec := RunStore(r).get(long_id)).progress.iteration == 1 and rec, 60,
-                    "long run executing its first step")
+    def long_executing() -> RunRecord | None:
+        record = stored_record(r, long_id)
+        return record if record.progress.iteration == 1 else None
+
+    long = wait_until(long_executing, 60, "long run executing its first step")
     quick = [submit(r, stub, ["SUBMIT(answers=['quick'])"], tag=f"quick{i}")[0] for i in range(2)]
     for run_id in quick:  # neither waits behind the busy worker (no prefetch into its buffer)
         record = wait_status(r, run_id, timeout=60)
@@ -188,7 +193,8 @@ def test_cancel_during_fan_out_revokes_the_batch(fleet: Fleet, flower: str, stub
 def test_failed_run_has_a_one_line_reason(fleet: Fleet, stub: StubLLM, r) -> None:
     run_id, _ = submit(r, stub, ["SUBMIT(answers=[])"], signature="items: list[str] -> -> nonsense", tag="bad")
     record = wait_status(r, run_id, timeout=60)
-    assert record.status is RunStatus.FAILED and "\n" not in record.error and record.error_detail
+    assert record.status is RunStatus.FAILED and record.error is not None and record.error_detail
+    assert "\n" not in record.error
     result = AsyncResult(run_id)
     wait_until(lambda: result.state == "FAILURE", 10, "Celery state FAILURE")
     assert "\n" not in str(result.info) and str(result.info) == record.error

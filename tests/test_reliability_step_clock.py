@@ -33,7 +33,7 @@ def test_own_time_still_times_out_and_kills_the_sandbox() -> None:
         interp.start()
         sandbox_id, runtime_dir = interp.sandbox_id, interp.runtime_dir
         started = time.monotonic()
-        with pytest.raises(SandboxTimeout, match="1.5s limit"):
+        with pytest.raises(SandboxTimeout, match=r"1\.5s limit"):
             # 1 s waiting on the tool (not counted), then a busy loop that runs past 1.5 s of own time
             interp.execute("slow_tool(seconds=1.0)\nimport time\nt = time.time()\nwhile time.time() - t < 30:\n    pass")
         assert 2.3 < time.monotonic() - started < 10

@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from rlmq.store.records import RunStatus, RunStore
+from rlmq.store.records import RunStatus
 from tests.support.fleet import Fleet, fleet_fixture
+from tests.support.records import stored_result
 from tests.support.reliability import WORKER_ENV, batch_step, sub_requests, submit, wait_status
 from tests.support.stub_llm import StubLLM
 from tests.support.wait import wait_until
@@ -40,7 +41,7 @@ def test_killed_llm_worker_mid_batch_loses_no_prompt(fleet: Fleet, stub: StubLLM
     print(f"\nMEASURED kill llm worker: run succeeded {time.monotonic() - killed_at:.1f}s after the kill, "
           f"{record.progress.subtasks_resent} sub-task(s) resent")
     assert record.status is RunStatus.SUCCEEDED, (record.error, record.error_detail)
-    answers = RunStore(r).result(run_id)["outputs"]["answers"]
+    answers = stored_result(r, run_id)["outputs"]["answers"]
     assert answers == [f"answer-{i}" for i in range(40)]  # no [ERROR], no timeout
     progress = record.progress
     assert progress.subtasks_resent >= 1 and progress.llm_errors == 0, progress

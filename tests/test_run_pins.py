@@ -22,7 +22,7 @@ BASE = Settings(redis_url="redis://127.0.0.1:1/0", lm="openai/root", sub_lm="ope
     ({"lm_timeout": 500}, "lm_timeout=500 is above"),
 ])
 def test_by_default_a_run_may_only_ask_for_what_the_worker_is_configured_with(options, refused) -> None:
-    with pytest.raises(OptionRefused, match="^rlmq run options refused by the workers' settings: ") as info:
+    with pytest.raises(OptionRefused, match=r"^rlmq run options refused by the workers' settings: ") as info:
         with_options(BASE, options)
     assert refused in str(info.value) and "\n" not in str(info.value)
 
@@ -57,7 +57,7 @@ def test_allow_lists_and_maxima_from_the_environment() -> None:
     ({"RLMQ_RUN_MAXIMA": "max_iters=10"}, "RLMQ_RUN_MAXIMA: max_iters=10 is below the configured max_iters (20)"),
 ])
 def test_bad_pins_are_one_line_setting_errors(env, problem) -> None:
-    with pytest.raises(SettingsError, match="^rlmq settings: ") as info:
+    with pytest.raises(SettingsError, match=r"^rlmq settings: ") as info:
         Settings.from_env({"REDIS_URL": "redis://127.0.0.1:1/0", "RLMQ_LM": "openai/x", **env})
     assert problem in str(info.value)
 
@@ -84,7 +84,7 @@ def test_the_client_refuses_at_submit_only_when_configured_like_a_worker(monkeyp
     # Configured like a worker (same .env / environment): refused at once, saying whose settings.
     monkeypatch.setenv("RLMQ_LM", "openai/root")
     monkeypatch.setenv("RLMQ_LM_API_BASE", "http://127.0.0.1:9/v1")
-    with pytest.raises(ClientError, match="refused by this machine's rlmq settings .*http://elsewhere.example/v1"):
+    with pytest.raises(ClientError, match=r"refused by this machine's rlmq settings .*http://elsewhere\.example/v1"):
         client.submit("a -> b", {"a": "x"}, lm_api_base="http://elsewhere.example/v1")
     with pytest.raises(ClientError, match="max_iters=99 is above"):
         client.submit("a -> b", {"a": "x"}, max_iters=99)
@@ -108,5 +108,5 @@ def test_the_client_refuses_a_tool_at_submit_when_configured_like_a_worker(monke
     monkeypatch.delenv("RLMQ_ALLOWED_TOOLS", raising=False)
     monkeypatch.delenv("RLMQ_SANDBOX", raising=False)
     monkeypatch.delenv("DAYTONA_API_KEY", raising=False)
-    with pytest.raises(ClientError, match="tools refused by this machine's rlmq settings .*os:system"):
+    with pytest.raises(ClientError, match=r"tools refused by this machine's rlmq settings .*os:system"):
         Client("redis://127.0.0.1:1/0").submit("a -> b", {"a": "x"}, tools=["os:system"])

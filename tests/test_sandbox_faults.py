@@ -48,7 +48,7 @@ def test_printing_100_mb_is_capped_with_a_statement(sandbox_pool):
 
 def test_infinite_loop_times_out_and_kills_the_sandbox():
     interpreter, sandbox_id, runtime_dir = started_local(execution_timeout=1.5)
-    with pytest.raises(SandboxTimeout, match="exceeded the 1.5s limit"):
+    with pytest.raises(SandboxTimeout, match=r"exceeded the 1\.5s limit"):
         interpreter.execute("while True:\n    pass")
     assert_local_sandbox_gone(sandbox_id, runtime_dir)
     interpreter.shutdown()
@@ -59,7 +59,7 @@ def test_infinite_loop_times_out_and_kills_the_sandbox():
     reason="running as root without a writable pids cgroup: nothing can cap a fork bomb here",
 )
 def test_fork_bomb_is_capped_and_leaves_nothing(sandbox):
-    with pytest.raises(CodeExecutionError, match="BlockingIOError|Resource temporarily unavailable"):
+    with pytest.raises(CodeExecutionError, match=r"BlockingIOError|Resource temporarily unavailable"):
         sandbox.execute("import os\nwhile True:\n    os.fork()")
     assert sandbox.execute("print('survived')") == "survived"
 

@@ -56,15 +56,18 @@ def run_suite(redis_url: str, listener_port: int, *, as_nobody: bool = False,
     owner = NOBODY if as_nobody else os.getuid()
     root, canary = _arena(owner)
     escape = f"/tmp/rlmq-escape-{secrets.token_hex(6)}"
+    redis_port = urllib.parse.urlsplit(redis_url).port
+    assert redis_port is not None
     target = Target(
         host_cwd=str(root / "cwd"), host_home=str(root / "home"),
-        redis_port=urllib.parse.urlsplit(redis_url).port, listener_port=listener_port,
+        redis_port=redis_port, listener_port=listener_port,
         write_targets=[str(root / "outside" / "pwned"), str(root / "cwd" / "pwned"), escape],
         plant_dir=str(root / "plant"), secret_canary=canary,
     )
     python, path = sys.executable, [str(REPO)]
     prefix: list[str] = []
     if as_nobody:  # /root (pyenv, the venv's interpreter) is not traversable for uid 65534
+        assert SETPRIV is not None
         python, prefix = SYSTEM_PYTHON, [SETPRIV, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
         path.append(sysconfig.get_paths()["purelib"])
     env = {

@@ -45,6 +45,7 @@ finally:
 def _host_without_user_namespaces(isolation: str | None) -> subprocess.CompletedProcess:
     """A host process where no user namespace can be made (as in a container that forbids them):
     it runs in a bwrap of its own that sees the whole machine but has --disable-userns."""
+    assert BWRAP is not None
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "HOME": "/tmp", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     command = [BWRAP, "--dev-bind", "/", "/", "--unshare-user", "--disable-userns", "--die-with-parent",
                "--", sys.executable, "-c", HOST, *([isolation] if isolation else [])]
@@ -107,11 +108,12 @@ def test_the_mode_is_an_argument_never_read_from_the_environment(monkeypatch):
 
 
 def test_sandbox_info_holds_the_enums_whatever_it_was_given():
-    info = SandboxInfo(backend="local", sandbox_id="rlmq-x", labels={}, isolation="process")
+    # strings on purpose, as a lease read back from JSON gives them
+    info = SandboxInfo(backend="local", sandbox_id="rlmq-x", labels={}, isolation="process")  # type: ignore[arg-type]
     assert info.backend is BackendName.LOCAL and info.isolation is Isolation.PROCESS
     assert SandboxInfo(backend=BackendName.DAYTONA, sandbox_id="rlmq-y", labels={}).isolation is None  # a lease's
     with pytest.raises(ValueError, match="'docker' is not a valid BackendName"):
-        SandboxInfo(backend="docker", sandbox_id="rlmq-z", labels={})
+        SandboxInfo(backend="docker", sandbox_id="rlmq-z", labels={})  # type: ignore[arg-type]
 
 
 def test_the_settings_know_the_isolation_modes_the_bridge_has():
@@ -129,7 +131,7 @@ def test_sandbox_code_imports_the_stdlib_and_its_packages_only():
             " if importlib.util.find_spec(n)])"
         )
         assert out == "[]"
-        assert interpreter._backend.info().isolation == "namespaces"
+        assert interpreter._backend is not None and interpreter._backend.info().isolation == "namespaces"
     finally:
         interpreter.shutdown()
     interpreter = interpreter_factory("local", packages=("numpy",))()
@@ -147,7 +149,7 @@ def test_a_malformed_package_list_is_a_one_line_error(packages):
 
 @needs_namespaces
 def test_a_package_that_is_not_installed_is_a_start_error():
-    with pytest.raises(SandboxStartError, match="package\\(s\\) not installed for .*: no_such_package_rlmq"):
+    with pytest.raises(SandboxStartError, match=r"package\(s\) not installed for .*: no_such_package_rlmq"):
         interpreter_factory("local", packages=("no_such_package_rlmq",))().start()
 
 
@@ -175,6 +177,7 @@ def test_cpu_limit_kills_the_sandbox_with_a_clear_error():
             interpreter.execute("while True:\n    pass")
     finally:
         interpreter.shutdown()
+    assert sandbox_id is not None
     assert_local_sandbox_gone(sandbox_id, directory)
 
 
@@ -228,6 +231,7 @@ def test_a_sigkilled_worker_leaves_no_sandbox_process():
     host = subprocess.Popen([sys.executable, "-c", STAY_HOST], stdout=subprocess.PIPE, text=True, cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
+        assert host.stdout is not None
         sandbox_id = host.stdout.readline().strip()
         assert sandbox_id.startswith("rlmq-")
     finally:

@@ -56,8 +56,10 @@ def test_sub_usage_paid_vs_uncached_and_the_batch_in_flight() -> None:
     assert done.llm_workers == {"w1": 1} and done.subtasks_resent == 2
     sub = done.usage.sub
     assert (sub.model, sub.input_tokens, sub.paid_input_tokens) == (MODEL, 20, 10)
-    assert sub.cost_uncached == pytest.approx(2 * price(MODEL, 10, 5))
-    assert sub.cost_paid == pytest.approx(price(MODEL, 10, 5)) == pytest.approx(done.cost_usd)
+    one_call = price(MODEL, 10, 5)
+    assert one_call is not None
+    assert sub.cost_uncached == pytest.approx(2 * one_call)
+    assert sub.cost_paid == pytest.approx(one_call) == pytest.approx(done.cost_usd)
 
 
 def test_root_usage_from_the_lm_history_counts_cache_hits_as_free(stub_llm) -> None:

@@ -16,6 +16,7 @@ from rlmq.store.blobs import put_blobs
 from rlmq.store.records import RunSpec, RunStatus, RunStore, new_run_id
 from tests.support.cli import cli_env, rlmq
 from tests.support.fleet import REPO_ROOT, Fleet, redis_url_of
+from tests.support.records import stored_record
 from tests.support.stub_llm import ScriptedRoot, StubLLM, route
 
 pytestmark = pytest.mark.slow
@@ -26,6 +27,7 @@ BWRAP = bwrap.probe()[0]
 def test_an_rlm_worker_without_user_namespaces_refuses_to_start_naming_the_fix(redis_url, tmp_path) -> None:
     """The worker runs in a bwrap of its own that sees the whole machine but forbids user
     namespaces (as a locked-down container does): it stops at start with one line."""
+    assert BWRAP is not None
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO_ROOT), "HOME": str(tmp_path),
            "LITELLM_LOCAL_MODEL_COST_MAP": "True", "REDIS_URL": redis_url, "RLMQ_LM": "openai/x",
            "RLMQ_LM_API_BASE": "http://127.0.0.1:9/v1"}
@@ -42,6 +44,7 @@ def test_an_rlm_worker_without_user_namespaces_refuses_to_start_naming_the_fix(r
     started = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                cwd=tmp_path, start_new_session=True)
     try:
+        assert started.stdout is not None
         deadline, log = time.monotonic() + 90, ""
         while " ready." not in log:
             assert time.monotonic() < deadline and started.poll() is None, log[-2000:]
@@ -67,7 +70,7 @@ def test_a_run_in_process_mode_says_so_in_its_record_and_status(redis_server, st
         while not (RunStore(r).status(spec.run_id) or RunStatus.QUEUED).finished:
             assert time.monotonic() < deadline, rlm.log_tail()
             time.sleep(0.1)
-        record = RunStore(r).get(spec.run_id)
+        record = stored_record(r, spec.run_id)
         assert record.status is RunStatus.SUCCEEDED, record.error
         sandbox = record.progress.sandbox
         assert sandbox is not None and (sandbox.backend, sandbox.isolation) == ("local", "process")

@@ -394,12 +394,14 @@ def run_attacks(execute: Callable[[str, dict[str, Any]], Any], target: Target) -
 def run_local_suite(target: Target, **options: Any) -> list[dict[str, Any]]:
     """Start a victim sandbox and an attacker sandbox on this machine, run the suite, check the victim."""
     from broker_bridge import interpreter_factory
+    from broker_bridge.backends.local import LocalSandbox
 
     factory = interpreter_factory("local", execution_timeout=120, **options)
     victim, attacker = factory(), factory()
     try:
         target.aim_at(victim)
         attacker.start()
+        assert attacker._client is not None and isinstance(attacker._backend, LocalSandbox)  # started, local
         target.host_token_sha256 = hashlib.sha256(
             attacker._client._headers["X-Rlmq-Host-Token"].encode()).hexdigest()
         isolation = attacker._backend.isolation

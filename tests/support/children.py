@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from multiprocessing.context import BaseContext
+from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -20,7 +20,7 @@ def exit_code(child: BaseProcess, timeout: float) -> int | None:
     return None
 
 
-def run_children(context: BaseContext, target: Callable[..., Any], args_per_child: Sequence[tuple],
+def run_children(context: ForkServerContext, target: Callable[..., Any], args_per_child: Sequence[tuple],
                  timeout: float = 60.0) -> None:
     """One child per argument tuple, all started before any is awaited; each must exit 0 within ``timeout``
     (a child's uncaught exception is printed on its stderr and makes its exit code 1)."""

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from multiprocessing.context import BaseContext
+from multiprocessing.context import ForkServerContext
 from pathlib import Path
 
 import psutil
@@ -40,7 +40,7 @@ def rlmq(*args: str, env: dict[str, str], cwd: Path, timeout: float = 120) -> Re
     return Result(done.returncode, done.stdout, done.stderr)
 
 
-def rlmq_forked(context: BaseContext, *args: str, env: dict[str, str], cwd: Path, timeout: float = 120) -> Result:
+def rlmq_forked(context: ForkServerContext, *args: str, env: dict[str, str], cwd: Path, timeout: float = 120) -> Result:
     """``rlmq`` as ``rlmq()`` runs it, in a process forked from the session's forkserver (``mp_context``).
 
     The same boundary (its own environment, working directory, exit code, stdout and stderr; ``sys.exit``

@@ -52,4 +52,4 @@ def demo_sub_answer(prompt: str) -> str:
         return "unknown"
     names = ast.literal_eval(match.group(2))
     values = scripted_wealth(int(match.group(1)))
-    return json.dumps({name: {"wealth": w, "event": e} for name, (w, e) in zip(names, values)})
+    return json.dumps({name: {"wealth": w, "event": e} for name, (w, e) in zip(names, values, strict=False)})

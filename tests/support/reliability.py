@@ -7,6 +7,7 @@ import collections
 import os
 import re
 import signal
+import weakref
 
 import psutil
 import redis
@@ -15,7 +16,7 @@ from rlmq.client import Client
 from rlmq.store.blobs import put_blobs
 from rlmq.store.records import RunRecord, RunSpec, RunStore, new_run_id
 from tests.support.fleet import redis_url_of
-from tests.support.stub_llm import ScriptedRoot, StubLLM, message_text, route
+from tests.support.stub_llm import Responder, ScriptedRoot, StubLLM, message_text, route
 from tests.support.wait import wait_until
 
 __all__ = ["FAST_FAULTS_ENV", "SIGNATURE", "WORKER_ENV", "batch_step", "child_pids", "kill", "prompt_repeats", "sub_answer",
@@ -40,14 +41,18 @@ def batch_step(n: int, *, then: str = "") -> str:
             f"print(len(answers), answers[:2])\n{then}")
 
 
+# per stub: the responder that plays its runs' scripts, and those scripts by tag
+_SCRIPTS: weakref.WeakKeyDictionary[StubLLM, tuple[Responder, dict[str, ScriptedRoot]]] = weakref.WeakKeyDictionary()
+
+
 def submit(r: redis.Redis, stub: StubLLM, steps: list[str], *, options: dict | None = None,
            signature: str = SIGNATURE, tag: str = "x") -> tuple[str, ScriptedRoot]:
     """A run whose root LM plays ``steps``. ``tag`` names the run's input (``item-<tag>``), which
     the RLM's prompts show: runs with different tags get their own script and cache keys."""
     script = ScriptedRoot(steps)
-    scripts = getattr(stub, "_rlmq_scripts", None)
-    if scripts is None or stub._rlmq_scripts_owner is not stub._responder:  # a fresh stub: new registry
-        scripts = stub._rlmq_scripts = {}
+    owner, scripts = _SCRIPTS.get(stub, (None, {}))
+    if owner is not stub._responder:  # a fresh stub, or another responder since: a new registry
+        scripts = {}
     scripts[tag] = script
 
     def root(messages, body):
@@ -58,7 +63,7 @@ def submit(r: redis.Redis, stub: StubLLM, steps: list[str], *, options: dict | N
         raise ValueError("no script for this run")
 
     stub.set_responder(route(root=root, sub=sub_answer))
-    stub._rlmq_scripts_owner = stub._responder
+    _SCRIPTS[stub] = (stub._responder, scripts)
     spec = RunSpec(run_id=new_run_id(), signature=signature, inputs=put_blobs(r, {"items": [f"item-{tag}"]}),
                    options={"max_iters": 6, "max_llm_calls": 500, **(options or {})})
     Client(redis_url_of(r)).enqueue(spec)

@@ -14,7 +14,7 @@ import psutil
 import pytest
 from dspy.primitives.code_interpreter import CodeInterpreterError
 
-from broker_bridge import interpreter_factory
+from broker_bridge import SandboxInterpreter, interpreter_factory
 from broker_bridge.backends.process_jail import SANDBOX_MARKER_VAR, pids_with_marker
 
 
@@ -66,10 +66,10 @@ class SandboxPool:
     """
 
     def __init__(self) -> None:
-        self._idle: dict[str, object] = {}
+        self._idle: dict[str, SandboxInterpreter] = {}
 
     @contextmanager
-    def lend(self, backend: str) -> Iterator:
+    def lend(self, backend: str) -> Iterator[SandboxInterpreter]:
         if backend != "local":
             # A Daytona sandbox lives in the emulator, whose per-test cleanup deletes every sandbox (that
             # is how tests prove nothing leaked): it cannot outlive the test, so it is not pooled.

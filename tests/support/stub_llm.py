@@ -255,6 +255,13 @@ class StubLLM:
             self._served.clear()
             self._peak_in_flight = self._in_flight
 
+    def reset(self) -> None:
+        """As new: no faults or provider limit, no latency, no records, the default responder."""
+        self.clear_faults()
+        self.reset_stats()
+        self.latency = 0.0
+        self.set_responder(None)
+
     # -- serving (called from handler threads) -----------------------------------------------
     def _count_http(self) -> None:
         with self._lock:
@@ -382,13 +389,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.stub._stopping.wait(latency)
         kind = fault.kind if fault else None
         if kind is FaultKind.TIMEOUT:
-            self.stub._stopping.wait(fault.hang_seconds)  # type: ignore[union-attr]
+            assert fault is not None
+            self.stub._stopping.wait(fault.hang_seconds)
             self.close_connection = True
             return
         if kind is FaultKind.SERVER_ERROR:
             self._error(500, "stub: injected server error", "server_error")
         elif kind is FaultKind.RATE_LIMIT:
-            seconds = fault.retry_after  # type: ignore[union-attr]
+            assert fault is not None
+            seconds = fault.retry_after
             headers = {"Retry-After": f"{seconds:g}"}
             if fault.marker is None and record.fault == "limit":  # the provider mode's own 429
                 headers = {**self.stub._limit_headers(), "Retry-After": str(max(1, math.ceil(seconds))),

@@ -11,7 +11,7 @@ __all__ = ["wait_until"]
 T = TypeVar("T")
 
 
-def wait_until(predicate: Callable[[], T], timeout: float, what: str = "condition", interval: float = 0.1) -> T:
+def wait_until(predicate: Callable[[], T | None], timeout: float, what: str = "condition", interval: float = 0.1) -> T:
     """Call ``predicate`` every ``interval`` seconds until it returns something truthy, and return that;
     after ``timeout`` seconds raise an AssertionError saying ``what`` was not reached."""
     deadline = time.monotonic() + timeout

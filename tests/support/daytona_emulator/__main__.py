@@ -65,9 +65,11 @@ async def _serve(args: argparse.Namespace, keys: dict[str, str], state_dir: Path
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    if args.exit_with_parent:
-        asyncio.ensure_future(_watch_parent(os.getppid(), stop))
+    # held while the emulator serves: the loop keeps only a weak reference to a task
+    watcher = asyncio.ensure_future(_watch_parent(os.getppid(), stop)) if args.exit_with_parent else None
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
     await runner.cleanup()
 
 

@@ -20,6 +20,8 @@ line stops the reader, so the run stalls until its timeout, as on Daytona); on t
 gets SIGINT, then SIGKILL after a grace period, and the websocket closes with 4008.
 """
 
+from __future__ import annotations
+
 import argparse
 import asyncio
 import datetime
@@ -30,9 +32,9 @@ import signal
 import socket
 import stat
 import struct
-import sys
 import time
 import uuid
+from typing import Any
 
 MAX_LINE = 1024 * 1024  # the daemon reads worker output with a 1 MiB line buffer
 REQUEST_LIMIT = 8 * 1024 * 1024
@@ -42,22 +44,24 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "repl_worker.p
 SESSION_DIR = "/tmp/.daytona-sessions"
 SANDBOX_UID = 1000
 
+Request = dict[str, Any]  # a JSON object: an op's request, a reply, a chunk
+
 
 class Refused(Exception):
     """An op that fails the way the daemon fails: HTTP status, message, machine code."""
 
-    def __init__(self, status, message, code=None):
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message = status, message
         self.code = code or {400: "BAD_REQUEST", 404: "NOT_FOUND", 408: "REQUEST_TIMEOUT",
                              409: "CONFLICT"}.get(status, "INTERNAL_ERROR")
 
 
-def shell():
+def shell() -> str:
     return next((path for path in ("/bin/bash", "/usr/bin/bash", "/bin/sh") if os.path.exists(path)), "/bin/sh")
 
 
-def file_info(path):
+def file_info(path: str) -> Request:
     st = os.lstat(path)
     modified = datetime.datetime.fromtimestamp(st.st_mtime, datetime.timezone.utc)
     return {
@@ -74,7 +78,7 @@ def file_info(path):
     }
 
 
-def kill_group(process, sig=signal.SIGKILL):
+def kill_group(process: asyncio.subprocess.Process, sig: int = signal.SIGKILL) -> None:
     try:
         os.killpg(process.pid, sig)
     except (ProcessLookupError, PermissionError):
@@ -82,24 +86,26 @@ def kill_group(process, sig=signal.SIGKILL):
 
 
 class Command:
-    def __init__(self, command_id, command):
+    def __init__(self, command_id: str, command: str) -> None:
         self.id, self.command = command_id, command
-        self.exit_code = None
+        self.exit_code: int | None = None
         self.done = asyncio.Event()
 
 
 class Session:
     """One persistent shell; each command's output goes to files, its exit code to a marker line."""
 
-    def __init__(self, session_id, process, directory):
+    def __init__(self, session_id: str, process: asyncio.subprocess.Process, directory: str) -> None:
         self.id, self.process, self.directory = session_id, process, directory
+        assert process.stdin is not None and process.stdout is not None  # both piped
+        self.stdin, self.stdout = process.stdin, process.stdout
         self.marker = f"DAYTONA-CMD-{uuid.uuid4().hex}"
-        self.commands = {}
+        self.commands: dict[str, Command] = {}
         self.reader = asyncio.ensure_future(self._read_markers())
 
-    async def _read_markers(self):
+    async def _read_markers(self) -> None:
         while True:
-            line = await self.process.stdout.readline()
+            line = await self.stdout.readline()
             if not line:
                 break
             parts = line.decode(errors="replace").split()
@@ -112,16 +118,16 @@ class Session:
                 command.exit_code = -1
                 command.done.set()
 
-    def run(self, command):
+    def run(self, command: str) -> Command:
         command_id = uuid.uuid4().hex
         entry = self.commands[command_id] = Command(command_id, command)
         base = os.path.join(self.directory, command_id)
         script = (f"{{ {command}\n}} >'{base}.out' 2>'{base}.err' </dev/null; "
                   f"printf '\\n%s %s %s\\n' '{self.marker}' '{command_id}' \"$?\"\n")
-        self.process.stdin.write(script.encode())
+        self.stdin.write(script.encode())
         return entry
 
-    def logs(self, command_id):
+    def logs(self, command_id: str) -> dict[str, str]:
         parts = []
         for suffix in ("out", "err"):
             try:
@@ -133,11 +139,11 @@ class Session:
                 parts.append("")
         return {"output": parts[0] + parts[1], "stdout": parts[0], "stderr": parts[1]}
 
-    def describe(self):
+    def describe(self) -> Request:
         return {"sessionId": self.id, "commands": [
             {"id": c.id, "command": c.command, "exitCode": c.exit_code} for c in self.commands.values()]}
 
-    def close(self):
+    def close(self) -> None:
         kill_group(self.process)
         self.reader.cancel()
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -146,21 +152,23 @@ class Session:
 class Context:
     """One interpreter context: a Python worker process that keeps its globals between runs."""
 
-    def __init__(self, context_id, cwd, process):
+    def __init__(self, context_id: str, cwd: str, process: asyncio.subprocess.Process) -> None:
         self.id, self.cwd, self.process = context_id, cwd, process
+        assert process.stdin is not None and process.stdout is not None  # both piped
+        self.stdin, self.stdout = process.stdin, process.stdout
         self.created_at = datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
         self.lock = asyncio.Lock()
-        self.chunks = asyncio.Queue()
+        self.chunks: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.reader = asyncio.ensure_future(self._read_chunks())
 
     @property
-    def active(self):
+    def active(self) -> bool:
         return self.process.returncode is None
 
-    async def _read_chunks(self):
+    async def _read_chunks(self) -> None:
         while True:
             try:
-                line = await self.process.stdout.readline()
+                line = await self.stdout.readline()
             except (ValueError, asyncio.LimitOverrunError):
                 # the daemon's bufio.Scanner gives up on a line over 1 MiB: nothing is read any more
                 await self.chunks.put({"stalled": True})
@@ -175,25 +183,25 @@ class Context:
             if isinstance(chunk, dict):
                 await self.chunks.put(chunk)
 
-    def describe(self):
+    def describe(self) -> Request:
         return {"id": self.id, "cwd": self.cwd, "createdAt": self.created_at, "active": self.active,
                 "language": "python"}
 
-    def close(self):
+    def close(self) -> None:
         kill_group(self.process)
         self.reader.cancel()
 
 
 class Agent:
-    def __init__(self, home, env):
+    def __init__(self, home: str, env: dict[str, str]) -> None:
         self.home, self.env = home, env
-        self.sessions = {}
-        self.contexts = {}
+        self.sessions: dict[str, Session] = {}
+        self.contexts: dict[str, Context] = {}
         os.makedirs(SESSION_DIR, exist_ok=True)
 
     # ---------------------------------------------------------------- plumbing
 
-    async def serve(self, reader, writer):
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await reader.readline()
             request = json.loads(line)
@@ -218,39 +226,39 @@ class Agent:
                 pass
 
     @staticmethod
-    async def reply(writer, message):
+    async def reply(writer: asyncio.StreamWriter, message: Request) -> None:
         try:
             writer.write(json.dumps(message).encode() + b"\n")
             await writer.drain()
         except (ConnectionError, RuntimeError):
             pass
 
-    async def ok(self, writer, result=None):
+    async def ok(self, writer: asyncio.StreamWriter, result: Any = None) -> None:
         await self.reply(writer, {"ok": True, "result": result})
 
-    def path(self, request, key="path"):
+    def path(self, request: Request, key: str = "path") -> str:
         value = request.get(key)
         if not isinstance(value, str) or not value:
             raise Refused(400, f"{key} is required")
         return os.path.normpath(value if value.startswith("/") else os.path.join(self.home, value))
 
-    def child_env(self, extra=None):
+    def child_env(self, extra: dict[str, Any] | None = None) -> dict[str, str]:
         env = dict(self.env)
         env.update({str(k): str(v) for k, v in (extra or {}).items()})
         return env
 
     # ---------------------------------------------------------------- info, processes
 
-    async def op_ping(self, request, reader, writer):
+    async def op_ping(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self.ok(writer, {"pid": os.getpid()})
 
-    async def op_home(self, request, reader, writer):
+    async def op_home(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self.ok(writer, {"dir": self.home})
 
-    async def op_workdir(self, request, reader, writer):
+    async def op_workdir(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self.ok(writer, {"dir": self.home})
 
-    async def _run(self, argv, cwd, env, timeout):
+    async def _run(self, argv: list[str], cwd: str, env: dict[str, str], timeout: float | None) -> Request:
         process = await asyncio.create_subprocess_exec(
             *argv, cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, start_new_session=True)
@@ -263,7 +271,7 @@ class Agent:
                                "increased by adjusting the timeout parameter in the request.") from None
         return {"exitCode": process.returncode, "result": output.decode(errors="replace")}
 
-    async def op_exec(self, request, reader, writer):
+    async def op_exec(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         command = request.get("command")
         if not isinstance(command, str) or not command.strip():
             raise Refused(400, "command is required")
@@ -274,7 +282,7 @@ class Agent:
                                  request.get("timeout"))
         await self.ok(writer, result)
 
-    async def op_code_run(self, request, reader, writer):
+    async def op_code_run(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if request.get("language", "python") != "python":
             raise Refused(400, f"unsupported language: {request.get('language')}")
         argv = ["python3", "-c", request.get("code") or "", *[str(a) for a in request.get("argv") or []]]
@@ -284,13 +292,13 @@ class Agent:
 
     # ---------------------------------------------------------------- sessions
 
-    def session(self, request):
-        session = self.sessions.get(request.get("sessionId"))
+    def session(self, request: Request) -> Session:
+        session = self.sessions.get(str(request.get("sessionId")))
         if session is None:
             raise Refused(404, f"session {request.get('sessionId')} not found")
         return session
 
-    async def op_session_create(self, request, reader, writer):
+    async def op_session_create(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session_id = request.get("sessionId")
         if not isinstance(session_id, str) or not session_id:
             raise Refused(400, "sessionId is required")
@@ -304,19 +312,19 @@ class Agent:
         self.sessions[session_id] = Session(session_id, process, directory)
         await self.ok(writer)
 
-    async def op_session_get(self, request, reader, writer):
+    async def op_session_get(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self.ok(writer, self.session(request).describe())
 
-    async def op_session_list(self, request, reader, writer):
+    async def op_session_list(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self.ok(writer, [session.describe() for session in self.sessions.values()])
 
-    async def op_session_delete(self, request, reader, writer):
+    async def op_session_delete(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = self.session(request)
         del self.sessions[session.id]
         session.close()
         await self.ok(writer)
 
-    async def op_session_exec(self, request, reader, writer):
+    async def op_session_exec(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = self.session(request)
         command = request.get("command")
         if not isinstance(command, str) or not command.strip():
@@ -330,24 +338,24 @@ class Agent:
         await entry.done.wait()
         await self.ok(writer, {"cmdId": entry.id, "exitCode": entry.exit_code, **session.logs(entry.id)})
 
-    def command(self, request):
+    def command(self, request: Request) -> tuple[Session, Command]:
         session = self.session(request)
-        entry = session.commands.get(request.get("commandId"))
+        entry = session.commands.get(str(request.get("commandId")))
         if entry is None:
             raise Refused(404, f"command {request.get('commandId')} not found")
         return session, entry
 
-    async def op_command_get(self, request, reader, writer):
+    async def op_command_get(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         _, entry = self.command(request)
         await self.ok(writer, {"id": entry.id, "command": entry.command, "exitCode": entry.exit_code})
 
-    async def op_command_logs(self, request, reader, writer):
+    async def op_command_logs(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session, entry = self.command(request)
         await self.ok(writer, session.logs(entry.id))
 
     # ---------------------------------------------------------------- files
 
-    async def op_mkdir(self, request, reader, writer):
+    async def op_mkdir(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         path = self.path(request)
         mode = int(str(request.get("mode") or "755"), 8)
         try:
@@ -356,7 +364,7 @@ class Agent:
             raise Refused(400, f"could not create {path}: {exc.strerror}") from None
         await self.ok(writer)
 
-    async def op_delete(self, request, reader, writer):
+    async def op_delete(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         path = self.path(request)
         if not os.path.lexists(path):
             raise Refused(404, f"file not found: {path}")
@@ -372,7 +380,7 @@ class Agent:
             raise Refused(400, f"could not delete {path}: {exc.strerror}") from None
         await self.ok(writer)
 
-    async def op_list(self, request, reader, writer):
+    async def op_list(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         path = self.path(request)
         try:
             names = sorted(os.listdir(path))
@@ -388,17 +396,17 @@ class Agent:
                 continue
         await self.ok(writer, entries)
 
-    async def op_info(self, request, reader, writer):
+    async def op_info(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         path = self.path(request)
         try:
             await self.ok(writer, file_info(path))
         except FileNotFoundError:
             raise Refused(404, f"file not found: {path}") from None
 
-    async def op_read(self, request, reader, writer):
+    async def op_read(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         path = self.path(request)
         try:
-            handle = open(path, "rb")
+            handle = open(path, "rb")  # noqa: SIM115 - its errors are told apart here; the `with` below closes it
         except FileNotFoundError:
             raise Refused(404, f"file not found: {path}") from None
         except IsADirectoryError:
@@ -418,12 +426,12 @@ class Agent:
                 await writer.drain()
             writer.write(b"\0" * left)  # a file that shrank meanwhile: keep the promised length
 
-    async def op_write(self, request, reader, writer):
+    async def op_write(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         path = self.path(request)
         parent = os.path.dirname(path)
         try:
             os.makedirs(parent, exist_ok=True)  # the daemon creates missing parents on upload
-            handle = open(path, "wb")
+            handle = open(path, "wb")  # noqa: SIM115 - its errors are told apart here; the `with` below closes it
         except OSError as exc:
             while True:  # drain the upload before refusing it
                 size = struct.unpack(">I", await reader.readexactly(4))[0]
@@ -441,7 +449,7 @@ class Agent:
 
     # ---------------------------------------------------------------- interpreter
 
-    async def _start_context(self, cwd, context_id=None):
+    async def _start_context(self, cwd: str, context_id: str | None = None) -> Context:
         if not os.path.isdir(cwd):
             raise Refused(400, f"working directory {cwd} does not exist")
         process = await asyncio.create_subprocess_exec(
@@ -452,7 +460,7 @@ class Agent:
         self.contexts[context.id] = context
         return context
 
-    async def op_ctx_create(self, request, reader, writer):
+    async def op_ctx_create(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if (request.get("language") or "python") != "python":
             raise Refused(400, f"unsupported language: {request.get('language')} "
                                "(only 'python' is supported currently)")
@@ -460,27 +468,27 @@ class Agent:
         context = await self._start_context(cwd)
         await self.ok(writer, context.describe())
 
-    async def op_ctx_list(self, request, reader, writer):
+    async def op_ctx_list(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self.ok(writer, [c.describe() for c in self.contexts.values() if c.id != "default"])
 
-    async def op_ctx_delete(self, request, reader, writer):
+    async def op_ctx_delete(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         context_id = request.get("id")
         if context_id == "default":
             raise Refused(400, "cannot delete default context")
-        context = self.contexts.pop(context_id, None)
+        context = self.contexts.pop(str(context_id), None)
         if context is None:
             raise Refused(404, f"context {context_id} not found")
         context.close()
         await self.ok(writer, {"message": "Context deleted successfully"})
 
-    async def op_interp(self, request, reader, writer):
+    async def op_interp(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         context_id = request.get("contextId")
         if context_id is None:
             context = self.contexts.get("default") or await self._start_context(self.home, "default")
+        elif (found := self.contexts.get(str(context_id))) is not None:
+            context = found
         else:
-            context = self.contexts.get(context_id)
-            if context is None:
-                return await self._end(writer, 1008, f"context not found: {context_id}")
+            return await self._end(writer, 1008, f"context not found: {context_id}")
         if not context.active:
             return await self._end(writer, 1008, "context is not active")
         timeout = request.get("timeout")
@@ -489,11 +497,12 @@ class Agent:
             code, reason = await self._execute(context, request, timeout, writer)
         await self._end(writer, code, reason)
 
-    async def _execute(self, context, request, timeout, writer):
+    async def _execute(self, context: Context, request: Request, timeout: float,
+                       writer: asyncio.StreamWriter) -> tuple[int, str]:
         job = {"code": request.get("code") or "", "envs": request.get("envs") or None}
         try:
-            context.process.stdin.write(json.dumps(job).encode() + b"\n")
-            await context.process.stdin.drain()
+            context.stdin.write(json.dumps(job).encode() + b"\n")
+            await context.stdin.drain()
         except (ConnectionError, RuntimeError):
             return 1001, "worker process ended"
         deadline = time.monotonic() + timeout if timeout else None  # 0: no limit
@@ -524,13 +533,13 @@ class Agent:
             if chunk.get("type") == "control":
                 return (4008, "") if chunk.get("text") == "interrupted" else (1000, "")
 
-    async def _end(self, writer, code, reason):
+    async def _end(self, writer: asyncio.StreamWriter, code: int, reason: str) -> None:
         await self.reply(writer, {"end": True, "code": code, "reason": reason})
 
     # ---------------------------------------------------------------- ports
 
-    async def op_forward(self, request, reader, writer):
-        port = int(request.get("port"))
+    async def op_forward(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        port = int(request["port"])
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", port)
         except OSError as exc:
@@ -539,7 +548,7 @@ class Agent:
         await asyncio.gather(relay(reader, upstream_writer), relay(upstream_reader, writer))
 
 
-async def relay(source, sink):
+async def relay(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
     try:
         while True:
             data = await source.read(256 * 1024)
@@ -557,8 +566,8 @@ async def relay(source, sink):
             pass
 
 
-async def main_async(listen_fd):
-    env = {k: v for k, v in os.environ.items()}
+async def main_async(listen_fd: int) -> None:
+    env = dict(os.environ)
     agent = Agent(os.environ.get("HOME", "/home/daytona"), env)
     sock = socket.socket(fileno=listen_fd)
     os.set_inheritable(listen_fd, False)  # never handed on to sandbox code
@@ -567,7 +576,7 @@ async def main_async(listen_fd):
         await server.serve_forever()
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Daytona emulator agent (runs inside a sandbox)")
     parser.add_argument("--listen-fd", type=int, required=True)
     args = parser.parse_args(argv)
@@ -576,4 +585,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -44,12 +44,8 @@ class AgentLink:
 
     @staticmethod
     async def read_reply(reader: asyncio.StreamReader) -> dict[str, Any]:
-        try:
-            line = await reader.readline()
-            reply = json.loads(line) if line else None
-        except (ValueError, ConnectionError):
-            reply = None
-        if not isinstance(reply, dict):
+        reply = await _json_line(reader)
+        if reply is None:
             raise ApiError(502, "the sandbox's daemon closed the connection or answered garbage", source=SOURCE_PROXY)
         return reply
 
@@ -113,12 +109,8 @@ class AgentLink:
         reader, writer = await self.open({"op": op, **fields})
         try:
             while True:
-                try:
-                    line = await reader.readline()
-                    message = json.loads(line) if line else None
-                except (ValueError, ConnectionError):
-                    message = None
-                if not isinstance(message, dict):
+                message = await _json_line(reader)
+                if message is None:
                     yield {"end": True, "code": 1011, "reason": "the sandbox's daemon went away"}
                     return
                 if message.get("ok") is False:  # refused before it started
@@ -129,6 +121,16 @@ class AgentLink:
                     return
         finally:
             writer.close()
+
+
+async def _json_line(reader: asyncio.StreamReader) -> dict[str, Any] | None:
+    """The agent's next line as a JSON object; None where the connection ended or the line is anything else."""
+    try:
+        line = await reader.readline()
+        message = json.loads(line) if line else None
+    except (ValueError, ConnectionError):
+        return None
+    return message if isinstance(message, dict) else None
 
 
 class PortBackend(httpcore.AsyncNetworkBackend):

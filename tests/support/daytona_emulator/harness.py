@@ -3,7 +3,7 @@
 Fixtures: ``daytona_emulator`` (one emulator for the session), ``emulator`` (that one, with faults,
 clock and request counts reset around each test and its leftover sandboxes deleted afterwards), and
 ``daytona_env`` (``DAYTONA_API_URL``/``DAYTONA_API_KEY`` pointing at it, rlmq's client cache empty).
-Light on purpose: conftest imports it, so nothing heavy (aiohttp, the SDK, broker_bridge) at import.
+Light on purpose: conftest loads it as a plugin, so nothing heavy (aiohttp, the SDK, broker_bridge) at import.
 """
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from daytona import Daytona
 
 REPO = Path(__file__).resolve().parents[3]
 API_KEY = "emulator-test-key"
@@ -38,10 +41,12 @@ class EmulatorProcess:
                    "--exit-with-parent", *args]
         self.process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                         env={**os.environ, **(env or {})})
+        stdout, stderr = self.process.stdout, self.process.stderr
+        assert stdout is not None and stderr is not None  # both piped
         lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: lines.put(self.process.stdout.readline()), daemon=True).start()
+        threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
         self._stderr: list[str] = []
-        threading.Thread(target=self._drain_stderr, daemon=True).start()
+        threading.Thread(target=self._drain_stderr, args=(stderr,), daemon=True).start()
         try:
             first = lines.get(timeout=START_TIMEOUT)
         except queue.Empty:
@@ -52,8 +57,8 @@ class EmulatorProcess:
         self.api_url = first.strip()
         self.base_url = self.api_url.rsplit("/api", 1)[0]
 
-    def _drain_stderr(self) -> None:
-        for line in self.process.stderr:
+    def _drain_stderr(self, stderr: IO[str]) -> None:
+        for line in stderr:
             self._stderr.append(line)
             del self._stderr[:-200]
 
@@ -62,7 +67,7 @@ class EmulatorProcess:
     def env(self) -> dict[str, str]:
         return {"DAYTONA_API_URL": self.api_url, "DAYTONA_API_KEY": self.api_key}
 
-    def client(self, **config: Any):
+    def client(self, **config: Any) -> Daytona:
         """An unmodified ``daytona.Daytona`` for this emulator (production mode: socket.io events)."""
         from daytona import Daytona, DaytonaConfig
 

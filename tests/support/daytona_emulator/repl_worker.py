@@ -5,20 +5,25 @@ huge write is one huge line), an ``error`` chunk for an exception, then ``contro
 ``interrupted`` (a SIGINT the code did not catch).
 """
 
+from __future__ import annotations
+
 import json
 import os
 import signal
 import sys
 import traceback
+from types import FrameType
+from typing import Any, NoReturn, TextIO
 
 CHUNK = 1024
 
 
 class Emitter:
-    def __init__(self, out, stream_type):
-        self.out, self.stream_type, self.buffer = out, stream_type, []
+    def __init__(self, out: TextIO, stream_type: str) -> None:
+        self.out, self.stream_type = out, stream_type
+        self.buffer: list[str] = []
 
-    def write(self, data):
+    def write(self, data: object) -> int:
         if not isinstance(data, str):
             data = str(data)
         if data:
@@ -27,20 +32,20 @@ class Emitter:
                 self.flush()
         return len(data)
 
-    def flush(self):
+    def flush(self) -> None:
         if self.buffer:
             text, self.buffer = "".join(self.buffer), []
             emit(self.out, {"type": self.stream_type, "text": text})
 
-    def isatty(self):
+    def isatty(self) -> bool:
         return False
 
     @property
-    def encoding(self):
+    def encoding(self) -> str:
         return "utf-8"
 
 
-def emit(out, chunk):
+def emit(out: TextIO, chunk: dict[str, Any]) -> None:
     try:
         out.write(json.dumps(chunk) + "\n")
         out.flush()
@@ -48,18 +53,18 @@ def emit(out, chunk):
         pass
 
 
-def clean_traceback(exc):
+def clean_traceback(exc: BaseException) -> str:
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == "<string>"]
     lines = ["Traceback (most recent call last):\n"] if frames else []
     lines += [f'  File "<stdin>", line {f.lineno}\n' + (f"    {f.line}\n" if f.line else "") for f in frames]
     return "".join(lines) + f"{type(exc).__name__}: {exc}\n"
 
 
-def main():
+def main() -> None:
     out = os.fdopen(os.dup(1), "w", encoding="utf-8")  # the chunk pipe; fd 1 itself is left to the code
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
 
-    def interrupt(signum, frame):
+    def interrupt(signum: int, frame: FrameType | None) -> NoReturn:
         raise KeyboardInterrupt("Execution interrupted")
 
     signal.signal(signal.SIGINT, interrupt)

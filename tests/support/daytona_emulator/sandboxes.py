@@ -24,20 +24,22 @@ import tempfile
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from tests.support.daytona_emulator.agent_link import AgentLink
 from tests.support.daytona_emulator.errors import ApiError, now_iso
 
 
-def _load_backend_module(name: str):
+def _load_backend_module(name: str) -> ModuleType:
     """A module of broker_bridge/backends loaded from its file: importing the package would load DSPy
     (seconds), and the emulator should start in well under one. Only stdlib modules qualify."""
     path = Path(__file__).resolve().parents[3] / "broker_bridge" / "backends" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"_daytona_emulator_{name}", path)
+    assert spec is not None and spec.loader is not None, path
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
@@ -107,6 +109,7 @@ class Pool:
         self.cpu_quota = cpu_quota  # total vCPUs of an organization's running sandboxes; 0 = no limit
         self.create_delay = create_delay
         self.sandboxes: dict[str, Sandbox] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # the loop holds tasks weakly: one unreferenced may vanish
         self._binary = bwrap.require_bwrap()
         self._opt = state_dir / "opt"
         self._opt.mkdir(parents=True, exist_ok=True)
@@ -124,6 +127,11 @@ class Pool:
         # Agents' sockets: host-only paths, short enough for sun_path (107 bytes) wherever the state is
         self._run_dir = Path(tempfile.mkdtemp(prefix="daytona-emulator-run-"))
         (state_dir / "homes").mkdir(exist_ok=True)
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # ---------------------------------------------------------------- lookups and views
 
@@ -198,7 +206,7 @@ class Pool:
         self.sandboxes[sandbox.id] = sandbox
         self.home(sandbox).mkdir(mode=0o755)
         await self.emit(sandbox, "sandbox.created", self.dto(sandbox))
-        asyncio.ensure_future(self._start(sandbox, delay=self.create_delay))
+        self._in_background(self._start(sandbox, delay=self.create_delay))
         return sandbox
 
     async def start(self, sandbox: Sandbox) -> None:
@@ -207,7 +215,7 @@ class Pool:
         if sandbox.state in ("destroyed", "destroying"):
             raise ApiError(400, f"Sandbox {sandbox.id} is destroyed")
         await self._set_state(sandbox, "starting")
-        asyncio.ensure_future(self._start(sandbox))
+        self._in_background(self._start(sandbox))
 
     async def _start(self, sandbox: Sandbox, delay: float = 0.0) -> None:
         if delay:
@@ -316,7 +324,7 @@ class Pool:
                 env={"PATH": "/usr/bin:/bin"})
         finally:
             listener.close()  # the agent holds its own copy
-        asyncio.ensure_future(self._watch(sandbox, sandbox.process))
+        self._in_background(self._watch(sandbox, sandbox.process))
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
             try:

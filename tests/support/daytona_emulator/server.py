@@ -66,7 +66,7 @@ class Emulator:
 
     @staticmethod
     def _scope(path: str) -> str | None:
-        if path.startswith("/api/socket.io") or path.startswith("/_emulator"):
+        if path.startswith(("/api/socket.io", "/_emulator")):
             return None
         for prefix, scope in (("/api", "api"), ("/toolbox", "toolbox"), ("/preview", "preview"),
                               ("/signed", "preview")):

@@ -16,7 +16,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import BodyPartReader, WSMsgType, web
 
 from tests.support.daytona_emulator.agent_link import AgentLink
 from tests.support.daytona_emulator.errors import SOURCE_DAEMON, SOURCE_PROXY, ApiError
@@ -211,10 +211,9 @@ class Toolbox:
         link = self.link(request)
         if not request.content_type.startswith("multipart/"):
             raise ApiError(400, "expected a multipart/form-data body", source=SOURCE_DAEMON)
-        reader = await request.multipart()
         paths: dict[str, str] = {}
         uploaded = 0
-        async for part in reader:
+        async for part in _body_parts(request):
             name = part.name or ""
             if not (name.startswith("files[") and "]." in name):
                 await part.release()
@@ -235,8 +234,7 @@ class Toolbox:
     async def upload_v2(self, request: web.Request) -> web.Response:
         link = self.link(request)
         path = self.query(request, "path")
-        reader = await request.multipart()
-        async for part in reader:
+        async for part in _body_parts(request):
             if (part.name and part.name.endswith(".file")) or part.filename:
                 await link.write_file(path, _part_chunks(part))
                 return web.Response(status=200)
@@ -304,7 +302,15 @@ def _part_head(boundary: str, name: str, path: str, content_type: str) -> bytes:
             f"Content-Type: {content_type}\r\n\r\n").encode()
 
 
-async def _part_chunks(part: Any) -> AsyncIterator[bytes]:
+async def _body_parts(request: web.Request) -> AsyncIterator[BodyPartReader]:
+    """The parts of a multipart/form-data body; the SDK never nests one multipart in another."""
+    async for part in await request.multipart():
+        if not isinstance(part, BodyPartReader):
+            raise ApiError(400, "nested multipart bodies are not supported", source=SOURCE_DAEMON)
+        yield part
+
+
+async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
     while True:
         data = await part.read_chunk(256 * 1024)
         if not data:

@@ -1,4 +1,4 @@
-"""pytest fixtures for the multi-host harness; a test module imports the ones it uses.
+"""pytest fixtures for the multi-host harness, loaded by tests/conftest.py as a plugin.
 
 ``network`` is a fresh, empty ``Network`` per test, closed (processes killed, namespaces deleted)
 however the test ends; the whole module skips, saying why, where hosts cannot be made (not

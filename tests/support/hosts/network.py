@@ -100,6 +100,7 @@ def _probe() -> tuple[str | None, str | None, str | None]:
         netem = _run("tc", "-n", name, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms", check=False)
         why_not_netem = None if netem.returncode == 0 else (
             f"this kernel has no tc netem (sch_netem): {netem.stderr.strip()}")
+        why_not_queue: str | None
         if shutil.which("iptables") is None:
             why_not_queue = "`iptables` is not installed (apt-get install iptables)"
         else:
@@ -153,7 +154,7 @@ def _ensure_watcher() -> None:
 
 
 def _setns(fd: int) -> None:
-    if hasattr(os, "setns"):  # Python >= 3.12
+    if sys.version_info >= (3, 12):
         os.setns(fd, os.CLONE_NEWNET)
         return
     libc = ctypes.CDLL(None, use_errno=True)

@@ -25,6 +25,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
@@ -137,15 +138,17 @@ class RedisSentinel:
                 return f"{proc.name} exited ({proc.process.returncode}):\n{proc.log_tail()}"
         return None
 
-    def sentinel_view(self, via: Host, sentinel: Host) -> dict[str, object]:
+    def sentinel_view(self, via: Host, sentinel: Host) -> dict[str, Any]:
         """``SENTINEL MASTER`` as one Sentinel answers it, asked from host ``via``."""
         with via.entered():
             conn = redis.Redis(host=sentinel.ip, port=SENTINEL_PORT, password=self.sentinel_password,
                                socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=True)
             try:
-                return conn.sentinel_master(MASTER_NAME)
+                view = conn.sentinel_master(MASTER_NAME)
             finally:
                 conn.close()
+        assert isinstance(view, dict), view  # from a plain client; the bool in its type is its Sentinel client's answer
+        return view
 
     def online_replicas(self) -> int:
         """How many replicas the primary streams to now (``INFO replication``, state online)."""
