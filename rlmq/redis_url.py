@@ -99,9 +99,12 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
     from redis.sentinel import Sentinel
 
     parsed = SentinelURL.parse(url)
-    sentinel = Sentinel(list(parsed.sentinels), sentinel_kwargs=parsed.sentinel_kwargs())
-    return sentinel.master_for(parsed.master_name, redis_class=redis.Redis, db=parsed.db,
-                               username=parsed.username, password=parsed.password, **kwargs)
+    # redis-py leaves Sentinel's constructor and master_for unannotated
+    sentinel = Sentinel(list(parsed.sentinels), sentinel_kwargs=parsed.sentinel_kwargs())  # type: ignore[no-untyped-call]
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        parsed.master_name, redis_class=redis.Redis, db=parsed.db, username=parsed.username,
+        password=parsed.password, **kwargs)
+    return client
 
 
 def celery_settings(url: str) -> dict[str, Any]:

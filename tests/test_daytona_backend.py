@@ -210,6 +210,7 @@ def test_create_params_are_labelled_named_private_capped_and_carry_no_env():
 def test_create_params_options():
     params = build_create_params(SPEC, DaytonaOptions(snapshot="snap", auto_stop_interval=5,
                                                       auto_delete_interval=-1, target="eu", ttl_minutes=90))
+    assert isinstance(params, CreateSandboxFromSnapshotParams)
     assert (params.snapshot, params.auto_stop_interval, params.auto_delete_interval) == ("snap", 5, -1)
     assert (params.target, params.ttl_minutes) == ("eu", 90)
     assert build_create_params(SPEC, DaytonaOptions(ephemeral=True)).auto_delete_interval == 0
@@ -685,6 +686,7 @@ def test_live_daytona_sandbox_boots_runs_and_is_deleted():
             "import pathlib\n"
             "word = pathlib.Path('inputs/probe.txt').read_text()\n"
             "pathlib.Path('out.txt').write_text(f'{word} {x * 7}')\n", timeout=60)
+        assert backend._sandbox is not None
         assert backend._sandbox.fs.download_file(f"{backend.runtime_dir}/out.txt") == b"six 42"
 
         daytona_id = backend.daytona_id

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
+from redis.sentinel import SentinelConnectionPool
 
 from rlmq.client import Client
 from rlmq.redis_url import SentinelURL, celery_settings, connect, unauthenticated_redis_problem
@@ -72,10 +74,11 @@ def test_a_client_follows_the_primary_through_a_failover(sentinel: LoopbackSenti
     # the same client object: its pool asks the Sentinels again once the old primary refuses writes
     wait_until(lambda: _set(client, key, "after"), 30, "a write on the new primary")
     assert client.get(key) == b"after"
-    assert client.connection_pool.get_master_address()[1] == sentinel.primary_port()
+    pool = client.connection_pool
+    assert isinstance(pool, SentinelConnectionPool) and pool.get_master_address()[1] == sentinel.primary_port()
 
 
-def _set(client, key: str, value: str) -> bool:  # type: ignore[no-untyped-def]
+def _set(client: redis.Redis, key: str, value: str) -> bool:
     try:
         return bool(client.set(key, value))
     except redis.RedisError:  # the old primary refusing (READONLY) or gone, until the pool asks the Sentinels again
@@ -94,7 +97,7 @@ def test_a_fleet_on_sentinel_finishes_a_run_when_the_primary_dies(tmp_path) -> N
         _run_across_the_loss_of_the_primary(sentinel, tmp_path)
 
 
-def _run_across_the_loss_of_the_primary(sentinel: LoopbackSentinel, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def _run_across_the_loss_of_the_primary(sentinel: LoopbackSentinel, tmp_path: Path) -> None:
     url = sentinel.url(db=2)
     nonce = uuid.uuid4().hex[:8]
     steps = ["out = llm_query_batched([f'a{i} " + nonce + "' for i in range(20)])\nprint(len(out))",

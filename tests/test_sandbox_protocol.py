@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dspy.primitives.code_interpreter import CodeInterpreter
@@ -30,10 +31,10 @@ VALIDATORS = {protocol.CALL: protocol.validate_call, protocol.RESULT: protocol.v
 def test_every_message_type_has_a_constructor_and_survives_the_wire() -> None:
     assert {m["type"] for m in EVERY_MESSAGE} == set(protocol.MESSAGE_TYPES)
     for message in EVERY_MESSAGE:
-        again = protocol.loads(protocol.dumps(message))
-        assert again == message
+        again: dict[str, Any] = protocol.loads(protocol.dumps(message))
         if message["type"] in VALIDATORS:
             assert VALIDATORS[message["type"]](again) == message
+        assert again == message
 
 
 @pytest.mark.parametrize("broken, complaint", [

@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import redis
 
@@ -73,15 +74,15 @@ class LoopbackSentinel:
     def _sentinel(self, port: int) -> redis.Redis:
         return redis.Redis(port=port, password=self.sentinel_password, socket_timeout=2, decode_responses=True)
 
-    def _view(self, port: int) -> dict[str, object]:
+    def _view(self, port: int) -> dict[str, Any]:
         try:
-            return dict(self._sentinel(port).sentinel_master(MASTER_NAME))
+            return cast(dict[str, Any], self._sentinel(port).sentinel_master(MASTER_NAME))
         except redis.RedisError:
             return {}
 
     def primary_port(self) -> int:
-        _, port = self._sentinel(self.sentinels[0][0]).sentinel_get_master_addr_by_name(MASTER_NAME)
-        return int(port)
+        address = cast(tuple[str, int], self._sentinel(self.sentinels[0][0]).sentinel_get_master_addr_by_name(MASTER_NAME))
+        return int(address[1])
 
     def failover(self, timeout: float = 60.0) -> int:
         """Promote the replica (``SENTINEL FAILOVER``); the new primary's port once all agree. Asked again
