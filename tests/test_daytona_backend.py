@@ -32,7 +32,6 @@ from daytona._sync.code_interpreter import CodeInterpreter  # noqa: E402
 from daytona._utils.errors import create_daytona_error  # noqa: E402
 
 from broker_bridge import SandboxInterpreter, destroy_sandbox, reap_labelled  # noqa: E402
-from broker_bridge.backends import bwrap  # noqa: E402
 from broker_bridge.backends.base import (  # noqa: E402
     RUNTIME_FILES,
     SANDBOX_SOURCE_DIR,
@@ -61,6 +60,7 @@ from broker_bridge.backends.daytona import sandbox as dsandbox  # noqa: E402
 from broker_bridge.backends.daytona.options import check_no_secrets  # noqa: E402
 from broker_bridge.sandbox.protocol import KEEPALIVE_MARKER, PATH_HEALTH, token_digest  # noqa: E402
 from tests.support.daytona_emulator.harness import running_emulator  # noqa: E402
+from tests.support.sandboxes import needs_namespaces  # noqa: E402
 
 SPEC = SandboxSpec(
     sandbox_id="rlmq-0123456789abcdef",
@@ -68,7 +68,6 @@ SPEC = SandboxSpec(
     sandbox_token="sandbox-token-not-for-labels",
     labels={"rlmq.run": "run-1"},
 )
-needs_namespaces = pytest.mark.skipif(bwrap.probe()[0] is None, reason=f"no namespaces here: {bwrap.probe()[1]}")
 
 
 def on_emulator(test):

@@ -36,12 +36,12 @@ from daytona import (  # noqa: E402
     SessionExecuteRequest,
 )
 
-from broker_bridge.backends import bwrap  # noqa: E402
 from tests.support.daytona_emulator.harness import REPO, running_emulator  # noqa: E402
+from tests.support.sandboxes import needs_namespaces  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(bwrap.probe()[0] is None, reason=f"no namespaces here: {bwrap.probe()[1]}"),
+    needs_namespaces,
 ]
 
 

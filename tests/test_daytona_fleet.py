@@ -27,7 +27,6 @@ pytest.importorskip("daytona")
 from daytona import CreateSandboxFromSnapshotParams
 
 from broker_bridge import BackendName, SandboxError, SandboxInfo, SandboxStartError, interpreter_factory
-from broker_bridge.backends import bwrap
 from broker_bridge.backends.daytona import client as daytona_client_module
 from rlmq.client import Client
 from rlmq.demo import CHARACTERS
@@ -37,6 +36,7 @@ from tests.support.daytona_emulator.harness import EmulatorProcess, running_emul
 from tests.support.demo_script import DEMO, demo_sub_answer
 from tests.support.fleet import REPO_ROOT, Fleet, WorkerProcess, redis_url_of, started_fleet
 from tests.support.reliability import WORKER_ENV, batch_step, prompt_repeats, submit, wait_status
+from tests.support.sandboxes import needs_namespaces
 from tests.support.stub_llm import StubLLM, route
 from tests.support.wait import wait_until
 from workers.run_engine import sandbox_ttl_minutes
@@ -50,7 +50,7 @@ from workers.sandbox_registry import (
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(bwrap.probe()[0] is None, reason=f"no namespaces here: {bwrap.probe()[1]}"),
+    needs_namespaces,
 ]
 
 LEASE_SECONDS = float(WORKER_ENV["RLMQ_LEASE_TTL"])

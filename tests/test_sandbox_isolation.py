@@ -21,16 +21,16 @@ from pathlib import Path
 
 import pytest
 
-from broker_bridge.backends import bwrap
 from tests.support.attacks import ATTACKS, CANARY_PREFIX, Target
 from tests.support.nobody import needs_nobody_readable_checkout
+from tests.support.sandboxes import needs_namespaces
 
 REPO = Path(__file__).resolve().parents[1]
 NOBODY = 65534
 SETPRIV = shutil.which("setpriv")
 SYSTEM_PYTHON = "/usr/bin/python3"
 
-pytestmark = pytest.mark.skipif(bwrap.probe()[0] is None, reason=f"no namespaces here: {bwrap.probe()[1]}")
+pytestmark = needs_namespaces
 
 
 def _arena(owner: int) -> tuple[Path, str]:

@@ -15,7 +15,12 @@ import pytest
 from dspy.primitives.code_interpreter import CodeInterpreterError
 
 from broker_bridge import SandboxInterpreter, interpreter_factory
+from broker_bridge.backends import bwrap
 from broker_bridge.backends.process_jail import SANDBOX_MARKER_VAR, pids_with_marker
+
+# Tests of bubblewrap sandboxes (local namespaces mode, the Daytona emulator's sandboxes): skipped,
+# saying why, where this machine cannot make user namespaces.
+needs_namespaces = pytest.mark.skipif(bwrap.probe()[0] is None, reason=f"no namespaces here: {bwrap.probe()[1]}")
 
 
 def available_backends() -> list:
