@@ -14,30 +14,21 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import daytona  # its errors as daytona.X
+import httpx
 import pytest
-
-daytona = pytest.importorskip("daytona")
-import httpx  # noqa: E402
-from daytona import (  # noqa: E402
+from daytona import (
     AsyncDaytona,
     CreateSandboxFromSnapshotParams,
-    DaytonaAuthenticationError,
     DaytonaConfig,
-    DaytonaConflictError,
-    DaytonaConnectionError,
-    DaytonaError,
-    DaytonaForbiddenError,
-    DaytonaNotFoundError,
-    DaytonaRateLimitError,
-    DaytonaTimeoutError,
     FileDownloadRequest,
     FileUpload,
     ListSandboxesQuery,
     SessionExecuteRequest,
 )
 
-from tests.support.daytona_emulator.harness import REPO, running_emulator  # noqa: E402
-from tests.support.sandboxes import needs_namespaces  # noqa: E402
+from tests.support.daytona_emulator.harness import REPO, running_emulator
+from tests.support.sandboxes import needs_namespaces
 
 pytestmark = [
     pytest.mark.slow,
@@ -110,7 +101,7 @@ def test_state_changes_reach_the_sdk_as_socketio_events(emulator, client):
     assert client.get(sandbox.id).labels == {"team": "b"}
 
     sandbox.delete(wait=True)  # waits on "destroyed", treating the 404 that follows as gone
-    with pytest.raises(DaytonaNotFoundError):
+    with pytest.raises(daytona.DaytonaNotFoundError):
         client.get(sandbox.id)
     assert list(client.list(ListSandboxesQuery(labels={"team": "b"}))) == []
     assert emulator.sandboxes() == []
@@ -122,19 +113,19 @@ def test_list_follows_the_cursor_over_pages(emulator, client):
     found = list(client.list(ListSandboxesQuery(labels={"batch": "p"}, limit=2)))
     assert sorted(s.id for s in found) == sorted(s.id for s in made)
     assert emulator.requests()["api GET /api/sandbox"] == 2  # two pages: the SDK followed nextCursor
-    with pytest.raises(DaytonaError, match="limit"):
+    with pytest.raises(daytona.DaytonaError, match="limit"):
         list(client.list(ListSandboxesQuery(limit=0)))
 
 
 def test_names_are_unique_and_errors_have_daytona_bodies(emulator, client):
     make(client, name="taken")
-    with pytest.raises(DaytonaConflictError, match="already exists") as caught:
+    with pytest.raises(daytona.DaytonaConflictError, match="already exists") as caught:
         make(client, name="taken")
     assert caught.value.status_code == 409 and caught.value.code == "CONFLICT" and caught.value.source == "DAYTONA_API"
-    with pytest.raises(DaytonaNotFoundError) as missing:
+    with pytest.raises(daytona.DaytonaNotFoundError) as missing:
         client.get("no-such-sandbox")
     assert missing.value.status_code == 404
-    with pytest.raises(DaytonaError, match="Snapshot nope not found"):
+    with pytest.raises(daytona.DaytonaError, match="Snapshot nope not found"):
         make(client, snapshot="nope")
     response = httpx.get(f"{emulator.api_url}/sandbox/no-such", headers={"Authorization": f"Bearer {emulator.api_key}"})
     body = response.json()
@@ -143,7 +134,7 @@ def test_names_are_unique_and_errors_have_daytona_bodies(emulator, client):
 
 def test_bearer_key_guards_api_toolbox_and_events(emulator, client):
     sandbox = make(client)
-    with pytest.raises(DaytonaAuthenticationError):
+    with pytest.raises(daytona.DaytonaAuthenticationError):
         list(emulator.client(api_key="wrong-key").list())
     for url in (f"{emulator.api_url}/sandbox", f"{sandbox.toolbox_proxy_url}/{sandbox.id}/user-home-dir"):
         assert httpx.get(url).status_code == 401
@@ -158,7 +149,7 @@ def test_another_organization_sees_nothing():
     with running_emulator("--api-key", "key-b:org-b") as emulator:
         mine, theirs = emulator.client(), emulator.client(api_key="key-b")
         sandbox = make(mine, name="private")
-        with pytest.raises(DaytonaNotFoundError):
+        with pytest.raises(daytona.DaytonaNotFoundError):
             theirs.get(sandbox.id)
         assert list(theirs.list()) == []
         assert httpx.get(f"{sandbox.toolbox_proxy_url}/{sandbox.id}/user-home-dir",
@@ -171,7 +162,7 @@ def test_stop_and_start_keep_the_files(emulator, client):
     sandbox.fs.upload_files([FileUpload(source=b"kept", destination="keep/me.txt")])
     sandbox.stop(timeout=30)
     assert sandbox.state.value == "stopped"
-    with pytest.raises(DaytonaError) as caught:
+    with pytest.raises(daytona.DaytonaError) as caught:
         sandbox.process.exec("true")
     assert (caught.value.status_code, caught.value.code) == (400, "SANDBOX_NOT_RUNNING")
     sandbox.start(timeout=30)
@@ -195,7 +186,7 @@ def test_auto_stop_refresh_activity_auto_delete_and_ttl(emulator, client):
     assert states[busy.id] == "started"  # refresh_activity reset its timer
     assert ephemeral.id not in states  # deleted as soon as it stopped
     assert wait_until(lambda: capped.id not in {s["id"] for s in emulator.sandboxes()}, timeout=3)
-    with pytest.raises(DaytonaNotFoundError):
+    with pytest.raises(daytona.DaytonaNotFoundError):
         client.get(capped.id)  # the TTL destroyed it although auto-stop was off
 
 
@@ -231,7 +222,7 @@ def test_home_work_dir_exec_and_code_run(emulator, client):
     assert (result.exit_code, result.result.split()) == (3, ["hi", "from", "/tmp", "1000"])
     quoted = sandbox.process.exec("sh -c 'python3 -c \"import flask\" && echo flask ok'")
     assert quoted.exit_code == 0 and "flask ok" in quoted.result
-    with pytest.raises(DaytonaTimeoutError, match="timed out"):
+    with pytest.raises(daytona.DaytonaTimeoutError, match="timed out"):
         sandbox.process.exec("sleep 30", timeout=1)
     run = sandbox.process.code_run("import sys\nprint('args', sys.argv[1:])")
     assert run.exit_code == 0 and run.result.strip() == "args []"
@@ -240,7 +231,7 @@ def test_home_work_dir_exec_and_code_run(emulator, client):
 def test_sessions_run_in_order_report_status_and_logs(emulator, client):
     sandbox = make(client)
     sandbox.process.create_session("s1")
-    with pytest.raises(DaytonaError) as caught:
+    with pytest.raises(daytona.DaytonaError) as caught:
         sandbox.process.create_session("s1")
     assert caught.value.status_code == 409
     first = sandbox.process.execute_session_command("s1", SessionExecuteRequest(command="cd /tmp && export X=7"))
@@ -263,7 +254,7 @@ def test_sessions_run_in_order_report_status_and_logs(emulator, client):
     sandbox.process.delete_session("s1")
     alive = sandbox.process.exec("for p in /proc/[0-9]*; do cat $p/cmdline; echo; done | grep -c '^sleep' || true")
     assert alive.result.strip() == "0"  # deleting the session killed what it started
-    with pytest.raises(DaytonaNotFoundError):
+    with pytest.raises(daytona.DaytonaNotFoundError):
         sandbox.process.get_session("s1")
 
 
@@ -285,10 +276,10 @@ def test_files_folder_upload_list_info_download_delete(emulator, client):
                                          FileDownloadRequest(source="data/missing.txt")])
     assert results[0].result == payloads["data/deep/f0.bin"] and results[0].error is None
     assert "not found" in results[1].error and results[1].error_details.status_code == 404
-    with pytest.raises(DaytonaError):
+    with pytest.raises(daytona.DaytonaError):
         sandbox.fs.delete_file("data")  # not empty, not recursive
     sandbox.fs.delete_file("data", recursive=True)
-    with pytest.raises(DaytonaNotFoundError):
+    with pytest.raises(daytona.DaytonaNotFoundError):
         sandbox.fs.get_file_info("data/deep/f0.bin")
 
 
@@ -307,7 +298,7 @@ def test_interpreter_contexts_stream_and_close_with_daytonas_codes(emulator, cli
     assert [c.id for c in sandbox.code_interpreter.list_contexts()] == [context.id]
 
     started = time.monotonic()
-    with pytest.raises(DaytonaTimeoutError, match="timed out"):  # close 4008
+    with pytest.raises(daytona.DaytonaTimeoutError, match="timed out"):  # close 4008
         sandbox.code_interpreter.run_code("import time\nwhile True: time.sleep(0.1)", context=context, timeout=1)
     assert time.monotonic() - started < 6
     caught_interrupt = sandbox.code_interpreter.create_context()
@@ -317,12 +308,12 @@ def test_interpreter_contexts_stream_and_close_with_daytonas_codes(emulator, cli
     assert swallowed.stdout == "caught\n"
 
     sandbox.code_interpreter.delete_context(caught_interrupt)
-    with pytest.raises(DaytonaConnectionError, match=r"context not found.*1008"):
+    with pytest.raises(daytona.DaytonaConnectionError, match=r"context not found.*1008"):
         sandbox.code_interpreter.run_code("print(1)", context=caught_interrupt)
 
     stalled = sandbox.code_interpreter.create_context()
     started = time.monotonic()
-    with pytest.raises(DaytonaTimeoutError):  # a line over 1 MiB stalls the daemon's reader until the timeout
+    with pytest.raises(daytona.DaytonaTimeoutError):  # a line over 1 MiB stalls the daemon's reader until the timeout
         sandbox.code_interpreter.run_code("print('y' * (1024 * 1024 + 10))\nprint('never seen')", context=stalled,
                                           timeout=2)
     assert 1.5 < time.monotonic() - started < 8
@@ -331,9 +322,9 @@ def test_interpreter_contexts_stream_and_close_with_daytonas_codes(emulator, cli
 def test_interpreter_context_whose_worker_died_closes_with_1001_then_1008(emulator, client):
     sandbox = make(client)
     context = sandbox.code_interpreter.create_context()
-    with pytest.raises(DaytonaConnectionError, match=r"worker process ended.*1001"):
+    with pytest.raises(daytona.DaytonaConnectionError, match=r"worker process ended.*1001"):
         sandbox.code_interpreter.run_code("import os\nos._exit(3)", context=context)
-    with pytest.raises(DaytonaConnectionError, match=r"context is not active.*1008"):
+    with pytest.raises(daytona.DaytonaConnectionError, match=r"context is not active.*1008"):
         sandbox.code_interpreter.run_code("print(1)", context=context)
 
 
@@ -363,18 +354,18 @@ def test_latency_failures_and_rate_limits_on_the_next_calls(emulator, client):
 
     emulator.faults(fail=[{"scope": "api", "status": 503, "count": 2, "path": "/api/sandbox"}])
     for _ in range(2):
-        with pytest.raises(DaytonaError) as caught:
+        with pytest.raises(daytona.DaytonaError) as caught:
             client.get(sandbox.id)
         assert caught.value.status_code == 503
     assert client.get(sandbox.id).id == sandbox.id  # the third call goes through
 
     emulator.faults(fail=[{"scope": "api", "status": 429, "count": 1, "retry_after": 7}])
-    with pytest.raises(DaytonaRateLimitError) as caught:
+    with pytest.raises(daytona.DaytonaRateLimitError) as caught:
         make(client)
     assert {k.lower(): v for k, v in caught.value.headers.items()}["retry-after"] == "7"
 
     emulator.faults(fail=[{"scope": "toolbox", "status": 500, "count": 1}])
-    with pytest.raises(DaytonaError) as caught:
+    with pytest.raises(daytona.DaytonaError) as caught:
         sandbox.process.exec("true")
     assert caught.value.status_code == 500 and caught.value.source == "DAYTONA_PROXY"
     assert sandbox.process.exec("true").exit_code == 0
@@ -384,7 +375,7 @@ def test_cpu_quota_is_a_403():
     with running_emulator("--cpu-quota", "1") as emulator:
         client = emulator.client()
         first = make(client)
-        with pytest.raises(DaytonaForbiddenError, match=re.escape("Total CPU limit exceeded. Maximum allowed: 1")):
+        with pytest.raises(daytona.DaytonaForbiddenError, match=re.escape("Total CPU limit exceeded. Maximum allowed: 1")):
             make(client)
         first.stop()
         make(client)  # a stopped sandbox uses no CPU
@@ -394,7 +385,7 @@ def test_a_hung_api_holds_requests_until_released(emulator, client):
     sandbox = make(client)
     emulator.faults(hang=["api"])
     started = time.monotonic()
-    with pytest.raises(DaytonaError):  # the SDK's own request timeout, the only bound a caller has
+    with pytest.raises(daytona.DaytonaError):  # the SDK's own request timeout, the only bound a caller has
         client.get(sandbox.id, request_timeout=1)
     assert 0.9 < time.monotonic() - started < 5
     answer: dict[str, str] = {}
@@ -409,7 +400,7 @@ def test_a_hung_api_holds_requests_until_released(emulator, client):
 
 def test_a_lost_create_reply_still_makes_the_sandbox(emulator, client):
     emulator.faults(lose_create=1)
-    with pytest.raises(DaytonaError):
+    with pytest.raises(daytona.DaytonaError):
         make(client, name="lost-reply", labels={"rlmq.run": "lost"})
     found = list(client.list(ListSandboxesQuery(labels={"rlmq.run": "lost"})))
     assert [s.name for s in found] == ["lost-reply"]  # created: only a reaper by name or label finds it
@@ -425,9 +416,9 @@ def test_killing_the_agent_breaks_the_sandbox(emulator, client):
     time.sleep(0.5)
     emulator.kill(sandbox.id, "agent")
     thread.join(15)
-    assert isinstance(running.get("error"), DaytonaError)
+    assert isinstance(running.get("error"), daytona.DaytonaError)
     assert wait_until(lambda: client.get(sandbox.id).state.value == "error")
-    with pytest.raises(DaytonaError, match="not running"):
+    with pytest.raises(daytona.DaytonaError, match="not running"):
         sandbox.process.exec("true")
 
 
