@@ -41,6 +41,22 @@ def test_the_url_is_celerys_form_with_the_master_name() -> None:
     assert celery["broker_transport_options"]["sentinel_kwargs"]["password"] == "sp"
 
 
+def test_kombu_and_celery_keep_the_database_and_password_through_a_failover() -> None:
+    """kombu moves to the next part of the URL at each failed reconnect: every part must name the same
+    database, or a failover leaves a fleet's processes on different ones (issue #19)."""
+    from celery import Celery
+    from kombu import Connection
+
+    celery = celery_settings(CELERY_FORM + "?master_name=rlmq")
+    broker = Connection(celery["broker_url"], transport_options=celery["broker_transport_options"])
+    for _ in range(4):
+        assert (broker.virtual_host, broker.password) == ("2", "pw")
+        broker.maybe_switch_next()
+    app = Celery("sentinel-url-check", set_as_current=False)
+    app.conf.update(celery)
+    assert (app.backend.connparams["db"], app.backend.connparams["password"]) == (2, "pw")
+
+
 @pytest.mark.parametrize(("url", "error"), [
     (CELERY_FORM, "needs ?master_name=NAME"),
     (CELERY_FORM + "?master_name=r&colour=blue", "unknown argument(s) colour"),
