@@ -8,8 +8,9 @@ the Redis servers' password on the first, the database on the last, plus the que
     sentinel://:PASSWORD@h1:26379;sentinel://h2:26379;sentinel://h3:26379/0?master_name=rlmq
 
 Every rlmq Redis client (:func:`connect`) asks the Sentinels for the primary and asks again after a
-failover (redis-py's ``SentinelConnectionPool``); Celery gets the same URL without the query and the
-two arguments as its broker and result-backend transport options (:func:`celery_settings`).
+failover (redis-py's ``SentinelConnectionPool``); Celery gets the same Sentinels, each part with the
+password and the database, and the two arguments as its broker and result-backend transport options
+(:func:`celery_settings`).
 """
 
 from __future__ import annotations
@@ -69,10 +70,13 @@ class SentinelURL:
         return cls(tuple(sentinels), args["master_name"], db, username, password, args.get("sentinel_password"))
 
     def celery_url(self) -> str:
-        """Celery's form, without rlmq's query arguments (they go in transport options)."""
+        """Celery's form, without rlmq's query arguments (they go in transport options), and with the
+        password and the database in every part: kombu's broker connection takes them from the part it
+        is on, and moves to the next part at each failed reconnect (a failover), while Celery's result
+        backend takes them from the first. Given once, a fleet's processes would leave a failover on
+        different databases (a run's sub-tasks sent to one, the llm workers waiting on another)."""
         auth = f"{self.username or ''}:{self.password}@" if self.password else ""
-        parts = [f"{SENTINEL}://{auth if n == 0 else ''}{host}:{port}" for n, (host, port) in enumerate(self.sentinels)]
-        return ";".join(parts) + f"/{self.db}"
+        return ";".join(f"{SENTINEL}://{auth}{host}:{port}/{self.db}" for host, port in self.sentinels)
 
     def sentinel_kwargs(self) -> dict[str, Any]:
         """How to talk to the Sentinels: their password, short timeouts, and no retries of one that does

@@ -34,9 +34,27 @@ def test_the_url_is_celerys_form_with_the_master_name() -> None:
     assert parsed.sentinels == (("h1", 26379), ("h2", 26380), ("h3", 26379))
     assert (parsed.master_name, parsed.db, parsed.password, parsed.sentinel_password) == ("rlmq", 2, "pw", "sp")
     celery = celery_settings(CELERY_FORM + "?master_name=rlmq&sentinel_password=sp")
-    assert celery["broker_url"] == celery["result_backend"] == "sentinel://:pw@h1:26379;sentinel://h2:26380;sentinel://h3:26379/2"
+    # every part names the password and the database: kombu uses the part it is on, which changes at a failover
+    assert celery["broker_url"] == celery["result_backend"] == (
+        "sentinel://:pw@h1:26379/2;sentinel://:pw@h2:26380/2;sentinel://:pw@h3:26379/2")
     assert celery["broker_transport_options"]["master_name"] == "rlmq"
     assert celery["broker_transport_options"]["sentinel_kwargs"]["password"] == "sp"
+
+
+def test_kombu_and_celery_keep_the_database_and_password_through_a_failover() -> None:
+    """kombu moves to the next part of the URL at each failed reconnect: every part must name the same
+    database, or a failover leaves a fleet's processes on different ones (issue #19)."""
+    from celery import Celery
+    from kombu import Connection
+
+    celery = celery_settings(CELERY_FORM + "?master_name=rlmq")
+    broker = Connection(celery["broker_url"], transport_options=celery["broker_transport_options"])
+    for _ in range(4):
+        assert (broker.virtual_host, broker.password) == ("2", "pw")
+        broker.maybe_switch_next()
+    app = Celery("sentinel-url-check", set_as_current=False)
+    app.conf.update(celery)
+    assert (app.backend.connparams["db"], app.backend.connparams["password"]) == (2, "pw")
 
 
 @pytest.mark.parametrize(("url", "error"), [
@@ -86,10 +104,6 @@ def _set(client: redis.Redis, key: str, value: str) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "open bug: after the Sentinels promote the replica, the sub-tasks a run sends are never consumed (the new "
-    "primary holds _kombu.binding.rlm but no _kombu.binding.llm, so kombu 5.7 drops the messages routed to "
-    "'llm'); the run waits in its fan-out. Workers, client, CLI and records reconnect."))
 def test_a_fleet_on_sentinel_finishes_a_run_when_the_primary_dies(tmp_path) -> None:
     """The primary is SIGKILLed mid-run: the Sentinels promote the replica within seconds, and every
     worker, the client and the CLI carry on against it without a restart."""

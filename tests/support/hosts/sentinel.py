@@ -69,12 +69,11 @@ class RedisSentinel:
         return [(host.ip, SENTINEL_PORT) for host in self.sentinels]
 
     def celery_url(self, db: int = 0) -> str:
-        """Celery's form: ``sentinel://:password@h1:26379;sentinel://h2:26379;...;sentinel://hN:26379/db``.
-        The password is the Redis servers' (kombu gives it to the primary's connections); the
-        Sentinels' own goes in ``transport_options()['sentinel_kwargs']``."""
-        urls = [f"sentinel://{f':{self.password}@' if i == 0 else ''}{ip}:{port}"
-                for i, (ip, port) in enumerate(self.sentinel_addresses())]
-        return ";".join(urls) + f"/{db}"
+        """Celery's form, ``sentinel://:password@h1:26379/db;...;sentinel://:password@hN:26379/db``, as
+        ``rlmq.redis_url`` gives it: kombu takes the password and database from the part it is on,
+        which changes at a failover. The password is the Redis servers' (kombu gives it to the
+        primary's connections); the Sentinels' own goes in ``transport_options()['sentinel_kwargs']``."""
+        return ";".join(f"sentinel://:{self.password}@{ip}:{port}/{db}" for ip, port in self.sentinel_addresses())
 
     def transport_options(self) -> dict[str, object]:
         """For ``broker_transport_options`` and ``result_backend_transport_options``."""
