@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_headers:
             stub.set_provider_limit(args.rps, headers="openai")
         env = {"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub",
-               "RLMQ_LM_API_BASE": stub.api_base}  # nothing about rate limits: the defaults
+               "RLMQ_LM_API_BASE": stub.api_base,  # nothing about rate limits: the defaults
+               # one sub-call per document: the workers' own cap must allow what each run asks for
+               "RLMQ_MAX_LLM_CALLS": str(args.docs + 10)}
         with Fleet(server.url, env) as fleet:
             workers = [fleet.start("rlm", name="needle-rlm", concurrency=2, wait=False)]
             workers += [fleet.start("llm", name=f"needle-llm{i}", concurrency=32, wait=False)
