@@ -419,17 +419,37 @@ def test_a_lost_create_reply_deletes_our_sandbox_but_a_conflict_leaves_theirs(da
 ])
 @on_emulator
 def test_create_errors_map_to_sandbox_errors_and_leave_nothing(daytona_env, monkeypatch, status, message, expected):
+    # a refusal that lasts: passing ones (429, 503) are asked again until the boot's time runs out
     if status:
-        daytona_env.faults(fail=[{"scope": "api", "status": status, "count": 1, "method": "POST",
+        daytona_env.faults(fail=[{"scope": "api", "status": status, "count": 100, "method": "POST",
                                   "path": "/api/sandbox", "message": message}])
     else:
         monkeypatch.setenv("DAYTONA_API_KEY", "not-the-key")
     with pytest.raises(expected) as caught:
-        DaytonaSandbox().boot(new_spec())
+        DaytonaSandbox(boot_timeout=4).boot(new_spec())
     assert type(caught.value) is expected
     assert gone(daytona_env)
     if status == 429:
         assert "Retry-After: 1" in str(caught.value)
+
+
+@pytest.mark.parametrize("status", [429, 503])
+@on_emulator
+def test_a_passing_refusal_of_the_create_is_asked_again(daytona_env, status):
+    """A fleet starting many runs meets the API's rate limit: the create waits its turn (Retry-After, or a
+    short backoff) within the boot's time instead of failing the run; only one sandbox is made."""
+    daytona_env.faults(fail=[{"scope": "api", "status": status, "count": 2, "method": "POST", "path": "/api/sandbox",
+                              "message": "ThrottlerException: Too Many Requests" if status == 429 else "busy"}])
+    backend = DaytonaSandbox(boot_timeout=60)
+    started = time.monotonic()
+    backend.boot(new_spec())
+    try:
+        assert daytona_env.requests().get("api POST /api/sandbox", 0) == 3
+        assert 2.0 <= time.monotonic() - started < 30  # two pauses of at least a second each
+        assert len(remaining(daytona_env)) == 1
+    finally:
+        backend.destroy()
+    assert gone(daytona_env)
 
 
 @on_emulator

@@ -312,3 +312,34 @@ def test_a_killed_worker_leaves_no_sandbox_of_its_attempt(fleet: Fleet, on_dayto
         assert LeaseRegistry(r, LEASE_SECONDS).live() == []
     finally:
         replace(fleet, holder)
+
+
+@pytest.mark.parametrize("fault", ["create-500", "create-429", "lost-create", "toolbox-5xx-storm"])
+def test_daytona_api_faults_end_a_run_in_one_line_or_not_at_all(on_daytona, stub: StubLLM, r, fault: str) -> None:
+    """The API misbehaves while the fleet boots a run's sandbox: the run either completes or fails with a
+    one-line reason within its bounds, and no sandbox or lease is left behind. A rate limit is waited out."""
+    if fault == "create-500":
+        on_daytona.faults(fail=[{"scope": "api", "status": 500, "count": 1, "method": "POST", "path": "/api/sandbox",
+                                 "message": "Internal server error"}])
+    elif fault == "create-429":
+        on_daytona.faults(fail=[{"scope": "api", "status": 429, "count": 3, "method": "POST", "path": "/api/sandbox",
+                                 "message": "ThrottlerException: Too Many Requests"}])
+    elif fault == "lost-create":
+        on_daytona.faults(lose_create=1)
+    else:
+        on_daytona.faults(fail=[{"scope": "toolbox", "status": 502, "count": 5}])
+    started = time.monotonic()
+    run_id, _ = submit(r, stub, ["print(items)", batch_step(12), "SUBMIT(answers=answers)"], tag=f"dt-fault-{fault}")
+    done = wait_status(r, run_id, timeout=150)
+    print(f"\nMEASURED {fault}: run {done.status.value} after {time.monotonic() - started:.1f}s: {done.error or ''}")
+    assert done.status in (RunStatus.SUCCEEDED, RunStatus.FAILED), (done.status, done.error)
+    if fault == "create-429":
+        assert done.status is RunStatus.SUCCEEDED, done.error  # three 429s with Retry-After: 1, then a sandbox
+    if done.status is RunStatus.SUCCEEDED:
+        assert answers_of(r, run_id) == ANSWERS
+    else:
+        assert done.error and "\n" not in done.error and "Traceback" not in done.error, done.error
+    on_daytona.clear_faults()
+    assert wait_until(lambda: of_run(on_daytona, run_id) == [], 30, "no sandbox of the run left")
+    # released by the worker just after the record is final, or at the latest reaped after lease + sweep
+    wait_until(lambda: LeaseRegistry(r, LEASE_SECONDS).live() == [], 10, "the run's leases released")

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MISSING_KEY", "call_within", "daytona_client", "describe_daytona_error", "error_message", "forget_clients",
-    "is_celery_time_limit",
+    "is_celery_time_limit", "retry_after",
 ]
 
 T = TypeVar("T")
@@ -105,6 +105,24 @@ def is_celery_time_limit(exc: BaseException) -> bool:
 def error_message(exc: BaseException) -> str:
     text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
     return " ".join(str(text).split())[:500]
+
+
+def retry_after(exc: BaseException, attempt: int) -> float | None:
+    """Seconds to wait before asking again, when ``exc`` is a passing refusal (a rate limit, a busy or
+    unreachable gateway: nothing was created); None when asking again cannot help (a quota, a bad key,
+    a bad request). The provider's ``Retry-After`` when it sent one, else 1, 2, 4 … up to 8 s."""
+    from daytona import DaytonaRateLimitError
+    from daytona.common.errors import DaytonaBadGatewayError, DaytonaQueueTimeoutError, DaytonaServiceUnavailableError
+
+    status = getattr(exc, "status_code", None)
+    passing = (DaytonaRateLimitError, DaytonaBadGatewayError, DaytonaQueueTimeoutError, DaytonaServiceUnavailableError)
+    if not (isinstance(exc, passing) or status in (429, 502, 503)):
+        return None
+    headers = {str(k).lower(): v for k, v in (getattr(exc, "headers", None) or {}).items()}
+    try:
+        return max(0.0, float(headers["retry-after"]))
+    except (KeyError, TypeError, ValueError):
+        return float(min(8, 2 ** attempt))
 
 
 def describe_daytona_error(

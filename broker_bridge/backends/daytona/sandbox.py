@@ -16,6 +16,7 @@ daemon would use.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -47,6 +48,7 @@ from broker_bridge.backends.daytona.client import (
     describe_daytona_error,
     error_message,
     is_celery_time_limit,
+    retry_after,
 )
 from broker_bridge.backends.daytona.options import (
     DEFAULT_TTL_MINUTES,
@@ -156,13 +158,7 @@ class DaytonaSandbox(Sandbox):
         deadline = time.monotonic() + self.options.boot_timeout
         params = build_create_params(spec, self.options)
         client = self._client or daytona_client(self.options.api_key, self.options.api_url, self.options.target)
-        try:
-            sandbox = client.create(params, timeout=self._budget(deadline, "creating the sandbox"))
-        except BaseException as exc:
-            self._delete_half_created(client, spec, exc)
-            if isinstance(exc, Exception) and not is_celery_time_limit(exc):
-                raise describe_daytona_error(exc) from exc
-            raise
+        sandbox = self._create(client, params, spec, deadline)
         with self._lock:
             self._sandbox = sandbox
             destroyed_meanwhile = self._destroyed
@@ -262,6 +258,28 @@ class DaytonaSandbox(Sandbox):
                     raise SandboxStartError(f"the broker exited with code {command.exit_code}: "
                                             f"{self.broker_log[-1500:]}")
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    def _create(self, client: daytona.Daytona, params: Any, spec: SandboxSpec, deadline: float) -> daytona.Sandbox:
+        """``create``, asked again after a passing refusal (a 429, a busy gateway) while the boot's time
+        allows: a fleet starting many runs at once meets the API's rate limit, and a run should wait its
+        turn, not fail. A lasting refusal (a quota, a bad key) fails at once."""
+        for attempt in itertools.count():
+            try:
+                return client.create(params, timeout=self._budget(deadline, "creating the sandbox"))
+            except BaseException as exc:
+                self._delete_half_created(client, spec, exc)
+                if not isinstance(exc, Exception) or is_celery_time_limit(exc):
+                    raise
+                wait = retry_after(exc, attempt)
+                if wait is None or time.monotonic() + wait + 1.0 >= deadline:
+                    raise describe_daytona_error(exc) from exc
+                log.warning("Daytona refused the create for now (%s); asking again in %.1fs", error_message(exc), wait)
+            until = time.monotonic() + wait
+            while time.monotonic() < until:  # a destroy (a cancel) need not wait out the pause
+                if self._destroyed:
+                    raise SandboxStartError("the sandbox was destroyed while it was being created")
+                time.sleep(min(0.2, max(0.0, until - time.monotonic())))
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _broker_output(sandbox: daytona.Sandbox, cmd_id: str) -> str:
