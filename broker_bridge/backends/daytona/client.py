@@ -118,11 +118,17 @@ def retry_after(exc: BaseException, attempt: int) -> float | None:
     passing = (DaytonaRateLimitError, DaytonaBadGatewayError, DaytonaQueueTimeoutError, DaytonaServiceUnavailableError)
     if not (isinstance(exc, passing) or status in (429, 502, 503)):
         return None
-    headers = {str(k).lower(): v for k, v in (getattr(exc, "headers", None) or {}).items()}
     try:
-        return max(0.0, float(headers["retry-after"]))
-    except (KeyError, TypeError, ValueError):
+        return max(0.0, float(_retry_after_header(exc) or ""))
+    except ValueError:
         return float(min(8, 2 ** attempt))
+
+
+def _retry_after_header(exc: BaseException) -> str | None:
+    """The ``Retry-After`` an SDK error carries, if any (header names in any case)."""
+    headers = {str(k).lower(): v for k, v in (getattr(exc, "headers", None) or {}).items()}
+    value = headers.get("retry-after")
+    return str(value) if value else None
 
 
 def describe_daytona_error(
@@ -156,8 +162,8 @@ def describe_daytona_error(
         booting = not during.startswith(("running", "uploading"))
     status = getattr(exc, "status_code", None)
     if isinstance(exc, DaytonaRateLimitError) or status == 429:
-        headers = {str(k).lower(): v for k, v in (getattr(exc, "headers", None) or {}).items()}
-        after = f" (Retry-After: {headers['retry-after']}s)" if headers.get("retry-after") else ""
+        header = _retry_after_header(exc)
+        after = f" (Retry-After: {header}s)" if header else ""
         return SandboxCapacityError(f"Daytona rate limit hit while {during}{after}; retry later ({msg})")
     if isinstance(exc, DaytonaAuthenticationError) or status == 401:
         return SandboxStartError(f"Daytona rejected the API key while {during}: check DAYTONA_API_KEY ({msg})")
