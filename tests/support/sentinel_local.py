@@ -10,7 +10,6 @@ each waits until the Sentinels name the new one.
 
 from __future__ import annotations
 
-import os
 import secrets
 import subprocess
 import tempfile
@@ -22,12 +21,11 @@ from typing import Any, cast
 import redis
 
 from rlmq.local_redis import PrivateRedis, find_redis_server, start_private_redis
+from tests.support.hosts.sentinel import MASTER_NAME, sentinel_config
 from tests.support.net import free_port
 from tests.support.wait import wait_until
 
 __all__ = ["MASTER_NAME", "LoopbackSentinel"]
-
-MASTER_NAME = "rlmq"
 
 
 @dataclass
@@ -52,17 +50,10 @@ class LoopbackSentinel:
         redis.Redis(port=replica.port, password=self.password).replicaof("127.0.0.1", primary.port)
         for _ in range(3):
             port = free_port()
-            conf = self.dir / f"sentinel-{port}.conf"
-            fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds both passwords
-            with os.fdopen(fd, "w") as handle:
-                handle.write("\n".join([
-                    "bind 127.0.0.1", f"port {port}", "daemonize no", f"dir {self.dir}",
-                    f"requirepass {self.sentinel_password}", f"sentinel sentinel-pass {self.sentinel_password}",
-                    f"sentinel monitor {MASTER_NAME} 127.0.0.1 {primary.port} 2",
-                    f"sentinel auth-pass {MASTER_NAME} {self.password}",
-                    f"sentinel down-after-milliseconds {MASTER_NAME} 1000",
-                    f"sentinel failover-timeout {MASTER_NAME} 3000",
-                ]) + "\n")
+            conf = sentinel_config(self.dir / f"sentinel-{port}.conf", bind="127.0.0.1", port=port, data=self.dir,
+                                   primary=("127.0.0.1", primary.port), quorum=2, password=self.password,
+                                   sentinel_password=self.sentinel_password, down_after_ms=1000,
+                                   failover_timeout_ms=3000)
             log = open(self.dir / f"sentinel-{port}.log", "wb")  # noqa: SIM115 - the process owns it
             self.sentinels.append((port, subprocess.Popen([find_redis_server(), str(conf), "--sentinel"],
                                                           stdout=log, stderr=subprocess.STDOUT)))

@@ -35,7 +35,7 @@ from redis.sentinel import MasterNotFoundError, Sentinel
 from rlmq.local_redis import find_redis_server
 from tests.support.hosts.network import Host, HostProcess
 
-__all__ = ["MASTER_NAME", "REDIS_PORT", "SENTINEL_PORT", "RedisSentinel"]
+__all__ = ["MASTER_NAME", "REDIS_PORT", "SENTINEL_PORT", "RedisSentinel", "sentinel_config"]
 
 MASTER_NAME = "rlmq"
 REDIS_PORT = 6379
@@ -47,6 +47,21 @@ def _write_private(path: Path, lines: list[str]) -> Path:
     with os.fdopen(fd, "w") as handle:
         handle.write("\n".join(lines) + "\n")
     return path
+
+
+def sentinel_config(path: Path, *, bind: str, port: int, data: Path, primary: tuple[str, int], quorum: int,
+                    password: str, sentinel_password: str, down_after_ms: int, failover_timeout_ms: int) -> Path:
+    """A Sentinel's config file monitoring ``primary`` as ``MASTER_NAME``: private (it holds both passwords)
+    and writable (Sentinel rewrites it as it learns the topology)."""
+    return _write_private(path, [
+        f"bind {bind}", f"port {port}", "daemonize no", 'logfile ""', f"dir {data}",
+        f"requirepass {sentinel_password}", f"sentinel sentinel-pass {sentinel_password}",
+        f"sentinel monitor {MASTER_NAME} {primary[0]} {primary[1]} {quorum}",
+        f"sentinel auth-pass {MASTER_NAME} {password}",
+        f"sentinel down-after-milliseconds {MASTER_NAME} {down_after_ms}",
+        f"sentinel failover-timeout {MASTER_NAME} {failover_timeout_ms}",
+        f"sentinel parallel-syncs {MASTER_NAME} 1",
+    ])
 
 
 @dataclass
@@ -106,18 +121,12 @@ class RedisSentinel:
         ])
 
     def _sentinel_config(self, host: Host) -> Path:
-        # Sentinel rewrites this file as it learns the topology: it must stay writable.
         data = host.dir / "sentinel"
         data.mkdir(exist_ok=True)
-        return _write_private(data / "sentinel.conf", [
-            f"bind {host.ip}", f"port {SENTINEL_PORT}", "daemonize no", 'logfile ""', f"dir {data}",
-            f"requirepass {self.sentinel_password}", f"sentinel sentinel-pass {self.sentinel_password}",
-            f"sentinel monitor {MASTER_NAME} {self.primary.ip} {REDIS_PORT} {self.quorum}",
-            f"sentinel auth-pass {MASTER_NAME} {self.password}",
-            f"sentinel down-after-milliseconds {MASTER_NAME} {self.down_after_ms}",
-            f"sentinel failover-timeout {MASTER_NAME} {self.failover_timeout_ms}",
-            f"sentinel parallel-syncs {MASTER_NAME} 1",
-        ])
+        return sentinel_config(data / "sentinel.conf", bind=host.ip, port=SENTINEL_PORT, data=data,
+                               primary=(self.primary.ip, REDIS_PORT), quorum=self.quorum, password=self.password,
+                               sentinel_password=self.sentinel_password, down_after_ms=self.down_after_ms,
+                               failover_timeout_ms=self.failover_timeout_ms)
 
     def start(self, timeout: float = 30.0) -> RedisSentinel:
         self.servers[self.primary.name] = self.primary.spawn(
