@@ -11,6 +11,7 @@ each waits until the Sentinels name the new one.
 from __future__ import annotations
 
 import secrets
+import shutil
 import subprocess
 import tempfile
 import time
@@ -114,12 +115,15 @@ class LoopbackSentinel:
         for server in self.servers:
             server.stop()
         self.sentinels.clear()
-        for path in self.dir.glob("*"):
-            path.unlink()
-        self.dir.rmdir()
+        self.servers.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> LoopbackSentinel:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # a start that timed out must not leave its servers and Sentinels running
+            self.stop()
+            raise
 
     def __exit__(self, *_: object) -> None:
         self.stop()
