@@ -10,6 +10,7 @@ client fails fast (``workers.context``): each of them runs again a moment later.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from celery import signals
@@ -17,6 +18,7 @@ from celery import signals
 from rlmq.celery_config import LLM_TASK, RLM_QUEUE
 from tasks.app import WORKER_QUEUES, app
 from workers.context import redis_client, worker_settings
+from workers.drain import clear_draining, mark_draining
 from workers.liveness import Heartbeat, mark_received, unmark
 from workers.recovery import maintain
 from workers.ticker import Ticker
@@ -39,8 +41,33 @@ def _start(sender: Any = None, **_: Any) -> None:
     beat = Heartbeat(_client(), hostname, settings.worker_heartbeat_ttl).start()
     _state.update(hostname=hostname, heartbeat=beat)
     if RLM_QUEUE in WORKER_QUEUES:
+        try:  # a worker restarted under the same name must not hand back what it takes now
+            clear_draining(_client(), hostname)
+        except Exception as exc:
+            logger.warning("could not clear %s's draining mark: %r", hostname, exc)
+    if RLM_QUEUE in WORKER_QUEUES:
         _state["maintenance"] = Ticker("rlmq-maintenance", settings.maintenance_interval,
                                        lambda: maintain(app, redis_healthy_for=beat.healthy_for())).start()
+
+
+@signals.worker_shutting_down.connect
+def _drain(sig: Any = None, how: Any = None, **_: Any) -> None:
+    """A warm shutdown (SIGTERM) hands this worker's runs back rather than waiting for them to end
+    (``workers.drain``); a cold one (SIGQUIT) leaves them to the recovery sweep."""
+    hostname = _state.get("hostname")
+    if how != "Warm" or hostname is None or RLM_QUEUE not in WORKER_QUEUES:
+        return
+
+    def mark() -> None:
+        try:
+            mark_draining(_client(), hostname)
+            logger.warning("warm shutdown: handing this worker's runs back to the queue")
+        except Exception as exc:  # Redis away: the runs finish here, as Celery's warm shutdown would have it
+            logger.warning("could not mark %s as draining (%r): its runs finish here", hostname, exc)
+
+    # Celery sends this signal from inside its signal handler: no Redis I/O there (a lock the
+    # interrupted code holds would deadlock it); the warm shutdown waits for the runs, so there is time.
+    threading.Thread(target=mark, name="rlmq-drain", daemon=True).start()
 
 
 @signals.worker_shutdown.connect

@@ -133,6 +133,26 @@ def test_a_stopping_worker_lets_its_claim_lapse_at_once(redis_client: redis.Redi
     assert sweep(redis_client, run_id) is Recovery.RESTART
 
 
+def test_a_hand_back_requeues_at_once_and_is_not_charged_as_an_attempt(redis_client: redis.Redis) -> None:
+    store, run_id = queued(redis_client)
+    stopping = claim(redis_client, run_id, "w1")
+    stopping.take()
+    assert claim(redis_client, run_id, "w9").hand_back("not mine") is False  # only the owner hands back
+    assert stopping.hand_back("handed back: worker w1 is shutting down") is True
+    assert stopping.fenced.is_set() and not stopping.renew()  # the stopping attempt writes nothing more
+    record = stored_record(redis_client, run_id)
+    assert record.status is RunStatus.QUEUED and record.attempt == 2 and store.active() == [run_id]
+    assert record.restarts[-1]["handback"] and record.restart_reason == "handed back: worker w1 is shutting down"
+    assert stopping.hand_back("again") is False  # a repeated hand-back cannot requeue it twice
+    # The next attempt dies: with max_attempts=2 it is restarted, not failed (the hand-back was no failure).
+    assert claim(redis_client, run_id, "w2").take() == 2
+    lapse(redis_client, run_id)
+    assert sweep(redis_client, run_id, max_attempts=2) is Recovery.RESTART
+    assert claim(redis_client, run_id, "w3").take() == 3
+    lapse(redis_client, run_id)
+    assert sweep(redis_client, run_id, max_attempts=2) is Recovery.FAILED
+
+
 def test_last_attempt_fails_with_the_reason(redis_client: redis.Redis) -> None:
     store, run_id = queued(redis_client)
     for attempt in (1, 2):

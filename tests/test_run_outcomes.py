@@ -10,7 +10,16 @@ from dspy.primitives.code_interpreter import CodeInterpreterError
 from rlmq.store.records import RunStatus
 from workers.budget import BudgetExceeded
 from workers.fanout import FanoutCancelled
-from workers.outcomes import OUTCOMES, CeleryEnd, RunCancelled, RunFailed, deciding_exception, one_line, outcome_of
+from workers.outcomes import (
+    OUTCOMES,
+    CeleryEnd,
+    HandedBack,
+    RunCancelled,
+    RunFailed,
+    deciding_exception,
+    one_line,
+    outcome_of,
+)
 
 
 @pytest.mark.parametrize(("exc", "status", "celery", "error"), [
@@ -45,6 +54,19 @@ def test_a_cancel_then_a_tripped_budget_outrank_what_they_caused() -> None:
     fanout = FanoutCancelled("run cancelled")
     assert deciding_exception(fanout, cancel_requested=False, budget_tripped="x") is fanout
     assert deciding_exception(died, cancel_requested=False, budget_tripped=None) is died
+
+
+def test_a_hand_back_outranks_what_it_caused_but_not_a_cancel_or_a_budget() -> None:
+    why = "handed back: worker w1 is shutting down"
+    for caused in (CodeInterpreterError("sandbox deleted"), FanoutCancelled("stopping")):
+        handed = deciding_exception(caused, cancel_requested=False, budget_tripped=None, handing_back=why)
+        assert isinstance(handed, HandedBack) and str(handed) == why
+        assert outcome_of(handed).status is None and outcome_of(handed).celery is CeleryEnd.HANDBACK
+    died = CodeInterpreterError("sandbox deleted")
+    assert isinstance(deciding_exception(died, cancel_requested=True, budget_tripped=None, handing_back=why),
+                      RunCancelled)
+    assert isinstance(deciding_exception(died, cancel_requested=False, budget_tripped="max cost: ...",
+                                         handing_back=why), BudgetExceeded)
 
 
 def test_one_line() -> None:

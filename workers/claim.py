@@ -77,6 +77,15 @@ class RunClaim:
         """Let the claim expire now (the worker is stopping), so the sweep restarts the run elsewhere."""
         self.renew(ttl_ms=1)
 
+    def hand_back(self, reason: str) -> bool:
+        """Put the run back in the queue as its next attempt (this worker is shutting down); False if
+        this attempt no longer owns it. Not charged against the run's attempts."""
+        handed = bool(_LUA.run(self.redis, "run_handback", self._keys(keys.runs_active_key()), {
+            "run_id": self.run_id, "attempt": self.attempt, "owner": self.owner, "now": repr(time.time()),
+            "reason": reason}))
+        self.fenced.set()  # either way, this attempt writes nothing more
+        return handed
+
     def write_progress(self, progress: Progress) -> bool:
         """Store the run's progress; False once this attempt no longer runs it."""
         return bool(_LUA.run(self.redis, "run_progress", [keys.run_key(self.run_id)], {"attempt": self.attempt},

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Retry, SoftTimeLimitExceeded
 
 from rlmq.store.records import RunStatus
 from workers.budget import BudgetExceeded
 from workers.fanout import FanoutCancelled
 
-__all__ = ["OUTCOMES", "CeleryEnd", "Ending", "Outcome", "RunCancelled", "RunFailed", "deciding_exception",
-           "ending_of", "mark_revoked", "one_line", "outcome_of"]
+__all__ = ["OUTCOMES", "CeleryEnd", "Ending", "HandedBack", "Outcome", "RunCancelled", "RunFailed",
+           "deciding_exception", "ending_of", "mark_revoked", "one_line", "outcome_of", "record_restart"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +34,17 @@ class RunCancelled(Exception):
     """A cancel was requested for this run."""
 
 
+class HandedBack(Exception):
+    """The worker is shutting down: the run goes back to the queue for another worker (``workers.drain``)."""
+
+
 class CeleryEnd(Enum):
     """What the run's Celery task does once the run's end is recorded."""
 
     REVOKED = "revoked"  #: state REVOKED as Celery stores it, a task-revoked event, then ``Ignore``
     FAILURE = "failure"  #: raise ``RunFailed(error line)``: Celery stores FAILURE with that line
     REQUEUE = "requeue"  #: nothing recorded: the claim lapses now, the exception goes on, the sweep restarts the run
+    HANDBACK = "handback"  #: queued again as the next attempt at once, state RETRY, then ``Ignore``
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class Outcome:
 
 OUTCOMES: tuple[tuple[tuple[type[BaseException], ...], Outcome], ...] = (
     ((RunCancelled, FanoutCancelled), Outcome(RunStatus.CANCELLED, CeleryEnd.REVOKED, "cancelled", logging.INFO)),
+    ((HandedBack,), Outcome(None, CeleryEnd.HANDBACK, "{exc}", logging.WARNING)),
     ((BudgetExceeded,), Outcome(RunStatus.STOPPED, CeleryEnd.FAILURE, "budget exceeded: {exc}", logging.WARNING)),
     ((SoftTimeLimitExceeded,), Outcome(RunStatus.FAILED, CeleryEnd.FAILURE,
                                        "time limit: the run took longer than {time_limit:g}s", traceback=True)),
@@ -92,18 +98,25 @@ class Ending:
 
 
 def ending_of(exc: BaseException, *, cancel_requested: bool, budget_tripped: str | None,
-              time_limit: float) -> Ending:
-    exc = deciding_exception(exc, cancel_requested=cancel_requested, budget_tripped=budget_tripped)
+              time_limit: float, handing_back: str | None = None) -> Ending:
+    exc = deciding_exception(exc, cancel_requested=cancel_requested, budget_tripped=budget_tripped,
+                             handing_back=handing_back)
     outcome = outcome_of(exc)
     return Ending(exc, outcome, outcome.error_of(exc, time_limit=time_limit))
 
 
-def deciding_exception(exc: BaseException, *, cancel_requested: bool, budget_tripped: str | None) -> BaseException:
-    """The exception that decides the run's fate: a cancel first, then a tripped budget, else ``exc``."""
-    if isinstance(exc, (RunCancelled, FanoutCancelled)):
+def deciding_exception(exc: BaseException, *, cancel_requested: bool, budget_tripped: str | None,
+                       handing_back: str | None = None) -> BaseException:
+    """The exception that decides the run's fate: a cancel first, then the worker's shutdown handing the
+    run back (``handing_back``: why; not once a budget has ended it), then a tripped budget, else ``exc``."""
+    if isinstance(exc, RunCancelled):
         return exc
     if cancel_requested:
         return RunCancelled()
+    if handing_back is not None and budget_tripped is None and not isinstance(exc, (HandedBack, BudgetExceeded)):
+        return HandedBack(handing_back)  # the stopped sandbox or fan-out that followed is not the story
+    if isinstance(exc, FanoutCancelled):
+        return exc
     if budget_tripped is not None:
         return BudgetExceeded(budget_tripped)  # the first reason, also when a later check raised
     return exc
@@ -124,3 +137,13 @@ def mark_revoked(app: Any, run_id: str, *, hostname: str | None = None, request:
             dispatcher.send("task-revoked", uuid=run_id, terminated=True, signum=None, expired=False)
     except Exception:
         logger.exception("could not record run %s as revoked in Celery", run_id)
+
+
+def record_restart(app: Any, run_id: str, reason: str) -> None:
+    """RETRY as Celery stores it and the ``task-retried`` event Flower shows: the run will run again."""
+    try:
+        app.backend.mark_as_retry(run_id, Retry(reason))
+        with app.events.default_dispatcher() as dispatcher:
+            dispatcher.send("task-retried", uuid=run_id, exception=reason, traceback="")
+    except Exception:
+        logger.exception("could not record run %s as restarted in Celery", run_id)

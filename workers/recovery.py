@@ -24,14 +24,13 @@ import time
 from typing import Any
 
 import redis
-from celery.exceptions import Retry
 
 from rlmq.celery_config import RLM_QUEUE, RUN_TASK
 from rlmq.settings import Settings
 from rlmq.store.records import RunStore
 from workers.claim import Recovery, recover
 from workers.context import redis_client, worker_settings
-from workers.outcomes import RunFailed, mark_revoked
+from workers.outcomes import RunFailed, mark_revoked, record_restart
 from workers.sandbox_registry import reap_attempt, reap_expired
 
 __all__ = ["RECOVERY_GRACE_SECONDS", "RESEND_AFTER_SECONDS", "maintain", "reap_here", "recover_runs"]
@@ -72,17 +71,15 @@ def _celery_state(app: Any, run_id: str, action: Recovery, reason: str) -> None:
     """FAILURE, REVOKED or RETRY (it will run again), as Celery stores them, plus the event Flower shows."""
     if action is Recovery.CANCELLED:
         mark_revoked(app, run_id)
-        return
-    try:
-        if action is Recovery.FAILED:
+    elif action is not Recovery.FAILED:
+        record_restart(app, run_id, reason)
+    else:
+        try:
             app.backend.mark_as_failure(run_id, RunFailed(reason))
-        else:
-            app.backend.mark_as_retry(run_id, Retry(reason))
-        event = "task-failed" if action is Recovery.FAILED else "task-retried"
-        with app.events.default_dispatcher() as dispatcher:
-            dispatcher.send(event, uuid=run_id, exception=reason, traceback="")
-    except Exception:
-        logger.exception("could not record run %s as %s in Celery", run_id, action.value)
+            with app.events.default_dispatcher() as dispatcher:
+                dispatcher.send("task-failed", uuid=run_id, exception=reason, traceback="")
+        except Exception:
+            logger.exception("could not record run %s as %s in Celery", run_id, action.value)
 
 
 def reap_here() -> int:

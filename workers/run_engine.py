@@ -17,6 +17,7 @@ from celery.exceptions import Ignore
 from pydantic_core import to_jsonable_python
 
 from broker_bridge import interpreter_factory
+from rlmq.celery_config import RLM_QUEUE, RUN_TASK
 from rlmq.run_options import check_tools, with_options
 from rlmq.settings import SandboxBackend, Settings, SettingsError
 from rlmq.store.blobs import get_blobs
@@ -29,7 +30,7 @@ from workers.dspy_private import action_predictor
 from workers.engines import fleet_root_lm
 from workers.fanout import Fanout
 from workers.monitor import summary_line
-from workers.outcomes import CeleryEnd, RunCancelled, RunFailed, ending_of, mark_revoked
+from workers.outcomes import CeleryEnd, RunCancelled, RunFailed, ending_of, mark_revoked, record_restart
 from workers.progress_publisher import IterationCallback, ProgressPublisher
 from workers.rlm import TracedRLM
 from workers.run_ticker import RunTicker
@@ -114,8 +115,8 @@ class RunExecution:
         self.progress.publish(force=True)
         with dspy.context(lm=lm, callbacks=[IterationCallback(self.progress, action_predictor(rlm))]):
             prediction = rlm(**inputs)
-        if self.ticker.cancelled.is_set():
-            raise RunCancelled()
+        if self.ticker.cancelled.is_set() and not self.ticker.handing_back.is_set():
+            raise RunCancelled()  # (a run handed back after its last step has its result: it ends here)
         return _result_document(self.run_id, prediction, list(rlm.signature.output_fields), self.trace.steps)
 
     def _succeeded(self, result: dict[str, Any]) -> dict[str, Any]:
@@ -135,10 +136,14 @@ class RunExecution:
             raise Ignore()
         end = ending_of(exc, cancel_requested=self.store.cancel_requested(self.run_id),
                         budget_tripped=self.ticker.budget.tripped if self.ticker.budget is not None else None,
-                        time_limit=self.base.run_time_limit)
+                        time_limit=self.base.run_time_limit,
+                        handing_back=(f"handed back: worker {self.hostname} is shutting down"
+                                      if self.ticker.handing_back.is_set() else None))
         logger.log(end.outcome.log_level, "run %s ends %s: %s", self.run_id,
                    end.outcome.status.value if end.outcome.status else "unrecorded", end.message,
                    exc_info=end.exc if end.outcome.traceback else None)
+        if end.outcome.celery is CeleryEnd.HANDBACK:
+            self._hand_back(end.line)
         if end.outcome.status is None:  # CeleryEnd.REQUEUE: the worker stops; the sweep restarts the run
             self.claim.lapse()
             raise end.exc
@@ -151,6 +156,18 @@ class RunExecution:
             mark_revoked(self.task.app, self.run_id, hostname=self.hostname, request=self.task.request)
             raise Ignore()  # the REVOKED state above must stand
         raise RunFailed(end.line) from None
+
+    def _hand_back(self, reason: str) -> NoReturn:
+        """Queue the run again as its next attempt, now, for a worker that is not shutting down (it
+        resumes by replay); Celery shows it as RETRY, as a restart by the recovery sweep."""
+        if self.claim.hand_back(reason):
+            self.progress.close()
+            self.task.app.send_task(RUN_TASK, args=(self.run_id,), task_id=self.run_id, queue=RLM_QUEUE)
+            record_restart(self.task.app, self.run_id, reason)
+        else:
+            logger.warning("run %s: attempt %d no longer owns the run; nothing to hand back", self.run_id,
+                           self.claim.attempt)
+        raise Ignore()
 
     def _sandbox_created(self, info: Any) -> None:
         self.leases.created(info)

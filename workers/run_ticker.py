@@ -1,7 +1,8 @@
 """A run's 1-s tick: a :class:`~workers.ticker.Ticker` of its own (the sandbox leases have theirs).
 
 Each tick keeps the run's claim and publishes its progress. When the claim is lost (the run moved on
-to another attempt), a cancel is requested, or the run's wall-clock budget runs out, it deletes the
+to another attempt), a cancel is requested, the worker is shutting down (``workers.drain``: the run is
+handed back, ``handing_back``), or the run's wall-clock budget runs out, it deletes the
 run's sandbox instead, so the step running in it fails at once, and no sandbox may start after it (one
 still booting is deleted as its boot ends); ``cancelled`` also stops the fan-out.
 """
@@ -14,6 +15,7 @@ import threading
 from rlmq.store.records import RunStore
 from workers.budget import Budget, BudgetExceeded
 from workers.claim import RunClaim
+from workers.drain import is_draining
 from workers.progress_publisher import ProgressPublisher
 from workers.sandbox_registry import LeaseKeeper
 from workers.ticker import Ticker
@@ -30,7 +32,8 @@ class RunTicker(Ticker):
         self.run_id = run_id
         self.claim, self.store, self.leases, self.progress = claim, store, leases, progress
         self.budget: Budget | None = None  # the run's, once its settings are known
-        self.cancelled = threading.Event()  # set on a cancel and when fenced off
+        self.cancelled = threading.Event()  # set on a cancel, when fenced off and when handing back
+        self.handing_back = threading.Event()  # the worker is shutting down: the run goes back to the queue
 
     def tick(self) -> None:
         if self.claim.fenced.is_set():
@@ -39,6 +42,9 @@ class RunTicker(Ticker):
             return self._stop_sandbox(f"attempt {self.claim.attempt} lost its claim (restarted elsewhere or finished)")
         if not self.cancelled.is_set() and self.store.cancel_requested(self.run_id):
             return self._stop_sandbox("cancel requested")
+        if not self.cancelled.is_set() and is_draining(self.claim.redis, self.claim.worker):
+            self.handing_back.set()
+            return self._stop_sandbox("the worker is shutting down: handing the run back")
         if self.budget is not None and self.budget.tripped is None:
             try:
                 self.budget.check_time()

@@ -150,6 +150,11 @@ def worker_heartbeat_key(hostname: str) -> str:
     return f"{NAMESPACE}:worker:{_ident(hostname)}"
 
 
+def worker_draining_key(hostname: str) -> str:
+    """Set while a worker shuts down: its runs hand themselves back (``workers.drain``)."""
+    return f"{NAMESPACE}:draining:{_ident(hostname)}"
+
+
 def subtask_holder_key(task_id: str) -> str:
     return f"{NAMESPACE}:sub:{_ident(task_id)}"
 

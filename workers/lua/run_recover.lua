@@ -34,7 +34,8 @@ local reason = 'worker ' .. worker .. ' stopped heartbeating (no claim renewal f
 local restarts = cjson.decode(redis.call('HGET', KEYS[1], 'restarts') or '[]')
 table.insert(restarts, {at = now, attempt = attempt, reason = reason})
 redis.call('HSET', KEYS[1], 'restarts', cjson.encode(restarts))
-if attempt >= a.max_attempts then
+-- Attempts a shutting-down worker handed back (run_handback.lua) were not failures: not charged.
+if attempt - tonumber(redis.call('HGET', KEYS[1], 'handbacks') or '0') >= a.max_attempts then
   redis.call('HSET', KEYS[1], 'status', 'FAILED', 'finished_at', a.now,
              'error', 'gave up after ' .. attempt .. ' attempt(s): ' .. reason, 'error_detail', '')
   redis.call('ZREM', KEYS[3], a.run_id)
