@@ -124,9 +124,10 @@ class ChildProcess:
         return lines[-1] if lines else f"exit code {self.process.returncode}"
 
     def stop(self, grace: float) -> None:
-        """SIGTERM (Celery's warm shutdown: running tasks finish), then SIGKILL the whole group."""
+        """SIGTERM to the main process (Celery's warm shutdown: an rlm worker hands its runs back), then
+        SIGKILL the whole group. Not SIGTERM to the group: Celery's prefork children die of it at once."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(grace)
         with contextlib.suppress(ProcessLookupError, PermissionError):

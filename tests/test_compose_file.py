@@ -112,6 +112,48 @@ def test_schema_rejects_broken_variants(schema, compose, mutate, where):
     assert any(e.startswith(where + ":") for e in errors), errors
 
 
+DEPLOY_FILES = ["deploy/compose.workers.yml", "deploy/compose.redis-host.yml"]
+
+
+def _load(path: str) -> dict:
+    data = yaml.safe_load((REPO / path).read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.mark.parametrize("path", DEPLOY_FILES)
+def test_deploy_files_match_the_compose_specification_and_document_their_variables(schema, path):
+    errors = _errors(schema, _load(path))
+    assert errors == [], f"{path} violates the Compose Specification:\n" + "\n".join(errors)
+    names = _env_example_names()
+    for m in re.finditer(r"(?<!\$)\$\{(\w+)(:?[-?][^}]*)?\}", (REPO / path).read_text(encoding="utf-8")):
+        assert m.group(1) in names, f"{path}: ${{{m.group(1)}}} should be documented in .env.example"
+
+
+def test_worker_hosts_run_the_same_services_as_the_one_host_stack(compose):
+    workers = _load("deploy/compose.workers.yml")
+    for name in ("rlm-worker", "llm-worker", "flower"):
+        mine, reference = workers["services"][name], compose["services"][name]
+        for key in ("command", "security_opt", "stop_signal", "stop_grace_period", "healthcheck", "ports", "image"):
+            assert mine.get(key) == reference.get(key), (name, key)
+        # Redis is elsewhere: the URL is required, nothing waits for a local redis service.
+        assert mine["environment"]["REDIS_URL"].startswith("${REDIS_URL:?"), mine["environment"]
+        assert "depends_on" not in mine and mine["env_file"] == "../.env" and mine["build"]["context"] == ".."
+    assert "redis" not in workers["services"] and workers["services"]["flower"]["profiles"] == ["flower"]
+
+
+def test_redis_hosts_keep_passwords_off_command_lines_and_announce_the_hosts_address():
+    services = _load("deploy/compose.redis-host.yml")["services"]
+    for name in ("redis", "sentinel"):
+        svc = services[name]
+        assert svc["network_mode"] == "host" and svc["user"] == "redis"
+        script = _command(svc)[-1]
+        assert "--requirepass" not in script and "$$REDIS_PASSWORD" in script  # as config, from the environment
+        assert svc["environment"]["REDIS_PASSWORD"] == "${REDIS_PASSWORD:?set REDIS_PASSWORD in .env}"
+    assert "masterauth" in _command(services["redis"])[-1]  # any server may be a replica after a failover
+    assert "[ -s sentinel.conf ] ||" in _command(services["sentinel"])[-1]  # the learned topology survives restarts
+
+
 # --------------------------------------------------------------------------- services
 
 

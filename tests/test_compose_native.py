@@ -3,6 +3,7 @@ fleet starts from its exact compose command and does its job against a real Redi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -23,9 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 FLOWER_AUTH = "admin:compose-test-password"
 
 
-def compose_command(service: str) -> list[str]:
+def compose_command(service: str, file: str = "docker-compose.yml") -> list[str]:
     """The service's command as the container runs it (compose turns "$$" into "$")."""
-    spec = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"][service]["command"]
+    spec = yaml.safe_load((REPO / file).read_text())["services"][service]["command"]
     command = list(spec) if isinstance(spec, list) else shlex.split(spec)
     return [part.replace("$$", "$") for part in command]
 
@@ -107,3 +108,81 @@ def test_compose_redis_requires_its_password(tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(10)
+
+
+def test_the_redis_host_file_makes_a_sentinel_deployment_that_fails_over(tmp_path):
+    """deploy/compose.redis-host.yml's exact commands for three Redis hosts (here three loopback port
+    pairs and three scratch dirs for /data): replication and Sentinels form, an rlmq client reaches the
+    primary through its sentinel:// URL, and after the primary is killed it writes to the promoted one."""
+    import subprocess
+
+    import redis as redis_py
+
+    from rlmq.redis_url import connect
+    from tests.support.net import free_port
+    from tests.support.wait import wait_until
+
+    password, sentinel_password = "compose-redis-pw", "compose-sentinel-pw"
+    hosts = [{"redis": free_port(), "sentinel": free_port()} for _ in range(3)]
+    shared = {"PATH": os.environ["PATH"], "REDIS_PASSWORD": password, "REDISCLI_AUTH": password,
+              "SENTINEL_PASSWORD": sentinel_password, "REDIS_PRIMARY_HOST": "127.0.0.1",
+              "REDIS_PRIMARY_PORT": str(hosts[0]["redis"]), "SENTINEL_QUORUM": "2",
+              "SENTINEL_DOWN_AFTER_MS": "1000", "SENTINEL_FAILOVER_TIMEOUT_MS": "3000"}
+    processes: dict[tuple[int, str], subprocess.Popen] = {}
+
+    def start(n: int, service: str) -> None:
+        data = tmp_path / f"host{n}" / service
+        data.mkdir(parents=True, exist_ok=True)
+        env = {**shared, "REDIS_PORT": str(hosts[n]["redis"]), "SENTINEL_PORT": str(hosts[n]["sentinel"]),
+               "REDIS_REPLICA_OF": "127.0.0.1" if n else ""}
+        # bind to loopback here: on a host (network_mode: host) the servers listen on its addresses
+        command = compose_command(service, "deploy/compose.redis-host.yml")
+        command[-1] = command[-1] + " --bind 127.0.0.1"
+        processes[(n, service)] = subprocess.Popen(command, env=env, cwd=data, stdout=subprocess.DEVNULL,
+                                                   stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def sentinel_view(port: int) -> dict:
+        try:
+            view = redis_py.Redis(port=port, password=sentinel_password, socket_timeout=2,
+                                  decode_responses=True).sentinel_master("rlmq")
+            return view if isinstance(view, dict) else {}
+        except redis_py.RedisError:
+            return {}
+
+    try:
+        for n in range(3):
+            start(n, "redis")
+        for n in range(3):
+            start(n, "sentinel")
+        wait_until(lambda: all(sentinel_view(h["sentinel"]).get("num-slaves") == 2 and
+                               sentinel_view(h["sentinel"]).get("num-other-sentinels") == 2 for h in hosts),
+                   60, "three Sentinels seeing two replicas and each other")
+        conf = (tmp_path / "host1" / "sentinel" / "sentinel.conf")
+        assert conf.stat().st_mode & 0o077 == 0, "the Sentinel's config holds both passwords: private"
+        url = (f"sentinel://:{password}@127.0.0.1:{hosts[0]['sentinel']};"
+               + ";".join(f"sentinel://127.0.0.1:{h['sentinel']}" for h in hosts[1:])
+               + f"/0?master_name=rlmq&sentinel_password={sentinel_password}")
+        client = connect(url, socket_timeout=5)
+        assert client.set("compose-key", "before") and client.get("compose-key") == b"before"
+        os.killpg(processes[(0, "redis")].pid, signal.SIGKILL)  # the primary's host is lost (sh and redis-server)
+
+        def written() -> bool:
+            try:
+                return bool(client.set("compose-key", "after"))
+            except redis_py.RedisError:
+                return False
+
+        wait_until(written, 60, "a write on the promoted replica", interval=0.5)
+        assert int(sentinel_view(hosts[1]["sentinel"])["port"]) in (hosts[1]["redis"], hosts[2]["redis"])
+        assert client.get("compose-key") == b"after"
+        # A Sentinel restarted on its volume follows the current primary, not the first one it was told.
+        os.killpg(processes[(1, "sentinel")].pid, signal.SIGKILL)
+        processes[(1, "sentinel")].wait(10)
+        start(1, "sentinel")
+        wait_until(lambda: int(sentinel_view(hosts[1]["sentinel"]).get("port", 0)) != hosts[0]["redis"]
+                   and sentinel_view(hosts[1]["sentinel"]).get("port") is not None, 30, "the restarted Sentinel")
+    finally:
+        for process in processes.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
