@@ -10,8 +10,8 @@ Queues:
   set at worker start): Redis redelivers any unacked message older than ``visibility_timeout``
   even to a live worker, so a long ``acks_late`` run would execute again and again; runs are
   protected by their own claim (renewed every second) instead, and a run whose worker died is
-  restarted by the recovery sweep every rlm worker runs (``workers.recovery``). Run with the
-  prefork pool (time limits need it), events on.
+  restarted by the recovery sweep every rlm worker runs (``workers.recovery``). Run with
+  ``-P threads -c 32`` (the engine enforces time limits itself; prefork works too), events on.
 - ``llm``: many short ``llm_batch`` sub-tasks. ``acks_late`` + ``reject_on_worker_lost`` (prefork
   only); a dead worker's sub-tasks are sent again by the gathering run as soon as the worker's
   heartbeat expires (``workers.liveness``); safe because answers go through the response cache

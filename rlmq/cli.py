@@ -134,10 +134,10 @@ def _stack_redis_env() -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from rlmq.stack import worker_command
+    from rlmq.stack import LLM_THREADS, RLM_THREADS, worker_command
 
-    pool = args.pool or ("threads" if args.queue == "llm" else "prefork")
-    concurrency = args.concurrency or (32 if args.queue == "llm" else max(4, os.cpu_count() or 4))
+    pool = args.pool or "threads"
+    concurrency = args.concurrency or (LLM_THREADS if args.queue == "llm" else RLM_THREADS)
     command = worker_command(args.queue, name=args.name or args.queue, concurrency=concurrency, pool=pool)
     if args.redis_url:
         os.environ["REDIS_URL"] = args.redis_url
@@ -319,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("worker", cmd_worker, "start a worker for one queue (rlm: runs, llm: sub-LLM calls)")
     p.add_argument("queue", choices=QUEUES)
-    p.add_argument("--concurrency", "-c", type=COUNT, help="default: 32 threads for llm, max(4, cores) processes for rlm")
-    p.add_argument("--pool", "-P", help="Celery pool (default: threads for llm, prefork for rlm)")
+    p.add_argument("--concurrency", "-c", type=COUNT, help="default: 32 (threads: runs or sub-calls at once)")
+    p.add_argument("--pool", "-P", help="Celery pool (default: threads; prefork also works, at ~270 MiB a slot)")
     p.add_argument("--name", "-n", help="node name (default: the queue name)")
     p.epilog = "arguments after -- go to `celery worker` as they are. " + EPILOG
 
@@ -330,8 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="127.0.0.1")
 
     p = add("up", cmd_up, "run the whole stack on this machine in the foreground (Ctrl-C stops it all)")
-    p.add_argument("--rlm-concurrency", type=COUNT, default=4)
-    p.add_argument("--llm-concurrency", type=COUNT, default=32)
+    p.add_argument("--rlm-concurrency", type=COUNT, default=32, help="runs at once (threads; default: 32)")
+    p.add_argument("--llm-concurrency", type=COUNT, default=32, help="sub-call batches at once (threads; default: 32)")
     p.add_argument("--flower-port", type=PORT, default=5555)
     p.add_argument("--no-flower", action="store_true")
 

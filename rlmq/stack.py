@@ -79,6 +79,13 @@ def redacted_url(url: str) -> str:
     return f"{scheme}://{user}{':****' if colon else ''}@{host}"
 
 
+# Both queues run in a threads pool: a run mostly waits (on its root LM, its sandbox, its sub-calls), and a
+# thread holds one in a few MiB where a prefork slot costs ~270 MiB (docs/ARCHITECTURE.md, "Many runs at
+# once"); the engine enforces a run's time limit itself, which Celery does only in process pools.
+RLM_THREADS = 32
+LLM_THREADS = 32
+
+
 def worker_command(queue: str, *, name: str, concurrency: int, pool: str) -> list[str]:
     return [
         sys.executable, "-m", "celery", "-A", CELERY_APP, "worker", "-Q", queue, "-P", pool, "-c", str(concurrency),
@@ -145,8 +152,8 @@ class LocalStack:
     """Redis (``redis_url`` or a private one), workers and Flower as children of this process."""
 
     redis_url: str | None = None
-    rlm_concurrency: int = 4  # bench/concurrent_runs.py: 4 prefork slots beat 2, at ~250 MiB each
-    llm_concurrency: int = 32
+    rlm_concurrency: int = RLM_THREADS
+    llm_concurrency: int = LLM_THREADS
     flower_port: int | None = 5555  # None: no Flower
     flower_auth: str | None = None  # user:password; None: generated at start
     env: dict[str, str] = field(default_factory=dict)
@@ -162,7 +169,7 @@ class LocalStack:
                 data.mkdir(parents=True, exist_ok=True)
                 self.private_redis = start_private_redis(dir=str(data), appendonly=True)
                 self.redis_url = self.private_redis.url
-            self.start_worker("rlm", name=f"rlm-{os.getpid()}", concurrency=self.rlm_concurrency, pool="prefork")
+            self.start_worker("rlm", name=f"rlm-{os.getpid()}", concurrency=self.rlm_concurrency, pool="threads")
             self.start_worker("llm", name=f"llm-{os.getpid()}", concurrency=self.llm_concurrency, pool="threads")
             if self.flower_port is not None:
                 self.flower_auth = self.flower_auth or generate_flower_auth()

@@ -224,9 +224,9 @@ def test_rlm_worker(compose):
     cmd = _command(svc)
     text = " ".join(cmd)
     assert "worker" in cmd and "-Q rlm" in text and "llm" not in text.split("-Q ")[1].split()[0]
-    # prefork: Celery's soft time limit (RLMQ_RUN_TIME_LIMIT) only works in process pools
-    assert "--pool prefork" in text or "--pool=prefork" in text
-    assert "--concurrency 4" in text and "--prefetch-multiplier 1" in text
+    # threads: the engine enforces RLMQ_RUN_TIME_LIMIT itself, and a run costs a thread, not a process
+    assert "--pool threads" in text
+    assert "--concurrency 32" in text and "--prefetch-multiplier 1" in text
     assert "-E" in cmd and "-n rlm@%h" in text
     assert _duration_seconds(svc["stop_grace_period"]) >= 600, "a deploy must not kill running RLM runs"
     assert svc.get("stop_signal", "SIGTERM") == "SIGTERM"  # Celery's warm shutdown

@@ -40,8 +40,9 @@ from workers.sandbox_registry import LeaseRegistry
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]
 
 
-fleet = fleet_fixture(env=WORKER_ENV, workers=[("rlm", "rlm1", 1), ("rlm", "rlm2", 1), ("llm", "llmA", 8)],
-                      timeout=180)
+# prefork: one of the faults is the SIGKILL of a run's prefork child (the threads pool has no children)
+fleet = fleet_fixture(env=WORKER_ENV, workers=[("rlm", "rlm1", 1, "prefork"), ("rlm", "rlm2", 1, "prefork"),
+                                               ("llm", "llmA", 8)], timeout=180)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def rlm_worker(fleet: Fleet, hostname: str | None) -> WorkerProcess:
 def replace(fleet: Fleet, dead: WorkerProcess) -> None:
     """Start a worker in place of a killed one, for the tests after this one."""
     fleet.workers.remove(dead)
-    fleet.start(dead.queue, name=dead.name.split("@")[0], concurrency=1, wait=True)
+    fleet.start(dead.queue, name=dead.name.split("@")[0], concurrency=1, pool="prefork", wait=True)
 
 
 def running_in_step(r, stub, run_id: str, subs: int):

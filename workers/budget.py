@@ -31,18 +31,25 @@ class BudgetExceeded(Exception):
 
 class Budget:
     def __init__(self, usage: RunUsage, *, max_cost: float | None, max_tokens: int | None,
-                 time_limit: float | None, started: float | None = None) -> None:
+                 time_limit: float | None, started: float | None = None,
+                 worker_time_limit: float | None = None) -> None:
         self.usage = usage
         self.max_cost = max_cost
         self.max_tokens = max_tokens
+        # The run's own wall-clock budget, or the workers' cap on every run (RLMQ_RUN_TIME_LIMIT), whichever
+        # is shorter: the engine enforces both in any Celery pool (Celery's time limits need prefork).
         self.time_limit = time_limit
+        self._time_limit_source = ""
+        if worker_time_limit is not None and (time_limit is None or worker_time_limit < time_limit):
+            self.time_limit, self._time_limit_source = worker_time_limit, " (the workers' RLMQ_RUN_TIME_LIMIT)"
         self.started = time.monotonic() if started is None else started
         self._lock = threading.Lock()
         self.tripped: str | None = None  # the reason, once a budget refused something
 
     @property
     def limited(self) -> bool:
-        return any(v is not None for v in (self.max_cost, self.max_tokens, self.time_limit))
+        """Whether a sub-call batch must be priced before it is sent (a dollar or token budget)."""
+        return self.max_cost is not None or self.max_tokens is not None
 
     def unpriced_models(self) -> list[str]:
         """Models a dollar budget cannot be enforced for (LiteLLM's table has no price)."""
@@ -61,7 +68,8 @@ class Budget:
         if self.time_limit is not None:
             elapsed = time.monotonic() - self.started
             if elapsed > self.time_limit:
-                raise self.trip(f"time limit: the run has run {elapsed:.1f}s of its {self.time_limit:g}s")
+                raise self.trip(f"time limit: the run has run {elapsed:.1f}s of its {self.time_limit:g}s"
+                                f"{self._time_limit_source}")
 
     def _check(self, what: str, cost: float, tokens: int) -> None:
         if self.tripped is not None:
@@ -86,6 +94,7 @@ class Budget:
     def check_batch(self, prompts: Sequence[str | Messages], params: dict[str, Any]) -> None:
         """Before a batch of sub-calls is sent; raises BudgetExceeded to refuse it whole."""
         if self.tripped is None and not self.limited:
+            self.check_time()
             return
         tokens_in = sum(estimate_tokens(p) for p in prompts)
         sub = self.usage.usage().sub

@@ -96,7 +96,8 @@ class RunExecution:
             raise RunCancelled()
         install_redis_dspy_cache(self.client, settings.cache_ttl_seconds)
         stats = RunUsage(root_model=settings.lm, sub_model=settings.effective_sub_lm)
-        budget = self.ticker.budget = stats.budget = _budget(stats, settings, started=self.progress.started)
+        budget = self.ticker.budget = stats.budget = _budget(stats, settings, started=self.progress.started,
+                                                             worker_time_limit=self.base.run_time_limit)
         self.progress.stats, self.progress.max_iters = stats, settings.max_iters
         self.trace = TrajectoryLog(self.client, self.run_id, stats, ttl_seconds=self.base.result_expires)
         inputs = get_blobs(self.client, spec.inputs)
@@ -174,9 +175,9 @@ class RunExecution:
         self.progress.sandbox_created(info)
 
 
-def _budget(stats: RunUsage, settings: Settings, *, started: float) -> Budget:
+def _budget(stats: RunUsage, settings: Settings, *, started: float, worker_time_limit: float) -> Budget:
     budget = Budget(stats, max_cost=settings.max_cost, max_tokens=settings.max_tokens,
-                    time_limit=settings.time_limit, started=started)
+                    time_limit=settings.time_limit, started=started, worker_time_limit=worker_time_limit)
     if budget.unpriced_models():
         raise RunFailed(f"max_cost cannot be enforced: LiteLLM's price table has no price for "
                         f"{', '.join(budget.unpriced_models())}")

@@ -96,7 +96,7 @@ class Fleet:
 
     def start(self, queue: str, *, name: str, concurrency: int = 4, pool: str | None = None,
               extra_env: dict[str, str] | None = None, wait: bool = True) -> WorkerProcess:
-        pool = pool or ("threads" if queue == "llm" else "prefork")
+        pool = pool or "threads"  # what `rlmq up`, `rlmq worker` and compose run
         child = self.stack.start_worker(queue, name=name, concurrency=concurrency, pool=pool, env=extra_env)
         worker = WorkerProcess(f"{name}@{socket.gethostname()}", queue, child)
         self.workers.append(worker)
@@ -137,7 +137,7 @@ class Fleet:
         self.stop()
 
 
-WorkerSpec = tuple[str, str, int]  # (queue, node name, concurrency)
+WorkerSpec = tuple[str, str, int] | tuple[str, str, int, str]  # (queue, node name, concurrency[, pool])
 
 
 @contextmanager
@@ -147,8 +147,8 @@ def started_fleet(redis_url: str, env: dict[str, str], workers: Sequence[WorkerS
     at the same Redis; all of them stopped on exit."""
     configure_app(redis_url)
     with Fleet(redis_url, env) as fleet:
-        started = [fleet.start(queue, name=name, concurrency=concurrency, wait=False)
-                   for queue, name, concurrency in workers]
+        started = [fleet.start(spec[0], name=spec[1], concurrency=spec[2], pool=spec[3] if len(spec) > 3 else None,
+                               wait=False) for spec in workers]
         fleet.wait_ready(started, timeout=timeout)
         yield fleet
 
