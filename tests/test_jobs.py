@@ -1,0 +1,202 @@
+"""Corpus jobs through a real fleet: one rlm worker process with 2 slots, one llm worker, a real Redis
+(AOF on, so it can be restarted), local sandboxes, and the stub LLM over HTTP playing a scripted root LM
+(one step: ``SUBMIT(answer=llm_query(...))``) and the sub-LM.
+
+What is shown: ``max_active`` is never exceeded (sampled from the run records, not the job's own
+counters), the results hold one answer per item in item order, the job's usage is the sum of its
+runs' and the stub's own request count; a SIGKILLed rlm worker and a Redis restart mid-job still give
+exactly one answer per item; ``job resume --retry-failed`` re-runs exactly the items that failed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from rlmq.client import Client
+from rlmq.jobs import export_results, job_summary, resume_job
+from rlmq.local_redis import PrivateRedis, start_private_redis
+from rlmq.store import keys
+from rlmq.store.jobs import JobStatus, JobStore
+from rlmq.store.records import RunStore, Usage
+from tests.support.fleet import Fleet, started_fleet
+from tests.support.reliability import FAST_FAULTS_ENV
+from tests.support.stub_llm import FaultKind, ScriptedRoot, StubLLM, route
+from tests.support.wait import wait_until
+
+pytestmark = [pytest.mark.slow]
+
+SIGNATURE = "doc: str, question: str -> answer: str"
+QUESTION = "Which number is in this document?"
+STEP = "SUBMIT(answer=llm_query(question + ' | ' + doc))"
+# a priced model, so the job's cost is a real sum (the stub's token counts at LiteLLM's price)
+WORKER_ENV = {**FAST_FAULTS_ENV, "RLMQ_LM": "openai/gpt-4o-mini", "RLMQ_SUB_LM": "openai/gpt-4o-mini",
+              "RLMQ_LM_RETRIES": "0", "OPENAI_API_KEY": "sk-rlmq-test"}
+
+
+def sub_answer(prompt: str) -> str:
+    return "seen " + prompt.rsplit("| ", 1)[-1].strip()
+
+
+@pytest.fixture(scope="module")
+def aof_redis(tmp_path_factory) -> Iterator[dict[str, PrivateRedis]]:
+    holder = {"server": start_private_redis(dir=str(tmp_path_factory.mktemp("aof")), appendonly=True)}
+    yield holder
+    holder["server"].stop()
+
+
+@pytest.fixture(scope="module")
+def fleet(aof_redis, stub: StubLLM) -> Iterator[Fleet]:
+    env = {**WORKER_ENV, "RLMQ_LM_API_BASE": stub.api_base}
+    with started_fleet(aof_redis["server"].url, env, [("rlm", "rlm1", 2), ("llm", "llmA", 8)], timeout=180) as fl:
+        yield fl
+
+
+@pytest.fixture
+def client(fleet: Fleet, aof_redis, stub: StubLLM) -> Iterator[Client]:
+    stub.reset()
+    stub.set_responder(route(root=ScriptedRoot([STEP]), sub=sub_answer))
+    c = Client(aof_redis["server"].url)
+    yield c
+    c.close()
+
+
+def docs(n: int, tag: str, failing: frozenset[int] = frozenset()) -> Iterator[dict[str, str]]:
+    for i in range(n):
+        yield {"doc": f"{tag}-doc-{i}" + (" fail-me" if i in failing else "")}
+
+
+def wait_job(client: Client, job_id: str, timeout: float = 180.0) -> JobStatus:
+    def ended() -> JobStatus | None:
+        try:
+            status = JobStore(client.redis).status(job_id)
+        except redis.ConnectionError:
+            return None
+        return status if status is not None and status.finished else None
+
+    return wait_until(ended, timeout, f"job {job_id} finished", interval=0.2)
+
+
+def rows(client: Client, job_id: str) -> list[dict]:
+    out = io.StringIO()
+    export_results(client, job_id, out)
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+class ActiveSampler:
+    """Counts the job's runs QUEUED or RUNNING, read from their records, every 50 ms."""
+
+    def __init__(self, client: Client, job_id: str, n: int) -> None:
+        self.r, self.run_ids = client.redis, [f"{job_id}-{i}" for i in range(n)]
+        self.samples: list[int] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+
+    def loop(self) -> None:
+        while not self.stop.is_set():
+            pipe = self.r.pipeline(transaction=False)
+            for run_id in self.run_ids:
+                pipe.hget(keys.run_key(run_id), "status")
+            self.samples.append(sum(1 for s in pipe.execute() if s in (b"QUEUED", b"RUNNING")))
+            time.sleep(0.05)
+
+    def __enter__(self) -> ActiveSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+def test_a_200_item_job_keeps_max_active_and_answers_every_item_in_order(client: Client, stub: StubLLM) -> None:
+    started = time.monotonic()
+    job_id = client.submit_job(SIGNATURE, {"question": QUESTION}, docs(200, "order"), max_active=3,
+                               max_iters=3, max_llm_calls=5)
+    with ActiveSampler(client, job_id, 200) as sampler:
+        assert wait_job(client, job_id, timeout=300) is JobStatus.DONE
+    elapsed = time.monotonic() - started
+    print(f"\nMEASURED 200-item job over 2 rlm slots, max_active 3: {elapsed:.1f}s "
+          f"({200 / elapsed * 60:.0f} items/min); peak active {max(sampler.samples)} in {len(sampler.samples)} samples")
+    assert max(sampler.samples) <= 3
+    assert max(sampler.samples) >= 2  # the job did run in parallel (the sampler can see it)
+
+    answers = rows(client, job_id)
+    assert [row["item"] for row in answers] == list(range(200))
+    assert [row["status"] for row in answers] == ["SUCCEEDED"] * 200
+    assert [row["outputs"]["answer"] for row in answers] == [f"seen order-doc-{i}" for i in range(200)]
+
+    record = JobStore(client.redis).get(job_id)
+    assert record is not None and record.counts == {"SUCCEEDED": 200} and record.active == 0
+    store = RunStore(client.redis)
+    runs = [store.get(row["run_id"]) for row in answers]
+    usages = [Usage.from_json_dict(r.progress.to_json_dict()["usage"]).total for r in runs if r is not None]
+    assert record.usage["calls"] == sum(u.calls for u in usages) == stub.request_count == 400  # a root + a sub-call each
+    assert record.usage["cost_paid"] == pytest.approx(sum(u.cost_paid for u in usages))
+    assert record.usage["cost_paid"] > 0
+    assert record.usage["input_tokens"] == sum(u.input_tokens for u in usages) == stub.tokens_served[0]
+    summary = job_summary(client, job_id)
+    assert summary.eta_seconds is None and summary.failed == []
+
+
+def test_a_killed_rlm_worker_and_a_redis_restart_still_answer_every_item_once(
+        client: Client, fleet: Fleet, aof_redis, stub: StubLLM) -> None:
+    stub.latency = 0.2  # runs long enough to be caught mid-flight
+    n = 40
+    job_id = client.submit_job(SIGNATURE, {"question": QUESTION}, docs(n, "crash"), max_active=4,
+                               max_iters=3, max_llm_calls=5)
+    jobs = JobStore(client.redis)
+    wait_until(lambda: (r := jobs.get(job_id)) and r.settled >= 5, 60, "a few items answered")
+    rlm = next(w for w in fleet.workers if w.queue == "rlm" and w.alive)
+    fleet.kill(rlm)  # SIGKILL of the whole worker: its runs and their sandboxes die with it
+    fleet.workers.remove(rlm)
+    fleet.start("rlm", name="rlm2", concurrency=2)
+    wait_until(lambda: (r := jobs.get(job_id)) and r.settled >= 15, 90, "the job going on after the kill")
+
+    server = aof_redis["server"]
+    server.stop()  # Redis writes its AOF and exits
+    time.sleep(4.0)  # longer than the 3-s leases: every claim lapses
+    aof_redis["server"] = start_private_redis(server.port, dir=server.dir, appendonly=True, password=server.password)
+
+    assert wait_job(client, job_id, timeout=240) is JobStatus.DONE
+    answers = rows(client, job_id)
+    assert [row["item"] for row in answers] == list(range(n))
+    assert [(row["status"], row["outputs"]["answer"]) for row in answers] == \
+        [("SUCCEEDED", f"seen crash-doc-{i}") for i in range(n)]
+    record = jobs.get(job_id)
+    assert record is not None and record.counts == {"SUCCEEDED": n}  # each item counted once
+    assert len({row["run_id"] for row in answers}) == n
+
+
+def test_resume_retry_failed_reruns_exactly_the_failed_items(client: Client, stub: StubLLM) -> None:
+    failing = frozenset(range(3, 30, 3))  # 10 items whose root call the stub refuses (no retries)
+    stub.add_fault(FaultKind.SERVER_ERROR, count=None, marker="fail-me")
+    job_id = client.submit_job(SIGNATURE, {"question": QUESTION}, docs(30, "retry", failing), max_active=4,
+                               max_iters=3, max_llm_calls=5)
+    assert wait_job(client, job_id) is JobStatus.DONE
+    first = rows(client, job_id)
+    assert {row["item"] for row in first if row["status"] == "FAILED"} == failing
+    assert {row["item"] for row in first if row["status"] == "SUCCEEDED"} == set(range(30)) - failing
+    summary = job_summary(client, job_id)
+    assert {i for i, _, _ in summary.failed} == failing and all(e for _, _, e in summary.failed)
+
+    stub.clear_faults()
+    stub.reset_stats()
+    assert resume_job(client, job_id, retry_failed=True) == 10
+    assert wait_job(client, job_id) is JobStatus.DONE
+    after = rows(client, job_id)
+    rerun = {row["item"] for row in after if row["run_id"] != first[row["item"]]["run_id"]}
+    assert rerun == failing
+    assert all(row["status"] == "SUCCEEDED" for row in after)
+    assert [row["outputs"]["answer"] for row in after] == \
+        [f"seen retry-doc-{i}" + (" fail-me" if i in failing else "") for i in range(30)]
+    # only the 10 re-runs reached the LM: one root call and one sub-call each
+    assert stub.request_count == 20
+    record = JobStore(client.redis).get(job_id)
+    assert record is not None and record.counts == {"SUCCEEDED": 30}
