@@ -90,6 +90,14 @@ def test_the_job_commands_as_a_user_types_them(tmp_path: Path, redis_url: str, m
     status = json.loads(run("job", "status", job_id, "--json").stdout)
     assert status["status"] == "CANCELLED" and status["counts"] == {"CANCELLED": 2} and status["active"] == 0
 
+    (tmp_path / "corpus.txt").write_text("the one shared corpus\n")
+    (tmp_path / "questions.txt").write_text("Who?\n\nWhen?\nWhy?\n")
+    asked = run("job", "submit", "--signature", "corpus: str, question: str -> answer: str",
+                "--input", "corpus=@corpus.txt", "--questions", "questions.txt")
+    assert asked.code == 0, asked.stderr
+    record = JobStore(Client(redis_url).redis).get(asked.stdout.strip())
+    assert record is not None and record.total == 3 and list(record.spec.shared) == ["corpus"]
+
     bad = run("job", "submit", "--signature", "contract: str -> answer: str", "--each", "contract=@nowhere/")
     assert bad.code == 2 and bad.stderr.count("\n") == 1 and "nowhere" in bad.stderr
     missing = run("job", "status", "job-nope")
