@@ -61,15 +61,53 @@ def _shared(args: argparse.Namespace) -> dict[str, Any]:
     return shared
 
 
-def cmd_job_submit(args: argparse.Namespace) -> int:
+def _submit(args: argparse.Namespace, client: Client, sample: int | None) -> str:
     shared = _shared(args)
     items = _items(args, shared)
+    return client.submit_job(args.signature, shared, items(), tools=args.tool, max_active=args.max_active,
+                             max_cost=args.max_cost, sample=sample, seed=args.seed, lm=args.lm, sub_lm=args.sub_lm,
+                             lm_api_base=args.api_base, sandbox=args.sandbox, max_iters=args.max_iters,
+                             max_llm_calls=args.max_llm_calls, time_limit=args.time_limit, max_tokens=args.max_tokens)
+
+
+def _quoted(args: argparse.Namespace, client: Client, job_id: str) -> None:
+    from rlmq.job_quote import quote, wait_sample
+
+    print(job_id, flush=True)
+    print(f"running a sample of {args.sample} item(s) to quote the job...", file=sys.stderr, flush=True)
+    wait_sample(client, job_id, timeout=args.timeout)
+    print("\n".join(quote(client, job_id).lines()), file=sys.stderr)
+
+
+def cmd_job_submit(args: argparse.Namespace) -> int:
+    """Without --max-cost: submit and start. With it: a quote first, started only if its p95 fits."""
+    from rlmq.job_quote import start_job
+
     client = _client(args)
-    job_id = client.submit_job(args.signature, shared, items(), tools=args.tool, max_active=args.max_active,
-                               max_cost=args.max_cost, lm=args.lm, sub_lm=args.sub_lm, lm_api_base=args.api_base,
-                               sandbox=args.sandbox, max_iters=args.max_iters, max_llm_calls=args.max_llm_calls,
-                               time_limit=args.time_limit, max_tokens=args.max_tokens)
-    print(job_id)
+    if args.max_cost is None:
+        print(_submit(args, client, None))
+        return 0
+    job_id = _submit(args, client, args.sample)
+    _quoted(args, client, job_id)
+    start_job(client, job_id, max_cost=args.max_cost, force=args.force)
+    print(f"{job_id} started", file=sys.stderr)
+    return 0
+
+
+def cmd_job_quote(args: argparse.Namespace) -> int:
+    client = _client(args)
+    job_id = _submit(args, client, args.sample)
+    _quoted(args, client, job_id)
+    print(f"start it with `rlmq job start {job_id}` (the sample is not run again), or `rlmq job cancel {job_id}`",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_job_start(args: argparse.Namespace) -> int:
+    from rlmq.job_quote import start_job
+
+    start_job(_client(args), args.job, max_cost=args.max_cost, force=args.force)
+    print(f"{args.job}  started")
     return 0
 
 
@@ -158,28 +196,18 @@ def add_job_commands(add: Callable[..., argparse.ArgumentParser], number: Callab
         p.set_defaults(func=func)
         return p
 
-    p = add_sub("submit", cmd_job_submit, "submit a job: one run per item, at most --max-active at once")
-    p.add_argument("--signature", required=True, help='e.g. "contract: str, question: str -> answer: str"')
-    p.add_argument("--each", action="append", default=[], metavar="NAME=@SOURCE",
-                   help="items: one per file of @dir/ or @glob, per line of @file.jsonl, per --split piece of "
-                        "@file (repeat for every combination, or with --zip)")
-    p.add_argument("--zip", action="store_true", help="pair the --each sources item by item")
-    p.add_argument("--questions", metavar="[NAME=]FILE", help="items: one per non-empty line of FILE")
-    p.add_argument("--input", action="append", default=[], metavar="NAME=VALUE",
-                   help="an input shared by every item (stored once): a literal, or @path")
-    p.add_argument("--split", help="with --each @file: split it into pieces ('chapters' or a regex)")
-    p.add_argument("--max-active", type=count, default=None,
-                   help="the job's runs queued or running at once (default 8: twice `rlmq up`'s 4 rlm slots)")
-    p.add_argument("--max-cost", type=dollars, metavar="DOLLARS", help="stop the job once its runs paid this much")
-    p.add_argument("--lm")
-    p.add_argument("--sub-lm")
-    p.add_argument("--api-base")
-    p.add_argument("--sandbox")
-    p.add_argument("--max-iters", type=count)
-    p.add_argument("--max-llm-calls", type=count)
-    p.add_argument("--max-tokens", type=count, help="per run")
-    p.add_argument("--time-limit", type=seconds, help="per run, seconds")
-    p.add_argument("--tool", action="append", default=[], metavar="MODULE:FUNCTION")
+    for name, func, text in (
+            ("submit", cmd_job_submit, "submit a job: one run per item, at most --max-active at once (with "
+                                       "--max-cost: quoted first, refused if the p95 projection exceeds it)"),
+            ("quote", cmd_job_quote, "run a random sample of the items for real and project the whole job's "
+                                     "cost, tokens, sub-calls and wall time (p50/p95); `job start` runs the rest")):
+        _submit_arguments(add_sub(name, func, text), count, dollars, seconds)
+
+    p = add_sub("start", cmd_job_start, "start a quoted job (its sample's runs are reused, not paid again)")
+    p.add_argument("job")
+    p.add_argument("--max-cost", type=dollars, metavar="DOLLARS", help="refuse if the p95 projection exceeds it; "
+                                                                      "stop the job once its runs paid this much")
+    p.add_argument("--force", action="store_true", help="start even if the p95 projection exceeds --max-cost")
 
     p = add_sub("status", cmd_job_status, "counts per state, throughput, ETA, cost, the failed items")
     p.add_argument("job")
@@ -204,3 +232,34 @@ def add_job_commands(add: Callable[..., argparse.ArgumentParser], number: Callab
                                           "those whose run failed)")
     p.add_argument("job")
     p.add_argument("--retry-failed", action="store_true")
+
+
+def _submit_arguments(p: argparse.ArgumentParser, count: Callable[[str], Any], dollars: Callable[[str], Any],
+                      seconds: Callable[[str], Any]) -> None:
+    p.add_argument("--signature", required=True, help='e.g. "contract: str, question: str -> answer: str"')
+    p.add_argument("--each", action="append", default=[], metavar="NAME=@SOURCE",
+                   help="items: one per file of @dir/ or @glob, per line of @file.jsonl, per --split piece of "
+                        "@file (repeat for every combination, or with --zip)")
+    p.add_argument("--zip", action="store_true", help="pair the --each sources item by item")
+    p.add_argument("--questions", metavar="[NAME=]FILE", help="items: one per non-empty line of FILE")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=VALUE",
+                   help="an input shared by every item (stored once): a literal, or @path")
+    p.add_argument("--split", help="with --each @file: split it into pieces ('chapters' or a regex)")
+    p.add_argument("--max-active", type=count, default=None,
+                   help="the job's runs queued or running at once (default 8: twice `rlmq up`'s 4 rlm slots)")
+    p.add_argument("--max-cost", type=dollars, metavar="DOLLARS",
+                   help="refuse the job if its quote's p95 cost projection exceeds this; stop it once its runs "
+                        "paid this much")
+    p.add_argument("--lm")
+    p.add_argument("--sub-lm")
+    p.add_argument("--api-base")
+    p.add_argument("--sandbox")
+    p.add_argument("--max-iters", type=count)
+    p.add_argument("--max-llm-calls", type=count)
+    p.add_argument("--max-tokens", type=count, help="per run")
+    p.add_argument("--time-limit", type=seconds, help="per run, seconds")
+    p.add_argument("--tool", action="append", default=[], metavar="MODULE:FUNCTION")
+    p.add_argument("--sample", type=count, default=10, help="items a quote runs (default 10)")
+    p.add_argument("--seed", type=int, help="the quote's random choice of items, repeatable")
+    p.add_argument("--force", action="store_true", help="with --max-cost: start even if the p95 projection exceeds it")
+    p.add_argument("--timeout", type=seconds, help="seconds to wait for a quote's sample")

@@ -16,6 +16,7 @@ import csv
 import itertools
 import json
 import os
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -116,8 +117,12 @@ def combine(sources: list[ItemSource], *, zipped: bool = False) -> ItemSource:
 # ---- submit ----------------------------------------------------------------------------------
 def submit_job(client: Client, signature: str, shared: dict[str, Any], items: Iterable[dict[str, Any]], *,
                max_active: int | None = None, max_cost: float | None = None,
-               tools: list[str] | tuple[str, ...] = (), job_id: str | None = None, **options: Any) -> str:
-    """Store the job and stream its items in; runs start with the first chunk. Returns the job id."""
+               tools: list[str] | tuple[str, ...] = (), job_id: str | None = None, sample: int | None = None,
+               seed: int | None = None, **options: Any) -> str:
+    """Store the job and stream its items in; runs start with the first chunk. Returns the job id.
+
+    ``sample``: a quote (``rlmq.job_quote``): only a random sample of that many items is run (``seed``
+    makes the choice repeatable) and the job waits, QUOTING, for ``job_quote.start_job``."""
     from rlmq.client import ClientError, check_signature
 
     input_names = check_signature(signature)
@@ -147,7 +152,9 @@ def submit_job(client: Client, signature: str, shared: dict[str, Any], items: It
                    item_fields=item_fields, options=run_options, tools=tool_paths, max_active=max_active,
                    max_cost=max_cost)
     jobs = JobStore(client.redis)
-    client.call("submit job", lambda: jobs.create(spec))
+    if sample is not None and sample < 1:
+        raise ClientError("a quote's sample must be at least 1 item")
+    client.call("submit job", lambda: jobs.create(spec, quoting=sample is not None))
     count = 0
     for chunk in _chunks(itertools.chain([first], iterator)):
         lines = [_stored_item(client, spec, count + n, item) for n, item in enumerate(chunk)]
@@ -156,6 +163,9 @@ def submit_job(client: Client, signature: str, shared: dict[str, Any], items: It
         if count == len(lines):  # the first chunk: runs start while the rest is stored
             client.call("feed job", lambda: feed_job(client.redis, client.celery, spec.job_id))
     client.call("submit job", lambda: jobs.seal(spec.job_id, count))
+    if sample is not None:  # chosen once every item is stored: each is as likely
+        chosen = random.Random(seed).sample(range(count), min(sample, count))
+        client.call("submit job", lambda: jobs.sample(spec.job_id, chosen))
     client.call("feed job", lambda: feed_job(client.redis, client.celery, spec.job_id))
     return spec.job_id
 
@@ -325,7 +335,7 @@ def resume_job(client: Client, job_id: str, *, retry_failed: bool = False) -> in
     feed_job(client.redis, client.celery, job_id)  # settle what has ended before choosing what to retry
     n = jobs.resume(job_id, retry=retry_failed)
     if n < 0:
-        raise ClientError(f"job {job_id} is still being submitted")
+        raise ClientError(f"job {job_id} is still being submitted or quoted (start a quoted job with `rlmq job start`)")
     feed_job(client.redis, client.celery, job_id)
     return n
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from rlmq.client import Client
+from rlmq.client import Client, ClientError
 from rlmq.jobs import export_results, job_summary, resume_job
 from rlmq.local_redis import PrivateRedis, start_private_redis
 from rlmq.store import keys
@@ -201,3 +201,60 @@ def test_resume_retry_failed_reruns_exactly_the_failed_items(client: Client, stu
     assert stub.request_count == 20
     record = JobStore(client.redis).get(job_id)
     assert record is not None and record.counts == {"SUCCEEDED": 30}
+
+
+def skewed_answer(prompt: str) -> str:
+    """The sub-LM's answer to item i is 100 * 3**(i % 5) characters long: per-item cost skewed to the right,
+    as real corpora are (most documents short, a few long), so the mean lies between the median and p95."""
+    doc = prompt.rsplit("| ", 1)[-1].strip()
+    return f"seen {doc} " + "x" * (100 * 3 ** (int(doc.rsplit("-", 1)[-1]) % 5))
+
+
+def test_a_quote_brackets_the_real_cost_and_its_sample_is_not_paid_again(client: Client, stub: StubLLM) -> None:
+    from rlmq.job_quote import quote, start_job, wait_sample
+
+    stub.set_responder(route(root=ScriptedRoot([STEP]), sub=skewed_answer))
+    n = 40
+    # seed 5 draws two items of each cost level: what is tested is the projection and the sample's reuse, not
+    # the luck of the draw (an unlucky sample of 10 from a skewed corpus may miss the mean, as real ones do)
+    job_id = client.submit_job(SIGNATURE, {"question": QUESTION}, docs(n, "quote"), max_active=4, sample=10, seed=5,
+                               max_iters=3, max_llm_calls=5)
+    wait_sample(client, job_id, timeout=120)
+    estimate = quote(client, job_id)
+    assert estimate.sampled == estimate.answered == 10 and stub.request_count == 20
+    assert JobStore(client.redis).status(job_id) is JobStatus.QUOTING  # nothing else ran
+    low, high = estimate.projected("cost_paid", 0.5), estimate.projected("cost_paid", 0.95)
+    with pytest.raises(ClientError, match="p95 projection"):
+        start_job(client, job_id, max_cost=high / 2)
+    start_job(client, job_id, max_cost=high * 2)
+    assert wait_job(client, job_id) is JobStatus.DONE
+    record = JobStore(client.redis).get(job_id)
+    assert record is not None and record.counts == {"SUCCEEDED": n}
+    real = record.usage["cost_paid"]
+    print(f"\nMEASURED quote of {n} items from 10: p50 ${low:.5f}, p95 ${high:.5f}; real ${real:.5f}")
+    assert low <= real <= high
+    assert stub.request_count == 2 * n  # the sample's 10 items were not run again
+    answers = rows(client, job_id)
+    assert [row["run_id"] for row in answers] == [f"{job_id}-{i}" for i in range(n)]
+    assert all(row["outputs"]["answer"].startswith(f"seen quote-doc-{row['item']} ") for row in answers)
+
+
+def test_a_job_past_its_max_cost_is_stopped_cleanly(client: Client, stub: StubLLM) -> None:
+    from rlmq.job_quote import quote, start_job, wait_sample
+
+    n = 40
+    job_id = client.submit_job(SIGNATURE, {"question": QUESTION}, docs(n, "budget"), max_active=2, sample=2,
+                               max_iters=3, max_llm_calls=5)
+    wait_sample(client, job_id, timeout=60)
+    per_run = max(quote(client, job_id).per_item["cost_paid"])
+    budget = per_run * 8  # about 8 of the 40 items
+    start_job(client, job_id, max_cost=budget, force=True)  # its p95 projection is 5x the budget
+    assert wait_job(client, job_id) is JobStatus.STOPPED
+    wait_until(lambda: (r := JobStore(client.redis).get(job_id)) and r.active == 0 and r, 30, "its runs ended")
+    record = JobStore(client.redis).get(job_id)
+    assert record is not None and record.error and "max_cost" in record.error
+    assert budget <= record.usage["cost_paid"] <= budget + 3 * per_run  # at most max_active runs past the line
+    assert record.settled < n and record.cursor < n
+    statuses = {row["status"] for row in rows(client, job_id)}
+    assert statuses <= {"SUCCEEDED", "CANCELLED", "NOT_STARTED"} and "NOT_STARTED" in statuses
+    assert RunStore(client.redis).active() == []  # no run left running

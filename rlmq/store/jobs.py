@@ -20,7 +20,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -40,6 +40,7 @@ USAGE_FIELDS = ("cost_paid", "cost_uncached", "calls", "cache_hits", "input_toke
 
 
 class JobStatus(str, Enum):
+    QUOTING = "QUOTING"  # only its quote's sample runs; started by ``job start`` (rlmq.job_quote)
     SUBMITTING = "SUBMITTING"  # items are still being streamed in (runs are fed already)
     RUNNING = "RUNNING"
     DONE = "DONE"  # every item's run has ended (answered or not: see the counts)
@@ -116,10 +117,11 @@ class JobStore:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
 
-    def create(self, spec: JobSpec) -> None:
+    def create(self, spec: JobSpec, *, quoting: bool = False) -> None:
         pipe = self.redis.pipeline()
+        status = JobStatus.QUOTING if quoting else JobStatus.SUBMITTING
         pipe.hset(keys.job_key(spec.job_id), mapping={
-            "spec": spec.to_json(), "status": JobStatus.SUBMITTING.value, "stored": 0, "cursor": 0,
+            "spec": spec.to_json(), "status": status.value, "stored": 0, "cursor": 0,
             "max_active": spec.max_active, "round": 0})
         pipe.zadd(keys.jobs_index_key(), {spec.job_id: spec.submitted_at})
         pipe.sadd(keys.jobs_feeding_key(), spec.job_id)
@@ -135,8 +137,29 @@ class JobStore:
         pipe.execute()
 
     def seal(self, job_id: str, total: int) -> None:
-        """Every item is stored: the job may end once they are all answered."""
-        self.redis.hset(keys.job_key(job_id), mapping={"total": total, "status": JobStatus.RUNNING.value})
+        """Every item is stored: the job may end once they are all answered (a QUOTING job stays so)."""
+        self.redis.hset(keys.job_key(job_id), "total", total)
+        if self.status(job_id) is JobStatus.SUBMITTING:
+            self.redis.hset(keys.job_key(job_id), "status", JobStatus.RUNNING.value)
+
+    def sample(self, job_id: str, indices: Sequence[int]) -> None:
+        """Run these items first (a quote's sample): their first runs, which the job later reuses."""
+        pipe = self.redis.pipeline()
+        pipe.sadd(keys.job_sampled_key(job_id), *indices)
+        pipe.rpush(keys.job_retry_key(job_id), *indices)
+        pipe.execute()
+
+    def sampled(self, job_id: str) -> list[int]:
+        return sorted(int(replies.text(m)) for m in self.redis.smembers(keys.job_sampled_key(job_id)))
+
+    def start(self, job_id: str, max_cost: float | None) -> bool:
+        """A QUOTING job RUNNING (with ``max_cost`` as its budget); False if it was not QUOTING."""
+        record = self.get(job_id)
+        if record is None or record.status is not JobStatus.QUOTING:
+            return False
+        spec = replace(record.spec, max_cost=max_cost if max_cost is not None else record.spec.max_cost)
+        self.redis.hset(keys.job_key(job_id), mapping={"spec": spec.to_json(), "status": JobStatus.RUNNING.value})
+        return True
 
     def items(self, job_id: str, indices: Sequence[int]) -> list[dict[str, Any]]:
         pipe = self.redis.pipeline(transaction=False)
@@ -199,8 +222,8 @@ class JobStore:
     def reserve(self, job_id: str) -> list[tuple[str, int]]:
         """(run id, item index) of the runs to start now, within the job's max_active."""
         flat = lua_scripts("rlmq.store").run(
-            self.redis, "job_reserve", [keys.job_key(job_id), keys.job_active_key(job_id),
-                                        keys.job_retry_key(job_id), keys.job_reruns_key(job_id)],
+            self.redis, "job_reserve", [keys.job_key(job_id), keys.job_active_key(job_id), keys.job_retry_key(job_id),
+                                        keys.job_reruns_key(job_id), keys.job_sampled_key(job_id)],
             {"job_id": job_id, "now": repr(time.time())})
         texts = [replies.text(x) for x in flat]
         return [(texts[i], int(texts[i + 1])) for i in range(0, len(texts), 2)]

@@ -24,6 +24,7 @@ rlmq:job:{job_id}:active            zset    the job's runs queued or running, sc
 rlmq:job:{job_id}:retry             list    item indices to run again (``job resume --retry-failed``)
 rlmq:job:{job_id}:unanswered        set     item indices whose latest run ended without an answer
 rlmq:job:{job_id}:reruns            hash    item index -> its latest run id, when it is not the first one
+rlmq:job:{job_id}:sampled           set     item indices a quote ran (the cursor skips them)
 rlmq:jobs                           zset    job ids scored by submit time
 rlmq:jobs:feeding                   set     jobs that still have items to feed or runs to settle
 rlmq:runs:active                    zset    runs started or restarted, not finished (score: last change)
@@ -68,6 +69,7 @@ __all__ = [
     "job_key",
     "job_reruns_key",
     "job_retry_key",
+    "job_sampled_key",
     "job_unanswered_key",
     "jobs_feeding_key",
     "jobs_index_key",
@@ -176,6 +178,10 @@ def job_active_key(job_id: str) -> str:
 
 def job_retry_key(job_id: str) -> str:
     return f"{job_key(job_id)}:retry"
+
+
+def job_sampled_key(job_id: str) -> str:
+    return f"{job_key(job_id)}:sampled"
 
 
 def job_unanswered_key(job_id: str) -> str:

@@ -4,10 +4,10 @@
 -- KEYS[1] the job's hash, KEYS[2] its unanswered items (hash index -> status), KEYS[3] its retry list
 -- ARGV[1] {retry (bool)}
 --
--- -> the number of items queued to run again, or -1 if the job is still being submitted
+-- -> the number of items queued to run again, or -1 if the job is still being submitted or quoted
 local a = cjson.decode(ARGV[1])
 local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'SUBMITTING' then return -1 end
+if status == 'SUBMITTING' or status == 'QUOTING' then return -1 end
 local n = 0
 if a.retry then
   local pairs_ = redis.call('HGETALL', KEYS[2])
