@@ -189,8 +189,8 @@ def _stored_item(client: Client, spec: JobSpec, index: int, item: dict[str, Any]
     for name, value in item.items():
         if value in ("", [], {}, None):
             raise ClientError(f"item {index}: input {name} is empty")
-        _, data = encode_blob(value)
-        if len(data) > INLINE_BYTES:
+        short = isinstance(value, str) and len(value) * 4 <= INLINE_BYTES  # UTF-8: at most 4 bytes a character
+        if not short and len(encode_blob(value)[1]) > INLINE_BYTES:
             refs[name] = put_blob(client.redis, value, chunk_bytes=client.blob_chunk_bytes)
         else:
             inline[name] = value
