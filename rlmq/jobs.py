@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from rlmq.client import Client
 
 __all__ = ["DEFAULT_MAX_ACTIVE", "INLINE_BYTES", "ItemSource", "JobSummary", "cancel_job", "combine", "each_item",
-           "export_results", "job_summary", "list_jobs", "question_items", "results", "resume_job", "submit_job"]
+           "export_results", "job_summary", "list_jobs", "question_items", "results", "results_page", "resume_job", "submit_job"]
 
 DEFAULT_MAX_ACTIVE = 8  # twice the 4 rlm slots `rlmq up` and compose start
 INLINE_BYTES = 2048  # an item value up to this size rides in its chunk; a larger one is a blob
@@ -272,6 +272,14 @@ def results(client: Client, job_id: str, batch: int = 500) -> Iterator[dict[str,
             yield from _rows(client, pending)
             pending = []
     yield from _rows(client, pending)
+
+
+def results_page(client: Client, job_id: str, first: int, count: int) -> list[dict[str, Any]]:
+    """Rows ``first..first+count`` (as ``results``), for a paged view."""
+    record = JobStore(client.redis).get(job_id)
+    total = 0 if record is None else (record.total if record.total is not None else record.stored)
+    indices = list(range(first, min(total, first + count)))
+    return list(_rows(client, list(zip(indices, JobStore(client.redis).latest_runs(job_id, indices), strict=True))))
 
 
 def _rows(client: Client, pairs: list[tuple[int, str]]) -> Iterator[dict[str, Any]]:
