@@ -89,6 +89,8 @@ def test_the_job_commands_as_a_user_types_them(tmp_path: Path, redis_url: str, m
     assert cancelled.code == 0 and "cancelled" in cancelled.stdout
     status = json.loads(run("job", "status", job_id, "--json").stdout)
     assert status["status"] == "CANCELLED" and status["counts"] == {"CANCELLED": 2} and status["active"] == 0
+    watched = run("job", "watch", job_id)  # an ended job: one bar, and the exit code says not all answered
+    assert watched.code == 1 and "] 2/3 cancelled" in watched.stderr
 
     (tmp_path / "corpus.txt").write_text("the one shared corpus\n")
     (tmp_path / "questions.txt").write_text("Who?\n\nWhen?\nWhy?\n")
