@@ -28,7 +28,7 @@ from rlmq.job_feed import feed_job
 from rlmq.run_send import cancel_run
 from rlmq.store import keys, replies
 from rlmq.store.blobs import encode_blob, put_blob
-from rlmq.store.jobs import ITEMS_PER_CHUNK, JobRecord, JobSpec, JobStatus, JobStore, new_job_id
+from rlmq.store.jobs import ITEMS_PER_CHUNK, JobRecord, JobSpec, JobStatus, JobStore, item_of_run, new_job_id
 from rlmq.store.records import Usage
 
 if TYPE_CHECKING:
@@ -205,11 +205,13 @@ class JobSummary:
     eta_seconds: float | None
     projected_cost: float | None  # the cost so far, scaled to every item
     failed: list[tuple[int, str, str]]  # (item, status, one-line reason), the first few
+    slowest: list[tuple[int, str, float]]  # (item, run id, seconds running), the longest-running active runs
 
     def to_json_dict(self) -> dict[str, Any]:
         return {**self.record.to_json_dict(), "throughput_per_min": round(self.throughput, 3),
                 "eta_seconds": self.eta_seconds, "projected_cost": self.projected_cost,
-                "failed": [{"item": i, "status": s, "error": e} for i, s, e in self.failed]}
+                "failed": [{"item": i, "status": s, "error": e} for i, s, e in self.failed],
+                "slowest": [{"item": i, "run_id": run, "seconds": round(t, 1)} for i, run, t in self.slowest]}
 
     def lines(self) -> list[str]:
         r = self.record
@@ -224,6 +226,7 @@ class JobSummary:
                    f"{int(r.usage.get('input_tokens', 0) + r.usage.get('output_tokens', 0))} tokens")
         if r.error:
             out.append(f"  {r.error}")
+        out.extend(f"  item {i} running for {t:.0f}s ({run})" for i, run, t in self.slowest)
         out.extend(f"  item {i} {s.lower()}: {e}" for i, s, e in self.failed)
         return out
 
@@ -249,7 +252,20 @@ def job_summary(client: Client, job_id: str, *, failed_shown: int = 10) -> JobSu
         run_ids = jobs.latest_runs(job_id, [i for i, _ in unanswered])
         errors = [client.redis.hget(keys.run_key(run_id), "error") for run_id in run_ids]
         failed = [(i, s, replies.text(e) if e else "") for (i, s), e in zip(unanswered, errors, strict=True)]
-    return JobSummary(record, throughput, eta, projected, failed)
+    return JobSummary(record, throughput, eta, projected, failed, _slowest(client, jobs, job_id))
+
+
+def _slowest(client: Client, jobs: JobStore, job_id: str, shown: int = 3) -> list[tuple[int, str, float]]:
+    active = [run_id for run_id, _ in jobs.active_runs(job_id)]
+    if not active:
+        return []
+    pipe = client.redis.pipeline(transaction=False)
+    for run_id in active:
+        pipe.hget(keys.run_key(run_id), "started_at")
+    now = time.time()
+    running = [(item_of_run(job_id, run_id), run_id, now - float(replies.text(started)))
+               for run_id, started in zip(active, pipe.execute(), strict=True) if started]
+    return sorted(running, key=lambda r: -r[2])[:shown]
 
 
 # ---- results ---------------------------------------------------------------------------------

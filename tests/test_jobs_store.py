@@ -5,6 +5,7 @@ max_active and idempotent, a run's end counted once, and the ``rlmq job`` comman
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from rlmq.client import Client, ClientError
 from rlmq.job_feed import feed_job
+from rlmq.jobs import job_summary
 from rlmq.store import keys
 from rlmq.store.jobs import ITEMS_PER_CHUNK, JobStatus, JobStore
 from rlmq.store.records import RunStatus, RunStore
@@ -51,6 +53,11 @@ def test_a_run_end_is_counted_once_and_frees_its_place(client: Client) -> None:
     record = JobStore(client.redis).get(job_id)
     assert record is not None and record.counts == {"FAILED": 1} and record.cursor == 3
     assert JobStore(client.redis).unanswered(job_id) == {0: "FAILED"}
+    client.redis.hset(keys.run_key(f"{job_id}-2"), "started_at", repr(time.time() - 50))  # as a worker's claim does
+    summary = job_summary(client, job_id)
+    assert [(i, run) for i, run, _ in summary.slowest] == [(2, f"{job_id}-2")] and summary.slowest[0][2] >= 50
+    assert summary.failed == [(0, "FAILED", "boom")]
+    assert "item 2 running for 5" in "\n".join(summary.lines())
 
 
 def test_bad_jobs_are_refused_in_one_line(client: Client) -> None:
