@@ -109,10 +109,11 @@ def rows(client: Client, job_id: str) -> list[dict]:
 
 
 class ActiveSampler:
-    """Counts the job's runs QUEUED or RUNNING, read from their records, every 50 ms."""
+    """Counts the job's runs QUEUED or RUNNING, read from their records every 50 ms (a run seen finished
+    is not read again: nothing in this job runs an item twice)."""
 
     def __init__(self, client: Client, job_id: str, n: int) -> None:
-        self.r, self.run_ids = client.redis, [f"{job_id}-{i}" for i in range(n)]
+        self.r, self.pending = client.redis, [f"{job_id}-{i}" for i in range(n)]
         self.samples: list[int] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.loop, daemon=True)
@@ -120,9 +121,12 @@ class ActiveSampler:
     def loop(self) -> None:
         while not self.stop.is_set():
             pipe = self.r.pipeline(transaction=False)
-            for run_id in self.run_ids:
+            for run_id in self.pending:
                 pipe.hget(keys.run_key(run_id), "status")
-            self.samples.append(sum(1 for s in pipe.execute() if s in (b"QUEUED", b"RUNNING")))
+            statuses = pipe.execute()
+            self.samples.append(sum(1 for s in statuses if s in (b"QUEUED", b"RUNNING")))
+            self.pending = [run_id for run_id, s in zip(self.pending, statuses, strict=True)
+                            if s is None or s in (b"QUEUED", b"RUNNING")]
             time.sleep(0.05)
 
     def __enter__(self) -> ActiveSampler:
