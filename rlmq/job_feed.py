@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 # this long is sent again too (its message may be lost): a duplicate message is harmless.
 RESEND_AFTER_SECONDS = 30.0
 QUEUED_RESEND_AFTER_SECONDS = 300.0
+_ENDED = tuple(status for status in JobStatus if status.finished)
 
 
 def feed_job(client: redis.Redis, celery: Any, job_id: str) -> int:
@@ -48,7 +49,8 @@ def feed_job(client: redis.Redis, celery: Any, job_id: str) -> int:
     record = jobs.get(job_id)
     assert record is not None
     spec = record.spec
-    if (spec.max_cost is not None and not record.status.finished
+    # a quote's sample is what the decision is made on (``job start``), so a QUOTING job is never stopped
+    if (spec.max_cost is not None and record.status not in (JobStatus.QUOTING, *_ENDED)
             and record.usage.get("cost_paid", 0.0) >= spec.max_cost):
         stop = f"its runs spent ${record.usage['cost_paid']:.4f}, the job's max_cost is ${spec.max_cost:g}"
         if jobs.end(job_id, JobStatus.STOPPED, stop):

@@ -313,3 +313,27 @@ def test_a_job_past_its_max_cost_is_stopped_cleanly(client: Client, stub: StubLL
     statuses = {row["status"] for row in rows(client, job_id)}
     assert statuses <= {"SUCCEEDED", "CANCELLED", "NOT_STARTED"} and "NOT_STARTED" in statuses
     assert RunStore(client.redis).active() == []  # no run left running
+
+
+def test_job_submit_with_max_cost_quotes_first_and_refuses_past_it(client: Client, aof_redis, tmp_path,
+                                                                   mp_context) -> None:
+    from tests.support.cli import cli_env, rlmq_forked
+
+    (tmp_path / "docs").mkdir()
+    for i in range(5):
+        (tmp_path / "docs" / f"{i}.txt").write_text(f"cli-doc-{i}")
+    env = cli_env(tmp_path, REDIS_URL=aof_redis["server"].url)
+    refused = rlmq_forked(mp_context, "job", "submit", "--signature", SIGNATURE, "--each", "doc=@docs/",
+                          "--input", f"question={QUESTION}", "--max-cost", "0.00001", "--sample", "2",
+                          "--max-iters", "3", env=env, cwd=tmp_path)
+    job_id = refused.stdout.strip()
+    assert refused.code == 2 and "p95 projection" in refused.stderr and "cost (paid)" in refused.stderr
+    assert "item " in refused.stderr and "seen cli-doc-" in refused.stderr  # the sample's answers
+    jobs = JobStore(client.redis)
+    assert jobs.status(job_id) is JobStatus.QUOTING
+    record = jobs.get(job_id)
+    assert record is not None and record.settled == 2 and record.total == 5
+    started = rlmq_forked(mp_context, "job", "start", job_id, "--max-cost", "100", env=env, cwd=tmp_path)
+    assert started.code == 0, started.stderr
+    assert wait_job(client, job_id) is JobStatus.DONE
+    assert [row["outputs"]["answer"] for row in rows(client, job_id)] == [f"seen cli-doc-{i}" for i in range(5)]
