@@ -112,7 +112,7 @@ def item_of_run(job_id: str, run_id: str) -> int:
 
 
 class JobStore:
-    """Job records, item chunks, and the job's Lua steps (reserve, settle, resume)."""
+    """Job records, item chunks, and the job's Lua steps (reserve, settle, resume, end)."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
@@ -247,12 +247,8 @@ class JobStore:
 
     def end(self, job_id: str, status: JobStatus, error: str) -> bool:
         """CANCELLED or STOPPED, unless the job has ended already."""
-        current = self.status(job_id)
-        if current is None or current.finished:
-            return False
-        self.redis.hset(keys.job_key(job_id), mapping={"status": status.value, "error": error,
-                                                       "finished_at": repr(time.time())})
-        return True
+        return bool(lua_scripts("rlmq.store").run(self.redis, "job_end", [keys.job_key(job_id)],
+                                                  {"status": status.value, "error": error, "now": repr(time.time())}))
 
     def scan_runs(self, job_id: str, total: int, batch: int = 500) -> Iterator[tuple[int, str]]:
         """(item index, latest run id) for every item, in item order, ``batch`` at a time."""
