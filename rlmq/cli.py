@@ -16,6 +16,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from rlmq.cli_job import add_job_commands
 from rlmq.cli_show import add_budget_flags, add_view_commands, budget_options, print_outputs
 from rlmq.progress import format_progress, progress_printer
 
@@ -268,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Redis of the fleet (default: REDIS_URL, .env, or the `rlmq up` stack)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+    def add(name: str, func: Callable[[argparse.Namespace], int] | None, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
         p.set_defaults(func=func)
         return p
@@ -336,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flower", action="store_true")
 
     add_view_commands(add, PORT)  # trace, ui, workers, stats (rlmq.cli_show)
+    add_job_commands(add, _number)  # job submit|status|watch|results|list|cancel|resume (rlmq.cli_job)
 
     p = add("demo", cmd_demo, "run a reference analysis (brings up a local stack if none is running)")
     p.add_argument("name", choices=["monte-cristo"])

@@ -17,17 +17,18 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from rlmq.celery_config import RLM_QUEUE, RUN_TASK, client_app
-from rlmq.flower_repr import describe_inputs, task_reprs
+from rlmq.celery_config import client_app
+from rlmq.flower_repr import describe_inputs
 from rlmq.redis_url import connect
 from rlmq.run_options import check_tools, with_options
+from rlmq.run_send import cancel_run, send_run
 from rlmq.settings import RUN_OPTIONS, Settings, SettingsError, load_dotenv_once, redis_url_from_env
 from rlmq.stack import running_stack_url
 from rlmq.store.blobs import CHUNK_BYTES, blob_size, put_blobs
@@ -74,7 +75,7 @@ class Client:
         self.store = RunStore(self.redis)
         self.celery = client_app(self.redis_url)
 
-    def _call(self, what: str, action: Callable[[], _T]) -> _T:
+    def call(self, what: str, action: Callable[[], _T]) -> _T:
         try:
             return action()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
@@ -89,7 +90,6 @@ class Client:
         from the run's sandbox code by the function's name.
         """
         input_names = check_signature(signature)
-        tool_paths = [check_tool_path(t) for t in tools]
         unknown = sorted(set(inputs) - set(input_names))
         missing = sorted(set(input_names) - set(inputs))
         if unknown:
@@ -99,6 +99,23 @@ class Client:
         empty = sorted(name for name, value in inputs.items() if value in ("", [], {}, None))
         if empty:
             raise ClientError(f"input(s) {', '.join(empty)} are empty")
+        run_options, tool_paths = self.checked_options(options, tools)
+
+        run_id = new_run_id()
+
+        def store_and_enqueue() -> None:
+            refs = put_blobs(self.redis, inputs, chunk_bytes=self.blob_chunk_bytes)
+            self.enqueue(RunSpec(run_id=run_id, signature=signature, inputs=refs, options=run_options,
+                                 tools=tool_paths), described=describe_inputs(inputs))
+
+        self.call("submit", store_and_enqueue)
+        return run_id
+
+    def checked_options(self, options: dict[str, Any], tools: list[str] | tuple[str, ...] = ()
+                        ) -> tuple[dict[str, Any], list[str]]:
+        """The run options given (None dropped) and the tool paths, checked against this machine's pins
+        when it has them (the workers check again with theirs); ClientError if refused."""
+        tool_paths = [check_tool_path(t) for t in tools]
         run_options = {k: v for k, v in options.items() if v is not None}
         bad = sorted(set(run_options) - set(RUN_OPTIONS))
         if bad:
@@ -113,16 +130,17 @@ class Client:
                 with_options(Settings(redis_url=self.redis_url), run_options, pinned=False)
         except SettingsError as exc:
             raise ClientError(str(exc)) from None
+        return run_options, tool_paths
 
-        run_id = new_run_id()
+    def submit_job(self, signature: str, shared: dict[str, Any], items: Iterable[dict[str, Any]], *,
+                   tools: list[str] | tuple[str, ...] = (), **options: Any) -> str:
+        """A corpus job: one run per item (``{name: value}`` for the inputs ``shared`` does not give),
+        at most ``max_active`` (default ``rlmq.jobs.DEFAULT_MAX_ACTIVE``) queued or running at once;
+        ``max_cost`` stops it once its runs have spent that many dollars. Items are streamed in
+        (``rlmq.jobs``); returns the job id."""
+        from rlmq.jobs import submit_job
 
-        def store_and_enqueue() -> None:
-            refs = put_blobs(self.redis, inputs, chunk_bytes=self.blob_chunk_bytes)
-            self.enqueue(RunSpec(run_id=run_id, signature=signature, inputs=refs, options=run_options,
-                                 tools=tool_paths), described=describe_inputs(inputs))
-
-        self._call("submit", store_and_enqueue)
-        return run_id
+        return submit_job(self, signature, shared, items, tools=tools, **options)
 
     def _own_settings(self) -> Settings | None:
         """This machine's settings when they name a model, i.e. when it is configured like a worker
@@ -141,9 +159,7 @@ class Client:
         ``described``: each input's kind and size (``describe_inputs``), shown by Flower; without
         it the blobs' sizes in Redis are shown.
         """
-        self.store.create(spec)
-        self.celery.send_task(RUN_TASK, args=(spec.run_id,), task_id=spec.run_id, queue=RLM_QUEUE,
-                              **task_reprs(spec, described or self._blob_sizes(spec)))
+        send_run(self.store, self.celery, spec, described or self._blob_sizes(spec))
 
     def _blob_sizes(self, spec: RunSpec) -> dict[str, str]:
         from rlmq.flower_repr import human_bytes
@@ -153,7 +169,7 @@ class Client:
     # ---- follow ----------------------------------------------------------------------------
     def status(self, run_id: str) -> RunRecord:
         check_run_id(run_id)
-        record = self._call("status", lambda: self.store.get(run_id))
+        record = self.call("status", lambda: self.store.get(run_id))
         if record is None:
             raise UnknownRun(f"no run with id {run_id!r}")
         return record
@@ -186,7 +202,7 @@ class Client:
         if record.status is not RunStatus.SUCCEEDED:
             detail = f": {record.error}" if record.error else ""
             raise ClientError(f"run {run_id} has no result: it is {record.status.value}{detail}")
-        result = self._call("result", lambda: self.store.result(run_id))
+        result = self.call("result", lambda: self.store.result(run_id))
         if result is None:
             raise ClientError(f"run {run_id} succeeded but its result has expired")
         return result
@@ -194,7 +210,7 @@ class Client:
     def trace(self, run_id: str) -> list[dict[str, Any]]:
         """The run's steps so far (reasoning, code, output, timings, usage), oldest first."""
         self.status(run_id)  # UnknownRun for a run that does not exist
-        return self._call("trace", lambda: read_trajectory(self.redis, run_id))
+        return self.call("trace", lambda: read_trajectory(self.redis, run_id))
 
     def cancel(self, run_id: str) -> RunRecord:
         """Ask the run to stop: a queued run never starts; a running one stops and deletes its sandbox.
@@ -206,14 +222,7 @@ class Client:
         if record.status.finished:
             return record
 
-        def cancel() -> None:
-            self.store.request_cancel(run_id)  # a running run sees it within ~1 s
-            self.celery.control.revoke(run_id)
-            # only a run still QUEUED (atomically): one a worker has just claimed sees the flag itself
-            self.store.finish(run_id, RunStatus.CANCELLED, error="cancelled before it started",
-                              expect=RunStatus.QUEUED)
-
-        self._call("cancel", cancel)
+        self.call("cancel", lambda: cancel_run(self.store, self.celery, run_id))
         return self.status(run_id)
 
     def list_runs(self, limit: int = 50) -> list[RunRecord]:
@@ -221,7 +230,7 @@ class Client:
             records = (self.store.get(run_id) for run_id in self.store.list(limit))
             return [r for r in records if r is not None]
 
-        return self._call("list", read)
+        return self.call("list", read)
 
     def close(self) -> None:
         self.redis.close()

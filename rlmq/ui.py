@@ -4,7 +4,8 @@
 - ``/run/<id>``: status and live progress (the batch in flight), usage and cost (root and
   sub-calls, paid and uncached), every finished step's reasoning, code and output with its
   sub-call statistics and timings, and the answer; it reloads itself every 2 s while the run works;
-- ``/api/run/<id>``: the same as JSON.
+- ``/api/run/<id>``: the same as JSON;
+- ``/jobs`` and ``/job/<id>``: corpus jobs (``rlmq.ui_jobs``).
 
 Auth as Flower's: HTTP basic auth when ``basic_auth="user:password"`` is given (``rlmq ui``
 takes ``--basic-auth`` or ``FLOWER_BASIC_AUTH``); the command binds to loopback unless told
@@ -24,6 +25,7 @@ from markupsafe import Markup, escape
 from rlmq.progress import format_progress
 from rlmq.store.records import RunStatus, Usage
 from rlmq.trace import format_money, format_usage
+from rlmq.ui_jobs import add_job_pages
 
 if TYPE_CHECKING:
     from rlmq.client import Client
@@ -101,6 +103,7 @@ def create_app(client: Client, *, basic_auth: str | None = None) -> Flask:
         record = data["record"]
         return jsonify({"run": json.loads(record.to_json()), "steps": data["steps"], "result": data["result"]})
 
+    add_job_pages(app, client, REFRESH_SECONDS)
     return app
 
 

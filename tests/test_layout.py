@@ -66,7 +66,7 @@ def test_import_rlmq_loads_no_worker_runtime() -> None:
 
 @pytest.mark.parametrize("command", [["--help"], ["status", "no-such-run"], ["list"], ["result", "no-such-run"],
                                      ["cancel", "no-such-run"], ["watch", "no-such-run", "--timeout", "1"],
-                                     ["submit", "--help"]])
+                                     ["submit", "--help"], ["job", "list"], ["job", "status", "no-such-job"]])
 def test_cli_commands_load_no_worker_runtime(command, tmp_path, redis_url) -> None:
     script = f"import sys\nfrom rlmq.cli import main\ntry:\n    main({command!r})\nexcept SystemExit:\n    pass"
     names = loaded_modules("-c", script, env=cli_env(tmp_path, REDIS_URL=redis_url), cwd=tmp_path)

@@ -1,5 +1,7 @@
 """Maintenance of the fleet, run by every rlm worker (and beat, where deployed): sandboxes whose lease
-expired are destroyed, and runs whose worker died are started again elsewhere.
+expired are destroyed, runs whose worker died are started again elsewhere, and corpus jobs are fed
+(``workers.job_feeder``: their ended runs settled, their next ones started, should every other feeder
+have missed them).
 
 ``maintain`` runs in every rlm worker's main process every ``RLMQ_MAINTENANCE_INTERVAL`` seconds, on
 its own thread (``tasks.watchdog``), and in beat's ``reap_leases`` where beat is deployed: nothing
@@ -30,6 +32,7 @@ from rlmq.settings import Settings
 from rlmq.store.records import RunStore
 from workers.claim import Recovery, recover
 from workers.context import redis_client, worker_settings
+from workers.job_feeder import feed_jobs
 from workers.outcomes import RunFailed, mark_revoked, record_restart
 from workers.sandbox_registry import reap_attempt, reap_expired
 
@@ -99,7 +102,9 @@ def maintain(app: Any, *, redis_healthy_for: float | None = None) -> dict[str, i
     if redis_healthy_for is not None and redis_healthy_for < RECOVERY_GRACE_SECONDS:
         return {"reaped": 0}  # leases and claims may have lapsed while Redis was away: owners renew first
     reaped = reap_here()
-    counts = recover_runs(redis_client(wait_out_outages=False), app, worker_settings())
+    client = redis_client(wait_out_outages=False)
+    counts = recover_runs(client, app, worker_settings())
+    counts["job_runs_started"] = feed_jobs(client, app)
     if reaped or any(counts.values()):
         logger.warning("maintenance: reaped %d sandbox(es); runs %s", reaped, counts)
     return {"reaped": reaped, **counts}

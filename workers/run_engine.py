@@ -21,7 +21,7 @@ from rlmq.celery_config import RLM_QUEUE, RUN_TASK
 from rlmq.run_options import check_tools, with_options
 from rlmq.settings import SandboxBackend, Settings, SettingsError
 from rlmq.store.blobs import get_blobs
-from rlmq.store.records import Progress, RunSpec, RunStatus, RunStore
+from rlmq.store.records import Progress, RunRecord, RunSpec, RunStatus, RunStore
 from workers.budget import Budget
 from workers.claim import RunClaim
 from workers.context import redis_client, worker_settings
@@ -29,6 +29,7 @@ from workers.dspy_cache import install_redis_dspy_cache
 from workers.dspy_private import action_predictor
 from workers.engines import fleet_root_lm
 from workers.fanout import Fanout
+from workers.job_feeder import feed_after_run
 from workers.monitor import summary_line
 from workers.outcomes import CeleryEnd, RunCancelled, RunFailed, ending_of, mark_revoked, record_restart
 from workers.progress_publisher import IterationCallback, ProgressPublisher
@@ -65,6 +66,13 @@ class RunExecution:
         record = self.store.get(self.run_id)
         if record is None:
             raise RunFailed(f"run {self.run_id} has no spec in Redis (was it submitted through rlmq?)")
+        try:
+            return self._run(record)
+        finally:  # however it ended, the job's next runs start now (not at the next maintenance sweep)
+            if record.spec.job:
+                feed_after_run(self.client, self.task.app, record.spec.job, self.run_id)
+
+    def _run(self, record: RunRecord) -> dict[str, Any]:
         if record.status.finished or not self.claim.take():
             logger.warning("run %s is already %s or owned elsewhere: not executing it twice",
                            self.run_id, record.status.value)

@@ -18,6 +18,15 @@ rlmq:run:{run_id}:cancel            string  present when a cancel was requested
 rlmq:run:{run_id}:trajectory        list    one JSON entry per finished iteration, appended live
 rlmq:run:{run_id}:sandbox-homes     set     where its sandboxes live: JSON {backend, provider} (no API key)
 rlmq:runs                           zset    run ids scored by submit time (unix seconds)
+rlmq:job:{job_id}                   hash    a corpus job: spec, status, cursor, counts per run status, usage sums
+rlmq:job:{job_id}:items:{n}         list    the job's items n*ITEMS_PER_CHUNK.. (JSON each), a bounded chunk
+rlmq:job:{job_id}:active            zset    the job's runs queued or running, scored by when they were fed
+rlmq:job:{job_id}:retry             list    item indices to run again (``job resume --retry-failed``)
+rlmq:job:{job_id}:unanswered        set     item indices whose latest run ended without an answer
+rlmq:job:{job_id}:reruns            hash    item index -> its latest run id, when it is not the first one
+rlmq:job:{job_id}:sampled           set     item indices a quote ran (the cursor skips them)
+rlmq:jobs                           zset    job ids scored by submit time
+rlmq:jobs:feeding                   set     jobs that still have items to feed or runs to settle
 rlmq:runs:active                    zset    runs started or restarted, not finished (score: last change)
 rlmq:worker:{hostname}              string  a live worker's heartbeat (TTL = RLMQ_WORKER_HEARTBEAT_TTL)
 rlmq:sub:{task_id}                  string  hostname of the llm worker that received this sub-task
@@ -55,6 +64,15 @@ __all__ = [
     "dspy_cache_key",
     "inflight_done_key",
     "inflight_key",
+    "job_active_key",
+    "job_items_key",
+    "job_key",
+    "job_reruns_key",
+    "job_retry_key",
+    "job_sampled_key",
+    "job_unanswered_key",
+    "jobs_feeding_key",
+    "jobs_index_key",
     "lease_key",
     "leases_index_key",
     "limit_state_key",
@@ -144,6 +162,42 @@ def runs_index_key() -> str:
 
 def runs_active_key() -> str:
     return f"{NAMESPACE}:runs:active"
+
+
+def job_key(job_id: str) -> str:
+    return f"{NAMESPACE}:job:{_ident(job_id)}"
+
+
+def job_items_key(job_id: str, chunk: int) -> str:
+    return f"{job_key(job_id)}:items:{int(chunk)}"
+
+
+def job_active_key(job_id: str) -> str:
+    return f"{job_key(job_id)}:active"
+
+
+def job_retry_key(job_id: str) -> str:
+    return f"{job_key(job_id)}:retry"
+
+
+def job_sampled_key(job_id: str) -> str:
+    return f"{job_key(job_id)}:sampled"
+
+
+def job_unanswered_key(job_id: str) -> str:
+    return f"{job_key(job_id)}:unanswered"
+
+
+def job_reruns_key(job_id: str) -> str:
+    return f"{job_key(job_id)}:reruns"
+
+
+def jobs_index_key() -> str:
+    return f"{NAMESPACE}:jobs"
+
+
+def jobs_feeding_key() -> str:
+    return f"{NAMESPACE}:jobs:feeding"
 
 
 def worker_heartbeat_key(hostname: str) -> str:

@@ -65,6 +65,8 @@ class RunSpec:
     options: dict[str, Any] = field(default_factory=dict)
     submitted_at: float = field(default_factory=time.time)
     tools: list[str] = field(default_factory=list)  # "package.module:function", imported by the worker
+    job: str = ""  # the corpus job this run answers one item of (rlmq.store.jobs), "" for a lone run
+    item: int = -1  # that item's index in the job
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), allow_nan=False)
@@ -79,6 +81,8 @@ class RunSpec:
             options=dict(raw.get("options") or {}),
             submitted_at=float(raw.get("submitted_at") or 0.0),
             tools=[str(t) for t in raw.get("tools") or []],
+            job=str(raw.get("job") or ""),
+            item=int(raw.get("item", -1)),
         )
 
 
@@ -337,6 +341,14 @@ class RunStore:
         pipe.hset(keys.run_key(spec.run_id), mapping={"spec": spec.to_json(), "status": RunStatus.QUEUED.value})
         pipe.zadd(keys.runs_index_key(), {spec.run_id: spec.submitted_at})
         pipe.execute()
+
+    def create_once(self, spec: RunSpec) -> bool:
+        """``create`` unless the run exists already (a job's run fed again after a crash): True if created."""
+        pipe = self.redis.pipeline()  # MULTI: a reader never sees the spec without a status
+        pipe.hsetnx(keys.run_key(spec.run_id), "spec", spec.to_json())
+        pipe.hsetnx(keys.run_key(spec.run_id), "status", RunStatus.QUEUED.value)
+        pipe.zadd(keys.runs_index_key(), {spec.run_id: spec.submitted_at}, nx=True)
+        return bool(pipe.execute()[0])
 
     def get(self, run_id: str) -> RunRecord | None:
         fields = replies.raw_hash(self.redis.hgetall(keys.run_key(run_id)))
