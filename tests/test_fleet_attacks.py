@@ -119,16 +119,23 @@ def _run_the_attacks(kind: str, backend: dict[str, str], target: Target, redis_s
     return outcomes
 
 
-def test_every_attack_fails_through_the_fleet(redis_server, stub_llm: StubLLM, r, listener, tmp_path) -> None:
-    outcomes = run_suite_through_the_fleet("namespaces", redis_server, stub_llm, r, listener, tmp_path)
+@pytest.mark.parametrize(("kind", "sandbox_kind"), [
+    pytest.param("namespaces", ("local", "namespaces"), id="local"),
+    # the emulator's sandbox (its own namespaces, no host files); its API key is the canary too
+    pytest.param(DAYTONA, ("daytona", "vm"), marks=needs_namespaces, id="daytona"),
+])
+def test_every_attack_fails_through_the_fleet(redis_server, stub_llm: StubLLM, r, listener, tmp_path, kind: str,
+                                              sandbox_kind: tuple[str, str]) -> None:
+    outcomes = run_suite_through_the_fleet(kind, redis_server, stub_llm, r, listener, tmp_path)
     sandbox = outcomes.pop("isolation")
-    assert (sandbox.backend, sandbox.isolation) == ("local", "namespaces")
+    assert (sandbox.backend, sandbox.isolation) == sandbox_kind
     assert outcomes.pop("victim_survived") is True
     succeeded = {name: o["evidence"] for name, o in outcomes.items() if o["evidence"]}
     assert not succeeded, f"attacks that got through the fleet's sandbox: {succeeded}"
     assert set(outcomes) == {a.name for a in FLEET_ATTACKS}
     assert outcomes["walk_filesystem"]["verdict"]["files"] > 100  # the attacks did look
     assert 1 <= outcomes["count_processes"]["verdict"]["count"] <= 6
+    assert outcomes["other_sandbox"]["verdict"]["complete"] is True
 
 
 def test_the_fleet_suite_catches_a_sandbox_that_is_no_boundary(redis_server, stub_llm: StubLLM, r, listener,
@@ -142,19 +149,3 @@ def test_the_fleet_suite_catches_a_sandbox_that_is_no_boundary(redis_server, stu
                   "count_processes"}
     assert must_catch <= succeeded, f"the suite missed leaks of a plain-process sandbox: {must_catch - succeeded}"
 
-
-@needs_namespaces
-def test_every_attack_fails_through_a_daytona_fleet(redis_server, stub_llm: StubLLM, r, listener,
-                                                    tmp_path) -> None:
-    """The same attacks from a Daytona sandbox (the emulator's: its own namespaces, no host files): no
-    secret (provider key, Daytona key), no host file or port, no other Daytona sandbox reached."""
-    outcomes = run_suite_through_the_fleet(DAYTONA, redis_server, stub_llm, r, listener, tmp_path)
-    sandbox = outcomes.pop("isolation")
-    assert (sandbox.backend, sandbox.isolation) == ("daytona", "vm")
-    assert outcomes.pop("victim_survived") is True
-    succeeded = {name: o["evidence"] for name, o in outcomes.items() if o["evidence"]}
-    assert not succeeded, f"attacks that got through the Daytona sandbox: {succeeded}"
-    assert set(outcomes) == {a.name for a in FLEET_ATTACKS}
-    assert outcomes["walk_filesystem"]["verdict"]["files"] > 100  # the attacks did look
-    assert 1 <= outcomes["count_processes"]["verdict"]["count"] <= 6
-    assert outcomes["other_sandbox"]["verdict"]["complete"] is True
