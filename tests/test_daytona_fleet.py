@@ -5,7 +5,9 @@ First the worker's wiring, in this process on real Redis: a sandbox is leased be
 the lease says where it lives, a stopping run refuses a sandbox still booting, and recovery deletes a
 dead attempt's sandboxes by label. Then a Celery fleet with ``RLMQ_SANDBOX=daytona`` (two rlm workers,
 one llm worker, 3-s leases, 1-s sweeps): a fan-out run, cancels before the sandbox exists and during a
-step, and a SIGKILL of the worker mid-run and mid-boot.
+step, a SIGKILL of the worker mid-run and mid-boot, and API faults (a 500, a 429 storm, a lost create
+reply, a toolbox 5xx storm, an API that hangs during the create or a step). docs/reliability.md's
+Daytona table is made of the ``MEASURED`` lines these print with ``-s``.
 """
 
 from __future__ import annotations
