@@ -203,6 +203,9 @@ class Settings:
     max_iters: int = field(default=20, metadata=_setting("RLMQ_MAX_ITERS", _int, capped=True))
     max_llm_calls: int = field(default=500, metadata=_setting("RLMQ_MAX_LLM_CALLS", _int, capped=True))
     execution_timeout: float = field(default=300.0, metadata=_setting("RLMQ_EXECUTION_TIMEOUT", _float, capped=True))
+    # a Daytona sandbox's whole boot (create, install, broker up), every API call in it included
+    daytona_boot_timeout: float = field(default=180.0,
+                                        metadata=_setting("RLMQ_DAYTONA_BOOT_TIMEOUT", _float, capped=True))
     # fan-out: prompts per sub-task message, and how many sub-tasks a big batch spreads over
     chunk_size: int = field(default=8, metadata=_setting("RLMQ_CHUNK_SIZE", _int, capped=True))
     fanout_width: int = field(default=64, metadata=_setting("RLMQ_FANOUT_WIDTH", _int, capped=True))

@@ -355,6 +355,17 @@ def test_boot_installs_runtime_starts_broker_and_waits_for_health(booted, dayton
 
 
 @on_emulator
+def test_a_sandbox_built_from_an_image_boots_and_runs(booted, daytona_env):
+    """``image=`` (with resources) goes through the SDK's image create (``CreateSandboxFromImageParams``,
+    a build the emulator makes from its Python snapshot) and boots as a snapshot's sandbox does."""
+    backend, endpoint = booted(image="python:3.12-slim", resources={"cpu": 2, "memory": 4})
+    (listed,) = daytona_env.sandboxes()
+    assert (listed["cpu"], listed["memory"], listed["state"]) == (2, 4, "started")  # sizes only an image may set
+    assert http_get(endpoint.url + PATH_HEALTH, endpoint.headers)[0] == 200
+    backend.run_code("print('built')", timeout=30)
+
+
+@on_emulator
 def test_boot_fails_fast_when_the_broker_exits_and_deletes_the_sandbox(daytona_env, monkeypatch):
     monkeypatch.setattr(dsandbox, "_PROBE_EVERY", 0.2)
     monkeypatch.setattr(dsandbox, "runtime_file_contents", lambda: {

@@ -5,7 +5,9 @@ First the worker's wiring, in this process on real Redis: a sandbox is leased be
 the lease says where it lives, a stopping run refuses a sandbox still booting, and recovery deletes a
 dead attempt's sandboxes by label. Then a Celery fleet with ``RLMQ_SANDBOX=daytona`` (two rlm workers,
 one llm worker, 3-s leases, 1-s sweeps): a fan-out run, cancels before the sandbox exists and during a
-step, and a SIGKILL of the worker mid-run and mid-boot.
+step, a SIGKILL of the worker mid-run and mid-boot, and API faults (a 500, a 429 storm, a lost create
+reply, a toolbox 5xx storm, an API that hangs during the create or a step). docs/reliability.md's
+Daytona table is made of the ``MEASURED`` lines these print with ``-s``.
 """
 
 from __future__ import annotations
@@ -343,3 +345,49 @@ def test_daytona_api_faults_end_a_run_in_one_line_or_not_at_all(on_daytona, stub
     assert wait_until(lambda: of_run(on_daytona, run_id) == [], 30, "no sandbox of the run left")
     # released by the worker just after the record is final, or at the latest reaped after lease + sweep
     wait_until(lambda: LeaseRegistry(r, LEASE_SECONDS).live() == [], 10, "the run's leases released")
+
+
+HUNG_BOOT_TIMEOUT = 6.0  # the run's own daytona_boot_timeout: the bound a hung create must end within
+HUNG_STEP_TIMEOUT = 6.0  # the run's own execution_timeout: the bound a step on a hung toolbox ends within
+
+
+@pytest.mark.parametrize("when", ["create", "step"])
+def test_a_hung_daytona_api_fails_the_run_within_its_bound(on_daytona, stub: StubLLM, r, when: str) -> None:
+    """The API stops answering (requests held, unanswered) during the create, or the toolbox during a
+    step: the run fails in one line within its bound (the boot's, the step's) plus a sweep, not at the
+    API's own timeouts; once the API answers again, no sandbox and no lease of the run is left."""
+    # each case lowers only its own bound: a loaded machine may take more than 6 s for a healthy boot
+    options = {"daytona_boot_timeout": HUNG_BOOT_TIMEOUT} if when == "create" else {"execution_timeout": HUNG_STEP_TIMEOUT}
+    steps = ["import time\ntime.sleep(2)", "print('second step')", "SUBMIT(answers=[])"]
+    if when == "create":
+        on_daytona.faults(hang=["api"])
+    run_id, script = submit(r, stub, steps, options=options, tag=f"dt-hung-{when}")
+    if when == "step":
+        # Code runs through the toolbox's interpreter websocket: the bootstrap and DSPy's setup before the
+        # first root call, then each step. Once the first step's is open, the toolbox hangs for the second.
+        def first_step_running() -> bool:
+            runs = sum(n for k, n in on_daytona.requests().items() if k.endswith("/interpreter/execute"))
+            record = record_of(r, run_id)
+            assert not record.status.finished, (record.status, record.error, script.calls, on_daytona.requests())
+            return script.calls == [0] and runs >= 3
+
+        wait_until(first_step_running, 60, "the first step running")
+        on_daytona.faults(hang=["toolbox"])
+    started = time.monotonic()
+    done = wait_status(r, run_id, timeout=60)
+    took = time.monotonic() - started
+    print(f"\nMEASURED hung API during the {when}: run {done.status.value} after {took:.1f}s: {done.error}")
+    assert done.status is RunStatus.FAILED, (done.status, done.error)
+    assert done.error and "\n" not in done.error and "Traceback" not in done.error, done.error
+    if when == "step":
+        assert script.calls[:2] == [0, 1], script.calls  # the second step was asked for, and hung
+    bound = HUNG_BOOT_TIMEOUT if when == "create" else HUNG_STEP_TIMEOUT
+    # plus the 10 s a failed boot or a destroy waits for the deletion it asked for, and 5 s of slack
+    assert took < bound + 10.0 + 5.0, f"the run took {took:.1f}s to fail, its bound is {bound:g}s"
+    on_daytona.clear_faults()  # the API answers again: held requests go on (a held create makes its sandbox)
+    released = time.monotonic()
+    assert wait_until(lambda: of_run(on_daytona, run_id) == [], LEASE_SECONDS + SWEEP_SECONDS + 15,
+                      "no sandbox of the run left")
+    wait_until(lambda: LeaseRegistry(r, LEASE_SECONDS).live() == [], 10, "the run's leases released")
+    print(f"MEASURED hung API during the {when}: no sandbox left {time.monotonic() - released:.1f}s after "
+          "the API came back")

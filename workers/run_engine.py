@@ -198,7 +198,8 @@ def _sandboxes(settings: Settings, run_time_limit: float, **hooks: Any) -> Any:
     if settings.sandbox is SandboxBackend.LOCAL:
         backend = {"isolation": settings.local_isolation.value}
     else:  # Daytona deletes the sandbox at its TTL even if every reaper is gone
-        backend = {"ttl_minutes": sandbox_ttl_minutes(settings.time_limit, run_time_limit)}
+        backend = {"ttl_minutes": sandbox_ttl_minutes(settings.time_limit, run_time_limit),
+                   "boot_timeout": settings.daytona_boot_timeout}
     return interpreter_factory(settings.sandbox.value, execution_timeout=settings.execution_timeout,
                                tool_wait_limit=run_time_limit, **hooks, **backend)
 

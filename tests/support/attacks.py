@@ -52,6 +52,14 @@ class Target:
         self.victim_pid = victim._backend._kernel.pid
         self.victim_broker = victim._client._url
 
+    def aim_at_daytona(self, victim: Any, listed: dict[str, Any]) -> None:
+        """The same for a Daytona emulator's sandbox (``listed``: its entry in the emulator's admin list):
+        the canary in its home, the home's host path, its bubblewrap's host pid, its broker's preview link."""
+        victim.execute(f"import os\nopen(os.path.expanduser('~/secret.txt'), 'w').write({self.secret_canary!r})")
+        self.victim_dir = listed["home"]
+        self.victim_pid = listed["pid"]
+        self.victim_broker = victim._client._url
+
 
 @dataclass(frozen=True)
 class Attack:
@@ -252,9 +260,10 @@ try:
         probe = socket.socket(socket.AF_UNIX)
         probe.settimeout(2)
         probe.connect(broker[len("unix://"):])
-    else:
-        host, _, port = broker.split("://")[1].partition(":")
-        probe = socket.create_connection((host, int(port)), timeout=2)
+    else:  # http://host:port[/path], e.g. a Daytona preview link
+        from urllib.parse import urlsplit
+        url = urlsplit(broker)
+        probe = socket.create_connection((url.hostname, url.port or 80), timeout=2)
     probe.close()
     reached.append(f"connected to the other sandbox's broker {broker}")
 except (OSError, ValueError):
