@@ -77,7 +77,9 @@ def test_a_sandbox_is_leased_before_it_exists_and_reaped_where_it_lives(daytona_
                                                                          monkeypatch) -> None:
     """The lease is there while Daytona is still creating the sandbox, and it names the run's Daytona,
     which a reaper whose environment points elsewhere still reaches."""
-    with running_emulator("--create-delay", "2", api_key=daytona_env.api_key) as runs_daytona:
+    # The create takes 5 s so that the "creating" state is seen even when a loaded machine is slow to send
+    # it (the SDK's first call imports and connects: over 10 s with a load of 16 on 2 cores).
+    with running_emulator("--create-delay", "5", api_key=daytona_env.api_key) as runs_daytona:
         registry = LeaseRegistry(redis_client, ttl_seconds=0.5)
         keeper = LeaseKeeper(registry, run_id="run-a", owner="dead-worker")
         factory = interpreter_factory("daytona", api_url=runs_daytona.api_url, labels=attempt_labels("run-a", 1),
@@ -87,7 +89,7 @@ def test_a_sandbox_is_leased_before_it_exists_and_reaped_where_it_lives(daytona_
         boot = threading.Thread(target=interpreter.start, daemon=True)
         boot.start()
         try:
-            creating = wait_until(lambda: [s for s in runs_daytona.sandboxes() if s["state"] == "creating"], 10,
+            creating = wait_until(lambda: [s for s in runs_daytona.sandboxes() if s["state"] == "creating"], 60,
                                   "the sandbox being created")
             (lease_id,) = registry.live()
             assert creating[0]["name"] == lease_id and creating[0]["labels"]["rlmq.attempt"] == "1"
@@ -108,7 +110,7 @@ def test_a_sandbox_is_leased_before_it_exists_and_reaped_where_it_lives(daytona_
 def test_a_stopping_run_refuses_a_sandbox_still_booting(daytona_env, redis_client) -> None:
     """A cancel that arrives while the sandbox is being created is not lost: the sandbox is deleted as
     its boot ends, and no later one may start."""
-    daytona_env.clock(create_delay=2.0)
+    daytona_env.clock(create_delay=5.0)  # wide enough to be seen on a loaded machine (above)
     registry = LeaseRegistry(redis_client, ttl_seconds=5)
     keeper = LeaseKeeper(registry, run_id="run-b", owner="w")
     factory = interpreter_factory("daytona", labels=attempt_labels("run-b", 1), on_sandbox_creating=keeper.creating,
@@ -117,7 +119,7 @@ def test_a_stopping_run_refuses_a_sandbox_still_booting(daytona_env, redis_clien
     failure: list[BaseException] = []
     boot = threading.Thread(target=lambda: _catch(interpreter.start, failure), daemon=True)
     boot.start()
-    wait_until(lambda: of_run(daytona_env, "run-b"), 10, "the sandbox being created")
+    wait_until(lambda: of_run(daytona_env, "run-b"), 60, "the sandbox being created")
     keeper.close("cancel requested")  # what the run's ticker does on a cancel
     boot.join(30)
     assert len(failure) == 1 and isinstance(failure[0], SandboxError), failure
