@@ -20,6 +20,7 @@ from broker_bridge import interpreter_factory
 from rlmq.run_options import check_tools, with_options
 from rlmq.settings import SandboxBackend, Settings, SettingsError
 from rlmq.store.blobs import get_blobs
+from rlmq.store.metrics import add_usage
 from rlmq.store.records import Progress, RunSpec, RunStatus, RunStore
 from workers.budget import Budget
 from workers.claim import RunClaim
@@ -94,7 +95,8 @@ class RunExecution:
         if self.store.cancel_requested(self.run_id):
             raise RunCancelled()
         install_redis_dspy_cache(self.client, settings.cache_ttl_seconds)
-        stats = RunUsage(root_model=settings.lm, sub_model=settings.effective_sub_lm)
+        stats = RunUsage(root_model=settings.lm, sub_model=settings.effective_sub_lm,
+                         meter=lambda added, sub: add_usage(self.client, added, subcalls=sub))
         budget = self.ticker.budget = stats.budget = _budget(stats, settings, started=self.progress.started)
         self.progress.stats, self.progress.max_iters = stats, settings.max_iters
         self.trace = TrajectoryLog(self.client, self.run_id, stats, ttl_seconds=self.base.result_expires)
