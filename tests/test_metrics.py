@@ -9,8 +9,10 @@ HTTP API, that the sub-call and dollar totals equal the runs' own usage.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -27,6 +29,11 @@ from tests.support.stub_llm import ScriptedRoot, StubLLM, route
 from tests.support.wait import wait_until
 
 MODEL = "openai/gpt-4o-mini"  # priced by LiteLLM's table: the dollars are not zero
+DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "rlmq.json"
+
+
+def dashboard_queries() -> list[str]:
+    return [t["expr"] for panel in json.loads(DASHBOARD.read_text())["panels"] for t in panel["targets"]]
 
 
 def scrape(r) -> dict[str, dict[frozenset[tuple[str, str]], float]]:
@@ -96,6 +103,21 @@ def test_exporter_reads_usage_limits_leases_and_queues_from_redis(r) -> None:
     assert seen["rlmq_runs_active"] == {frozenset(): 1}
 
 
+def test_the_grafana_dashboard_shows_every_metric_and_only_those(r) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(r))  # an empty fleet: every family is still declared
+    families = {f.name + ("_total" if f.type == "counter" else ""): f.type
+                for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    assert len(families) == 11, families
+    used = {name for expr in dashboard_queries() for name in re.findall(r"\brlmq_\w+", expr)}
+    served = {name + suffix if kind == "histogram" else name
+              for name, kind in families.items() for suffix in ("_bucket", "_sum", "_count")}
+    assert used <= served, used - served
+    assert set(families) <= {re.sub(r"_bucket$", "", name) for name in used}, set(families) - used
+
+
 # ---- a real Prometheus scraping `rlmq exporter` while a real fleet runs two runs ---------------------------
 fleet = fleet_fixture(
     env={"RLMQ_LM": MODEL, "OPENAI_API_KEY": "stub-key", "RLMQ_RATE_LIMIT_RPS": "5000",
@@ -148,6 +170,8 @@ def test_prometheus_scrapes_the_fleet_totals_of_two_runs(fleet: Fleet, stub: Stu
         assert tokens == {"input": sum(t["paid_input_tokens"] for t in totals),
                           "output": sum(t["paid_output_tokens"] for t in totals)}
         assert sum(query(url, "rlmq_run_duration_seconds_count").values()) == 2
+        for expr in dashboard_queries():  # the dashboard's PromQL, evaluated by Prometheus itself
+            query(url, expr)
         assert set(query(url, "rlmq_queue_depth")) == {frozenset({("__name__", "rlmq_queue_depth"), ("queue", q),
                                                                   ("instance", f"127.0.0.1:{port}"),
                                                                   ("job", "rlmq")}) for q in ("rlm", "llm")}
