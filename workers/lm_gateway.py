@@ -21,6 +21,7 @@ from rlmq.store.metrics import count_throttled
 from workers.adaptive_limit import AdaptiveLimiter
 from workers.llm_call import FailureKind, LMCallError, LMReply, Messages, call_lm
 from workers.pricing import estimate_tokens
+from workers.tracing import note_throttled
 
 __all__ = [
     "RATE_MARGIN", "ROOT_CALL_DEADLINE_SECONDS", "SUBTASK_DEADLINE_SECONDS", "LMFailure",
@@ -89,6 +90,7 @@ def limited_call(model: str, messages: Messages, settings: Settings, limiter: Ad
                 pause = exc.retry_after if exc.retry_after is not None else _backoff(throttled - 1)
                 limiter.cooldown(pause)
                 count_throttled(limiter.redis, model)
+                note_throttled(model)
                 if on_throttled is not None:
                     on_throttled()
                 logger.info("429 from %s: fleet cooldown %.2fs", model, pause)

@@ -35,6 +35,7 @@ from workers.progress_publisher import IterationCallback, ProgressPublisher
 from workers.rlm import TracedRLM
 from workers.run_ticker import RunTicker
 from workers.sandbox_registry import LeaseKeeper, LeaseRegistry, attempt_labels
+from workers.tracing import NULL_SPANS, RunSpans, root_lm_callback, run_spans
 from workers.trajectory import TrajectoryLog
 from workers.usage import RunUsage
 from workers.user_tools import ToolLoadError, load_tools
@@ -60,6 +61,7 @@ class RunExecution:
                                   owner=self.claim.owner)
         self.ticker = RunTicker(run_id, claim=self.claim, store=self.store, leases=self.leases, progress=self.progress)
         self.trace: TrajectoryLog | None = None
+        self.spans: RunSpans = NULL_SPANS  # the attempt's OpenTelemetry spans, when traced
 
     def run(self) -> dict[str, Any]:
         record = self.store.get(self.run_id)
@@ -72,6 +74,7 @@ class RunExecution:
         if self.claim.attempt > 1:
             logger.warning("run %s: attempt %d, replaying through the caches (%s)", self.run_id,
                            self.claim.attempt, record.restart_reason or "restarted")
+        self.spans = run_spans(self.run_id, self.claim.attempt, record.spec.signature, record.spec.traceparent or None)
         self.ticker.start()
         try:
             result = self._execute(record.spec)
@@ -108,13 +111,18 @@ class RunExecution:
                              on_sandbox_destroyed=self.leases.destroyed)
         fanout = Fanout(settings, app=self.task.app, options=spec.options, observer=stats,
                         should_stop=self.ticker.cancelled.is_set, run_id=self.run_id)
+        fanout.spans = self.spans
         rlm = TracedRLM(spec.signature, fanout=fanout, tools=tools, max_iters=settings.max_iters,
                         max_llm_calls=settings.max_llm_calls, interpreter_factory=factory,
-                        trace=self.trace, budget=budget, on_code=lambda: self.progress.publish(force=True))
+                        trace=self.trace, budget=budget, on_code=lambda: self.progress.publish(force=True),
+                        spans=self.spans)
         lm = fleet_root_lm(settings)
         stats.watch_root(lm)
         self.progress.publish(force=True)
-        with dspy.context(lm=lm, callbacks=[IterationCallback(self.progress, action_predictor(rlm))]):
+        callbacks = [IterationCallback(self.progress, action_predictor(rlm))]
+        if self.spans is not NULL_SPANS:
+            callbacks.append(root_lm_callback(self.spans))
+        with dspy.context(lm=lm, callbacks=callbacks):
             prediction = rlm(**inputs)
         if self.ticker.cancelled.is_set():
             raise RunCancelled()
@@ -126,7 +134,9 @@ class RunExecution:
         if not self.store.finish(self.run_id, RunStatus.SUCCEEDED, progress=progress, attempt=self.claim.attempt,
                                  result={**result, "progress": document, "usage": document["usage"]}):
             logger.warning("run %s: attempt %d was superseded; its result is dropped", self.run_id, self.claim.attempt)
+            self.spans.end("SUPERSEDED", progress.usage)
             raise Ignore()
+        self.spans.end(RunStatus.SUCCEEDED.value, progress.usage)
         return _task_result(self.run_id, progress)
 
     def _ended_badly(self, exc: BaseException) -> NoReturn:
@@ -134,6 +144,7 @@ class RunExecution:
         if self.claim.fenced.is_set():
             logger.warning("run %s: attempt %d was superseded; it stops without writing", self.run_id,
                            self.claim.attempt)
+            self.spans.end("SUPERSEDED")
             raise Ignore()
         end = ending_of(exc, cancel_requested=self.store.cancel_requested(self.run_id),
                         budget_tripped=self.ticker.budget.tripped if self.ticker.budget is not None else None,
@@ -143,9 +154,12 @@ class RunExecution:
                    exc_info=end.exc if end.outcome.traceback else None)
         if end.outcome.status is None:  # CeleryEnd.REQUEUE: the worker stops; the sweep restarts the run
             self.claim.lapse()
+            self.spans.end("REQUEUED", error=end.line)
             raise end.exc
+        progress = self.progress.close()
+        self.spans.end(end.outcome.status.value, progress.usage, error=end.line)
         if not self.store.finish(self.run_id, end.outcome.status, error=end.line, error_detail=end.detail,
-                                 progress=self.progress.close(), attempt=self.claim.attempt):
+                                 progress=progress, attempt=self.claim.attempt):
             logger.warning("run %s: attempt %d no longer owns the run; its end is not recorded", self.run_id,
                            self.claim.attempt)
             raise Ignore()  # superseded, or ended by the recovery sweep: Celery's state is not ours to write

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from workers.budget import Budget  # which reads this run's usage: a runtime import would be circular
     from workers.llm_call import Messages
 
-__all__ = ["RunUsage"]
+__all__ = ["RunUsage", "root_call_tokens"]
 
 
 @dataclass
@@ -126,9 +126,8 @@ class RunUsage:
             self.meter(added, False)
 
     def _add_root_entry(self, entry: dict[str, Any]) -> None:
-        billed = entry.get("usage") or {}
-        full = _tokens(billed) if billed else _tokens(getattr(entry.get("response"), "usage", None))
-        cached = not billed and any(full)
+        tokens_in, tokens_out, cached = root_call_tokens(entry)
+        full = (tokens_in, tokens_out)
         model = str(entry.get("model") or self.root.model)
         self.root.count(input_tokens=full[0], output_tokens=full[1], cost=price(model, *full), cached=cached)
         self.last_root_call = full
@@ -156,6 +155,14 @@ class RunUsage:
             return Progress(iteration=iteration, max_iters=max_iters, elapsed=elapsed,
                             usage=Usage(root=replace(self.root), sub=replace(self.sub)), batch=batch,
                             llm_workers=dict(self.workers), subtasks_resent=self.subtasks_resent, sandbox=sandbox)
+
+
+def root_call_tokens(entry: dict[str, Any]) -> tuple[int, int, bool]:
+    """(input, output tokens, cached) of one ``dspy.LM.history`` entry: a ``dspy.cache`` hit has an empty
+    ``usage`` while its response keeps the token counts."""
+    billed = entry.get("usage") or {}
+    full = _tokens(billed) if billed else _tokens(getattr(entry.get("response"), "usage", None))
+    return full[0], full[1], not billed and any(full)
 
 
 def _tokens(usage: Any) -> tuple[int, int]:

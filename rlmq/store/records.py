@@ -65,6 +65,7 @@ class RunSpec:
     options: dict[str, Any] = field(default_factory=dict)
     submitted_at: float = field(default_factory=time.time)
     tools: list[str] = field(default_factory=list)  # "package.module:function", imported by the worker
+    traceparent: str = ""  # the submitter's active trace (W3C traceparent), which the run's spans join
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), allow_nan=False)
@@ -79,6 +80,7 @@ class RunSpec:
             options=dict(raw.get("options") or {}),
             submitted_at=float(raw.get("submitted_at") or 0.0),
             tools=[str(t) for t in raw.get("tools") or []],
+            traceparent=str(raw.get("traceparent") or ""),
         )
 
 

@@ -1,0 +1,151 @@
+"""OpenTelemetry traces (issue #20): one trace per run, from the run worker's ``rlmq.run`` span down to each
+prompt's span on the llm workers, exported over OTLP/HTTP to a real receiver (``tests.support.otlp_receiver``
+decodes what the SDK's exporter sends with OpenTelemetry's own protobuf classes).
+
+The fleet test runs a scripted run with a 40-prompt fan-out over two llm worker processes; the fast
+tests check a resumed attempt's spans join the run's trace, a caller's trace is joined by a submitted
+run, and nothing of OpenTelemetry is imported when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is unset.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from rlmq.client import Client
+from tests.support.fleet import REPO_ROOT, Fleet, redis_url_of, started_fleet
+from tests.support.otlp_receiver import OTLPReceiver, Span
+from tests.support.stub_llm import ScriptedRoot, StubLLM, route
+from tests.support.wait import wait_until
+
+MODEL = "openai/gpt-4o-mini"
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[OTLPReceiver]:
+    sink = OTLPReceiver()
+    yield sink
+    sink.close()
+
+
+@pytest.fixture(scope="module")
+def traced_fleet(redis_server, stub: StubLLM, receiver: OTLPReceiver) -> Iterator[Fleet]:
+    env = {"RLMQ_LM": MODEL, "OPENAI_API_KEY": "stub-key", "RLMQ_LM_API_BASE": stub.api_base,
+           "RLMQ_RATE_LIMIT_RPS": "5000", "RLMQ_RATE_LIMIT_BURST": "5000", "RLMQ_FANOUT_WIDTH": "8",
+           "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    with started_fleet(redis_server.url, env, [("rlm", "rlm1", 2), ("llm", "llmA", 8), ("llm", "llmB", 8)]) as fleet:
+        yield fleet
+
+
+def children(spans: list[Span], parent: Span, name: str) -> list[Span]:
+    return [s for s in spans if s.parent_id == parent.span_id and s.name == name]
+
+
+@pytest.mark.slow
+def test_a_run_is_one_trace_down_to_each_prompt_on_the_llm_workers(traced_fleet: Fleet, stub: StubLLM, r,
+                                                                  receiver: OTLPReceiver) -> None:
+    nonce = uuid.uuid4().hex[:8]
+    steps = ["answers = llm_query_batched([f'q {i} {x}' for i, x in enumerate(items)])\nprint(len(answers))",
+             "SUBMIT(answers=answers)"]
+    stub.set_responder(route(root=ScriptedRoot(steps), sub=lambda p: "a:" + p[-6:]))
+    client = Client(redis_url_of(r))
+    run_id = client.submit("items: list[str] -> answers: list[str]", {"items": [f"{nonce}-{i}" for i in range(40)]},
+                           max_iters=4)
+    record = client.wait(run_id, timeout=120, interval=0.1)
+    assert record.status.value == "SUCCEEDED", record.error
+    usage = client.result(run_id)["usage"]
+
+    def whole() -> list[Span] | None:
+        spans = receiver.trace(run_id)  # the run's id is its trace id
+        return spans if sum(s.name == "rlmq.prompt" for s in spans) == 40 and any(
+            s.name == "rlmq.run" for s in spans) else None
+
+    spans = wait_until(whole, 30, "the run's spans at the receiver", interval=0.2)
+    (run,) = [s for s in spans if s.name == "rlmq.run"]
+    assert run.parent_id == "" and run.attributes["rlmq.run_id"] == run_id and run.attributes["rlmq.attempt"] == 1
+    assert run.attributes["rlmq.status"] == "SUCCEEDED"
+    assert run.attributes["rlmq.usage.sub_calls"] == 40
+    assert run.attributes["rlmq.cost_paid_usd"] == pytest.approx(usage["total"]["cost_paid"])
+    iterations = sorted(children(spans, run, "rlmq.iteration"), key=lambda s: s.attributes["rlmq.iteration"])
+    assert [s.attributes["rlmq.iteration"] for s in iterations] == [1, 2]
+    for step in iterations:
+        (lm,) = children(spans, step, "rlmq.root_lm")
+        assert lm.attributes["gen_ai.request.model"] == MODEL and lm.attributes["gen_ai.usage.input_tokens"] > 0
+        assert lm.attributes["gen_ai.usage.output_tokens"] > 0
+    root_in = sum(children(spans, s, "rlmq.root_lm")[0].attributes["gen_ai.usage.input_tokens"] for s in iterations)
+    assert root_in == usage["root"]["input_tokens"]
+    (code,) = children(spans, iterations[0], "rlmq.code")
+    (batch,) = children(spans, code, "rlmq.batch")
+    assert batch.attributes["rlmq.prompts"] == 40
+    subtasks = children(spans, batch, "rlmq.llm_batch")
+    assert len(subtasks) >= 2 and sum(s.attributes["rlmq.prompts"] for s in subtasks) == 40
+    llm_pids = {w.proc.pid for w in traced_fleet.workers if w.queue == "llm"}
+    assert {s.pid for s in subtasks} == llm_pids, "the sub-task spans come from both llm worker processes"
+    assert run.pid not in llm_pids
+    prompts = [p for s in subtasks for p in children(spans, s, "rlmq.prompt")]
+    assert len(prompts) == 40 and not any(p.attributes["rlmq.cached"] for p in prompts)
+    assert sum(p.attributes["gen_ai.usage.input_tokens"] for p in prompts) == usage["sub"]["input_tokens"]
+    assert all(batch.start_ns <= p.start_ns and p.end_ns <= batch.end_ns for p in prompts)
+
+
+def _spans_in_process(receiver: OTLPReceiver, monkeypatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    import workers.tracing as tracing
+
+    monkeypatch.setattr(tracing, "_tracer", None)  # a provider of this test's own, exporting to the receiver
+    monkeypatch.setattr(tracing, "_provider", None)
+
+
+def test_a_resumed_attempt_and_a_callers_trace(receiver: OTLPReceiver, monkeypatch) -> None:
+    _spans_in_process(receiver, monkeypatch)
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from workers.tracing import run_spans
+
+    run_id = uuid.uuid4().hex
+    for attempt in (1, 2):  # the first attempt's worker died; the second replays
+        spans = run_spans(run_id, attempt, "a -> b")
+        with spans.iteration(1):
+            pass
+        spans.end("SUCCEEDED" if attempt == 2 else "REQUEUED")
+    got = wait_until(lambda: (lambda t: t if len(t) == 4 else None)(receiver.trace(run_id)), 10, "4 spans")
+    runs = sorted((s for s in got if s.name == "rlmq.run"), key=lambda s: s.attributes["rlmq.attempt"])
+    assert [s.attributes["rlmq.attempt"] for s in runs] == [1, 2] and runs[1].events == ["rlmq.resumed"]
+
+    # A run submitted inside the caller's span is a child of it, in the caller's trace.
+    caller = TracerProvider().get_tracer("caller")
+    with caller.start_as_current_span("my-pipeline") as mine:
+        from rlmq.trace_context import caller_traceparent
+
+        parent = caller_traceparent()
+    trace_id = format(mine.get_span_context().trace_id, "032x")
+    assert parent.split("-")[1] == trace_id
+    spans = run_spans(uuid.uuid4().hex, 1, "a -> b", parent)
+    spans.end("SUCCEEDED")
+    (joined,) = wait_until(lambda: receiver.trace(trace_id), 10, "the joined run span")
+    assert joined.parent_id == format(mine.get_span_context().span_id, "016x")
+
+
+def test_nothing_of_opentelemetry_is_imported_when_tracing_is_off() -> None:
+    code = """
+import sys
+from workers.tracing import NULL_SPANS, run_spans, subtask_span
+spans = run_spans("ab" * 16, 1, "a -> b")
+assert spans is NULL_SPANS
+with spans.iteration(1), spans.code(), spans.batch(3, "m") as headers, subtask_span(None, 3, "m", "w") as p:
+    with p(cached=False):
+        pass
+spans.end("SUCCEEDED")
+assert headers == {}
+loaded = sorted(m for m in sys.modules if m.startswith("opentelemetry.sdk") or "otlp" in m)
+assert not loaded, loaded
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
