@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -20,6 +21,8 @@ import pytest
 from rlmq.client import Client
 from tests.support.fleet import REPO_ROOT, Fleet, redis_url_of, started_fleet
 from tests.support.otlp_receiver import OTLPReceiver, Span
+from tests.support.phoenix import PHOENIX, phoenix_server, phoenix_spans
+from tests.support.screenshots import chromium_missing, screenshot
 from tests.support.stub_llm import ScriptedRoot, StubLLM, route
 from tests.support.wait import wait_until
 
@@ -46,26 +49,29 @@ def children(spans: list[Span], parent: Span, name: str) -> list[Span]:
     return [s for s in spans if s.parent_id == parent.span_id and s.name == name]
 
 
-@pytest.mark.slow
-def test_a_run_is_one_trace_down_to_each_prompt_on_the_llm_workers(traced_fleet: Fleet, stub: StubLLM, r,
-                                                                  receiver: OTLPReceiver) -> None:
+STEPS = ["answers = llm_query_batched([f'q {i} {x}' for i, x in enumerate(items)])\nprint(len(answers))",
+         "SUBMIT(answers=answers)"]
+
+
+def run_with_fanout(fleet: Fleet, stub: StubLLM, r) -> tuple[str, dict]:
+    """A scripted run: a 40-prompt batch, then SUBMIT; (run id, its usage)."""
     nonce = uuid.uuid4().hex[:8]
-    steps = ["answers = llm_query_batched([f'q {i} {x}' for i, x in enumerate(items)])\nprint(len(answers))",
-             "SUBMIT(answers=answers)"]
-    stub.set_responder(route(root=ScriptedRoot(steps), sub=lambda p: "a:" + p[-6:]))
+    stub.set_responder(route(root=ScriptedRoot(STEPS), sub=lambda p: "a:" + p[-6:]))
     client = Client(redis_url_of(r))
     run_id = client.submit("items: list[str] -> answers: list[str]", {"items": [f"{nonce}-{i}" for i in range(40)]},
                            max_iters=4)
     record = client.wait(run_id, timeout=120, interval=0.1)
     assert record.status.value == "SUCCEEDED", record.error
-    usage = client.result(run_id)["usage"]
+    return run_id, client.result(run_id)["usage"]
 
-    def whole() -> list[Span] | None:
-        spans = receiver.trace(run_id)  # the run's id is its trace id
-        return spans if sum(s.name == "rlmq.prompt" for s in spans) == 40 and any(
-            s.name == "rlmq.run" for s in spans) else None
 
-    spans = wait_until(whole, 30, "the run's spans at the receiver", interval=0.2)
+def complete(spans: list[Span]) -> list[Span] | None:
+    return spans if sum(s.name == "rlmq.prompt" for s in spans) == 40 and any(
+        s.name == "rlmq.run" for s in spans) else None
+
+
+def check_run_trace(spans: list[Span], run_id: str, usage: dict, llm_pids: set[int]) -> None:
+    """One trace: run -> 2 iterations -> root-LM call + code -> batch -> sub-tasks (both llm workers) -> 40 prompts."""
     (run,) = [s for s in spans if s.name == "rlmq.run"]
     assert run.parent_id == "" and run.attributes["rlmq.run_id"] == run_id and run.attributes["rlmq.attempt"] == 1
     assert run.attributes["rlmq.status"] == "SUCCEEDED"
@@ -84,13 +90,55 @@ def test_a_run_is_one_trace_down_to_each_prompt_on_the_llm_workers(traced_fleet:
     assert batch.attributes["rlmq.prompts"] == 40
     subtasks = children(spans, batch, "rlmq.llm_batch")
     assert len(subtasks) >= 2 and sum(s.attributes["rlmq.prompts"] for s in subtasks) == 40
-    llm_pids = {w.proc.pid for w in traced_fleet.workers if w.queue == "llm"}
-    assert {s.pid for s in subtasks} == llm_pids, "the sub-task spans come from both llm worker processes"
-    assert run.pid not in llm_pids
+    assert {s.attributes["process.pid"] for s in subtasks} == llm_pids, "sub-task spans come from both llm workers"
     prompts = [p for s in subtasks for p in children(spans, s, "rlmq.prompt")]
     assert len(prompts) == 40 and not any(p.attributes["rlmq.cached"] for p in prompts)
     assert sum(p.attributes["gen_ai.usage.input_tokens"] for p in prompts) == usage["sub"]["input_tokens"]
-    assert all(batch.start_ns <= p.start_ns and p.end_ns <= batch.end_ns for p in prompts)
+    slack = 1_000_000  # 1 ms: Phoenix keeps microseconds
+    assert all(batch.start_ns - slack <= p.start_ns and p.end_ns <= batch.end_ns + slack for p in prompts)
+
+
+def llm_pids(fleet: Fleet) -> set[int]:
+    return {w.proc.pid for w in fleet.workers if w.queue == "llm"}
+
+
+@pytest.mark.slow
+def test_a_run_is_one_trace_down_to_each_prompt_on_the_llm_workers(traced_fleet: Fleet, stub: StubLLM, r,
+                                                                  receiver: OTLPReceiver) -> None:
+    run_id, usage = run_with_fanout(traced_fleet, stub, r)
+    # The run's id is its trace id.
+    spans = wait_until(lambda: complete(receiver.trace(run_id)), 30, "the run's spans at the receiver", interval=0.2)
+    check_run_trace(spans, run_id, usage, llm_pids(traced_fleet))
+    (run,) = [s for s in spans if s.name == "rlmq.run"]
+    assert run.pid not in llm_pids(traced_fleet) and run.service == "rlmq"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(PHOENIX is None, reason="Arize Phoenix is not installed (too heavy for CI: ~4 min, 850 MB, "
+                                            "~47 s to start); set RLMQ_TEST_PHOENIX=/path/to/phoenix")
+def test_phoenix_shows_the_run_as_one_trace(redis_server, stub: StubLLM, r, tmp_path) -> None:
+    with phoenix_server(tmp_path) as url:
+        env = {"RLMQ_LM": MODEL, "OPENAI_API_KEY": "stub-key", "RLMQ_LM_API_BASE": stub.api_base,
+               "RLMQ_RATE_LIMIT_RPS": "5000", "RLMQ_RATE_LIMIT_BURST": "5000", "RLMQ_FANOUT_WIDTH": "8",
+               "OTEL_EXPORTER_OTLP_ENDPOINT": url, "OTEL_BSP_SCHEDULE_DELAY": "200"}
+        with started_fleet(redis_server.url, env, [("rlm", "rlm1", 2), ("llm", "llmA", 8), ("llm", "llmB", 8)]) as fleet:
+            run_id, usage = run_with_fanout(fleet, stub, r)
+            seen: list[list[Span]] = [[]]
+
+            def stored() -> list[Span] | None:
+                seen[0] = phoenix_spans(url, run_id)
+                return complete(seen[0])
+
+            try:
+                spans = wait_until(stored, 120, "the run's spans in Phoenix", interval=1.0)
+            except AssertionError:
+                raise AssertionError(f"Phoenix has {Counter(s.name for s in seen[0])} of run {run_id}") from None
+            check_run_trace(spans, run_id, usage, llm_pids(fleet))
+        shots = os.environ.get("RLMQ_PHOENIX_SCREENSHOT")
+        if shots and chromium_missing() is None:  # a picture of the trace view, for a human to look at
+            (run,) = [s for s in spans if s.name == "rlmq.run"]
+            screenshot(f"{url}/projects/UHJvamVjdDox/traces/{run_id}?selectedSpanNodeId={run.span_id}", shots,
+                       size="1600,1000", wait_ms=8000)
 
 
 def _spans_in_process(receiver: OTLPReceiver, monkeypatch) -> None:
