@@ -9,6 +9,7 @@ run, and nothing of OpenTelemetry is imported when ``OTEL_EXPORTER_OTLP_ENDPOINT
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -40,7 +41,8 @@ def receiver() -> Iterator[OTLPReceiver]:
 def traced_fleet(redis_server, stub: StubLLM, receiver: OTLPReceiver) -> Iterator[Fleet]:
     env = {"RLMQ_LM": MODEL, "OPENAI_API_KEY": "stub-key", "RLMQ_LM_API_BASE": stub.api_base,
            "RLMQ_RATE_LIMIT_RPS": "5000", "RLMQ_RATE_LIMIT_BURST": "5000", "RLMQ_FANOUT_WIDTH": "8",
-           "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"}
+           "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200",
+           "RLMQ_LOG_FORMAT": "json"}
     with started_fleet(redis_server.url, env, [("rlm", "rlm1", 2), ("llm", "llmA", 8), ("llm", "llmB", 8)]) as fleet:
         yield fleet
 
@@ -111,6 +113,14 @@ def test_a_run_is_one_trace_down_to_each_prompt_on_the_llm_workers(traced_fleet:
     check_run_trace(spans, run_id, usage, llm_pids(traced_fleet))
     (run,) = [s for s in spans if s.name == "rlmq.run"]
     assert run.pid not in llm_pids(traced_fleet) and run.service == "rlmq"
+
+    # RLMQ_LOG_FORMAT=json: the run worker's lines are JSON objects naming the run, its attempt and its span.
+    (rlm,) = [w for w in traced_fleet.workers if w.queue == "rlm"]
+    lines = [json.loads(line) for line in rlm.child.log_path.read_text().splitlines() if line.startswith("{")]
+    started = [line for line in lines if line.get("run_id") == run_id and "starts" in line["message"]]
+    assert started and started[0]["attempt"] == 1 and started[0]["trace_id"] == run_id
+    assert started[0]["span_id"] == run.span_id and started[0]["level"] == "INFO"
+    assert any("ready." in line["message"] for line in lines)  # Celery's own lines are JSON too
 
 
 @pytest.mark.slow

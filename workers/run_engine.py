@@ -29,6 +29,7 @@ from workers.dspy_cache import install_redis_dspy_cache
 from workers.dspy_private import action_predictor
 from workers.engines import fleet_root_lm
 from workers.fanout import Fanout
+from workers.log_format import log_context
 from workers.monitor import summary_line
 from workers.outcomes import CeleryEnd, RunCancelled, RunFailed, ending_of, mark_revoked
 from workers.progress_publisher import IterationCallback, ProgressPublisher
@@ -75,18 +76,20 @@ class RunExecution:
             logger.warning("run %s: attempt %d, replaying through the caches (%s)", self.run_id,
                            self.claim.attempt, record.restart_reason or "restarted")
         self.spans = run_spans(self.run_id, self.claim.attempt, record.spec.signature, record.spec.traceparent or None)
-        self.ticker.start()
-        try:
-            result = self._execute(record.spec)
-        except BaseException as exc:
-            self._ended_badly(exc)
-        finally:
-            self.ticker.stop()
-            self.leases.stop()
-            self.leases.close("the run ended", booting=True)  # normally empty: DSPy shut the interpreter down
-            if self.trace is not None:
-                self.trace.expire(self.base.result_expires)
-        return self._succeeded(result)
+        with log_context(self.run_id, self.claim.attempt, self.spans):  # RLMQ_LOG_FORMAT=json lines name the run
+            logger.info("run %s: attempt %d starts", self.run_id, self.claim.attempt)
+            self.ticker.start()
+            try:
+                result = self._execute(record.spec)
+            except BaseException as exc:
+                self._ended_badly(exc)
+            finally:
+                self.ticker.stop()
+                self.leases.stop()
+                self.leases.close("the run ended", booting=True)  # normally empty: DSPy shut the interpreter down
+                if self.trace is not None:
+                    self.trace.expire(self.base.result_expires)
+            return self._succeeded(result)
 
     def _execute(self, spec: RunSpec) -> dict[str, Any]:
         try:  # the operator's pins, before any sandbox or LM call (the client may not know them)
