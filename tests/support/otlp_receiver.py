@@ -91,3 +91,20 @@ class OTLPReceiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def main() -> None:
+    """``python -m tests.support.otlp_receiver``: serve until killed, print the endpoint, then a span count
+    per second on stderr (benchmarks run it as a process of its own, so its CPU is not theirs)."""
+    import sys
+    import time
+
+    receiver = OTLPReceiver()
+    print(receiver.endpoint, flush=True)
+    while True:
+        time.sleep(1)
+        print(f"{len(receiver.spans)} spans", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
