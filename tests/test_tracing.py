@@ -30,6 +30,15 @@ from tests.support.wait import wait_until
 MODEL = "openai/gpt-4o-mini"
 
 
+WORKERS = [("rlm", "rlm1", 2), ("llm", "llmA", 8), ("llm", "llmB", 8)]  # a fan-out over two llm worker processes
+
+
+def fleet_env(stub: StubLLM, endpoint: str) -> dict[str, str]:
+    return {"RLMQ_LM": MODEL, "OPENAI_API_KEY": "stub-key", "RLMQ_LM_API_BASE": stub.api_base,
+            "RLMQ_RATE_LIMIT_RPS": "5000", "RLMQ_RATE_LIMIT_BURST": "5000", "RLMQ_FANOUT_WIDTH": "8",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"}
+
+
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[OTLPReceiver]:
     sink = OTLPReceiver()
@@ -39,11 +48,8 @@ def receiver() -> Iterator[OTLPReceiver]:
 
 @pytest.fixture(scope="module")
 def traced_fleet(redis_server, stub: StubLLM, receiver: OTLPReceiver) -> Iterator[Fleet]:
-    env = {"RLMQ_LM": MODEL, "OPENAI_API_KEY": "stub-key", "RLMQ_LM_API_BASE": stub.api_base,
-           "RLMQ_RATE_LIMIT_RPS": "5000", "RLMQ_RATE_LIMIT_BURST": "5000", "RLMQ_FANOUT_WIDTH": "8",
-           "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200",
-           "RLMQ_LOG_FORMAT": "json"}
-    with started_fleet(redis_server.url, env, [("rlm", "rlm1", 2), ("llm", "llmA", 8), ("llm", "llmB", 8)]) as fleet:
+    env = {**fleet_env(stub, receiver.endpoint), "RLMQ_LOG_FORMAT": "json"}
+    with started_fleet(redis_server.url, env, WORKERS) as fleet:
         yield fleet
 
 
@@ -128,10 +134,7 @@ def test_a_run_is_one_trace_down_to_each_prompt_on_the_llm_workers(traced_fleet:
                                             "~47 s to start); set RLMQ_TEST_PHOENIX=/path/to/phoenix")
 def test_phoenix_shows_the_run_as_one_trace(redis_server, stub: StubLLM, r, tmp_path) -> None:
     with phoenix_server(tmp_path) as url:
-        env = {"RLMQ_LM": MODEL, "OPENAI_API_KEY": "stub-key", "RLMQ_LM_API_BASE": stub.api_base,
-               "RLMQ_RATE_LIMIT_RPS": "5000", "RLMQ_RATE_LIMIT_BURST": "5000", "RLMQ_FANOUT_WIDTH": "8",
-               "OTEL_EXPORTER_OTLP_ENDPOINT": url, "OTEL_BSP_SCHEDULE_DELAY": "200"}
-        with started_fleet(redis_server.url, env, [("rlm", "rlm1", 2), ("llm", "llmA", 8), ("llm", "llmB", 8)]) as fleet:
+        with started_fleet(redis_server.url, fleet_env(stub, url), WORKERS) as fleet:
             run_id, usage = run_with_fanout(fleet, stub, r)
             seen: list[list[Span]] = [[]]
 

@@ -144,7 +144,9 @@ class RunSpans:
             yield headers
 
     def lm_start(self, call_id: str, model: str) -> None:
-        span = self.tracer.start_span("rlmq.root_lm", attributes={
+        current = self._trace.get_current_span().get_span_context().is_valid
+        # under the step's span; DSPy's extract step (max_iters reached) runs outside any step: under the run
+        span = self.tracer.start_span("rlmq.root_lm", context=None if current else self._ctx(self.run), attributes={
             "gen_ai.operation.name": "chat", "gen_ai.request.model": model, "openinference.span.kind": "LLM",
             "llm.model_name": model})
         self._lm[call_id] = span
