@@ -22,6 +22,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -111,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                    "RLMQ_RATE_LIMIT_RPS": "100000", "RLMQ_RATE_LIMIT_BURST": "100000"}
             receiver = None
             if args.otel:
+                receiver_log = tempfile.NamedTemporaryFile("w+", prefix="rlmq-otlp-", suffix=".log")  # noqa: SIM115
                 receiver = subprocess.Popen([sys.executable, "-m", "tests.support.otlp_receiver"], cwd=REPO,
-                                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                            stdout=subprocess.PIPE, stderr=receiver_log, text=True)
                 assert receiver.stdout is not None
                 env["OTEL_EXPORTER_OTLP_ENDPOINT"] = os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = \
                     receiver.stdout.readline().strip()
@@ -126,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
                 cold, warm, cpu = rlmq_fanout(stub, server.url, prompts, args, {**cpu_pids, **receiver_pids})
                 time.sleep(1)  # the workers' span exporters flush (200 ms schedule when tracing)
             if receiver is not None:
+                time.sleep(1.5)  # the receiver's next count
                 receiver.terminate()
                 receiver.wait(10)
+                receiver_log.seek(0)
+                counts = receiver_log.read().split()
+                print(f"spans received over OTLP: {counts[-2] if len(counts) >= 2 else 0}", flush=True)
             sent_fleet = stub.request_count
 
     slots = args.workers * args.threads
