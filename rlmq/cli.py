@@ -204,6 +204,11 @@ def cmd_up(args: argparse.Namespace) -> int:
                 print(f"rlmq: Redis had stopped; restarted it on its data ({stack.redis_url})", file=sys.stderr,
                       flush=True)
             dead = stack.dead_children()
+            for child in [c for c in dead if c.name == "exporter"]:  # metrics are not worth the stack
+                print(f"rlmq: the metrics exporter stopped ({child.last_error_line()}); the stack goes on "
+                      "without it", file=sys.stderr, flush=True)
+                stack.children.remove(child)
+                dead.remove(child)
             if dead:
                 raise CliError(f"{dead[0].name} stopped unexpectedly: {dead[0].last_error_line()}", EXIT_UNREACHABLE)
             time.sleep(0.5)
