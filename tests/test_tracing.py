@@ -21,6 +21,7 @@ import pytest
 
 from rlmq.client import Client
 from tests.support.fleet import REPO_ROOT, Fleet, redis_url_of, started_fleet
+from tests.support.net import http_get
 from tests.support.otlp_receiver import OTLPReceiver, Span
 from tests.support.phoenix import PHOENIX, phoenix_server, phoenix_spans
 from tests.support.screenshots import chromium_missing, screenshot
@@ -149,9 +150,8 @@ def test_phoenix_shows_the_run_as_one_trace(redis_server, stub: StubLLM, r, tmp_
             check_run_trace(spans, run_id, usage, llm_pids(fleet))
         shots = os.environ.get("RLMQ_PHOENIX_SCREENSHOT")
         if shots and chromium_missing() is None:  # a picture of the trace view, for a human to look at
-            (run,) = [s for s in spans if s.name == "rlmq.run"]
-            screenshot(f"{url}/projects/UHJvamVjdDox/traces/{run_id}?selectedSpanNodeId={run.span_id}", shots,
-                       size="1600,1000", wait_ms=8000)
+            project = json.loads(http_get(f"{url}/v1/projects")[1])["data"][0]["id"]
+            screenshot(f"{url}/projects/{project}/traces/{run_id}", shots, size="1600,1000", wait_ms=8000)
 
 
 def _spans_in_process(receiver: OTLPReceiver, monkeypatch) -> None:

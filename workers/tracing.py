@@ -182,6 +182,8 @@ class RunSpans:
         if error:  # a budget stop, a cancel, a failure: why, as an event too (trace views list events)
             self.run.add_event(f"rlmq.{status.lower()}", {"rlmq.reason": error[:500]})
             self.run.set_status(self._trace.Status(self._trace.StatusCode.ERROR, error[:200]))
+        elif status == "SUCCEEDED":
+            self.run.set_status(self._trace.Status(self._trace.StatusCode.OK))
         self.run.end()
         flush()
 
