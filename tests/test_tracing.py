@@ -37,7 +37,8 @@ WORKERS = [("rlm", "rlm1", 2), ("llm", "llmA", 8), ("llm", "llmB", 8)]  # a fan-
 def fleet_env(stub: StubLLM, endpoint: str) -> dict[str, str]:
     return {"RLMQ_LM": MODEL, "OPENAI_API_KEY": "stub-key", "RLMQ_LM_API_BASE": stub.api_base,
             "RLMQ_RATE_LIMIT_RPS": "5000", "RLMQ_RATE_LIMIT_BURST": "5000", "RLMQ_FANOUT_WIDTH": "8",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"}
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200",
+            "RLMQ_ALLOWED_TOOLS": "tests.support.sample_tools:count_words"}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,8 @@ def children(spans: list[Span], parent: Span, name: str) -> list[Span]:
     return [s for s in spans if s.parent_id == parent.span_id and s.name == name]
 
 
-STEPS = ["answers = llm_query_batched([f'q {i} {x}' for i, x in enumerate(items)])\nprint(len(answers))",
+STEPS = ["answers = llm_query_batched([f'q {i} {x}' for i, x in enumerate(items)])\n"
+         "print(len(answers), count_words('one two three'))",
          "SUBMIT(answers=answers)"]
 
 
@@ -68,7 +70,7 @@ def run_with_fanout(fleet: Fleet, stub: StubLLM, r) -> tuple[str, dict]:
     stub.set_responder(route(root=ScriptedRoot(STEPS), sub=lambda p: "a:" + p[-6:]))
     client = Client(redis_url_of(r))
     run_id = client.submit("items: list[str] -> answers: list[str]", {"items": [f"{nonce}-{i}" for i in range(40)]},
-                           max_iters=4)
+                           max_iters=4, tools=["tests.support.sample_tools:count_words"])
     record = client.wait(run_id, timeout=120, interval=0.1)
     assert record.status.value == "SUCCEEDED", record.error
     return run_id, client.result(run_id)["usage"]
@@ -96,6 +98,8 @@ def check_run_trace(spans: list[Span], run_id: str, usage: dict, llm_pids: set[i
     assert root_in == usage["root"]["input_tokens"]
     (code,) = children(spans, iterations[0], "rlmq.code")
     (batch,) = children(spans, code, "rlmq.batch")
+    (tool,) = children(spans, code, "rlmq.tool")  # a user tool's call, under the code that made it
+    assert tool.attributes["rlmq.tool"] == "count_words" and tool.start_ns >= batch.end_ns - 1_000_000
     assert batch.attributes["rlmq.prompts"] == 40
     subtasks = children(spans, batch, "rlmq.llm_batch")
     assert len(subtasks) >= 2 and sum(s.attributes["rlmq.prompts"] for s in subtasks) == 40

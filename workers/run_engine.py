@@ -115,6 +115,7 @@ class RunExecution:
         fanout = Fanout(settings, app=self.task.app, options=spec.options, observer=stats,
                         should_stop=self.ticker.cancelled.is_set, run_id=self.run_id)
         fanout.spans = self.spans
+        tools = [self.spans.wrap_tool(tool) for tool in tools]  # a span per call, when traced
         rlm = TracedRLM(spec.signature, fanout=fanout, tools=tools, max_iters=settings.max_iters,
                         max_llm_calls=settings.max_llm_calls, interpreter_factory=factory,
                         trace=self.trace, budget=budget, on_code=lambda: self.progress.publish(force=True),

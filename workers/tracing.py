@@ -8,6 +8,7 @@ submitted inside a caller's trace (``Client.submit`` with an active span) joins 
       rlmq.iteration                one per RLM step
         rlmq.root_lm                the step's root-LM call (GenAI semantic conventions)
         rlmq.code                   the step's code in the sandbox
+          rlmq.tool                 a call of a user tool (--tool)
           rlmq.batch                an llm_query_batched / llm_query fan-out
             rlmq.llm_batch          a sub-task, on the llm worker that ran it (context in the
               rlmq.prompt           Celery message's ``traceparent`` header); each prompt, cached or paid
@@ -22,10 +23,11 @@ the one header rlmq needs is easier to carry itself.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
@@ -143,6 +145,19 @@ class RunSpans:
             self._propagator.inject(headers, context=self._ctx(span))
             yield headers
 
+    def wrap_tool(self, tool: Callable[..., Any]) -> Callable[..., Any]:
+        """A user tool whose every call is a span under the step's code (tool calls run on other threads)."""
+        name = getattr(tool, "__name__", "tool")
+
+        @functools.wraps(tool)
+        def traced(*args: Any, **kwargs: Any) -> Any:
+            parent = self._code_ctx or self._context.get_current()
+            with self.tracer.start_as_current_span("rlmq.tool", context=parent, attributes={
+                    "rlmq.tool": name, "openinference.span.kind": "TOOL", "tool.name": name}):
+                return tool(*args, **kwargs)
+
+        return traced
+
     def lm_start(self, call_id: str, model: str) -> None:
         current = self._trace.get_current_span().get_span_context().is_valid
         # under the step's span; DSPy's extract step (max_iters reached) runs outside any step: under the run
@@ -205,6 +220,9 @@ class _NullSpans(RunSpans):
     @contextlib.contextmanager
     def batch(self, prompts: int, model: str) -> Iterator[dict[str, str]]:
         yield {}
+
+    def wrap_tool(self, tool: Callable[..., Any]) -> Callable[..., Any]:
+        return tool
 
     def lm_start(self, call_id: str, model: str) -> None:
         pass
