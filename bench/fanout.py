@@ -8,7 +8,9 @@ the stub LLM answering after ``--latency`` seconds (default 0.2):
       (default 2) x ``--threads`` threads (default 32);
   (c) the ideal N * latency / (workers * threads);
 
-then the same rlmq batch again with a warm Redis response cache. The fleet answers one untimed
+then the same rlmq batch again with a warm Redis response cache. ``--otel``: the same with tracing on
+(``OTEL_EXPORTER_OTLP_ENDPOINT`` to an OTLP/HTTP receiver in a process of its own, whose CPU is shown
+apart): the batch span here, a span per sub-task and per prompt on the llm workers. The fleet answers one untimed
 warm-up batch of other prompts first, as a long-lived fleet would have. Everything is real: a private
 Redis, ``celery -A tasks worker`` processes, HTTP to the stub through LiteLLM (rlmq) or
 ``dspy.LM`` (DSPy). Run: ``python bench/fanout.py`` from the repo root.
@@ -18,8 +20,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,13 +68,22 @@ def rlmq_fanout(stub: StubLLM, redis_url: str, prompts: list[str], args: argpars
     settings = Settings(redis_url=redis_url, lm="openai/stub-root", sub_lm="openai/stub-sub",
                         lm_api_base=stub.api_base, fanout_width=args.workers * args.threads,
                         chunk_size=args.chunk_size)
+    from workers.tracing import run_spans
+
+    spans = run_spans(uuid.uuid4().hex, 1, "bench")  # the null object unless --otel set the endpoint
+
+    def fanout() -> Fanout:
+        f = Fanout(settings, app=app)
+        f.spans = spans
+        return f
+
     # Warm-up (not timed): long-lived workers have their connections, scripts and pools ready.
-    Fanout(settings, app=app).query([f"warm-up {i}" for i in range(2 * args.workers * args.threads)])
+    fanout().query([f"warm-up {i}" for i in range(2 * args.workers * args.threads)])
     stub.reset_stats()
     times = []
     cpu: dict[str, float] = {}
     for _ in range(2):  # cold cache, then warm cache
-        tools = make_llm_tools(Fanout(settings, app=app), LLMCallBudget(len(prompts)))
+        tools = make_llm_tools(fanout(), LLMCallBudget(len(prompts)))
         before = {name: sum(cpu_seconds(p) for p in pids) for name, pids in cpu_pids.items()}
         t0 = time.perf_counter()
         out = tools["llm_query_batched"](prompts)
@@ -77,12 +91,14 @@ def rlmq_fanout(stub: StubLLM, redis_url: str, prompts: list[str], args: argpars
         if not cpu:  # where the cold batch's CPU went: on a small box, CPU bounds (b)
             cpu = {name: sum(cpu_seconds(p) for p in pids) - before[name] for name, pids in cpu_pids.items()}
         assert len(out) == len(prompts) and not any(o.startswith("[ERROR]") for o in out), out[:3]
+    spans.end("SUCCEEDED")
     return times[0], times[1], cpu
 
 
 def main(argv: list[str] | None = None) -> int:
     args = command_line(__doc__, argv, prompts=500, latency=0.2, workers=2, threads=32,
-                        chunk_size=(8, "prompts per sub-task message"))
+                        chunk_size=(8, "prompts per sub-task message"),
+                        otel=(False, "trace: spans exported over OTLP/HTTP to a receiver process"))
     prompts = [f"bench prompt {i}: who is the richest?" for i in range(args.prompts)]
 
     with start_private_redis() as server:
@@ -94,13 +110,30 @@ def main(argv: list[str] | None = None) -> int:
             stub.reset_stats()
             env = {"RLMQ_LM": "openai/stub-sub", "RLMQ_LM_API_BASE": stub.api_base,
                    "RLMQ_RATE_LIMIT_RPS": "100000", "RLMQ_RATE_LIMIT_BURST": "100000"}
+            receiver = None
+            if args.otel:
+                receiver_log = tempfile.NamedTemporaryFile("w+", prefix="rlmq-otlp-", suffix=".log")  # noqa: SIM115
+                receiver = subprocess.Popen([sys.executable, "-m", "tests.support.otlp_receiver"], cwd=REPO,
+                                            stdout=subprocess.PIPE, stderr=receiver_log, text=True)
+                assert receiver.stdout is not None
+                env["OTEL_EXPORTER_OTLP_ENDPOINT"] = os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = \
+                    receiver.stdout.readline().strip()
             with Fleet(server.url, env) as fleet:
                 workers = [fleet.start("llm", name=f"bench{i}", concurrency=args.threads, wait=False)
                            for i in range(args.workers)]
                 fleet.wait_ready(workers, timeout=120)
                 cpu_pids = {"this process (client + stub LLM)": [os.getpid()],
                             "llm workers": [w.proc.pid for w in workers], "redis": [server.process.pid]}
-                cold, warm, cpu = rlmq_fanout(stub, server.url, prompts, args, cpu_pids)
+                receiver_pids = {"OTLP receiver (not counted)": [receiver.pid]} if receiver else {}
+                cold, warm, cpu = rlmq_fanout(stub, server.url, prompts, args, {**cpu_pids, **receiver_pids})
+                time.sleep(1)  # the workers' span exporters flush (200 ms schedule when tracing)
+            if receiver is not None:
+                time.sleep(1.5)  # the receiver's next count
+                receiver.terminate()
+                receiver.wait(10)
+                receiver_log.seek(0)
+                counts = receiver_log.read().split()
+                print(f"spans received over OTLP: {counts[-2] if len(counts) >= 2 else 0}", flush=True)
             sent_fleet = stub.request_count
 
     slots = args.workers * args.threads
@@ -116,10 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:52s} {seconds:8.2f} {'' if sent is None else sent:>9}")
     print(f"\nspeed-up (a)/(b): {builtin / cold:.1f}x   (b)/ideal: {cold / ideal:.2f}x   "
           f"warm/cold: {warm / cold:.3f}")
+    apart = {name: cpu.pop(name) for name in list(cpu) if "not counted" in name}
     total = sum(cpu.values())
     print(f"\nCPU during (b): {total:.2f} s = {total * 1000 / args.prompts:.1f} ms per prompt "
           f"over {os.cpu_count()} cores ({total / (os.cpu_count() or 1):.2f} s of wall at the least)")
-    for name, seconds in cpu.items():
+    for name, seconds in {**cpu, **apart}.items():
         print(f"    {name:40s} {seconds:6.2f} s")
     return 0
 

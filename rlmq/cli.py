@@ -180,6 +180,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     stack = LocalStack(
         redis_url=redis_url, rlm_concurrency=args.rlm_concurrency, flower_auth=chosen_auth,
         llm_concurrency=args.llm_concurrency, flower_port=None if args.no_flower else args.flower_port,
+        exporter_port=None if args.no_exporter else args.exporter_port,
     )
     # Ctrl-C and SIGTERM both stop the stack, also when started as a background job (SIGINT ignored).
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -188,7 +189,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         stack.start_or_explain()
         assert stack.redis_url is not None  # the stack's Redis, started if none was given
         flower = "" if args.no_flower else f"  flower: http://127.0.0.1:{args.flower_port}"
-        print(f"rlmq stack is up: REDIS_URL={redacted_url(stack.redis_url)}{flower}  logs: {stack.log_dir}",
+        metrics = "" if args.no_exporter else f"  metrics: http://127.0.0.1:{args.exporter_port}/metrics"
+        print(f"rlmq stack is up: REDIS_URL={redacted_url(stack.redis_url)}{flower}{metrics}  logs: {stack.log_dir}",
               flush=True)
         if stack.flower_auth and not chosen_auth:  # generated: shown this once
             user, _, password = stack.flower_auth.partition(":")
@@ -203,6 +205,11 @@ def cmd_up(args: argparse.Namespace) -> int:
                 print(f"rlmq: Redis had stopped; restarted it on its data ({stack.redis_url})", file=sys.stderr,
                       flush=True)
             dead = stack.dead_children()
+            for child in [c for c in dead if c.name == "exporter"]:  # metrics are not worth the stack
+                print(f"rlmq: the metrics exporter stopped ({child.last_error_line()}); the stack goes on "
+                      "without it", file=sys.stderr, flush=True)
+                stack.children.remove(child)
+                dead.remove(child)
             if dead:
                 raise CliError(f"{dead[0].name} stopped unexpectedly: {dead[0].last_error_line()}", EXIT_UNREACHABLE)
             time.sleep(0.5)
@@ -335,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-concurrency", type=COUNT, default=32, help="sub-call batches at once (threads; default: 32)")
     p.add_argument("--flower-port", type=PORT, default=5555)
     p.add_argument("--no-flower", action="store_true")
+    p.add_argument("--exporter-port", type=PORT, default=9808, help="Prometheus metrics (`rlmq exporter`)")
+    p.add_argument("--no-exporter", action="store_true")
 
     add_view_commands(add, PORT)  # trace, ui, workers, stats (rlmq.cli_show)
     add_job_commands(add, _number)  # job submit|status|watch|results|list|cancel|resume (rlmq.cli_job)

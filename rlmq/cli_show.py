@@ -1,4 +1,4 @@
-"""The ``rlmq`` subcommands that show runs and the fleet: ``trace``, ``ui``, ``workers``, ``stats``;
+"""The ``rlmq`` subcommands that show runs and the fleet: ``trace``, ``ui``, ``workers``, ``stats``, ``exporter``;
 the budget flags of ``submit``; and the outputs ``submit --wait`` prints.
 
 ``rlmq.cli`` wires these in with one call each (``add_view_commands``, ``add_budget_flags``,
@@ -112,6 +112,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_exporter(args: argparse.Namespace) -> int:
+    from rlmq.exporter import serve
+
+    client = _client(args)
+    client.list_runs(limit=1)  # an unreachable Redis is one line now, not an error at every scrape
+    print(f"rlmq exporter: http://{args.address}:{args.port}/metrics  (Ctrl-C stops it)", file=sys.stderr, flush=True)
+    serve(client.redis, args.address, args.port)
+    return 0
+
+
 def add_view_commands(add: Callable[..., argparse.ArgumentParser], port_type: Callable[[str], int]) -> None:
     p = add("trace", cmd_trace, "show a run's trajectory: each step's reasoning, code, output, sub-calls, timings")
     p.add_argument("run")
@@ -134,3 +144,7 @@ def add_view_commands(add: Callable[..., argparse.ArgumentParser], port_type: Ca
     p = add("stats", cmd_stats, "fleet numbers: queue depths, sub-calls/s, cache hit rate, 429s, live sandboxes")
     p.add_argument("--json", action="store_true")
     p.add_argument("--window", type=_number(int, "a whole number of seconds"), default=60)
+
+    p = add("exporter", cmd_exporter, "serve the fleet's Prometheus metrics at /metrics (read from Redis)")
+    p.add_argument("--port", type=port_type, default=9808)
+    p.add_argument("--address", default="127.0.0.1", help="bind address (0.0.0.0 for a Prometheus elsewhere)")

@@ -34,6 +34,7 @@ from rlmq.stack import running_stack_url
 from rlmq.store.blobs import CHUNK_BYTES, blob_size, put_blobs
 from rlmq.store.records import RunRecord, RunSpec, RunStatus, RunStore, new_run_id
 from rlmq.trace import read_trajectory
+from rlmq.trace_context import caller_traceparent
 
 __all__ = ["Client", "ClientError", "RedisUnreachable", "UnknownRun", "check_run_id", "check_signature", "check_tool_path"]
 
@@ -106,7 +107,8 @@ class Client:
         def store_and_enqueue() -> None:
             refs = put_blobs(self.redis, inputs, chunk_bytes=self.blob_chunk_bytes)
             self.enqueue(RunSpec(run_id=run_id, signature=signature, inputs=refs, options=run_options,
-                                 tools=tool_paths), described=describe_inputs(inputs))
+                                 tools=tool_paths, traceparent=caller_traceparent()),
+                         described=describe_inputs(inputs))
 
         self.call("submit", store_and_enqueue)
         return run_id

@@ -20,7 +20,7 @@ from rlmq.store.records import Progress, RunStatus
 if TYPE_CHECKING:
     from rlmq.client import Client
 
-__all__ = ["fleet_stats", "format_stats", "format_workers", "workers_view"]
+__all__ = ["fleet_stats", "format_stats", "format_workers", "queue_depth", "workers_view"]
 
 _PRIORITY_SEP = "\x06\x16"  # Kombu's Redis transport: queue "llm" priority 3 lives in "llm\x06\x163"
 
@@ -71,7 +71,7 @@ def format_workers(workers: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _queue_depth(redis_client: Any, queue: str) -> int:
+def queue_depth(redis_client: Any, queue: str) -> int:
     names = [queue] + [f"{queue}{_PRIORITY_SEP}{p}" for p in range(1, 10)]
     pipe = redis_client.pipeline(transaction=False)
     for name in names:
@@ -95,7 +95,7 @@ def fleet_stats(client: Client, *, window: int = 60, now: float | None = None) -
         if client.store.status(run_id) is RunStatus.RUNNING:
             running += 1
     return {
-        "queues": {q: _queue_depth(r, q) for q in QUEUES},
+        "queues": {q: queue_depth(r, q) for q in QUEUES},
         "window_seconds": window,
         "subcalls": subcalls,
         "subcalls_per_second": round(subcalls / window, 2),

@@ -25,6 +25,7 @@ __all__ = [
     "RUN_OPTIONS",
     "LMClient",
     "LocalIsolation",
+    "LogFormat",
     "SandboxBackend",
     "Settings",
     "SettingsError",
@@ -53,6 +54,13 @@ class LocalIsolation(str, Enum):
 
     NAMESPACES = "namespaces"
     PROCESS = "process"  # no security boundary: the worker log and every run's record say so
+
+
+class LogFormat(str, Enum):
+    """How workers write their log lines."""
+
+    TEXT = "text"  # Celery's own format
+    JSON = "json"  # one JSON object per line with the run id, attempt, trace id and span id
 
 
 class LMClient(str, Enum):
@@ -230,6 +238,9 @@ class Settings:
     result_expires: int = field(default=7 * 24 * 3600, metadata=_setting("RLMQ_RESULT_EXPIRES", _int, per_run=False))
     # task events for llm_batch sub-tasks (Flower's per-worker counts; ~costs measured in docs/ARCHITECTURE.md)
     subtask_events: bool = field(default=True, metadata=_setting("RLMQ_SUBTASK_EVENTS", _bool, per_run=False))
+    # workers' log lines: Celery's text, or JSON objects that join the run's trace (workers.log_format)
+    log_format: LogFormat = field(default=LogFormat.TEXT,
+                                  metadata=_setting("RLMQ_LOG_FORMAT", _enum(LogFormat), per_run=False))
 
     @property
     def effective_sub_lm(self) -> str:

@@ -32,8 +32,8 @@ from typing import Any
 from rlmq.celery_config import CELERY_APP, RLM_QUEUE
 from rlmq.local_redis import PrivateRedis, start_private_redis
 
-__all__ = ["ChildProcess", "LocalStack", "StackError", "flower_command", "generate_flower_auth", "redacted_url",
-           "running_stack", "running_stack_url", "state_file", "worker_command"]
+__all__ = ["ChildProcess", "LocalStack", "StackError", "exporter_command", "flower_command", "generate_flower_auth",
+           "redacted_url", "running_stack", "running_stack_url", "state_file", "worker_command"]
 
 READY_MARK = " ready."  # Celery logs "<node> ready." once a worker consumes
 
@@ -99,6 +99,10 @@ def worker_command(queue: str, *, name: str, concurrency: int, pool: str) -> lis
 FLOWER_TASK_COLUMNS = "name,state,result,args,kwargs,received,runtime,worker,uuid"
 
 
+def exporter_command(*, port: int, address: str) -> list[str]:
+    return [sys.executable, "-m", "rlmq.cli", "exporter", f"--port={port}", f"--address={address}"]
+
+
 def flower_command(*, port: int, address: str) -> list[str]:
     """Flower's command line; its login goes in ``FLOWER_BASIC_AUTH`` (Flower reads it from the
     environment), never on a command line, which every user of the machine can read."""
@@ -156,6 +160,7 @@ class LocalStack:
     llm_concurrency: int = LLM_THREADS
     flower_port: int | None = 5555  # None: no Flower
     flower_auth: str | None = None  # user:password; None: generated at start
+    exporter_port: int | None = None  # Prometheus metrics (`rlmq exporter`; `rlmq up` serves 9808); None: none
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None  # the children's working directory (where a worker finds .env); default ours
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="rlmq-stack-")))
@@ -175,7 +180,9 @@ class LocalStack:
                 self.flower_auth = self.flower_auth or generate_flower_auth()
                 self.spawn("flower", flower_command(port=self.flower_port, address="127.0.0.1"),
                            {"FLOWER_BASIC_AUTH": self.flower_auth})
-            self.wait_ready([c for c in self.children if c.name != "flower"], timeout)
+            if self.exporter_port is not None:
+                self.spawn("exporter", exporter_command(port=self.exporter_port, address="127.0.0.1"))
+            self.wait_ready([c for c in self.children if c.name not in ("flower", "exporter")], timeout)
             self._write_state()
         except BaseException:
             self.stop()
@@ -251,6 +258,8 @@ class LocalStack:
         state: dict[str, Any] = {"pid": os.getpid(), "redis_url": self.redis_url, "logs": str(self.log_dir)}
         if self.flower_port is not None:
             state["flower"] = {"url": f"http://127.0.0.1:{self.flower_port}", "basic_auth": self.flower_auth}
+        if self.exporter_port is not None:
+            state["metrics"] = f"http://127.0.0.1:{self.exporter_port}/metrics"
         write_private(state_file(), json.dumps(state))
 
     def __enter__(self) -> LocalStack:

@@ -17,9 +17,10 @@ from kombu import Queue
 
 from rlmq.celery_config import CELERY_CONFIG, LLM_QUEUE, QUEUES, RLM_QUEUE, point_at
 from rlmq.redis_url import celery_settings, unauthenticated_redis_problem
-from rlmq.settings import SandboxBackend, Settings, SettingsError, redis_url_from_env
+from rlmq.settings import LogFormat, SandboxBackend, Settings, SettingsError, redis_url_from_env
 from workers.context import setting_at_import, worker_settings
 from workers.hardening import make_non_dumpable
+from workers.log_format import install_json_logs
 
 __all__ = ["WORKER_QUEUES", "app"]
 
@@ -93,6 +94,14 @@ def _preload_lm_client() -> None:
     from workers.llm_call import preload
 
     preload()
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _log_format(logger: Any = None, **_: Any) -> None:
+    """RLMQ_LOG_FORMAT=json: Celery's handlers write one JSON object per line (workers.log_format)."""
+    if logger is not None and setting_at_import("log_format") is LogFormat.JSON:
+        install_json_logs(logger)
 
 
 @signals.worker_process_init.connect

@@ -9,6 +9,8 @@ from tasks.app import app
 from workers.batch_answer import answer_batch
 from workers.context import setting_at_import
 from workers.lm_gateway import SUBTASK_DEADLINE_SECONDS
+from workers.log_format import log_context
+from workers.tracing import TRACEPARENT
 
 __all__ = ["llm_batch"]
 
@@ -24,4 +26,6 @@ def llm_batch(self: Any, prompts: list[Any], model: str, options: dict[str, Any]
 
     ``options`` are the run's per-run settings; ``params`` are sampling parameters sent to the model.
     """
-    return answer_batch(prompts, model, options, params, worker=str(self.request.hostname or ""))
+    with log_context(self.request.parent_id):  # the run (Fanout sends sub-tasks with the run as parent)
+        return answer_batch(prompts, model, options, params, worker=str(self.request.hostname or ""),
+                            traceparent=self.request.get(TRACEPARENT))  # the run's batch span (workers.tracing)

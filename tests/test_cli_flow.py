@@ -74,7 +74,8 @@ def pump(stream: IO[str] | None, sink: Callable[[str], object]) -> None:
 
 
 def start_up(env, cwd, *args: str, seen: list[str] | None = None) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen([*RLMQ, "up", *(args or ("--no-flower",)), "--llm-concurrency", "8"], env=env,
+    process = subprocess.Popen([*RLMQ, "up", *(args or ("--no-flower", "--no-exporter")), "--llm-concurrency", "8"],
+                               env=env,
                                cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue[str] = queue.Queue()
     pump(process.stdout, lines.put)
@@ -187,10 +188,11 @@ def test_demo_brings_up_its_own_stack_and_plots(tmp_path, llm_env):
 
 
 def test_rlmq_up_protects_flower_with_a_generated_login(tmp_path, llm_env):
-    port, other_port = free_port(), free_port()
+    port, other_port, metrics_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in llm_env.items() if k != "FLOWER_BASIC_AUTH"}
     seen: list[str] = []
-    up, redis_url = start_up(env, tmp_path, "--flower-port", str(port), "--rlm-concurrency", "1", seen=seen)
+    up, redis_url = start_up(env, tmp_path, "--flower-port", str(port), "--rlm-concurrency", "1",
+                             "--exporter-port", str(metrics_port), seen=seen)
     flower = None
     try:
         (login,) = [line for line in seen if line.startswith("flower login: ")]
@@ -205,6 +207,10 @@ def test_rlmq_up_protects_flower_with_a_generated_login(tmp_path, llm_env):
         assert http_status(url) == 401 and http_status(url, "rlmq:wrong") == 401
         assert http_status(url, f"rlmq:{password}") == 200
         assert not processes_with_cmdline(password), "the login is on a command line"
+        # the stack's Prometheus exporter serves the fleet's metrics (no login: counts and names only)
+        metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        assert state["metrics"] == metrics
+        wait_until(lambda: http_status(metrics) == 200, 60, what="rlmq exporter to answer")
         # `rlmq flower` without FLOWER_BASIC_AUTH reuses the stack's login; never an open dashboard
         flower = subprocess.Popen([*RLMQ, "flower", "--port", str(other_port)], env=env, cwd=tmp_path,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)

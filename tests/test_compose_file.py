@@ -29,7 +29,8 @@ DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 ENV_EXAMPLE = REPO / ".env.example"
 
-RLMQ_SERVICES = ["rlm-worker", "llm-worker", "beat", "flower"]
+CELERY_SERVICES = ["rlm-worker", "llm-worker", "beat", "flower"]
+RLMQ_SERVICES = [*CELERY_SERVICES, "exporter"]
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +204,8 @@ def test_rlmq_services_share_one_built_image(compose, name):
 @pytest.mark.parametrize("name", RLMQ_SERVICES)
 def test_rlmq_services_use_the_celery_app_and_env(compose, name):
     svc = compose["services"][name]
-    assert re.search(r"(^|\s)celery -A tasks\s", _command_text(svc)), _command_text(svc)
+    if name in CELERY_SERVICES:
+        assert re.search(r"(^|\s)celery -A tasks\s", _command_text(svc)), _command_text(svc)
     env_file = svc["env_file"]
     env_files = [env_file] if isinstance(env_file, str) else [e if isinstance(e, str) else e["path"] for e in env_file]
     assert ".env" in env_files
@@ -212,6 +214,14 @@ def test_rlmq_services_use_the_celery_app_and_env(compose, name):
     assert env["REDIS_URL"] == "redis://:${REDIS_PASSWORD:?set REDIS_PASSWORD in .env}@redis:6379/0"
     depends = svc["depends_on"]
     assert isinstance(depends, dict) and depends["redis"]["condition"] == "service_healthy"
+
+
+def test_exporter_serves_the_fleet_metrics(compose):
+    svc = compose["services"]["exporter"]
+    assert _command(svc)[:2] == ["rlmq", "exporter"]
+    text = _command_text(svc)
+    assert "--port 9808" in text and "--address 0.0.0.0" in text  # reachable from a Prometheus container
+    assert any(str(p).endswith(":9808") for p in svc["ports"])
 
 
 def test_no_service_pins_a_container_name(compose):

@@ -72,7 +72,7 @@ def test_redis_restart_during_a_batch_loses_no_answer(fleet: Fleet, aof_redis, s
 def start_up(env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen, str]:
     log = cwd / f"up-{len(list(cwd.glob('up-*.log')))}.log"
     with open(log, "w") as output:
-        process = subprocess.Popen([*RLMQ, "up", "--no-flower", "--llm-concurrency", "8", "--rlm-concurrency", "1"],
+        process = subprocess.Popen([*RLMQ, "up", "--no-flower", "--no-exporter", "--llm-concurrency", "8", "--rlm-concurrency", "1"],
                                    env=env, cwd=cwd, stdout=output, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:

@@ -29,6 +29,7 @@ from workers.llm_call import LMReply, prompt_messages
 from workers.lm_gateway import SUBTASK_DEADLINE_SECONDS, LMFailure, fleet_limiter, limited_call, max_call_seconds
 from workers.monitor import count
 from workers.single_flight import ResponseCache
+from workers.tracing import describe_answer, subtask_span
 
 __all__ = ["answer_batch", "answer_prompt"]
 
@@ -39,7 +40,7 @@ _REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
 
 def answer_batch(prompts: list[Any], model: str, options: dict[str, Any] | None, params: dict[str, Any] | None,
-                 *, worker: str) -> list[dict[str, Any]]:
+                 *, worker: str, traceparent: str | None = None) -> list[dict[str, Any]]:
     """Answer ``prompts`` (strings or chat-message lists) with ``model``; one answer dict each, in order.
 
     ``options`` are per-run settings overrides (``lm_api_base``, rate limits, cache TTL,
@@ -57,14 +58,19 @@ def answer_batch(prompts: list[Any], model: str, options: dict[str, Any] | None,
     params = params or {}
     keys, hits = _look_up(cache, model, prompts, params)
     answers = []
-    for prompt, key, hit in zip(prompts, keys, hits, strict=True):
-        if hit is not None and "error" not in hit:
-            answers.append(_answer(hit, cached=True, worker=worker, attempts=0))
-        elif time.monotonic() > deadline:
-            answers.append(Answer(error="sub-task deadline passed before this prompt was tried", worker=worker))
-        else:
-            answers.append(answer_prompt(prompt, model, settings, cache, limiter, params=params,
-                                         worker=worker, deadline=deadline, key=key))
+    with subtask_span(traceparent, len(prompts), model, worker) as prompt_span:
+        for prompt, key, hit in zip(prompts, keys, hits, strict=True):
+            with prompt_span(cached=hit is not None and "error" not in hit) as span:
+                if hit is not None and "error" not in hit:
+                    answer = _answer(hit, cached=True, worker=worker, attempts=0)
+                elif time.monotonic() > deadline:
+                    answer = Answer(error="sub-task deadline passed before this prompt was tried", worker=worker)
+                else:
+                    answer = answer_prompt(prompt, model, settings, cache, limiter, params=params,
+                                           worker=worker, deadline=deadline, key=key)
+                if span is not None:
+                    describe_answer(span, answer)
+            answers.append(answer)
     return [a.to_json_dict() for a in answers]
 
 

@@ -34,6 +34,7 @@ from workers.answer import Answer
 from workers.context import redis_client
 from workers.liveness import lost_subtasks
 from workers.llm_call import Messages
+from workers.tracing import NULL_SPANS, RunSpans
 
 __all__ = ["Fanout", "FanoutCancelled", "FanoutObserver", "plan_chunks"]
 
@@ -134,6 +135,7 @@ class Fanout:
         self.observer: FanoutObserver = observer if observer is not None else _Unobserved()
         self.should_stop = should_stop
         self.run_id = run_id  # names the sub-tasks' parent in Flower
+        self.spans: RunSpans = NULL_SPANS  # the run's trace, if traced: a batch span per query
 
     def query(self, prompts: Sequence[str | Messages], params: dict[str, Any] | None = None) -> list[Answer]:
         """Answers for ``prompts``, in order; never raises for a failed prompt."""
@@ -148,19 +150,21 @@ class Fanout:
         chunks = [[todo[j] for j in range(a, b)] for a, b in bounds]
         if chunks:
             self.observer.batch_started([prompts[i] for i in todo], params or {})  # budget check, live progress
-            self._dispatch([[prompts[i] for i in c] for c in chunks], chunks, answers, params or {})
+            with self.spans.batch(len(todo), self.model) as headers:
+                self._dispatch([[prompts[i] for i in c] for c in chunks], chunks, answers, params or {}, headers)
         done = [a if a is not None else Answer(error="no answer") for a in answers]
         self.observer.batch_done(done)
         return done
 
     def _dispatch(self, payloads: list[list[Any]], chunks: list[list[int]], answers: list[Answer | None],
-                  params: dict[str, Any]) -> None:
+                  params: dict[str, Any], headers: dict[str, str]) -> None:
         def signature(payload: list[Any]) -> Any:
             # Flower shows what a sub-task is, never its prompts (argsrepr/kwargsrepr); the run is its parent.
             return self.app.signature(LLM_TASK, args=(payload, self.model, self.options, params),
                                       argsrepr=f"({len(payload)} prompt(s), {self.model!r})",
                                       kwargsrepr=f"{{'run': {self.run_id!r}}}",
-                                      parent_id=self.run_id, root_id=self.run_id)
+                                      parent_id=self.run_id, root_id=self.run_id,
+                                      headers=headers)  # the batch span's traceparent, when traced
 
         sent = group(signature(payload) for payload in payloads).apply_async()
         results = {r.id: r for r in sent.results}  # every copy ever sent, by task id

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlmq.settings import Settings
+from rlmq.store.metrics import count_throttled
 from workers.adaptive_limit import AdaptiveLimiter
 from workers.llm_call import FailureKind, LMCallError, LMReply, Messages, call_lm
 from workers.pricing import estimate_tokens
+from workers.tracing import note_throttled
 
 __all__ = [
     "RATE_MARGIN", "ROOT_CALL_DEADLINE_SECONDS", "SUBTASK_DEADLINE_SECONDS", "LMFailure",
@@ -87,6 +89,8 @@ def limited_call(model: str, messages: Messages, settings: Settings, limiter: Ad
                 # Pause the whole fleet; every worker's acquire() waits the cooldown out.
                 pause = exc.retry_after if exc.retry_after is not None else _backoff(throttled - 1)
                 limiter.cooldown(pause)
+                count_throttled(limiter.redis, model)
+                note_throttled(model)
                 if on_throttled is not None:
                     on_throttled()
                 logger.info("429 from %s: fleet cooldown %.2fs", model, pause)

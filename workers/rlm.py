@@ -25,6 +25,7 @@ from dspy.primitives.prediction import Prediction
 from workers.dspy_private import LLMCallBudget
 from workers.engines import FleetLM
 from workers.fanout import Fanout
+from workers.tracing import NULL_SPANS, RunSpans
 from workers.trajectory import TrajectoryLog
 
 __all__ = ["FleetRLM", "TracedRLM", "make_llm_tools"]
@@ -69,9 +70,10 @@ class TracedRLM(FleetRLM):
     """``FleetRLM`` that checks the budget before each step and records each step as it ends."""
 
     def __init__(self, signature: Any, *, trace: TrajectoryLog, budget: Any,
-                 on_code: Callable[[], None] | None = None, **kwargs: Any) -> None:
+                 on_code: Callable[[], None] | None = None, spans: RunSpans = NULL_SPANS, **kwargs: Any) -> None:
         super().__init__(signature, **kwargs)
         self.trace = trace
+        self.spans = spans  # the run's OpenTelemetry spans (workers.tracing): a span per step and its code
         self.budget = budget  # workers.budget.Budget
         self.on_code = on_code  # called when a step's code starts (the root call is then accounted)
 
@@ -79,7 +81,8 @@ class TracedRLM(FleetRLM):
                            *args: Any, **kwargs: Any) -> Any:
         self.budget.check_step()  # BudgetExceeded ends the run before the root LM is paid
         self.trace.begin()
-        result = super()._execute_iteration(repl, variables, history, iteration, *args, **kwargs)
+        with self.spans.iteration(iteration + 1):
+            result = super()._execute_iteration(repl, variables, history, iteration, *args, **kwargs)
         if isinstance(result, Prediction):
             self.trace.end((result.trajectory or [{}])[-1], final=True)
         elif getattr(result, "entries", None):
@@ -91,7 +94,8 @@ class TracedRLM(FleetRLM):
             self.on_code()
         started = time.monotonic()
         try:
-            return super()._execute_code(repl, code, input_args)
+            with self.spans.code():
+                return super()._execute_code(repl, code, input_args)
         finally:
             self.trace.exec_seconds += time.monotonic() - started
 

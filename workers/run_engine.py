@@ -21,6 +21,7 @@ from rlmq.celery_config import RLM_QUEUE, RUN_TASK
 from rlmq.run_options import check_tools, with_options
 from rlmq.settings import SandboxBackend, Settings, SettingsError
 from rlmq.store.blobs import get_blobs
+from rlmq.store.metrics import add_usage
 from rlmq.store.records import Progress, RunRecord, RunSpec, RunStatus, RunStore
 from workers.budget import Budget
 from workers.claim import RunClaim
@@ -30,12 +31,14 @@ from workers.dspy_private import action_predictor
 from workers.engines import fleet_root_lm
 from workers.fanout import Fanout
 from workers.job_feeder import feed_after_run
+from workers.log_format import log_context
 from workers.monitor import summary_line
 from workers.outcomes import CeleryEnd, RunCancelled, RunFailed, ending_of, mark_revoked, record_restart
 from workers.progress_publisher import IterationCallback, ProgressPublisher
 from workers.rlm import TracedRLM
 from workers.run_ticker import RunTicker
 from workers.sandbox_registry import LeaseKeeper, LeaseRegistry, attempt_labels
+from workers.tracing import NULL_SPANS, RunSpans, root_lm_callback, run_spans
 from workers.trajectory import TrajectoryLog
 from workers.usage import RunUsage
 from workers.user_tools import ToolLoadError, load_tools
@@ -61,6 +64,7 @@ class RunExecution:
                                   owner=self.claim.owner)
         self.ticker = RunTicker(run_id, claim=self.claim, store=self.store, leases=self.leases, progress=self.progress)
         self.trace: TrajectoryLog | None = None
+        self.spans: RunSpans = NULL_SPANS  # the attempt's OpenTelemetry spans, when traced
 
     def run(self) -> dict[str, Any]:
         record = self.store.get(self.run_id)
@@ -80,18 +84,21 @@ class RunExecution:
         if self.claim.attempt > 1:
             logger.warning("run %s: attempt %d, replaying through the caches (%s)", self.run_id,
                            self.claim.attempt, record.restart_reason or "restarted")
-        self.ticker.start()
-        try:
-            result = self._execute(record.spec)
-        except BaseException as exc:
-            self._ended_badly(exc)
-        finally:
-            self.ticker.stop()
-            self.leases.stop()
-            self.leases.close("the run ended", booting=True)  # normally empty: DSPy shut the interpreter down
-            if self.trace is not None:
-                self.trace.expire(self.base.result_expires)
-        return self._succeeded(result)
+        self.spans = run_spans(self.run_id, self.claim.attempt, record.spec.signature, record.spec.traceparent or None)
+        with log_context(self.run_id, self.claim.attempt, self.spans):  # RLMQ_LOG_FORMAT=json lines name the run
+            logger.info("run %s: attempt %d starts", self.run_id, self.claim.attempt)
+            self.ticker.start()
+            try:
+                result = self._execute(record.spec)
+            except BaseException as exc:
+                self._ended_badly(exc)
+            finally:
+                self.ticker.stop()
+                self.leases.stop()
+                self.leases.close("the run ended", booting=True)  # normally empty: DSPy shut the interpreter down
+                if self.trace is not None:
+                    self.trace.expire(self.base.result_expires)
+            return self._succeeded(result)
 
     def _execute(self, spec: RunSpec) -> dict[str, Any]:
         try:  # the operator's pins, before any sandbox or LM call (the client may not know them)
@@ -103,7 +110,8 @@ class RunExecution:
         if self.store.cancel_requested(self.run_id):
             raise RunCancelled()
         install_redis_dspy_cache(self.client, settings.cache_ttl_seconds)
-        stats = RunUsage(root_model=settings.lm, sub_model=settings.effective_sub_lm)
+        stats = RunUsage(root_model=settings.lm, sub_model=settings.effective_sub_lm,
+                         meter=lambda added, sub: add_usage(self.client, added, subcalls=sub))
         budget = self.ticker.budget = stats.budget = _budget(stats, settings, started=self.progress.started,
                                                              worker_time_limit=self.base.run_time_limit)
         self.progress.stats, self.progress.max_iters = stats, settings.max_iters
@@ -116,13 +124,19 @@ class RunExecution:
                              on_sandbox_destroyed=self.leases.destroyed)
         fanout = Fanout(settings, app=self.task.app, options=spec.options, observer=stats,
                         should_stop=self.ticker.cancelled.is_set, run_id=self.run_id)
+        fanout.spans = self.spans
+        tools = [self.spans.wrap_tool(tool) for tool in tools]  # a span per call, when traced
         rlm = TracedRLM(spec.signature, fanout=fanout, tools=tools, max_iters=settings.max_iters,
                         max_llm_calls=settings.max_llm_calls, interpreter_factory=factory,
-                        trace=self.trace, budget=budget, on_code=lambda: self.progress.publish(force=True))
+                        trace=self.trace, budget=budget, on_code=lambda: self.progress.publish(force=True),
+                        spans=self.spans)
         lm = fleet_root_lm(settings)
         stats.watch_root(lm)
         self.progress.publish(force=True)
-        with dspy.context(lm=lm, callbacks=[IterationCallback(self.progress, action_predictor(rlm))]):
+        callbacks = [IterationCallback(self.progress, action_predictor(rlm))]
+        if self.spans is not NULL_SPANS:
+            callbacks.append(root_lm_callback(self.spans))
+        with dspy.context(lm=lm, callbacks=callbacks):
             prediction = rlm(**inputs)
         if self.ticker.cancelled.is_set() and not self.ticker.handing_back.is_set():
             raise RunCancelled()  # (a run handed back after its last step has its result: it ends here)
@@ -134,7 +148,9 @@ class RunExecution:
         if not self.store.finish(self.run_id, RunStatus.SUCCEEDED, progress=progress, attempt=self.claim.attempt,
                                  result={**result, "progress": document, "usage": document["usage"]}):
             logger.warning("run %s: attempt %d was superseded; its result is dropped", self.run_id, self.claim.attempt)
+            self.spans.end("SUPERSEDED", progress.usage)
             raise Ignore()
+        self.spans.end(RunStatus.SUCCEEDED.value, progress.usage)
         return _task_result(self.run_id, progress)
 
     def _ended_badly(self, exc: BaseException) -> NoReturn:
@@ -142,6 +158,7 @@ class RunExecution:
         if self.claim.fenced.is_set():
             logger.warning("run %s: attempt %d was superseded; it stops without writing", self.run_id,
                            self.claim.attempt)
+            self.spans.end("SUPERSEDED")
             raise Ignore()
         end = ending_of(exc, cancel_requested=self.store.cancel_requested(self.run_id),
                         budget_tripped=self.ticker.budget.tripped if self.ticker.budget is not None else None,
@@ -155,9 +172,12 @@ class RunExecution:
             self._hand_back(end.line)
         if end.outcome.status is None:  # CeleryEnd.REQUEUE: the worker stops; the sweep restarts the run
             self.claim.lapse()
+            self.spans.end("REQUEUED", error=end.line)
             raise end.exc
+        progress = self.progress.close()
+        self.spans.end(end.outcome.status.value, progress.usage, error=end.line)
         if not self.store.finish(self.run_id, end.outcome.status, error=end.line, error_detail=end.detail,
-                                 progress=self.progress.close(), attempt=self.claim.attempt):
+                                 progress=progress, attempt=self.claim.attempt):
             logger.warning("run %s: attempt %d no longer owns the run; its end is not recorded", self.run_id,
                            self.claim.attempt)
             raise Ignore()  # superseded, or ended by the recovery sweep: Celery's state is not ours to write
@@ -169,6 +189,7 @@ class RunExecution:
     def _hand_back(self, reason: str) -> NoReturn:
         """Queue the run again as its next attempt, now, for a worker that is not shutting down (it
         resumes by replay); Celery shows it as RETRY, as a restart by the recovery sweep."""
+        self.spans.end("HANDED_BACK", error=reason)
         if self.claim.hand_back(reason):
             self.progress.close()
             self.task.app.send_task(RUN_TASK, args=(self.run_id,), task_id=self.run_id, queue=RLM_QUEUE)

@@ -10,6 +10,9 @@ LiteLLM's table (:mod:`workers.pricing`).
 It also tracks the fan-out batch in flight (answers count as each sub-task's arrive), so progress
 shows done/total and cache hits while a 500-prompt batch runs, and lets a
 :class:`~workers.budget.Budget` refuse a batch before it is sent.
+
+What it counts it also hands to its ``meter`` (each batch, each root call: the delta), which adds
+it to the fleet's Prometheus totals (``rlmq.store.metrics.add_usage``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +32,7 @@ if TYPE_CHECKING:
     from workers.budget import Budget  # which reads this run's usage: a runtime import would be circular
     from workers.llm_call import Messages
 
-__all__ = ["RunUsage"]
+__all__ = ["RunUsage", "root_call_tokens"]
 
 
 @dataclass
@@ -43,8 +46,10 @@ class _InFlight:
 class RunUsage:
     """The run's usage; thread-safe (tool threads, the run thread and the progress tick all touch it)."""
 
-    def __init__(self, *, root_model: str, sub_model: str) -> None:
+    def __init__(self, *, root_model: str, sub_model: str,
+                 meter: Callable[[CallUsage, bool], None] | None = None) -> None:
         self.root = CallUsage(model=root_model)
+        self.meter = meter  # (calls just counted, sub-calls or not): the fleet's totals
         self.sub = CallUsage(model=sub_model)
         self.budget: Budget | None = None  # consulted before each batch is sent
         self.workers: Counter[str] = Counter()  # sub-calls answered, per llm worker
@@ -79,6 +84,7 @@ class RunUsage:
 
     def batch_done(self, answers: Sequence[Answer]) -> None:
         with self._lock:
+            before = replace(self.sub)
             batch = self._batches.pop(threading.get_ident(), None)
             if batch is not None:
                 self.sub.seconds += time.monotonic() - batch.started
@@ -89,6 +95,9 @@ class RunUsage:
                 tokens_out = int(a.usage.get("completion_tokens", 0))
                 cost = a.cost if a.cost is not None else price(self.sub.model, tokens_in, tokens_out)
                 self.sub.count(input_tokens=tokens_in, output_tokens=tokens_out, cost=cost, cached=a.cached, ok=a.ok)
+            added = self.sub.minus(before)
+        if self.meter is not None:
+            self.meter(added, True)
 
     def resent(self, n: int) -> None:
         with self._lock:
@@ -105,17 +114,20 @@ class RunUsage:
         if lm is None:
             return
         with self._lock:
+            before = replace(self.root)
             history = list(getattr(lm, "history", []) or [])
             if len(history) < self._root_seen:  # DSPy trimmed its history (max_history_size)
                 self._root_seen = 0
             for entry in history[self._root_seen:]:
                 self._add_root_entry(entry)
             self._root_seen = len(history)
+            added = self.root.minus(before)
+        if self.meter is not None and added.calls:
+            self.meter(added, False)
 
     def _add_root_entry(self, entry: dict[str, Any]) -> None:
-        billed = entry.get("usage") or {}
-        full = _tokens(billed) if billed else _tokens(getattr(entry.get("response"), "usage", None))
-        cached = not billed and any(full)
+        tokens_in, tokens_out, cached = root_call_tokens(entry)
+        full = (tokens_in, tokens_out)
         model = str(entry.get("model") or self.root.model)
         self.root.count(input_tokens=full[0], output_tokens=full[1], cost=price(model, *full), cached=cached)
         self.last_root_call = full
@@ -143,6 +155,14 @@ class RunUsage:
             return Progress(iteration=iteration, max_iters=max_iters, elapsed=elapsed,
                             usage=Usage(root=replace(self.root), sub=replace(self.sub)), batch=batch,
                             llm_workers=dict(self.workers), subtasks_resent=self.subtasks_resent, sandbox=sandbox)
+
+
+def root_call_tokens(entry: dict[str, Any]) -> tuple[int, int, bool]:
+    """(input, output tokens, cached) of one ``dspy.LM.history`` entry: a ``dspy.cache`` hit has an empty
+    ``usage`` while its response keeps the token counts."""
+    billed = entry.get("usage") or {}
+    full = _tokens(billed) if billed else _tokens(getattr(entry.get("response"), "usage", None))
+    return full[0], full[1], not billed and any(full)
 
 
 def _tokens(usage: Any) -> tuple[int, int]:

@@ -44,6 +44,8 @@ rlmq:leases                         zset    sandbox ids scored by lease expiry (
 rlmq:dspy:{key}                     string  a dspy.cache entry (root-LM calls), TTL
 rlmq:stats:{name}:{second}          string  fleet counter for one unix second (sub-calls,
                                             cache hits, 429s), TTL a few minutes
+rlmq:metrics:{metric}               hash    a Prometheus counter's totals since the Redis began, one field
+                                            per label set (a JSON list of label values; ``rlmq.store.metrics``)
 ==================================  ======  =================================================
 
 Identifiers that sit in the middle of a key (run ids, digests, sandbox ids) may not contain
@@ -76,6 +78,7 @@ __all__ = [
     "lease_key",
     "leases_index_key",
     "limit_state_key",
+    "metric_key",
     "rate_limit_key",
     "rate_limit_tokens_key",
     "response_cache_key",
@@ -154,6 +157,10 @@ def run_trajectory_key(run_id: str) -> str:
 
 def stats_key(name: str, second: int) -> str:
     return f"{NAMESPACE}:stats:{_ident(name)}:{int(second)}"
+
+
+def metric_key(metric: str) -> str:
+    return f"{NAMESPACE}:metrics:{_ident(metric)}"
 
 
 def runs_index_key() -> str:

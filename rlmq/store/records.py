@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 
-from rlmq.store import keys, replies
+from rlmq.store import keys, metrics, replies
 from rlmq.store.lua import lua_scripts
 
 if TYPE_CHECKING:
@@ -67,6 +67,7 @@ class RunSpec:
     tools: list[str] = field(default_factory=list)  # "package.module:function", imported by the worker
     job: str = ""  # the corpus job this run answers one item of (rlmq.store.jobs), "" for a lone run
     item: int = -1  # that item's index in the job
+    traceparent: str = ""  # the submitter's active trace (W3C traceparent), which the run's spans join
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), allow_nan=False)
@@ -83,6 +84,7 @@ class RunSpec:
             tools=[str(t) for t in raw.get("tools") or []],
             job=str(raw.get("job") or ""),
             item=int(raw.get("item", -1)),
+            traceparent=str(raw.get("traceparent") or ""),
         )
 
 
@@ -371,6 +373,7 @@ class RunStore:
         named: dict[str, Any] = {
             "run_id": run_id, "status": status.value, "finished_at": repr(time.time()), "error": error or "",
             "error_detail": error_detail or "", "finished": {s.value: True for s in RunStatus if s.finished},
+            "buckets": list(metrics.DURATION_BUCKETS),
         }
         if attempt is not None:
             named["attempt"] = attempt
@@ -380,7 +383,8 @@ class RunStore:
             named["expire_s"] = self.expire_seconds
         return bool(lua_scripts("rlmq.store").run(
             self.redis, "run_finish",
-            [keys.run_key(run_id), keys.run_result_key(run_id), keys.run_owner_key(run_id), keys.runs_active_key()],
+            [keys.run_key(run_id), keys.run_result_key(run_id), keys.run_owner_key(run_id), keys.runs_active_key(),
+             keys.metric_key(metrics.RUNS), keys.metric_key(metrics.RUN_DURATION)],
             named, "" if progress is None else json.dumps(progress.to_json_dict(), allow_nan=False),
             "" if result is None else json.dumps(result, allow_nan=False, default=str)))
 
