@@ -155,6 +155,16 @@ def _nonneg_float(raw: str) -> float:
     return value
 
 
+MAX_DEPTH_CEILING = 8  # a child's run id grows by ".N" per level; deeper trees are not a use case
+
+
+def _depth(raw: str) -> int:
+    value = _int(raw)
+    if value > MAX_DEPTH_CEILING:
+        raise ValueError(f"must be at most {MAX_DEPTH_CEILING}")
+    return value
+
+
 def _setting(env: str, parse: Callable[[str], Any], *, per_run: bool = True, capped: bool = False) -> dict[str, Any]:
     """A field's metadata: its variable, its parser, and whether a run may set it (and only lower it: ``capped``)."""
     return {"env": env, "parse": parse, "per_run": per_run, "capped": capped}
@@ -203,6 +213,8 @@ class Settings:
     max_iters: int = field(default=20, metadata=_setting("RLMQ_MAX_ITERS", _int, capped=True))
     max_llm_calls: int = field(default=500, metadata=_setting("RLMQ_MAX_LLM_CALLS", _int, capped=True))
     execution_timeout: float = field(default=300.0, metadata=_setting("RLMQ_EXECUTION_TIMEOUT", _float, capped=True))
+    # levels of runs in a tree: 1 = no rlm_query; n > 1 = sandbox code may start child runs n - 1 levels deep
+    max_depth: int = field(default=1, metadata=_setting("RLMQ_MAX_DEPTH", _depth))
     # fan-out: prompts per sub-task message, and how many sub-tasks a big batch spreads over
     chunk_size: int = field(default=8, metadata=_setting("RLMQ_CHUNK_SIZE", _int, capped=True))
     fanout_width: int = field(default=64, metadata=_setting("RLMQ_FANOUT_WIDTH", _int, capped=True))

@@ -22,6 +22,7 @@ from rlmq.settings import SandboxBackend, Settings, SettingsError
 from rlmq.store.blobs import get_blobs
 from rlmq.store.records import Progress, RunSpec, RunStatus, RunStore
 from workers.budget import Budget
+from workers.children import RLM_QUERY_INSTRUCTIONS, Children, InProcessTask
 from workers.claim import RunClaim
 from workers.context import redis_client, worker_settings
 from workers.dspy_cache import install_redis_dspy_cache
@@ -59,6 +60,7 @@ class RunExecution:
                                   owner=self.claim.owner)
         self.ticker = RunTicker(run_id, claim=self.claim, store=self.store, leases=self.leases, progress=self.progress)
         self.trace: TrajectoryLog | None = None
+        self.children: Children | None = None  # a run below its tree's max_depth starts child runs
 
     def run(self) -> dict[str, Any]:
         record = self.store.get(self.run_id)
@@ -71,12 +73,15 @@ class RunExecution:
         if self.claim.attempt > 1:
             logger.warning("run %s: attempt %d, replaying through the caches (%s)", self.run_id,
                            self.claim.attempt, record.restart_reason or "restarted")
+        self.ticker.root_id = record.spec.root_id  # cancelling the root cancels this run too
         self.ticker.start()
         try:
             result = self._execute(record.spec)
         except BaseException as exc:
             self._ended_badly(exc)
         finally:
+            if self.children is not None:
+                self.children.close()
             self.ticker.stop()
             self.leases.stop()
             self.leases.close("the run ended", booting=True)  # normally empty: DSPy shut the interpreter down
@@ -91,7 +96,7 @@ class RunExecution:
             tools = load_tools(spec.tools)
         except (SettingsError, ToolLoadError) as exc:
             raise RunFailed(str(exc)) from None
-        if self.store.cancel_requested(self.run_id):
+        if self.store.cancel_requested(self.run_id, spec.root_id):
             raise RunCancelled()
         install_redis_dspy_cache(self.client, settings.cache_ttl_seconds)
         stats = RunUsage(root_model=settings.lm, sub_model=settings.effective_sub_lm)
@@ -106,8 +111,14 @@ class RunExecution:
                              on_sandbox_destroyed=self.leases.destroyed)
         fanout = Fanout(settings, app=self.task.app, options=spec.options, observer=stats,
                         should_stop=self.ticker.cancelled.is_set, run_id=self.run_id)
+        if spec.depth + 1 < settings.max_depth:
+            self.children = Children(spec, client=self.client, store=self.store, app=self.task.app,
+                                     run_child=self._run_child, should_stop=self.ticker.cancelled.is_set)
+        if settings.max_depth > 1:  # the model reads the built-ins' use in its instructions
+            factory.execution_instructions = factory.execution_instructions + RLM_QUERY_INSTRUCTIONS
         rlm = TracedRLM(spec.signature, fanout=fanout, tools=tools, max_iters=settings.max_iters,
                         max_llm_calls=settings.max_llm_calls, interpreter_factory=factory,
+                        rlm_tools=settings.max_depth > 1, children=self.children,
                         trace=self.trace, budget=budget, on_code=lambda: self.progress.publish(force=True))
         lm = fleet_root_lm(settings)
         stats.watch_root(lm)
@@ -133,7 +144,8 @@ class RunExecution:
             logger.warning("run %s: attempt %d was superseded; it stops without writing", self.run_id,
                            self.claim.attempt)
             raise Ignore()
-        end = ending_of(exc, cancel_requested=self.store.cancel_requested(self.run_id),
+        root_id = self.ticker.root_id or self.run_id
+        end = ending_of(exc, cancel_requested=self.store.cancel_requested(self.run_id, root_id),
                         budget_tripped=self.ticker.budget.tripped if self.ticker.budget is not None else None,
                         time_limit=self.base.run_time_limit)
         logger.log(end.outcome.log_level, "run %s ends %s: %s", self.run_id,
@@ -151,6 +163,16 @@ class RunExecution:
             mark_revoked(self.task.app, self.run_id, hostname=self.hostname, request=self.task.request)
             raise Ignore()  # the REVOKED state above must stand
         raise RunFailed(end.line) from None
+
+    def _run_child(self, run_id: str) -> None:
+        """A child run no worker claimed, executed here (``workers.children``) and ended in Celery as a task would."""
+        backend = self.task.app.backend
+        try:
+            result = RunExecution(InProcessTask(self.task.app, hostname=self.hostname, run_id=run_id), run_id).run()
+        except RunFailed as exc:
+            backend.mark_as_failure(run_id, exc)
+            raise
+        backend.store_result(run_id, result, "SUCCESS")
 
     def _sandbox_created(self, info: Any) -> None:
         self.leases.created(info)

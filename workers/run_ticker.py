@@ -31,13 +31,14 @@ class RunTicker(Ticker):
         self.claim, self.store, self.leases, self.progress = claim, store, leases, progress
         self.budget: Budget | None = None  # the run's, once its settings are known
         self.cancelled = threading.Event()  # set on a cancel and when fenced off
+        self.root_id = run_id  # the run's tree's root, whose cancel is this run's too
 
     def tick(self) -> None:
         if self.claim.fenced.is_set():
             return  # the run is stopping
         if not self.claim.renew():
             return self._stop_sandbox(f"attempt {self.claim.attempt} lost its claim (restarted elsewhere or finished)")
-        if not self.cancelled.is_set() and self.store.cancel_requested(self.run_id):
+        if not self.cancelled.is_set() and self.store.cancel_requested(self.run_id, self.root_id):
             return self._stop_sandbox("cancel requested")
         if self.budget is not None and self.budget.tripped is None:
             try:

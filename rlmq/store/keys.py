@@ -16,6 +16,7 @@ rlmq:run:{run_id}:owner             string  "{attempt}|{owner}" of the attempt r
 rlmq:run:{run_id}:result            string  the run's final result (JSON)
 rlmq:run:{run_id}:cancel            string  present when a cancel was requested
 rlmq:run:{run_id}:trajectory        list    one JSON entry per finished iteration, appended live
+rlmq:run:{run_id}:children          zset    its child runs (rlm_query), scored by start time
 rlmq:run:{run_id}:sandbox-homes     set     where its sandboxes live: JSON {backend, provider} (no API key)
 rlmq:runs                           zset    run ids scored by submit time (unix seconds)
 rlmq:runs:active                    zset    runs started or restarted, not finished (score: last change)
@@ -62,6 +63,7 @@ __all__ = [
     "rate_limit_tokens_key",
     "response_cache_key",
     "run_cancel_key",
+    "run_children_key",
     "run_key",
     "run_owner_key",
     "run_result_key",
@@ -124,6 +126,10 @@ def run_result_key(run_id: str) -> str:
 
 def run_cancel_key(run_id: str) -> str:
     return f"{run_key(run_id)}:cancel"
+
+
+def run_children_key(run_id: str) -> str:
+    return f"{run_key(run_id)}:children"
 
 
 def run_sandbox_homes_key(run_id: str) -> str:

@@ -65,6 +65,15 @@ class RunSpec:
     options: dict[str, Any] = field(default_factory=dict)
     submitted_at: float = field(default_factory=time.time)
     tools: list[str] = field(default_factory=list)  # "package.module:function", imported by the worker
+    # A child run (started by its parent's sandbox code through rlm_query): its parent, the tree's root, its level
+    parent: str = ""
+    root: str = ""
+    depth: int = 0
+
+    @property
+    def root_id(self) -> str:
+        """The run at the top of this run's tree (itself for a root)."""
+        return self.root or self.run_id
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), allow_nan=False)
@@ -79,6 +88,9 @@ class RunSpec:
             options=dict(raw.get("options") or {}),
             submitted_at=float(raw.get("submitted_at") or 0.0),
             tools=[str(t) for t in raw.get("tools") or []],
+            parent=str(raw.get("parent") or ""),
+            root=str(raw.get("root") or ""),
+            depth=int(raw.get("depth") or 0),
         )
 
 
@@ -338,6 +350,21 @@ class RunStore:
         pipe.zadd(keys.runs_index_key(), {spec.run_id: spec.submitted_at})
         pipe.execute()
 
+    def create_child(self, spec: RunSpec) -> bool:
+        """Record a child run unless it exists (a replayed parent re-attaches to its children): True if created."""
+        if not self.redis.hsetnx(keys.run_key(spec.run_id), "spec", spec.to_json()):
+            return False
+        pipe = self.redis.pipeline()
+        pipe.hsetnx(keys.run_key(spec.run_id), "status", RunStatus.QUEUED.value)
+        pipe.zadd(keys.runs_index_key(), {spec.run_id: spec.submitted_at})
+        pipe.zadd(keys.run_children_key(spec.parent), {spec.run_id: spec.submitted_at})
+        pipe.execute()
+        return True
+
+    def children(self, run_id: str) -> builtins.list[str]:
+        """The run's child runs, in the order they were started."""
+        return replies.members(self.redis.zrange(keys.run_children_key(run_id), 0, -1))
+
     def get(self, run_id: str) -> RunRecord | None:
         fields = replies.raw_hash(self.redis.hgetall(keys.run_key(run_id)))
         if not fields or b"spec" not in fields:
@@ -388,5 +415,7 @@ class RunStore:
     def request_cancel(self, run_id: str, ttl_seconds: int = 7 * 24 * 3600) -> None:
         self.redis.set(keys.run_cancel_key(run_id), repr(time.time()), ex=ttl_seconds)
 
-    def cancel_requested(self, run_id: str) -> bool:
-        return bool(self.redis.exists(keys.run_cancel_key(run_id)))
+    def cancel_requested(self, *run_ids: str) -> bool:
+        """Whether a cancel was asked for any of ``run_ids`` (a run and its tree's root: cancelling a root
+        cancels its tree)."""
+        return bool(self.redis.exists(*{keys.run_cancel_key(run_id) for run_id in run_ids}))

@@ -1,0 +1,105 @@
+"""Child runs over the fleet (``rlm_query``): a tree of real runs, each in its own local sandbox, on one
+rlm worker of two slots and one llm worker, with the stub LLM scripting every run by its task."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from rlmq.client import Client
+from rlmq.store.blobs import put_blobs
+from rlmq.store.records import RunSpec, RunStatus, RunStore, new_run_id
+from tests.support.fleet import Fleet, fleet_fixture, redis_url_of
+from tests.support.records import stored_record, stored_result
+from tests.support.rlm_tree import ScriptedTree, tree_responder
+from tests.support.stub_llm import StubLLM
+from workers.children import child_run_id
+from workers.sandbox_registry import LeaseRegistry
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]
+
+SIGNATURE = "question: str -> answer: str"
+
+fleet = fleet_fixture(
+    env={"RLMQ_LM": "openai/scripted-root", "RLMQ_SUB_LM": "openai/stub-sub", "OPENAI_API_KEY": "sk-test",
+         "RLMQ_RATE_LIMIT_RPS": "1000", "RLMQ_RATE_LIMIT_BURST": "1000"},
+    workers=[("rlm", "rlm1", 2), ("llm", "llmA", 16)])
+
+
+def submit_tree(r: redis.Redis, stub: StubLLM, tree: ScriptedTree, **options: object) -> str:
+    stub.set_responder(tree_responder(tree))
+    run_id = new_run_id()
+    spec = RunSpec(run_id=run_id, signature=SIGNATURE, inputs=put_blobs(r, {"question": "the tree question"}),
+                   options={"max_iters": 3, **options})
+    Client(redis_url_of(r)).enqueue(spec)
+    return run_id
+
+
+def wait_finished(r: redis.Redis, run_id: str, timeout: float = 150.0) -> RunStatus:
+    store = RunStore(r)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = store.status(run_id)
+        if status is not None and status.finished:
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"run {run_id} still {store.status(run_id)} after {timeout}s")
+
+
+def tree_of(r: redis.Redis, run_id: str) -> list[str]:
+    """The run and every descendant, depth first."""
+    store = RunStore(r)
+    out = [run_id]
+    for child in store.children(run_id):
+        out += tree_of(r, child)
+    return out
+
+
+ROOT_BATCH = ('answers = rlm_query_batched([f"child-{i}" for i in range(4)], [{"i": i} for i in range(4)])\n'
+              'SUBMIT(answer=" | ".join(answers))')
+CHILD = ('g = rlm_query("grand-of-" + task, context)\n'
+         'subs = llm_query_batched([f"{task} prompt {j}" for j in range(10)])\n'
+         'SUBMIT(answer=f"{task}[{g}; {sum(s.startswith(\'sub:\') for s in subs)} subs]")')
+GRANDCHILD = 'SUBMIT(answer="G(" + rlm_query("leaf of " + task) + ")")'
+
+
+def test_a_tree_of_runs_answers_through_its_children(fleet: Fleet, stub: StubLLM, r: redis.Redis) -> None:
+    tree = ScriptedTree([ROOT_BATCH], [("grand-of-", [GRANDCHILD]), ("child-", [CHILD])])
+    root = submit_tree(r, stub, tree, max_depth=3)
+    assert wait_finished(r, root) is RunStatus.SUCCEEDED, stored_record(r, root)
+    expected = " | ".join(f"child-{i}[G(sub:leaf of grand-of-child-{i}); 10 subs]" for i in range(4))
+    assert stored_result(r, root)["outputs"]["answer"] == expected
+
+    nodes = tree_of(r, root)
+    assert len(nodes) == 1 + 4 + 4  # the grandchildren's rlm_query answered as llm_query (the deepest level)
+    assert nodes[1] == child_run_id(root, 0) and nodes[2] == child_run_id(child_run_id(root, 0), 0)
+    records = {n: stored_record(r, n) for n in nodes}
+    assert all(rec.status is RunStatus.SUCCEEDED for rec in records.values())
+    assert {n: rec.spec.depth for n, rec in records.items()} == {n: n.count(".") for n in nodes}
+    assert all(rec.spec.root_id == root for rec in records.values())
+    assert len({rec.progress.sandbox.id for rec in records.values() if rec.progress.sandbox}) == 9  # one each
+
+    calls = sum(stored_result(r, n)["usage"]["total"]["calls"] for n in nodes)
+    assert calls == stub.request_count == 9 + 4 * 10 + 4  # 9 root steps, 40 sub-calls, 4 leaves
+    assert tree.calls == {"": 1, "child-": 4, "grand-of-": 4}
+    assert LeaseRegistry(r, 30).live() == []
+
+
+def test_a_tree_deeper_than_the_slots_completes_on_two_slots(fleet: Fleet, stub: StubLLM, r: redis.Redis) -> None:
+    """Fan-out 4 at two levels (21 runs, each holding a sandbox while it waits) on one worker of 2 slots:
+    waiting parents run their unclaimed children themselves."""
+    fan = 'SUBMIT(answer=",".join(rlm_query_batched([f"{task}/{i}" for i in range(4)])))'
+    root_step = 'SUBMIT(answer=";".join(rlm_query_batched([f"n{i}" for i in range(4)])))'
+    leaf = 'SUBMIT(answer="leaf " + task)'
+    tree = ScriptedTree([root_step], [("n0/", [leaf]), ("n1/", [leaf]), ("n2/", [leaf]), ("n3/", [leaf]),
+                                      ("n", [fan])])
+    started = time.monotonic()
+    root = submit_tree(r, stub, tree, max_depth=3)
+    assert wait_finished(r, root) is RunStatus.SUCCEEDED, stored_record(r, root)
+    print(f"21-run tree on 2 slots: {time.monotonic() - started:.1f}s")
+    expected = ";".join(",".join(f"leaf n{i}/{j}" for j in range(4)) for i in range(4))
+    assert stored_result(r, root)["outputs"]["answer"] == expected
+    assert len(tree_of(r, root)) == 21
+    assert LeaseRegistry(r, 30).live() == []
