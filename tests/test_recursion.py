@@ -90,16 +90,14 @@ def test_a_tree_of_runs_answers_through_its_children(fleet: Fleet, stub: StubLLM
 def test_a_tree_deeper_than_the_slots_completes_on_two_slots(fleet: Fleet, stub: StubLLM, r: redis.Redis) -> None:
     """Fan-out 4 at two levels (21 runs, each holding a sandbox while it waits) on one worker of 2 slots:
     waiting parents run their unclaimed children themselves."""
-    fan = 'SUBMIT(answer=",".join(rlm_query_batched([f"{task}/{i}" for i in range(4)])))'
-    root_step = 'SUBMIT(answer=";".join(rlm_query_batched([f"n{i}" for i in range(4)])))'
-    leaf = 'SUBMIT(answer="leaf " + task)'
-    tree = ScriptedTree([root_step], [("n0/", [leaf]), ("n1/", [leaf]), ("n2/", [leaf]), ("n3/", [leaf]),
-                                      ("n", [fan])])
+    fan = 'SUBMIT(answer=",".join(rlm_query_batched([f"leaf-{task[5:]}-{i}" for i in range(4)])))'
+    root_step = 'SUBMIT(answer=";".join(rlm_query_batched([f"node-{i}" for i in range(4)])))'
+    tree = ScriptedTree([root_step], [("leaf-", ['SUBMIT(answer=task)']), ("node-", [fan])])
     started = time.monotonic()
     root = submit_tree(r, stub, tree, max_depth=3)
     assert wait_finished(r, root) is RunStatus.SUCCEEDED, stored_record(r, root)
     print(f"21-run tree on 2 slots: {time.monotonic() - started:.1f}s")
-    expected = ";".join(",".join(f"leaf n{i}/{j}" for j in range(4)) for i in range(4))
+    expected = ";".join(",".join(f"leaf-{i}-{j}" for j in range(4)) for i in range(4))
     assert stored_result(r, root)["outputs"]["answer"] == expected
     assert len(tree_of(r, root)) == 21
     assert LeaseRegistry(r, 30).live() == []
