@@ -101,3 +101,30 @@ def test_a_tree_deeper_than_the_slots_completes_on_two_slots(fleet: Fleet, stub:
     assert stored_result(r, root)["outputs"]["answer"] == expected
     assert len(tree_of(r, root)) == 21
     assert LeaseRegistry(r, 30).live() == []
+
+
+def test_cancelling_the_root_cancels_the_tree_and_deletes_every_sandbox(fleet: Fleet, stub: StubLLM,
+                                                                         r: redis.Redis) -> None:
+    root_step = 'SUBMIT(answer=";".join(rlm_query_batched([f"slow-{i}" for i in range(3)])))'
+    tree = ScriptedTree([root_step], [("slow-", ["import time\ntime.sleep(60)\nSUBMIT(answer=task)"])])
+    root = submit_tree(r, stub, tree, max_depth=2)
+    store = RunStore(r)
+    deadline = time.monotonic() + 60
+    while not (len(store.children(root)) == 3 and all(
+            store.status(c) is RunStatus.RUNNING for c in store.children(root))):
+        assert time.monotonic() < deadline, [store.status(c) for c in store.children(root)]
+        time.sleep(0.1)
+    wait_until_sandboxes(r, 4)
+    started = time.monotonic()
+    Client(redis_url_of(r)).cancel(root)
+    for run_id in tree_of(r, root):
+        assert wait_finished(r, run_id, timeout=30) is RunStatus.CANCELLED, stored_record(r, run_id)
+    print(f"tree of 4 cancelled in {time.monotonic() - started:.1f}s")
+    wait_until_sandboxes(r, 0)
+
+
+def wait_until_sandboxes(r: redis.Redis, n: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(LeaseRegistry(r, 30).live()) != n:
+        assert time.monotonic() < deadline, f"{len(LeaseRegistry(r, 30).live())} live sandboxes, not {n}"
+        time.sleep(0.1)

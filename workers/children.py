@@ -145,8 +145,8 @@ class Children:
             for run_id, status in zip(pending, self._statuses(pending), strict=True):
                 if status is not None and status.finished:
                     answers[run_id] = self._answer(run_id)
-                elif (status is RunStatus.QUEUED and run_id not in helping
-                      and time.monotonic() - since >= HELP_AFTER):
+                elif (status is RunStatus.QUEUED and time.monotonic() - since >= HELP_AFTER
+                      and not (run_id in helping and helping[run_id].is_alive())):  # again after a restart
                     helping[run_id] = self._help(run_id)
             if len(answers) < len(run_ids):
                 time.sleep(POLL_SECONDS)
