@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from workers.llm_call import Messages
@@ -39,6 +39,9 @@ class Budget:
         self.started = time.monotonic() if started is None else started
         self._lock = threading.Lock()
         self.tripped: str | None = None  # the reason, once a budget refused something
+        # In a tree of runs (workers.tree_budget): the tree's reason once it stopped, and where a trip is recorded
+        self.tree_stopped: Callable[[], str | None] | None = None
+        self.on_trip: Callable[[str], str] | None = None
 
     @property
     def limited(self) -> bool:
@@ -52,10 +55,18 @@ class Budget:
         return sorted(m for m in models if model_price(m) is None)
 
     def trip(self, reason: str) -> BudgetExceeded:
+        if self.tripped is None and self.on_trip is not None:
+            reason = self.on_trip(reason)  # the tree's first reason is every node's
         with self._lock:
             if self.tripped is None:
                 self.tripped = reason
-        return BudgetExceeded(reason)
+        return BudgetExceeded(self.tripped)
+
+    def check_tree(self) -> None:
+        """BudgetExceeded once the run's tree has stopped (any node met a limit)."""
+        reason = self.tree_stopped() if self.tree_stopped is not None else None
+        if reason is not None:
+            raise self.trip(reason)
 
     def check_time(self) -> None:
         if self.time_limit is not None:
@@ -66,6 +77,7 @@ class Budget:
     def _check(self, what: str, cost: float, tokens: int) -> None:
         if self.tripped is not None:
             raise BudgetExceeded(self.tripped)
+        self.check_tree()
         self.check_time()
         if self.max_cost is None and self.max_tokens is None:
             return

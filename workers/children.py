@@ -33,6 +33,8 @@ from rlmq.flower_repr import describe_inputs, task_reprs
 from rlmq.store import keys, replies
 from rlmq.store.blobs import put_blobs
 from rlmq.store.records import RunRecord, RunSpec, RunStatus, RunStore
+from workers.budget import BudgetExceeded
+from workers.tree_budget import TreeBudget
 
 __all__ = ["CHILD_SIGNATURE", "HELP_AFTER", "RLM_QUERY_INSTRUCTIONS", "Children", "InProcessTask", "child_run_id",
            "prompt_of"]
@@ -93,11 +95,12 @@ class Children:
     """One run's child runs: started in call order, waited for, helped, cancelled with the run."""
 
     def __init__(self, parent: RunSpec, *, client: redis.Redis, store: RunStore, app: Any,
-                 run_child: Callable[[str], None], should_stop: Callable[[], bool]) -> None:
+                 run_child: Callable[[str], None], should_stop: Callable[[], bool], tree: TreeBudget) -> None:
         self.parent = parent
         self.client, self.store, self.app = client, store, app
         self.run_child = run_child  # executes a child run here (RunExecution in this process), claim first
         self.should_stop = should_stop  # the parent is cancelled, fenced or over its time
+        self.tree = tree  # the tree's limits: children, and the reason once it stopped
         self._indices = itertools.count()
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -120,13 +123,15 @@ class Children:
         refs = put_blobs(self.client, {"task": task, "context": context})
         spec = RunSpec(run_id=run_id, signature=CHILD_SIGNATURE, inputs=refs, options=dict(parent.options),
                        tools=list(parent.tools), parent=parent.run_id, root=parent.root_id, depth=parent.depth + 1)
-        if self.store.create_child(spec):
+        existing = self.store.get(run_id)
+        if existing is None:
+            self.tree.reserve_child()  # BudgetExceeded: max_children
+        if existing is None and self.store.create_child(spec):
             self.started += 1
             self.app.send_task(RUN_TASK, args=(run_id,), task_id=run_id, queue=RLM_QUEUE, parent_id=parent.run_id,
                                root_id=parent.root_id,
                                **task_reprs(spec, describe_inputs({"task": task, "context": context})))
             return run_id
-        existing = self.store.get(run_id)
         if existing is not None and existing.spec.inputs != refs:
             logger.warning("run %s: child %s exists for another task (calls in a different order?)", parent.run_id,
                            run_id)
@@ -141,6 +146,9 @@ class Children:
                 self._cancel([r for r in run_ids if r not in answers])
                 reason = "its parent run stopped"
                 return [answers.get(r) or f"[ERROR] child run {r} was cancelled: {reason}" for r in run_ids]
+            stopped = self.tree.stopped()
+            if stopped is not None:  # the parent stops too (its next step check names the reason)
+                raise BudgetExceeded(stopped)
             pending = [r for r in run_ids if r not in answers]
             for run_id, status in zip(pending, self._statuses(pending), strict=True):
                 if status is not None and status.finished:

@@ -31,14 +31,21 @@ from workers.trajectory import TrajectoryLog
 __all__ = ["FleetRLM", "TracedRLM", "make_llm_tools", "make_rlm_tools"]
 
 
-def make_llm_tools(fanout: Fanout, budget: LLMCallBudget) -> dict[str, Callable[..., Any]]:
-    """``llm_query`` / ``llm_query_batched`` for sandbox code, charged to ``budget``."""
+def make_llm_tools(fanout: Fanout, budget: LLMCallBudget,
+                   tree_reserve: Callable[[int], None] | None = None) -> dict[str, Callable[..., Any]]:
+    """``llm_query`` / ``llm_query_batched`` for sandbox code, charged to ``budget`` (and to the run's tree:
+    ``tree_reserve``)."""
+
+    def reserve(n: int) -> None:
+        budget.reserve(n)
+        if tree_reserve is not None:
+            tree_reserve(n)
 
     def llm_query(prompt: str) -> str:
         """Query the LLM with a prompt string."""
         if not isinstance(prompt, str) or not prompt:
             raise ValueError("prompt must be a non-empty string")
-        budget.reserve(1)
+        reserve(1)
         return fanout.query([prompt])[0].for_sandbox()
 
     def llm_query_batched(prompts: list[str]) -> list[str]:
@@ -47,7 +54,7 @@ def make_llm_tools(fanout: Fanout, budget: LLMCallBudget) -> dict[str, Callable[
             return []
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise TypeError("llm_query_batched takes a list of prompt strings")
-        budget.reserve(len(prompts))  # the whole batch up front, as DSPy does
+        reserve(len(prompts))  # the whole batch up front, as DSPy does
         return [a.for_sandbox() for a in fanout.query(prompts)]
 
     return {"llm_query": llm_query, "llm_query_batched": llm_query_batched}
@@ -80,15 +87,16 @@ class FleetRLM(dspy.RLM):
     ``llm_query``, the tree's deepest level)."""
 
     def __init__(self, signature: Any, *, fanout: Fanout, rlm_tools: bool = False, children: Children | None = None,
-                 **kwargs: Any) -> None:
+                 tree_reserve: Callable[[int], None] | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("sub_lm", FleetLM(fanout))
         super().__init__(signature, **kwargs)
         self.fanout = fanout
-        self.rlm_tools, self.children = rlm_tools, children
+        self.rlm_tools, self.children, self.tree_reserve = rlm_tools, children, tree_reserve
 
     def _make_llm_tools(self, budget: LLMCallBudget | None = None, max_workers: int = 8) -> dict[str, Callable]:
         # max_workers is DSPy's thread count for its own batch; the fleet's width replaces it.
-        tools = make_llm_tools(self.fanout, budget if budget is not None else LLMCallBudget(self.max_llm_calls))
+        tools = make_llm_tools(self.fanout, budget if budget is not None else LLMCallBudget(self.max_llm_calls),
+                               self.tree_reserve)
         if self.rlm_tools:
             tools.update(make_rlm_tools(self.children, tools))
         return tools

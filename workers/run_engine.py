@@ -36,6 +36,7 @@ from workers.rlm import TracedRLM
 from workers.run_ticker import RunTicker
 from workers.sandbox_registry import LeaseKeeper, LeaseRegistry, attempt_labels
 from workers.trajectory import TrajectoryLog
+from workers.tree_budget import TreeBudget, TreeRefused
 from workers.usage import RunUsage
 from workers.user_tools import ToolLoadError, load_tools
 
@@ -82,6 +83,8 @@ class RunExecution:
         finally:
             if self.children is not None:
                 self.children.close()
+            if self.ticker.tree is not None:
+                self.ticker.tree.release_sandbox()
             self.ticker.stop()
             self.leases.stop()
             self.leases.close("the run ended", booting=True)  # normally empty: DSPy shut the interpreter down
@@ -99,26 +102,29 @@ class RunExecution:
         if self.store.cancel_requested(self.run_id, spec.root_id):
             raise RunCancelled()
         install_redis_dspy_cache(self.client, settings.cache_ttl_seconds)
+        tree = self.ticker.tree = self._tree(spec, settings)
         stats = RunUsage(root_model=settings.lm, sub_model=settings.effective_sub_lm)
-        budget = self.ticker.budget = stats.budget = _budget(stats, settings, started=self.progress.started)
+        budget = self.ticker.budget = stats.budget = _budget(stats, settings, started=self.progress.started, tree=tree)
+        budget.check_tree()  # a child of a tree that stopped never starts a sandbox
         self.progress.stats, self.progress.max_iters = stats, settings.max_iters
         self.trace = TrajectoryLog(self.client, self.run_id, stats, ttl_seconds=self.base.result_expires)
         inputs = get_blobs(self.client, spec.inputs)
         self.leases.start()
         labels = attempt_labels(self.run_id, self.claim.attempt)  # what recovery reaps a dead attempt's by
         factory = _sandboxes(settings, self.base.run_time_limit, labels=labels,
-                             on_sandbox_creating=self.leases.creating, on_sandbox_created=self._sandbox_created,
-                             on_sandbox_destroyed=self.leases.destroyed)
+                             on_sandbox_creating=self._sandbox_creating, on_sandbox_created=self._sandbox_created,
+                             on_sandbox_destroyed=self._sandbox_destroyed)
         fanout = Fanout(settings, app=self.task.app, options=spec.options, observer=stats,
                         should_stop=self.ticker.cancelled.is_set, run_id=self.run_id)
-        if spec.depth + 1 < settings.max_depth:
+        if tree is not None and spec.depth + 1 < settings.max_depth:
             self.children = Children(spec, client=self.client, store=self.store, app=self.task.app,
-                                     run_child=self._run_child, should_stop=self.ticker.cancelled.is_set)
+                                     run_child=self._run_child, should_stop=self.ticker.cancelled.is_set, tree=tree)
         if settings.max_depth > 1:  # the model reads the built-ins' use in its instructions
             factory.execution_instructions = factory.execution_instructions + RLM_QUERY_INSTRUCTIONS
         rlm = TracedRLM(spec.signature, fanout=fanout, tools=tools, max_iters=settings.max_iters,
                         max_llm_calls=settings.max_llm_calls, interpreter_factory=factory,
-                        rlm_tools=settings.max_depth > 1, children=self.children,
+                        rlm_tools=tree is not None, children=self.children,
+                        tree_reserve=tree.reserve_calls if tree is not None else None,
                         trace=self.trace, budget=budget, on_code=lambda: self.progress.publish(force=True))
         lm = fleet_root_lm(settings)
         stats.watch_root(lm)
@@ -127,6 +133,7 @@ class RunExecution:
             prediction = rlm(**inputs)
         if self.ticker.cancelled.is_set():
             raise RunCancelled()
+        budget.check_tree()  # an answer built while the tree ran out is not the tree's answer: STOPPED
         return _result_document(self.run_id, prediction, list(rlm.signature.output_fields), self.trace.steps)
 
     def _succeeded(self, result: dict[str, Any]) -> dict[str, Any]:
@@ -174,14 +181,37 @@ class RunExecution:
             raise
         backend.store_result(run_id, result, "SUCCESS")
 
+    def _tree(self, spec: RunSpec, settings: Settings) -> TreeBudget | None:
+        """The run's tree's budget when it may have children or is one (``max_depth`` > 1)."""
+        if settings.max_depth <= 1:
+            return None
+        try:
+            return TreeBudget(self.client, spec, settings, lease_seconds=self.base.lease_ttl,
+                              expire_seconds=self.base.result_expires)
+        except TreeRefused as exc:
+            raise RunFailed(str(exc)) from None
+
+    def _sandbox_creating(self, info: Any) -> None:
+        if self.ticker.tree is not None:  # max_sandboxes: wait for the tree's slot first
+            self.ticker.tree.take_sandbox(self.ticker.cancelled.is_set)
+        self.leases.creating(info)
+
+    def _sandbox_destroyed(self, info: Any) -> None:
+        self.leases.destroyed(info)
+        if self.ticker.tree is not None:
+            self.ticker.tree.release_sandbox()
+
     def _sandbox_created(self, info: Any) -> None:
         self.leases.created(info)
         self.progress.sandbox_created(info)
 
 
-def _budget(stats: RunUsage, settings: Settings, *, started: float) -> Budget:
+def _budget(stats: RunUsage, settings: Settings, *, started: float, tree: TreeBudget | None) -> Budget:
+    time_limit = tree.time_left(settings.time_limit) if tree is not None else settings.time_limit
     budget = Budget(stats, max_cost=settings.max_cost, max_tokens=settings.max_tokens,
-                    time_limit=settings.time_limit, started=started)
+                    time_limit=time_limit, started=started)
+    if tree is not None:
+        budget.tree_stopped, budget.on_trip = tree.stopped, tree.trip
     if budget.unpriced_models():
         raise RunFailed(f"max_cost cannot be enforced: LiteLLM's price table has no price for "
                         f"{', '.join(budget.unpriced_models())}")

@@ -17,6 +17,7 @@ from workers.claim import RunClaim
 from workers.progress_publisher import ProgressPublisher
 from workers.sandbox_registry import LeaseKeeper
 from workers.ticker import Ticker
+from workers.tree_budget import TreeBudget
 
 __all__ = ["RunTicker"]
 
@@ -32,6 +33,7 @@ class RunTicker(Ticker):
         self.budget: Budget | None = None  # the run's, once its settings are known
         self.cancelled = threading.Event()  # set on a cancel and when fenced off
         self.root_id = run_id  # the run's tree's root, whose cancel is this run's too
+        self.tree: TreeBudget | None = None  # in a tree: its live-sandbox slot is renewed here
 
     def tick(self) -> None:
         if self.claim.fenced.is_set():
@@ -45,6 +47,8 @@ class RunTicker(Ticker):
                 self.budget.check_time()
             except BudgetExceeded as exc:  # a step may run long: it stops now, as on a cancel
                 return self._stop_sandbox(str(exc), cancel=False)
+        if self.tree is not None:
+            self.tree.renew_sandbox()
         self.progress.publish()
 
     def _stop_sandbox(self, why: str, *, cancel: bool = True) -> None:
