@@ -128,3 +128,36 @@ def wait_until_sandboxes(r: redis.Redis, n: int, timeout: float = 30.0) -> None:
     while len(LeaseRegistry(r, 30).live()) != n:
         assert time.monotonic() < deadline, f"{len(LeaseRegistry(r, 30).live())} live sandboxes, not {n}"
         time.sleep(0.1)
+
+
+def test_a_tree_over_its_sub_call_budget_stops_before_paying_more(fleet: Fleet, stub: StubLLM,
+                                                                   r: redis.Redis) -> None:
+    tree = ScriptedTree([ROOT_BATCH], [("grand-of-", [GRANDCHILD]), ("child-", [CHILD])])
+    root = submit_tree(r, stub, tree, max_depth=3, max_llm_calls=25)  # the tree needs 44
+    assert wait_finished(r, root) is RunStatus.STOPPED, stored_record(r, root)
+    nodes = tree_of(r, root)
+    for run_id in nodes:
+        wait_finished(r, run_id, timeout=60)
+    records = [stored_record(r, n) for n in nodes]
+    reason = stored_record(r, root).error
+    assert reason is not None and "max_llm_calls: the tree's 25 sub-calls are spent" in reason
+    stopped = [rec for rec in records if rec.status is RunStatus.STOPPED]
+    assert all(rec.error == reason for rec in stopped)  # one reason, named as it was met
+    # Nodes that answered before the budget ran out keep their answers; none ends otherwise.
+    assert all(rec.status in (RunStatus.STOPPED, RunStatus.SUCCEEDED) for rec in records)
+    sub_calls = sum(1 for q in stub.requests if q.model == "stub-sub")
+    assert 0 < sub_calls <= 25  # the stub's count: the excess was never paid
+    assert LeaseRegistry(r, 30).live() == []
+
+
+def test_max_sandboxes_bounds_the_live_sandboxes_of_a_tree(fleet: Fleet, stub: StubLLM, r: redis.Redis) -> None:
+    root_step = 'SUBMIT(answer=";".join(rlm_query_batched([f"kid-{i}" for i in range(4)])))'
+    tree = ScriptedTree([root_step], [("kid-", ["import time\ntime.sleep(0.5)\nSUBMIT(answer=task)"])])
+    root = submit_tree(r, stub, tree, max_depth=2, max_sandboxes=2)
+    peak = 0
+    while not RunStore(r).status(root).finished:  # type: ignore[union-attr]
+        peak = max(peak, len(LeaseRegistry(r, 30).live()))
+        time.sleep(0.05)
+    assert stored_record(r, root).status is RunStatus.SUCCEEDED, stored_record(r, root)
+    assert stored_result(r, root)["outputs"]["answer"] == "kid-0;kid-1;kid-2;kid-3"
+    assert peak == 2  # sampled every 50 ms: the root and one child at a time
