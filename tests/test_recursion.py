@@ -161,3 +161,20 @@ def test_max_sandboxes_bounds_the_live_sandboxes_of_a_tree(fleet: Fleet, stub: S
     assert stored_record(r, root).status is RunStatus.SUCCEEDED, stored_record(r, root)
     assert stored_result(r, root)["outputs"]["answer"] == "kid-0;kid-1;kid-2;kid-3"
     assert peak == 2  # sampled every 50 ms: the root and one child at a time
+
+
+def test_max_tokens_counts_the_whole_tree(fleet: Fleet, stub: StubLLM, r: redis.Redis) -> None:
+    """Each run alone fits 4,000 tokens (two steps of ~1,350); the tree (ten steps) does not, and stops."""
+    root_step = 'print(rlm_query_batched([f"kid-{i}" for i in range(4)]))'
+    tree = ScriptedTree([root_step, 'SUBMIT(answer="done")'],
+                        [("kid-", ['print(task)', 'SUBMIT(answer=task)'])])
+    root = submit_tree(r, stub, tree, max_depth=2, max_tokens=4000)
+    assert wait_finished(r, root) is RunStatus.STOPPED, stored_record(r, root)
+    assert "max tokens" in (stored_record(r, root).error or "")
+    served = [p + c for p, c in stub._served]
+    print(f"the tree paid {sum(served)} tokens in {len(served)} steps for its max_tokens=4000")
+    assert max(served) < 2000 and sum(served) <= 4000 + max(served)  # past it by one step's estimate at most
+    assert tree.calls[""] == 1  # the root's 2nd step was refused before it was paid
+    for run_id in tree_of(r, root):
+        assert wait_finished(r, run_id, timeout=30) in (RunStatus.STOPPED, RunStatus.SUCCEEDED)
+    wait_until_sandboxes(r, 0)

@@ -42,6 +42,7 @@ class Budget:
         # In a tree of runs (workers.tree_budget): the tree's reason once it stopped, and where a trip is recorded
         self.tree_stopped: Callable[[], str | None] | None = None
         self.on_trip: Callable[[str], str] | None = None
+        self.tree_paid: Callable[[float, int], tuple[float, int]] | None = None  # this run's paid -> the tree's
 
     @property
     def limited(self) -> bool:
@@ -82,6 +83,8 @@ class Budget:
         if self.max_cost is None and self.max_tokens is None:
             return
         paid_cost, paid_tokens = self.usage.paid()
+        if self.tree_paid is not None:  # a tree's max_cost / max_tokens count every node's spending
+            paid_cost, paid_tokens = self.tree_paid(paid_cost, paid_tokens)
         if self.max_cost is not None and paid_cost + cost > self.max_cost:
             raise self.trip(f"max cost: {what} (~${cost:.6f} estimated) would bring the run from "
                             f"${paid_cost:.6f} past its ${self.max_cost:g} budget")

@@ -85,6 +85,8 @@ class RunExecution:
                 self.children.close()
             if self.ticker.tree is not None:
                 self.ticker.tree.release_sandbox()
+                if self.ticker.budget is not None:  # what this node paid counts for the rest of the tree
+                    self.ticker.tree.paid(*self.ticker.budget.usage.paid())
             self.ticker.stop()
             self.leases.stop()
             self.leases.close("the run ended", booting=True)  # normally empty: DSPy shut the interpreter down
@@ -212,6 +214,7 @@ def _budget(stats: RunUsage, settings: Settings, *, started: float, tree: TreeBu
                     time_limit=time_limit, started=started)
     if tree is not None:
         budget.tree_stopped, budget.on_trip = tree.stopped, tree.trip
+        budget.tree_paid = tree.paid
     if budget.unpriced_models():
         raise RunFailed(f"max_cost cannot be enforced: LiteLLM's price table has no price for "
                         f"{', '.join(budget.unpriced_models())}")

@@ -49,6 +49,8 @@ class RunTicker(Ticker):
                 return self._stop_sandbox(str(exc), cancel=False)
         if self.tree is not None:
             self.tree.renew_sandbox()
+            if self.budget is not None:
+                self.tree.paid(*self.budget.usage.paid())
         self.progress.publish()
 
     def _stop_sandbox(self, why: str, *, cancel: bool = True) -> None:

@@ -3,6 +3,9 @@
 - ``max_llm_calls``: the tree's sub-calls, reserved (``workers/lua/tree_reserve.lua``) before a batch is
   sent, on top of each run's own DSPy count, so a child cannot spend what the tree no longer has.
 - ``max_children``: child runs started in the whole tree, reserved before a child is recorded.
+- ``max_cost`` / ``max_tokens``: every node adds what it paid to the ledger (before each check, each tick and
+  at its end) and checks the tree's total before a step or a batch. Batches in flight at once in two nodes
+  are both checked against the total before either is paid, so a tree may pass these by one batch.
 - ``time_limit``: the root's deadline, written once; a child gets what is left of it as its own limit.
 - ``max_sandboxes``: live sandboxes in the tree at once (``workers/lua/tree_sandbox.lua``). A run at depth
   d takes a slot only if ``max_depth - 1 - d`` stay free for the chain below it, so waiting parents can
@@ -16,6 +19,7 @@ waits for children, and when it would start.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -47,6 +51,8 @@ class TreeBudget:
         self.max_llm_calls, self.max_children = settings.max_llm_calls, settings.max_children
         self.max_sandboxes = settings.max_sandboxes
         self.lease_seconds, self.expire_seconds = lease_seconds, expire_seconds
+        self._synced: tuple[float, int] = (0.0, 0)  # what this run has added to the tree's paid totals
+        self._sync_lock = threading.Lock()
         if self.max_sandboxes is not None and self.max_sandboxes < self.max_depth:
             raise TreeRefused(f"max_sandboxes={self.max_sandboxes} cannot hold a tree of max_depth={self.max_depth}: "
                               f"each level of a chain keeps its sandbox while its children run")
@@ -61,6 +67,17 @@ class TreeBudget:
             return time_limit
         deadline = replies.text(self.redis.hget(self.key, "deadline") or b"")
         return max(0.001, float(deadline) - time.time()) if deadline else time_limit
+
+    def paid(self, cost: float, tokens: int) -> tuple[float, int]:
+        """Add what this run paid since the last call to the tree's totals; the tree's (dollars, tokens)."""
+        with self._sync_lock:
+            pipe = self.redis.pipeline()
+            pipe.hincrbyfloat(self.key, "paid_cost", cost - self._synced[0])
+            pipe.hincrby(self.key, "paid_tokens", tokens - self._synced[1])
+            pipe.expire(self.key, self.expire_seconds)
+            total_cost, total_tokens, _ = pipe.execute()
+            self._synced = (cost, tokens)
+        return float(total_cost), int(total_tokens)
 
     def stopped(self) -> str | None:
         """The reason the tree stopped, or None."""
