@@ -3,7 +3,9 @@ rlm worker of two slots and one llm worker, with the stub LLM scripting every ru
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -11,6 +13,7 @@ import redis
 from rlmq.client import Client
 from rlmq.store.blobs import put_blobs
 from rlmq.store.records import RunSpec, RunStatus, RunStore, new_run_id
+from tests.support.cli import cli_env, rlmq
 from tests.support.fleet import Fleet, fleet_fixture, redis_url_of
 from tests.support.records import stored_record, stored_result
 from tests.support.rlm_tree import ScriptedTree, tree_responder
@@ -65,7 +68,8 @@ CHILD = ('g = rlm_query("grand-of-" + task, context)\n'
 GRANDCHILD = 'SUBMIT(answer="G(" + rlm_query("leaf of " + task) + ")")'
 
 
-def test_a_tree_of_runs_answers_through_its_children(fleet: Fleet, stub: StubLLM, r: redis.Redis) -> None:
+def test_a_tree_of_runs_answers_through_its_children(fleet: Fleet, stub: StubLLM, r: redis.Redis,
+                                                    tmp_path: Path) -> None:
     tree = ScriptedTree([ROOT_BATCH], [("grand-of-", [GRANDCHILD]), ("child-", [CHILD])])
     root = submit_tree(r, stub, tree, max_depth=3)
     assert wait_finished(r, root) is RunStatus.SUCCEEDED, stored_record(r, root)
@@ -85,6 +89,26 @@ def test_a_tree_of_runs_answers_through_its_children(fleet: Fleet, stub: StubLLM
     assert calls == stub.request_count == 9 + 4 * 10 + 4  # 9 root steps, 40 sub-calls, 4 leaves
     assert tree.calls == {"": 1, "child-": 4, "grand-of-": 4}
     assert LeaseRegistry(r, 30).live() == []
+    see_the_tree(r, root, nodes, tmp_path)
+
+
+def see_the_tree(r: redis.Redis, root: str, nodes: list[str], tmp_path: Path) -> None:
+    """``rlmq status`` (text and JSON), ``trace`` (nested, ``--depth``) and ``list`` (roots, ``--all``)."""
+    env = cli_env(tmp_path, REDIS_URL=redis_url_of(r))
+    status = rlmq("status", root, env=env, cwd=tmp_path)
+    assert status.code == 0 and "tree: 8 child run(s), 0 live, 8 finished · root 9 calls" in status.stdout, status
+    document = json.loads(rlmq("status", root, "--json", env=env, cwd=tmp_path).stdout)["tree"]
+    assert document["usage"]["total"]["calls"] == 53 and len(document["nodes"]) == 9
+    assert {n["run_id"]: n["depth"] for n in document["nodes"]} == {n: n.count(".") for n in nodes}
+    trace = rlmq("trace", root, "--color", "never", env=env, cwd=tmp_path).stdout
+    step = trace.index("── step 1")
+    first_child = trace.index(f"  │ run {child_run_id(root, 0)}")
+    assert step < first_child < trace.index(f"  │   │ run {child_run_id(child_run_id(root, 0), 0)}")
+    shallow = rlmq("trace", root, "--depth", "1", "--color", "never", env=env, cwd=tmp_path).stdout
+    assert f"run {child_run_id(root, 3)}" in shallow and f"run {child_run_id(child_run_id(root, 0), 0)}" not in shallow
+    listed = rlmq("list", env=env, cwd=tmp_path).stdout.split()
+    assert root in listed and child_run_id(root, 0) not in listed
+    assert set(nodes) <= set(rlmq("list", "--all", env=env, cwd=tmp_path).stdout.split())
 
 
 def test_a_tree_deeper_than_the_slots_completes_on_two_slots(fleet: Fleet, stub: StubLLM, r: redis.Redis) -> None:

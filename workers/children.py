@@ -95,12 +95,14 @@ class Children:
     """One run's child runs: started in call order, waited for, helped, cancelled with the run."""
 
     def __init__(self, parent: RunSpec, *, client: redis.Redis, store: RunStore, app: Any,
-                 run_child: Callable[[str], None], should_stop: Callable[[], bool], tree: TreeBudget) -> None:
+                 run_child: Callable[[str], None], should_stop: Callable[[], bool], tree: TreeBudget,
+                 current_step: Callable[[], int]) -> None:
         self.parent = parent
         self.client, self.store, self.app = client, store, app
         self.run_child = run_child  # executes a child run here (RunExecution in this process), claim first
         self.should_stop = should_stop  # the parent is cancelled, fenced or over its time
         self.tree = tree  # the tree's limits: children, and the reason once it stopped
+        self.current_step = current_step  # the parent's step under way (the trace nests children under it)
         self._indices = itertools.count()
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -122,7 +124,8 @@ class Children:
         run_id = child_run_id(parent.run_id, index)
         refs = put_blobs(self.client, {"task": task, "context": context})
         spec = RunSpec(run_id=run_id, signature=CHILD_SIGNATURE, inputs=refs, options=dict(parent.options),
-                       tools=list(parent.tools), parent=parent.run_id, root=parent.root_id, depth=parent.depth + 1)
+                       tools=list(parent.tools), parent=parent.run_id, root=parent.root_id, depth=parent.depth + 1,
+                       parent_step=self.current_step())
         existing = self.store.get(run_id)
         if existing is None:
             self.tree.reserve_child()  # BudgetExceeded: max_children

@@ -69,6 +69,7 @@ class RunSpec:
     parent: str = ""
     root: str = ""
     depth: int = 0
+    parent_step: int = 0  # the parent's step (from 1) whose code started it
 
     @property
     def root_id(self) -> str:
@@ -91,6 +92,7 @@ class RunSpec:
             parent=str(raw.get("parent") or ""),
             root=str(raw.get("root") or ""),
             depth=int(raw.get("depth") or 0),
+            parent_step=int(raw.get("parent_step") or 0),
         )
 
 
@@ -403,9 +405,9 @@ class RunStore:
         raw = self.redis.get(keys.run_result_key(run_id))
         return json.loads(raw) if raw else None
 
-    def list(self, limit: int = 50) -> list[str]:
-        """Most recent run ids first."""
-        return replies.members(self.redis.zrevrange(keys.runs_index_key(), 0, limit - 1))
+    def list(self, limit: int = 50, *, start: int = 0) -> list[str]:
+        """Most recent run ids first (from the ``start``-th)."""
+        return replies.members(self.redis.zrevrange(keys.runs_index_key(), start, start + limit - 1))
 
     def active(self) -> builtins.list[str]:  # ``list`` here is the method above
         """Runs that were started (or restarted) and have not finished."""
