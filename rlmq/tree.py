@@ -28,11 +28,11 @@ class RunTree:
         for child in self.children:
             yield from child.nodes()
 
-    def usage(self) -> Usage:
-        """Every node's usage summed (as last reported by each run)."""
+    def usage(self, own: Usage | None = None) -> Usage:
+        """Every node's usage summed (as last reported by each run); ``own``: this run's, if newer."""
         total = Usage()
         for node in self.nodes():
-            used = node.record.progress.usage
+            used = own if own is not None and node is self else node.record.progress.usage
             total = Usage(root=total.root.plus(used.root), sub=total.sub.plus(used.sub))
         return total
 

@@ -13,6 +13,7 @@ import redis
 from rlmq.client import Client
 from rlmq.store.blobs import put_blobs
 from rlmq.store.records import RunSpec, RunStatus, RunStore, new_run_id
+from rlmq.ui import create_app
 from tests.support.cli import cli_env, rlmq
 from tests.support.fleet import Fleet, fleet_fixture, redis_url_of
 from tests.support.records import stored_record, stored_result
@@ -87,6 +88,7 @@ def test_a_tree_of_runs_answers_through_its_children(fleet: Fleet, stub: StubLLM
 
     calls = sum(stored_result(r, n)["usage"]["total"]["calls"] for n in nodes)
     assert calls == stub.request_count == 9 + 4 * 10 + 4  # 9 root steps, 40 sub-calls, 4 leaves
+    assert stored_result(r, root)["tree_usage"]["total"]["calls"] == calls  # rolled up in the root's result
     assert tree.calls == {"": 1, "child-": 4, "grand-of-": 4}
     assert LeaseRegistry(r, 30).live() == []
     see_the_tree(r, root, nodes, tmp_path)
@@ -106,6 +108,10 @@ def see_the_tree(r: redis.Redis, root: str, nodes: list[str], tmp_path: Path) ->
     assert step < first_child < trace.index(f"  │   │ run {child_run_id(child_run_id(root, 0), 0)}")
     shallow = rlmq("trace", root, "--depth", "1", "--color", "never", env=env, cwd=tmp_path).stdout
     assert f"run {child_run_id(root, 3)}" in shallow and f"run {child_run_id(child_run_id(root, 0), 0)}" not in shallow
+    page = create_app(Client(redis_url_of(r))).test_client()
+    html = page.get(f"/run/{root}").get_data(as_text=True)
+    assert f'href="/run/{child_run_id(root, 3)}"' in html and "the tree: root 9 calls" in html
+    assert f'href="/run/{root}"' in page.get(f"/run/{child_run_id(root, 0)}").get_data(as_text=True)
     listed = rlmq("list", env=env, cwd=tmp_path).stdout.split()
     assert root in listed and child_run_id(root, 0) not in listed
     assert set(nodes) <= set(rlmq("list", "--all", env=env, cwd=tmp_path).stdout.split())

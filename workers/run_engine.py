@@ -21,6 +21,7 @@ from rlmq.run_options import check_tools, with_options
 from rlmq.settings import SandboxBackend, Settings, SettingsError
 from rlmq.store.blobs import get_blobs
 from rlmq.store.records import Progress, RunSpec, RunStatus, RunStore
+from rlmq.tree import read_tree
 from workers.budget import Budget
 from workers.children import RLM_QUERY_INSTRUCTIONS, Children, InProcessTask
 from workers.claim import RunClaim
@@ -142,6 +143,10 @@ class RunExecution:
     def _succeeded(self, result: dict[str, Any]) -> dict[str, Any]:
         progress = self.progress.close()
         document = progress.to_json_dict()
+        if self.children is not None:  # the tree's usage, its children's (finished) included
+            tree = read_tree(self.store, self.run_id)
+            if tree is not None and tree.children:
+                result["tree_usage"] = tree.usage(own=progress.usage).to_json_dict()
         if not self.store.finish(self.run_id, RunStatus.SUCCEEDED, progress=progress, attempt=self.claim.attempt,
                                  result={**result, "progress": document, "usage": document["usage"]}):
             logger.warning("run %s: attempt %d was superseded; its result is dropped", self.run_id, self.claim.attempt)
