@@ -17,6 +17,7 @@ from rlmq.ui import create_app
 from tests.support.cli import cli_env, rlmq
 from tests.support.fleet import Fleet, fleet_fixture, redis_url_of
 from tests.support.records import stored_record, stored_result
+from tests.support.reliability import wait_status
 from tests.support.rlm_tree import ScriptedTree, tree_responder
 from tests.support.stub_llm import StubLLM
 from workers.children import child_run_id
@@ -42,14 +43,7 @@ def submit_tree(r: redis.Redis, stub: StubLLM, tree: ScriptedTree, **options: ob
 
 
 def wait_finished(r: redis.Redis, run_id: str, timeout: float = 150.0) -> RunStatus:
-    store = RunStore(r)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = store.status(run_id)
-        if status is not None and status.finished:
-            return status
-        time.sleep(0.1)
-    raise AssertionError(f"run {run_id} still {store.status(run_id)} after {timeout}s")
+    return wait_status(r, run_id, timeout).status
 
 
 def tree_of(r: redis.Redis, run_id: str) -> list[str]:
