@@ -202,3 +202,27 @@ def test_max_tokens_counts_the_whole_tree(fleet: Fleet, stub: StubLLM, r: redis.
     for run_id in tree_of(r, root):
         assert wait_finished(r, run_id, timeout=30) in (RunStatus.STOPPED, RunStatus.SUCCEEDED)
     wait_until_sandboxes(r, 0)
+
+
+def test_the_roots_time_limit_is_the_whole_trees(fleet: Fleet, stub: StubLLM, r: redis.Redis) -> None:
+    """The root spends 4 of its 6 s before it starts two children: they stop at the root's deadline (~6 s),
+    not 6 s after their own start (~10 s)."""
+    root_step = ('import time\ntime.sleep(4)\n'
+                 'SUBMIT(answer=";".join(rlm_query_batched([f"slow-{i}" for i in range(2)])))')
+    tree = ScriptedTree([root_step], [("slow-", ["import time\ntime.sleep(60)\nSUBMIT(answer=task)"])])
+    root = submit_tree(r, stub, tree, max_depth=2, time_limit=6)
+    statuses = {run_id: wait_finished(r, run_id, timeout=40) for run_id in [root, *wait_children(r, root, 2)]}
+    assert set(statuses.values()) == {RunStatus.STOPPED}, statuses
+    deadline = (stored_record(r, root).started_at or 0) + 6
+    late = {n: (stored_record(r, n).finished_at or 0) - deadline for n in statuses}
+    assert all(seconds < 2.5 for seconds in late.values()), late  # seconds past the root's deadline
+    assert "time limit" in (stored_record(r, root).error or "")
+    wait_until_sandboxes(r, 0)
+
+
+def wait_children(r: redis.Redis, run_id: str, n: int, timeout: float = 30.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while len(RunStore(r).children(run_id)) < n:
+        assert time.monotonic() < deadline, f"{run_id} has not started {n} children"
+        time.sleep(0.1)
+    return RunStore(r).children(run_id)
