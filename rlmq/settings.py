@@ -215,8 +215,9 @@ class Settings:
     execution_timeout: float = field(default=300.0, metadata=_setting("RLMQ_EXECUTION_TIMEOUT", _float, capped=True))
     # levels of runs in a tree: 1 = no rlm_query; n > 1 = sandbox code may start child runs n - 1 levels deep
     max_depth: int = field(default=1, metadata=_setting("RLMQ_MAX_DEPTH", _depth))
-    # a tree's limits (none by default): child runs started in all, sandboxes live at once
-    max_children: int | None = field(default=None, metadata=_setting("RLMQ_MAX_CHILDREN", _int))
+    # a tree's limits: child runs started in all (sandbox code chooses how many: the operator caps it),
+    # sandboxes live at once (none by default)
+    max_children: int = field(default=64, metadata=_setting("RLMQ_MAX_CHILDREN", _int, capped=True))
     max_sandboxes: int | None = field(default=None, metadata=_setting("RLMQ_MAX_SANDBOXES", _int))
     # fan-out: prompts per sub-task message, and how many sub-tasks a big batch spreads over
     chunk_size: int = field(default=8, metadata=_setting("RLMQ_CHUNK_SIZE", _int, capped=True))

@@ -2,7 +2,8 @@
 
 - ``max_llm_calls``: the tree's sub-calls, reserved (``workers/lua/tree_reserve.lua``) before a batch is
   sent, on top of each run's own DSPy count, so a child cannot spend what the tree no longer has.
-- ``max_children``: child runs started in the whole tree, reserved before a child is recorded.
+- ``max_children``: child runs started in the whole tree, reserved before a child is recorded (64 by
+  default, and a limit a run may only lower: sandbox code decides how many children it asks for).
 - ``max_cost`` / ``max_tokens``: every node adds what it paid to the ledger (before each check, each tick and
   at its end) and checks the tree's total before a step or a batch. Batches in flight at once in two nodes
   are both checked against the total before either is paid, so a tree may pass these by one batch.
@@ -95,7 +96,7 @@ class TreeBudget:
                                                       f"are spent (a batch of {n} refused)")
 
     def reserve_child(self) -> None:
-        self._reserve("children", 1, self.max_children or 0,
+        self._reserve("children", 1, self.max_children,
                       f"max_children: the tree has started its {self.max_children} child runs")
 
     def _reserve(self, field: str, n: int, limit: int, reason: str) -> None:
