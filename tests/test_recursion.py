@@ -84,6 +84,8 @@ def test_a_tree_of_runs_answers_through_its_children(fleet: Fleet, stub: StubLLM
     assert calls == stub.request_count == 9 + 4 * 10 + 4  # 9 root steps, 40 sub-calls, 4 leaves
     assert stored_result(r, root)["tree_usage"]["total"]["calls"] == calls  # rolled up in the root's result
     assert tree.calls == {"": 1, "child-": 4, "grand-of-": 4}
+    roots = [q.prompt for q in stub.requests if q.model == "scripted-root"]
+    assert all("`rlm_query(task, context=None)`" in prompt for prompt in roots)  # the model reads how to use it
     assert LeaseRegistry(r, 30).live() == []
     see_the_tree(r, root, nodes, tmp_path)
 
