@@ -106,7 +106,6 @@ class Children:
         self._indices = itertools.count()
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        self.started = 0  # children this execution started (a replay re-attaching counts none)
 
     def query(self, tasks: Sequence[str], contexts: Sequence[Any]) -> list[str]:
         """The children's answers, in order; never raises for a failed child."""
@@ -116,7 +115,7 @@ class Children:
         return self._gather(run_ids)
 
     def close(self) -> None:
-        """The parent ended: children still waited for are cancelled."""
+        """The parent ended: a wait still under way (its tool call outlived the step) cancels its children."""
         self._closed.set()
 
     def _start(self, index: int, task: str, context: Any) -> str:
@@ -130,7 +129,6 @@ class Children:
         if existing is None:
             self.tree.reserve_child()  # BudgetExceeded: max_children
         if existing is None and self.store.create_child(spec):
-            self.started += 1
             self.app.send_task(RUN_TASK, args=(run_id,), task_id=run_id, queue=RLM_QUEUE, parent_id=parent.run_id,
                                root_id=parent.root_id,
                                **task_reprs(spec, describe_inputs({"task": task, "context": context})))
