@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
+from multiprocessing.context import ForkServerContext
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from rlmq.client import Client
 from rlmq.store.blobs import put_blobs
 from rlmq.store.records import RunSpec, RunStatus, RunStore, new_run_id
 from rlmq.ui import create_app
-from tests.support.cli import cli_env, rlmq
+from tests.support.cli import cli_env, rlmq_forked
 from tests.support.fleet import Fleet, fleet_fixture, redis_url_of
 from tests.support.records import stored_record, stored_result
 from tests.support.reliability import wait_status
@@ -64,7 +66,7 @@ GRANDCHILD = 'SUBMIT(answer="G(" + rlm_query("leaf of " + task) + ")")'
 
 
 def test_a_tree_of_runs_answers_through_its_children(fleet: Fleet, stub: StubLLM, r: redis.Redis,
-                                                    tmp_path: Path) -> None:
+                                                    tmp_path: Path, mp_context: ForkServerContext) -> None:
     tree = ScriptedTree([ROOT_BATCH], [("grand-of-", [GRANDCHILD]), ("child-", [CHILD])])
     root = submit_tree(r, stub, tree, max_depth=3)
     assert wait_finished(r, root) is RunStatus.SUCCEEDED, stored_record(r, root)
@@ -87,12 +89,13 @@ def test_a_tree_of_runs_answers_through_its_children(fleet: Fleet, stub: StubLLM
     roots = [q.prompt for q in stub.requests if q.model == "scripted-root"]
     assert all("`rlm_query(task, context=None)`" in prompt for prompt in roots)  # the model reads how to use it
     assert LeaseRegistry(r, 30).live() == []
-    see_the_tree(r, root, nodes, tmp_path)
+    see_the_tree(r, root, nodes, tmp_path, mp_context)
 
 
-def see_the_tree(r: redis.Redis, root: str, nodes: list[str], tmp_path: Path) -> None:
-    """``rlmq status`` (text and JSON), ``trace`` (nested, ``--depth``) and ``list`` (roots, ``--all``)."""
+def see_the_tree(r: redis.Redis, root: str, nodes: list[str], tmp_path: Path, mp_context: ForkServerContext) -> None:
+    """``rlmq status`` (text and JSON), ``trace`` (nested, ``--depth``), ``list`` (roots, ``--all``), the run page."""
     env = cli_env(tmp_path, REDIS_URL=redis_url_of(r))
+    rlmq = partial(rlmq_forked, mp_context)
     status = rlmq("status", root, env=env, cwd=tmp_path)
     assert status.code == 0 and "tree: 8 child run(s), 0 live, 8 finished · root 9 calls" in status.stdout, status
     document = json.loads(rlmq("status", root, "--json", env=env, cwd=tmp_path).stdout)["tree"]
