@@ -9,9 +9,9 @@ import pytest
 import redis
 
 from rlmq.settings import Settings
-from rlmq.store.records import RunSpec
+from rlmq.store.records import RunSpec, RunStatus, RunStore
 from workers.budget import BudgetExceeded
-from workers.children import check_request, child_run_id, prompt_of
+from workers.children import CHILD_SIGNATURE, Children, check_request, child_run_id, prompt_of
 from workers.tree_budget import TreeBudget, TreeRefused
 
 ROOT = "root0"
@@ -90,3 +90,19 @@ def test_what_sandbox_code_may_ask_for() -> None:
         check_request(["a"], [object()])
     with pytest.raises(TypeError, match="non-empty task string"):
         check_request([""], None)
+
+
+def test_a_parent_that_stops_waiting_cancels_its_children_only_when_cancelled(redis_client: redis.Redis) -> None:
+    """A parent fenced off by its own next attempt must leave its children to that attempt (it re-attaches)."""
+    store = RunStore(redis_client)
+    parent = RunSpec(run_id=ROOT, signature="question -> answer", inputs={}, options={"max_depth": 2})
+    children = Children(parent, client=redis_client, store=store, app=None, run_child=lambda run_id: None,
+                        should_stop=lambda: True, tree=node(redis_client, ROOT, 0), current_step=lambda: 1)
+    child = RunSpec(run_id=child_run_id(ROOT, 0), signature=CHILD_SIGNATURE, inputs={}, parent=ROOT, root=ROOT,
+                    depth=1)
+    assert store.create_child(child) and not store.create_child(child)  # a replay finds it: not created twice
+    assert children.query(["t"], [None]) == [f"[ERROR] child run {child.run_id}: its parent stopped waiting"]
+    assert store.status(child.run_id) is RunStatus.QUEUED and not store.cancel_requested(child.run_id)
+    store.request_cancel(ROOT)  # now the parent is cancelled: its queued child goes with it
+    children._gather([child.run_id])
+    assert store.status(child.run_id) is RunStatus.CANCELLED and store.cancel_requested(child.run_id)

@@ -12,6 +12,8 @@ it itself, in a thread of its own process (``run_child``). The claim is one fenc
 therefore needs no free slot below its root: every waiting parent is also a worker for its children.
 
 A child that fails (or is cancelled, or stopped) answers ``[ERROR] ...``, as a failed ``llm_query`` does.
+A parent that stops waiting cancels its children only when a cancel was asked for it or its root: a
+parent fenced off by a newer attempt of itself leaves them to that attempt, which re-attaches.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ class Children:
         self.parent = parent
         self.client, self.store, self.app = client, store, app
         self.run_child = run_child  # executes a child run here (RunExecution in this process), claim first
-        self.should_stop = should_stop  # the parent is cancelled, fenced or over its time
+        self.should_stop = should_stop  # the parent's step is being stopped (cancel, lost claim)
         self.tree = tree  # the tree's limits: children, and the reason once it stopped
         self.current_step = current_step  # the parent's step under way (the trace nests children under it)
         self._indices = itertools.count()
@@ -144,9 +146,11 @@ class Children:
         since = time.monotonic()
         while len(answers) < len(run_ids):
             if self.should_stop() or self._closed.is_set():
-                self._cancel([r for r in run_ids if r not in answers])
-                reason = "its parent run stopped"
-                return [answers.get(r) or f"[ERROR] child run {r} was cancelled: {reason}" for r in run_ids]
+                if self.store.cancel_requested(self.parent.run_id, self.parent.root_id):
+                    self._cancel([r for r in run_ids if r not in answers])
+                # else (fenced off, handed back, ended otherwise): the children stay for the attempt
+                # that re-attaches to them
+                return [answers.get(r) or f"[ERROR] child run {r}: its parent stopped waiting" for r in run_ids]
             stopped = self.tree.stopped()
             if stopped is not None:  # the parent stops too (its next step check names the reason)
                 raise BudgetExceeded(stopped)
