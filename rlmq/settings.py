@@ -215,6 +215,9 @@ class Settings:
     execution_timeout: float = field(default=300.0, metadata=_setting("RLMQ_EXECUTION_TIMEOUT", _float, capped=True))
     # levels of runs in a tree: 1 = no rlm_query; n > 1 = sandbox code may start child runs n - 1 levels deep
     max_depth: int = field(default=1, metadata=_setting("RLMQ_MAX_DEPTH", _depth))
+    # seconds the fleet has to claim a child run before its waiting parent runs it itself (workers.children)
+    child_help_after: float = field(
+        default=0.5, metadata=_setting("RLMQ_CHILD_HELP_AFTER", _nonneg_float, per_run=False))
     # a tree's limits: child runs started in all (sandbox code chooses how many: the operator caps it),
     # sandboxes live at once (none by default)
     max_children: int = field(default=64, metadata=_setting("RLMQ_MAX_CHILDREN", _int, capped=True))

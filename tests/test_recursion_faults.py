@@ -21,8 +21,9 @@ from workers.sandbox_registry import LeaseRegistry
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]
 
-fleet = fleet_fixture(env=WORKER_ENV, workers=[("rlm", "rlmA", 1), ("rlm", "rlmB", 1), ("llm", "llmA", 8)],
-                      timeout=180)
+# The idle worker takes the child, even on a loaded machine: its parent waits 3 s before it helps.
+fleet = fleet_fixture(env={**WORKER_ENV, "RLMQ_CHILD_HELP_AFTER": "3"},
+                      workers=[("rlm", "rlmA", 1), ("rlm", "rlmB", 1), ("llm", "llmA", 8)], timeout=180)
 
 ROOT = 'SUBMIT(answer=rlm_query("kid-0", {"n": 10}))'
 KID = ('subs = llm_query_batched([f"{task} prompt {j}" for j in range(context["n"])])\n'

@@ -6,7 +6,8 @@ parent, root and depth in its spec. Its id is ``{parent id}.{call index}``, so a
 replay (whose code makes the same calls in the same order) finds its children instead of starting
 them again, and a finished child answers at once.
 
-No deadlock: a parent that waits for a child no worker has claimed after ``HELP_AFTER`` seconds runs
+No deadlock: a parent that waits for a child no worker has claimed after ``help_after`` seconds
+(``RLMQ_CHILD_HELP_AFTER``, 0.5 by default) runs
 it itself, in a thread of its own process (``run_child``). The claim is one fenced Lua script
 (``workers.claim``), so exactly one executor wins; the loser's copy ends as "owned elsewhere". A tree
 therefore needs no free slot below its root: every waiting parent is also a worker for its children.
@@ -38,13 +39,12 @@ from rlmq.store.records import RunRecord, RunSpec, RunStatus, RunStore
 from workers.budget import BudgetExceeded
 from workers.tree_budget import TreeBudget
 
-__all__ = ["CHILD_SIGNATURE", "HELP_AFTER", "RLM_QUERY_INSTRUCTIONS", "Children", "InProcessTask", "child_run_id",
+__all__ = ["CHILD_SIGNATURE", "RLM_QUERY_INSTRUCTIONS", "Children", "InProcessTask", "child_run_id",
            "prompt_of"]
 
 logger = logging.getLogger(__name__)
 
 CHILD_SIGNATURE = "task: str, context -> answer: str"
-HELP_AFTER = 0.5  # seconds the fleet has to claim a child before its waiting parent runs it itself
 POLL_SECONDS = 0.1  # how often a waiting parent reads its children's status (one pipeline)
 
 RLM_QUERY_INSTRUCTIONS = """
@@ -98,13 +98,14 @@ class Children:
 
     def __init__(self, parent: RunSpec, *, client: redis.Redis, store: RunStore, app: Any,
                  run_child: Callable[[str], None], should_stop: Callable[[], bool], tree: TreeBudget,
-                 current_step: Callable[[], int]) -> None:
+                 current_step: Callable[[], int], help_after: float = 0.5) -> None:
         self.parent = parent
         self.client, self.store, self.app = client, store, app
         self.run_child = run_child  # executes a child run here (RunExecution in this process), claim first
         self.should_stop = should_stop  # the parent's step is being stopped (cancel, lost claim)
         self.tree = tree  # the tree's limits: children, and the reason once it stopped
         self.current_step = current_step  # the parent's step under way (the trace nests children under it)
+        self.help_after = help_after  # seconds before an unclaimed child is run here
         self._indices = itertools.count()
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -158,7 +159,7 @@ class Children:
             for run_id, status in zip(pending, self._statuses(pending), strict=True):
                 if status is not None and status.finished:
                     answers[run_id] = self._answer(run_id)
-                elif (status is RunStatus.QUEUED and time.monotonic() - since >= HELP_AFTER
+                elif (status is RunStatus.QUEUED and time.monotonic() - since >= self.help_after
                       and not (run_id in helping and helping[run_id].is_alive())):  # again after a restart
                     helping[run_id] = self._help(run_id)
             if len(answers) < len(run_ids):

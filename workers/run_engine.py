@@ -122,7 +122,8 @@ class RunExecution:
         if tree is not None and spec.depth + 1 < settings.max_depth:
             self.children = Children(spec, client=self.client, store=self.store, app=self.task.app,
                                      run_child=self._run_child, should_stop=self.ticker.cancelled.is_set, tree=tree,
-                                     current_step=lambda: self.trace.steps + 1 if self.trace is not None else 0)
+                                     current_step=lambda: self.trace.steps + 1 if self.trace is not None else 0,
+                                     help_after=settings.child_help_after)
         if settings.max_depth > 1:  # the model reads the built-ins' use in its instructions
             factory.execution_instructions = factory.execution_instructions + RLM_QUERY_INSTRUCTIONS
         rlm = TracedRLM(spec.signature, fanout=fanout, tools=tools, max_iters=settings.max_iters,
