@@ -82,11 +82,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    record = _client(args).status(args.run)
+    from rlmq.trace import format_usage
+
+    client = _client(args)
+    record = client.status(args.run)
+    tree = client.tree(args.run)
     if args.json:
-        print(record.to_json())
-    else:
-        print(f"{record.spec.run_id}  {format_progress(record)}")
+        print(json.dumps({**json.loads(record.to_json()), "tree": tree.to_json_dict()}, ensure_ascii=False))
+        return EXIT_OK
+    print(f"{record.spec.run_id}  {format_progress(record)}")
+    if tree.children:
+        live, finished = tree.descendants()
+        print(f"tree: {live + finished} child run(s), {live} live, {finished} finished · {format_usage(tree.usage())}")
     return EXIT_OK
 
 
@@ -116,7 +123,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    for record in _client(args).list_runs(args.limit):
+    for record in _client(args).list_runs(args.limit, children=args.all):
         submitted = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.spec.submitted_at))
         print(f"{record.spec.run_id}  {submitted}  {record.status.value:<9}  {record.spec.signature}")
     return EXIT_OK
@@ -324,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("list", cmd_list, "list recent runs")
     p.add_argument("--limit", type=COUNT, default=20)
+    p.add_argument("--all", action="store_true", help="child runs (started by rlm_query) too, not only roots")
 
     p = add("worker", cmd_worker, "start a worker for one queue (rlm: runs, llm: sub-LLM calls)")
     p.add_argument("queue", choices=QUEUES)

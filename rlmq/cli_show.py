@@ -48,10 +48,19 @@ def add_budget_flags(p: argparse.ArgumentParser) -> None:
                    help="stop the run before it pays for more tokens (input + output, root and sub-calls)")
     p.add_argument("--time-limit", type=_number(float, "a number of seconds"), metavar="SECONDS",
                    help="stop the run after this much wall-clock time")
+    levels = _number(int, "a whole number of levels")
+    p.add_argument("--max-depth", type=levels, metavar="LEVELS",
+                   help="levels of runs: above 1, sandbox code may start child runs with rlm_query (default 1: none); "
+                        "the budgets above are then the whole tree's")
+    p.add_argument("--max-children", type=_number(int, "a whole number of runs"), metavar="RUNS",
+                   help="child runs the whole tree may start")
+    p.add_argument("--max-sandboxes", type=_number(int, "a whole number of sandboxes"), metavar="SANDBOXES",
+                   help="sandboxes the tree may hold at once (at least --max-depth)")
 
 
 def budget_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"max_cost": args.max_cost, "max_tokens": args.max_tokens, "time_limit": args.time_limit}
+    return {"max_cost": args.max_cost, "max_tokens": args.max_tokens, "time_limit": args.time_limit,
+            "max_depth": args.max_depth, "max_children": args.max_children, "max_sandboxes": args.max_sandboxes}
 
 
 def print_outputs(client: Client, run_id: str) -> None:
@@ -75,8 +84,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
                           "signature": record.spec.signature, "usage": record.progress.usage.to_json_dict(),
                           "steps": steps}, indent=2, ensure_ascii=False))
     else:
+        from rlmq.tree import format_tree_trace
+
         color = {"always": True, "never": False}.get(args.color, sys.stdout.isatty())
-        print(format_trace(record, steps, color=color))
+        tree = client.tree(args.run, depth=args.depth)
+        print(format_tree_trace(tree, lambda run_id: steps if run_id == args.run else client.trace(run_id),
+                                lambda rec, its_steps: format_trace(rec, its_steps, color=color)))
     return 0
 
 
@@ -127,6 +140,8 @@ def add_view_commands(add: Callable[..., argparse.ArgumentParser], port_type: Ca
     p.add_argument("run")
     p.add_argument("--json", action="store_true", help="one JSON document (run, usage, steps)")
     p.add_argument("--jsonl", action="store_true", help="one JSON step per line")
+    p.add_argument("--depth", type=_number(int, "a whole number of levels"), default=None,
+                   help="levels of child runs (rlm_query) to nest under the steps that started them (default all)")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
                    help="highlight code (Pygments, if installed); auto: on a terminal")
 

@@ -35,6 +35,7 @@ from rlmq.store.blobs import CHUNK_BYTES, blob_size, put_blobs
 from rlmq.store.records import RunRecord, RunSpec, RunStatus, RunStore, new_run_id
 from rlmq.trace import read_trajectory
 from rlmq.trace_context import caller_traceparent
+from rlmq.tree import RunTree, read_tree
 
 __all__ = ["Client", "ClientError", "RedisUnreachable", "UnknownRun", "check_run_id", "check_signature", "check_tool_path"]
 
@@ -227,10 +228,27 @@ class Client:
         self.call("cancel", lambda: cancel_run(self.store, self.celery, run_id))
         return self.status(run_id)
 
-    def list_runs(self, limit: int = 50) -> list[RunRecord]:
+    def tree(self, run_id: str, depth: int | None = None) -> RunTree:
+        """The run and its child runs (``rlm_query``) down to ``depth`` levels (None: all), with their usage."""
+        self.status(run_id)
+        tree: RunTree | None = self.call("tree", lambda: read_tree(self.store, run_id, depth=depth))
+        if tree is None:
+            raise UnknownRun(f"no run with id {run_id!r}")
+        return tree
+
+    def list_runs(self, limit: int = 50, *, children: bool = False) -> list[RunRecord]:
+        """The most recent runs: roots only, unless ``children`` (runs started by rlm_query too)."""
         def read() -> list[RunRecord]:
-            records = (self.store.get(run_id) for run_id in self.store.list(limit))
-            return [r for r in records if r is not None]
+            found: list[RunRecord] = []
+            page, start = max(limit, 50), 0
+            while len(found) < limit:
+                ids = self.store.list(page, start=start)
+                records = (self.store.get(run_id) for run_id in ids)
+                found += [r for r in records if r is not None and (children or not r.spec.parent)]
+                if len(ids) < page:
+                    break
+                start += page
+            return found[:limit]
 
         return self.call("list", read)
 

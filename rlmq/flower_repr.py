@@ -47,4 +47,6 @@ def task_reprs(spec: Any, described: dict[str, str]) -> dict[str, str]:
     kwargs.update(dict(sorted(spec.options.items())))
     if spec.tools:
         kwargs["tools"] = list(spec.tools)
+    if spec.parent:  # a child run (rlm_query): Flower shows whose
+        kwargs["parent"] = spec.parent
     return {"argsrepr": repr(spec.signature)[:_REPR_LIMIT], "kwargsrepr": repr(kwargs)[:_REPR_LIMIT]}

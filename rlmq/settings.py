@@ -163,6 +163,16 @@ def _nonneg_float(raw: str) -> float:
     return value
 
 
+MAX_DEPTH_CEILING = 8  # a child's run id grows by ".N" per level; deeper trees are not a use case
+
+
+def _depth(raw: str) -> int:
+    value = _int(raw)
+    if value > MAX_DEPTH_CEILING:
+        raise ValueError(f"must be at most {MAX_DEPTH_CEILING}")
+    return value
+
+
 def _setting(env: str, parse: Callable[[str], Any], *, per_run: bool = True, capped: bool = False) -> dict[str, Any]:
     """A field's metadata: its variable, its parser, and whether a run may set it (and only lower it: ``capped``)."""
     return {"env": env, "parse": parse, "per_run": per_run, "capped": capped}
@@ -214,6 +224,15 @@ class Settings:
     # a Daytona sandbox's whole boot (create, install, broker up), every API call in it included
     daytona_boot_timeout: float = field(default=180.0,
                                         metadata=_setting("RLMQ_DAYTONA_BOOT_TIMEOUT", _float, capped=True))
+    # levels of runs in a tree: 1 = no rlm_query; n > 1 = sandbox code may start child runs n - 1 levels deep
+    max_depth: int = field(default=1, metadata=_setting("RLMQ_MAX_DEPTH", _depth))
+    # seconds the fleet has to claim a child run before its waiting parent runs it itself (workers.children)
+    child_help_after: float = field(
+        default=0.5, metadata=_setting("RLMQ_CHILD_HELP_AFTER", _nonneg_float, per_run=False))
+    # a tree's limits: child runs started in all (sandbox code chooses how many: the operator caps it),
+    # sandboxes live at once (none by default)
+    max_children: int = field(default=64, metadata=_setting("RLMQ_MAX_CHILDREN", _int, capped=True))
+    max_sandboxes: int | None = field(default=None, metadata=_setting("RLMQ_MAX_SANDBOXES", _int))
     # fan-out: prompts per sub-task message, and how many sub-tasks a big batch spreads over
     chunk_size: int = field(default=8, metadata=_setting("RLMQ_CHUNK_SIZE", _int, capped=True))
     fanout_width: int = field(default=64, metadata=_setting("RLMQ_FANOUT_WIDTH", _int, capped=True))

@@ -90,8 +90,10 @@ def create_app(client: Client, *, basic_auth: str | None = None) -> Flask:
         record = data["record"]
         usage = record.progress.usage
         outputs = (data["result"] or {}).get("outputs")
+        tree = client.tree(run_id)  # its child runs (rlm_query) and the tree's usage
         return render_template(
             "run.html", record=record, steps=data["steps"], line=format_progress(record),
+            children=tree.children, tree_line=format_usage(tree.usage()) if tree.children else "",
             usage=usage, usage_line=format_usage(usage), money=format_money, highlight=highlight,
             code_css=code_css, batch=record.progress.batch, step_usage=Usage.from_json_dict,
             outputs=None if outputs is None else json.dumps(outputs, indent=2, ensure_ascii=False),

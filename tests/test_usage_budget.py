@@ -139,6 +139,9 @@ def test_flower_sees_the_signature_and_sizes_never_the_data() -> None:
     assert reprs["argsrepr"] == repr(spec.signature)
     assert "'chapters': 'list[117], 3.2 KB'" in reprs["kwargsrepr"] and "'max_iters': 5" in reprs["kwargsrepr"]
     assert "secret" not in reprs["kwargsrepr"] + reprs["argsrepr"]
+    child = RunSpec(run_id="r1.0", signature="task: str, context -> answer: str", inputs={"task": "d3", "context": "d4"},
+                    parent="r1", root="r1", depth=1)
+    assert "'parent': 'r1'" in task_reprs(child, {})["kwargsrepr"]  # Flower shows whose child a run is
 
 
 def test_progress_is_one_typed_document_with_the_documented_wire_shape() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from workers.llm_call import Messages
@@ -45,6 +45,10 @@ class Budget:
         self.started = time.monotonic() if started is None else started
         self._lock = threading.Lock()
         self.tripped: str | None = None  # the reason, once a budget refused something
+        # In a tree of runs (workers.tree_budget): the tree's reason once it stopped, and where a trip is recorded
+        self.tree_stopped: Callable[[], str | None] | None = None
+        self.on_trip: Callable[[str], str] | None = None
+        self.tree_paid: Callable[[float, int], tuple[float, int]] | None = None  # this run's paid -> the tree's
 
     @property
     def limited(self) -> bool:
@@ -59,10 +63,18 @@ class Budget:
         return sorted(m for m in models if model_price(m) is None)
 
     def trip(self, reason: str) -> BudgetExceeded:
+        if self.tripped is None and self.on_trip is not None:
+            reason = self.on_trip(reason)  # the tree's first reason is every node's
         with self._lock:
             if self.tripped is None:
                 self.tripped = reason
-        return BudgetExceeded(reason)
+        return BudgetExceeded(self.tripped)
+
+    def check_tree(self) -> None:
+        """BudgetExceeded once the run's tree has stopped (any node met a limit)."""
+        reason = self.tree_stopped() if self.tree_stopped is not None else None
+        if reason is not None:
+            raise self.trip(reason)
 
     def check_time(self) -> None:
         if self.time_limit is not None:
@@ -74,10 +86,13 @@ class Budget:
     def _check(self, what: str, cost: float, tokens: int) -> None:
         if self.tripped is not None:
             raise BudgetExceeded(self.tripped)
+        self.check_tree()
         self.check_time()
         if self.max_cost is None and self.max_tokens is None:
             return
         paid_cost, paid_tokens = self.usage.paid()
+        if self.tree_paid is not None:  # a tree's max_cost / max_tokens count every node's spending
+            paid_cost, paid_tokens = self.tree_paid(paid_cost, paid_tokens)
         if self.max_cost is not None and paid_cost + cost > self.max_cost:
             raise self.trip(f"max cost: {what} (~${cost:.6f} estimated) would bring the run from "
                             f"${paid_cost:.6f} past its ${self.max_cost:g} budget")
@@ -93,7 +108,8 @@ class Budget:
 
     def check_batch(self, prompts: Sequence[str | Messages], params: dict[str, Any]) -> None:
         """Before a batch of sub-calls is sent; raises BudgetExceeded to refuse it whole."""
-        if self.tripped is None and not self.limited:
+        if self.tripped is None and not self.limited:  # nothing to price: only the tree and the clock
+            self.check_tree()
             self.check_time()
             return
         tokens_in = sum(estimate_tokens(p) for p in prompts)

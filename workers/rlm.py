@@ -22,23 +22,31 @@ from typing import Any
 import dspy
 from dspy.primitives.prediction import Prediction
 
+from workers.children import Children, check_request, prompt_of
 from workers.dspy_private import LLMCallBudget
 from workers.engines import FleetLM
 from workers.fanout import Fanout
 from workers.tracing import NULL_SPANS, RunSpans
 from workers.trajectory import TrajectoryLog
 
-__all__ = ["FleetRLM", "TracedRLM", "make_llm_tools"]
+__all__ = ["FleetRLM", "TracedRLM", "make_llm_tools", "make_rlm_tools"]
 
 
-def make_llm_tools(fanout: Fanout, budget: LLMCallBudget) -> dict[str, Callable[..., Any]]:
-    """``llm_query`` / ``llm_query_batched`` for sandbox code, charged to ``budget``."""
+def make_llm_tools(fanout: Fanout, budget: LLMCallBudget,
+                   tree_reserve: Callable[[int], None] | None = None) -> dict[str, Callable[..., Any]]:
+    """``llm_query`` / ``llm_query_batched`` for sandbox code, charged to ``budget`` (and to the run's tree:
+    ``tree_reserve``)."""
+
+    def reserve(n: int) -> None:
+        budget.reserve(n)
+        if tree_reserve is not None:
+            tree_reserve(n)
 
     def llm_query(prompt: str) -> str:
         """Query the LLM with a prompt string."""
         if not isinstance(prompt, str) or not prompt:
             raise ValueError("prompt must be a non-empty string")
-        budget.reserve(1)
+        reserve(1)
         return fanout.query([prompt])[0].for_sandbox()
 
     def llm_query_batched(prompts: list[str]) -> list[str]:
@@ -47,23 +55,52 @@ def make_llm_tools(fanout: Fanout, budget: LLMCallBudget) -> dict[str, Callable[
             return []
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise TypeError("llm_query_batched takes a list of prompt strings")
-        budget.reserve(len(prompts))  # the whole batch up front, as DSPy does
+        reserve(len(prompts))  # the whole batch up front, as DSPy does
         return [a.for_sandbox() for a in fanout.query(prompts)]
 
     return {"llm_query": llm_query, "llm_query_batched": llm_query_batched}
 
 
-class FleetRLM(dspy.RLM):
-    """``dspy.RLM`` whose sub-LLM calls (tools and sub-agents) go through the Celery fleet."""
+def make_rlm_tools(children: Children | None, llm_tools: dict[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
+    """``rlm_query`` / ``rlm_query_batched``: child runs through ``children``, or, at the tree's deepest
+    level (``children`` None), the same requests answered as ``llm_query`` prompts."""
 
-    def __init__(self, signature: Any, *, fanout: Fanout, **kwargs: Any) -> None:
+    def rlm_query_batched(tasks: list[str], contexts: list[Any] | None = None) -> list[str]:
+        """Start a child RLM run per task (with its context) across the fleet; their answers, in order."""
+        if isinstance(tasks, list) and not tasks:
+            return []
+        checked = check_request(tasks, contexts)
+        if children is None:
+            return list(llm_tools["llm_query_batched"]([prompt_of(t, c) for t, c in zip(tasks, checked, strict=True)]))
+        return children.query(tasks, checked)
+
+    def rlm_query(task: str, context: Any = None) -> str:
+        """Start a child RLM run on ``task`` with ``context`` (any JSON value) and return its answer."""
+        return rlm_query_batched([task], [context])[0]
+
+    return {"rlm_query": rlm_query, "rlm_query_batched": rlm_query_batched}
+
+
+class FleetRLM(dspy.RLM):
+    """``dspy.RLM`` whose sub-LLM calls (tools and sub-agents) go through the Celery fleet.
+
+    ``rlm_tools``: whether sandbox code gets ``rlm_query[_batched]`` (``children`` None: answered as
+    ``llm_query``, the tree's deepest level)."""
+
+    def __init__(self, signature: Any, *, fanout: Fanout, rlm_tools: bool = False, children: Children | None = None,
+                 tree_reserve: Callable[[int], None] | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("sub_lm", FleetLM(fanout))
         super().__init__(signature, **kwargs)
         self.fanout = fanout
+        self.rlm_tools, self.children, self.tree_reserve = rlm_tools, children, tree_reserve
 
     def _make_llm_tools(self, budget: LLMCallBudget | None = None, max_workers: int = 8) -> dict[str, Callable]:
         # max_workers is DSPy's thread count for its own batch; the fleet's width replaces it.
-        return make_llm_tools(self.fanout, budget if budget is not None else LLMCallBudget(self.max_llm_calls))
+        tools = make_llm_tools(self.fanout, budget if budget is not None else LLMCallBudget(self.max_llm_calls),
+                               self.tree_reserve)
+        if self.rlm_tools:
+            tools.update(make_rlm_tools(self.children, tools))
+        return tools
 
 
 class TracedRLM(FleetRLM):

@@ -23,7 +23,9 @@ from rlmq.settings import SandboxBackend, Settings, SettingsError
 from rlmq.store.blobs import get_blobs
 from rlmq.store.metrics import add_usage
 from rlmq.store.records import Progress, RunRecord, RunSpec, RunStatus, RunStore
+from rlmq.tree import read_tree
 from workers.budget import Budget
+from workers.children import RLM_QUERY_INSTRUCTIONS, Children, InProcessTask
 from workers.claim import RunClaim
 from workers.context import redis_client, worker_settings
 from workers.dspy_cache import install_redis_dspy_cache
@@ -40,6 +42,7 @@ from workers.run_ticker import RunTicker
 from workers.sandbox_registry import LeaseKeeper, LeaseRegistry, attempt_labels
 from workers.tracing import NULL_SPANS, RunSpans, root_lm_callback, run_spans
 from workers.trajectory import TrajectoryLog
+from workers.tree_budget import TreeBudget, TreeRefused
 from workers.usage import RunUsage
 from workers.user_tools import ToolLoadError, load_tools
 
@@ -65,6 +68,7 @@ class RunExecution:
         self.ticker = RunTicker(run_id, claim=self.claim, store=self.store, leases=self.leases, progress=self.progress)
         self.trace: TrajectoryLog | None = None
         self.spans: RunSpans = NULL_SPANS  # the attempt's OpenTelemetry spans, when traced
+        self.children: Children | None = None  # a run below its tree's max_depth starts child runs
 
     def run(self) -> dict[str, Any]:
         record = self.store.get(self.run_id)
@@ -85,6 +89,7 @@ class RunExecution:
             logger.warning("run %s: attempt %d, replaying through the caches (%s)", self.run_id,
                            self.claim.attempt, record.restart_reason or "restarted")
         self.spans = run_spans(self.run_id, self.claim.attempt, record.spec.signature, record.spec.traceparent or None)
+        self.ticker.root_id = record.spec.root_id  # cancelling the root cancels this run too
         with log_context(self.run_id, self.claim.attempt, self.spans):  # RLMQ_LOG_FORMAT=json lines name the run
             logger.info("run %s: attempt %d starts", self.run_id, self.claim.attempt)
             self.ticker.start()
@@ -93,6 +98,12 @@ class RunExecution:
             except BaseException as exc:
                 self._ended_badly(exc)
             finally:
+                if self.children is not None:
+                    self.children.close()
+                if self.ticker.tree is not None:
+                    self.ticker.tree.release_sandbox()
+                    if self.ticker.budget is not None:  # what this node paid counts for the rest of the tree
+                        self.ticker.tree.paid(*self.ticker.budget.usage.paid())
                 self.ticker.stop()
                 self.leases.stop()
                 self.leases.close("the run ended", booting=True)  # normally empty: DSPy shut the interpreter down
@@ -107,27 +118,38 @@ class RunExecution:
             tools = load_tools(spec.tools)
         except (SettingsError, ToolLoadError) as exc:
             raise RunFailed(str(exc)) from None
-        if self.store.cancel_requested(self.run_id):
+        if self.store.cancel_requested(self.run_id, spec.root_id):
             raise RunCancelled()
         install_redis_dspy_cache(self.client, settings.cache_ttl_seconds)
+        tree = self.ticker.tree = self._tree(spec, settings)
         stats = RunUsage(root_model=settings.lm, sub_model=settings.effective_sub_lm,
                          meter=lambda added, sub: add_usage(self.client, added, subcalls=sub))
         budget = self.ticker.budget = stats.budget = _budget(stats, settings, started=self.progress.started,
-                                                             worker_time_limit=self.base.run_time_limit)
+                                                             worker_time_limit=self.base.run_time_limit, tree=tree)
+        budget.check_tree()  # a child of a tree that stopped never starts a sandbox
         self.progress.stats, self.progress.max_iters = stats, settings.max_iters
         self.trace = TrajectoryLog(self.client, self.run_id, stats, ttl_seconds=self.base.result_expires)
         inputs = get_blobs(self.client, spec.inputs)
         self.leases.start()
         labels = attempt_labels(self.run_id, self.claim.attempt)  # what recovery reaps a dead attempt's by
         factory = _sandboxes(settings, self.base.run_time_limit, labels=labels,
-                             on_sandbox_creating=self.leases.creating, on_sandbox_created=self._sandbox_created,
-                             on_sandbox_destroyed=self.leases.destroyed)
+                             on_sandbox_creating=self._sandbox_creating, on_sandbox_created=self._sandbox_created,
+                             on_sandbox_destroyed=self._sandbox_destroyed)
         fanout = Fanout(settings, app=self.task.app, options=spec.options, observer=stats,
                         should_stop=self.ticker.cancelled.is_set, run_id=self.run_id)
         fanout.spans = self.spans
         tools = [self.spans.wrap_tool(tool) for tool in tools]  # a span per call, when traced
+        if tree is not None and spec.depth + 1 < settings.max_depth:
+            self.children = Children(spec, client=self.client, store=self.store, app=self.task.app,
+                                     run_child=self._run_child, should_stop=self.ticker.cancelled.is_set, tree=tree,
+                                     current_step=lambda: self.trace.steps + 1 if self.trace is not None else 0,
+                                     help_after=settings.child_help_after)
+        if settings.max_depth > 1:  # the model reads the built-ins' use in its instructions
+            factory.execution_instructions = factory.execution_instructions + RLM_QUERY_INSTRUCTIONS
         rlm = TracedRLM(spec.signature, fanout=fanout, tools=tools, max_iters=settings.max_iters,
                         max_llm_calls=settings.max_llm_calls, interpreter_factory=factory,
+                        rlm_tools=tree is not None, children=self.children,
+                        tree_reserve=tree.reserve_calls if tree is not None else None,
                         trace=self.trace, budget=budget, on_code=lambda: self.progress.publish(force=True),
                         spans=self.spans)
         lm = fleet_root_lm(settings)
@@ -140,11 +162,16 @@ class RunExecution:
             prediction = rlm(**inputs)
         if self.ticker.cancelled.is_set() and not self.ticker.handing_back.is_set():
             raise RunCancelled()  # (a run handed back after its last step has its result: it ends here)
+        budget.check_tree()  # an answer built while the tree ran out is not the tree's answer: STOPPED
         return _result_document(self.run_id, prediction, list(rlm.signature.output_fields), self.trace.steps)
 
     def _succeeded(self, result: dict[str, Any]) -> dict[str, Any]:
         progress = self.progress.close()
         document = progress.to_json_dict()
+        if self.children is not None:  # the tree's usage, its children's (finished) included
+            tree = read_tree(self.store, self.run_id)
+            if tree is not None and tree.children:
+                result["tree_usage"] = tree.usage(own=progress.usage).to_json_dict()
         if not self.store.finish(self.run_id, RunStatus.SUCCEEDED, progress=progress, attempt=self.claim.attempt,
                                  result={**result, "progress": document, "usage": document["usage"]}):
             logger.warning("run %s: attempt %d was superseded; its result is dropped", self.run_id, self.claim.attempt)
@@ -160,7 +187,8 @@ class RunExecution:
                            self.claim.attempt)
             self.spans.end("SUPERSEDED")
             raise Ignore()
-        end = ending_of(exc, cancel_requested=self.store.cancel_requested(self.run_id),
+        root_id = self.ticker.root_id or self.run_id
+        end = ending_of(exc, cancel_requested=self.store.cancel_requested(self.run_id, root_id),
                         budget_tripped=self.ticker.budget.tripped if self.ticker.budget is not None else None,
                         time_limit=self.base.run_time_limit,
                         handing_back=(f"handed back: worker {self.hostname} is shutting down"
@@ -199,14 +227,49 @@ class RunExecution:
                            self.claim.attempt)
         raise Ignore()
 
+    def _run_child(self, run_id: str) -> None:
+        """A child run no worker claimed, executed here (``workers.children``) and ended in Celery as a task would."""
+        backend = self.task.app.backend
+        try:
+            result = RunExecution(InProcessTask(self.task.app, hostname=self.hostname, run_id=run_id), run_id).run()
+        except RunFailed as exc:
+            backend.mark_as_failure(run_id, exc)
+            raise
+        backend.store_result(run_id, result, "SUCCESS")
+
+    def _tree(self, spec: RunSpec, settings: Settings) -> TreeBudget | None:
+        """The run's tree's budget when it may have children or is one (``max_depth`` > 1)."""
+        if settings.max_depth <= 1:
+            return None
+        try:
+            return TreeBudget(self.client, spec, settings, lease_seconds=self.base.lease_ttl,
+                              expire_seconds=self.base.result_expires)
+        except TreeRefused as exc:
+            raise RunFailed(str(exc)) from None
+
+    def _sandbox_creating(self, info: Any) -> None:
+        if self.ticker.tree is not None:  # max_sandboxes: wait for the tree's slot first
+            self.ticker.tree.take_sandbox(self.ticker.cancelled.is_set)
+        self.leases.creating(info)
+
+    def _sandbox_destroyed(self, info: Any) -> None:
+        self.leases.destroyed(info)
+        if self.ticker.tree is not None:
+            self.ticker.tree.release_sandbox()
+
     def _sandbox_created(self, info: Any) -> None:
         self.leases.created(info)
         self.progress.sandbox_created(info)
 
 
-def _budget(stats: RunUsage, settings: Settings, *, started: float, worker_time_limit: float) -> Budget:
+def _budget(stats: RunUsage, settings: Settings, *, started: float, worker_time_limit: float,
+            tree: TreeBudget | None) -> Budget:
+    time_limit = tree.time_left(settings.time_limit) if tree is not None else settings.time_limit
     budget = Budget(stats, max_cost=settings.max_cost, max_tokens=settings.max_tokens,
-                    time_limit=settings.time_limit, started=started, worker_time_limit=worker_time_limit)
+                    time_limit=time_limit, started=started, worker_time_limit=worker_time_limit)
+    if tree is not None:
+        budget.tree_stopped, budget.on_trip = tree.stopped, tree.trip
+        budget.tree_paid = tree.paid
     if budget.unpriced_models():
         raise RunFailed(f"max_cost cannot be enforced: LiteLLM's price table has no price for "
                         f"{', '.join(budget.unpriced_models())}")

@@ -19,6 +19,7 @@ from workers.drain import is_draining
 from workers.progress_publisher import ProgressPublisher
 from workers.sandbox_registry import LeaseKeeper
 from workers.ticker import Ticker
+from workers.tree_budget import TreeBudget
 
 __all__ = ["RunTicker"]
 
@@ -34,13 +35,15 @@ class RunTicker(Ticker):
         self.budget: Budget | None = None  # the run's, once its settings are known
         self.cancelled = threading.Event()  # set on a cancel, when fenced off and when handing back
         self.handing_back = threading.Event()  # the worker is shutting down: the run goes back to the queue
+        self.root_id = run_id  # the run's tree's root, whose cancel is this run's too
+        self.tree: TreeBudget | None = None  # in a tree: its live-sandbox slot is renewed here
 
     def tick(self) -> None:
         if self.claim.fenced.is_set():
             return  # the run is stopping
         if not self.claim.renew():
             return self._stop_sandbox(f"attempt {self.claim.attempt} lost its claim (restarted elsewhere or finished)")
-        if not self.cancelled.is_set() and self.store.cancel_requested(self.run_id):
+        if not self.cancelled.is_set() and self.store.cancel_requested(self.run_id, self.root_id):
             return self._stop_sandbox("cancel requested")
         if not self.cancelled.is_set() and is_draining(self.claim.redis, self.claim.worker):
             self.handing_back.set()
@@ -50,6 +53,10 @@ class RunTicker(Ticker):
                 self.budget.check_time()
             except BudgetExceeded as exc:  # a step may run long: it stops now, as on a cancel
                 return self._stop_sandbox(str(exc), cancel=False)
+        if self.tree is not None:
+            self.tree.renew_sandbox()
+            if self.budget is not None:
+                self.tree.paid(*self.budget.usage.paid())
         self.progress.publish()
 
     def _stop_sandbox(self, why: str, *, cancel: bool = True) -> None:

@@ -16,6 +16,10 @@ rlmq:run:{run_id}:owner             string  "{attempt}|{owner}" of the attempt r
 rlmq:run:{run_id}:result            string  the run's final result (JSON)
 rlmq:run:{run_id}:cancel            string  present when a cancel was requested
 rlmq:run:{run_id}:trajectory        list    one JSON entry per finished iteration, appended live
+rlmq:run:{run_id}:children          zset    its child runs (rlm_query), scored by start time
+rlmq:run:{root_id}:tree             hash    a tree's ledger: sub-calls and children reserved, its deadline,
+                                            the reason it stopped (workers.tree_budget)
+rlmq:run:{root_id}:tree-sandboxes   zset    a tree's live sandboxes: run id -> slot lease expiry
 rlmq:run:{run_id}:sandbox-homes     set     where its sandboxes live: JSON {backend, provider} (no API key)
 rlmq:runs                           zset    run ids scored by submit time (unix seconds)
 rlmq:job:{job_id}                   hash    a corpus job: spec, status, cursor, counts per run status, usage sums
@@ -83,6 +87,7 @@ __all__ = [
     "rate_limit_tokens_key",
     "response_cache_key",
     "run_cancel_key",
+    "run_children_key",
     "run_key",
     "run_owner_key",
     "run_result_key",
@@ -94,6 +99,8 @@ __all__ = [
     "slots_key",
     "stats_key",
     "subtask_holder_key",
+    "tree_key",
+    "tree_sandboxes_key",
     "worker_heartbeat_key",
 ]
 
@@ -145,6 +152,18 @@ def run_result_key(run_id: str) -> str:
 
 def run_cancel_key(run_id: str) -> str:
     return f"{run_key(run_id)}:cancel"
+
+
+def run_children_key(run_id: str) -> str:
+    return f"{run_key(run_id)}:children"
+
+
+def tree_key(root_id: str) -> str:
+    return f"{run_key(root_id)}:tree"
+
+
+def tree_sandboxes_key(root_id: str) -> str:
+    return f"{run_key(root_id)}:tree-sandboxes"
 
 
 def run_sandbox_homes_key(run_id: str) -> str:

@@ -68,6 +68,16 @@ class RunSpec:
     job: str = ""  # the corpus job this run answers one item of (rlmq.store.jobs), "" for a lone run
     item: int = -1  # that item's index in the job
     traceparent: str = ""  # the submitter's active trace (W3C traceparent), which the run's spans join
+    # A child run (started by its parent's sandbox code through rlm_query): its parent, the tree's root, its level
+    parent: str = ""
+    root: str = ""
+    depth: int = 0
+    parent_step: int = 0  # the parent's step (from 1) whose code started it
+
+    @property
+    def root_id(self) -> str:
+        """The run at the top of this run's tree (itself for a root)."""
+        return self.root or self.run_id
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), allow_nan=False)
@@ -85,6 +95,10 @@ class RunSpec:
             job=str(raw.get("job") or ""),
             item=int(raw.get("item", -1)),
             traceparent=str(raw.get("traceparent") or ""),
+            parent=str(raw.get("parent") or ""),
+            root=str(raw.get("root") or ""),
+            depth=int(raw.get("depth") or 0),
+            parent_step=int(raw.get("parent_step") or 0),
         )
 
 
@@ -352,6 +366,21 @@ class RunStore:
         pipe.zadd(keys.runs_index_key(), {spec.run_id: spec.submitted_at}, nx=True)
         return bool(pipe.execute()[0])
 
+    def create_child(self, spec: RunSpec) -> bool:
+        """Record a child run unless it exists (a replayed parent re-attaches to its children): True if created."""
+        if not self.redis.hsetnx(keys.run_key(spec.run_id), "spec", spec.to_json()):
+            return False
+        pipe = self.redis.pipeline()
+        pipe.hsetnx(keys.run_key(spec.run_id), "status", RunStatus.QUEUED.value)
+        pipe.zadd(keys.runs_index_key(), {spec.run_id: spec.submitted_at})
+        pipe.zadd(keys.run_children_key(spec.parent), {spec.run_id: spec.submitted_at})
+        pipe.execute()
+        return True
+
+    def children(self, run_id: str) -> builtins.list[str]:
+        """The run's child runs, in the order they were started."""
+        return replies.members(self.redis.zrange(keys.run_children_key(run_id), 0, -1))
+
     def get(self, run_id: str) -> RunRecord | None:
         fields = replies.raw_hash(self.redis.hgetall(keys.run_key(run_id)))
         if not fields or b"spec" not in fields:
@@ -392,9 +421,9 @@ class RunStore:
         raw = self.redis.get(keys.run_result_key(run_id))
         return json.loads(raw) if raw else None
 
-    def list(self, limit: int = 50) -> list[str]:
-        """Most recent run ids first."""
-        return replies.members(self.redis.zrevrange(keys.runs_index_key(), 0, limit - 1))
+    def list(self, limit: int = 50, *, start: int = 0) -> list[str]:
+        """Most recent run ids first (from the ``start``-th)."""
+        return replies.members(self.redis.zrevrange(keys.runs_index_key(), start, start + limit - 1))
 
     def active(self) -> builtins.list[str]:  # ``list`` here is the method above
         """Runs that were started (or restarted) and have not finished."""
@@ -404,5 +433,7 @@ class RunStore:
     def request_cancel(self, run_id: str, ttl_seconds: int = 7 * 24 * 3600) -> None:
         self.redis.set(keys.run_cancel_key(run_id), repr(time.time()), ex=ttl_seconds)
 
-    def cancel_requested(self, run_id: str) -> bool:
-        return bool(self.redis.exists(keys.run_cancel_key(run_id)))
+    def cancel_requested(self, *run_ids: str) -> bool:
+        """Whether a cancel was asked for any of ``run_ids`` (a run and its tree's root: cancelling a root
+        cancels its tree)."""
+        return bool(self.redis.exists(*{keys.run_cancel_key(run_id) for run_id in run_ids}))
