@@ -110,6 +110,9 @@ class Pool:
         self.create_delay = create_delay
         self.sandboxes: dict[str, Sandbox] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # the loop holds tasks weakly: one unreferenced may vanish
+        # every bwrap started and not yet exited, whatever became of its sandbox's record: close() kills
+        # them all (one started while its sandbox was being deleted once outlived the emulator)
+        self._running: set[asyncio.subprocess.Process] = set()
         self._binary = bwrap.require_bwrap()
         self._opt = state_dir / "opt"
         self._opt.mkdir(parents=True, exist_ok=True)
@@ -283,6 +286,9 @@ class Pool:
     async def close(self) -> None:
         for sandbox in list(self.sandboxes.values()):
             await self._kill(sandbox)
+        for process in list(self._running):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
         await asyncio.get_running_loop().run_in_executor(None, host_writes.remove_tree, self.state_dir / "homes")
         shutil.rmtree(self._run_dir, ignore_errors=True)
 
@@ -324,6 +330,7 @@ class Pool:
                 env={"PATH": "/usr/bin:/bin"})
         finally:
             listener.close()  # the agent holds its own copy
+        self._running.add(sandbox.process)
         self._in_background(self._watch(sandbox, sandbox.process))
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
@@ -344,6 +351,7 @@ class Pool:
                 break
             sandbox.stderr_tail.append(data.decode(errors="replace").strip()[:500])
         code = await process.wait()
+        self._running.discard(process)
         if sandbox.process is process and not sandbox.expected_exit and sandbox.state == "started":
             sandbox.error_reason = f"the sandbox's processes exited (code {code})"
             await self._set_state(sandbox, "error")
