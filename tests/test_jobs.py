@@ -99,7 +99,13 @@ def wait_job(client: Client, job_id: str, timeout: float = 180.0) -> JobStatus:
             return None
         return status if status is not None and status.finished else None
 
-    return wait_until(ended, timeout, f"job {job_id} finished", interval=0.2)
+    try:
+        return wait_until(ended, timeout, f"job {job_id} finished", interval=0.2)
+    except AssertionError as exc:  # say where it stuck: the job's counts and its active runs' records
+        jobs = JobStore(client.redis)
+        active = [(run_id, client.redis.hmget(keys.run_key(run_id), ["status", "attempt", "worker", "error"]))
+                  for run_id, _ in jobs.active_runs(job_id)]
+        raise AssertionError(f"{exc}; job {jobs.get(job_id)}; active runs {active}") from None
 
 
 def rows(client: Client, job_id: str) -> list[dict]:
@@ -219,7 +225,11 @@ def test_a_killed_rlm_worker_and_a_redis_restart_still_answer_every_item_once(
     time.sleep(4.0)  # longer than the 3-s leases: every claim lapses
     aof_redis["server"] = start_private_redis(server.port, dir=server.dir, appendonly=True, password=server.password)
 
-    assert wait_job(client, job_id, timeout=240) is JobStatus.DONE
+    try:
+        assert wait_job(client, job_id, timeout=240) is JobStatus.DONE
+    except AssertionError as exc:
+        tails = "\n".join(f"--- {w.name}\n{w.log_tail(60)}" for w in fleet.workers)
+        raise AssertionError(f"{exc}\n{tails}") from None
     answers = rows(client, job_id)
     assert [row["item"] for row in answers] == list(range(n))
     assert [(row["status"], row["outputs"]["answer"]) for row in answers] == \
