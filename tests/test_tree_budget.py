@@ -106,3 +106,17 @@ def test_a_parent_that_stops_waiting_cancels_its_children_only_when_cancelled(re
     store.request_cancel(ROOT)  # now the parent is cancelled: its queued child goes with it
     children._gather([child.run_id])
     assert store.status(child.run_id) is RunStatus.CANCELLED and store.cancel_requested(child.run_id)
+
+
+def test_calls_in_flight_are_reserved_so_nodes_at_once_cannot_all_pass_the_rest(redis_client: redis.Redis) -> None:
+    a, b = node(redis_client, ROOT, 0), node(redis_client, "root0.0", 1)
+    assert a.charge(0.0, 1000, estimate=(0.0, 1500), max_tokens=4000) == ("", 0.0, 2500)
+    # b's step of 1,600 would fit what was paid (1,000) but not that plus a's step in flight
+    assert b.charge(0.0, 0, estimate=(0.0, 1600), max_tokens=4000)[0] == "tokens"
+    assert b.charge(0.0, 0, estimate=(0.0, 1400), max_tokens=4000) == ("", 0.0, 3900)
+    # a's step is paid (1,600 in all, more than estimated): its estimate is replaced by what it paid
+    assert a.charge(0.0, 2600)[1:] == (0.0, 4000)
+    assert b.charge(0.0, 1300)[1:] == (0.0, 3900)  # b's estimate released too: the real spend stands
+    assert b.charge(0.5, 1300, estimate=(0.2, 0), max_cost=0.6)[0] == "cost"
+    # a child's first step (no step of its own yet) is estimated by the tree's last one
+    assert b.step_size(1200, 300) == (1200, 300) and node(redis_client, "root0.1", 1).step_size(0, 0) == (1200, 300)

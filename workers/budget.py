@@ -48,7 +48,8 @@ class Budget:
         # In a tree of runs (workers.tree_budget): the tree's reason once it stopped, and where a trip is recorded
         self.tree_stopped: Callable[[], str | None] | None = None
         self.on_trip: Callable[[str], str] | None = None
-        self.tree_paid: Callable[[float, int], tuple[float, int]] | None = None  # this run's paid -> the tree's
+        self.tree_charge: Callable[..., tuple[str, float, int]] | None = None  # TreeBudget.charge
+        self.tree_step: Callable[[int, int], tuple[int, int]] | None = None  # TreeBudget.step_size
 
     @property
     def limited(self) -> bool:
@@ -91,18 +92,26 @@ class Budget:
         if self.max_cost is None and self.max_tokens is None:
             return
         paid_cost, paid_tokens = self.usage.paid()
-        if self.tree_paid is not None:  # a tree's max_cost / max_tokens count every node's spending
-            paid_cost, paid_tokens = self.tree_paid(paid_cost, paid_tokens)
-        if self.max_cost is not None and paid_cost + cost > self.max_cost:
+        over: str | None = None
+        if self.tree_charge is not None:  # a tree's max_cost / max_tokens: every node's spend and calls in flight
+            over, paid_cost, paid_tokens = self.tree_charge(paid_cost, paid_tokens, estimate=(cost, tokens),
+                                                            max_cost=self.max_cost, max_tokens=self.max_tokens)
+        elif self.max_cost is not None and paid_cost + cost > self.max_cost:
+            over = "cost"
+        elif self.max_tokens is not None and paid_tokens + tokens > self.max_tokens:
+            over = "tokens"
+        if over == "cost":
             raise self.trip(f"max cost: {what} (~${cost:.6f} estimated) would bring the run from "
                             f"${paid_cost:.6f} past its ${self.max_cost:g} budget")
-        if self.max_tokens is not None and paid_tokens + tokens > self.max_tokens:
+        if over == "tokens":
             raise self.trip(f"max tokens: {what} (~{tokens} tokens estimated) would bring the run from "
                             f"{paid_tokens} past its {self.max_tokens} token budget")
 
     def check_step(self) -> None:
         """Before a root-LM step: the previous step's size estimates this one (the prompt only grows)."""
         tokens_in, tokens_out = self.usage.last_root_call
+        if self.tree_step is not None:  # a child's first step: the tree's last step estimates it
+            tokens_in, tokens_out = self.tree_step(tokens_in, tokens_out)
         cost = price(self.usage.root_model, tokens_in, tokens_out) or 0.0
         self._check("the next root-LM step", cost, tokens_in + tokens_out)
 

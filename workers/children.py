@@ -98,7 +98,8 @@ class Children:
 
     def __init__(self, parent: RunSpec, *, client: redis.Redis, store: RunStore, app: Any,
                  run_child: Callable[[str], None], should_stop: Callable[[], bool], tree: TreeBudget,
-                 current_step: Callable[[], int], help_after: float = 0.5) -> None:
+                 current_step: Callable[[], int], help_after: float = 0.5,
+                 on_query: Callable[[], object] = lambda: None) -> None:
         self.parent = parent
         self.client, self.store, self.app = client, store, app
         self.run_child = run_child  # executes a child run here (RunExecution in this process), claim first
@@ -106,12 +107,14 @@ class Children:
         self.tree = tree  # the tree's limits: children, and the reason once it stopped
         self.current_step = current_step  # the parent's step under way (the trace nests children under it)
         self.help_after = help_after  # seconds before an unclaimed child is run here
+        self.on_query = on_query  # before children start (the engine notes its step's size for their budgets)
         self._indices = itertools.count()
         self._lock = threading.Lock()
         self._closed = threading.Event()
 
     def query(self, tasks: Sequence[str], contexts: Sequence[Any]) -> list[str]:
         """The children's answers, in order; never raises for a failed child."""
+        self.on_query()
         with self._lock:  # a batch's indices are consecutive even when sandbox threads call at once
             indices = [next(self._indices) for _ in tasks]
         run_ids = [self._start(i, task, context) for i, task, context in zip(indices, tasks, contexts, strict=True)]

@@ -103,7 +103,7 @@ class RunExecution:
                 if self.ticker.tree is not None:
                     self.ticker.tree.release_sandbox()
                     if self.ticker.budget is not None:  # what this node paid counts for the rest of the tree
-                        self.ticker.tree.paid(*self.ticker.budget.usage.paid())
+                        self.ticker.tree.charge(*self.ticker.budget.usage.paid())  # (its estimate released)
                 self.ticker.stop()
                 self.leases.stop()
                 self.leases.close("the run ended", booting=True)  # normally empty: DSPy shut the interpreter down
@@ -143,7 +143,8 @@ class RunExecution:
             self.children = Children(spec, client=self.client, store=self.store, app=self.task.app,
                                      run_child=self._run_child, should_stop=self.ticker.cancelled.is_set, tree=tree,
                                      current_step=lambda: self.trace.steps + 1 if self.trace is not None else 0,
-                                     help_after=settings.child_help_after)
+                                     help_after=settings.child_help_after,
+                                     on_query=lambda: tree.step_size(*_last_root_call(stats)))
         if settings.max_depth > 1:  # the model reads the built-ins' use in its instructions
             factory.execution_instructions = factory.execution_instructions + RLM_QUERY_INSTRUCTIONS
         rlm = TracedRLM(spec.signature, fanout=fanout, tools=tools, max_iters=settings.max_iters,
@@ -262,6 +263,12 @@ class RunExecution:
         self.progress.sandbox_created(info)
 
 
+def _last_root_call(stats: RunUsage) -> tuple[int, int]:
+    """The size of the run's latest root-LM call, accounted first (its children's first steps are estimated by it)."""
+    stats.sync_root()
+    return stats.last_root_call
+
+
 def _budget(stats: RunUsage, settings: Settings, *, started: float, worker_time_limit: float,
             tree: TreeBudget | None) -> Budget:
     time_limit = tree.time_left(settings.time_limit) if tree is not None else settings.time_limit
@@ -269,7 +276,7 @@ def _budget(stats: RunUsage, settings: Settings, *, started: float, worker_time_
                     time_limit=time_limit, started=started, worker_time_limit=worker_time_limit)
     if tree is not None:
         budget.tree_stopped, budget.on_trip = tree.stopped, tree.trip
-        budget.tree_paid = tree.paid
+        budget.tree_charge, budget.tree_step = tree.charge, tree.step_size
     if budget.unpriced_models():
         raise RunFailed(f"max_cost cannot be enforced: LiteLLM's price table has no price for "
                         f"{', '.join(budget.unpriced_models())}")

@@ -5,8 +5,10 @@
 - ``max_children``: child runs started in the whole tree, reserved before a child is recorded (64 by
   default, and a limit a run may only lower: sandbox code decides how many children it asks for).
 - ``max_cost`` / ``max_tokens``: every node adds what it paid to the ledger (before each check, each tick and
-  at its end) and checks the tree's total before a step or a batch. Batches in flight at once in two nodes
-  are both checked against the total before either is paid, so a tree may pass these by one batch.
+  at its end), and before a step or a batch reserves that call's estimate in the tree's totals
+  (``workers/lua/tree_spend.lua``) until its next check or its end replaces the estimate by what was paid:
+  nodes running at once see each other's calls in flight, so a child cannot spend what the tree no longer
+  has (beyond how far a call's real size exceeds its estimate).
 - ``time_limit``: the root's deadline, written once; a child gets what is left of it as its own limit.
 - ``max_sandboxes``: live sandboxes in the tree at once (``workers/lua/tree_sandbox.lua``). A run at depth
   d takes a slot only if ``max_depth - 1 - d`` stay free for the chain below it, so waiting parents can
@@ -53,6 +55,7 @@ class TreeBudget:
         self.max_sandboxes = settings.max_sandboxes
         self.lease_seconds, self.expire_seconds = lease_seconds, expire_seconds
         self._synced: tuple[float, int] = (0.0, 0)  # what this run has added to the tree's paid totals
+        self._estimate: tuple[float, int] = (0.0, 0)  # this run's call in flight, reserved in the totals too
         self._sync_lock = threading.Lock()
         if self.max_sandboxes is not None and self.max_sandboxes < self.max_depth:
             raise TreeRefused(f"max_sandboxes={self.max_sandboxes} cannot hold a tree of max_depth={self.max_depth}: "
@@ -79,6 +82,32 @@ class TreeBudget:
             total_cost, total_tokens, _ = pipe.execute()
             self._synced = (cost, tokens)
         return float(total_cost), int(total_tokens)
+
+    def charge(self, cost: float, tokens: int, *, estimate: tuple[float, int] = (0.0, 0),
+               max_cost: float | None = None, max_tokens: int | None = None) -> tuple[str, float, int]:
+        """Settle what this run paid (``cost``, ``tokens`` so far; its previous estimate is now part of it)
+        and reserve ``estimate`` for its next call unless the tree's totals would pass a limit: (``''``,
+        ``'cost'`` or ``'tokens'`` refused, the tree's dollars, its tokens)."""
+        with self._sync_lock:
+            est_cost, est_tokens = float(estimate[0]), int(estimate[1])
+            out = _LUA.run(self.redis, "tree_spend", [self.key], {
+                "paid_cost": cost - self._synced[0], "paid_tokens": tokens - self._synced[1],
+                "old_cost": self._estimate[0], "old_tokens": self._estimate[1],
+                "est_cost": est_cost, "est_tokens": est_tokens,
+                "max_cost": -1 if max_cost is None else max_cost, "max_tokens": -1 if max_tokens is None else max_tokens,
+                "ttl": self.expire_seconds})
+            refused = replies.text(out[0])
+            self._synced, self._estimate = (cost, tokens), ((0.0, 0) if refused else (est_cost, est_tokens))
+        return refused, float(replies.text(out[1])), int(replies.text(out[2]))
+
+    def step_size(self, tokens_in: int, tokens_out: int) -> tuple[int, int]:
+        """A root step's size for estimating the next one: a run's own last step once it has one (noted for the
+        tree), else the tree's last noted step, so a child's first step is not estimated at nothing."""
+        if tokens_in or tokens_out:
+            self.redis.hset(self.key, mapping={"step_in": tokens_in, "step_out": tokens_out})
+            return tokens_in, tokens_out
+        noted = self.redis.hmget(self.key, ["step_in", "step_out"])
+        return (int(noted[0] or 0), int(noted[1] or 0)) if noted else (0, 0)
 
     def stopped(self) -> str | None:
         """The reason the tree stopped, or None."""
