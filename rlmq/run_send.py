@@ -1,4 +1,5 @@
-"""Sending a run to the fleet and taking it back: the one way the client and the job feeder do both."""
+"""Sending a run to the fleet and taking it back: the one way the client, the job feeder, child runs,
+recovery and a worker handing a run back do it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from rlmq.celery_config import RLM_QUEUE, RUN_TASK
 from rlmq.flower_repr import task_reprs
 from rlmq.store.records import RunSpec, RunStatus, RunStore
 
-__all__ = ["cancel_run", "send_run"]
+__all__ = ["cancel_run", "send_run", "send_run_task"]
 
 
 def send_run(store: RunStore, celery: Any, spec: RunSpec, described: dict[str, str], *, once: bool = False) -> None:
@@ -18,8 +19,13 @@ def send_run(store: RunStore, celery: Any, spec: RunSpec, described: dict[str, s
         store.create_once(spec)
     else:
         store.create(spec)
-    celery.send_task(RUN_TASK, args=(spec.run_id,), task_id=spec.run_id, queue=RLM_QUEUE,
-                     **task_reprs(spec, described))
+    send_run_task(celery, spec.run_id, **task_reprs(spec, described))
+
+
+def send_run_task(celery: Any, run_id: str, **options: Any) -> None:
+    """Send ``run_rlm`` for a recorded run: to the ``rlm`` queue, the run id as the task id (``options``:
+    Celery's, e.g. the reprs Flower shows or a child's parent)."""
+    celery.send_task(RUN_TASK, args=(run_id,), task_id=run_id, queue=RLM_QUEUE, **options)
 
 
 def cancel_run(store: RunStore, celery: Any, run_id: str) -> None:

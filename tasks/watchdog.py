@@ -45,7 +45,6 @@ def _start(sender: Any = None, **_: Any) -> None:
             clear_draining(_client(), hostname)
         except Exception as exc:
             logger.warning("could not clear %s's draining mark: %r", hostname, exc)
-    if RLM_QUEUE in WORKER_QUEUES:
         _state["maintenance"] = Ticker("rlmq-maintenance", settings.maintenance_interval,
                                        lambda: maintain(app, redis_healthy_for=beat.healthy_for())).start()
 

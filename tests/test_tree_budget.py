@@ -111,6 +111,7 @@ def test_a_parent_that_stops_waiting_cancels_its_children_only_when_cancelled(re
 def test_calls_in_flight_are_reserved_so_nodes_at_once_cannot_all_pass_the_rest(redis_client: redis.Redis) -> None:
     a, b = node(redis_client, ROOT, 0), node(redis_client, "root0.0", 1)
     assert a.charge(0.0, 1000, estimate=(0.0, 1500), max_tokens=4000) == ("", 0.0, 2500)
+    assert a.paid(0.0, 1000) == (0.0, 2500)  # a tick settles what a paid and keeps its call in flight reserved
     # b's step of 1,600 would fit what was paid (1,000) but not that plus a's step in flight
     assert b.charge(0.0, 0, estimate=(0.0, 1600), max_tokens=4000)[0] == "tokens"
     assert b.charge(0.0, 0, estimate=(0.0, 1400), max_tokens=4000) == ("", 0.0, 3900)

@@ -31,8 +31,8 @@ from typing import Any
 import redis
 from celery.exceptions import Ignore
 
-from rlmq.celery_config import RLM_QUEUE, RUN_TASK
 from rlmq.flower_repr import describe_inputs, task_reprs
+from rlmq.run_send import send_run_task
 from rlmq.store import keys, replies
 from rlmq.store.blobs import put_blobs
 from rlmq.store.records import RunRecord, RunSpec, RunStatus, RunStore
@@ -135,9 +135,8 @@ class Children:
         if existing is None:
             self.tree.reserve_child()  # BudgetExceeded: max_children
         if existing is None and self.store.create_child(spec):
-            self.app.send_task(RUN_TASK, args=(run_id,), task_id=run_id, queue=RLM_QUEUE, parent_id=parent.run_id,
-                               root_id=parent.root_id,
-                               **task_reprs(spec, describe_inputs({"task": task, "context": context})))
+            send_run_task(self.app, run_id, parent_id=parent.run_id, root_id=parent.root_id,
+                          **task_reprs(spec, describe_inputs({"task": task, "context": context})))
             return run_id
         if existing is not None and existing.spec.inputs != refs:
             logger.warning("run %s: child %s exists for another task (calls in a different order?)", parent.run_id,

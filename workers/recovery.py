@@ -27,7 +27,7 @@ from typing import Any
 
 import redis
 
-from rlmq.celery_config import RLM_QUEUE, RUN_TASK
+from rlmq.run_send import send_run_task
 from rlmq.settings import Settings
 from rlmq.store.records import RunStore
 from workers.claim import Recovery, recover
@@ -66,7 +66,7 @@ def recover_runs(client: redis.Redis, app: Any, settings: Settings) -> dict[str,
             continue
         logger.warning("run %s: starting attempt %s (%s)", run_id, record.attempt if record else "?", reason)
         _celery_state(app, run_id, action, reason)
-        app.send_task(RUN_TASK, args=(run_id,), task_id=run_id, queue=RLM_QUEUE)
+        send_run_task(app, run_id)
     return counts
 
 
@@ -74,15 +74,15 @@ def _celery_state(app: Any, run_id: str, action: Recovery, reason: str) -> None:
     """FAILURE, REVOKED or RETRY (it will run again), as Celery stores them, plus the event Flower shows."""
     if action is Recovery.CANCELLED:
         mark_revoked(app, run_id)
-    elif action is not Recovery.FAILED:
-        record_restart(app, run_id, reason)
-    else:
+    elif action is Recovery.FAILED:
         try:
             app.backend.mark_as_failure(run_id, RunFailed(reason))
             with app.events.default_dispatcher() as dispatcher:
                 dispatcher.send("task-failed", uuid=run_id, exception=reason, traceback="")
         except Exception:
             logger.exception("could not record run %s as %s in Celery", run_id, action.value)
+    else:
+        record_restart(app, run_id, reason)
 
 
 def reap_here() -> int:

@@ -17,8 +17,8 @@ from celery.exceptions import Ignore
 from pydantic_core import to_jsonable_python
 
 from broker_bridge import interpreter_factory
-from rlmq.celery_config import RLM_QUEUE, RUN_TASK
 from rlmq.run_options import check_tools, with_options
+from rlmq.run_send import send_run_task
 from rlmq.settings import SandboxBackend, Settings, SettingsError
 from rlmq.store.blobs import get_blobs
 from rlmq.store.metrics import add_usage
@@ -188,8 +188,7 @@ class RunExecution:
                            self.claim.attempt)
             self.spans.end("SUPERSEDED")
             raise Ignore()
-        root_id = self.ticker.root_id or self.run_id
-        end = ending_of(exc, cancel_requested=self.store.cancel_requested(self.run_id, root_id),
+        end = ending_of(exc, cancel_requested=self.store.cancel_requested(self.run_id, self.ticker.root_id),
                         budget_tripped=self.ticker.budget.tripped if self.ticker.budget is not None else None,
                         time_limit=self.base.run_time_limit,
                         handing_back=(f"handed back: worker {self.hostname} is shutting down"
@@ -221,7 +220,7 @@ class RunExecution:
         self.spans.end("HANDED_BACK", error=reason)
         if self.claim.hand_back(reason):
             self.progress.close()
-            self.task.app.send_task(RUN_TASK, args=(self.run_id,), task_id=self.run_id, queue=RLM_QUEUE)
+            send_run_task(self.task.app, self.run_id)
             record_restart(self.task.app, self.run_id, reason)
         else:
             logger.warning("run %s: attempt %d no longer owns the run; nothing to hand back", self.run_id,

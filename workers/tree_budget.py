@@ -73,23 +73,18 @@ class TreeBudget:
         return max(0.001, float(deadline) - time.time()) if deadline else time_limit
 
     def paid(self, cost: float, tokens: int) -> tuple[float, int]:
-        """Add what this run paid since the last call to the tree's totals; the tree's (dollars, tokens)."""
-        with self._sync_lock:
-            pipe = self.redis.pipeline()
-            pipe.hincrbyfloat(self.key, "paid_cost", cost - self._synced[0])
-            pipe.hincrby(self.key, "paid_tokens", tokens - self._synced[1])
-            pipe.expire(self.key, self.expire_seconds)
-            total_cost, total_tokens, _ = pipe.execute()
-            self._synced = (cost, tokens)
-        return float(total_cost), int(total_tokens)
+        """Add what this run paid since it last settled to the tree's totals, keeping its call in flight
+        reserved (the run's tick); the tree's (dollars, tokens)."""
+        _, total_cost, total_tokens = self.charge(cost, tokens, estimate=None)
+        return total_cost, total_tokens
 
-    def charge(self, cost: float, tokens: int, *, estimate: tuple[float, int] = (0.0, 0),
+    def charge(self, cost: float, tokens: int, *, estimate: tuple[float, int] | None = (0.0, 0),
                max_cost: float | None = None, max_tokens: int | None = None) -> tuple[str, float, int]:
         """Settle what this run paid (``cost``, ``tokens`` so far; its previous estimate is now part of it)
-        and reserve ``estimate`` for its next call unless the tree's totals would pass a limit: (``''``,
-        ``'cost'`` or ``'tokens'`` refused, the tree's dollars, its tokens)."""
+        and reserve ``estimate`` for its next call (None: keep the one reserved) unless the tree's totals
+        would pass a limit: (``''``, ``'cost'`` or ``'tokens'`` refused, the tree's dollars, its tokens)."""
         with self._sync_lock:
-            est_cost, est_tokens = float(estimate[0]), int(estimate[1])
+            est_cost, est_tokens = self._estimate if estimate is None else (float(estimate[0]), int(estimate[1]))
             out = _LUA.run(self.redis, "tree_spend", [self.key], {
                 "paid_cost": cost - self._synced[0], "paid_tokens": tokens - self._synced[1],
                 "old_cost": self._estimate[0], "old_tokens": self._estimate[1],
@@ -106,8 +101,8 @@ class TreeBudget:
         if tokens_in or tokens_out:
             self.redis.hset(self.key, mapping={"step_in": tokens_in, "step_out": tokens_out})
             return tokens_in, tokens_out
-        noted = self.redis.hmget(self.key, ["step_in", "step_out"])
-        return (int(noted[0] or 0), int(noted[1] or 0)) if noted else (0, 0)
+        step_in, step_out = self.redis.hmget(self.key, ["step_in", "step_out"])
+        return int(step_in or 0), int(step_out or 0)
 
     def stopped(self) -> str | None:
         """The reason the tree stopped, or None."""
