@@ -178,15 +178,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     import signal
 
     from rlmq.settings import redis_url_from_env
-    from rlmq.stack import LocalStack, redacted_url, running_stack_url, state_file
+    from rlmq.stack import LLM_THREADS, RLM_THREADS, LocalStack, redacted_url, running_stack_url, state_file
 
     if running_stack_url():
         raise CliError("a stack started by `rlmq up` is already running on this machine", EXIT_UNREACHABLE)
     redis_url = args.redis_url or redis_url_from_env()  # also loads .env
     chosen_auth = os.environ.get("FLOWER_BASIC_AUTH", "").strip() or None
     stack = LocalStack(
-        redis_url=redis_url, rlm_concurrency=args.rlm_concurrency, flower_auth=chosen_auth,
-        llm_concurrency=args.llm_concurrency, flower_port=None if args.no_flower else args.flower_port,
+        redis_url=redis_url, rlm_concurrency=args.rlm_concurrency or RLM_THREADS, flower_auth=chosen_auth,
+        llm_concurrency=args.llm_concurrency or LLM_THREADS, flower_port=None if args.no_flower else args.flower_port,
         exporter_port=None if args.no_exporter else args.exporter_port,
     )
     # Ctrl-C and SIGTERM both stop the stack, also when started as a background job (SIGINT ignored).
@@ -346,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="127.0.0.1")
 
     p = add("up", cmd_up, "run the whole stack on this machine in the foreground (Ctrl-C stops it all)")
-    p.add_argument("--rlm-concurrency", type=COUNT, default=32, help="runs at once (threads; default: 32)")
-    p.add_argument("--llm-concurrency", type=COUNT, default=32, help="sub-call batches at once (threads; default: 32)")
+    p.add_argument("--rlm-concurrency", type=COUNT, help="runs at once (threads; default: 32)")
+    p.add_argument("--llm-concurrency", type=COUNT, help="sub-call batches at once (threads; default: 32)")
     p.add_argument("--flower-port", type=PORT, default=5555)
     p.add_argument("--no-flower", action="store_true")
     p.add_argument("--exporter-port", type=PORT, default=9808, help="Prometheus metrics (`rlmq exporter`)")
