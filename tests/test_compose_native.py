@@ -173,7 +173,10 @@ def test_the_redis_host_file_makes_a_sentinel_deployment_that_fails_over(tmp_pat
                 return False
 
         wait_until(written, 60, "a write on the promoted replica", interval=0.5)
-        assert int(sentinel_view(hosts[1]["sentinel"])["port"]) in (hosts[1]["redis"], hosts[2]["redis"])
+        # The Sentinels learn the promotion one after another: each names a replica within 30 s.
+        replicas = (hosts[1]["redis"], hosts[2]["redis"])
+        wait_until(lambda: all(int(sentinel_view(h["sentinel"]).get("port", 0)) in replicas for h in hosts),
+                   30, "every Sentinel naming the promoted replica")
         assert client.get("compose-key") == b"after"
         # A Sentinel restarted on its volume follows the current primary, not the first one it was told.
         os.killpg(processes[(1, "sentinel")].pid, signal.SIGKILL)
