@@ -146,16 +146,16 @@ def cmd_job_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_job_results(args: argparse.Namespace) -> int:
-    from rlmq.jobs import export_results
+    from rlmq.cli import CliError
+    from rlmq.job_export import ExportError, export_results, format_of
 
     client = _client(args)
-    fmt = "csv" if args.output and args.output.endswith(".csv") else "jsonl"
-    if not args.output:
-        export_results(client, args.job, sys.stdout, fmt)
-        return 0
-    with open(args.output, "w", encoding="utf-8", newline="") as handle:
-        rows = export_results(client, args.job, handle, fmt)
-    print(f"wrote {rows} item(s) to {args.output}", file=sys.stderr)
+    try:
+        rows = export_results(client, args.job, args.output or sys.stdout, format_of(args.output))
+    except ExportError as exc:
+        raise CliError(str(exc)) from None
+    if args.output:
+        print(f"wrote {rows} item(s) to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -218,7 +218,7 @@ def add_job_commands(add: Callable[..., argparse.ArgumentParser], number: Callab
     p.add_argument("--timeout", type=seconds)
     p.add_argument("--interval", type=seconds, default=1.0)
 
-    p = add_sub("results", cmd_job_results, "one line per item, in item order (stdout, or -o answers.jsonl/.csv)")
+    p = add_sub("results", cmd_job_results, "one line per item, in item order (stdout, or -o answers.jsonl/.csv/.parquet)")
     p.add_argument("job")
     p.add_argument("-o", "--output")
 

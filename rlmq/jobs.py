@@ -12,7 +12,6 @@ and runs start while later items are still being stored. The feeding itself is `
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import os
@@ -21,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from rlmq.inputs import InputError, load_input_value
 from rlmq.job_feed import feed_job
@@ -35,7 +34,7 @@ if TYPE_CHECKING:
     from rlmq.client import Client
 
 __all__ = ["DEFAULT_MAX_ACTIVE", "INLINE_BYTES", "ItemSource", "JobSummary", "cancel_job", "combine", "each_item",
-           "export_results", "job_summary", "list_jobs", "question_items", "results", "results_page", "resume_job", "submit_job"]
+           "job_summary", "list_jobs", "question_items", "results", "results_page", "resume_job", "submit_job"]
 
 DEFAULT_MAX_ACTIVE = 8  # twice the 4 rlm slots `rlmq up` and compose start
 INLINE_BYTES = 2048  # an item value up to this size rides in its chunk; a larger one is a blob
@@ -269,9 +268,6 @@ def _slowest(client: Client, jobs: JobStore, job_id: str, shown: int = 3) -> lis
 
 
 # ---- results ---------------------------------------------------------------------------------
-RESULT_COLUMNS = ("item", "run_id", "status", "error", "outputs", "cost_paid", "tokens")
-
-
 def results(client: Client, job_id: str, batch: int = 500) -> Iterator[dict[str, Any]]:
     """One row per item in item order: its latest run's id, status, outputs (if answered), error, usage."""
     from rlmq.client import UnknownRun
@@ -310,25 +306,6 @@ def _rows(client: Client, pairs: list[tuple[int, str]]) -> Iterator[dict[str, An
         yield {"item": index, "run_id": run_id, "status": replies.text(status) if status else "NOT_STARTED",
                "outputs": json.loads(result)["outputs"] if result else None,
                "error": replies.text(error) if error else None, "usage": usage.to_json_dict()["total"]}
-
-
-def export_results(client: Client, job_id: str, handle: IO[str], fmt: str = "jsonl") -> int:
-    """Write every item's row to ``handle`` (``jsonl`` or ``csv``), streaming; how many rows."""
-    rows = 0
-    writer = csv.writer(handle) if fmt == "csv" else None
-    if writer is not None:
-        writer.writerow(RESULT_COLUMNS)
-    for row in results(client, job_id):
-        if writer is None:
-            handle.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
-        else:
-            usage = row["usage"]
-            writer.writerow([row["item"], row["run_id"], row["status"], row["error"] or "",
-                             json.dumps(row["outputs"], ensure_ascii=False) if row["outputs"] is not None else "",
-                             usage.get("cost_paid", 0.0),
-                             usage.get("input_tokens", 0) + usage.get("output_tokens", 0)])
-        rows += 1
-    return rows
 
 
 # ---- control ---------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ import pytest
 import redis
 
 from rlmq.client import Client, ClientError
-from rlmq.jobs import export_results, job_summary, resume_job
+from rlmq.job_export import export_results
+from rlmq.jobs import job_summary, resume_job
 from rlmq.local_redis import PrivateRedis, start_private_redis
 from rlmq.store import keys
 from rlmq.store.jobs import JobStatus, JobStore

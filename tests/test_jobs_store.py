@@ -4,14 +4,18 @@ max_active and idempotent, a run's end counted once, and the ``rlmq job`` comman
 
 from __future__ import annotations
 
+import csv
 import json
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from rlmq.client import Client, ClientError
+from rlmq.job_export import ExportError, export_results
 from rlmq.job_feed import feed_job
 from rlmq.jobs import job_summary
 from rlmq.store import keys
@@ -91,6 +95,15 @@ def test_the_job_commands_as_a_user_types_them(tmp_path: Path, redis_url: str, m
     lines = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert [(row["item"], row["run_id"]) for row in lines] == [(i, f"{job_id}-{i}") for i in range(3)]
     assert [row["status"] for row in lines] == ["QUEUED", "QUEUED", "NOT_STARTED"]
+    assert run("job", "results", job_id, "-o", "answers.csv").code == 0
+    with open(tmp_path / "answers.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert [(row["item"], row["run_id"], row["status"]) for row in table] == \
+        [(str(i), f"{job_id}-{i}", s) for i, s in enumerate(["QUEUED", "QUEUED", "NOT_STARTED"])]
+    assert run("job", "results", job_id, "-o", "answers.parquet").code == 0
+    parquet = pq.read_table(tmp_path / "answers.parquet").to_pylist()
+    assert [(row["item"], row["run_id"], row["status"], row["tokens"]) for row in parquet] == \
+        [(i, f"{job_id}-{i}", s, 0) for i, s in enumerate(["QUEUED", "QUEUED", "NOT_STARTED"])]
     assert job_id in run("job", "list").stdout
     cancelled = run("job", "cancel", job_id)
     assert cancelled.code == 0 and "cancelled" in cancelled.stdout
@@ -111,3 +124,10 @@ def test_the_job_commands_as_a_user_types_them(tmp_path: Path, redis_url: str, m
     assert bad.code == 2 and bad.stderr.count("\n") == 1 and "nowhere" in bad.stderr
     missing = run("job", "status", "job-nope")
     assert missing.code == 4 and "no job" in missing.stderr
+
+
+def test_parquet_without_pyarrow_is_one_clear_line(client: Client, tmp_path: Path, monkeypatch) -> None:
+    job_id = client.submit_job("contract: str -> answer: str", {}, [{"contract": "c"}], max_active=1)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if it were not installed
+    with pytest.raises(ExportError, match="needs pyarrow: pip install pyarrow"):
+        export_results(client, job_id, str(tmp_path / "a.parquet"), "parquet")
