@@ -31,7 +31,7 @@ from rlmq.local_redis import PrivateRedis, start_private_redis
 from rlmq.store import keys
 from rlmq.store.jobs import JobStatus, JobStore
 from rlmq.store.records import RunStore, Usage
-from tests.support.fleet import Fleet, started_fleet
+from tests.support.fleet import Fleet, started_fleet, thread_stacks
 from tests.support.net import free_port, http_get
 from tests.support.reliability import FAST_FAULTS_ENV
 from tests.support.screenshots import chromium_missing, screenshot
@@ -221,8 +221,7 @@ def run_a_crashing_job(client: Client, fleet: Fleet, tag: str, crash, timeout: f
     try:
         assert wait_job(client, job_id, timeout=timeout) is JobStatus.DONE
     except AssertionError as exc:
-        tails = "\n".join(f"--- {w.name}\n{w.log_tail(60)}" for w in fleet.workers)
-        raise AssertionError(f"{exc}\n{tails}") from None
+        raise AssertionError(f"{exc}\n{thread_stacks([w.child for w in fleet.workers])}") from None
     answers = rows(client, job_id)
     assert [row["item"] for row in answers] == list(range(stub_answers))
     assert [(row["status"], row["outputs"]["answer"]) for row in answers] == \

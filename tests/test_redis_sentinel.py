@@ -21,7 +21,7 @@ from rlmq.redis_url import SentinelURL, celery_settings, connect, unauthenticate
 from rlmq.settings import Settings, SettingsError
 from rlmq.store.records import RunStatus
 from tests.support.cli import cli_env, rlmq
-from tests.support.fleet import Fleet
+from tests.support.fleet import Fleet, thread_stacks
 from tests.support.sentinel_local import LoopbackSentinel
 from tests.support.stub_llm import ScriptedRoot, StubLLM, route
 from tests.support.wait import wait_until
@@ -133,8 +133,7 @@ def _run_across_the_loss_of_the_primary(sentinel: LoopbackSentinel, tmp_path: Pa
         try:
             record = client.wait(run_id, timeout=60)
         except TimeoutError as exc:
-            logs = "\n".join(f"--- {c.name}\n{c.log_tail(40)}" for c in fleet.stack.children)
-            raise AssertionError(f"{exc}\n{logs}") from None
+            raise AssertionError(f"{exc}\n{thread_stacks(fleet.stack.children)}") from None
         assert record.status is RunStatus.SUCCEEDED, (record.status, record.error)
         assert client.result(run_id)["outputs"]["answers"] == ["ok:a0", "ok:a1", "ok:b0", "ok:b1"]
         done = rlmq("status", run_id, env=cli_env(tmp_path, REDIS_URL=url), cwd=tmp_path)

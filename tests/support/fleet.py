@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -135,6 +136,19 @@ class Fleet:
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+def thread_stacks(children: list[ChildProcess], settle: float = 1.0) -> str:
+    """Every live worker's thread stacks, for a test that found a run stuck: Celery's own SIGUSR1
+    handler prints them to the worker's log (``celery.utils.debug.cry``); return those logs' tails."""
+    live = [c for c in children if c.alive]
+    for child in live:
+        try:
+            os.kill(child.process.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+    time.sleep(settle)
+    return "\n".join(f"--- {c.name} (thread stacks)\n{c.log_tail(300)}" for c in live)
 
 
 WorkerSpec = tuple[str, str, int] | tuple[str, str, int, str]  # (queue, node name, concurrency[, pool])
