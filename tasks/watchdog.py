@@ -17,7 +17,7 @@ from celery import signals
 
 from rlmq.celery_config import LLM_TASK, RLM_QUEUE
 from tasks.app import WORKER_QUEUES, app
-from workers.context import redis_client, worker_settings
+from workers.context import error_text, redis_client, worker_settings
 from workers.drain import clear_draining, mark_draining
 from workers.liveness import Heartbeat, mark_received, unmark
 from workers.recovery import maintain
@@ -44,7 +44,7 @@ def _start(sender: Any = None, **_: Any) -> None:
         try:  # a worker restarted under the same name must not hand back what it takes now
             clear_draining(_client(), hostname)
         except Exception as exc:
-            logger.warning("could not clear %s's draining mark: %r", hostname, exc)
+            logger.warning("could not clear %s's draining mark: %s", hostname, error_text(exc))
         _state["maintenance"] = Ticker("rlmq-maintenance", settings.maintenance_interval,
                                        lambda: maintain(app, redis_healthy_for=beat.healthy_for())).start()
 
@@ -62,7 +62,7 @@ def _drain(sig: Any = None, how: Any = None, **_: Any) -> None:
             mark_draining(_client(), hostname)
             logger.warning("warm shutdown: handing this worker's runs back to the queue")
         except Exception as exc:  # Redis away: the runs finish here, as Celery's warm shutdown would have it
-            logger.warning("could not mark %s as draining (%r): its runs finish here", hostname, exc)
+            logger.warning("could not mark %s as draining (%s): its runs finish here", hostname, error_text(exc))
 
     # Celery sends this signal from inside its signal handler: no Redis I/O there (a lock the
     # interrupted code holds would deadlock it); the warm shutdown waits for the runs, so there is time.
@@ -85,7 +85,7 @@ def _received(sender: Any = None, request: Any = None, **_: Any) -> None:
     try:
         mark_received(_client(), request.id, _state.get("hostname") or str(getattr(sender, "hostname", "")))
     except Exception as exc:  # Redis away: the sub-task still runs; only its quick re-dispatch is lost
-        logger.warning("could not mark sub-task %s as received: %r", getattr(request, "id", "?"), exc)
+        logger.warning("could not mark sub-task %s as received: %s", getattr(request, "id", "?"), error_text(exc))
 
 
 @signals.task_postrun.connect

@@ -24,7 +24,7 @@ from rlmq.run_options import model_allowed, with_options
 from rlmq.settings import Settings, SettingsError
 from workers.adaptive_limit import AdaptiveLimiter
 from workers.answer import Answer
-from workers.context import redis_client, worker_settings
+from workers.context import error_text, redis_client, worker_settings
 from workers.llm_call import LMReply, prompt_messages
 from workers.lm_gateway import SUBTASK_DEADLINE_SECONDS, LMFailure, fleet_limiter, limited_call, max_call_seconds
 from workers.monitor import count
@@ -109,7 +109,7 @@ def _look_up(cache: ResponseCache, model: str, prompts: list[Any],
         keys = [cache.key_for(model, prompt_messages(p), params) for p in prompts]
         return list(keys), cache.get_many(keys)
     except Exception as exc:
-        logger.warning("batch cache look-up failed: %r", exc)
+        logger.warning("batch cache look-up failed: %s", error_text(exc))
         return [None] * len(prompts), [None] * len(prompts)
 
 
@@ -148,9 +148,9 @@ def answer_prompt(prompt: Any, model: str, settings: Settings, cache: ResponseCa
         return _answer(value, cached=bool(cached), worker=worker, attempts=attempts)
     except _REDIS_ERRORS as exc:  # Redis away for longer than the client waits it out (workers.context)
         if paid:  # the LM answered; only caching it failed
-            logger.warning("answer not cached (Redis unavailable: %r)", exc)
+            logger.warning("answer not cached (Redis unavailable: %s)", error_text(exc))
             return _answer(paid, cached=False, worker=worker, attempts=attempts)
         return Answer(error=f"Redis unavailable: {exc}", worker=worker, attempts=attempts)
     except Exception as exc:  # the limiter or a waiter timing out: still an answer
-        logger.warning("prompt failed outside the LM call: %r", exc)
+        logger.warning("prompt failed outside the LM call: %s", error_text(exc))
         return Answer(error=f"{type(exc).__name__}: {exc}", worker=worker, attempts=attempts)

@@ -31,7 +31,7 @@ from celery.result import ResultSet
 from rlmq.celery_config import LLM_TASK
 from rlmq.settings import Settings
 from workers.answer import Answer
-from workers.context import redis_client
+from workers.context import error_text, redis_client
 from workers.liveness import lost_subtasks
 from workers.llm_call import Messages
 from workers.tracing import NULL_SPANS, RunSpans
@@ -197,7 +197,7 @@ class Fanout:
             try:
                 stored = _stored_results(self.app.backend, list(pending))
             except Exception as exc:
-                logger.debug("could not read stored results: %r", exc)
+                logger.debug("could not read stored results: %s", error_text(exc))
                 stored = {}
             for task_id, value in stored.items():
                 collect(task_id, value)
@@ -207,7 +207,7 @@ class Fanout:
             try:
                 lost = lost_subtasks(redis_client(self.settings.redis_url or None), candidates) if candidates else []
             except Exception as exc:  # a liveness look-up must never break a gather
-                logger.warning("liveness check failed: %r", exc)
+                logger.warning("liveness check failed: %s", error_text(exc))
                 lost = []
             if lost:
                 raise _Lost(lost)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import redis
 
 from rlmq.store import keys, replies
+from workers.context import error_text
 from workers.ticker import Ticker
 
 __all__ = ["HOLDER_TTL_SECONDS", "Heartbeat", "lost_subtasks", "mark_received", "unmark"]
@@ -81,7 +82,7 @@ class Heartbeat:
             self.client.set(keys.worker_heartbeat_key(self.hostname), repr(time.time()), px=int(self.ttl * 1000))
         except redis.RedisError as exc:  # Redis restarting: beat again next round
             self.last_failure = time.monotonic()
-            logger.warning("heartbeat of %s failed: %r", self.hostname, exc)
+            logger.warning("heartbeat of %s failed: %s", self.hostname, error_text(exc))
 
     def healthy_for(self) -> float:
         """Seconds since this worker last failed to reach Redis."""
