@@ -15,6 +15,8 @@ password and the database, and the two arguments as its broker and result-backen
 
 from __future__ import annotations
 
+import functools
+
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,8 +109,30 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
     sentinel = Sentinel(list(parsed.sentinels), sentinel_kwargs=parsed.sentinel_kwargs())  # type: ignore[no-untyped-call]
     client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
         parsed.master_name, redis_class=redis.Redis, db=parsed.db, username=parsed.username,
-        password=parsed.password, **kwargs)
+        password=parsed.password, connection_class=_primary_following_connection(bool(kwargs.get("ssl"))), **kwargs)
     return client
+
+
+@functools.lru_cache(maxsize=2)
+def _primary_following_connection(ssl: bool) -> type:
+    """redis-py's Sentinel connection, made to find the primary again when a retried command reconnects.
+
+    redis-py 8.1 reconnects a connection that a command's retry closed inside ``send_packed_command``,
+    to the address it had (``connect_check_health``), not through Sentinel: a command in flight when
+    the primary died retried the dead address for its whole retry budget (two minutes for a worker's
+    clients: a run stalled that long after every failover), while new commands found the new primary.
+    """
+    from redis.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
+
+    base = SentinelManagedSSLConnection if ssl else SentinelManagedConnection
+
+    class PrimaryFollowingConnection(base):  # type: ignore[misc, valid-type]
+        def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            if not self._sock:
+                self.connect()  # through Sentinel: the current primary
+            super().send_packed_command(command, check_health)
+
+    return PrimaryFollowingConnection
 
 
 def celery_settings(url: str) -> dict[str, Any]:

@@ -8,12 +8,15 @@ Celery workers, the stub LLM through the real LM path.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import ConstantBackoff
+from redis.retry import Retry
 from redis.sentinel import SentinelConnectionPool
 
 from rlmq.client import Client
@@ -94,6 +97,34 @@ def test_a_client_follows_the_primary_through_a_failover(sentinel: LoopbackSenti
     assert client.get(key) == b"after"
     pool = client.connection_pool
     assert isinstance(pool, SentinelConnectionPool) and pool.get_master_address()[1] == sentinel.primary_port()
+
+
+@pytest.mark.slow
+def test_a_command_in_flight_when_the_primary_dies_is_answered_by_the_new_primary() -> None:
+    """A worker's client retries a command whose connection the dying primary closed: the retry must
+    find the promoted replica through the Sentinels, not dial the dead address until its retries run
+    out (redis-py 8.1 did: a run stalled two minutes after a failover)."""
+    with LoopbackSentinel() as group:
+        url = group.url(db=3)
+        retry = Retry(ConstantBackoff(0.5), 40)  # 20 s of retries: far longer than the failover
+        client = connect(url, socket_timeout=30, retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+        key = f"wake-{uuid.uuid4().hex}"
+        got: list[object] = []
+
+        def wait() -> None:
+            try:
+                got.append(client.blpop([key], timeout=25))
+            except redis.RedisError as exc:
+                got.append(exc)
+
+        thread = threading.Thread(target=wait, daemon=True)
+        thread.start()
+        primary = redis.Redis(port=group.primary_port(), password=group.password)
+        wait_until(lambda: int(primary.info("clients")["blocked_clients"]) > 0, 10, "the BLPOP blocked on the primary")
+        group.kill_primary()
+        connect(url, socket_timeout=5).rpush(key, "woken")  # on the promoted replica
+        thread.join(40)
+        assert got == [(key.encode(), b"woken")]
 
 
 def _set(client: redis.Redis, key: str, value: str) -> bool:
