@@ -121,6 +121,7 @@ def _primary_following_connection(ssl: bool) -> type:
     to the address it had (``connect_check_health``), not through Sentinel: a command in flight when
     the primary died retried the dead address for its whole retry budget (two minutes for a worker's
     clients: a run stalled that long after every failover), while new commands found the new primary.
+    Upstream: redis/redis-py#3874 (open, fix proposed in #3875); drop this class once a release has it.
     """
     from redis.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
 
