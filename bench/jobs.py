@@ -2,7 +2,7 @@
 
 Part 1 (``--items``, default 10,000): a job of tiny items (``doc: str, question: str -> answer: str``,
 one root step ``SUBMIT(answer=llm_query(...))``) on a private Redis, one rlm worker (``--rlm-slots``
-prefork processes, local sandboxes), one llm worker (32 threads), the stub LLM at ``--latency``
+threads of the default pool, local sandboxes), one llm worker (32 threads), the stub LLM at ``--latency``
 (default 0 ms). Prints items/min (from submit to the job's end), time from ``submit_job`` to the
 first result, the growth of the client's peak RSS while submitting (sampled every 0.1 s), and
 Redis's peak ``used_memory`` (sampled every 0.5 s).
@@ -91,7 +91,7 @@ def run_job(server_url: str, args) -> None:
                         break
                     time.sleep(0.5)
                 wall = time.perf_counter() - t0
-            print(f"job of {args.items} tiny items, {args.rlm_slots} rlm slots (prefork, local sandboxes), "
+            print(f"job of {args.items} tiny items, {args.rlm_slots} rlm slots (threads pool, local sandboxes), "
                   f"max_active {args.max_active}, stub latency {args.latency * 1000:.0f} ms, {os.cpu_count()} cores")
             print(f"  status {record.status.value}, counts {record.counts}")
             print(f"  items/min {60 * args.items / wall:.0f} (wall {wall:.1f} s; submit_job returned after "

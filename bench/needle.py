@@ -9,7 +9,7 @@ headers on every reply, 429 + ``Retry-After`` beyond) with ``--latency`` seconds
       (8 threads) and DSPy's own ``LocalInterpreter`` (DSPy's default ``PythonInterpreter``
       needs Deno + Pyodide downloads, which this offline machine cannot make);
   (b) rlmq with DEFAULT settings (no rate-limit setting): a ``run_rlm`` submitted through
-      ``rlmq.Client`` to one ``rlm`` worker (prefork) and one ``llm`` worker (32 threads),
+      ``rlmq.Client`` to one ``rlm`` worker (threads pool, the default) and one ``llm`` worker (32 threads),
       the fleet's limiter learning the provider's limit from its replies.
 
 Each side runs ``--repeats`` times (fresh documents each time, so no cache hits) after one
