@@ -24,7 +24,7 @@ import redis
 from rlmq.run_send import cancel_run, send_run
 from rlmq.store import keys, replies
 from rlmq.store.blobs import put_blob
-from rlmq.store.jobs import JobSpec, JobStatus, JobStore, item_of_run
+from rlmq.store.jobs import ENDED_JOB_TTL_SECONDS, JobSpec, JobStatus, JobStore, item_of_run
 from rlmq.store.records import RunSpec, RunStatus, RunStore, Usage
 
 __all__ = ["RESEND_AFTER_SECONDS", "feed_job", "run_usage"]
@@ -38,8 +38,9 @@ QUEUED_RESEND_AFTER_SECONDS = 300.0
 _ENDED = tuple(status for status in JobStatus if status.finished)
 
 
-def feed_job(client: redis.Redis, celery: Any, job_id: str) -> int:
-    """One feeding step of ``job_id``; how many runs it started."""
+def feed_job(client: redis.Redis, celery: Any, job_id: str, *, expire_seconds: int = ENDED_JOB_TTL_SECONDS) -> int:
+    """One feeding step of ``job_id``; how many runs it started. An ended job's keys are given
+    ``expire_seconds`` to live (a worker passes its ``RLMQ_RESULT_EXPIRES``, as its run records have)."""
     jobs, runs = JobStore(client), RunStore(client)
     record = jobs.get(job_id)
     if record is None:
@@ -62,7 +63,7 @@ def feed_job(client: redis.Redis, celery: Any, job_id: str) -> int:
             for run_id, _ in active:
                 cancel_run(runs, celery, run_id)
         if not active:
-            jobs.done_feeding(job_id)
+            jobs.done_feeding(job_id, expire_seconds=expire_seconds)
         return 0
     started = 0
     reserved = jobs.reserve(job_id)
@@ -72,7 +73,7 @@ def feed_job(client: redis.Redis, celery: Any, job_id: str) -> int:
             send_run(runs, celery, _run_spec(client, spec, run_id, index, item), _described(item), once=True)
             started += 1
     if jobs.status(job_id) is JobStatus.DONE:
-        jobs.done_feeding(job_id)
+        jobs.done_feeding(job_id, expire_seconds=expire_seconds)
     return started
 
 

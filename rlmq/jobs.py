@@ -343,5 +343,8 @@ def resume_job(client: Client, job_id: str, *, retry_failed: bool = False) -> in
 
 def list_jobs(client: Client, limit: int = 20) -> list[JobRecord]:
     jobs = JobStore(client.redis)
-    return [r for r in (jobs.get(j) for j in jobs.recent(limit)) if r is not None]
+    ids = jobs.recent(limit)
+    records = [jobs.get(j) for j in ids]
+    jobs.forget_missing([j for j, r in zip(ids, records, strict=True) if r is None])  # expired with their runs
+    return [r for r in records if r is not None]
 

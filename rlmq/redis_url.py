@@ -16,7 +16,6 @@ password and the database, and the two arguments as its broker and result-backen
 from __future__ import annotations
 
 import functools
-
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass

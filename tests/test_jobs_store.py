@@ -17,9 +17,9 @@ import pytest
 from rlmq.client import Client, ClientError
 from rlmq.job_export import ExportError, export_results
 from rlmq.job_feed import feed_job
-from rlmq.jobs import job_summary
+from rlmq.jobs import cancel_job, job_summary, list_jobs, resume_job
 from rlmq.store import keys
-from rlmq.store.jobs import ITEMS_PER_CHUNK, JobStatus, JobStore
+from rlmq.store.jobs import ENDED_JOB_TTL_SECONDS, ITEMS_PER_CHUNK, JobStatus, JobStore
 from rlmq.store.records import RunStatus, RunStore
 from tests.support.cli import cli_env, rlmq_forked
 
@@ -131,3 +131,16 @@ def test_parquet_without_pyarrow_is_one_clear_line(client: Client, tmp_path: Pat
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if it were not installed
     with pytest.raises(ExportError, match="needs pyarrow: pip install pyarrow"):
         export_results(client, job_id, str(tmp_path / "a.parquet"), "parquet")
+
+
+def test_an_ended_job_expires_with_its_runs_and_a_resumed_one_does_not(client: Client) -> None:
+    job_id = client.submit_job(SIGNATURE, {"question": "q?"}, ({"doc": f"d{i}"} for i in range(1500)), max_active=2)
+    job_keys = [keys.job_key(job_id), keys.job_items_key(job_id, 0), keys.job_items_key(job_id, 1)]
+    assert [client.redis.ttl(k) for k in job_keys] == [-1, -1, -1]  # running: kept
+    cancel_job(client, job_id)
+    ttls = [client.redis.ttl(k) for k in job_keys]
+    assert all(ENDED_JOB_TTL_SECONDS - 60 < t <= ENDED_JOB_TTL_SECONDS for t in ttls), ttls
+    assert resume_job(client, job_id) == 0 and [client.redis.ttl(k) for k in job_keys] == [-1, -1, -1]
+    client.redis.delete(keys.job_key(job_id))  # as when it expires
+    assert job_id not in [r.spec.job_id for r in list_jobs(client)]
+    assert job_id not in JobStore(client.redis).recent(1000)  # the index forgets it too

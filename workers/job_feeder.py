@@ -12,6 +12,7 @@ import redis
 
 from rlmq.job_feed import feed_job
 from rlmq.store.jobs import JobStore
+from workers.context import worker_settings
 
 __all__ = ["feed_after_run", "feed_jobs"]
 
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 def feed_after_run(client: redis.Redis, app: Any, job_id: str, run_id: str) -> None:
     """Settle the run that just ended and start the job's next ones; never fails the run."""
     try:
-        feed_job(client, app, job_id)
+        feed_job(client, app, job_id, expire_seconds=worker_settings().result_expires)
     except Exception:  # the maintenance sweep feeds the job again
         logger.exception("run %s: could not feed its job %s", run_id, job_id)
 
@@ -31,7 +32,7 @@ def feed_jobs(client: redis.Redis, app: Any) -> int:
     started = 0
     for job_id in JobStore(client).feeding():
         try:
-            started += feed_job(client, app, job_id)
+            started += feed_job(client, app, job_id, expire_seconds=worker_settings().result_expires)
         except redis.ConnectionError:
             raise
         except Exception:

@@ -30,10 +30,13 @@ from rlmq.store import keys, replies
 from rlmq.store.lua import lua_scripts
 from rlmq.store.records import RunStatus
 
-__all__ = ["ITEMS_PER_CHUNK", "USAGE_FIELDS", "JobRecord", "JobSpec", "JobStatus", "JobStore", "item_of_run",
+__all__ = ["ENDED_JOB_TTL_SECONDS", "ITEMS_PER_CHUNK", "USAGE_FIELDS", "JobRecord", "JobSpec", "JobStatus", "JobStore", "item_of_run",
            "new_job_id"]
 
 ITEMS_PER_CHUNK = 1000
+# An ended job's keys live as long as its runs' records (RLMQ_RESULT_EXPIRES, whose default this is;
+# the workers pass their own): its results would read NOT_STARTED for every item once those were gone.
+ENDED_JOB_TTL_SECONDS = 7 * 24 * 3600
 # the run usage a job sums (keys of Usage.total's JSON, plus the root and sub-call counts)
 USAGE_FIELDS = ("cost_paid", "cost_uncached", "calls", "cache_hits", "input_tokens", "output_tokens",
                 "root_calls", "sub_calls", "seconds")
@@ -201,8 +204,26 @@ class JobStore:
     def feeding(self) -> list[str]:
         return replies.members(self.redis.smembers(keys.jobs_feeding_key()))
 
-    def done_feeding(self, job_id: str) -> None:
-        self.redis.srem(keys.jobs_feeding_key(), job_id)
+    def done_feeding(self, job_id: str, *, expire_seconds: int = ENDED_JOB_TTL_SECONDS) -> None:
+        """Off the feeders' list; an ended job's keys then expire with its runs' records."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.srem(keys.jobs_feeding_key(), job_id)
+        status = self.status(job_id)
+        if status is not None and status.finished:
+            for key in self._keys(job_id):
+                pipe.expire(key, expire_seconds)
+        pipe.execute()
+
+    def _keys(self, job_id: str) -> list[str]:
+        stored = int(self.redis.hget(keys.job_key(job_id), "stored") or 0)
+        return [keys.job_key(job_id), keys.job_active_key(job_id), keys.job_retry_key(job_id),
+                keys.job_sampled_key(job_id), keys.job_unanswered_key(job_id), keys.job_reruns_key(job_id),
+                *(keys.job_items_key(job_id, n) for n in range(-(-stored // ITEMS_PER_CHUNK)))]
+
+    def forget_missing(self, job_ids: Sequence[str]) -> None:
+        """Take jobs whose record has expired off the index."""
+        if job_ids:
+            self.redis.zrem(keys.jobs_index_key(), *job_ids)
 
     def active_runs(self, job_id: str) -> list[tuple[str, float]]:
         """The job's runs queued or running, with when they were fed."""
@@ -242,7 +263,11 @@ class JobStore:
             self.redis, "job_resume", [keys.job_key(job_id), keys.job_unanswered_key(job_id),
                                        keys.job_retry_key(job_id)], {"retry": retry}))
         if n >= 0:
-            self.redis.sadd(keys.jobs_feeding_key(), job_id)
+            pipe = self.redis.pipeline(transaction=False)
+            for key in self._keys(job_id):  # running again: nothing of it may expire meanwhile
+                pipe.persist(key)
+            pipe.sadd(keys.jobs_feeding_key(), job_id)
+            pipe.execute()
         return n
 
     def end(self, job_id: str, status: JobStatus, error: str) -> bool:
