@@ -18,6 +18,8 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
 from enum import Enum
 
 import redis
@@ -26,7 +28,7 @@ from rlmq.store import keys
 from rlmq.store.lua import lua_scripts
 from rlmq.store.records import Progress, RunStatus
 
-__all__ = ["Recovery", "RunClaim", "recover"]
+__all__ = ["Recovery", "Renewal", "RunClaim", "recover"]
 
 _LUA = lua_scripts("workers")
 
@@ -39,6 +41,15 @@ class Recovery(str, Enum):
     FAILED = "failed"  #: its worker died during the last allowed attempt
     CANCELLED = "cancelled"  #: its worker died after a cancel was asked for
     NOTHING = ""  #: alive, recently queued, or finished
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """A tick's one look at Redis: whether the claim is still held, a cancel asked for, the worker draining."""
+
+    held: bool
+    cancel_requested: bool = False
+    draining: bool = False
 
 
 class RunClaim:
@@ -72,6 +83,19 @@ class RunClaim:
         if not held:
             self.fenced.set()
         return held
+
+    def tick(self, cancel_of: Iterable[str]) -> Renewal:
+        """Renew the claim and read the cancel marks of ``cancel_of`` and this worker's draining mark,
+        in one round trip (the tick of every run in the process does this once a second)."""
+        if self.fenced.is_set():
+            return Renewal(held=False)
+        out = int(_LUA.run(self.redis, "run_renew", self._keys(
+            keys.worker_draining_key(self.worker), *{keys.run_cancel_key(run_id) for run_id in cancel_of}),
+            {"attempt": self.attempt, "owner": self.owner, "ttl_ms": self.ttl_ms}))
+        if not out:
+            self.fenced.set()
+            return Renewal(held=False)
+        return Renewal(held=True, cancel_requested=bool(out & 2), draining=bool(out & 4))
 
     def lapse(self) -> None:
         """Let the claim expire now (the worker is stopping), so the sweep restarts the run elsewhere."""

@@ -65,7 +65,7 @@ class RunExecution:
         self.progress = ProgressPublisher(task, run_id, hostname=self.hostname, claim=self.claim, client=self.client)
         self.leases = LeaseKeeper(LeaseRegistry(self.client, self.base.lease_ttl), run_id=run_id,
                                   owner=self.claim.owner)
-        self.ticker = RunTicker(run_id, claim=self.claim, store=self.store, leases=self.leases, progress=self.progress)
+        self.ticker = RunTicker(run_id, claim=self.claim, leases=self.leases, progress=self.progress)
         self.trace: TrajectoryLog | None = None
         self.spans: RunSpans = NULL_SPANS  # the attempt's OpenTelemetry spans, when traced
         self.children: Children | None = None  # a run below its tree's max_depth starts child runs

@@ -12,10 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from rlmq.store.records import RunStore
 from workers.budget import Budget, BudgetExceeded
 from workers.claim import RunClaim
-from workers.drain import is_draining
 from workers.progress_publisher import ProgressPublisher
 from workers.sandbox_registry import LeaseKeeper
 from workers.ticker import Ticker
@@ -27,11 +25,10 @@ logger = logging.getLogger(__name__)
 
 
 class RunTicker(Ticker):
-    def __init__(self, run_id: str, *, claim: RunClaim, store: RunStore, leases: LeaseKeeper,
-                 progress: ProgressPublisher) -> None:
+    def __init__(self, run_id: str, *, claim: RunClaim, leases: LeaseKeeper, progress: ProgressPublisher) -> None:
         super().__init__(f"run-{run_id[:8]}", 1.0, self.tick)
         self.run_id = run_id
-        self.claim, self.store, self.leases, self.progress = claim, store, leases, progress
+        self.claim, self.leases, self.progress = claim, leases, progress
         self.budget: Budget | None = None  # the run's, once its settings are known
         self.cancelled = threading.Event()  # set on a cancel, when fenced off and when handing back
         self.handing_back = threading.Event()  # the worker is shutting down: the run goes back to the queue
@@ -41,11 +38,12 @@ class RunTicker(Ticker):
     def tick(self) -> None:
         if self.claim.fenced.is_set():
             return  # the run is stopping
-        if not self.claim.renew():
+        seen = self.claim.tick(cancel_of=(self.run_id, self.root_id))  # one round trip for the three
+        if not seen.held:
             return self._stop_sandbox(f"attempt {self.claim.attempt} lost its claim (restarted elsewhere or finished)")
-        if not self.cancelled.is_set() and self.store.cancel_requested(self.run_id, self.root_id):
+        if not self.cancelled.is_set() and seen.cancel_requested:
             return self._stop_sandbox("cancel requested")
-        if not self.cancelled.is_set() and is_draining(self.claim.redis, self.claim.worker):
+        if not self.cancelled.is_set() and seen.draining:
             self.handing_back.set()
             return self._stop_sandbox("the worker is shutting down: handing the run back")
         if self.budget is not None and self.budget.tripped is None:
