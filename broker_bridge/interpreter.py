@@ -66,7 +66,11 @@ class SandboxInterpreter:
     Sandbox hooks, each given a ``SandboxInfo``: ``on_sandbox_creating`` before the backend creates
     anything (register a lease here: the sandbox's name and labels are already fixed, so a reaper can
     find it even if the worker dies mid-boot); ``on_sandbox_created`` once it booted;
-    ``on_sandbox_destroyed`` after it was destroyed. A failed boot calls no further hook: the backend
+    ``on_sandbox_destroyed`` after it was destroyed.
+
+    A large variable (past ``inline_limit``) is encoded, hashed and uploaded once per object: the same
+    object passed again is taken as unchanged (DSPy passes the same input objects every step), so send
+    new content as a new object, not as the old one changed in place. A failed boot calls no further hook: the backend
     has tried to delete what it made, and what ``on_sandbox_creating`` registered stays for a reaper.
     """
 
@@ -107,6 +111,9 @@ class SandboxInterpreter:
         self._client: BrokerClient | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._uploaded: set[str] = set()
+        # id(value) -> (value, its input file): a value passed again (DSPy passes the same input objects
+        # every step) is not encoded and hashed again. The value is held so its id cannot be reused.
+        self._staged: dict[int, tuple[Any, protocol.InputFile]] = {}
         self._lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._dead_reason: str | None = None
@@ -244,6 +251,10 @@ class SandboxInterpreter:
         for name, value in variables.items():
             if not _is_identifier(name) or name in RESERVED_NAMES or name in self.tools:
                 raise CodeInterpreterError(f"variable name {name!r} is not usable (reserved, a tool, or not an identifier)")
+            staged = self._staged.get(id(value))
+            if staged is not None and staged[0] is value:
+                files[name] = staged[1]
+                continue
             fmt, data = _encode_variable(name, value)
             if len(data) <= self._inline_limit:
                 inline[name] = value if fmt == "text" else json.loads(data)
@@ -254,6 +265,7 @@ class SandboxInterpreter:
                 self._backend.put_file(f"inputs/{digest}", data)
                 self._uploaded.add(digest)
             files[name] = {"sha256": digest, "format": fmt}
+            self._staged[id(value)] = (value, files[name])
         return protocol.execute_request(uuid.uuid4().hex, code, tool_names, self.output_fields, inline, files)
 
     def _run(self, request: protocol.ExecuteRequest) -> dict[str, Any]:

@@ -72,6 +72,22 @@ def test_large_values_arrive_intact_and_are_uploaded_once(interp):
     assert interp.execute("print(len(big_list))", {"big_text": big_text, "big_list": big_list}) == "8000"
 
 
+def test_an_input_is_parsed_once_per_sandbox_and_each_execute_binds_its_own_copy(interp):
+    documents = [{"id": n, "text": f"document {n} " + "y" * 100, "tags": ["a"]} for n in range(2000)]
+    variables = {"documents": documents}
+    parsed_before = int(interp.execute("print(__rlmq.inputs_parsed)"))
+    interp.execute("kept = documents\ndocuments[0]['text'] = 'changed'\ndocuments[1]['tags'].append('b')\n"
+                   "documents.append('extra')", variables)
+    # The next execute sees the input as given, nested lists and dicts included, in a new object.
+    out = interp.execute("print(len(documents), documents[0]['text'][:10], documents[1]['tags'], kept is documents)",
+                         variables)
+    assert out == "2000 document 0 ['a'] False"
+    interp.execute("documents.clear()", variables)
+    assert interp.execute("print(documents[-1]['id'])", variables) == "1999"
+    # Four executes bound it; the sandbox parsed its file once.
+    assert int(interp.execute("print(__rlmq.inputs_parsed)")) - parsed_before == 1
+
+
 def test_syntax_error_is_a_syntax_error_and_the_session_survives(interp):
     interp.execute("kept = 'yes'")
     with pytest.raises(SyntaxError, match="line 2"):
