@@ -25,8 +25,8 @@ import redis
 
 from rlmq.store import keys, replies
 
-__all__ = ["CHUNK_BYTES", "BlobError", "StoredList", "blob_size", "encode_blob", "get_blob", "get_blobs", "put_blob",
-           "put_blobs", "put_items"]
+__all__ = ["CHUNK_BYTES", "BlobError", "StoredList", "blob_size", "encode_blob", "get_blob", "get_blob_bytes",
+           "get_blobs", "put_blob", "put_blobs", "put_items"]
 
 DEFAULT_TTL_SECONDS = 30 * 24 * 3600
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -127,6 +127,11 @@ def put_blobs(client: redis.Redis, values: Mapping[str, Any], **kwargs: Any) -> 
 
 
 def get_blob(client: redis.Redis, digest: str, *, verify: bool = True) -> Any:
+    return json.loads(get_blob_bytes(client, digest, verify=verify))
+
+
+def get_blob_bytes(client: redis.Redis, digest: str, *, verify: bool = True) -> bytes | bytearray:
+    """A blob's stored JSON text, its chunks joined."""
     stored = client.get(keys.blob_key(digest))
     if stored is None:
         raise BlobError(f"input blob {digest[:12]}… is missing from Redis (expired or never uploaded)")
@@ -135,7 +140,7 @@ def get_blob(client: redis.Redis, digest: str, *, verify: bool = True) -> Any:
         data = _join_chunks(client, digest, json.loads(data[len(_MANIFEST):]))
     if verify and hashlib.sha256(data).hexdigest() != digest:
         raise BlobError(f"input blob {digest[:12]}… does not match its digest")
-    return json.loads(data)
+    return data
 
 
 def _join_chunks(client: redis.Redis, digest: str, manifest: dict[str, Any]) -> bytearray:
