@@ -79,13 +79,13 @@ class SandboxInterpreter:
     Sandbox hooks, each given a ``SandboxInfo``: ``on_sandbox_creating`` before the backend creates
     anything (register a lease here: the sandbox's name and labels are already fixed, so a reaper can
     find it even if the worker dies mid-boot); ``on_sandbox_created`` once it booted;
-    ``on_sandbox_destroyed`` after it was destroyed.
+    ``on_sandbox_destroyed`` after it was destroyed. A failed boot calls no further hook: the backend
+    has tried to delete what it made, and what ``on_sandbox_creating`` registered stays for a reaper.
 
     A large variable (past ``inline_limit``) is encoded, hashed and uploaded once per object: the same
     object passed again is taken as unchanged (DSPy passes the same input objects every step), so send
     new content as a new object, not as the old one changed in place. ``stored_inputs`` name values
-    whose JSON text the caller has already (a run's input blobs): those are uploaded from it, not encoded. A failed boot calls no further hook: the backend
-    has tried to delete what it made, and what ``on_sandbox_creating`` registered stays for a reaper.
+    whose JSON text the caller has already (a run's input blobs): those are uploaded from it, not encoded.
     """
 
     execution_instructions = EXECUTION_INSTRUCTIONS
