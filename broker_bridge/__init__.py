@@ -13,7 +13,7 @@ from broker_bridge.backends.base import (
     SandboxTimeout,
 )
 from broker_bridge.factory import InterpreterFactory, destroy_sandbox, interpreter_factory, reap_labelled
-from broker_bridge.interpreter import SandboxInterpreter
+from broker_bridge.interpreter import SandboxInterpreter, StoredInput
 
 __all__ = [
     "BackendName",
@@ -26,6 +26,7 @@ __all__ = [
     "SandboxInterpreter",
     "SandboxStartError",
     "SandboxTimeout",
+    "StoredInput",
     "destroy_sandbox",
     "interpreter_factory",
     "reap_labelled",

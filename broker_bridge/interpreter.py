@@ -28,8 +28,9 @@ import logging
 import secrets
 import threading
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from dspy.primitives.code_interpreter import CodeExecutionError, CodeInterpreterError, FinalOutput
@@ -60,6 +61,18 @@ EXECUTION_INSTRUCTIONS = (
 )
 
 
+@dataclass(frozen=True)
+class StoredInput:
+    """A variable whose JSON text is stored elsewhere (a run's input blob): when ``value`` is bound, the
+    sandbox gets ``read()`` (``size`` bytes, whose SHA-256 is ``sha256``) as it is, and the host never
+    encodes the value itself."""
+
+    value: Any
+    sha256: str
+    size: int
+    read: Callable[[], bytes | bytearray]
+
+
 class SandboxInterpreter:
     """A ``dspy.primitives.CodeInterpreter`` whose code runs in a sandbox (one per interpreter).
 
@@ -68,6 +81,11 @@ class SandboxInterpreter:
     find it even if the worker dies mid-boot); ``on_sandbox_created`` once it booted;
     ``on_sandbox_destroyed`` after it was destroyed. A failed boot calls no further hook: the backend
     has tried to delete what it made, and what ``on_sandbox_creating`` registered stays for a reaper.
+
+    A large variable (past ``inline_limit``) is encoded, hashed and uploaded once per object: the same
+    object passed again is taken as unchanged (DSPy passes the same input objects every step), so send
+    new content as a new object, not as the old one changed in place. ``stored_inputs`` name values
+    whose JSON text the caller has already (a run's input blobs): those are uploaded from it, not encoded.
     """
 
     execution_instructions = EXECUTION_INSTRUCTIONS
@@ -88,6 +106,7 @@ class SandboxInterpreter:
         output_limit: int = 100_000,
         line_limit: int = 10_000,
         inline_limit: int = 64 * 1024,
+        stored_inputs: Sequence[StoredInput] = (),
     ) -> None:
         if execution_timeout <= 0:
             raise ValueError("execution_timeout must be positive")
@@ -107,6 +126,10 @@ class SandboxInterpreter:
         self._client: BrokerClient | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._uploaded: set[str] = set()
+        # id(value) -> (value, its input file): a value passed again (DSPy passes the same input objects
+        # every step) is not encoded and hashed again. The value is held so its id cannot be reused.
+        self._staged: dict[int, tuple[Any, protocol.InputFile]] = {}
+        self._stored = {id(stored.value): stored for stored in stored_inputs if stored.size > inline_limit}
         self._lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._dead_reason: str | None = None
@@ -244,17 +267,32 @@ class SandboxInterpreter:
         for name, value in variables.items():
             if not _is_identifier(name) or name in RESERVED_NAMES or name in self.tools:
                 raise CodeInterpreterError(f"variable name {name!r} is not usable (reserved, a tool, or not an identifier)")
+            staged = self._staged.get(id(value))
+            if staged is not None and staged[0] is value:
+                files[name] = staged[1]
+                continue
+            stored = self._stored.get(id(value))
+            if stored is not None and stored.value is value:
+                self._upload(stored.sha256, stored.read)
+                files[name] = {"sha256": stored.sha256, "format": "json"}
+                self._staged[id(value)] = (value, files[name])
+                continue
             fmt, data = _encode_variable(name, value)
             if len(data) <= self._inline_limit:
                 inline[name] = value if fmt == "text" else json.loads(data)
                 continue
             digest = hashlib.sha256(data).hexdigest()
-            if digest not in self._uploaded:
-                assert self._backend is not None
-                self._backend.put_file(f"inputs/{digest}", data)
-                self._uploaded.add(digest)
+            self._upload(digest, data)
             files[name] = {"sha256": digest, "format": fmt}
+            self._staged[id(value)] = (value, files[name])
         return protocol.execute_request(uuid.uuid4().hex, code, tool_names, self.output_fields, inline, files)
+
+    def _upload(self, digest: str, data: bytes | Callable[[], bytes | bytearray]) -> None:
+        """Send an input file once per sandbox (``data`` read only when it is sent)."""
+        if digest not in self._uploaded:
+            assert self._backend is not None
+            self._backend.put_file(f"inputs/{digest}", data if isinstance(data, bytes) else data())
+            self._uploaded.add(digest)
 
     def _run(self, request: protocol.ExecuteRequest) -> dict[str, Any]:
         backend, client = self._backend, self._client

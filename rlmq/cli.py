@@ -57,14 +57,14 @@ def _wait(client: Client, run_id: str, timeout: float | None) -> int:
 
 # ---- commands ------------------------------------------------------------------------------
 def cmd_submit(args: argparse.Namespace) -> int:
-    from rlmq.inputs import load_input_value, parse_input_arg
+    from rlmq.inputs import open_input_value, parse_input_arg
 
     inputs: dict[str, Any] = {}
     for text in args.input:
         name, value = parse_input_arg(text)
         if name in inputs:
             raise CliError(f"input {name!r} is given twice")
-        inputs[name] = load_input_value(value, split=args.split if value.startswith("@") else None)
+        inputs[name] = open_input_value(value, split=args.split if value.startswith("@") else None)
     client = _client(args)
     run_id = client.submit(
         args.signature, inputs, tools=args.tool, lm=args.lm, sub_lm=args.sub_lm, lm_api_base=args.api_base,

@@ -25,13 +25,14 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from rlmq.celery_config import client_app
-from rlmq.flower_repr import describe_inputs
+from rlmq.flower_repr import describe_value, human_bytes
+from rlmq.inputs import StreamedInput
 from rlmq.redis_url import connect
 from rlmq.run_options import check_tools, with_options
 from rlmq.run_send import cancel_run, send_run
 from rlmq.settings import RUN_OPTIONS, Settings, SettingsError, load_dotenv_once, redis_url_from_env
 from rlmq.stack import running_stack_url
-from rlmq.store.blobs import CHUNK_BYTES, blob_size, put_blobs
+from rlmq.store.blobs import CHUNK_BYTES, blob_size, put_blob, put_items
 from rlmq.store.records import RunRecord, RunSpec, RunStatus, RunStore, new_run_id
 from rlmq.trace import read_trajectory
 from rlmq.trace_context import caller_traceparent
@@ -106,13 +107,27 @@ class Client:
         run_id = new_run_id()
 
         def store_and_enqueue() -> None:
-            refs = put_blobs(self.redis, inputs, chunk_bytes=self.blob_chunk_bytes)
+            refs, described = self.store_inputs(inputs)
             self.enqueue(RunSpec(run_id=run_id, signature=signature, inputs=refs, options=run_options,
                                  tools=tool_paths, traceparent=caller_traceparent()),
-                         described=describe_inputs(inputs))
+                         described=described)
 
         self.call("submit", store_and_enqueue)
         return run_id
+
+    def store_inputs(self, inputs: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+        """({name: digest}, {name: kind and size}); a ``StreamedInput`` is read from its files as it is
+        stored, chunk by chunk, so the corpus is never held whole (nor as a list, its JSON and its bytes)."""
+        refs: dict[str, str] = {}
+        described: dict[str, str] = {}
+        for name, value in inputs.items():
+            if isinstance(value, StreamedInput):
+                stored = put_items(self.redis, value.items(), chunk_bytes=self.blob_chunk_bytes)
+                refs[name], described[name] = stored.digest, f"list[{stored.items}], {human_bytes(stored.size)}"
+            else:
+                refs[name] = put_blob(self.redis, value, chunk_bytes=self.blob_chunk_bytes)
+                described[name] = describe_value(value)
+        return refs, described
 
     def checked_options(self, options: dict[str, Any], tools: list[str] | tuple[str, ...] = ()
                         ) -> tuple[dict[str, Any], list[str]]:
@@ -159,14 +174,12 @@ class Client:
     def enqueue(self, spec: RunSpec, *, described: dict[str, str] | None = None) -> None:
         """Record a run whose inputs are stored already and send ``run_rlm`` for it (the run id is the task id).
 
-        ``described``: each input's kind and size (``describe_inputs``), shown by Flower; without
+        ``described``: each input's kind and size (``store_inputs``), shown by Flower; without
         it the blobs' sizes in Redis are shown.
         """
         send_run(self.store, self.celery, spec, described or self._blob_sizes(spec))
 
     def _blob_sizes(self, spec: RunSpec) -> dict[str, str]:
-        from rlmq.flower_repr import human_bytes
-
         return {name: human_bytes(blob_size(self.redis, digest)) for name, digest in spec.inputs.items()}
 
     # ---- follow ----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import redis
 
 from rlmq.local_redis import PrivateRedis, start_private_redis
 from rlmq.store import keys
-from rlmq.store.blobs import BlobError, blob_size, encode_blob, get_blob, get_blobs, put_blob
+from rlmq.store.blobs import BlobError, blob_size, encode_blob, get_blob, get_blobs, put_blob, put_items
 
 CORPUS = [f"document {i}: " + "lorem ipsum " * 20 for i in range(12_000)]  # ~3 MB of JSON
 
@@ -81,3 +81,28 @@ def test_a_corrupted_chunk_fails_the_digest(r: redis.Redis) -> None:
     r.setrange(chunk, 10, b"X")
     with pytest.raises(BlobError, match="does not match its digest"):
         get_blob(r, digest)
+
+
+def stored(client: redis.Redis) -> dict[bytes, object]:
+    return {key: client.get(key) for key in client.scan_iter("rlmq:*")}
+
+
+@pytest.mark.parametrize("over_size", [None, -1, 0, 1], ids=["64KiB", "size-1", "size", "size+1"])
+def test_items_streamed_are_stored_as_the_whole_list_would_be(r: redis.Redis, over_size: int | None) -> None:
+    """``put_items`` (the client's streaming path) writes the very keys and bytes ``put_blob`` writes for the
+    list: a corpus streamed from files and the same corpus given as a list share one blob; at the
+    boundaries too (a blob exactly one chunk long is one value)."""
+    corpus = CORPUS[:2000]  # ~500 KB: every chunk size here stays under this Redis's 1 MB value limit
+    size = len(encode_blob(corpus)[1])
+    chunk = 64 * 1024 if over_size is None else size + over_size
+    digest = put_blob(r, corpus, chunk_bytes=chunk)
+    whole = stored(r)
+    r.flushall()
+    streamed = put_items(r, iter(corpus), chunk_bytes=chunk)
+    assert (streamed.digest, streamed.items, streamed.size) == (digest, len(corpus), size)
+    assert stored(r) == whole
+    assert get_blob(r, digest) == corpus
+
+
+def test_an_empty_stream_is_an_empty_list(r: redis.Redis) -> None:
+    assert put_items(r, iter([])).digest == put_blob(r, [])

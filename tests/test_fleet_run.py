@@ -4,6 +4,7 @@ Redis, local sandboxes, and the stub LLM over HTTP playing both the scripted roo
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -15,7 +16,7 @@ from celery.result import AsyncResult
 from rlmq.celery_config import LLM_QUEUE, LLM_TASK, RLM_QUEUE, RUN_TASK
 from rlmq.client import Client, ClientError
 from rlmq.demo import CORPUS
-from rlmq.inputs import load_input_value
+from rlmq.inputs import load_input_value, open_input_value
 from rlmq.store.blobs import put_blobs
 from rlmq.store.keys import dspy_cache_key, response_cache_key
 from rlmq.store.records import RunSpec, RunStatus, RunStore, new_run_id
@@ -217,6 +218,27 @@ def test_a_chunked_input_reaches_the_sandbox_whole(fleet: Fleet, stub: StubLLM, 
     assert r.keys("rlmq:blob-chunk:*"), "the corpus was not chunked"
     assert client.wait(run_id, timeout=120).status is RunStatus.SUCCEEDED
     assert client.result(run_id)["outputs"]["richest"] == [{"n": len(chapters), "chars": sum(map(len, chapters))}]
+
+
+def test_a_streamed_corpus_is_parsed_once_and_a_steps_mutation_does_not_reach_the_next(
+        fleet: Fleet, stub: StubLLM, r, tmp_path) -> None:
+    """A ``.jsonl`` read while it is stored, in a whole run: the sandbox parses it once, and each step
+    binds the input as given, whatever the step before did to its copy."""
+    rows = [{"n": n, "text": f"row {n} " + "q" * 100} for n in range(2000)]  # past the inline limit: a file
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    script = ScriptedRoot([
+        "documents[0]['text'] = 'mutated'\ndocuments.append({'n': -1})\nprint(len(documents))",
+        "print(len(documents), documents[0]['text'][:5])",
+        "SUBMIT(count=len(documents), first=documents[0]['text'][:5], parsed=__rlmq.inputs_parsed)",
+    ])
+    stub.set_responder(route(root=script, sub=sub_answer))
+    client = Client(redis_url_of(r), blob_chunk_bytes=64 * 1024)
+    run_id = client.submit("documents: list[dict] -> count: int, first: str, parsed: int",
+                           {"documents": open_input_value(f"@{path}")}, max_iters=4)
+    assert client.wait(run_id, timeout=120).status is RunStatus.SUCCEEDED
+    assert client.result(run_id)["outputs"] == {"count": 2000, "first": "row 0", "parsed": 1}
+    assert [step["output"].strip() for step in client.trace(run_id)[:2]] == ["2001", "2000 row 0"]
 
 
 def test_cancel_before_start_and_the_worker_skips_it(fleet: Fleet, stub: StubLLM, r, chapters) -> None:

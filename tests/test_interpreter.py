@@ -11,7 +11,7 @@ import threading
 import pytest
 from dspy.primitives.code_interpreter import CodeExecutionError, CodeInterpreterError, FinalOutput
 
-from broker_bridge import SandboxDied, SandboxTimeout
+from broker_bridge import SandboxDied, SandboxTimeout, StoredInput
 from tests.support.sandboxes import available_backends, make_factory
 
 
@@ -70,6 +70,43 @@ def test_large_values_arrive_intact_and_are_uploaded_once(interp):
     # A mutation by code does not leak into the next execute's binding.
     interp.execute("big_list.clear()", {"big_text": big_text, "big_list": big_list})
     assert interp.execute("print(len(big_list))", {"big_text": big_text, "big_list": big_list}) == "8000"
+
+
+def test_an_input_is_parsed_once_per_sandbox_and_each_execute_binds_its_own_copy(interp):
+    documents = [{"id": n, "text": f"document {n} " + "y" * 100, "tags": ["a"]} for n in range(2000)]
+    variables = {"documents": documents}
+    parsed_before = int(interp.execute("print(__rlmq.inputs_parsed)"))
+    interp.execute("kept = documents\ndocuments[0]['text'] = 'changed'\ndocuments[1]['tags'].append('b')\n"
+                   "documents.append('extra')", variables)
+    # The next execute sees the input as given, nested lists and dicts included, in a new object.
+    out = interp.execute("print(len(documents), documents[0]['text'][:10], documents[1]['tags'], kept is documents)",
+                         variables)
+    assert out == "2000 document 0 ['a'] False"
+    interp.execute("documents.clear()", variables)
+    assert interp.execute("print(documents[-1]['id'])", variables) == "1999"
+    # Four executes bound it; the sandbox parsed its file once.
+    assert int(interp.execute("print(__rlmq.inputs_parsed)")) - parsed_before == 1
+
+
+def test_a_stored_input_is_sent_as_its_stored_text_read_once():
+    """A run's input blob goes into the sandbox as it is stored; the host does not encode the value again."""
+    documents = [f"doc {n} " + "s" * 100 for n in range(2000)]
+    text = json.dumps(documents, indent=1).encode()  # not the interpreter's own encoding: shows which one is sent
+    digest, reads = hashlib.sha256(text).hexdigest(), []
+
+    def read() -> bytes:
+        reads.append(1)
+        return text
+
+    stored = StoredInput(documents, digest, len(text), read)
+    interp = make_factory("local", stored_inputs=[stored])()
+    try:
+        for _ in range(3):
+            assert interp.execute("print(len(documents), documents[5][:5])", {"documents": documents}) == "2000 doc 5"
+        size = interp.execute(f"import os\nprint(os.path.getsize(os.path.join(__rlmq.runtime_dir, 'inputs', {digest!r})))")
+        assert int(size) == len(text) and reads == [1]
+    finally:
+        interp.shutdown()
 
 
 def test_syntax_error_is_a_syntax_error_and_the_session_survives(interp):

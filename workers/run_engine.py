@@ -20,7 +20,6 @@ from broker_bridge import interpreter_factory
 from rlmq.run_options import check_tools, with_options
 from rlmq.run_send import send_run_task
 from rlmq.settings import SandboxBackend, Settings, SettingsError
-from rlmq.store.blobs import get_blobs
 from rlmq.store.metrics import add_usage
 from rlmq.store.records import Progress, RunRecord, RunSpec, RunStatus, RunStore
 from rlmq.tree import read_tree
@@ -38,6 +37,7 @@ from workers.monitor import summary_line
 from workers.outcomes import CeleryEnd, RunCancelled, RunFailed, ending_of, mark_revoked, record_restart
 from workers.progress_publisher import IterationCallback, ProgressPublisher
 from workers.rlm import TracedRLM
+from workers.run_inputs import load_run_inputs
 from workers.run_ticker import RunTicker
 from workers.sandbox_registry import LeaseKeeper, LeaseRegistry, attempt_labels
 from workers.tracing import NULL_SPANS, RunSpans, root_lm_callback, run_spans
@@ -129,10 +129,10 @@ class RunExecution:
         budget.check_tree()  # a child of a tree that stopped never starts a sandbox
         self.progress.stats, self.progress.max_iters = stats, settings.max_iters
         self.trace = TrajectoryLog(self.client, self.run_id, stats, ttl_seconds=self.base.result_expires)
-        inputs = get_blobs(self.client, spec.inputs)
+        inputs, stored_inputs = load_run_inputs(self.client, spec.inputs)
         self.leases.start()
         labels = attempt_labels(self.run_id, self.claim.attempt)  # what recovery reaps a dead attempt's by
-        factory = _sandboxes(settings, self.base.run_time_limit, labels=labels,
+        factory = _sandboxes(settings, self.base.run_time_limit, labels=labels, stored_inputs=stored_inputs,
                              on_sandbox_creating=self._sandbox_creating, on_sandbox_created=self._sandbox_created,
                              on_sandbox_destroyed=self._sandbox_destroyed)
         fanout = Fanout(settings, app=self.task.app, options=spec.options, observer=stats,

@@ -127,7 +127,7 @@ class Sandbox(abc.ABC):
         (``SandboxCapacityError`` for rate limits and quotas) and leave nothing behind on failure."""
 
     @abc.abstractmethod
-    def put_file(self, relative_path: str, data: bytes) -> None:
+    def put_file(self, relative_path: str, data: bytes | bytearray) -> None:
         """Write ``data`` to ``runtime_dir/relative_path``."""
 
     @abc.abstractmethod

@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 
-def write_beneath(root: Path, relative_path: str, data: bytes) -> None:
+def write_beneath(root: Path, relative_path: str, data: bytes | bytearray) -> None:
     """Write ``root/relative_path`` without following a symlink anywhere below ``root``.
 
     Sandbox code owns the directory: a symlink it planted (``inputs`` -> a host directory) must not

@@ -338,7 +338,7 @@ class LocalSandbox(Sandbox):
         except queue.Empty:
             raise SandboxTimeout(f"the local sandbox did not answer within {timeout:g}s") from None
 
-    def put_file(self, relative_path: str, data: bytes) -> None:
+    def put_file(self, relative_path: str, data: bytes | bytearray) -> None:
         try:
             write_beneath(Path(self.host_dir), relative_path, data)
         except OSError as exc:

@@ -3,7 +3,10 @@
 The host bootstraps one ``Runtime`` into the persistent namespace as ``__rlmq`` and then sends, per
 execute, one line: ``__rlmq.execute(<request json>, globals())``. The runtime binds the tools,
 ``SUBMIT`` and the variables, runs the code with its output captured and capped, and posts the
-outcome to the broker. Large inputs arrive as files named by content hash and are read once.
+outcome to the broker. Large inputs arrive as files named by content hash and are read and parsed
+once per sandbox; each execute binds a fresh copy of the parsed value's lists and dicts (the strings and
+numbers, immutable, are shared), so code that mutates an input does not change the next execute's, and a
+step costs a copy of the containers instead of a parse of the text (100,000 documents: ~1 s a parse).
 """
 
 from __future__ import annotations
@@ -182,7 +185,8 @@ class Runtime:
         self.pid = os.getpid()
         # Connect now: after a fork bomb the broker may be unable to start a thread for a new connection.
         self.broker.request("GET", protocol.PATH_HEALTH)
-        self.raw_inputs: dict[str, str] = {}  # content hash -> file text, read once per sandbox
+        self.parsed_inputs: dict[str, Any] = {}  # content hash -> the input's value, read and parsed once
+        self.inputs_parsed = 0  # how many input files were parsed: one per content hash (tests read it)
         self.tool_names: set[str] = set()
 
     # ---- binding ---------------------------------------------------------------------------
@@ -246,12 +250,13 @@ class Runtime:
 
     def load_input(self, ref: protocol.InputFile) -> Any:
         digest, fmt = ref["sha256"], ref["format"]
-        raw = self.raw_inputs.get(digest)
-        if raw is None:
+        if digest not in self.parsed_inputs:
             with open(os.path.join(self.runtime_dir, "inputs", digest), encoding="utf-8") as handle:
-                raw = self.raw_inputs[digest] = handle.read()
-        # A fresh object each execute: code that mutates an input does not change the next iteration's.
-        return raw if fmt == "text" else json.loads(raw)
+                text = handle.read()
+            self.parsed_inputs[digest] = text if fmt == "text" else json.loads(text)
+            self.inputs_parsed += 1
+            del text  # the parsed value is kept, not its text as well
+        return fresh_copy(self.parsed_inputs[digest])
 
     # ---- running ---------------------------------------------------------------------------
     def execute(self, request_json: str, namespace: dict[str, Any]) -> None:
@@ -287,6 +292,19 @@ class Runtime:
         if last is None:
             return None
         return eval(compile(ast.Expression(last.value), CODE_FILENAME, "eval"), namespace)
+
+
+def fresh_copy(value: Any) -> Any:
+    """A copy of a JSON value's lists and dicts sharing its immutable leaves: what code may mutate is new."""
+    kind = type(value)
+    if kind is list:
+        return [fresh_copy(item) if type(item) in _CONTAINERS else item for item in value]
+    if kind is dict:
+        return {key: fresh_copy(item) if type(item) in _CONTAINERS else item for key, item in value.items()}
+    return value
+
+
+_CONTAINERS = (list, dict)
 
 
 def _jsonable_outcome(outcome: protocol.OutcomeMessage) -> protocol.OutcomeMessage:

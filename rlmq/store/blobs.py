@@ -8,20 +8,25 @@ No Redis value is larger than ``CHUNK_BYTES`` (Redis refuses one over 512 MB, it
 ``proto-max-bulk-len``, by closing the connection): a larger blob is stored as chunks under
 ``keys.blob_chunk_key`` (each by its own digest), written first, then a small manifest under the
 blob's key that names them, so a reader never sees a manifest whose chunks are not all there.
+
+``put_items`` stores a list given item by item (a corpus read from files as it is stored) as
+``put_blob`` would store the whole list, byte for byte, holding one chunk at a time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from rlmq.store import keys, replies
 
-__all__ = ["CHUNK_BYTES", "BlobError", "blob_size", "encode_blob", "get_blob", "get_blobs", "put_blob", "put_blobs"]
+__all__ = ["CHUNK_BYTES", "BlobError", "StoredList", "blob_size", "encode_blob", "get_blob", "get_blob_bytes",
+           "get_blobs", "put_blob", "put_blobs", "put_items"]
 
 DEFAULT_TTL_SECONDS = 30 * 24 * 3600
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -34,8 +39,12 @@ class BlobError(LookupError):
 
 def encode_blob(value: Any) -> tuple[str, bytes]:
     """(sha256 hex, bytes) of a JSON value; key order is canonical so equal values share a blob."""
-    data = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    data = _canonical(value)
     return hashlib.sha256(data).hexdigest(), data
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
 def put_blob(client: redis.Redis, value: Any, *, ttl_seconds: int | None = DEFAULT_TTL_SECONDS,
@@ -55,7 +64,56 @@ def put_blob(client: redis.Redis, value: Any, *, ttl_seconds: int | None = DEFAU
     return digest
 
 
-def _put(client: redis.Redis, key: str, data: bytes, ttl_seconds: int | None) -> None:
+@dataclass(frozen=True)
+class StoredList:
+    """What ``put_items`` stored: the blob's digest, how many items, and its size in bytes."""
+
+    digest: str
+    items: int
+    size: int
+
+
+def put_items(client: redis.Redis, items: Iterable[Any], *, ttl_seconds: int | None = DEFAULT_TTL_SECONDS,
+              chunk_bytes: int = CHUNK_BYTES) -> StoredList:
+    """Store the list of ``items`` as ``put_blob(list(items))`` would (the same bytes, chunks and digest),
+    encoding them one by one and writing each chunk as it fills: one chunk is held, never the list.
+    If ``items`` raises, the chunks written so far stay unreferenced (no manifest) until their TTL."""
+    whole = hashlib.sha256()
+    buffer = bytearray(b"[")
+    chunks: list[str] = []
+    count = size = 0
+
+    def write_chunk() -> None:
+        nonlocal size
+        with memoryview(buffer) as view, view[:chunk_bytes] as part:  # sent as it lies: no copy of a chunk
+            size += len(part)
+            whole.update(part)
+            chunks.append(hashlib.sha256(part).hexdigest())
+            _put(client, keys.blob_chunk_key(chunks[-1]), part, ttl_seconds)
+        del buffer[:chunk_bytes]
+
+    for item in items:
+        if count:
+            buffer += b","
+        buffer += _canonical(item)
+        count += 1
+        while len(buffer) > chunk_bytes:  # more than a chunk: the blob is chunked, this chunk is final
+            write_chunk()
+    buffer += b"]"
+    if not chunks and len(buffer) <= chunk_bytes:
+        data = bytes(buffer)
+        digest = hashlib.sha256(data).hexdigest()
+        _put(client, keys.blob_key(digest), data, ttl_seconds)
+        return StoredList(digest, count, len(data))
+    while buffer:
+        write_chunk()
+    digest = whole.hexdigest()
+    manifest = json.dumps({"size": size, "chunks": chunks}).encode()
+    _put(client, keys.blob_key(digest), _MANIFEST + manifest, ttl_seconds)
+    return StoredList(digest, count, size)
+
+
+def _put(client: redis.Redis, key: str, data: bytes | memoryview, ttl_seconds: int | None) -> None:
     pipe = client.pipeline(transaction=False)
     pipe.set(key, data, nx=True)
     if ttl_seconds:
@@ -69,6 +127,11 @@ def put_blobs(client: redis.Redis, values: Mapping[str, Any], **kwargs: Any) -> 
 
 
 def get_blob(client: redis.Redis, digest: str, *, verify: bool = True) -> Any:
+    return json.loads(get_blob_bytes(client, digest, verify=verify))
+
+
+def get_blob_bytes(client: redis.Redis, digest: str, *, verify: bool = True) -> bytes | bytearray:
+    """A blob's stored JSON text, its chunks joined."""
     stored = client.get(keys.blob_key(digest))
     if stored is None:
         raise BlobError(f"input blob {digest[:12]}… is missing from Redis (expired or never uploaded)")
@@ -77,7 +140,7 @@ def get_blob(client: redis.Redis, digest: str, *, verify: bool = True) -> Any:
         data = _join_chunks(client, digest, json.loads(data[len(_MANIFEST):]))
     if verify and hashlib.sha256(data).hexdigest() != digest:
         raise BlobError(f"input blob {digest[:12]}… does not match its digest")
-    return json.loads(data)
+    return data
 
 
 def _join_chunks(client: redis.Redis, digest: str, manifest: dict[str, Any]) -> bytearray:

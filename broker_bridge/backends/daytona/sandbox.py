@@ -357,7 +357,7 @@ class DaytonaSandbox(Sandbox):
                 raise SandboxDied("the Daytona sandbox is not booted")
             return self._sandbox, self._context
 
-    def put_file(self, relative_path: str, data: bytes) -> None:
+    def put_file(self, relative_path: str, data: bytes | bytearray) -> None:
         from daytona import FileUpload
 
         parts = relative_path.replace("\\", "/").split("/")
