@@ -15,6 +15,7 @@ from workers import dspy_private
 from workers.dspy_private import LLMCallBudget, action_predictor, iteration_of, use_as_disk_tier
 from workers.engines import FleetLM
 from workers.fanout import Fanout
+from workers.repl_preview import repl_variable
 from workers.rlm import FleetRLM
 
 
@@ -107,3 +108,39 @@ def test_per_step_hooks_that_traced_rlm_wraps() -> None:
     from dspy.primitives.repl_types import REPLEntry
 
     assert {"reasoning", "code", "output"} <= set(REPLEntry.model_fields)
+
+
+_CORPUS = [f"document {i}: \"quoted\", caf\u00e9 \u2014 line\nbreak \\ tab\t" for i in range(300)]
+
+
+@pytest.mark.parametrize("value", [
+    _CORPUS,  # a corpus: truncated preview, head and tail
+    ["short", "list"],  # not truncated
+    [],
+    {},
+    {"a": 1, "b": [1.5, -2, True, False, None], "c": {"nested": ["x"] * 200, "empty": [], "e": {}}},
+    [{"id": i, "text": "t" * (i % 7), "tags": ["a", "b"][: i % 3], "score": i / 3} for i in range(400)],
+    {f"key {i} \u00fc": {"v": [i, str(i)]} for i in range(500)},  # a dict corpus: its tail from its last items
+    [[1, [2, [3, [4, []]]]]] * 100,  # nesting at the tail
+    [10**30, -0.0, 1e-7, 3.0] * 300,
+    ["x" * 5000],  # one huge item: the tail is inside it
+    [1, 2, float("nan")],  # not plain JSON: DSPy's path
+    {1: "int key"},  # not plain JSON: DSPy's path
+    "a plain string",  # not a container: DSPy's path
+    ("a", "tuple"),
+])
+def test_a_variable_described_without_dumping_it_is_dspys_description(value) -> None:
+    """RLM describes each input to the root LM by REPLVariable.from_value (length and a preview of the
+    indented JSON dump); rlmq's repl_variable computes it without the dump (FleetRLM._build_variables),
+    and must say exactly the same."""
+    field = dspy.InputField(desc="the documents")
+    expected = dspy.primitives.repl_types.REPLVariable.from_value("docs", value, field_info=field)
+    assert repl_variable("docs", value, field) == expected
+
+
+def test_fleet_rlm_builds_its_variables_through_repl_variable() -> None:
+    rlm = FleetRLM("docs: list[str], question: str -> answer: str", fanout=Fanout(Settings(redis_url="redis://127.0.0.1:1/0", lm="openai/x"), app=None))
+    built = rlm._build_variables(docs=_CORPUS, question="Who?")
+    assert [v.name for v in built] == ["docs", "question"]
+    assert built == [dspy.primitives.repl_types.REPLVariable.from_value(
+        n, v, field_info=rlm.signature.input_fields[n]) for n, v in (("docs", _CORPUS), ("question", "Who?"))]

@@ -14,6 +14,9 @@ changes them fails there first (and ``pyproject.toml`` pins dspy to a minor vers
    code, input_args)``, ``RLM._extract_fallback(variables, history, output_field_names)`` and the
    fields of ``dspy.primitives.repl_types.REPLEntry`` (reasoning, code, output): what
    ``workers.rlm.TracedRLM`` wraps to budget each step and record it as it ends.
+6. ``RLM._build_variables(**input_args)`` and what ``REPLVariable.from_value`` writes (the length and
+   head-and-tail preview of the indented JSON dump): ``FleetRLM`` builds the same description of a large
+   input without the dump (``workers.repl_preview``; the contract test compares the two).
 """
 
 from __future__ import annotations

@@ -21,11 +21,13 @@ from typing import Any
 
 import dspy
 from dspy.primitives.prediction import Prediction
+from dspy.primitives.repl_types import REPLVariable
 
 from workers.children import Children, check_request, prompt_of
 from workers.dspy_private import LLMCallBudget
 from workers.engines import FleetLM
 from workers.fanout import Fanout
+from workers.repl_preview import repl_variable
 from workers.tracing import NULL_SPANS, RunSpans
 from workers.trajectory import TrajectoryLog
 
@@ -93,6 +95,14 @@ class FleetRLM(dspy.RLM):
         super().__init__(signature, **kwargs)
         self.fanout = fanout
         self.rlm_tools, self.children, self.tree_reserve = rlm_tools, children, tree_reserve
+
+    def _build_variables(self, **input_args: Any) -> list[REPLVariable]:
+        # DSPy's own dumps each input whole to describe it (length, preview): seconds for a large corpus
+        plain = {name: v for name, v in input_args.items() if type(v) in (list, dict)}
+        built = {v.name: v for v in super()._build_variables(**{n: v for n, v in input_args.items() if n not in plain})}
+        built.update({name: repl_variable(name, value, self.signature.input_fields.get(name))
+                      for name, value in plain.items()})
+        return [built[name] for name in input_args]
 
     def _make_llm_tools(self, budget: LLMCallBudget | None = None, max_workers: int = 8) -> dict[str, Callable]:
         # max_workers is DSPy's thread count for its own batch; the fleet's width replaces it.
