@@ -1,0 +1,105 @@
+"""Faults across hosts (issue #19, item 3), on the layout of ``tests.support.hosts.fleet``: a Redis
+primary and a Sentinel on a, a replica, a Sentinel and one rlm and one llm worker on b, a Sentinel and
+one rlm and one llm worker on c, the client (this test) and the stub LLM on d. Every worker reaches
+Redis through the Sentinels (``REDIS_URL=sentinel://…``) and runs with the fault tests' short leases.
+
+Real parts throughout: redis-server and Sentinels, ``celery worker`` processes on their hosts, local
+sandboxes, the stub over HTTP across the switch. Each test prints ``MEASURED`` lines (``-s``) that
+docs/reliability.md quotes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from broker_bridge.backends.process_jail import pids_with_marker
+from rlmq.store.records import RunRecord, RunStatus, RunStore
+from tests.support.hosts import Network
+from tests.support.hosts.fleet import HostsFleet, hosts_fleet
+from tests.support.records import stored_record, stored_result
+from tests.support.reliability import batch_step, prompt_repeats, sub_answer, submit, wait_status
+from tests.support.wait import wait_until
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def fleet(network: Network) -> Iterator[HostsFleet]:
+    """The layout, with this test's own sockets on host d."""
+    with hosts_fleet(network) as started, started.d.entered():
+        yield started
+
+
+@pytest.fixture
+def r(fleet: HostsFleet) -> Iterator[redis.Redis]:
+    client = fleet.client()
+    yield client
+    client.close()
+
+
+def record_or_none(r: redis.Redis, run_id: str) -> RunRecord | None:
+    try:
+        return RunStore(r).get(run_id)
+    except redis.RedisError:  # Redis away for a moment (a cut, a failover)
+        return None
+
+
+def finished(fleet: HostsFleet, r: redis.Redis, run_id: str, timeout: float) -> RunRecord:
+    try:
+        return wait_status(r, run_id, timeout=timeout)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{fleet.logs()}") from None
+
+
+def test_a_host_cut_off_mid_run_loses_the_run_to_another_host_and_writes_nothing(fleet: HostsFleet, r) -> None:
+    """(a) host c, owning a run, loses its network: the run resumes on b and succeeds; when c comes
+    back its stale attempt writes nothing (fenced) and its sandbox is gone."""
+    control = fleet.control()
+    rlm_b = fleet.node("rlm-b")
+    control.control.cancel_consumer("rlm", destination=[rlm_b], reply=True, timeout=5)  # so that c takes the run
+    run_id, _ = submit(r, fleet.stub, ["print(items)", batch_step(6, then="import time\ntime.sleep(3)"),
+                                       "SUBMIT(answers=answers)"], tag="cut", url=fleet.url())
+
+    def owned_by_c_in_step_2() -> RunRecord | None:
+        record = record_or_none(r, run_id)
+        # the batch gathered (its answers cached): nothing of it is in flight when c goes
+        return record if (record and record.status is RunStatus.RUNNING and record.progress.iteration == 2
+                          and record.progress.batch is None and record.progress.usage.sub.calls == 6) else None
+
+    owned = wait_until(owned_by_c_in_step_2, 60, "the run on c, its batch answered")
+    assert owned.worker == fleet.node("rlm-c") and owned.progress.sandbox is not None
+    sandbox = owned.progress.sandbox.id
+    assert pids_with_marker(sandbox), "c's sandbox runs"
+    control.control.add_consumer("rlm", destination=[rlm_b], reply=True, timeout=5)
+    control.close()
+
+    cut_at = time.monotonic()
+    fleet.network.cut(fleet.c)
+    try:
+        done = finished(fleet, r, run_id, timeout=60)
+        recovered = time.monotonic() - cut_at
+    finally:
+        fleet.network.restore(fleet.c)
+    restored_at = time.monotonic()
+    assert done.status is RunStatus.SUCCEEDED, (done.status, done.error)
+    assert done.attempt == 2 and done.worker == fleet.node("rlm-b"), (done.attempt, done.worker)
+    result = stored_result(r, run_id)
+    assert result["outputs"]["answers"] == [sub_answer(f"question {i}") for i in range(6)]
+
+    rlm_c = fleet.workers["rlm-c"]
+    wait_until(lambda: "lost its claim" in rlm_c.log_tail(300), 60, "c's attempt noticed it was fenced off")
+    wait_until(lambda: not pids_with_marker(sandbox), 30, "c's sandbox gone")
+    reaped = time.monotonic() - restored_at
+    time.sleep(2.0)  # anything c would still write, it writes now
+    after = stored_record(r, run_id)
+    assert (after.status, after.attempt, after.worker, after.finished_at) == (
+        done.status, done.attempt, done.worker, done.finished_at)
+    assert RunStore(r).result(run_id) == result
+    assert prompt_repeats(fleet.stub) == {}, "a prompt paid twice"
+    assert rlm_c.alive, "c's worker carries on"
+    print(f"MEASURED host cut: run succeeded on b {recovered:.1f} s after c's cut; c fenced and its sandbox "
+          f"gone {reaped:.1f} s after c came back")
