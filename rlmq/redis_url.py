@@ -102,12 +102,15 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
         return redis.Redis.from_url(url, **kwargs)
     from redis.sentinel import Sentinel
 
+    from rlmq.sentinel_connection import FailoverConnection, FailoverSSLConnection
+
     parsed = SentinelURL.parse(url)
     # redis-py leaves Sentinel's constructor and master_for unannotated
     sentinel = Sentinel(list(parsed.sentinels), sentinel_kwargs=parsed.sentinel_kwargs())  # type: ignore[no-untyped-call]
+    connection_class = FailoverSSLConnection if kwargs.pop("ssl", False) else FailoverConnection
     client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
         parsed.master_name, redis_class=redis.Redis, db=parsed.db, username=parsed.username,
-        password=parsed.password, **kwargs)
+        password=parsed.password, connection_class=connection_class, **kwargs)
     return client
 
 
@@ -115,10 +118,14 @@ def celery_settings(url: str) -> dict[str, Any]:
     """Celery's ``broker_url``, ``result_backend`` and, for Sentinel, their transport options."""
     if not is_sentinel(url):
         return {"broker_url": url, "result_backend": url}
+    from rlmq.celery_config import BROKER_TRANSPORT_OPTIONS, RESULT_BACKEND_TRANSPORT_OPTIONS
+
     parsed = SentinelURL.parse(url)
     options = {"master_name": parsed.master_name, "sentinel_kwargs": parsed.sentinel_kwargs()}
+    # added to rlmq's own options, which an update with these alone would replace (timeouts, retry policy)
     return {"broker_url": parsed.celery_url(), "result_backend": parsed.celery_url(),
-            "broker_transport_options": options, "result_backend_transport_options": options}
+            "broker_transport_options": {**BROKER_TRANSPORT_OPTIONS, **options},
+            "result_backend_transport_options": {**RESULT_BACKEND_TRANSPORT_OPTIONS, **options}}
 
 
 def parse_url(*schemes: str) -> Callable[[str], str]:
