@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
 from broker_bridge.backends.process_jail import pids_with_marker
 from rlmq.store.records import RunRecord, RunStatus, RunStore
+from tests.support.cli import RLMQ, cli_env
 from tests.support.hosts import Network
 from tests.support.hosts.fleet import HostsFleet, hosts_fleet
 from tests.support.records import stored_record, stored_result
@@ -52,7 +54,7 @@ def finished(fleet: HostsFleet, r: redis.Redis, run_id: str, timeout: float) -> 
     try:
         return wait_status(r, run_id, timeout=timeout)
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{fleet.logs()}") from None
+        raise AssertionError(f"{exc}\n{fleet.logs()}\nfull logs: {fleet.keep_logs()}") from None
 
 
 def test_a_host_cut_off_mid_run_loses_the_run_to_another_host_and_writes_nothing(fleet: HostsFleet, r) -> None:
@@ -103,3 +105,23 @@ def test_a_host_cut_off_mid_run_loses_the_run_to_another_host_and_writes_nothing
     assert rlm_c.alive, "c's worker carries on"
     print(f"MEASURED host cut: run succeeded on b {recovered:.1f} s after c's cut; c fenced and its sandbox "
           f"gone {reaped:.1f} s after c came back")
+
+
+@pytest.mark.parametrize("lost", [("a", "b"), ("a", "b", "c")], ids=["no primary, no replica", "no Redis, no Sentinel"])
+def test_a_submit_while_redis_has_no_primary_fails_in_one_line(network: Network, tmp_path: Path,
+                                                              lost: tuple[str, ...]) -> None:
+    """(e) the primary's and the replica's hosts are gone (a Sentinel still answers, naming the lost
+    primary), or every Redis and Sentinel host is: `rlmq submit` on d exits 3 with one line, at once."""
+    with hosts_fleet(network, workers=False) as fleet:
+        for name in lost:
+            network.power_off(name)
+        started = time.monotonic()
+        done = fleet.d.run([*RLMQ, "submit", "--signature", "question -> answer", "--input", "question=hi"],
+                           env=cli_env(tmp_path, REDIS_URL=fleet.url()), cwd=str(tmp_path), timeout=120, check=False)
+        took = time.monotonic() - started
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 3, (done.returncode, done.stdout, done.stderr)
+    assert len(lines) == 1 and "cannot reach Redis" in lines[0] and len(lines[0]) < 400, done.stderr
+    assert fleet.redis_group.password not in done.stderr and fleet.redis_group.sentinel_password not in done.stderr
+    assert done.stdout == ""
+    print(f"MEASURED submit without a primary ({', '.join(lost)} lost): exit 3 after {took:.1f} s: {lines[0]}")

@@ -77,7 +77,7 @@ def wait_status(r: redis.Redis, run_id: str, timeout: float = 120.0) -> RunRecor
     def finished():
         try:
             record = store.get(run_id)
-        except redis.ConnectionError:
+        except (redis.ConnectionError, redis.TimeoutError):  # Redis restarting, or its host gone (a failover)
             return None
         return record if record is not None and record.status.finished else None
 

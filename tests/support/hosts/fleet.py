@@ -16,7 +16,9 @@ between ``d`` and another host is one the test's own connections see too.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -98,6 +100,14 @@ class HostsFleet:
         point_at(app, self.url())
         app.conf.accept_content = ["json"]
         return app
+
+    def keep_logs(self) -> Path:
+        """The hosts' logs copied where they outlive the network (which deletes its directory)."""
+        kept = Path(tempfile.mkdtemp(prefix="rlmq-hosts-logs-"))
+        for host in self.network.hosts.values():
+            shutil.copytree(host.dir, kept / host.name, ignore=shutil.ignore_patterns("*.aof*", "*.rdb", "*.conf"),
+                            dirs_exist_ok=True)
+        return kept
 
     def logs(self, names: list[str] | None = None, lines: int = 40) -> str:
         """The workers' log tails, for a failing assertion's message."""
