@@ -23,7 +23,7 @@ from tests.support.cli import RLMQ, cli_env
 from tests.support.hosts import Network
 from tests.support.hosts.fleet import HostsFleet, hosts_fleet
 from tests.support.records import stored_record, stored_result
-from tests.support.reliability import batch_step, prompt_repeats, sub_answer, submit, wait_status
+from tests.support.reliability import batch_step, prompt_repeats, sub_answer, sub_requests, submit, wait_status
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow
@@ -125,3 +125,33 @@ def test_a_submit_while_redis_has_no_primary_fails_in_one_line(network: Network,
     assert fleet.redis_group.password not in done.stderr and fleet.redis_group.sentinel_password not in done.stderr
     assert done.stdout == ""
     print(f"MEASURED submit without a primary ({', '.join(lost)} lost): exit 3 after {took:.1f} s: {lines[0]}")
+
+
+def test_an_llm_workers_host_partitioned_from_redis_mid_fan_out_loses_nothing(fleet: HostsFleet, r) -> None:
+    """(b) host c loses Redis's host (a) mid-fan-out, while it still reaches the LLM: its sub-tasks are
+    sent again to b, every prompt is answered once and in order; paid twice at most are the prompts
+    c's llm worker had in flight (one per thread), as for a dead llm worker."""
+    control = fleet.control()
+    control.control.cancel_consumer("rlm", destination=[fleet.node("rlm-c")], reply=True, timeout=5)  # the run on b
+    control.close()
+    fleet.stub.latency = 1.0
+    n = 48
+    run_id, _ = submit(r, fleet.stub, ["print(items)", batch_step(n), "SUBMIT(answers=answers)"], tag="partition",
+                       url=fleet.url())
+
+    wait_until(lambda: sub_requests(fleet.stub) >= 8, 60, "the batch's first prompts at the LLM")
+    cut_at = time.monotonic()
+    fleet.network.partition(fleet.c, fleet.a)
+    try:
+        done = finished(fleet, r, run_id, timeout=60)
+        recovered = time.monotonic() - cut_at
+    finally:
+        fleet.network.heal(fleet.c, fleet.a)
+    assert done.status is RunStatus.SUCCEEDED, (done.status, done.error)
+    assert done.worker == fleet.node("rlm-b") and done.attempt == 1
+    assert stored_result(r, run_id)["outputs"]["answers"] == [sub_answer(f"question {i}") for i in range(n)]
+    assert done.progress.subtasks_resent >= 1, done.progress
+    repeats = prompt_repeats(fleet.stub)
+    assert len(repeats) <= 8 and all(count == 2 for count in repeats.values()), repeats
+    print(f"MEASURED llm host partitioned from Redis: run succeeded {recovered:.1f} s after the partition; "
+          f"{done.progress.subtasks_resent} sub-tasks resent, {len(repeats)} prompts paid twice")
