@@ -31,9 +31,10 @@ from celery import Celery
 from rlmq.celery_config import point_at
 from rlmq.redis_url import connect
 from rlmq.stack import READY_MARK, worker_command
+from rlmq.store.records import RunRecord
 from tests.support.hosts.network import Host, HostProcess, Network
 from tests.support.hosts.sentinel import MASTER_NAME, RedisSentinel
-from tests.support.reliability import WORKER_ENV
+from tests.support.reliability import WORKER_ENV, wait_status
 from tests.support.stub_llm import StubLLM
 
 __all__ = ["HostsFleet", "hosts_fleet"]
@@ -108,6 +109,14 @@ class HostsFleet:
             shutil.copytree(host.dir, kept / host.name, ignore=shutil.ignore_patterns("*.aof*", "*.rdb", "*.conf"),
                             dirs_exist_ok=True)
         return kept
+
+    def wait_finished(self, r: redis.Redis, run_id: str, timeout: float) -> RunRecord:
+        """The run's record once it has finished; else fail with the workers' log tails and where their
+        whole logs were kept."""
+        try:
+            return wait_status(r, run_id, timeout=timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.logs()}\nfull logs: {self.keep_logs()}") from None
 
     def logs(self, names: list[str] | None = None, lines: int = 40) -> str:
         """The workers' log tails, for a failing assertion's message."""
