@@ -2,11 +2,19 @@
 plain and with latency set (netem where the kernel has it, else the userspace NFQUEUE delayer).
 
     sudo python bench/hosts_network.py [--delay-ms 20] [--jitter-ms 5] [--seconds 3]
+    sudo python bench/hosts_network.py --fanout 500 [--rounds 2] [--stub-latency 0.05]
 
 Prints, per setting: the median and 95th-percentile request/response round trip (a 100-byte
 message echoed over one TCP connection, as a Redis command is), round trips per second, and bulk
 TCP throughput (MB/s). Issue 19's latency test needs 20 ms ± 5 ms to cost what a real network
 would: ~40 ms per round trip and little CPU beyond that.
+
+With ``--fanout N``: issue 19's fleet across hosts (``tests.support.hosts.fleet``: Redis primary on a,
+replica on b, workers on b and c, client and stub LLM on d, Redis through Sentinel) runs one
+``llm_query_batched`` of N prompts per round, first with no latency between hosts, then with
+``--delay-ms`` ± ``--jitter-ms`` on every packet; it prints the batch's prompts per second (the
+stub's first to last sub-call) and the run's wall time, and the ratios of the throughputs (a row with the
+latency backend at 0 ms gives the backend's own cost).
 """
 
 from __future__ import annotations
@@ -18,11 +26,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import command_line
 from tests.support.hosts import Host, Network, latency_backend, latency_missing, unavailable
+from tests.support.hosts.fleet import HostsFleet, hosts_fleet
+from tests.support.reliability import batch_step, submit, wait_status
 
 PORT_ECHO, PORT_SINK = 7100, 7101
 
@@ -93,10 +104,53 @@ def report(label: str, src: Host, dst: Host, seconds: float) -> None:
           f"{len(rtts) / seconds:8.0f} rt/s  bulk {throughput(src, dst, seconds):8.1f} MB/s", flush=True)
 
 
+def fanout_round(fleet: HostsFleet, r: Any, n: int, tag: str) -> tuple[float, float]:
+    """One run with one batch of ``n`` prompts: (the batch's prompts per second, the run's wall seconds)."""
+    seen = len(fleet.stub.requests)
+    started = time.monotonic()
+    run_id, _ = submit(r, fleet.stub, ["print(items)", batch_step(n), "SUBMIT(answers=answers)"], tag=tag,
+                       url=fleet.url())
+    record = wait_status(r, run_id, timeout=600)
+    wall = time.monotonic() - started
+    if record.status.value != "SUCCEEDED":
+        sys.exit(f"run {run_id} ended {record.status.value}: {record.error}")
+    subs = [req.at for req in fleet.stub.requests[seen:] if "question " in req.prompt and "REPL" not in req.prompt]
+    return (len(subs) - 1) / (max(subs) - min(subs)), wall
+
+
+def fanout(args: Any) -> None:
+    backend = latency_backend()
+    if backend is None:
+        sys.exit(f"latency: {latency_missing()}")
+    with Network() as net, hosts_fleet(net, llm_threads=32) as fleet, fleet.d.entered():
+        fleet.stub.latency = args.stub_latency
+        r = fleet.client()
+        fanout_round(fleet, r, 8, "warm-up")  # imports, sandbox start, connections
+        rates: dict[str, list[float]] = {}
+        for n_round in range(args.rounds):
+            # the 0-ms row is the latency backend's own cost (the userspace delayer handles every packet)
+            for setting, (label, delay) in enumerate((("no latency", None), (f"{backend}, 0 ms", (0.0, 0.0)),
+                                 (f"{backend}, {args.delay_ms:g} ± {args.jitter_ms:g} ms", (args.delay_ms, args.jitter_ms)))):
+                if delay:
+                    net.set_latency(*delay, backend=backend)
+                rate, wall = fanout_round(fleet, r, args.fanout, f"round{n_round}-{setting}")
+                net.clear_latency()
+                rates.setdefault(label, []).append(rate)
+                print(f"{label:<24} {args.fanout} prompts: {rate:7.1f} prompts/s  run {wall:6.1f} s", flush=True)
+        plain, zero, delayed = (statistics.median(v) for v in rates.values())
+        print(f"median prompts/s: no latency {plain:.1f}; {backend} 0 ms {zero:.1f} ({zero / plain:.0%}); "
+              f"{args.delay_ms:g} ± {args.jitter_ms:g} ms {delayed:.1f} ({delayed / plain:.0%} of no latency, "
+              f"{delayed / zero:.0%} of {backend} 0 ms)")
+        r.close()
+
+
 def main() -> None:
-    args = command_line(__doc__, delay_ms=20.0, jitter_ms=5.0, seconds=3.0)
+    args = command_line(__doc__, delay_ms=20.0, jitter_ms=5.0, seconds=3.0, fanout=0, rounds=2, stub_latency=0.05)
     if unavailable():
         sys.exit(f"cannot make hosts here: {unavailable()}")
+    if args.fanout:
+        fanout(args)
+        return
     with Network() as net:
         a, b = net.add_hosts("a", "b")
         servers = serve(b)

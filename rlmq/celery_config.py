@@ -44,6 +44,21 @@ VISIBILITY_TIMEOUT_SECONDS = 3600
 # a Redis restart: about two minutes, as the workers' own Redis client does (workers.context).
 OUTAGE_RETRY_POLICY = {"max_retries": 60, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
 
+# A Redis host that vanishes (powered off, cut off, failed over) closes no TCP connection: without a socket
+# timeout a publish on it waits forever, which froze the whole event loop of every worker when the primary's
+# host was lost (tests/test_hosts_faults.py). Nothing kombu sends blocks that long on a live server (its BRPOP
+# returns within 1 s); its checks of the idle BRPOP and pub/sub connections run every health check interval.
+SOCKET_TIMEOUT_SECONDS = 10.0
+CONNECT_TIMEOUT_SECONDS = 5.0
+HEALTH_CHECK_SECONDS = 5
+BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {
+    "visibility_timeout": VISIBILITY_TIMEOUT_SECONDS, "socket_timeout": SOCKET_TIMEOUT_SECONDS,
+    "socket_connect_timeout": CONNECT_TIMEOUT_SECONDS, "health_check_interval": HEALTH_CHECK_SECONDS,
+}
+RESULT_BACKEND_TRANSPORT_OPTIONS: dict[str, Any] = {
+    "visibility_timeout": VISIBILITY_TIMEOUT_SECONDS, "retry_policy": OUTAGE_RETRY_POLICY,
+}
+
 CELERY_CONFIG: dict[str, Any] = {
     "task_serializer": "json",
     "result_serializer": "json",
@@ -59,9 +74,12 @@ CELERY_CONFIG: dict[str, Any] = {
     "task_send_sent_event": False,
     "task_track_started": True,
     # result_expires is RLMQ_RESULT_EXPIRES, a worker setting: tasks.app sets it (the client stores no results)
-    "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
-    "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS,
-                                         "retry_policy": OUTAGE_RETRY_POLICY},
+    "broker_transport_options": BROKER_TRANSPORT_OPTIONS,
+    "result_backend_transport_options": RESULT_BACKEND_TRANSPORT_OPTIONS,
+    # the result backend's own connections (Celery's default socket timeout is 120 s)
+    "redis_socket_timeout": SOCKET_TIMEOUT_SECONDS,
+    "redis_socket_connect_timeout": CONNECT_TIMEOUT_SECONDS,
+    "redis_backend_health_check_interval": HEALTH_CHECK_SECONDS,
     "broker_connection_retry_on_startup": True,
     "broker_connection_max_retries": None,  # a worker waits for Redis to come back, however long
     # A Redis restart must not lose a result or a sent task: storing and publishing wait it out.

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+from redis.sentinel import MasterNotFoundError
 
 from rlmq.celery_config import client_app
 from rlmq.flower_repr import describe_value, human_bytes
@@ -31,7 +32,7 @@ from rlmq.redis_url import connect
 from rlmq.run_options import check_tools, with_options
 from rlmq.run_send import cancel_run, send_run
 from rlmq.settings import RUN_OPTIONS, Settings, SettingsError, load_dotenv_once, redis_url_from_env
-from rlmq.stack import running_stack_url
+from rlmq.stack import redacted_url, running_stack_url
 from rlmq.store.blobs import CHUNK_BYTES, blob_size, put_blob, put_items
 from rlmq.store.records import RunRecord, RunSpec, RunStatus, RunStore, new_run_id
 from rlmq.trace import read_trajectory
@@ -82,7 +83,9 @@ class Client:
         try:
             return action()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise RedisUnreachable(f"cannot reach Redis at {self.redis_url} ({what}): {exc}") from None
+            # redis-py's own text for this one is every Sentinel client's repr: kilobytes on one line
+            why = ("no Sentinel names a primary it can reach" if isinstance(exc, MasterNotFoundError) else str(exc))
+            raise RedisUnreachable(f"cannot reach Redis at {redacted_url(self.redis_url)} ({what}): {why}") from None
 
     # ---- submit ----------------------------------------------------------------------------
     def submit(self, signature: str, inputs: dict[str, Any], *, tools: list[str] | tuple[str, ...] = (),

@@ -15,7 +15,6 @@ password and the database, and the two arguments as its broker and result-backen
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,46 +102,30 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
         return redis.Redis.from_url(url, **kwargs)
     from redis.sentinel import Sentinel
 
+    from rlmq.sentinel_connection import FailoverConnection, FailoverSSLConnection
+
     parsed = SentinelURL.parse(url)
     # redis-py leaves Sentinel's constructor and master_for unannotated
     sentinel = Sentinel(list(parsed.sentinels), sentinel_kwargs=parsed.sentinel_kwargs())  # type: ignore[no-untyped-call]
+    connection_class = FailoverSSLConnection if kwargs.pop("ssl", False) else FailoverConnection
     client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
         parsed.master_name, redis_class=redis.Redis, db=parsed.db, username=parsed.username,
-        password=parsed.password, connection_class=_primary_following_connection(bool(kwargs.get("ssl"))), **kwargs)
+        password=parsed.password, connection_class=connection_class, **kwargs)
     return client
-
-
-@functools.lru_cache(maxsize=2)
-def _primary_following_connection(ssl: bool) -> type:
-    """redis-py's Sentinel connection, made to find the primary again when a retried command reconnects.
-
-    redis-py 8.1 reconnects a connection that a command's retry closed inside ``send_packed_command``,
-    to the address it had (``connect_check_health``), not through Sentinel: a command in flight when
-    the primary died retried the dead address for its whole retry budget (two minutes for a worker's
-    clients: a run stalled that long after every failover), while new commands found the new primary.
-    Upstream: redis/redis-py#3874 (open, fix proposed in #3875); drop this class once a release has it.
-    """
-    from redis.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
-
-    base = SentinelManagedSSLConnection if ssl else SentinelManagedConnection
-
-    class PrimaryFollowingConnection(base):  # type: ignore[misc, valid-type]
-        def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-            if not self._sock:
-                self.connect()  # through Sentinel: the current primary
-            super().send_packed_command(command, check_health)
-
-    return PrimaryFollowingConnection
 
 
 def celery_settings(url: str) -> dict[str, Any]:
     """Celery's ``broker_url``, ``result_backend`` and, for Sentinel, their transport options."""
     if not is_sentinel(url):
         return {"broker_url": url, "result_backend": url}
+    from rlmq.celery_config import BROKER_TRANSPORT_OPTIONS, RESULT_BACKEND_TRANSPORT_OPTIONS
+
     parsed = SentinelURL.parse(url)
     options = {"master_name": parsed.master_name, "sentinel_kwargs": parsed.sentinel_kwargs()}
+    # added to rlmq's own options, which an update with these alone would replace (timeouts, retry policy)
     return {"broker_url": parsed.celery_url(), "result_backend": parsed.celery_url(),
-            "broker_transport_options": options, "result_backend_transport_options": options}
+            "broker_transport_options": {**BROKER_TRANSPORT_OPTIONS, **options},
+            "result_backend_transport_options": {**RESULT_BACKEND_TRANSPORT_OPTIONS, **options}}
 
 
 def parse_url(*schemes: str) -> Callable[[str], str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import stat
@@ -70,13 +71,14 @@ def generate_flower_auth() -> str:
 
 
 def redacted_url(url: str) -> str:
-    """``url`` with its password replaced by ``****``, for printing."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not (sep and at):
-        return url
-    user, colon, _ = userinfo.partition(":")
-    return f"{scheme}://{user}{':****' if colon else ''}@{host}"
+    """``url`` with its passwords replaced by ``****``, for printing: each part's ``user:password@``, and
+    the ``password`` / ``sentinel_password`` query arguments (a ``sentinel://`` URL names both)."""
+    url = _USERINFO_PASSWORD.sub(r"\1****@", url)
+    return _QUERY_PASSWORD.sub(r"\1****", url)
+
+
+_USERINFO_PASSWORD = re.compile(r"(://[^:@/;?]*:)[^@;]*@")
+_QUERY_PASSWORD = re.compile(r"([?&](?:sentinel_)?password=)[^&]*")
 
 
 # Both queues run in a threads pool: a run mostly waits (on its root LM, its sandbox, its sub-calls), and a

@@ -19,6 +19,7 @@ from redis.backoff import ConstantBackoff
 from redis.retry import Retry
 from redis.sentinel import SentinelConnectionPool
 
+from rlmq.celery_config import CELERY_CONFIG, OUTAGE_RETRY_POLICY
 from rlmq.client import Client
 from rlmq.redis_url import SentinelURL, celery_settings, connect, unauthenticated_redis_problem
 from rlmq.settings import Settings, SettingsError
@@ -42,6 +43,10 @@ def test_the_url_is_celerys_form_with_the_master_name() -> None:
         "sentinel://:pw@h1:26379/2;sentinel://:pw@h2:26380/2;sentinel://:pw@h3:26379/2")
     assert celery["broker_transport_options"]["master_name"] == "rlmq"
     assert celery["broker_transport_options"]["sentinel_kwargs"]["password"] == "sp"
+    # rlmq's own options stay: a publish on a connection to a lost primary times out instead of waiting forever
+    assert celery["broker_transport_options"]["socket_timeout"] == CELERY_CONFIG["broker_transport_options"][
+        "socket_timeout"] and "visibility_timeout" in celery["broker_transport_options"]
+    assert celery["result_backend_transport_options"]["retry_policy"] == OUTAGE_RETRY_POLICY
 
 
 def test_kombu_and_celery_keep_the_database_and_password_through_a_failover() -> None:
@@ -170,3 +175,45 @@ def _run_across_the_loss_of_the_primary(sentinel: LoopbackSentinel, tmp_path: Pa
         done = rlmq("status", run_id, env=cli_env(tmp_path, REDIS_URL=url), cwd=tmp_path)
         assert done.code == 0 and "succeeded" in done.stdout.lower(), (done.stdout, done.stderr)
         assert not fleet.stack.dead_children(), "a worker died across the failover"
+
+
+@pytest.mark.slow
+def test_a_worker_client_asks_the_sentinels_again_when_a_command_reconnects() -> None:
+    """The workers' client retries a command for about two minutes (``OUTAGE_RETRY``). redis-py reconnects a
+    dropped connection from the command with that same policy, to the address it had: without
+    ``rlmq.sentinel_connection`` a command that lost a primary which stopped answering (a lost host: no
+    RST, connects that hang) dialled it for minutes after the Sentinels had promoted the replica (issue
+    #19's host tests saw a run's claim renewal stall so). SIGSTOP plays the lost host here."""
+    import signal
+    import threading
+
+    from workers.context import OUTAGE_RETRY
+
+    with LoopbackSentinel() as sentinel:
+        client = connect(sentinel.url(db=3), retry=OUTAGE_RETRY, retry_on_error=[redis.ConnectionError,
+                                                                                 redis.TimeoutError], socket_timeout=2)
+        client.set("before", "1")
+        # on the replica too (replication is asynchronous; the replica may still be syncing)
+        wait_until(lambda: client.wait(1, 500) == 1, 30, "the replica acknowledging the write")
+        old = sentinel.primary_port()
+        primary = next(server for server in sentinel.servers if server.port == old).process
+        primary.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: sentinel.primary_port() != old, 60, "the Sentinels promoting the replica", 0.5)
+            done = threading.Event()
+            outcome: list[object] = []
+
+            def write() -> None:
+                try:
+                    outcome.append(client.set("after", "2"))
+                except redis.RedisError as exc:
+                    outcome.append(exc)
+                done.set()
+
+            threading.Thread(target=write, daemon=True).start()
+            # a correctness bound, not a speed one: without the fix the write dials the old primary for minutes
+            assert done.wait(30), "the write still dials the lost primary after 30 s"
+            assert outcome == [True] and client.get("before") == b"1"
+        finally:
+            primary.send_signal(signal.SIGCONT)
+            client.close()

@@ -36,13 +36,16 @@ from workers.job_feeder import feed_jobs
 from workers.outcomes import RunFailed, mark_revoked, record_restart
 from workers.sandbox_registry import reap_attempt, reap_expired
 
-__all__ = ["RECOVERY_GRACE_SECONDS", "RESEND_AFTER_SECONDS", "maintain", "reap_here", "recover_runs"]
+__all__ = ["RECOVERY_GRACE_SECONDS", "RESEND_AFTER_LEASES", "maintain", "reap_here", "recover_runs"]
 
 logger = logging.getLogger(__name__)
 
-# A restarted run still QUEUED after this long is sent again (its message may have been lost with
-# the sweeper that restarted it); a duplicate delivery is harmless, the claim runs it once.
-RESEND_AFTER_SECONDS = 300.0
+# A run still QUEUED this many leases after it was queued or restarted is sent again (300 s with the
+# default 30-s lease): its message may have been lost with the sweeper that restarted it, or popped by a
+# consumer whose connection then broke (kombu's BRPOP takes a message off the list before the worker reads
+# it: a Redis failover lost a restarted run's message so, tests/test_hosts_faults.py). A duplicate delivery
+# is harmless, the claim runs it once.
+RESEND_AFTER_LEASES = 10
 
 
 def recover_runs(client: redis.Redis, app: Any, settings: Settings) -> dict[str, int]:
@@ -51,7 +54,7 @@ def recover_runs(client: redis.Redis, app: Any, settings: Settings) -> dict[str,
     counts = {action.value: 0 for action in Recovery if action is not Recovery.NOTHING}
     for run_id in store.active():
         action = recover(client, run_id, max_attempts=settings.run_attempts, lease_seconds=settings.lease_ttl,
-                         resend_after=RESEND_AFTER_SECONDS)
+                         resend_after=RESEND_AFTER_LEASES * settings.lease_ttl)
         if action is Recovery.NOTHING:
             continue
         counts[action.value] += 1

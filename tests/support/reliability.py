@@ -46,9 +46,10 @@ _SCRIPTS: weakref.WeakKeyDictionary[StubLLM, tuple[Responder, dict[str, Scripted
 
 
 def submit(r: redis.Redis, stub: StubLLM, steps: list[str], *, options: dict | None = None,
-           signature: str = SIGNATURE, tag: str = "x") -> tuple[str, ScriptedRoot]:
+           signature: str = SIGNATURE, tag: str = "x", url: str | None = None) -> tuple[str, ScriptedRoot]:
     """A run whose root LM plays ``steps``. ``tag`` names the run's input (``item-<tag>``), which
-    the RLM's prompts show: runs with different tags get their own script and cache keys."""
+    the RLM's prompts show: runs with different tags get their own script and cache keys. ``url``:
+    the Redis URL the client sends it with, where ``r``'s own cannot say it (a ``sentinel://``)."""
     script = ScriptedRoot(steps)
     owner, scripts = _SCRIPTS.get(stub, (None, {}))
     if owner is not stub._responder:  # a fresh stub, or another responder since: a new registry
@@ -66,7 +67,7 @@ def submit(r: redis.Redis, stub: StubLLM, steps: list[str], *, options: dict | N
     _SCRIPTS[stub] = (stub._responder, scripts)
     spec = RunSpec(run_id=new_run_id(), signature=signature, inputs=put_blobs(r, {"items": [f"item-{tag}"]}),
                    options={"max_iters": 6, "max_llm_calls": 500, **(options or {})})
-    Client(redis_url_of(r)).enqueue(spec)
+    Client(url or redis_url_of(r)).enqueue(spec)
     return spec.run_id, script
 
 
@@ -76,7 +77,7 @@ def wait_status(r: redis.Redis, run_id: str, timeout: float = 120.0) -> RunRecor
     def finished():
         try:
             record = store.get(run_id)
-        except redis.ConnectionError:
+        except (redis.ConnectionError, redis.TimeoutError):  # Redis restarting, or its host gone (a failover)
             return None
         return record if record is not None and record.status.finished else None
 

@@ -196,10 +196,11 @@ class Host:
         return self.network._spawn(self.netns, argv, name=f"{self.name}/{name}", host=self,
                                    log=log or self.dir / f"{name}.log", env=env, cwd=cwd, inherit_env=inherit_env)
 
-    def run(self, argv: list[str], *, timeout: float = 30.0, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run a short command on this host and wait for it."""
+    def run(self, argv: list[str], *, timeout: float = 30.0, check: bool = True, env: dict[str, str] | None = None,
+            cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run a short command on this host and wait for it (``env``: its whole environment)."""
         done = subprocess.run(["ip", "netns", "exec", self.netns, *argv], capture_output=True, text=True,
-                              timeout=timeout, check=False)
+                              timeout=timeout, check=False, env=env, cwd=cwd)
         if check and done.returncode != 0:
             raise RuntimeError(f"on {self.name}: {' '.join(argv)}: {done.stderr.strip() or done.stdout.strip()}")
         return done
