@@ -11,7 +11,10 @@ from __future__ import annotations
 import time
 
 import pytest
+import redis
 
+from rlmq.celery_config import LLM_QUEUE
+from rlmq.local_redis import start_private_redis
 from rlmq.store.records import RunStatus
 from tests.support.fleet import Fleet, fleet_fixture
 from tests.support.records import stored_result
@@ -46,3 +49,27 @@ def test_killed_llm_worker_mid_batch_loses_no_prompt(fleet: Fleet, stub: StubLLM
     progress = record.progress
     assert progress.subtasks_resent >= 1 and progress.llm_errors == 0, progress
     fleet.workers.remove(victim)
+
+
+def test_sub_tasks_lost_from_the_queue_are_sent_again(stub: StubLLM) -> None:
+    """A failover can lose queued messages: a BRPOP pops one for a consumer whose connection then breaks,
+    and a replica promoted before it had the last writes never had it. Nobody holds such a sub-task, so
+    the dead-worker check cannot find it; the gather sends again what is neither queued nor held at two
+    checks in a row, instead of waiting out RLMQ_GATHER_TIMEOUT (set to 300 s here)."""
+    server = start_private_redis()
+    try:
+        r = redis.Redis.from_url(server.url)
+        with Fleet(server.url, {**WORKER_ENV, "RLMQ_LM_API_BASE": stub.api_base, "RLMQ_GATHER_TIMEOUT": "300"}) as own:
+            own.start("rlm", name="lost-rlm", concurrency=1)  # no llm worker yet: the sub-tasks wait in the queue
+            run_id, _ = submit(r, stub, [batch_step(24), "SUBMIT(answers=answers)"], tag="lost-msgs")
+            wait_until(lambda: r.llen(LLM_QUEUE) > 0, 60, "the batch's sub-tasks queued")
+            time.sleep(1.0)  # the group is sent at once: all of it is queued by now
+            queued = r.llen(LLM_QUEUE)
+            r.delete(LLM_QUEUE)  # lost, as in a failover
+            own.start("llm", name="lost-llm", concurrency=4)
+            record = wait_status(r, run_id, timeout=90)
+            assert record.status is RunStatus.SUCCEEDED, (record.status, record.error)
+            assert stored_result(r, run_id)["outputs"]["answers"] == [f"answer-{i}" for i in range(24)]
+            assert record.progress.subtasks_resent == queued, (queued, record.progress)
+    finally:
+        server.stop()

@@ -28,11 +28,11 @@ from celery import group
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import ResultSet
 
-from rlmq.celery_config import LLM_TASK
+from rlmq.celery_config import LLM_QUEUE, LLM_TASK
 from rlmq.settings import Settings
 from workers.answer import Answer
 from workers.context import error_text, redis_client
-from workers.liveness import lost_subtasks
+from workers.liveness import lost_subtasks, vanished_subtasks
 from workers.llm_call import Messages
 from workers.tracing import NULL_SPANS, RunSpans
 
@@ -172,6 +172,7 @@ class Fanout:
         resends: Counter[int] = Counter()
         deadline = time.monotonic() + self.settings.gather_timeout
         next_check = [time.monotonic() + LIVENESS_CHECK_SECONDS]
+        suspects: set[str] = set()  # sub-tasks neither queued nor held at the last check
 
         def collect(task_id: str, value: Any) -> None:
             n = pending.get(task_id)
@@ -205,10 +206,15 @@ class Fanout:
                 raise _Rejoin()
             candidates = [t for t, n in pending.items() if resends[n] < MAX_RESENDS]
             try:
-                lost = lost_subtasks(redis_client(self.settings.redis_url or None), candidates) if candidates else []
+                client = redis_client(self.settings.redis_url or None)
+                lost = lost_subtasks(client, candidates) if candidates else []
+                vanished = set(vanished_subtasks(client, candidates, LLM_QUEUE)) if candidates else set()
             except Exception as exc:  # a liveness look-up must never break a gather
                 logger.warning("liveness check failed: %s", error_text(exc))
-                lost = []
+                lost, vanished = [], set()
+            lost += sorted((vanished & suspects) - set(lost))  # vanished at two checks in a row
+            suspects.clear()
+            suspects.update(vanished)
             if lost:
                 raise _Lost(lost)
 

@@ -21,7 +21,7 @@ from rlmq.store import keys, replies
 from workers.context import error_text
 from workers.ticker import Ticker
 
-__all__ = ["HOLDER_TTL_SECONDS", "Heartbeat", "lost_subtasks", "mark_received", "unmark"]
+__all__ = ["HOLDER_TTL_SECONDS", "Heartbeat", "lost_subtasks", "mark_received", "unmark", "vanished_subtasks"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,19 @@ def lost_subtasks(client: redis.Redis, task_ids: Sequence[str]) -> list[str]:
         return []
     alive = dict(zip(hosts, client.mget([keys.worker_heartbeat_key(h) for h in hosts]), strict=True))
     return [t for t, h in zip(task_ids, holders, strict=True) if h and alive.get(replies.text(h)) is None]
+
+
+def vanished_subtasks(client: redis.Redis, task_ids: Sequence[str], queue: str) -> list[str]:
+    """The sub-tasks among ``task_ids`` that no worker holds while ``queue`` is empty: neither waiting
+    nor running. kombu's BRPOP takes a message off the queue before the worker reads it, so a consumer
+    whose connection breaks in between (a Redis failover breaks every connection to the old primary)
+    loses it, and a failover loses the writes its replica had not received yet. A message between its
+    pop and its ``task_received`` mark looks the same for a moment: callers resend only what two checks
+    a second apart both found."""
+    if not task_ids or client.llen(queue):
+        return []
+    holders = client.mget([keys.subtask_holder_key(t) for t in task_ids])
+    return [t for t, h in zip(task_ids, holders, strict=True) if not h]
 
 
 class Heartbeat:
