@@ -15,12 +15,17 @@ Printed (one ``name: value`` line each, which ``tests/test_bench_scale.py`` pars
 - provider utilisation: replies served (200) per second over the busy period, as % of R; the busy
   period is from the first to the last sub-call request the provider saw (the fan-outs' span; the
   first root calls and sandbox boots before it, and the last SUBMIT steps after it, are left out),
-  and the 1-s windows in it (min, median);
+  and the 1-s windows in it (min, median); and over the seconds the provider was saturated (the
+  fleet's limiter had held callers back within the second before a sample: more prompts waiting
+  than R allows), what share of R was served (samples are ~1 s apart, fewer on a loaded box);
 - throttled: the share of all requests answered 429;
 - peak RSS of the rlm worker (its Celery process(es): the tree under it minus the sandboxes), per
   run (the peak / N) and what the runs added (peak - the idle worker's RSS, / N); the sandboxes'
   peak count and RSS;
-- Redis memory peak (``used_memory_peak``, and the largest RSS sampled);
+- Redis memory peak (``used_memory_peak``, and the largest RSS sampled), its most connected clients
+  and the commands it processed per provider request;
+- the CPU seconds each part used while the runs ran (rlm worker, sandboxes, llm workers, Redis, this
+  process with the stub);
 - the load average before and after (the box is shared).
 
 Run: ``python bench/scale.py`` from the repo root (``--runs 3 --prompts 4`` for a smoke run).
@@ -51,6 +56,7 @@ from rlmq.store import keys  # noqa: E402
 from rlmq.store.records import RunRecord, RunStatus  # noqa: E402
 from tests.support.fleet import Fleet  # noqa: E402
 from tests.support.stub_llm import RLM_ACTION_MARKER, RequestRecord, ScriptedRoot, StubLLM, route  # noqa: E402
+from workers.adaptive_limit import AdaptiveLimiter  # noqa: E402
 
 SIGNATURE = "items: list[str] -> ok: int"
 STEPS = [
@@ -72,11 +78,14 @@ class FleetSampler:
     enough to sample hundreds of processes each second."""
 
     def __init__(self, worker_pid: int, redis_client: redis.Redis, others: dict[str, list[int]]) -> None:
+        self.limiter = AdaptiveLimiter(redis_client, MODEL)
+        self.held_back: list[float] = []  # time.monotonic() of the samples at which the limiter had held callers back
         self.root = psutil.Process(worker_pid)
         self.session = os.getsid(worker_pid)
         self.redis = redis_client
         self.others = {name: [psutil.Process(pid) for pid in pids] for name, pids in others.items()}
         self.worker_rss = self.sandbox_rss = self.sandboxes = self.sandbox_procs = self.redis_rss = 0
+        self.redis_clients = 0
         self.cpu: dict[tuple[str, int], float] = {}  # (part, pid) -> CPU seconds at the last reading
 
     def worker_now(self) -> int:
@@ -122,9 +131,16 @@ class FleetSampler:
                 except psutil.Error:
                     continue
                 self.cpu[(part, p.pid)] = times.user + times.system
+        try:  # the limiter marks `pressed` (Redis's clock, us) each time it tells a caller to wait
+            pressed, (seconds, micros) = self.limiter.state().get("pressed"), self.redis.time()
+            if pressed and seconds + micros / 1e6 - float(pressed) / 1e6 < 1.0:
+                self.held_back.append(time.monotonic())
+        except redis.RedisError:
+            pass
         try:  # live sandboxes: their leases (what `rlmq stats` counts)
             self.sandboxes = max(self.sandboxes, self.redis.zcount(keys.leases_index_key(), time.time(), "+inf"))
             self.redis_rss = max(self.redis_rss, int(self.redis.info("memory")["used_memory_rss"]))
+            self.redis_clients = max(self.redis_clients, int(self.redis.info("clients")["connected_clients"]))
         except redis.RedisError:  # a missed sample is a missed sample
             pass
 
@@ -138,17 +154,22 @@ class ProviderLoad:
     window_median: float
     throttled: int  # 429 replies, whole benchmark
     requests: int
+    saturated: int  # 1-s windows in which the fleet's limiter held callers back (demand above R)
+    saturated_served: int  # 200 replies in those windows
 
 
-def provider_load(records: list[RequestRecord], rate: float) -> ProviderLoad:
+def provider_load(records: list[RequestRecord], rate: float, held_back: list[float]) -> ProviderLoad:
     subs = [r.at for r in records if RLM_ACTION_MARKER not in r.prompt]
     start, end = (min(subs), max(subs)) if subs else (0.0, 0.0)
     ok = sorted(r.at for r in records if r.status == 200 and start <= r.at <= end)
     busy = max(end - start, 1.0)  # a smoke run's fan-outs take less than a second
     windows = [sum(1 for t in ok if start + k <= t < start + k + 1) for k in range(int(busy))] or [len(ok)]
+    served = sorted(r.at for r in records if r.status == 200)
+    saturated = [sum(1 for t in served if at - 1.0 <= t < at) for at in held_back]  # the second before each sample
     return ProviderLoad(busy=end - start, served=len(ok), utilisation=len(ok) / (rate * busy),
                         window_min=min(windows), window_median=statistics.median(windows),
-                        throttled=sum(r.status == 429 for r in records), requests=len(records))
+                        throttled=sum(r.status == 429 for r in records), requests=len(records),
+                        saturated=len(saturated), saturated_served=sum(saturated))
 
 
 def timeline(records: list[RequestRecord]) -> str:
@@ -191,7 +212,8 @@ def wait_all(client: Client, ids: list[str], deadline: float) -> list[RunRecord]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = command_line(__doc__, argv, runs=200, prompts=50, rps=(150.0, "the provider's limit R, requests/s"),
+    args = command_line(__doc__, argv, runs=200, prompts=50,
+                        rps=(50.0, "the provider's limit R, requests/s (past ~50 the runs' CPU bounds a 2-core box)"),
                         latency=0.5, llm_workers=2, llm_threads=64, rlm_slots=(0, "0: one per run"),
                         timeout=(1200.0, "seconds to wait for the runs"),
                         timeline=(False, "print each second's root calls/sub-calls/429s at the provider"))
@@ -212,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             idle_rss = memory.worker_now()
             memory.sample()
             cpu_before = memory.cpu_seconds()
+            commands_before = int(client.redis.info("stats")["total_commands_processed"])
             with every(1.0, memory.sample):
                 t0 = time.time()
                 ids, submitted = submit_all(client, args)
@@ -219,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
                 wall = max(r.finished_at or time.time() for r in records) - t0
             memory.sample()
             redis_peak = int(client.redis.info("memory")["used_memory_peak"])
+            commands = int(client.redis.info("stats")["total_commands_processed"]) - commands_before
             client.close()
-        load = provider_load(stub.requests, args.rps)
+        load = provider_load(stub.requests, args.rps, memory.held_back)
         if args.timeline:
             print("provider timeline (second:root/sub/429):", timeline(stub.requests))
     load_after = os.getloadavg()
@@ -243,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         ("provider served in busy period", f"{load.served}"),
         ("provider utilisation %", f"{100 * load.utilisation:.1f}"),
         ("provider 1-s windows min/median", f"{load.window_min}/{load.window_median:g}"),
+        ("provider saturated seconds sampled", f"{load.saturated}"),
+        ("provider utilisation when saturated %",
+         f"{100 * load.saturated_served / max(1.0, args.rps * load.saturated):.1f}"),
         ("throttled %", f"{100 * load.throttled / max(1, load.requests):.2f} ({load.throttled} of {load.requests})"),
         ("rlm worker peak RSS MiB", f"{memory.worker_rss / mib:.0f}"),
         ("rlm worker idle RSS MiB", f"{idle_rss / mib:.0f}"),
@@ -252,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         ("sandboxes peak RSS MiB", f"{memory.sandbox_rss / mib:.0f}"),
         ("redis used_memory_peak MiB", f"{redis_peak / mib:.1f}"),
         ("redis peak RSS MiB", f"{memory.redis_rss / mib:.1f}"),
+        ("redis peak connected clients", f"{memory.redis_clients}"),
+        ("redis commands per provider request", f"{commands / max(1, load.requests):.1f}"),
         ("CPU s during the runs", ", ".join(f"{part} {seconds - cpu_before.get(part, 0.0):.1f}"
                                             for part, seconds in sorted(memory.cpu_seconds().items()))),
         ("load average after", " ".join(f"{x:.2f}" for x in load_after)),

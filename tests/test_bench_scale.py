@@ -18,9 +18,11 @@ pytestmark = pytest.mark.slow  # ~15 s: three worker processes start
 
 NUMBERS = [
     "wall s", "runs/min", "run latency p50 s", "run latency p95 s", "provider busy period s",
-    "provider served in busy period", "provider utilisation %", "rlm worker peak RSS MiB",
+    "provider served in busy period", "provider utilisation %", "provider saturated seconds sampled",
+    "provider utilisation when saturated %", "rlm worker peak RSS MiB",
     "rlm worker idle RSS MiB", "rlm worker peak RSS per run MiB", "rlm worker added RSS per run MiB",
-    "sandboxes peak RSS MiB", "redis used_memory_peak MiB", "redis peak RSS MiB",
+    "sandboxes peak RSS MiB", "redis used_memory_peak MiB", "redis peak RSS MiB", "redis peak connected clients",
+    "redis commands per provider request",
 ]
 
 
