@@ -28,7 +28,8 @@ from redis.retry import Retry
 from rlmq.redis_url import connect
 from rlmq.settings import Settings, SettingsError
 
-__all__ = ["OUTAGE_RETRY", "SOCKET_TIMEOUT", "error_text", "redis_client", "setting_at_import", "worker_settings"]
+__all__ = ["MAX_CONNECTIONS", "OUTAGE_RETRY", "SOCKET_TIMEOUT", "error_text", "redis_client", "setting_at_import",
+           "worker_settings"]
 
 # 0.2 + 0.4 + 0.8 + 1.6 s, then every 2 s: about 115 s in all before the error reaches the caller.
 OUTAGE_RETRY = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=60)
@@ -36,6 +37,11 @@ _OUTAGE_ERRORS = [redis.ConnectionError, redis.TimeoutError]
 # Longer than any blocking wait sent on these clients (a single-flight waiter's BLPOP lasts up to the
 # lock's lease, 10 s): redis-py 8's default of 5 s would turn that wait into a TimeoutError, retried.
 SOCKET_TIMEOUT = 15.0
+# A threads-pool rlm worker holds hundreds of runs, each with a tick, lease renewals and blocking waits
+# (limiter slots, single-flight) on this one shared client: redis-py 8's default pool of 100 connections
+# ran out at 200 runs ("Too many connections", not retried: runs failed and claims lapsed). The bound
+# that matters is Redis's own `maxclients` (10,000 by default); a connection is made only when needed.
+MAX_CONNECTIONS = 10_000
 
 
 @lru_cache(maxsize=1)
@@ -58,7 +64,7 @@ def redis_client(url: str | None = None, *, wait_out_outages: bool = True) -> re
     """A shared client (redis-py pools are thread-safe and reset themselves after fork)."""
     retry = OUTAGE_RETRY if wait_out_outages else Retry(NoBackoff(), retries=0)
     return connect(url or worker_settings().redis_url, health_check_interval=30, retry=retry,
-                                retry_on_error=_OUTAGE_ERRORS, socket_timeout=SOCKET_TIMEOUT)
+                   retry_on_error=_OUTAGE_ERRORS, socket_timeout=SOCKET_TIMEOUT, max_connections=MAX_CONNECTIONS)
 
 
 def error_text(exc: BaseException) -> str:
