@@ -76,26 +76,24 @@ class RunClaim:
 
     def renew(self, ttl_ms: int | None = None) -> bool:
         """Extend the claim; False (and ``fenced`` set) once the run has moved on without this attempt."""
-        if self.fenced.is_set():
-            return False
-        held = bool(_LUA.run(self.redis, "run_renew", self._keys(), {
-            "attempt": self.attempt, "owner": self.owner, "ttl_ms": self.ttl_ms if ttl_ms is None else ttl_ms}))
-        if not held:
-            self.fenced.set()
-        return held
+        return bool(self._renew([], self.ttl_ms if ttl_ms is None else ttl_ms))
 
     def tick(self, cancel_of: Iterable[str]) -> Renewal:
         """Renew the claim and read the cancel marks of ``cancel_of`` and this worker's draining mark,
         in one round trip (the tick of every run in the process does this once a second)."""
+        out = self._renew([keys.worker_draining_key(self.worker), *{keys.run_cancel_key(r) for r in cancel_of}],
+                          self.ttl_ms)
+        return Renewal(held=bool(out), cancel_requested=bool(out & 2), draining=bool(out & 4))
+
+    def _renew(self, watched: list[str], ttl_ms: int) -> int:
+        """``run_renew.lua``: 0 once fenced off (``fenced`` set then), else 1 plus the flags of ``watched``."""
         if self.fenced.is_set():
-            return Renewal(held=False)
-        out = int(_LUA.run(self.redis, "run_renew", self._keys(
-            keys.worker_draining_key(self.worker), *{keys.run_cancel_key(run_id) for run_id in cancel_of}),
-            {"attempt": self.attempt, "owner": self.owner, "ttl_ms": self.ttl_ms}))
+            return 0
+        out = int(_LUA.run(self.redis, "run_renew", self._keys(*watched),
+                           {"attempt": self.attempt, "owner": self.owner, "ttl_ms": ttl_ms}))
         if not out:
             self.fenced.set()
-            return Renewal(held=False)
-        return Renewal(held=True, cancel_requested=bool(out & 2), draining=bool(out & 4))
+        return out
 
     def lapse(self) -> None:
         """Let the claim expire now (the worker is stopping), so the sweep restarts the run elsewhere."""
