@@ -17,9 +17,10 @@ from celery import signals
 
 from rlmq.celery_config import LLM_TASK, RLM_QUEUE
 from tasks.app import WORKER_QUEUES, app
-from workers.context import error_text, redis_client, worker_settings
+from workers.context import redis_client, worker_settings
 from workers.drain import clear_draining, mark_draining
 from workers.liveness import Heartbeat, mark_received, unmark
+from workers.log_format import error_text
 from workers.recovery import maintain
 from workers.ticker import Ticker
 

@@ -1,7 +1,7 @@
 """Issue #19 (c): the Redis primary's host powered off mid-fan-out.
 
 Not in CI's run yet: it passed 2 of 4 runs before lost sub-task messages were resent
-(``workers.liveness.vanished_subtasks``) and 3 of 3 after; one failing run ended FAILED with an
+(``workers.liveness.missing_subtasks``) and 3 of 3 after; one failing run ended FAILED with an
 ``AdapterParseError`` (a root step answered as a sub-call) that is not understood. Run it with
 ``RLMQ_TEST_HOST_FAILOVER=1 pytest tests/test_hosts_failover.py -s`` (root, as the other host tests).
 """

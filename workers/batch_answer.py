@@ -24,9 +24,10 @@ from rlmq.run_options import model_allowed, with_options
 from rlmq.settings import Settings, SettingsError
 from workers.adaptive_limit import AdaptiveLimiter
 from workers.answer import Answer
-from workers.context import error_text, redis_client, worker_settings
+from workers.context import redis_client, worker_settings
 from workers.llm_call import LMReply, prompt_messages
 from workers.lm_gateway import SUBTASK_DEADLINE_SECONDS, LMFailure, fleet_limiter, limited_call, max_call_seconds
+from workers.log_format import error_text
 from workers.monitor import count
 from workers.single_flight import ResponseCache
 from workers.tracing import describe_answer, subtask_span

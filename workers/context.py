@@ -28,8 +28,7 @@ from redis.retry import Retry
 from rlmq.redis_url import connect
 from rlmq.settings import Settings, SettingsError
 
-__all__ = ["MAX_CONNECTIONS", "OUTAGE_RETRY", "SOCKET_TIMEOUT", "error_text", "redis_client", "setting_at_import",
-           "worker_settings"]
+__all__ = ["MAX_CONNECTIONS", "OUTAGE_RETRY", "SOCKET_TIMEOUT", "redis_client", "setting_at_import", "worker_settings"]
 
 # 0.2 + 0.4 + 0.8 + 1.6 s, then every 2 s: about 115 s in all before the error reaches the caller.
 OUTAGE_RETRY = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=60)
@@ -65,9 +64,3 @@ def redis_client(url: str | None = None, *, wait_out_outages: bool = True) -> re
     retry = OUTAGE_RETRY if wait_out_outages else Retry(NoBackoff(), retries=0)
     return connect(url or worker_settings().redis_url, health_check_interval=30, retry=retry,
                    retry_on_error=_OUTAGE_ERRORS, socket_timeout=SOCKET_TIMEOUT, max_connections=MAX_CONNECTIONS)
-
-
-def error_text(exc: BaseException) -> str:
-    """An exception for a log line, its message included: redis-py 8's ``repr`` of an error is only
-    its kind (``network:ConnectionError``), which says nothing of which host refused or why."""
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]

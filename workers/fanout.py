@@ -31,9 +31,10 @@ from celery.result import ResultSet
 from rlmq.celery_config import LLM_QUEUE, LLM_TASK
 from rlmq.settings import Settings
 from workers.answer import Answer
-from workers.context import error_text, redis_client
-from workers.liveness import lost_subtasks, vanished_subtasks
+from workers.context import redis_client
+from workers.liveness import missing_subtasks
 from workers.llm_call import Messages
+from workers.log_format import error_text
 from workers.tracing import NULL_SPANS, RunSpans
 
 __all__ = ["Fanout", "FanoutCancelled", "FanoutObserver", "plan_chunks"]
@@ -206,13 +207,11 @@ class Fanout:
                 raise _Rejoin()
             candidates = [t for t, n in pending.items() if resends[n] < MAX_RESENDS]
             try:
-                client = redis_client(self.settings.redis_url or None)
-                lost = lost_subtasks(client, candidates) if candidates else []
-                vanished = set(vanished_subtasks(client, candidates, LLM_QUEUE)) if candidates else set()
+                lost, vanished = missing_subtasks(redis_client(self.settings.redis_url or None), candidates, LLM_QUEUE)
             except Exception as exc:  # a liveness look-up must never break a gather
                 logger.warning("liveness check failed: %s", error_text(exc))
-                lost, vanished = [], set()
-            lost += sorted((vanished & suspects) - set(lost))  # vanished at two checks in a row
+                lost, vanished = [], []
+            lost += sorted(suspects.intersection(vanished))  # vanished at two checks in a row (never also lost)
             suspects.clear()
             suspects.update(vanished)
             if lost:

@@ -3,8 +3,9 @@
 Every worker's main process writes a heartbeat key (``keys.worker_heartbeat_key``, TTL
 ``RLMQ_WORKER_HEARTBEAT_TTL``) a few times per TTL; an llm worker also records, when a sub-task
 message reaches it (Celery's ``task_received``, prefetched ones included), that it holds it
-(``keys.subtask_holder_key``). A run gathering a batch asks :func:`lost_subtasks` which of its
-pending sub-tasks sit on a worker without a heartbeat, and sends those again at once instead of
+(``keys.subtask_holder_key``). A run gathering a batch asks :func:`missing_subtasks` which of its
+pending sub-tasks sit on a worker without a heartbeat (or on no worker, lost from the queue), and sends
+those again at once instead of
 waiting for the broker's visibility timeout (an hour): ``reject_on_worker_lost`` does nothing for
 the threads pool, and a SIGKILLed worker acks nothing.
 """
@@ -18,10 +19,10 @@ from collections.abc import Sequence
 import redis
 
 from rlmq.store import keys, replies
-from workers.context import error_text
+from workers.log_format import error_text
 from workers.ticker import Ticker
 
-__all__ = ["HOLDER_TTL_SECONDS", "Heartbeat", "lost_subtasks", "mark_received", "unmark", "vanished_subtasks"]
+__all__ = ["HOLDER_TTL_SECONDS", "Heartbeat", "mark_received", "missing_subtasks", "unmark"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,31 +39,25 @@ def unmark(client: redis.Redis, task_id: str) -> None:
     client.delete(keys.subtask_holder_key(task_id))
 
 
-def lost_subtasks(client: redis.Redis, task_ids: Sequence[str]) -> list[str]:
-    """The sub-tasks among ``task_ids`` held by a worker whose heartbeat has expired.
+def missing_subtasks(client: redis.Redis, task_ids: Sequence[str], queue: str) -> tuple[list[str], list[str]]:
+    """The sub-tasks among ``task_ids`` that will not be answered where they are, from one read of
+    their holder marks: (lost: held by a worker whose heartbeat has expired; vanished: held by nobody
+    while ``queue`` is empty, so neither waiting nor running).
 
-    A sub-task nobody holds yet is still in the queue: not lost."""
+    A sub-task nobody holds while the queue has messages is taken as still queued. kombu's BRPOP takes a
+    message off the queue before the worker reads it, so a consumer whose connection breaks in between
+    (a Redis failover breaks every connection to the old primary) loses it, and a failover loses the
+    writes its replica had not received yet. A message between its pop and its ``task_received`` mark
+    looks vanished for a moment: callers resend only what two checks a second apart both found."""
     if not task_ids:
-        return []
+        return [], []
     holders = client.mget([keys.subtask_holder_key(t) for t in task_ids])
     hosts = sorted({replies.text(h) for h in holders if h})
-    if not hosts:
-        return []
-    alive = dict(zip(hosts, client.mget([keys.worker_heartbeat_key(h) for h in hosts]), strict=True))
-    return [t for t, h in zip(task_ids, holders, strict=True) if h and alive.get(replies.text(h)) is None]
-
-
-def vanished_subtasks(client: redis.Redis, task_ids: Sequence[str], queue: str) -> list[str]:
-    """The sub-tasks among ``task_ids`` that no worker holds while ``queue`` is empty: neither waiting
-    nor running. kombu's BRPOP takes a message off the queue before the worker reads it, so a consumer
-    whose connection breaks in between (a Redis failover breaks every connection to the old primary)
-    loses it, and a failover loses the writes its replica had not received yet. A message between its
-    pop and its ``task_received`` mark looks the same for a moment: callers resend only what two checks
-    a second apart both found."""
-    if not task_ids or client.llen(queue):
-        return []
-    holders = client.mget([keys.subtask_holder_key(t) for t in task_ids])
-    return [t for t, h in zip(task_ids, holders, strict=True) if not h]
+    alive = dict(zip(hosts, client.mget([keys.worker_heartbeat_key(h) for h in hosts]), strict=True)) if hosts else {}
+    lost = [t for t, h in zip(task_ids, holders, strict=True) if h and alive.get(replies.text(h)) is None]
+    unheld = [t for t, h in zip(task_ids, holders, strict=True) if not h]
+    vanished = unheld if unheld and not client.llen(queue) else []
+    return lost, vanished
 
 
 class Heartbeat:

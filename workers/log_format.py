@@ -5,6 +5,8 @@ when the line was written for a run: ``run_id``, ``attempt``; when tracing is on
 ``span_id`` of the span under way (else of the run's own span), so a log search and a trace view
 meet on the same ids. The run engine and ``llm_batch`` say which run a thread works for
 (``log_context``); a traceback is one ``exc_info`` string field.
+
+Also how one message or error reads on one line (``one_line``, ``error_text``), for status lines and logs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,19 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["JsonFormatter", "install_json_logs", "log_context"]
+__all__ = ["JsonFormatter", "error_text", "install_json_logs", "log_context", "one_line"]
+
+def one_line(text: str, limit: int = 300) -> str:
+    """An error for a status line: whitespace (newlines included) collapsed, at most ``limit`` chars."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception for a log line, its message included: redis-py 8's ``repr`` of an error is only
+    its kind (``network:ConnectionError``), which says nothing of which host refused or why."""
+    return one_line(f"{type(exc).__name__}: {exc}")
+
 
 _RUN: ContextVar[tuple[str, int | None, Any] | None] = ContextVar("rlmq_log_run", default=None)
 

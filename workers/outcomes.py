@@ -19,9 +19,10 @@ from celery.exceptions import Retry, SoftTimeLimitExceeded
 from rlmq.store.records import RunStatus
 from workers.budget import BudgetExceeded
 from workers.fanout import FanoutCancelled
+from workers.log_format import one_line
 
 __all__ = ["OUTCOMES", "CeleryEnd", "Ending", "HandedBack", "Outcome", "RunCancelled", "RunFailed",
-           "deciding_exception", "ending_of", "mark_revoked", "one_line", "outcome_of", "record_restart"]
+           "deciding_exception", "ending_of", "mark_revoked", "outcome_of", "record_restart"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,12 +121,6 @@ def deciding_exception(exc: BaseException, *, cancel_requested: bool, budget_tri
     if budget_tripped is not None:
         return BudgetExceeded(budget_tripped)  # the first reason, also when a later check raised
     return exc
-
-
-def one_line(text: str, limit: int = 300) -> str:
-    """An error for a status line: whitespace (newlines included) collapsed, at most ``limit`` chars."""
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def mark_revoked(app: Any, run_id: str, *, hostname: str | None = None, request: Any = None) -> None:
