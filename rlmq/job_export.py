@@ -18,10 +18,9 @@ from rlmq.jobs import results
 if TYPE_CHECKING:
     from rlmq.client import Client
 
-__all__ = ["COLUMNS", "FORMATS", "ExportError", "export_results", "format_of"]
+__all__ = ["COLUMNS", "ExportError", "export_results", "format_of"]
 
 COLUMNS = ("item", "run_id", "status", "error", "outputs", "cost_paid", "tokens")
-FORMATS = ("jsonl", "csv", "parquet")
 PARQUET_ROWS = 10_000
 
 
@@ -83,9 +82,8 @@ def _parquet(rows: Iterable[dict[str, Any]], path: str) -> int:
         import pyarrow.parquet as pq
     except ImportError:
         raise ExportError("writing .parquet needs pyarrow: pip install pyarrow (or use .jsonl / .csv)") from None
-    schema = pa.schema([("item", pa.int64()), ("run_id", pa.string()), ("status", pa.string()),
-                        ("error", pa.string()), ("outputs", pa.string()), ("cost_paid", pa.float64()),
-                        ("tokens", pa.int64())])
+    types = [pa.int64(), pa.string(), pa.string(), pa.string(), pa.string(), pa.float64(), pa.int64()]
+    schema = pa.schema(list(zip(COLUMNS, types, strict=True)))
     n = 0
     with pq.ParquetWriter(path, schema) as writer:
         group: list[tuple[Any, ...]] = []
