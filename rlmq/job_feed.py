@@ -31,10 +31,9 @@ __all__ = ["RESEND_AFTER_SECONDS", "feed_job", "run_usage"]
 
 logger = logging.getLogger(__name__)
 
-# A fed run whose record is missing this long after it was reserved lost its feeder; one still QUEUED
-# this long is sent again too (its message may be lost): a duplicate message is harmless.
+# A fed run whose record is missing this long after it was reserved lost its feeder: it is sent. (One
+# whose message was lost after it was recorded is sent again as any run is: workers.recovery.resend_queued.)
 RESEND_AFTER_SECONDS = 30.0
-QUEUED_RESEND_AFTER_SECONDS = 300.0
 _ENDED = tuple(status for status in JobStatus if status.finished)
 
 
@@ -83,10 +82,10 @@ def _settle_ended(jobs: JobStore, runs: RunStore, celery: Any, spec: JobSpec) ->
         return
     pipe = runs.redis.pipeline(transaction=False)
     for run_id, _ in active:
-        pipe.hmget(keys.run_key(run_id), ["status", "progress", "started_at", "finished_at", "spec"])
+        pipe.hmget(keys.run_key(run_id), ["status", "progress", "started_at", "finished_at"])
     now = time.time()
     for (run_id, fed_at), fields in zip(active, pipe.execute(), strict=True):
-        status_raw, progress_raw, started, finished, spec_raw = (replies.text(f) if f else None for f in fields)
+        status_raw, progress_raw, started, finished = (replies.text(f) if f else None for f in fields)
         if status_raw is None:
             if now - fed_at > RESEND_AFTER_SECONDS:
                 index = item_of_run(spec.job_id, run_id)
@@ -99,9 +98,6 @@ def _settle_ended(jobs: JobStore, runs: RunStore, celery: Any, spec: JobSpec) ->
             progress = json.loads(progress_raw or "{}")
             seconds = float(finished) - float(started) if started and finished else 0.0
             jobs.settle(spec.job_id, run_id, status, run_usage(progress, seconds))
-        elif status is RunStatus.QUEUED and now - fed_at > QUEUED_RESEND_AFTER_SECONDS and spec_raw:
-            runs.redis.zadd(keys.job_active_key(spec.job_id), {run_id: now}, xx=True)  # once per interval
-            send_run(runs, celery, RunSpec.from_json(spec_raw), {}, once=True)
 
 
 def run_usage(progress: dict[str, Any], seconds: float) -> dict[str, float]:

@@ -84,12 +84,12 @@ def test_a_run_lives_through_its_scripts(any_redis: redis.Redis) -> None:
     first = RunClaim(any_redis, spec.run_id, worker="w1", ttl_seconds=30)
     assert first.take() == 1 and first.renew() and first.write_progress(Progress(iteration=1))
     any_redis.delete(f"rlmq:run:{spec.run_id}:owner")
-    assert recover(any_redis, spec.run_id, max_attempts=3, lease_seconds=30, resend_after=300) is Recovery.RESTART
+    assert recover(any_redis, spec.run_id, max_attempts=3, lease_seconds=30) is Recovery.RESTART
     second = RunClaim(any_redis, spec.run_id, worker="w2", ttl_seconds=30)
     assert second.take() == 2 and not first.renew()
     assert store.finish(spec.run_id, RunStatus.SUCCEEDED, result={"ok": 1}, progress=Progress(iteration=2), attempt=2)
     assert store.result(spec.run_id) == {"ok": 1} and 0 < any_redis.ttl(f"rlmq:run:{spec.run_id}") <= 60
-    assert recover(any_redis, spec.run_id, max_attempts=3, lease_seconds=30, resend_after=300) is Recovery.NOTHING
+    assert recover(any_redis, spec.run_id, max_attempts=3, lease_seconds=30) is Recovery.NOTHING
 
 
 def test_a_flight_and_the_limiter_run_their_scripts(any_redis: redis.Redis) -> None:

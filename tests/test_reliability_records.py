@@ -5,18 +5,23 @@ reply was lost (what redis-py's retry does) answers as the first time."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import pytest
 import redis
 
+from rlmq.celery_config import RLM_QUEUE, client_app
 from rlmq.progress import format_progress
+from rlmq.run_send import send_run_task
+from rlmq.store import keys
 from rlmq.store.keys import inflight_key
 from rlmq.store.records import Progress, RunSandbox, RunSpec, RunStatus, RunStore, new_run_id
 from tests.support.records import stored_record
 from workers.claim import Recovery, RunClaim, recover
 from workers.context import redis_client
+from workers.recovery import resend_queued
 from workers.single_flight import ResponseCache
 
 
@@ -31,8 +36,8 @@ def claim(r: redis.Redis, run_id: str, worker: str) -> RunClaim:
     return RunClaim(r, run_id, worker=worker, ttl_seconds=30)
 
 
-def sweep(r: redis.Redis, run_id: str, *, max_attempts: int = 3, resend_after: float = 300) -> Recovery:
-    return recover(r, run_id, max_attempts=max_attempts, lease_seconds=30, resend_after=resend_after)
+def sweep(r: redis.Redis, run_id: str, *, max_attempts: int = 3) -> Recovery:
+    return recover(r, run_id, max_attempts=max_attempts, lease_seconds=30)
 
 
 def lapse(r: redis.Redis, run_id: str) -> None:
@@ -165,14 +170,63 @@ def test_last_attempt_fails_with_the_reason(redis_client: redis.Redis) -> None:
     assert store.active() == []
 
 
-def test_a_restarted_run_never_claimed_is_sent_again(redis_client: redis.Redis) -> None:
+def queued_messages(r: redis.Redis) -> list[str]:
+    """The run ids of the ``run_rlm`` messages waiting in the rlm queue (as kombu stores them)."""
+    return [json.loads(raw)["headers"]["id"] for raw in r.lrange(RLM_QUEUE, 0, -1)]
+
+
+def test_a_queued_run_whose_message_was_lost_is_sent_again_once(redis_url: str, redis_client: redis.Redis) -> None:
+    """A fresh run whose message vanished (a worker acked it and died before claiming, a consumer's
+    connection broke after its BRPOP, a failover lost it) is sent again once it is stale, by one sweeper."""
+    app = client_app(redis_url)
     _, run_id = queued(redis_client)
-    claim(redis_client, run_id, "w1").take()
+    assert resend_queued(redis_client, app, stale_after=0.3) == 0  # just sent: its message may be on its way
+    time.sleep(0.4)
+    assert [resend_queued(redis_client, app, stale_after=0.3) for _ in range(3)] == [1, 0, 0]
+    assert queued_messages(redis_client) == [run_id]  # sent once, by one of the sweeps
+    redis_client.delete(RLM_QUEUE)  # a worker takes the message...
+    assert claim(redis_client, run_id, "w1").take() == 1  # ...and claims the run: it leaves the index
+    time.sleep(0.4)
+    assert resend_queued(redis_client, app, stale_after=0.3) == 0 and queued_messages(redis_client) == []
+    assert redis_client.zcard(keys.runs_queued_key()) == 0
+
+
+def test_a_stale_queued_run_waits_while_messages_are_queued(redis_url: str, redis_client: redis.Redis) -> None:
+    """In a backlog a stale run's message is likely among those waiting: nothing is sent until the queue drains."""
+    app = client_app(redis_url)
+    _, run_id = queued(redis_client)
+    _, behind = queued(redis_client)
+    send_run_task(app, behind)  # its message waits (no worker), run_id's was lost
+    time.sleep(0.4)
+    assert resend_queued(redis_client, app, stale_after=0.3) == 0 and queued_messages(redis_client) == [behind]
+    redis_client.delete(RLM_QUEUE)
+    assert resend_queued(redis_client, app, stale_after=0.3) == 2
+    assert sorted(queued_messages(redis_client)) == sorted([run_id, behind])
+
+
+def test_a_restarted_or_handed_back_run_never_claimed_is_sent_again(redis_url: str, redis_client: redis.Redis) -> None:
+    app = client_app(redis_url)
+    _, run_id = queued(redis_client)
+    first = claim(redis_client, run_id, "w1")
+    first.take()
     lapse(redis_client, run_id)
-    assert sweep(redis_client, run_id, resend_after=0.2) is Recovery.RESTART
-    assert sweep(redis_client, run_id, resend_after=0.2) is Recovery.NOTHING
-    time.sleep(0.3)
-    assert sweep(redis_client, run_id, resend_after=0.2) is Recovery.RESEND
+    assert sweep(redis_client, run_id) is Recovery.RESTART
+    assert sweep(redis_client, run_id) is Recovery.NOTHING  # QUEUED: recovery leaves it to the resend
+    time.sleep(0.4)
+    assert resend_queued(redis_client, app, stale_after=0.3) == 1 and queued_messages(redis_client) == [run_id]
+    redis_client.delete(RLM_QUEUE)
+    second = claim(redis_client, run_id, "w2")
+    assert second.take() == 2 and second.hand_back("worker w2 is shutting down")
+    time.sleep(0.4)
+    assert resend_queued(redis_client, app, stale_after=0.3) == 1 and queued_messages(redis_client) == [run_id]
+
+
+def test_a_run_cancelled_while_queued_leaves_the_index(redis_url: str, redis_client: redis.Redis) -> None:
+    store, run_id = queued(redis_client)
+    assert store.finish(run_id, RunStatus.CANCELLED, error="cancelled before it started", expect=RunStatus.QUEUED)
+    time.sleep(0.4)
+    assert resend_queued(redis_client, client_app(redis_url), stale_after=0.3) == 0
+    assert redis_client.zcard(keys.runs_queued_key()) == 0 and queued_messages(redis_client) == []
 
 
 def test_cancel_of_a_queued_run_does_not_overwrite_a_claimed_one(redis_client: redis.Redis) -> None:

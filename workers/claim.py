@@ -28,7 +28,7 @@ from rlmq.store import keys
 from rlmq.store.lua import lua_scripts
 from rlmq.store.records import Progress, RunStatus
 
-__all__ = ["Recovery", "Renewal", "RunClaim", "recover"]
+__all__ = ["Recovery", "Renewal", "RunClaim", "recover", "resend_if_lost"]
 
 _LUA = lua_scripts("workers")
 
@@ -37,10 +37,9 @@ class Recovery(str, Enum):
     """What the recovery sweep did with one active run."""
 
     RESTART = "restart"  #: QUEUED again as the next attempt: send ``run_rlm``
-    RESEND = "resend"  #: restarted long ago and never claimed (its message was lost): send it again
     FAILED = "failed"  #: its worker died during the last allowed attempt
     CANCELLED = "cancelled"  #: its worker died after a cancel was asked for
-    NOTHING = ""  #: alive, recently queued, or finished
+    NOTHING = ""  #: alive, queued, or finished
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ class RunClaim:
 
     def take(self) -> int:
         """Claim the run if it is QUEUED and nobody holds it: the attempt, or 0 (not ours to run)."""
-        self.attempt = int(_LUA.run(self.redis, "run_claim", self._keys(keys.runs_active_key()), {
+        self.attempt = int(_LUA.run(self.redis, "run_claim", self._keys(keys.runs_active_key(), keys.runs_queued_key()), {
             "run_id": self.run_id, "owner": self.owner, "worker": self.worker, "ttl_ms": self.ttl_ms,
             "now": repr(time.time())}))
         return self.attempt
@@ -102,7 +101,7 @@ class RunClaim:
     def hand_back(self, reason: str) -> bool:
         """Put the run back in the queue as its next attempt (this worker is shutting down); False if
         this attempt no longer owns it. Not charged against the run's attempts."""
-        handed = bool(_LUA.run(self.redis, "run_handback", self._keys(keys.runs_active_key()), {
+        handed = bool(_LUA.run(self.redis, "run_handback", self._keys(keys.runs_active_key(), keys.runs_queued_key()), {
             "run_id": self.run_id, "attempt": self.attempt, "owner": self.owner, "now": repr(time.time()),
             "reason": reason}))
         self.fenced.set()  # either way, this attempt writes nothing more
@@ -117,12 +116,18 @@ class RunClaim:
         return [keys.run_key(self.run_id), keys.run_owner_key(self.run_id), *more]
 
 
-def recover(client: redis.Redis, run_id: str, *, max_attempts: int, lease_seconds: float,
-            resend_after: float) -> Recovery:
-    """Restart, resend, fail or cancel a run whose owner stopped renewing its claim (one Lua script,
-    so any number of sweepers may ask at once)."""
+def recover(client: redis.Redis, run_id: str, *, max_attempts: int, lease_seconds: float) -> Recovery:
+    """Restart, fail or cancel a run whose owner stopped renewing its claim (one Lua script, so any
+    number of sweepers may ask at once)."""
     out = _LUA.run(client, "run_recover", [keys.run_key(run_id), keys.run_owner_key(run_id), keys.runs_active_key(),
-                                           keys.run_cancel_key(run_id)], {
+                                           keys.run_cancel_key(run_id), keys.runs_queued_key()], {
         "run_id": run_id, "now": repr(time.time()), "max_attempts": max_attempts, "lease_s": f"{lease_seconds:g}",
-        "resend_after_s": resend_after, "finished": {s.value: True for s in RunStatus if s.finished}})
+        "finished": {s.value: True for s in RunStatus if s.finished}})
     return Recovery(out.decode() if isinstance(out, bytes) else str(out or ""))
+
+
+def resend_if_lost(client: redis.Redis, run_id: str, *, stale_before: float, may_send: bool) -> bool:
+    """Whether to send ``run_rlm`` again for a run still QUEUED since before ``stale_before`` (its
+    message was lost; ``run_resend.lua``): True for exactly one caller, which must send it."""
+    return bool(_LUA.run(client, "run_resend", [keys.run_key(run_id), keys.runs_queued_key()], {
+        "run_id": run_id, "now": repr(time.time()), "stale_before": repr(stale_before), "may_send": may_send}))

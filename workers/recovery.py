@@ -27,25 +27,29 @@ from typing import Any
 
 import redis
 
+from rlmq.celery_config import RLM_QUEUE
 from rlmq.run_send import send_run_task
 from rlmq.settings import Settings
+from rlmq.store import keys, replies
 from rlmq.store.records import RunStore
-from workers.claim import Recovery, recover
+from workers.claim import Recovery, recover, resend_if_lost
 from workers.context import redis_client, worker_settings
 from workers.job_feeder import feed_jobs
 from workers.outcomes import RunFailed, mark_revoked, record_restart
 from workers.sandbox_registry import reap_attempt, reap_expired
 
-__all__ = ["RECOVERY_GRACE_SECONDS", "RESEND_AFTER_LEASES", "maintain", "reap_here", "recover_runs"]
+__all__ = ["RECOVERY_GRACE_SECONDS", "RESEND_AFTER_LEASES", "maintain", "reap_here", "recover_runs", "resend_queued"]
 
 logger = logging.getLogger(__name__)
 
-# A run still QUEUED this many leases after it was queued or restarted is sent again (300 s with the
-# default 30-s lease): its message may have been lost with the sweeper that restarted it, or popped by a
-# consumer whose connection then broke (kombu's BRPOP takes a message off the list before the worker reads
-# it: a Redis failover lost a restarted run's message so, tests/test_hosts_faults.py). A duplicate delivery
-# is harmless, the claim runs it once.
+# A run still QUEUED this many leases after it was sent (submitted, restarted or handed back) while no
+# message waits in the rlm queue is sent again (300 s with the default 30-s lease): its message was lost.
+# kombu's BRPOP takes a message off the list before the worker reads it, so a consumer whose connection
+# then breaks loses it (a Redis failover lost a restarted run's message so, tests/test_hosts_faults.py);
+# runs are acked early, so a worker that dies between taking a message and claiming its run loses it too;
+# a promoted replica may never have had it. A duplicate delivery is harmless: the claim runs it once.
 RESEND_AFTER_LEASES = 10
+RESEND_BATCH = 500  # stale runs looked at per sweep
 
 
 def recover_runs(client: redis.Redis, app: Any, settings: Settings) -> dict[str, int]:
@@ -53,14 +57,13 @@ def recover_runs(client: redis.Redis, app: Any, settings: Settings) -> dict[str,
     store = RunStore(client)
     counts = {action.value: 0 for action in Recovery if action is not Recovery.NOTHING}
     for run_id in store.active():
-        action = recover(client, run_id, max_attempts=settings.run_attempts, lease_seconds=settings.lease_ttl,
-                         resend_after=RESEND_AFTER_LEASES * settings.lease_ttl)
+        action = recover(client, run_id, max_attempts=settings.run_attempts, lease_seconds=settings.lease_ttl)
         if action is Recovery.NOTHING:
             continue
         counts[action.value] += 1
         record = store.get(run_id)
         reason = (record.restart_reason if record else None) or "worker lost"
-        if record is not None and action is not Recovery.RESEND:  # RESTART made it the next attempt
+        if record is not None:  # RESTART made it the next attempt
             reap_attempt(client, run_id, record.attempt - (action is Recovery.RESTART))
         if action in (Recovery.FAILED, Recovery.CANCELLED):
             error = record.error if record and record.error else reason
@@ -71,6 +74,25 @@ def recover_runs(client: redis.Redis, app: Any, settings: Settings) -> dict[str,
         _celery_state(app, run_id, action, reason)
         send_run_task(app, run_id)
     return counts
+
+
+def resend_queued(client: redis.Redis, app: Any, stale_after: float) -> int:
+    """Send ``run_rlm`` again for runs QUEUED longer than ``stale_after`` seconds since they were sent,
+    while the rlm queue holds no message (in a backlog a stale run's message is likely among those
+    waiting: it is sent again once the queue drains). How many were sent."""
+    stale_before = time.time() - stale_after
+    stale = replies.members(client.zrangebyscore(keys.runs_queued_key(), "-inf", stale_before, 0, RESEND_BATCH))
+    if not stale:
+        return 0
+    may_send = not client.llen(RLM_QUEUE)  # runs are not prefetched: a message taken is a run started
+    sent = 0
+    for run_id in stale:
+        if resend_if_lost(client, run_id, stale_before=stale_before, may_send=may_send):
+            logger.warning("run %s: still QUEUED %.0f s after it was sent, with no message waiting; sending it "
+                           "again", run_id, stale_after)
+            send_run_task(app, run_id)
+            sent += 1
+    return sent
 
 
 def _celery_state(app: Any, run_id: str, action: Recovery, reason: str) -> None:
@@ -106,7 +128,9 @@ def maintain(app: Any, *, redis_healthy_for: float | None = None) -> dict[str, i
         return {"reaped": 0}  # leases and claims may have lapsed while Redis was away: owners renew first
     reaped = reap_here()
     client = redis_client(wait_out_outages=False)
-    counts = recover_runs(client, app, worker_settings())
+    settings = worker_settings()
+    counts = recover_runs(client, app, settings)
+    counts["resent"] = resend_queued(client, app, RESEND_AFTER_LEASES * settings.lease_ttl)
     counts["job_runs_started"] = feed_jobs(client, app)
     if reaped or any(counts.values()):
         logger.warning("maintenance: reaped %d sandbox(es); runs %s", reaped, counts)

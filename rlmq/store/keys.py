@@ -95,6 +95,7 @@ __all__ = [
     "run_trajectory_key",
     "runs_active_key",
     "runs_index_key",
+    "runs_queued_key",
     "slots_free_key",
     "slots_key",
     "stats_key",
@@ -188,6 +189,12 @@ def runs_index_key() -> str:
 
 def runs_active_key() -> str:
     return f"{NAMESPACE}:runs:active"
+
+
+def runs_queued_key() -> str:
+    """Runs waiting for a worker, scored by when they were (last) sent: a run left QUEUED too long
+    lost its message and is sent again (``workers.recovery.resend_queued``)."""
+    return f"{NAMESPACE}:runs:queued"
 
 
 def job_key(job_id: str) -> str:

@@ -356,6 +356,7 @@ class RunStore:
         pipe = self.redis.pipeline()
         pipe.hset(keys.run_key(spec.run_id), mapping={"spec": spec.to_json(), "status": RunStatus.QUEUED.value})
         pipe.zadd(keys.runs_index_key(), {spec.run_id: spec.submitted_at})
+        pipe.zadd(keys.runs_queued_key(), {spec.run_id: time.time()})
         pipe.execute()
 
     def create_once(self, spec: RunSpec) -> bool:
@@ -364,6 +365,7 @@ class RunStore:
         pipe.hsetnx(keys.run_key(spec.run_id), "spec", spec.to_json())
         pipe.hsetnx(keys.run_key(spec.run_id), "status", RunStatus.QUEUED.value)
         pipe.zadd(keys.runs_index_key(), {spec.run_id: spec.submitted_at}, nx=True)
+        pipe.zadd(keys.runs_queued_key(), {spec.run_id: time.time()}, nx=True)
         return bool(pipe.execute()[0])
 
     def create_child(self, spec: RunSpec) -> bool:
@@ -373,6 +375,7 @@ class RunStore:
         pipe = self.redis.pipeline()
         pipe.hsetnx(keys.run_key(spec.run_id), "status", RunStatus.QUEUED.value)
         pipe.zadd(keys.runs_index_key(), {spec.run_id: spec.submitted_at})
+        pipe.zadd(keys.runs_queued_key(), {spec.run_id: time.time()})
         pipe.zadd(keys.run_children_key(spec.parent), {spec.run_id: spec.submitted_at})
         pipe.execute()
         return True

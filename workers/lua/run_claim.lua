@@ -1,6 +1,6 @@
 -- Claim a QUEUED run for one attempt: it becomes RUNNING, held by one execution.
 --
--- KEYS[1] the run's hash, KEYS[2] its owner key, KEYS[3] the index of active runs
+-- KEYS[1] the run's hash, KEYS[2] its owner key, KEYS[3] the index of active runs, KEYS[4] that of queued runs
 -- ARGV[1] {run_id, owner, worker, ttl_ms, now}
 --
 -- -> the attempt claimed (the owner key then holds "<attempt>|<owner>" for ttl_ms), or 0: the run is
@@ -16,4 +16,5 @@ if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('SET', KEYS[2], token, 'PX', a.ttl_ms)
 redis.call('HSET', KEYS[1], 'status', 'RUNNING', 'worker', a.worker, 'started_at', a.now, 'attempt', attempt)
 redis.call('ZADD', KEYS[3], a.now, a.run_id)
+redis.call('ZREM', KEYS[4], a.run_id)
 return attempt

@@ -3,7 +3,7 @@
 -- in 'handbacks' and recovery does not charge it against the run's attempts. Refused (0) unless this
 -- attempt still owns the run, so a fenced-off or finished attempt cannot requeue it.
 --
--- KEYS[1] the run's hash, KEYS[2] its owner key, KEYS[3] the index of active runs
+-- KEYS[1] the run's hash, KEYS[2] its owner key, KEYS[3] the index of active runs, KEYS[4] that of queued runs
 -- ARGV[1] {run_id, attempt, owner, now, reason}
 --
 -- -> 1 handed back (send run_rlm again), 0 not this attempt's to hand back.
@@ -19,4 +19,5 @@ redis.call('HSET', KEYS[1], 'status', 'QUEUED', 'attempt', a.attempt + 1, 'resta
 redis.call('HINCRBY', KEYS[1], 'handbacks', 1)
 redis.call('DEL', KEYS[2])
 redis.call('ZADD', KEYS[3], a.now, a.run_id)
+redis.call('ZADD', KEYS[4], a.now, a.run_id)
 return 1

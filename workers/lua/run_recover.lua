@@ -3,11 +3,11 @@
 -- to its restarts; after the last one it ends FAILED with the reason (CANCELLED if a cancel was asked
 -- for: nobody else would read the flag). Exactly one of any number of sweepers gets 'restart'.
 --
--- KEYS[1] the run's hash, KEYS[2] its owner key, KEYS[3] the index of active runs, KEYS[4] its cancel flag
--- ARGV[1] {run_id, now, max_attempts, lease_s, resend_after_s, finished (the final statuses, as {status: true})}
+-- KEYS[1] the run's hash, KEYS[2] its owner key, KEYS[3] the index of active runs, KEYS[4] its cancel flag,
+-- KEYS[5] the index of queued runs (a restarted run waits there: run_resend.lua)
+-- ARGV[1] {run_id, now, max_attempts, lease_s, finished (the final statuses, as {status: true})}
 --
--- -> 'restart' (send run_rlm), 'resend' (restarted resend_after_s ago and never claimed: send it
---    again), 'failed', 'cancelled', or '' (nothing to do).
+-- -> 'restart' (send run_rlm), 'failed', 'cancelled', or '' (nothing to do).
 local a = cjson.decode(ARGV[1])
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur or a.finished[cur] then
@@ -15,12 +15,6 @@ if not cur or a.finished[cur] then
   return ''
 end
 local now = tonumber(a.now)
-if cur == 'QUEUED' then
-  local since = tonumber(redis.call('ZSCORE', KEYS[3], a.run_id) or now)
-  if now - since < a.resend_after_s then return '' end
-  redis.call('ZADD', KEYS[3], a.now, a.run_id)
-  return 'resend'
-end
 if cur ~= 'RUNNING' or redis.call('EXISTS', KEYS[2]) == 1 then return '' end
 if redis.call('EXISTS', KEYS[4]) == 1 then
   redis.call('HSET', KEYS[1], 'status', 'CANCELLED', 'finished_at', a.now, 'error', 'cancelled', 'error_detail', '')
@@ -43,4 +37,5 @@ if attempt - tonumber(redis.call('HGET', KEYS[1], 'handbacks') or '0') >= a.max_
 end
 redis.call('HSET', KEYS[1], 'status', 'QUEUED', 'attempt', attempt + 1)
 redis.call('ZADD', KEYS[3], a.now, a.run_id)
+redis.call('ZADD', KEYS[5], a.now, a.run_id)
 return 'restart'
