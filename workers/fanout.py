@@ -161,7 +161,7 @@ class Fanout:
 
     def _send(self, sub_tasks: Any) -> Any:
         """Send the group's messages in one pipeline (kombu's publish batch), not one round trip to Redis
-        each: at 40 ms a round trip, 64 messages took 2.6 s to send. If the pipeline fails, delivery is
+        each (64 messages, 2.6 s at 40 ms a round trip, before). If the pipeline fails, delivery is
         uncertain: the group is sent again message by message (with Celery's publish retries), a copy of
         a sub-task costing nothing (the first answer wins; single flight keeps it from paying twice)."""
         try:
@@ -184,7 +184,7 @@ class Fanout:
                                       parent_id=self.run_id, root_id=self.run_id,
                                       headers=headers)  # the batch span's traceparent, when traced
 
-        sent = self._send(group(signature(payload) for payload in payloads))
+        sent = self._send(group([signature(payload) for payload in payloads]))  # a list: _send may send it twice
         results = {r.id: r for r in sent.results}  # every copy ever sent, by task id
         pending = {r.id: n for n, r in enumerate(sent.results)}  # task id -> chunk, until answered
         resends: Counter[int] = Counter()
