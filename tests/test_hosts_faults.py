@@ -142,7 +142,7 @@ def test_an_llm_workers_host_partitioned_from_redis_mid_fan_out_loses_nothing(fl
     assert done.progress.subtasks_resent >= 1, done.progress
     repeats = prompt_repeats(fleet.stub)
     assert all(count == 2 for count in repeats.values()), repeats
-    first_asked = {}
+    first_asked: dict[str, float] = {}
     for req in fleet.stub.requests:
         first_asked.setdefault(req.prompt[:80], req.at)
     # in flight on c when it was cut off: c cannot take a lock or a limiter slot without Redis
