@@ -2,7 +2,7 @@
 plain and with latency set (netem where the kernel has it, else the userspace NFQUEUE delayer).
 
     sudo python bench/hosts_network.py [--delay-ms 20] [--jitter-ms 5] [--seconds 3]
-    sudo python bench/hosts_network.py --fanout 500 [--rounds 2] [--stub-latency 0.05]
+    sudo python bench/hosts_network.py --fanout 500 [--rounds 2] [--stub-latency 0.05] [--chunk-size 8 --fanout-width 64]
 
 Prints, per setting: the median and 95th-percentile request/response round trip (a 100-byte
 message echoed over one TCP connection, as a Redis command is), round trips per second, and bulk
@@ -14,11 +14,14 @@ replica on b, workers on b and c, client and stub LLM on d, Redis through Sentin
 ``llm_query_batched`` of N prompts per round, first with no latency between hosts, then with
 ``--delay-ms`` ± ``--jitter-ms`` on every packet; it prints the batch's prompts per second (the
 stub's first to last sub-call) and the run's wall time, and the ratios of the throughputs (a row with the
-latency backend at 0 ms gives the backend's own cost).
+latency backend at 0 ms gives the backend's own cost). ``--chunk-size`` / ``--fanout-width`` set the
+workers' ``RLMQ_CHUNK_SIZE`` / ``RLMQ_FANOUT_WIDTH`` (0: their defaults). Per round it also prints the
+Redis commands per prompt and when the sub-tasks started and ended, as the stub saw them.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import statistics
 import sys
@@ -31,11 +34,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import command_line
+from rlmq.settings import Settings
 from tests.support.hosts import Host, Network, latency_backend, latency_missing, unavailable
 from tests.support.hosts.fleet import HostsFleet, hosts_fleet
 from tests.support.reliability import batch_step, submit, wait_status
+from workers.fanout import plan_chunks
 
 PORT_ECHO, PORT_SINK = 7100, 7101
+QUESTION = re.compile(r"question (\d+) about")  # tests.support.reliability.batch_step's prompts
 
 
 def serve(host: Host) -> list[socket.socket]:
@@ -104,9 +110,16 @@ def report(label: str, src: Host, dst: Host, seconds: float) -> None:
           f"{len(rtts) / seconds:8.0f} rt/s  bulk {throughput(src, dst, seconds):8.1f} MB/s", flush=True)
 
 
-def fanout_round(fleet: HostsFleet, r: Any, n: int, tag: str) -> tuple[float, float]:
-    """One run with one batch of ``n`` prompts: (the batch's prompts per second, the run's wall seconds)."""
+def command_counts(r: Any) -> dict[str, int]:
+    """The primary's commands served so far, by name (``INFO commandstats``)."""
+    return {name.removeprefix("cmdstat_"): int(stats["calls"]) for name, stats in r.info("commandstats").items()}
+
+
+def fanout_round(fleet: HostsFleet, r: Any, n: int, tag: str, chunking: tuple[int, int]) -> tuple[float, float]:
+    """One run with one batch of ``n`` prompts: (the batch's prompts per second, the run's wall seconds).
+    Prints the Redis commands the run cost per prompt (the primary's, every client's)."""
     seen = len(fleet.stub.requests)
+    before = command_counts(r)
     started = time.monotonic()
     run_id, _ = submit(r, fleet.stub, ["print(items)", batch_step(n), "SUBMIT(answers=answers)"], tag=tag,
                        url=fleet.url())
@@ -114,18 +127,43 @@ def fanout_round(fleet: HostsFleet, r: Any, n: int, tag: str) -> tuple[float, fl
     wall = time.monotonic() - started
     if record.status.value != "SUCCEEDED":
         sys.exit(f"run {run_id} ended {record.status.value}: {record.error}")
-    subs = [req.at for req in fleet.stub.requests[seen:] if "question " in req.prompt and "REPL" not in req.prompt]
+    spent = {k: v - before.get(k, 0) for k, v in command_counts(r).items()}
+    top = sorted(((v, k) for k, v in spent.items() if v), reverse=True)
+    print(f"  redis commands per prompt {sum(spent.values()) / n:.1f}: "
+          + " ".join(f"{k} {v / n:.2f}" for v, k in top[:12]), flush=True)
+    asked = {int(m.group(1)): req.at for req in fleet.stub.requests[seen:]
+             if "REPL" not in req.prompt and (m := QUESTION.search(req.prompt))}
+    subs = list(asked.values())
+    print_chunks(asked, n, min(subs), *chunking)
     return (len(subs) - 1) / (max(subs) - min(subs)), wall
+
+
+def print_chunks(asked: dict[int, float], n: int, first: float, chunk_size: int, fanout_width: int) -> None:
+    """Where the batch's time went, from the stub's side: when each sub-task's first prompt arrived
+    (dispatch and delivery) and how long a sub-task took from its first prompt to its last."""
+    defaults = Settings()
+    starts, spans = [], []
+    for a, b in plan_chunks(n, chunk_size or defaults.chunk_size, fanout_width or defaults.fanout_width):
+        times = [asked[i] for i in range(a, b) if i in asked]
+        if times:
+            starts.append(min(times) - first)
+            spans.append(max(times) - min(times))
+    print(f"  {len(starts)} sub-tasks: first prompt at median {statistics.median(starts):.2f} s, last {max(starts):.2f} s "
+          f"after the batch's first; first to last prompt median {statistics.median(spans):.2f} s, "
+          f"max {max(spans):.2f} s", flush=True)
 
 
 def fanout(args: Any) -> None:
     backend = latency_backend()
     if backend is None:
         sys.exit(f"latency: {latency_missing()}")
-    with Network() as net, hosts_fleet(net, llm_threads=32) as fleet, fleet.d.entered():
+    chunking = (args.chunk_size, args.fanout_width)
+    env = {name: str(value) for name, value in (("RLMQ_CHUNK_SIZE", args.chunk_size),
+                                                 ("RLMQ_FANOUT_WIDTH", args.fanout_width)) if value}
+    with Network() as net, hosts_fleet(net, llm_threads=32, env=env) as fleet, fleet.d.entered():
         fleet.stub.latency = args.stub_latency
         r = fleet.client()
-        fanout_round(fleet, r, 8, "warm-up")  # imports, sandbox start, connections
+        fanout_round(fleet, r, 8, "warm-up", chunking)  # imports, sandbox start, connections
         rates: dict[str, list[float]] = {}
         for n_round in range(args.rounds):
             # the 0-ms row is the latency backend's own cost (the userspace delayer handles every packet)
@@ -133,7 +171,7 @@ def fanout(args: Any) -> None:
                                  (f"{backend}, {args.delay_ms:g} ± {args.jitter_ms:g} ms", (args.delay_ms, args.jitter_ms)))):
                 if delay:
                     net.set_latency(*delay, backend=backend)
-                rate, wall = fanout_round(fleet, r, args.fanout, f"round{n_round}-{setting}")
+                rate, wall = fanout_round(fleet, r, args.fanout, f"round{n_round}-{setting}", chunking)
                 net.clear_latency()
                 rates.setdefault(label, []).append(rate)
                 print(f"{label:<24} {args.fanout} prompts: {rate:7.1f} prompts/s  run {wall:6.1f} s", flush=True)
@@ -145,7 +183,8 @@ def fanout(args: Any) -> None:
 
 
 def main() -> None:
-    args = command_line(__doc__, delay_ms=20.0, jitter_ms=5.0, seconds=3.0, fanout=0, rounds=2, stub_latency=0.05)
+    args = command_line(__doc__, delay_ms=20.0, jitter_ms=5.0, seconds=3.0, fanout=0, rounds=2, stub_latency=0.05,
+                        chunk_size=0, fanout_width=0)
     if unavailable():
         sys.exit(f"cannot make hosts here: {unavailable()}")
     if args.fanout:

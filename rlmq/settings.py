@@ -234,8 +234,8 @@ class Settings:
     max_children: int = field(default=64, metadata=_setting("RLMQ_MAX_CHILDREN", _int, capped=True))
     max_sandboxes: int | None = field(default=None, metadata=_setting("RLMQ_MAX_SANDBOXES", _int))
     # fan-out: prompts per sub-task message, and how many sub-tasks a big batch spreads over
-    chunk_size: int = field(default=8, metadata=_setting("RLMQ_CHUNK_SIZE", _int, capped=True))
-    fanout_width: int = field(default=64, metadata=_setting("RLMQ_FANOUT_WIDTH", _int, capped=True))
+    chunk_size: int = field(default=64, metadata=_setting("RLMQ_CHUNK_SIZE", _int, capped=True))
+    fanout_width: int = field(default=8, metadata=_setting("RLMQ_FANOUT_WIDTH", _int, capped=True))
     # > the sub-task's own hard limit (SUBTASK_DEADLINE + 60 s), so a live sub-task never times out here first
     gather_timeout: float = field(default=1200.0, metadata=_setting("RLMQ_GATHER_TIMEOUT", _float, capped=True))
     # budgets per run (none by default): dollars (LiteLLM's prices), tokens, wall-clock seconds

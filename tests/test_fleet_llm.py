@@ -86,9 +86,9 @@ def test_batch_is_reserved_against_budget_up_front(fleet: Fleet, stub: StubLLM, 
 
 
 def test_cached_rerun_makes_no_requests_and_is_faster(fleet: Fleet, stub: StubLLM, r, redis_server) -> None:
-    # 64 prompts in 16 messages answered one after another inside each: the cold pass takes at least
-    # 4 x latency = 4 s, while the warm pass touches only Redis. A wide margin on a busy 2-core box.
-    stub.latency = 1.0
+    # 64 prompts in 16 messages (each message's 4 prompts asked at once): the cold pass takes at least
+    # the stub's latency, 2 s, while the warm pass touches only Redis. A wide margin on a busy 2-core box.
+    stub.latency = 2.0
     prompts = [f"summarise chapter {i}" for i in range(64)]
     first = make_fanout(stub, redis_server, fanout_width=16)
     t0 = time.perf_counter()
@@ -114,6 +114,34 @@ def test_50_identical_concurrent_prompts_cost_one_request(fleet: Fleet, stub: St
     assert len({a.text for a in answers}) == 1 and all(a.ok for a in answers)
     assert sum(not a.cached for a in answers) == 1
     assert len({a.worker for a in answers}) >= 2  # the waiters really were on other processes
+
+
+def test_a_sub_tasks_prompts_are_asked_at_once_and_a_repeated_one_once(fleet: Fleet, stub: StubLLM, r,
+                                                                        redis_server) -> None:
+    stub.latency = 2.0
+    prompts = [f"who is prisoner {i}?" for i in range(6)]
+    asked = [*prompts[:3], prompts[0], *prompts[3:], prompts[0], prompts[5]]
+    fanout = make_fanout(stub, redis_server, chunk_size=len(asked), fanout_width=1)  # one sub-task
+    answers = fanout.query(asked)
+    assert [a.text for a in answers] == [expected(p) for p in asked]
+    assert stub.request_count == 6  # one paid call per distinct prompt
+    assert [a.cached for a in answers] == [False] * 3 + [True] + [False] * 3 + [True, True]
+    assert len({a.worker for a in answers}) == 1
+    arrivals = sorted(rec.at for rec in stub.requests)
+    # all six were asked before the first could be answered (one after the other: 2 s apart)
+    assert arrivals[-1] - arrivals[0] < stub.latency, arrivals
+
+
+def test_two_sub_tasks_racing_on_the_same_prompts_pay_once(fleet: Fleet, stub: StubLLM, r, redis_server) -> None:
+    stub.latency = 1.0
+    prompts = [f"what did Faria know of {i}?" for i in range(12)]
+    asked = prompts + prompts[::-1] + prompts
+    fanout = make_fanout(stub, redis_server, chunk_size=len(prompts), fanout_width=3)  # three sub-tasks, same prompts
+    answers = fanout.query(asked)
+    assert [a.text for a in answers] == [expected(p) for p in asked]
+    assert stub.request_count == 12
+    assert sum(not a.cached for a in answers) == 12
+    assert len({a.worker for a in answers}) >= 2  # the races really were between processes
 
 
 def test_rate_limit_holds_across_three_workers(stub: StubLLM, redis_server) -> None:

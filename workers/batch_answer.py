@@ -1,8 +1,9 @@
 """Answering one chunk of prompts: what the ``llm_batch`` sub-task (``tasks.llm_batch``) does.
 
-Each prompt goes through the fleet's Redis response cache with single-flight (one paid call
-per distinct prompt, fleet-wide), then ``workers.lm_gateway`` (the fleet-wide adaptive limiter and
-retries with backoff on 429/5xx/timeouts/bad replies). A prompt
+The chunk's prompts are looked up in the fleet's Redis response cache at once (one ``MGET``); the
+misses are answered at once, on this process's prompt threads, each with single-flight (one paid call
+per distinct prompt, fleet-wide), then ``workers.lm_gateway`` (the fleet-wide adaptive limiter, which
+caps the requests in flight, and retries with backoff on 429/5xx/timeouts/bad replies). A prompt
 that still fails comes back as an :class:`~workers.llm_call.Answer` with ``error`` set: data,
 never an exception, so one bad prompt cannot fail the chunk. Answers carry usage, cost and the
 serving worker's hostname.
@@ -14,8 +15,13 @@ so an outage turns into latency, not into ``[ERROR]`` answers.
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import os
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import redis
@@ -58,9 +64,9 @@ def answer_batch(prompts: list[Any], model: str, options: dict[str, Any] | None,
     deadline = time.monotonic() + SUBTASK_DEADLINE_SECONDS
     params = params or {}
     keys, hits = _look_up(cache, model, prompts, params)
-    answers = []
     with subtask_span(traceparent, len(prompts), model, worker) as prompt_span:
-        for prompt, key, hit in zip(prompts, keys, hits, strict=True):
+
+        def one(prompt: Any, key: str | None, hit: dict[str, Any] | None) -> Answer:
             with prompt_span(cached=hit is not None and "error" not in hit) as span:
                 if hit is not None and "error" not in hit:
                     answer = _answer(hit, cached=True, worker=worker, attempts=0)
@@ -71,8 +77,57 @@ def answer_batch(prompts: list[Any], model: str, options: dict[str, Any] | None,
                                            worker=worker, deadline=deadline, key=key)
                 if span is not None:
                     describe_answer(span, answer)
+            return answer
+
+        # A sub-task's prompts go at once: one after the other, each one's Redis round trips and LM
+        # call waited for the previous prompt's, and at 40 ms per round trip that bounded a fan-out
+        # (docs/reliability.md). Each runs in a copy of this thread's context, so its span is the
+        # sub-task's child and its log lines name the run. A prompt repeated within the sub-task is
+        # asked once and its copies are answered as a single-flight waiter is (cached).
+        first: dict[str, Future[Answer]] = {}
+        asked: list[tuple[Future[Answer], bool]] = []
+        for prompt, key, hit in zip(prompts, keys, hits, strict=True):
+            if key is not None and key in first:
+                asked.append((first[key], True))
+                continue
+            future = _prompt_pool().submit(contextvars.copy_context().run, one, prompt, key, hit)
+            if key is not None:
+                first[key] = future
+            asked.append((future, False))
+        answers = []
+        for future, copy in asked:
+            answer = _result(future, worker)
+            if copy:
+                answer = replace(answer, cached=True, attempts=0) if answer.ok else answer
+                with prompt_span(cached=answer.cached) as span:
+                    if span is not None:
+                        describe_answer(span, answer)
             answers.append(answer)
     return [a.to_json_dict() for a in answers]
+
+
+def _result(future: Future[Answer], worker: str) -> Answer:
+    try:
+        return future.result()
+    except Exception as exc:  # answer_prompt never raises; a span's exporter might
+        logger.warning("prompt failed outside the LM call: %s", error_text(exc))
+        return Answer(error=f"{type(exc).__name__}: {exc}", worker=worker)
+
+
+_pool_lock = threading.Lock()
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _prompt_pool() -> ThreadPoolExecutor:
+    """This process's threads answering prompts, shared by its sub-tasks: RLMQ_MAX_IN_FLIGHT of
+    them (the fleet's limiter never lets more requests of a model be in flight), kept so their
+    kept-alive LM connections (``workers.llm_call``) are reused."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():  # a forked child gets threads of its own
+            size = max(1, worker_settings().max_in_flight)
+            _pool = (os.getpid(), ThreadPoolExecutor(max_workers=size, thread_name_prefix="rlmq-prompt"))
+        return _pool[1]
 
 
 # What a sub-call may pass to the model: sampling only. Anything else (api_base, api_key, headers,

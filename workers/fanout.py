@@ -17,6 +17,7 @@ from paying twice. The gather rides out a Redis restart: Celery's result backend
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -27,6 +28,7 @@ from typing import Any, Protocol
 from celery import group
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import ResultSet
+from kombu.exceptions import KombuError
 
 from rlmq.celery_config import LLM_QUEUE, LLM_TASK
 from rlmq.settings import Settings
@@ -157,6 +159,21 @@ class Fanout:
         self.observer.batch_done(done)
         return done
 
+    def _send(self, sub_tasks: Any) -> Any:
+        """Send the group's messages in one pipeline (kombu's publish batch), not one round trip to Redis
+        each (64 messages, 2.6 s at 40 ms a round trip, before). If the pipeline fails, delivery is
+        uncertain: the group is sent again message by message (with Celery's publish retries), a copy of
+        a sub-task costing nothing (the first answer wins; single flight keeps it from paying twice)."""
+        try:
+            with self.app.producer_or_acquire() as producer:
+                batch = producer.batch() if hasattr(producer, "batch") else contextlib.nullcontext()  # kombu < 5.7
+                with batch:
+                    return sub_tasks.apply_async(producer=producer)
+        except KombuError as exc:
+            logger.warning("sending a batch's sub-tasks in one pipeline failed (%s): sending them one by one",
+                           error_text(exc))
+            return sub_tasks.apply_async()
+
     def _dispatch(self, payloads: list[list[Any]], chunks: list[list[int]], answers: list[Answer | None],
                   params: dict[str, Any], headers: dict[str, str]) -> None:
         def signature(payload: list[Any]) -> Any:
@@ -167,7 +184,7 @@ class Fanout:
                                       parent_id=self.run_id, root_id=self.run_id,
                                       headers=headers)  # the batch span's traceparent, when traced
 
-        sent = group(signature(payload) for payload in payloads).apply_async()
+        sent = self._send(group([signature(payload) for payload in payloads]))  # a list: _send may send it twice
         results = {r.id: r for r in sent.results}  # every copy ever sent, by task id
         pending = {r.id: n for n, r in enumerate(sent.results)}  # task id -> chunk, until answered
         resends: Counter[int] = Counter()

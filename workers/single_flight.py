@@ -10,7 +10,8 @@ Single flight, per cache key (names from ``rlmq.store.keys``):
   of the leader's process renews it every ``lease/3`` for at most ``lock_ttl``, so a dead leader's
   lock is gone within ``FLIGHT_LEASE_SECONDS``, not after the longest possible compute) and, on
   taking it, clears ``done``; when finished it stores the value (if cacheable), releases the
-  lock (only if still its own) and pushes one wake-up ``{"flight": token, ...}`` onto ``done``;
+  lock (only if still its own) and pushes one wake-up ``{"flight": token, ...}`` onto ``done``,
+  all in one script (one round trip);
 * a waiter blocks in ``BLPOP done`` for at most the lock's remaining TTL. A wake-up of the
   flight it waits for is pushed back (so the next waiter wakes too: one list element wakes
   everybody in turn) and then the waiter re-reads the cache. A wake-up of an older flight is
@@ -168,17 +169,18 @@ class ResponseCache:
         cacheable: Callable[[dict[str, Any]], bool] | None,
     ) -> dict[str, Any]:
         wake: dict[str, Any] = {"flight": token, "failed": True}
+        stored: tuple[str, ...] = ()
         try:
             value = compute()
             if cacheable is None or cacheable(value):
-                self.put(key, value)
+                stored = (json.dumps(value, allow_nan=False),)  # written by the release below
                 wake = {"flight": token, "value": None}  # waiters read the cache
             else:
                 wake = {"flight": token, "value": value}  # not cached: hand it over directly
             return value
         finally:
-            _LUA.run(self.redis, "flight_release", [inflight_key(key), inflight_done_key(key)],
-                     {"token": token, "done_ttl_ms": _DONE_TTL_MS}, json.dumps(wake))
+            _LUA.run(self.redis, "flight_release", [inflight_key(key), inflight_done_key(key), response_cache_key(key)],
+                     {"token": token, "done_ttl_ms": _DONE_TTL_MS, "ttl_s": self.ttl_seconds}, json.dumps(wake), *stored)
 
 
 class _LockRenewer:
