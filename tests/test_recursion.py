@@ -220,7 +220,9 @@ def test_the_roots_time_limit_is_the_whole_trees(fleet: Fleet, stub: StubLLM, r:
     assert set(statuses.values()) == {RunStatus.STOPPED}, statuses
     deadline = (stored_record(r, root).started_at or 0) + 6
     late = {n: (stored_record(r, n).finished_at or 0) - deadline for n in statuses}
-    assert all(seconds < 2.5 for seconds in late.values()), late  # seconds past the root's deadline
+    # seconds past the root's deadline: a child on its own clock would end >= 4 s past it (it started 4 s
+    # in); the tick (1 s) and the sandbox's deletion take the rest, longer on a loaded box (2.5 s flaked)
+    assert all(seconds < 3.5 for seconds in late.values()), late
     assert "time limit" in (stored_record(r, root).error or "")
     wait_until_sandboxes(r, 0)
 
