@@ -105,10 +105,10 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
     from rlmq.sentinel_connection import FailoverConnection, FailoverSSLConnection
 
     parsed = SentinelURL.parse(url)
-    # redis-py leaves Sentinel's constructor and master_for unannotated
-    sentinel = Sentinel(list(parsed.sentinels), sentinel_kwargs=parsed.sentinel_kwargs())  # type: ignore[no-untyped-call]
+    # redis-py before 8 leaves Sentinel's constructor and master_for unannotated (8.x annotates them)
+    sentinel = Sentinel(list(parsed.sentinels), sentinel_kwargs=parsed.sentinel_kwargs())  # type: ignore[no-untyped-call,unused-ignore]
     connection_class = FailoverSSLConnection if kwargs.pop("ssl", False) else FailoverConnection
-    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call,unused-ignore]
         parsed.master_name, redis_class=redis.Redis, db=parsed.db, username=parsed.username,
         password=parsed.password, connection_class=connection_class, **kwargs)
     return client

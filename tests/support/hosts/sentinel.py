@@ -96,7 +96,7 @@ class RedisSentinel:
 
     def client(self, **connection_kwargs: object) -> Sentinel:
         """A redis-py Sentinel that asks the Sentinels for the primary (use within ``host.entered()``)."""
-        kwargs = {"socket_timeout": 2.0, "socket_connect_timeout": 1.0, **connection_kwargs}
+        kwargs: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 1.0, **connection_kwargs}
         return Sentinel(self.sentinel_addresses(), password=self.password,
                         sentinel_kwargs=self.sentinel_kwargs(), **kwargs)
 
