@@ -8,19 +8,24 @@ Real Redis, real worker processes (one rlm, two llm), a local sandbox, the stub 
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
 
-from rlmq.celery_config import LLM_QUEUE
-from rlmq.local_redis import start_private_redis
+from rlmq.celery_config import LLM_QUEUE, client_app
+from rlmq.local_redis import PrivateRedis, start_private_redis
+from rlmq.settings import Settings
 from rlmq.store.records import RunStatus
 from tests.support.fleet import Fleet, fleet_fixture
 from tests.support.records import stored_result
 from tests.support.reliability import WORKER_ENV, batch_step, sub_requests, submit, wait_status
-from tests.support.stub_llm import StubLLM
+from tests.support.stub_llm import StubLLM, default_responder
 from tests.support.wait import wait_until
+from workers.fanout import Fanout
+from workers.usage import RunUsage
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_stub")]
 
@@ -73,3 +78,55 @@ def test_sub_tasks_lost_from_the_queue_are_sent_again(stub: StubLLM) -> None:
             assert record.progress.subtasks_resent == queued, (queued, record.progress)
     finally:
         server.stop()
+
+
+class _RedisBouncedAtResend(RunUsage):
+    """A run's fan-out observer that stops Redis as the gather has resent lost sub-tasks, just before it joins
+    them, and starts it again on its data ``down_for`` seconds later (``back`` is set then)."""
+
+    def __init__(self, server: PrivateRedis, down_for: float) -> None:
+        super().__init__(root_model="openai/stub-root", sub_model="openai/stub-sub")
+        self.server, self.down_for = server, down_for
+        self.back = threading.Event()
+
+    def resent(self, n: int) -> None:
+        super().resent(n)
+        if self.back.is_set() or self.subtasks_resent > n:
+            return
+        self.server.stop()  # SIGTERM: the AOF (with the resent messages) is written
+        threading.Timer(self.down_for, self._restart).start()
+
+    def _restart(self) -> None:
+        old = self.server
+        self.server = start_private_redis(old.port, dir=old.dir, appendonly=True, password=old.password)
+        self.back.set()
+
+
+def test_a_gather_rides_out_redis_going_away_as_it_joins_again(stub: StubLLM, tmp_path) -> None:
+    """Celery's result backend reads the results' state when a gather joins (again) and raises at once when
+    Redis is away (its client has no retries; only its pub/sub reconnects by itself). A gather joins again
+    after it resends lost sub-tasks and after it reads stored answers, both common in a failover: that error
+    came out of ``llm_query_batched`` into the sandbox code, so the step's output was the error, not the
+    answers (issue #19 (c): the run then went on without its ``answers`` and failed). Now the gather waits
+    for Redis and joins again."""
+    server = start_private_redis(dir=str(tmp_path), appendonly=True)
+    observer = _RedisBouncedAtResend(server, down_for=3.0)
+    settings = Settings(redis_url=server.url, lm="openai/stub-root", sub_lm="openai/stub-sub",
+                        lm_api_base=stub.api_base)
+    prompts = [f"bounce {i}" for i in range(12)]
+    try:
+        r = redis.Redis.from_url(server.url)
+        fanout = Fanout(settings, app=client_app(server.url), observer=observer)
+        with ThreadPoolExecutor(1) as pool:
+            batch = pool.submit(fanout.query, prompts)  # no llm worker yet: its sub-tasks wait in the queue
+            wait_until(lambda: r.llen(LLM_QUEUE) > 0, 30, "the batch's sub-tasks queued")
+            time.sleep(0.5)  # the group is sent at once: all of it is queued by now
+            r.delete(LLM_QUEUE)  # lost, as in a failover: the gather resends them, then Redis goes away
+            assert observer.back.wait(30), "the gather never resent its lost sub-tasks"
+            with Fleet(server.url, {**WORKER_ENV, "RLMQ_LM_API_BASE": stub.api_base}) as own:
+                own.start("llm", name="bounce-llm", concurrency=4)
+                answers = batch.result(timeout=60)
+        assert [a.text for a in answers] == [default_responder([{"role": "user", "content": p}], {}) for p in prompts]
+        assert observer.subtasks_resent == len(prompts), observer.subtasks_resent
+    finally:
+        observer.server.stop()

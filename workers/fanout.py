@@ -11,8 +11,10 @@ budget check that may refuse a batch before it is sent).
 A sub-task held by an llm worker that died (no heartbeat: ``workers.liveness``) is sent again
 within about a second of the heartbeat's expiry, up to ``MAX_RESENDS`` times per chunk; the first
 answer for a chunk wins, and the response cache's single flight keeps a copy that is still alive
-from paying twice. The gather rides out a Redis restart: Celery's result backend reconnects
-(``rlmq.celery_config.OUTAGE_RETRY_POLICY``), and stored answers are read directly (below).
+from paying twice. The gather rides out a Redis restart or failover: Celery's result backend reconnects
+its pub/sub (``rlmq.celery_config.OUTAGE_RETRY_POLICY``), stored answers are read directly (below), and
+a join that meets Redis away is tried again (:data:`GATHER_INTERRUPTIONS`): a gather ends only with every
+answer, its deadline, or its run's cancel, never with an error the sandbox code would see.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import redis
 from celery import group
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import ResultSet
-from kombu.exceptions import KombuError
+from kombu.exceptions import KombuError, OperationalError
 
 from rlmq.celery_config import LLM_QUEUE, LLM_TASK
 from rlmq.settings import Settings
@@ -44,6 +47,13 @@ __all__ = ["Fanout", "FanoutCancelled", "FanoutObserver", "plan_chunks"]
 GATHER_INTERVAL = 0.01  # seconds; Celery's 0.5 s default would add up to half a second per batch
 LIVENESS_CHECK_SECONDS = 1.0  # how often a gather asks whether its pending sub-tasks' workers live
 MAX_RESENDS = 3  # per chunk: a chunk that kills every worker it lands on is not sent forever
+# Redis away under a join (a failover, a restart): Celery's result backend reads the results' state each
+# time a gather joins, with a client that does not retry, and raises at once; only its pub/sub reconnects
+# by itself. The gather joins again after REJOIN_PAUSE_SECONDS, so the error never reaches sandbox code as
+# the batch's outcome (it did: issue #19 (c), a step whose output was a ConnectionError). OSError: a
+# socket's own timeout or reset.
+GATHER_INTERRUPTIONS = (redis.ConnectionError, redis.TimeoutError, OperationalError, OSError)
+REJOIN_PAUSE_SECONDS = 0.5
 
 logger = logging.getLogger(__name__)
 
@@ -207,9 +217,12 @@ class Fanout:
                 answers[i] = answer
             self.observer.chunk_arrived(arrived)  # live progress of the batch
 
-        def check() -> None:
+        def stop_if_cancelled() -> None:
             if self.should_stop is not None and self.should_stop():
                 raise FanoutCancelled("run cancelled")
+
+        def check() -> None:
+            stop_if_cancelled()
             if time.monotonic() < next_check[0]:
                 return
             next_check[0] = time.monotonic() + LIVENESS_CHECK_SECONDS
@@ -234,6 +247,24 @@ class Fanout:
             if lost:
                 raise _Lost(lost)
 
+        def resend(task_ids: list[str]) -> int:
+            sent = 0
+            for task_id in task_ids:
+                n = pending.get(task_id)
+                if n is None:
+                    continue
+                try:
+                    copy = signature(payloads[n]).apply_async()
+                except GATHER_INTERRUPTIONS as exc:  # left pending: the next checks find it again
+                    logger.warning("could not send a lost sub-task again: %s", error_text(exc))
+                    break
+                del pending[task_id]
+                results[copy.id] = copy
+                pending[copy.id] = n
+                resends[n] += 1
+                sent += 1
+            return sent
+
         timed_out = False
         while pending:
             left = deadline - time.monotonic()
@@ -242,29 +273,26 @@ class Fanout:
                 break
             waiting = ResultSet([results[t] for t in pending], app=self.app)
             try:
-                waiting.join_native(timeout=left, propagate=False, interval=GATHER_INTERVAL, callback=collect,
-                                    on_interval=check, disable_sync_subtasks=False)
+                try:
+                    waiting.join_native(timeout=left, propagate=False, interval=GATHER_INTERVAL, callback=collect,
+                                        on_interval=check, disable_sync_subtasks=False)
+                except GATHER_INTERRUPTIONS as exc:
+                    logger.warning("gather of %d sub-task(s) interrupted, joining again: %s", len(pending),
+                                   error_text(exc))
+                    time.sleep(REJOIN_PAUSE_SECONDS)
+                    stop_if_cancelled()
             except _Lost as lost:
-                self.app.control.revoke(lost.task_ids)
-                sent_again = 0
-                for task_id in lost.task_ids:
-                    n = pending.pop(task_id, None)
-                    if n is None:
-                        continue
-                    copy = signature(payloads[n]).apply_async()
-                    results[copy.id] = copy
-                    pending[copy.id] = n
-                    resends[n] += 1
-                    sent_again += 1
+                self._revoke(lost.task_ids)
+                sent_again = resend(lost.task_ids)
                 if sent_again:
                     self.observer.resent(sent_again)
-                logger.warning("%d sub-task(s) were on a dead llm worker: sent again", len(lost.task_ids))
+                logger.warning("%d lost sub-task(s) sent again (on a dead llm worker, or gone from the queue)", sent_again)
             except _Rejoin:
                 continue
             except FanoutCancelled:
-                self.app.control.revoke(list(pending))
+                self._revoke(list(pending))
                 raise
-            except (CeleryTimeoutError, TimeoutError):
+            except CeleryTimeoutError:
                 timed_out = True
                 break
         if not timed_out:
@@ -276,9 +304,18 @@ class Fanout:
                     collect(task_id, r.get(propagate=False, disable_sync_subtasks=False))
             except Exception:
                 pass
-        if pending:
-            self.app.control.revoke(list(pending))
+        self._revoke(list(pending))
         why = f"timed out after {self.settings.gather_timeout:g}s waiting for an llm worker"
         for i, a in enumerate(answers):
             if a is None:
                 answers[i] = Answer(error=why)
+
+    def _revoke(self, task_ids: list[str]) -> None:
+        """Revoke sub-tasks, at best: a revoke is a broadcast, which Redis being away fails. A copy it misses
+        answers for nothing (the first answer of a chunk wins; the response cache keeps the prompt paid once)."""
+        if not task_ids:
+            return
+        try:
+            self.app.control.revoke(task_ids)
+        except GATHER_INTERRUPTIONS as exc:
+            logger.warning("could not revoke %d sub-task(s): %s", len(task_ids), error_text(exc))
