@@ -29,6 +29,7 @@ from celery import group
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import ResultSet
 from kombu.exceptions import KombuError
+from redis.exceptions import RedisError
 
 from rlmq.celery_config import LLM_QUEUE, LLM_TASK
 from rlmq.settings import Settings
@@ -169,7 +170,7 @@ class Fanout:
                 batch = producer.batch() if hasattr(producer, "batch") else contextlib.nullcontext()  # kombu < 5.7
                 with batch:
                     return sub_tasks.apply_async(producer=producer)
-        except KombuError as exc:
+        except (KombuError, RedisError, OSError) as exc:  # BatchPublishError, or the connection failing first
             logger.warning("sending a batch's sub-tasks in one pipeline failed (%s): sending them one by one",
                            error_text(exc))
             return sub_tasks.apply_async()
