@@ -179,7 +179,7 @@ class Fanout:
                 batch = producer.batch() if hasattr(producer, "batch") else contextlib.nullcontext()  # kombu < 5.7
                 with batch:
                     return sub_tasks.apply_async(producer=producer)
-        except KombuError as exc:
+        except (KombuError, redis.RedisError, OSError) as exc:  # BatchPublishError, or the connection failing first
             logger.warning("sending a batch's sub-tasks in one pipeline failed (%s): sending them one by one",
                            error_text(exc))
             return sub_tasks.apply_async()
