@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 Row = TypeVar("Row")
 
@@ -67,3 +68,53 @@ def every(interval: float, sample: Callable[[], None]) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
+
+
+class CPUSplit:
+    """CPU seconds by part of a fleet: each root process (a worker, Redis, this process) and, for the roots
+    named in ``trees``, what runs under it, every process named by ``part_of``. A process's last reading is kept when it ends, so a sandbox that
+    is gone keeps its share; only what it used after the last sample is missed (sample it a few times a
+    second). Sandbox processes are named by their command line (``kernel.py``, ``broker.py``, bwrap)."""
+
+    def __init__(self, roots: dict[str, int], trees: tuple[str, ...] = ()) -> None:
+        import psutil
+
+        self.psutil = psutil
+        self.roots = {name: psutil.Process(pid) for name, pid in roots.items()}
+        self.trees = trees
+        self.cpu: dict[Any, tuple[str, float]] = {}  # process -> (part, CPU seconds at its last reading)
+        self.parts: dict[Any, str] = {}  # process (its pid and start time) -> part, read once
+
+    def part_of(self, root: str, process) -> str:
+        if process.pid == self.roots[root].pid:
+            return root
+        cmdline = process.cmdline()
+        if cmdline and os.path.basename(cmdline[0]) == "bwrap":
+            return "sandbox bwrap"
+        for script in ("kernel.py", "broker.py"):
+            if any(arg.endswith("/" + script) for arg in cmdline):
+                return f"sandbox {script[:-3]}s"
+        return root
+
+    def sample(self) -> None:
+        for root, process in self.roots.items():
+            try:
+                tree = [process, *(process.children(recursive=True) if root in self.trees else ())]
+            except self.psutil.Error:
+                continue
+            for p in tree:
+                try:
+                    part = self.parts.get(p) or self.parts.setdefault(p, self.part_of(root, p))
+                    times = p.cpu_times()
+                except self.psutil.Error:
+                    continue
+                self.cpu[p] = (part, times.user + times.system)
+
+    def seconds(self) -> dict[str, float]:
+        parts: dict[str, float] = {}
+        for part, seconds in self.cpu.values():
+            parts[part] = parts.get(part, 0.0) + seconds
+        return parts
+
+    def processes(self, part: str) -> int:
+        return sum(1 for name, _ in self.cpu.values() if name == part)

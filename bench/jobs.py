@@ -5,7 +5,9 @@ one root step ``SUBMIT(answer=llm_query(...))``) on a private Redis, one rlm wor
 threads of the default pool, local sandboxes), one llm worker (32 threads), the stub LLM at ``--latency``
 (default 0 ms). Prints items/min (from submit to the job's end), time from ``submit_job`` to the
 first result, the growth of the client's peak RSS while submitting (sampled every 0.1 s), and
-Redis's peak ``used_memory`` (sampled every 0.5 s).
+Redis's peak ``used_memory`` (sampled every 0.5 s). With ``--cpu-split`` it also prints the CPU seconds per
+item of each part: the rlm worker's own process, its sandboxes' kernels, brokers and bwrap processes, the llm
+worker, Redis, and this process (the client and the stub LLM), sampled every 0.2 s.
 
 Part 2 (``--accept``, default 1,000,000): a job of that many items submitted with no workers: how
 long the client takes to stream them in, its peak RSS (bounded by a chunk, not the job), Redis's memory for the stored items, and how many runs were fed (``max_active``).
@@ -29,7 +31,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import psutil  # noqa: E402
 import redis  # noqa: E402
 
-from bench._common import command_line, every  # noqa: E402
+from bench._common import CPUSplit, command_line, every  # noqa: E402
 from rlmq.client import Client  # noqa: E402
 from rlmq.local_redis import start_private_redis  # noqa: E402
 from rlmq.store.jobs import JobStatus, JobStore  # noqa: E402
@@ -63,7 +65,7 @@ def mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def run_job(server_url: str, args) -> None:
+def run_job(server_url: str, redis_pid: int, args) -> None:
     with StubLLM(latency=args.latency) as stub:
         stub.set_responder(route(root=ScriptedRoot([STEP]), sub=lambda p: "seen " + p[-30:]))
         env = {"RLMQ_LM": "openai/gpt-4o-mini", "RLMQ_SUB_LM": "openai/gpt-4o-mini", "OPENAI_API_KEY": "sk-bench",
@@ -75,7 +77,10 @@ def run_job(server_url: str, args) -> None:
             client = Client(server_url)
             jobs = JobStore(client.redis)
             peak = Peaks(redis.Redis.from_url(server_url))
-            with every(0.1, peak.sample):
+            cpu = CPUSplit({"rlm worker": rlm.proc.pid, "llm worker": llm.proc.pid, "Redis": redis_pid,
+                            "bench + stub LLM": os.getpid()}, trees=("rlm worker",))
+            with every(0.1, peak.sample), every(0.2 if args.cpu_split else 3600, cpu.sample):
+                cpu.sample()
                 t0 = time.perf_counter()
                 job_id = client.submit_job(SIGNATURE, {"question": "What is it?"}, items(args.items, "bench"),
                                            max_active=args.max_active, max_iters=3, max_llm_calls=5)
@@ -91,6 +96,7 @@ def run_job(server_url: str, args) -> None:
                         break
                     time.sleep(0.5)
                 wall = time.perf_counter() - t0
+                cpu.sample()
             print(f"job of {args.items} tiny items, {args.rlm_slots} rlm slots (threads pool, local sandboxes), "
                   f"max_active {args.max_active}, stub latency {args.latency * 1000:.0f} ms, {os.cpu_count()} cores")
             print(f"  status {record.status.value}, counts {record.counts}")
@@ -99,6 +105,12 @@ def run_job(server_url: str, args) -> None:
             print(f"  first result {first:.2f} s after submit" if first is not None else "  no result")
             print(f"  client peak RSS growth during submit {mib(client_peak)}; Redis peak used_memory "
                   f"{mib(peak.redis)}")
+            if args.cpu_split:
+                split = cpu.seconds()
+                print("  CPU ms per item: " + ", ".join(f"{part} {1000 * seconds / args.items:.0f}"
+                                                       for part, seconds in sorted(split.items(), key=lambda kv: -kv[1]))
+                      + f"; total {1000 * sum(split.values()) / args.items:.0f} "
+                      f"({cpu.processes('sandbox kernels')} kernels seen)")
             assert record.status is JobStatus.DONE, record
 
 
@@ -124,13 +136,14 @@ def accept_job(server_url: str, args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = command_line(__doc__, argv, items=10_000, accept=1_000_000, rlm_slots=4, max_active=8, latency=0.0)
+    args = command_line(__doc__, argv, items=10_000, accept=1_000_000, rlm_slots=4, max_active=8, latency=0.0,
+                        cpu_split=False)
     if args.accept:
         with start_private_redis() as server:
             accept_job(server.url, args)
     if args.items:
         with start_private_redis() as server:
-            run_job(server.url, args)
+            run_job(server.url, server.process.pid, args)
     return 0
 
 
