@@ -9,6 +9,7 @@ prefetch (rlm) or preloads the LM client (llm).
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -47,6 +48,7 @@ def _worker_start(sender: Any = None, conf: Any = None, options: dict[str, Any] 
         _reserve_runs_only_when_free(conf)
     if LLM_QUEUE in queues:
         _preload_lm_client()
+        _bound_prompt_threads(options or {})
 
 
 def _refuse_a_bad_start(queues: set[str]) -> Settings:
@@ -87,6 +89,16 @@ def _reserve_runs_only_when_free(conf: Any) -> None:
     credit free, and the next run would wait behind it (or die with the worker)."""
     if conf is not None:
         conf.worker_disable_prefetch = True
+
+
+def _bound_prompt_threads(options: dict[str, Any]) -> None:
+    """A threads-pool llm worker answers at most ``-c`` prompts at once (``workers.batch_answer``);
+    a prefork child answers its one sub-task's prompts at once, up to RLMQ_MAX_IN_FLIGHT."""
+    from workers.batch_answer import use_prompt_threads
+
+    pool = str(options.get("pool") or options.get("pool_cls") or "")
+    if "thread" in pool.lower():
+        use_prompt_threads(int(options.get("concurrency") or os.cpu_count() or 1))
 
 
 def _preload_lm_client() -> None:

@@ -144,6 +144,28 @@ def test_two_sub_tasks_racing_on_the_same_prompts_pay_once(fleet: Fleet, stub: S
     assert len({a.worker for a in answers}) >= 2  # the races really were between processes
 
 
+def test_a_threads_worker_answers_at_most_its_concurrency_of_prompts_at_once(stub: StubLLM, redis_server) -> None:
+    """A sub-task's prompts go at once, but an llm worker started with ``-c 3`` has 3 in flight at most
+    (its prompt threads are its concurrency, not RLMQ_MAX_IN_FLIGHT's 128): ``-c`` bounds the first
+    burst to a provider whose limit is not known yet, as it did when each thread asked one at a time."""
+    from rlmq.celery_config import client_app
+
+    stub.latency = 0.5
+    url = redis_server.url.rsplit("/", 1)[0] + "/2"  # its own queues: only this worker takes its sub-calls
+    with Fleet(url, {"RLMQ_LM": SUB_MODEL, "RLMQ_LM_API_BASE": stub.api_base}) as own:
+        own.start("llm", name="three", concurrency=3)
+        settings = Settings(redis_url=url, lm="openai/stub-root", sub_lm=SUB_MODEL, lm_api_base=stub.api_base,
+                            chunk_size=12, fanout_width=2)  # two sub-tasks of 6 prompts, both held at once
+        sender = client_app(url)
+        try:
+            stub.reset_stats()
+            answers = Fanout(settings, app=sender).query([f"bounded {i}" for i in range(12)])
+        finally:
+            sender.close()
+    assert [a.text for a in answers] == [expected(f"bounded {i}") for i in range(12)]
+    assert stub.peak_in_flight == 3, stub.peak_in_flight
+
+
 def test_rate_limit_holds_across_three_workers(stub: StubLLM, redis_server) -> None:
     from rlmq.celery_config import client_app
 

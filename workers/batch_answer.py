@@ -38,7 +38,7 @@ from workers.monitor import count
 from workers.single_flight import ResponseCache
 from workers.tracing import describe_answer, subtask_span
 
-__all__ = ["answer_batch", "answer_prompt"]
+__all__ = ["answer_batch", "answer_prompt", "use_prompt_threads"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,16 +116,29 @@ def _result(future: Future[Answer], worker: str) -> Answer:
 
 _pool_lock = threading.Lock()
 _pool: tuple[int, ThreadPoolExecutor] | None = None
+_prompt_threads: int | None = None  # the llm worker's concurrency (use_prompt_threads, at its start)
+
+
+def use_prompt_threads(n: int) -> None:
+    """Answer at most ``n`` prompts at once in this process: a threads-pool llm worker's ``-c``. Its
+    sub-tasks' prompts go at once but share these threads, so ``-c`` still bounds the worker's requests
+    in flight, as when each thread asked one prompt at a time: 128 a process (RLMQ_MAX_IN_FLIGHT) made
+    the first burst to a provider whose limit is not known yet, and the GIL's delay in reading its
+    reset headers, throttle 3-40 % of requests in ``bench/ratelimit.py`` (docs/ARCHITECTURE.md)."""
+    global _prompt_threads
+    _prompt_threads = max(1, n)
 
 
 def _prompt_pool() -> ThreadPoolExecutor:
-    """This process's threads answering prompts, shared by its sub-tasks: RLMQ_MAX_IN_FLIGHT of
-    them (the fleet's limiter never lets more requests of a model be in flight), kept so their
-    kept-alive LM connections (``workers.llm_call``) are reused."""
+    """This process's threads answering prompts, shared by its sub-tasks: the worker's concurrency
+    (``use_prompt_threads``), at most RLMQ_MAX_IN_FLIGHT (the fleet's limiter never lets more
+    requests of a model be in flight); kept so their kept-alive LM connections
+    (``workers.llm_call``) are reused."""
     global _pool
     with _pool_lock:
         if _pool is None or _pool[0] != os.getpid():  # a forked child gets threads of its own
-            size = max(1, worker_settings().max_in_flight)
+            cap = max(1, worker_settings().max_in_flight)
+            size = min(cap, _prompt_threads or cap)
             _pool = (os.getpid(), ThreadPoolExecutor(max_workers=size, thread_name_prefix="rlmq-prompt"))
         return _pool[1]
 
