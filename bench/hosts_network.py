@@ -2,7 +2,7 @@
 plain and with latency set (netem where the kernel has it, else the userspace NFQUEUE delayer).
 
     sudo python bench/hosts_network.py [--delay-ms 20] [--jitter-ms 5] [--seconds 3]
-    sudo python bench/hosts_network.py --fanout 500 [--rounds 2] [--stub-latency 0.05] [--chunk-size 8 --fanout-width 64]
+    sudo python bench/hosts_network.py --fanout 500 [--rounds 2] [--stub-latency 0.05] [--chunk-size 8 --fanout-width 64] [--llm-threads 32]
 
 Prints, per setting: the median and 95th-percentile request/response round trip (a 100-byte
 message echoed over one TCP connection, as a Redis command is), round trips per second, and bulk
@@ -15,7 +15,8 @@ replica on b, workers on b and c, client and stub LLM on d, Redis through Sentin
 ``--delay-ms`` ± ``--jitter-ms`` on every packet; it prints the batch's prompts per second (the
 stub's first to last sub-call) and the run's wall time, and the ratios of the throughputs (a row with the
 latency backend at 0 ms gives the backend's own cost). ``--chunk-size`` / ``--fanout-width`` set the
-workers' ``RLMQ_CHUNK_SIZE`` / ``RLMQ_FANOUT_WIDTH`` (0: their defaults). Per round it also prints the
+workers' ``RLMQ_CHUNK_SIZE`` / ``RLMQ_FANOUT_WIDTH`` (0: their defaults); ``--llm-threads`` each llm
+worker's ``-c`` (default 32; the prompts one worker has in flight at most). Per round it also prints the
 Redis commands per prompt and when the sub-tasks started and ended, as the stub saw them.
 """
 
@@ -160,7 +161,7 @@ def fanout(args: Any) -> None:
     chunking = (args.chunk_size, args.fanout_width)
     env = {name: str(value) for name, value in (("RLMQ_CHUNK_SIZE", args.chunk_size),
                                                  ("RLMQ_FANOUT_WIDTH", args.fanout_width)) if value}
-    with Network() as net, hosts_fleet(net, llm_threads=32, env=env) as fleet, fleet.d.entered():
+    with Network() as net, hosts_fleet(net, llm_threads=args.llm_threads, env=env) as fleet, fleet.d.entered():
         fleet.stub.latency = args.stub_latency
         r = fleet.client()
         fanout_round(fleet, r, 8, "warm-up", chunking)  # imports, sandbox start, connections
@@ -184,7 +185,7 @@ def fanout(args: Any) -> None:
 
 def main() -> None:
     args = command_line(__doc__, delay_ms=20.0, jitter_ms=5.0, seconds=3.0, fanout=0, rounds=2, stub_latency=0.05,
-                        chunk_size=0, fanout_width=0)
+                        chunk_size=0, fanout_width=0, llm_threads=32)
     if unavailable():
         sys.exit(f"cannot make hosts here: {unavailable()}")
     if args.fanout:
