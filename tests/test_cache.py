@@ -91,6 +91,23 @@ def test_fifty_concurrent_callers_in_two_processes_pay_once(
     assert not redis_client.exists(inflight_key("k" * 64))
 
 
+def test_a_flight_that_ended_after_the_look_up_is_not_paid_again(redis_client: redis.Redis) -> None:
+    """A sub-task looks all its prompts up at once (one MGET), then asks the misses: a flight of another
+    sub-task that ends in between leaves no lock behind, and taking the lock then paid for the prompt
+    again (test_run_sight saw 30 prompts asked twice over 60 duplicated ones, 44 paid)."""
+    cache, key = ResponseCache(redis_client, 60), "m" * 64
+    assert cache.get_many([key]) == [None]  # this sub-task's look-up: a miss
+    cache.single_flight(key, lambda: {"text": "the leader's"}, lock_ttl=5, wait_timeout=5)  # another's flight
+    computes = []
+
+    def compute() -> dict[str, Any]:
+        computes.append(1)
+        return {"text": "paid again"}
+
+    value, cached = cache.single_flight(key, compute, lock_ttl=5, wait_timeout=5, known_miss=True)
+    assert (value, cached, computes) == ({"text": "the leader's"}, True, [])
+
+
 def test_error_result_is_shared_with_waiters_but_not_cached(redis_client: redis.Redis) -> None:
     cache = ResponseCache(redis_client, 60)
     computes = []

@@ -136,8 +136,13 @@ class ResponseCache:
             if hit is not None:
                 return hit, True
             token = uuid.uuid4().hex
-            acquired, holder, pttl = _LUA.run(self.redis, "flight_acquire", [lock, done],
+            acquired, holder, pttl = _LUA.run(self.redis, "flight_acquire", [lock, done, response_cache_key(key)],
                                               {"token": token, "lease_ms": lock_ms})
+            if acquired == 2:  # a flight ended since the look-up: its answer, not a second paid call
+                hit = self._decode_entry(key, holder)
+                if hit is not None:
+                    return hit, True
+                continue
             if acquired:
                 with _renewer.holding(self.redis, lock, token, lock_ms, until=time.monotonic() + lock_ttl):
                     return self._lead(key, token, compute, cacheable), False
