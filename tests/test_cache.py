@@ -21,6 +21,7 @@ from rlmq.store.keys import dspy_cache_key, inflight_key, response_cache_key
 from tests.support.children import run_children
 from tests.support.pickles import dotted_name_gadget, hostile_pickles
 from tests.support.stub_llm import StubLLM, default_responder, post_chat
+from tests.support.wait import wait_until
 from workers.dspy_cache import install_redis_dspy_cache
 from workers.single_flight import ResponseCache
 
@@ -163,7 +164,8 @@ def test_dead_leader_is_taken_over_after_lock_ttl(
     leader = mp_context.Process(target=_doomed_leader, args=(redis_url, "d" * 64))
     leader.start()
     try:
-        assert redis_client.blpop([STARTED], timeout=30) is not None
+        # polled: a BLPOP longer than the client's socket timeout (redis-py 8: 5 s) fails on a slow start
+        wait_until(lambda: redis_client.llen(STARTED) > 0, 30, "the leader took the lock")
     finally:
         leader.kill()  # SIGKILL: no finally blocks, the lock stays until its TTL
         leader.join(10)

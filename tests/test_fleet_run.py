@@ -24,6 +24,7 @@ from tests.support.fleet import Fleet, fleet_fixture, redis_url_of
 from tests.support.pickles import ExecOnUnpickle, hostile_pickles
 from tests.support.records import stored_record, stored_result
 from tests.support.stub_llm import FaultKind, ScriptedRoot, StubLLM, richest_in_chapter, route
+from tests.support.wait import wait_until
 from workers.claim import RunClaim
 from workers.sandbox_registry import LeaseRegistry
 
@@ -132,7 +133,8 @@ def test_bad_input_is_a_failed_record_and_the_worker_lives(fleet: Fleet, stub: S
     assert wait_finished(r, run_id) is RunStatus.FAILED
     record = stored_record(r, run_id)
     assert record.error and record.error.startswith("ValueError:") and "->" in record.error, record.error
-    assert AsyncResult(run_id).state == "FAILURE"
+    # Celery stores FAILURE when the task returns, just after the run's record is written
+    wait_until(lambda: AsyncResult(run_id).state == "FAILURE", 10, "Celery state FAILURE")
     crash_id, _ = submit(r, chapters[:3], stub=stub, steps=["import os\nos._exit(3)"], options={"max_iters": 2})
     assert wait_finished(r, crash_id) in (RunStatus.FAILED, RunStatus.SUCCEEDED)
     assert stored_record(r, crash_id).status.finished
