@@ -290,10 +290,40 @@ def test_the_first_429_starts_aimd_from_the_rate_achieved(redis_client: redis.Re
     assert slot is not None
     slot.done(rate_limited=True)
     state = limiter.state()
-    assert state["mode"] == "avoid", state
+    assert state["mode"] == "settle", state  # provisional, paced at 0.7x while the burst lands
     assert 0.5 * 0.7 * achieved <= float(state["rate"]) <= 1.1 * 0.7 * achieved, (state, achieved)
-    held, wait, capped = limiter.try_acquire()  # from now on the learned rate paces requests
+    held, wait, capped = limiter.try_acquire()  # from now on the limiter paces requests
     assert held is not None or (wait > 0 and not capped)
+    if held is not None:
+        held.done()
+    time.sleep(1.0)  # nothing leased before the 429 is out: the next reply settles it
+    limiter.acquire(timeout=5).done()
+    state = limiter.state()
+    assert state["mode"] == "avoid", state
+    assert 0.5 * 0.9 * achieved <= float(state["rate"]) <= 1.1 * 0.9 * achieved, (state, achieved)
+
+
+def test_the_first_429_waits_for_its_bursts_successes(redis_client: redis.Redis) -> None:
+    """A provider's 429 comes back at once, a success after the model's latency: at the first refusal
+    of a burst none of its successes has landed yet. The AIMD starts from them, not from nothing."""
+    limiter = AdaptiveLimiter(redis_client, MODEL, max_in_flight=200, initial_rps=10)
+    burst = [limiter.try_acquire()[0] for _ in range(64)]  # nothing throttles before the first 429
+    assert all(slot is not None for slot in burst)
+    for slot in burst[50:]:  # the provider's bucket held 50: 14 refused at once
+        assert slot is not None
+        slot.done(rate_limited=True)
+    assert limiter.state()["mode"] == "settle"
+    time.sleep(1.1)  # the model's latency: the 50 successes land after a second
+    for slot in burst[:49]:
+        assert slot is not None
+        slot.done()
+        assert limiter.state()["mode"] == "settle"  # one request sent before the 429 is still out
+    last = burst[49]
+    assert last is not None
+    last.done()
+    state = limiter.state()
+    assert state["mode"] == "avoid", state
+    assert 0.9 * 50 * 0.9 <= float(state["rate"]) <= 0.9 * 50 * 1.1, state  # was 5/s: half the initial rate
 
 
 def _pause_fleet(url: str, seconds: float) -> None:

@@ -14,10 +14,12 @@ every worker process of the fleet obeys one limit per model. Lua scripts on Redi
   headers (``workers.rate_headers``) the limit is the geometric mean of the tightest bounds seen
   so far (an upper bound alone, from a near-full bucket, is used as is: the bucket absorbs the
   overshoot until lower bounds arrive); bounds widen slowly (~10 min), so a raised limit is
-  found again. Without them nothing throttles (only the in-flight cap) until the first 429,
-  which starts AIMD at 0.7x the successes per second achieved so far (the best 1-s window);
-  then +0.03 request/s per success (3 %/s), x0.7 on later 429s (once per second, however many
-  arrive together). Increases only happen while callers are actually waiting on the limiter. The token bucket is corrected by
+  found again. Without them nothing throttles (only the in-flight cap) until the first 429.
+  A 429 comes back at once, a success only after the model's latency, so at that moment the
+  burst's successes are still on their way: the limiter paces at a provisional rate ("settle")
+  until every request leased before the 429 has replied (at least a second), then starts AIMD at
+  0.9x the best second of successes seen; then +0.03 request/s per success (3 %/s), x0.7 on
+  later 429s (once per second, however many arrive together). Increases only happen while callers are actually waiting on the limiter. The token bucket is corrected by
   ``actual - estimate`` tokens.
 - ``cooldown``: a 429's ``Retry-After`` pauses the whole fleet.
 """
@@ -79,7 +81,7 @@ class Slot:
         named: dict[str, Any] = {
             "slot": self.slot_id, "outcome": outcome, "initial_rps": lim.initial_rps, "margin": lim.margin,
             "ceiling_rps": lim.ceiling_rps or 0, "ceiling_tpm": lim.ceiling_tpm or 0, "cap": lim.max_in_flight or 0,
-            "correction": correction}
+            "lease_us": int(lim.lease_seconds * 1e6), "correction": correction}
         if requests is not None:
             named.update(requests=_bounds(requests), headroom=requests.headroom, remaining=requests.remaining)
         if tokens is not None:

@@ -1,14 +1,16 @@
 -- A reply came back: release its slot, wake one waiter, and learn the model's limit from the reply
 -- (workers.adaptive_limit). With rate-limit headers the rate is the geometric mean of the tightest bounds
 -- seen so far (an upper bound alone is used as is), bounds widening slowly (~10 min); without them no
--- throttle until the first 429, which starts AIMD at 0.7x the successes per second achieved so far:
--- +0.03/s per success, x0.7 on later 429s (once a second).
+-- throttle until the first 429. Its burst's other replies are still on their way then (a 429 comes back
+-- at once, a success after the model's latency), so the rate is only provisional while they land
+-- ('settle'); once every request sent before the 429 has replied (and >= 1 s), AIMD starts at 0.9x the
+-- best second of successes: +0.03/s per success, x0.7 on later 429s (once a second).
 -- Increases only while callers wait on the limiter. The token bucket is corrected by actual - estimate.
 --
 -- KEYS[1] the limiter's state hash, KEYS[2] the tokens' TAT, KEYS[3] the in-flight leases, KEYS[4] the
 --         list that wakes a waiter for a slot, KEYS[5] the requests' TAT
 -- ARGV[1] {slot, outcome ('ok' | 'limited' | 'failed'), initial_rps, margin, ceiling_rps (0: none),
---          ceiling_tpm (0: none), cap (0: none), correction (actual - charged tokens),
+--          ceiling_tpm (0: none), cap (0: none), lease_us (a lease's life), correction (actual - charged tokens),
 --          requests, tokens (each absent when the reply had no such headers, else {low, high (absent:
 --          unbounded), limit}), headroom (absent: no headers), remaining (absent: not stated)}
 --
@@ -49,8 +51,12 @@ local function learn(prefix, bounds)
 end
 
 -- Before headers or a 429 nothing throttles (limit_acquire): count the successes per second
--- (the best 1-s window so far), so the first 429 starts the AIMD from the rate actually achieved.
-if mode == 'start' and outcome == 'ok' then
+-- (the best 1-s window so far), so the AIMD starts from the rate actually achieved.
+local function achieved()
+  local span = math.max((now - tonumber(s.wat or now)) / 1000000, 1)
+  return math.max(tonumber(s.ach or 0), tonumber(s.wn or 0) / span)
+end
+if (mode == 'start' or mode == 'settle') and outcome == 'ok' then
   local wat, wn = tonumber(s.wat or now), tonumber(s.wn or 0) + 1
   local span = (now - wat) / 1000000
   if span >= 1 then
@@ -65,7 +71,7 @@ local headroom = a.headroom or -1
 if a.remaining then s.rrem = a.remaining end
 if est then
   rate, mode = est, 'headers'
-elseif outcome == 'ok' and pressed and (mode ~= 'headers' or headroom > 0.5) then
+elseif outcome == 'ok' and pressed and mode ~= 'settle' and (mode ~= 'headers' or headroom > 0.5) then
   if mode == 'avoid' then rate = rate + 0.03 else rate = rate + 1 end
 end
 if upper and upper < 1e300 and rate > upper then rate = upper end
@@ -74,16 +80,25 @@ if outcome == 'limited' and now - tonumber(s.dec or 0) > 1000000 then
     s.rhi = math.max(tonumber(s.rlo or 0), math.min(tonumber(s.rhi or rate), rate) * 0.9)
     rate = rate * 0.9
   elseif mode == 'start' then
-    -- The first refusal: the provider served about what succeeded per second so far; AIMD starts
-    -- just under it (x0.7, as on later 429s), or at half the initial rate if nothing succeeded yet.
-    local span = math.max((now - tonumber(s.wat or now)) / 1000000, 0.25)
-    local achieved = math.max(tonumber(s.ach or 0), tonumber(s.wn or 0) / span)
-    if achieved > 0 then rate = achieved * 0.7 else rate = rate * 0.5 end
-    mode = 'avoid'
-  else
+    -- The first refusal: pace at a provisional rate (what succeeded so far, or half the initial
+    -- rate) until the requests already sent have replied; their successes count.
+    local so_far = achieved()
+    if so_far > 0 then rate = so_far * 0.7 else rate = rate * 0.5 end
+    mode, s.sat = 'settle', now
+  elseif mode == 'avoid' then
     rate = rate * 0.7
-  end
+  end  -- while settling, a 429 is the burst's tail: already counted in
   s.dec = now
+end
+-- Settled when no request leased before the first 429 is still out (leases expire after lease_us),
+-- and at least a second has passed; without leases (no cap), after a second.
+if mode == 'settle' and now - tonumber(s.sat) >= 1000000 then
+  local sent_before = 0
+  if a.cap > 0 then sent_before = redis.call('ZCOUNT', KEYS[3], now, tonumber(s.sat) + a.lease_us) end
+  if sent_before == 0 then
+    rate = math.max(rate, achieved() * 0.9)
+    mode = 'avoid'
+  end
 end
 rate = math.min(math.max(rate, 0.2), 100000)
 -- The GCRA's backlog (TAT - now) was built at the old rate: rescale it to the new one, so a
