@@ -376,7 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     if passthrough and args.command != "worker":
         parser.error("only `rlmq worker` takes arguments after --")
     args.celery_args = passthrough
-    from rlmq.client import ClientError, UnknownRun
+    from redis.exceptions import RedisError
+
+    from rlmq.client import ClientError, RedisUnreachable, UnknownRun, redis_problem, resolve_redis_url
     from rlmq.inputs import InputError
     from rlmq.stack import StackError
 
@@ -386,8 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     except UnknownRun as exc:
         return _fail(str(exc), EXIT_NO_RUN)
     except ClientError as exc:
-        code = EXIT_UNREACHABLE if "cannot reach Redis" in str(exc) or "no Redis" in str(exc) else EXIT_USAGE
-        return _fail(str(exc), code)
+        unreachable = isinstance(exc, RedisUnreachable) or "no Redis" in str(exc)
+        return _fail(str(exc), EXIT_UNREACHABLE if unreachable else EXIT_USAGE)
+    except RedisError as exc:  # a call outside Client.call (the job commands' stores): the same one line
+        what = " ".join(filter(None, (args.command, getattr(args, "job_command", None))))
+        problem = redis_problem(resolve_redis_url(getattr(args, "redis_url", None)), what, exc)
+        return _fail(str(problem), EXIT_UNREACHABLE if isinstance(problem, RedisUnreachable) else EXIT_USAGE)
     except (InputError, CliError) as exc:
         return _fail(str(exc), getattr(exc, "code", EXIT_USAGE))
     except StackError as exc:

@@ -39,7 +39,7 @@ from rlmq.trace import read_trajectory
 from rlmq.trace_context import caller_traceparent
 from rlmq.tree import RunTree, read_tree
 
-__all__ = ["Client", "ClientError", "RedisUnreachable", "UnknownRun", "check_run_id", "check_signature", "check_tool_path"]
+__all__ = ["Client", "ClientError", "RedisUnreachable", "UnknownRun", "check_run_id", "check_signature", "check_tool_path", "redis_problem"]
 
 
 _RETRY = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5)  # 0.1 + 0.2 + 0.4 + 0.8 + 1 s
@@ -56,6 +56,19 @@ class UnknownRun(ClientError, LookupError):
 
 class RedisUnreachable(ClientError, ConnectionError):
     """Redis did not answer (down, restarting, or the URL is wrong)."""
+
+
+def redis_problem(url: str, what: str, exc: redis.exceptions.RedisError) -> ClientError:
+    """The one-line error for a Redis call that failed: unreachable, a refused password, or another error."""
+    where = redacted_url(url)
+    if isinstance(exc, redis.exceptions.AuthenticationError):  # NOAUTH, WRONGPASS, HELLO before AUTH
+        return RedisUnreachable(f"Redis at {where} refused the password ({what}): missing or wrong; "
+                                "give it in the URL as redis://:PASSWORD@host:port")
+    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        # redis-py's own text for this one is every Sentinel client's repr: kilobytes on one line
+        why = "no Sentinel names a primary it can reach" if isinstance(exc, MasterNotFoundError) else str(exc)
+        return RedisUnreachable(f"cannot reach Redis at {where} ({what}): {why}")
+    return ClientError(f"Redis at {where} answered an error ({what}): {str(exc).splitlines()[0] if str(exc) else exc!r}")
 
 
 def resolve_redis_url(explicit: str | None = None) -> str:
@@ -83,9 +96,7 @@ class Client:
         try:
             return action()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            # redis-py's own text for this one is every Sentinel client's repr: kilobytes on one line
-            why = ("no Sentinel names a primary it can reach" if isinstance(exc, MasterNotFoundError) else str(exc))
-            raise RedisUnreachable(f"cannot reach Redis at {redacted_url(self.redis_url)} ({what}): {why}") from None
+            raise redis_problem(self.redis_url, what, exc) from None
 
     # ---- submit ----------------------------------------------------------------------------
     def submit(self, signature: str, inputs: dict[str, Any], *, tools: list[str] | tuple[str, ...] = (),

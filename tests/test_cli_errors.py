@@ -90,6 +90,15 @@ def test_redis_unreachable_and_unconfigured(tmp_path, rlmq):
     assert_one_line_error(rlmq("status", "x", env=nowhere, cwd=tmp_path), 3, "REDIS_URL", "rlmq up")
 
 
+def test_a_missing_or_wrong_redis_password(tmp_path, rlmq, redis_server):
+    """Every command that reads Redis, a job command too, says the password was refused (was a traceback)."""
+    for url in (f"redis://127.0.0.1:{redis_server.port}/0", f"redis://:wrong@127.0.0.1:{redis_server.port}/0"):
+        env = cli_env(tmp_path, REDIS_URL=url)
+        for command in (("list",), ("status", "r1"), ("job", "list"), ("job", "status", "job1")):
+            assert_one_line_error(rlmq(*command, env=env, cwd=tmp_path), 3, "refused the password",
+                                  "redis://:PASSWORD@host:port")
+
+
 LONG = "x" * 10_000
 # (arguments, exit code, a fragment of the one-line error): every argument of every subcommand,
 # empty, oversized, odd characters and the wrong type.
