@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,6 +21,8 @@ def command_line(doc: str | None, argv: Sequence[str] | None = None, /,
     """Parse a benchmark's options: ``--name VALUE`` for each keyword (``chunk_size`` is ``--chunk-size``),
     typed and defaulting as its value, or a bare ``--name`` flag for ``False``; ``(value, help)`` adds a
     help text. The description is the first line of ``doc`` (the benchmark's docstring)."""
+    # SIGTERM (kill, timeout) unwinds like Ctrl-C: the `with` blocks stop the fleet, Redis and the stub
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
     for name, option in options.items():
         default, help_text = option if isinstance(option, tuple) else (option, None)

@@ -7,9 +7,12 @@ The real benchmark's parts: its own private Redis, worker processes, local sandb
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 
 from tests.support.fleet import REPO_ROOT
@@ -43,3 +46,34 @@ def test_a_tiny_scale_run_prints_every_number_and_every_run_succeeds() -> None:
     assert live and 1 <= int(live[1]) <= 3, lines["sandboxes peak live"]
     cpu = dict(part.rsplit(" ", 1) for part in lines["CPU s during the runs"].split(", "))
     assert {"rlm worker", "sandboxes", "llm workers", "redis", "bench + stub"} <= set(cpu), cpu
+
+
+def test_a_terminated_bench_leaves_no_process_behind() -> None:
+    """SIGTERM (a `kill`, a CI timeout) mid-run stops the bench's fleet, Redis and sandboxes, as Ctrl-C does."""
+    bench = subprocess.Popen([sys.executable, "bench/scale.py", "--runs", "3", "--prompts", "4", "--rps", "50"],
+                             cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        me = psutil.Process(bench.pid)
+        deadline = time.monotonic() + 120
+        while not any("kernel.py" in " ".join(c.cmdline()) for c in _alive(me.children(recursive=True))):
+            assert time.monotonic() < deadline and bench.poll() is None, "no run's sandbox started"
+            time.sleep(0.2)
+        started = me.children(recursive=True)
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(60) != 0
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert not alive, [" ".join(p.cmdline()[:4]) for p in _alive(alive)]
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+
+
+def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for p in processes:
+        try:
+            p.cmdline()
+            out.append(p)
+        except psutil.Error:
+            pass
+    return out
