@@ -422,6 +422,57 @@ def test_killing_the_agent_breaks_the_sandbox(emulator, client):
         sandbox.process.exec("true")
 
 
+def _processes() -> dict[int, tuple[int, str, bytes]]:
+    """Every process here: pid -> (parent pid, start time, command line)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                found[int(entry.name)] = (int(fields[1]), fields[19], (entry / "cmdline").read_bytes())
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def _tree(root: int) -> dict[int, tuple[int, str, bytes]]:
+    """The descendants of ``root``, as ``_processes`` describes them."""
+    processes, tree = _processes(), {root}
+    while more := {pid for pid, (parent, _, _) in processes.items() if parent in tree} - tree:
+        tree |= more
+    return {pid: processes[pid] for pid in tree - {root}}
+
+
+def _survivors(tree: dict[int, tuple[int, str, bytes]]) -> list[bytes]:
+    """The command lines of those still running (same pid and start time: a reused pid is another process)."""
+    now = _processes()
+    return [now[pid][2] for pid, (_, started, _) in tree.items() if pid in now and now[pid][1] == started]
+
+
+def test_a_sigkilled_emulator_takes_its_sandboxes_with_it():
+    """SIGKILL, so none of the emulator's cleanup runs: a started sandbox dies with it, and so does one
+    still in bubblewrap's setup, before bwrap arms --die-with-parent in the sandbox's own init (such a
+    one once outlived a CI run, reparented to PID 1, its agent running)."""
+    with running_emulator() as emulator:
+        started = make(emulator.client())
+        assert started.process.exec("true").exit_code == 0
+        emulator.faults(hold_start=True)
+        reply = httpx.post(f"{emulator.api_url}/sandbox", json={"name": "held"}, timeout=30,
+                           headers={"Authorization": f"Bearer {emulator.api_key}"})
+        assert reply.status_code == 200, reply.text
+
+        def bwraps() -> int:
+            return sum(command.split(b"\0")[0].endswith(b"/bwrap") for _, _, command in
+                       _tree(emulator.process.pid).values())
+
+        assert wait_until(lambda: bwraps() == 4, timeout=15), "two bwraps per sandbox: outside and its init"
+        tree = _tree(emulator.process.pid)
+        emulator.process.kill()
+        emulator.process.wait()
+        wait_until(lambda: not _survivors(tree), timeout=10)
+        assert _survivors(tree) == []
+
+
 def test_preview_latency_slows_only_preview_requests(emulator, client):
     sandbox = make(client)
     serve_identity(sandbox)

@@ -18,7 +18,7 @@ from rlmq.celery_config import client_app
 from rlmq.redis_url import unauthenticated_redis_problem
 from rlmq.settings import Settings
 from tests.support.fleet import Fleet
-from tests.support.net import one_try_redis
+from tests.support.net import free_port, one_try_redis
 from tests.support.stub_llm import StubLLM, default_responder
 from workers.fanout import Fanout
 
@@ -42,33 +42,76 @@ def _ca_and_server_cert(d: Path, name: str) -> None:
              "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", "ext.cnf", cwd=d)
 
 
+# A redis-server answers within milliseconds on an idle box; on a loaded CI box it may take seconds.
+START_TIMEOUT = 60.0
+PORT_ATTEMPTS = 5
+
+
+def _start_tls_redis(d: Path, ports: Iterator[int] | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    """A TLS-only redis-server answering PING, and its port. A port taken between the pick and the bind is
+    retried with another; the test is skipped only when the binary itself rejects the TLS settings (built
+    without TLS); a server that exits otherwise, or answers no PING within START_TIMEOUT, fails it."""
+    for _ in range(PORT_ATTEMPTS):
+        port = next(ports) if ports is not None else free_port()
+        conf = d / f"redis-{port}.conf"
+        conf.write_text(f"port 0\ntls-port {port}\nbind 127.0.0.1\ntls-cert-file {d}/server.pem\n"
+                        f"tls-key-file {d}/server.key\ntls-ca-cert-file {d}/server-ca.pem\ntls-auth-clients no\n"
+                        f'save ""\nappendonly no\ndir {d}\nrequirepass {PASSWORD}\n')
+        os.chmod(conf, 0o600)
+        log = d / f"redis-{port}.log"
+        with log.open("wb") as out:
+            server = subprocess.Popen(["redis-server", str(conf)], stdout=out, stderr=subprocess.STDOUT)
+        url = _url(port, d / "server-ca.pem")
+        deadline = time.monotonic() + START_TIMEOUT
+        while server.poll() is None and time.monotonic() < deadline:
+            try:
+                if one_try_redis(url, socket_connect_timeout=1).ping():
+                    return server, port
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                time.sleep(0.1)
+        text = log.read_text(errors="replace")
+        tail = "\n".join(text.splitlines()[-15:])
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+            pytest.fail(f"the TLS redis-server on port {port} answered no PING within {START_TIMEOUT:g} s; log:\n{tail}")
+        if "Bad directive" in text and "tls-" in text:  # what a redis-server built without TLS says of tls-port
+            pytest.skip("this redis-server does not speak TLS (built without it)")
+        if "Address already in use" not in text:
+            pytest.fail(f"the TLS redis-server exited ({server.returncode}); log:\n{tail}")
+    pytest.fail(f"no free port for the TLS redis-server in {PORT_ATTEMPTS} attempts")
+
+
 @pytest.fixture(scope="module")
-def tls_redis(tmp_path_factory) -> Iterator[tuple[int, Path]]:
+def certs(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tls")
     _ca_and_server_cert(d, "server")
     _ca_and_server_cert(d, "other")  # a CA that did not sign the server's certificate
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    conf = d / "redis.conf"
-    conf.write_text(f"port 0\ntls-port {port}\nbind 127.0.0.1\ntls-cert-file {d}/server.pem\n"
-                    f"tls-key-file {d}/server.key\ntls-ca-cert-file {d}/server-ca.pem\ntls-auth-clients no\n"
-                    f'save ""\nappendonly no\ndir {d}\nrequirepass {PASSWORD}\n')
-    os.chmod(conf, 0o600)
-    server = subprocess.Popen(["redis-server", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = _url(port, d / "server-ca.pem")
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if redis.Redis.from_url(url, socket_connect_timeout=1).ping():
-                break
-        except (redis.ConnectionError, OSError):
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.skip("this redis-server does not speak TLS")
-            time.sleep(0.1)
-    yield port, d
+    return d
+
+
+@pytest.fixture(scope="module")
+def tls_redis(certs: Path) -> Iterator[tuple[int, Path]]:
+    server, port = _start_tls_redis(certs)
+    yield port, certs
     server.terminate()
     server.wait(10)
+
+
+def test_a_taken_port_is_retried_not_taken_for_a_redis_without_tls(certs: Path) -> None:
+    """A port taken between its pick and redis-server's bind (other stacks share this machine) once made
+    the TLS test skip as "this redis-server does not speak TLS"; it is retried on another port."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        server, port = _start_tls_redis(certs, iter([taken, free_port()]))
+    try:
+        assert port != taken and one_try_redis(_url(port, certs / "server-ca.pem")).ping()
+        assert "Address already in use" in (certs / f"redis-{taken}.log").read_text()
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def _url(port: int, ca: Path) -> str:

@@ -204,6 +204,29 @@ def test_a_stale_queued_run_waits_while_messages_are_queued(redis_url: str, redi
     assert sorted(queued_messages(redis_client)) == sorted([run_id, behind])
 
 
+def scripts_called(r: redis.Redis) -> int:
+    stats = r.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("eval", "evalsha"))
+
+
+def test_a_backlog_runs_no_script_per_stale_run(redis_url: str, redis_client: redis.Redis) -> None:
+    """While messages wait, a sweep looks at no stale run (a script each was the cost of a backlog); a run
+    cancelled while queued stays in the index until the queue drains, then the first sweep prunes it."""
+    app = client_app(redis_url)
+    stale = [queued(redis_client)[1] for _ in range(20)]
+    store, cancelled = queued(redis_client)
+    assert store.finish(cancelled, RunStatus.CANCELLED, error="cancelled before it started", expect=RunStatus.QUEUED)
+    send_run_task(app, stale[0])  # a backlog of one
+    time.sleep(0.4)
+    before = scripts_called(redis_client)
+    assert resend_queued(redis_client, app, stale_after=0.3) == 0
+    assert scripts_called(redis_client) == before
+    assert redis_client.zscore(keys.runs_queued_key(), cancelled) is not None
+    redis_client.delete(RLM_QUEUE)
+    assert resend_queued(redis_client, app, stale_after=0.3) == len(stale)
+    assert redis_client.zscore(keys.runs_queued_key(), cancelled) is None
+
+
 def test_a_restarted_or_handed_back_run_never_claimed_is_sent_again(redis_url: str, redis_client: redis.Redis) -> None:
     app = client_app(redis_url)
     _, run_id = queued(redis_client)

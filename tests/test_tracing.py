@@ -196,6 +196,36 @@ def test_a_resumed_attempt_and_a_callers_trace(receiver: OTLPReceiver, monkeypat
     assert joined.parent_id == format(mine.get_span_context().span_id, "016x")
 
 
+def test_a_sub_tasks_prompts_and_a_repeat_each_have_a_described_span(receiver: OTLPReceiver, stub: StubLLM,
+                                                                      redis_url: str, monkeypatch) -> None:
+    """In-process ``llm_batch``: each prompt's span carries its outcome, and a prompt repeated within the
+    sub-task (asked once) gets its own span, cached, with the tokens of the answer it copies."""
+    _spans_in_process(receiver, monkeypatch)
+    for name, value in {"REDIS_URL": redis_url, "RLMQ_LM": MODEL, "OPENAI_API_KEY": "stub-key",
+                        "RLMQ_LM_API_BASE": stub.api_base}.items():
+        monkeypatch.setenv(name, value)
+    from workers.batch_answer import answer_batch
+    from workers.context import redis_client, worker_settings
+
+    worker_settings.cache_clear()
+    redis_client.cache_clear()
+    trace_id = uuid.uuid4().hex
+    try:
+        answers = answer_batch(["who is Faria?", "who is Dantes?", "who is Faria?"], MODEL, None, None, worker="w1",
+                               traceparent=f"00-{trace_id}-{'1' * 16}-01")
+    finally:
+        worker_settings.cache_clear()
+        redis_client.cache_clear()
+    assert [a["cached"] for a in answers] == [False, False, True] and stub.request_count == 2
+    spans = wait_until(lambda: (lambda t: t if len(t) == 4 else None)(receiver.trace(trace_id)), 10, "4 spans")
+    (subtask,) = [s for s in spans if s.name == "rlmq.llm_batch"]
+    prompts = children(spans, subtask, "rlmq.prompt")
+    assert sorted(p.attributes["rlmq.cached"] for p in prompts) == [False, False, True]
+    (copy,) = [p for p in prompts if p.attributes["rlmq.cached"]]
+    assert copy.attributes["rlmq.attempts"] == 0 and copy.attributes["gen_ai.usage.input_tokens"] > 0
+    assert all(p.attributes["rlmq.attempts"] == 1 for p in prompts if p is not copy)
+
+
 def test_nothing_of_opentelemetry_is_imported_when_tracing_is_off() -> None:
     code = """
 import sys

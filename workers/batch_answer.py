@@ -20,7 +20,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Any
 
@@ -67,17 +69,15 @@ def answer_batch(prompts: list[Any], model: str, options: dict[str, Any] | None,
     with subtask_span(traceparent, len(prompts), model, worker) as prompt_span:
 
         def one(prompt: Any, key: str | None, hit: dict[str, Any] | None) -> Answer:
-            with prompt_span(cached=hit is not None and "error" not in hit) as span:
+            def answer_it() -> Answer:
                 if hit is not None and "error" not in hit:
-                    answer = _answer(hit, cached=True, worker=worker, attempts=0)
-                elif time.monotonic() > deadline:
-                    answer = Answer(error="sub-task deadline passed before this prompt was tried", worker=worker)
-                else:
-                    answer = answer_prompt(prompt, model, settings, cache, limiter, params=params,
-                                           worker=worker, deadline=deadline, key=key)
-                if span is not None:
-                    describe_answer(span, answer)
-            return answer
+                    return _answer(hit, cached=True, worker=worker, attempts=0)
+                if time.monotonic() > deadline:
+                    return Answer(error="sub-task deadline passed before this prompt was tried", worker=worker)
+                return answer_prompt(prompt, model, settings, cache, limiter, params=params,
+                                     worker=worker, deadline=deadline, key=key)
+
+            return _in_prompt_span(prompt_span, hit is not None and "error" not in hit, answer_it)
 
         # A sub-task's prompts go at once: one after the other, each one's Redis round trips and LM
         # call waited for the previous prompt's, and at 40 ms per round trip that bounded a fan-out
@@ -94,16 +94,26 @@ def answer_batch(prompts: list[Any], model: str, options: dict[str, Any] | None,
             if key is not None:
                 first[key] = future
             asked.append((future, False))
+
+        def copy_of(answer: Answer) -> Answer:
+            copied = replace(answer, cached=True, attempts=0) if answer.ok else answer
+            return _in_prompt_span(prompt_span, copied.cached, lambda: copied)
+
         answers = []
         for future, copy in asked:
             answer = _result(future, worker)
-            if copy:
-                answer = replace(answer, cached=True, attempts=0) if answer.ok else answer
-                with prompt_span(cached=answer.cached) as span:
-                    if span is not None:
-                        describe_answer(span, answer)
-            answers.append(answer)
+            answers.append(copy_of(answer) if copy else answer)
     return [a.to_json_dict() for a in answers]
+
+
+def _in_prompt_span(prompt_span: Callable[..., AbstractContextManager[Any]], cached: bool,
+                    answer_it: Callable[[], Answer]) -> Answer:
+    """``answer_it()`` inside a prompt's span (``tracing.subtask_span``), its outcome described on it."""
+    with prompt_span(cached=cached) as span:
+        answer = answer_it()
+        if span is not None:  # None: tracing is off
+            describe_answer(span, answer)
+    return answer
 
 
 def _result(future: Future[Answer], worker: str) -> Answer:

@@ -126,8 +126,8 @@ def recover(client: redis.Redis, run_id: str, *, max_attempts: int, lease_second
     return Recovery(out.decode() if isinstance(out, bytes) else str(out or ""))
 
 
-def resend_if_lost(client: redis.Redis, run_id: str, *, stale_before: float, may_send: bool) -> bool:
+def resend_if_lost(client: redis.Redis, run_id: str, *, stale_before: float) -> bool:
     """Whether to send ``run_rlm`` again for a run still QUEUED since before ``stale_before`` (its
     message was lost; ``run_resend.lua``): True for exactly one caller, which must send it."""
     return bool(_LUA.run(client, "run_resend", [keys.run_key(run_id), keys.runs_queued_key()], {
-        "run_id": run_id, "now": repr(time.time()), "stale_before": repr(stale_before), "may_send": may_send}))
+        "run_id": run_id, "now": repr(time.time()), "stale_before": repr(stale_before)}))

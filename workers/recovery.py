@@ -79,15 +79,18 @@ def recover_runs(client: redis.Redis, app: Any, settings: Settings) -> dict[str,
 def resend_queued(client: redis.Redis, app: Any, stale_after: float) -> int:
     """Send ``run_rlm`` again for runs QUEUED longer than ``stale_after`` seconds since they were sent,
     while the rlm queue holds no message (in a backlog a stale run's message is likely among those
-    waiting: it is sent again once the queue drains). How many were sent."""
+    waiting: it is sent again once the queue drains). How many were sent.
+
+    In a backlog it looks at no run at all, so entries of runs that left QUEUED unclaimed (cancelled
+    while queued) stay in the index until the queue drains: a backlog has hundreds of stale QUEUED
+    runs, and a script per run each sweep only to prune a few ids was the waste."""
+    if client.llen(RLM_QUEUE):  # runs are not prefetched: a message taken is a run started
+        return 0
     stale_before = time.time() - stale_after
     stale = replies.members(client.zrangebyscore(keys.runs_queued_key(), "-inf", stale_before, 0, RESEND_BATCH))
-    if not stale:
-        return 0
-    may_send = not client.llen(RLM_QUEUE)  # runs are not prefetched: a message taken is a run started
     sent = 0
     for run_id in stale:
-        if resend_if_lost(client, run_id, stale_before=stale_before, may_send=may_send):
+        if resend_if_lost(client, run_id, stale_before=stale_before):
             logger.warning("run %s: still QUEUED %.0f s after it was sent, with no message waiting; sending it "
                            "again", run_id, stale_after)
             send_run_task(app, run_id)

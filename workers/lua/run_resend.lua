@@ -4,7 +4,7 @@
 -- of sweepers gets 1: the score moves to now. A run no longer QUEUED leaves the index.
 --
 -- KEYS[1] the run's hash, KEYS[2] the index of queued runs
--- ARGV[1] {run_id, now, stale_before, may_send (false while messages wait in the queue: its own may be one)}
+-- ARGV[1] {run_id, now, stale_before}; called only while the rlm queue is empty (a waiting message may be the run's own)
 --
 -- -> 1 send run_rlm again, 0 not now.
 local a = cjson.decode(ARGV[1])
@@ -13,6 +13,6 @@ if redis.call('HGET', KEYS[1], 'status') ~= 'QUEUED' then
   return 0
 end
 local since = tonumber(redis.call('ZSCORE', KEYS[2], a.run_id))
-if not a.may_send or not since or since > tonumber(a.stale_before) then return 0 end
+if not since or since > tonumber(a.stale_before) then return 0 end
 redis.call('ZADD', KEYS[2], a.now, a.run_id)
 return 1

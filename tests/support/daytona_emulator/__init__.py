@@ -8,6 +8,6 @@ worker imports may depend on it.
 
 Modules: ``server`` (REST API, socket.io events, admin), ``sandboxes`` (records, lifecycle, bwrap),
 ``toolbox`` (the daemon's API), ``preview`` (preview links), ``faults`` (knobs), ``errors`` (Daytona's
-error bodies), ``agent_link`` (the host side of an agent's socket); ``agent`` and ``repl_worker`` run
-inside the sandboxes (stdlib only).
+error bodies), ``agent_link`` (the host side of an agent's socket), ``janitor`` (ends the sandboxes of an
+emulator that died); ``agent`` and ``repl_worker`` run inside the sandboxes (stdlib only).
 """

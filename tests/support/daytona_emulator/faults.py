@@ -7,6 +7,8 @@
   (429 carries ``Retry-After``; a 403 says the quota is exhausted);
 - ``hang``: ``["api"]`` requests of the scope are held, unanswered, until the faults are cleared;
 - ``lose_create``: the next N creates make the sandbox and then drop the connection unanswered;
+- ``hold_start``: ``true`` sandboxes started from now on stay inside bubblewrap's setup, their agent not yet
+  run (bwrap ``--block-fd``), until the faults are cleared (or the emulator ends);
 - ``kill`` (separate endpoint): SIGKILL a sandbox's agent or its whole bubblewrap.
 
 ``DELETE /_emulator/faults`` clears everything and releases held requests.
@@ -15,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,11 +54,13 @@ class Faults:
     failures: list[Failure] = field(default_factory=list)
     hang: set[str] = field(default_factory=set)
     lose_create: int = 0
+    hold_start: bool = False
     released: asyncio.Event = field(default_factory=asyncio.Event)
+    _held_starts: list[int] = field(default_factory=list)  # write ends of the pipes held sandboxes read
 
     def update(self, spec: dict[str, Any]) -> None:
         """Apply a JSON spec (see the module docstring); unknown keys are an error."""
-        unknown = set(spec) - {"latency", "fail", "hang", "lose_create"}
+        unknown = set(spec) - {"latency", "fail", "hang", "lose_create", "hold_start"}
         if unknown:
             raise ValueError(f"unknown fault(s): {', '.join(sorted(unknown))}")
         for scope, seconds in (spec.get("latency") or {}).items():
@@ -68,17 +73,26 @@ class Faults:
         for scope in spec.get("hang") or []:
             self.hang.add(_scope(scope))
         self.lose_create += int(spec.get("lose_create", 0))
+        if "hold_start" in spec:
+            if not isinstance(spec["hold_start"], bool):
+                raise ValueError("hold_start must be true or false")
+            self.hold_start = spec["hold_start"]
 
     def clear(self) -> None:
         self.latency.clear()
         self.failures.clear()
         self.hang.clear()
         self.lose_create = 0
+        self.hold_start = False
+        for fd in self._held_starts:  # end of file: each held bubblewrap goes on
+            os.close(fd)
+        self._held_starts.clear()
         self.released.set()  # held requests go on
         self.released = asyncio.Event()
 
     def describe(self) -> dict[str, Any]:
         return {"latency": self.latency, "hang": sorted(self.hang), "lose_create": self.lose_create,
+                "hold_start": self.hold_start,
                 "fail": [vars(f) for f in self.failures if f.count > 0]}
 
     async def apply(self, scope: str, method: str, path: str) -> None:
@@ -96,6 +110,15 @@ class Faults:
                     headers = {"Retry-After": "1"}
                 raise ApiError(failure.status, failure.message or _MESSAGES.get(failure.status, "injected fault"),
                                source=SOURCE_PROXY if scope != "api" else SOURCE_API, headers=headers)
+
+    def start_hold(self) -> int | None:
+        """While ``hold_start`` is set, the read end of a new pipe for a starting bubblewrap to block on
+        (``--block-fd``; the caller closes it once passed on), else None."""
+        if not self.hold_start:
+            return None
+        read, write = os.pipe()
+        self._held_starts.append(write)
+        return read
 
     def take_lost_create(self) -> bool:
         if self.lose_create > 0:

@@ -19,6 +19,7 @@ import secrets
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -101,13 +102,15 @@ class Pool:
     """Every sandbox of the emulator, and the processes behind the started ones."""
 
     def __init__(self, state_dir: Path, base_url: str, emit: Callable[[Sandbox, str, dict], Awaitable[None]],
-                 *, minute: float = 60.0, cpu_quota: int = 0, create_delay: float = 0.0) -> None:
+                 *, minute: float = 60.0, cpu_quota: int = 0, create_delay: float = 0.0,
+                 start_hold: Callable[[], int | None] = lambda: None) -> None:
         self.state_dir = state_dir
         self.base_url = base_url
         self.emit = emit  # (sandbox, event name, payload) -> socket.io
         self.minute = minute  # seconds per Daytona "minute" (intervals and TTL): tests shrink it
         self.cpu_quota = cpu_quota  # total vCPUs of an organization's running sandboxes; 0 = no limit
         self.create_delay = create_delay
+        self.start_hold = start_hold  # the hold_start fault: an fd a starting bubblewrap blocks on, or None
         self.sandboxes: dict[str, Sandbox] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # the loop holds tasks weakly: one unreferenced may vanish
         # every bwrap started and not yet exited, whatever became of its sandbox's record: close() kills
@@ -116,6 +119,11 @@ class Pool:
         self._binary = bwrap.require_bwrap()
         self._opt = state_dir / "opt"
         self._opt.mkdir(parents=True, exist_ok=True)
+        # a sandbox still in bwrap's setup when the emulator dies outlives it (janitor.py): this one ends them
+        self._janitor = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.daytona_emulator.janitor", "--watch", str(os.getpid()),
+             "--marker", str(self._opt)], cwd=Path(__file__).resolve().parents[3], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, start_new_session=True)
         for name in AGENT_FILES:  # copied: the sandboxes see these, never the checkout
             shutil.copyfile(Path(__file__).with_name(name), self._opt / name)
         layout = bwrap.python_layout(sys.executable, tuple(dict.fromkeys(p for s in SNAPSHOTS.values() for p in s)))
@@ -312,6 +320,7 @@ class Pool:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        hold: int | None = None
         try:
             listener.bind(str(path))
             listener.listen(256)
@@ -321,15 +330,20 @@ class Pool:
             argv = [sys.executable, f"{OPT}/agent.py", "--listen-fd", str(listener.fileno())]
             command = bwrap.sandbox_command(self._binary, self._layout, packages, env, binds, argv, cwd=HOME,
                                             tmp_bytes=TMP_BYTES)
+            hold = self.start_hold()
+            if hold is not None:  # bwrap reads it after its setup, before the agent runs
+                command[1:1] = ["--block-fd", str(hold)]
             # Started from the event loop's thread, which lives as long as the emulator: bwrap's
             # --die-with-parent fires when the thread that forked it ends.
             sandbox.expected_exit = False
             sandbox.process = await asyncio.create_subprocess_exec(
                 *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE, pass_fds=(listener.fileno(),), start_new_session=True,
-                env={"PATH": "/usr/bin:/bin"})
+                stderr=asyncio.subprocess.PIPE, pass_fds=(listener.fileno(), *(() if hold is None else (hold,))),
+                start_new_session=True, env={"PATH": "/usr/bin:/bin"})
         finally:
             listener.close()  # the agent holds its own copy
+            if hold is not None:
+                os.close(hold)
         self._running.add(sandbox.process)
         self._in_background(self._watch(sandbox, sandbox.process))
         deadline = time.monotonic() + READY_TIMEOUT

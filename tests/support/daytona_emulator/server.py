@@ -41,7 +41,8 @@ class Emulator:
         self.requests: Counter[str] = Counter()  # "<scope> <METHOD> <route>" -> count, for tests and bench
         self.sio = socketio.AsyncServer(async_mode="aiohttp", cors_allowed_origins="*", logger=False,
                                         engineio_logger=False)
-        self.pool = Pool(state_dir, base_url, self._emit, minute=minute, cpu_quota=cpu_quota, create_delay=create_delay)
+        self.pool = Pool(state_dir, base_url, self._emit, minute=minute, cpu_quota=cpu_quota, create_delay=create_delay,
+                         start_hold=self.faults.start_hold)
         self.preview = Preview(self.pool, keys, base_url)
         self.toolbox = Toolbox(self.pool, self.org_of)
         self.app = web.Application(middlewares=[self._errors, self._faults], client_max_size=1024 ** 3)

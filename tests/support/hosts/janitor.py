@@ -24,7 +24,7 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["NETNS_DIR", "PREFIX", "netns_name", "owned_namespaces", "processes_in", "sweep"]
+__all__ = ["NETNS_DIR", "PREFIX", "netns_name", "owned_namespaces", "processes_in", "sweep", "wait_for_exit"]
 
 PREFIX = "rlmqh-"
 NETNS_DIR = Path("/run/netns")
@@ -116,7 +116,8 @@ def sweep(owner: int | None = None) -> list[str]:
     return removed
 
 
-def _wait_for_exit(pid: int) -> None:
+def wait_for_exit(pid: int) -> None:
+    """Return once process ``pid`` has ended (at once if it is gone already)."""
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -131,7 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--watch", type=int, required=True, help="sweep what this pid owned once it ends")
     args = parser.parse_args()
-    _wait_for_exit(args.watch)
+    wait_for_exit(args.watch)
     sweep(args.watch)
 
 
