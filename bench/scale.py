@@ -39,6 +39,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,6 +212,12 @@ def wait_all(client: Client, ids: list[str], deadline: float) -> list[RunRecord]
     return records
 
 
+def command_calls(client: redis.Redis) -> dict[str, int]:
+    """Calls per Redis command so far (INFO commandstats): where the commands per request go."""
+    return {name.removeprefix("cmdstat_"): int(stats["calls"])
+            for name, stats in client.info("commandstats").items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = command_line(__doc__, argv, runs=200, prompts=50,
                         rps=(50.0, "the provider's limit R, requests/s (past ~50 the runs' CPU bounds a 2-core box)"),
@@ -235,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             memory.sample()
             cpu_before = memory.cpu_seconds()
             commands_before = int(client.redis.info("stats")["total_commands_processed"])
+            calls_before = command_calls(client.redis)
             with every(1.0, memory.sample):
                 t0 = time.time()
                 ids, submitted = submit_all(client, args)
@@ -243,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             memory.sample()
             redis_peak = int(client.redis.info("memory")["used_memory_peak"])
             commands = int(client.redis.info("stats")["total_commands_processed"]) - commands_before
+            calls = Counter(command_calls(client.redis))
+            calls.subtract(calls_before)
             client.close()
         load = provider_load(stub.requests, args.rps, memory.held_back)
         if args.timeline:
@@ -281,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         ("redis peak RSS MiB", f"{memory.redis_rss / mib:.1f}"),
         ("redis peak connected clients", f"{memory.redis_clients}"),
         ("redis commands per provider request", f"{commands / max(1, load.requests):.1f}"),
+        ("redis top commands per provider request", ", ".join(
+            f"{name} {count / max(1, load.requests):.1f}" for name, count in calls.most_common(6))),
         ("CPU s during the runs", ", ".join(f"{part} {seconds - cpu_before.get(part, 0.0):.1f}"
                                             for part, seconds in sorted(memory.cpu_seconds().items()))),
         ("load average after", " ".join(f"{x:.2f}" for x in load_after)),
