@@ -357,10 +357,6 @@ def test_job_submit_with_max_cost_quotes_first_and_refuses_past_it(client: Clien
 
 
 # last in the module: when it fails, its stalled runs hold the rlm slots of the module's fleet
-@pytest.mark.xfail(strict=False, reason="seen to fail once in 14 runs (2026-12-02), not in 10 since (2026-12-03, 4 "
-                                        "with the whole module): 1-2 runs RUNNING on a live rlm worker stopped making "
-                                        "progress after the Redis restart (claims renewed, so recovery left them); a "
-                                        "failure now prints every worker's thread stacks to say where it waits")
 def test_a_redis_restart_still_answers_every_item_once(client: Client, fleet: Fleet, aof_redis, stub: StubLLM) -> None:
     stub.latency = 0.2
 
