@@ -3,8 +3,9 @@
 At ``celeryd_init`` a worker, in order: refuses to start with a one-line error when its settings are
 bad, a Redis off this machine has no password, or its queues could deadlock (a worker serving both
 ``rlm`` and ``llm`` can have every run slot waiting on sub-tasks no free slot takes); points Celery at
-the settings' Redis; makes itself non-dumpable (``workers.hardening``); and, per queue, turns off
-prefetch (rlm) or preloads the LM client (llm).
+the settings' Redis; makes itself non-dumpable (``workers.hardening``); keeps its consumer alive across
+a Redis restart (``workers.broker_close``); and, per queue, turns off prefetch (rlm) or preloads the LM
+client (llm).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from kombu import Queue
 from rlmq.celery_config import CELERY_CONFIG, LLM_QUEUE, QUEUES, RLM_QUEUE, point_at
 from rlmq.redis_url import celery_settings, unauthenticated_redis_problem
 from rlmq.settings import LogFormat, SandboxBackend, Settings, SettingsError, redis_url_from_env
+from workers.broker_close import tolerate_detached_channels
 from workers.context import setting_at_import, worker_settings
 from workers.hardening import make_non_dumpable
 from workers.log_format import install_json_logs
@@ -43,6 +45,7 @@ def _worker_start(sender: Any = None, conf: Any = None, options: dict[str, Any] 
     settings = _refuse_a_bad_start(queues)
     _use_the_settings_redis(conf, settings)
     make_non_dumpable()  # before the pool forks: the keys in this process's environment stay its own
+    tolerate_detached_channels()  # a Redis restart under a running sub-task must not end the worker
     WORKER_QUEUES.update(queues)
     if RLM_QUEUE in queues:
         _reserve_runs_only_when_free(conf)

@@ -69,6 +69,27 @@ def test_redis_restart_during_a_batch_loses_no_answer(fleet: Fleet, aof_redis, s
     assert all(w.alive for w in fleet.workers)
 
 
+def test_an_llm_worker_running_a_sub_task_outlives_a_redis_restart(fleet: Fleet, aof_redis, stub: StubLLM) -> None:
+    """One sub-task running (unacked: acks_late) on an llm worker with free slots (its BRPOP pending) as
+    Redis stops: the worker reconnects when Redis is back (``workers.broker_close``); it used to exit
+    ("Unrecoverable error: AttributeError"), and a fleet with one llm worker then answered nothing more."""
+    server = aof_redis["server"]
+    r = redis.Redis.from_url(server.url)
+    stub.latency = 3.0  # the sub-call is still at the stub when Redis stops
+    run_id, _ = submit(r, stub, [batch_step(1), "SUBMIT(answers=answers)"], tag="subtask-running")
+    wait_until(lambda: sub_requests(stub) >= 1, 60, "the sub-task running")
+    server.stop()
+    time.sleep(4.0)
+    aof_redis["server"] = start_private_redis(server.port, dir=server.dir, appendonly=True, password=server.password)
+
+    record = wait_status(r, run_id, timeout=120)
+    assert record.status is RunStatus.SUCCEEDED, (record.error, record.error_detail)
+    assert stored_result(r, run_id)["outputs"]["answers"] == ["answer-0"]
+    # a worker that lost its consumer exits once its running sub-task ends, before the run's 3-s SUBMIT step ends
+    dead = [f"{w.name}:\n{w.log_tail(30)}" for w in fleet.workers if not w.alive]
+    assert not dead, "\n".join(dead)
+
+
 def start_up(env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen, str]:
     log = cwd / f"up-{len(list(cwd.glob('up-*.log')))}.log"
     with open(log, "w") as output:
