@@ -6,12 +6,12 @@ every worker process of the fleet obeys one limit per model. Lua scripts on Redi
 (``workers/lua/limit_*.lua``):
 
 - ``acquire``: wait out a cooldown; refuse while ``max_in_flight`` leases are live (expired
-  leases, a dead worker's, are dropped first); then GCRA at the learned rate (a turn within
-  ``RESERVE_SECONDS`` is granted at once, to start then, so waiters do not all ask again at each
-  interval) (times ``margin``,
+  leases, a dead worker's, are dropped first); then GCRA at the learned rate (times ``margin``,
   capped by the optional ceiling; a burst may spend half of what the provider last said
-  remains, up to a second's worth; before the first headers or 429, nothing but the ceiling) and, when a token budget is known, the TPM bucket charged
-  with the request's estimate. A grant adds a lease (expiring after ``lease_seconds``).
+  remains, up to a second's worth; before the first headers or 429, nothing but the ceiling) and,
+  when a token budget is known, the TPM bucket charged with the request's estimate. A turn within
+  ``RESERVE_SECONDS`` is granted at once, to start then (``acquire`` sleeps until it), so waiters
+  do not all ask again at each interval. A grant adds a lease (expiring after ``lease_seconds``).
 - ``observe``: release the lease, wake one waiter, and learn from the reply. With rate-limit
   headers (``workers.rate_headers``) the limit is the geometric mean of the tightest bounds seen
   so far (an upper bound alone, from a near-full bucket, is used as is: the bucket absorbs the
