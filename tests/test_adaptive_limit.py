@@ -421,3 +421,31 @@ def test_a_root_call_over_http_is_priced_without_importing_litellm(stub_llm: Stu
     assert out["text"].startswith("answer:")
     assert out["cost"] == out["priced"] > 0
     assert out["litellm"] is False
+
+
+def _scripts_run(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval"))
+
+
+def test_waiting_callers_are_given_turns_not_a_retry_each_interval(redis_client: redis.Redis) -> None:
+    """60 callers behind a 40/s limit: each is granted its own start time, so the limiter runs about one
+    script per grant and one per release, where each waiter used to ask again at every interval
+    (~80 scripts a request at 128 waiters in bench/scale.py), and the starts still keep to the rate."""
+    limiter = AdaptiveLimiter(redis_client, MODEL, ceiling_rps=40, burst=1, margin=1.0)
+    before = _scripts_run(redis_client)
+    starts: list[float] = []
+
+    def one(_: int) -> None:
+        slot = limiter.acquire(timeout=30)
+        starts.append(time.monotonic())
+        slot.done()
+
+    with ThreadPoolExecutor(60) as pool:
+        list(pool.map(one, range(60)))
+    scripts = _scripts_run(redis_client) - before
+    assert scripts <= 3 * 60, scripts  # acquire + observe a request, and a few second asks
+    starts.sort()
+    assert starts[-1] - starts[0] >= 59 / 40 * 0.9, starts[-1] - starts[0]  # paced, not all at once
+    busiest = max(sum(1 for t in starts if s <= t < s + 1.0) for s in starts)
+    assert busiest <= 40 + 2, busiest

@@ -8,8 +8,10 @@ every worker process of the fleet obeys one limit per model. Lua scripts on Redi
 - ``acquire``: wait out a cooldown; refuse while ``max_in_flight`` leases are live (expired
   leases, a dead worker's, are dropped first); then GCRA at the learned rate (times ``margin``,
   capped by the optional ceiling; a burst may spend half of what the provider last said
-  remains, up to a second's worth; before the first headers or 429, nothing but the ceiling) and, when a token budget is known, the TPM bucket charged
-  with the request's estimate. A grant adds a lease (expiring after ``lease_seconds``).
+  remains, up to a second's worth; before the first headers or 429, nothing but the ceiling) and,
+  when a token budget is known, the TPM bucket charged with the request's estimate. A turn within
+  ``RESERVE_SECONDS`` is granted at once, to start then (``acquire`` sleeps until it), so waiters
+  do not all ask again at each interval. A grant adds a lease (expiring after ``lease_seconds``).
 - ``observe``: release the lease, wake one waiter, and learn from the reply. With rate-limit
   headers (``workers.rate_headers``) the limit is the geometric mean of the tightest bounds seen
   so far (an upper bound alone, from a near-full bucket, is used as is: the bucket absorbs the
@@ -27,6 +29,7 @@ every worker process of the fleet obeys one limit per model. Lua scripts on Redi
 from __future__ import annotations
 
 import math
+import random
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -47,6 +50,8 @@ from rlmq.store.lua import lua_scripts
 from workers.rate_headers import Bounds, parse_rate_headers
 
 __all__ = ["AdaptiveLimiter", "Slot"]
+
+RESERVE_SECONDS = 1.0  # how far ahead a waiting caller's turn is granted (its start then slept out)
 
 _LUA = lua_scripts("workers")  # workers/lua/limit_*.lua: acquire, observe, cooldown
 
@@ -109,29 +114,40 @@ class AdaptiveLimiter:
                       slots_key(name)]
         self._observe_keys = [self._keys[0], self._keys[2], self._keys[4], slots_free_key(name), self._keys[1]]
 
-    def try_acquire(self, tokens: int = 0) -> tuple[Slot | None, float, bool]:
-        """One attempt: (slot, 0, False) if granted, else (None, seconds to wait, waiting on the cap)."""
+    def try_acquire(self, tokens: int = 0, reserve: float = 0.0) -> tuple[Slot | None, float, bool]:
+        """One attempt: (slot, seconds until it may start, False) if granted, else (None, seconds to wait,
+        waiting on the cap). A turn at most ``reserve`` seconds away is granted, to start then."""
         slot_id = uuid.uuid4().hex
         allowed, wait_us, _now, why, *charged = _LUA.run(self.redis, "limit_acquire", self._keys, {
             "initial_rps": self.initial_rps, "ceiling_rps": self.ceiling_rps or 0, "burst": self.burst,
             "margin": self.margin, "ceiling_tpm": self.ceiling_tpm or 0, "tokens": int(tokens),
-            "cap": self.max_in_flight or 0, "lease_us": int(self.lease_seconds * 1e6), "slot": slot_id})
+            "cap": self.max_in_flight or 0, "lease_us": int(self.lease_seconds * 1e6), "slot": slot_id,
+            "reserve_us": int(max(0.0, reserve) * 1e6)})
         if allowed:
-            return Slot(self, slot_id, int(charged[0]), 0.0), 0.0, False
+            return Slot(self, slot_id, int(charged[0]), 0.0), int(wait_us) / 1e6, False
         return None, int(wait_us) / 1e6, bool(why)
 
     def acquire(self, tokens: int = 0, timeout: float | None = None) -> Slot:
-        """Block until a request (of ``tokens`` estimated tokens) may go; raise TimeoutError past ``timeout``."""
+        """Block until a request (of ``tokens`` estimated tokens) may go; raise TimeoutError past ``timeout``.
+
+        A turn within ``RESERVE_SECONDS`` is reserved and slept out here; a caller further back sleeps
+        until its turn comes within reach (plus jitter, so the waiters do not all ask at once)."""
         start = time.monotonic()
         while True:
-            slot, wait, capped = self.try_acquire(tokens)
-            waited = time.monotonic() - start
+            left = None if timeout is None else timeout - (time.monotonic() - start)
+            reach = RESERVE_SECONDS if left is None else max(0.0, min(RESERVE_SECONDS, left))
+            slot, wait, capped = self.try_acquire(tokens, reserve=reach)
             if slot is not None:
-                slot.waited = waited
+                if wait > 0:
+                    time.sleep(wait)
+                slot.waited = time.monotonic() - start
                 return slot
+            waited = time.monotonic() - start
             if timeout is not None and waited + (0.0 if capped else wait) > timeout:
                 raise TimeoutError(f"rate limiter {self.name!r}: no slot within {timeout:.3f}s "
                                    f"({'in-flight cap' if capped else f'next in {wait:.3f}s'})")
+            if not capped and wait > reach:  # not even within reach: come back as it gets there
+                wait = max(0.001, wait - reach) + random.uniform(0.0, reach / 2)
             if capped:  # a release pushes a wake-up; an expiring lease needs no push
                 left = None if timeout is None else timeout - waited
                 self.redis.blpop([self._observe_keys[3]], timeout=max(0.01, min(wait, 1.0, left or 1.0)))

@@ -4,13 +4,17 @@
 -- of what the provider last said remains, up to a second's worth; before anything is learned, only
 -- the ceiling if one is set) and, when a token budget is known,
 -- the TPM bucket charged with the request's estimate. A grant adds a lease expiring after `lease_us`.
+-- A caller's turn at most `reserve_us` away is granted at once, to start then (wait_us): the callers
+-- waiting on the rate are each given their own time, where refusing them all made every one of them
+-- ask again at each interval (~80 scripts per request at 128 waiters).
 --
 -- KEYS[1] the limiter's state hash, KEYS[2] the requests' TAT, KEYS[3] the tokens' TAT, KEYS[4] the
 --         cooldown, KEYS[5] the in-flight leases (sorted set scored by expiry)
 -- ARGV[1] {initial_rps, ceiling_rps (0: none), burst, margin, ceiling_tpm (0: none), tokens, cap (0: none),
---          lease_us, slot}
+--          lease_us, slot, reserve_us (0: grant only what may start now)}
 --
--- -> {allowed, wait_us, now_us, why, tokens charged}; why: 0 rate or cooldown, 1 the in-flight cap
+-- -> {allowed, wait_us (allowed: when to start), now_us, why, tokens charged}; why: 0 rate or cooldown,
+--    1 the in-flight cap
 if redis.replicate_commands then redis.replicate_commands() end
 local a = cjson.decode(ARGV[1])
 local t = redis.call('TIME')
@@ -56,9 +60,11 @@ if tpm > 0 and tokens > 0 then
   tok_new = tok_tat + cost * tok_interval
   wait = math.max(wait, tok_new - now - tpm * tok_interval)
 end
+local start = 0
 if wait > 0 then
   redis.call('HSET', KEYS[1], 'pressed', string.format('%.0f', now))
-  return {0, math.ceil(wait), now, 0}
+  if wait > a.reserve_us then return {0, math.ceil(wait), now, 0} end
+  start = math.ceil(wait)
 end
 if new_tat then
   redis.call('SET', KEYS[2], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
@@ -67,7 +73,7 @@ if tok_new > 0 then
   redis.call('SET', KEYS[3], string.format('%.0f', tok_new), 'PX', math.ceil((tok_new - now) / 1000) + 1)
 end
 if cap > 0 then
-  redis.call('ZADD', KEYS[5], now + a.lease_us, a.slot)
-  redis.call('PEXPIRE', KEYS[5], math.ceil(a.lease_us / 1000) + 1000)
+  redis.call('ZADD', KEYS[5], now + start + a.lease_us, a.slot)
+  redis.call('PEXPIRE', KEYS[5], math.ceil((a.reserve_us + a.lease_us) / 1000) + 1000)
 end
-return {1, 0, now, 0, cost}
+return {1, start, now, 0, cost}

@@ -103,15 +103,17 @@ end
 rate = math.min(math.max(rate, 0.2), 100000)
 -- The GCRA's backlog (TAT - now) was built at the old rate: rescale it to the new one, so a
 -- limit learned on the first reply is used at once, not after the slow start's queue drains.
-local function effective(r)
-  r = r * a.margin
+-- (The rate limit_acquire paces at: before anything is learned, only the ceiling; 0 for none.)
+local function effective(r, m)
   local ceiling = a.ceiling_rps
+  if m == 'start' then return ceiling end
+  r = r * a.margin
   if ceiling > 0 and r > ceiling then r = ceiling end
   return r
 end
-local old = effective(tonumber(s.rate or a.initial_rps))
-local new = effective(rate)
-if new ~= old then
+local old = effective(tonumber(s.rate or a.initial_rps), s.mode or 'start')
+local new = effective(rate, mode)
+if new ~= old and old > 0 and new > 0 then
   local tat = tonumber(redis.call('GET', KEYS[5]) or 0)
   if tat > now then
     tat = now + (tat - now) * old / new
