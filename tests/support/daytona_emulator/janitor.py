@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
-import time
 from pathlib import Path
 
-from tests.support.hosts.janitor import wait_for_exit
+from tests.support.hosts.janitor import kill_until_gone, wait_for_exit
 
 __all__ = ["kill_marked"]
 
@@ -38,15 +36,7 @@ def marked(marker: str) -> list[int]:
 
 def kill_marked(marker: str, timeout: float = 10.0) -> list[int]:
     """SIGKILL every process ``marked`` by ``marker`` until none is left; the pids still there at ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        pids = marked(marker)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if not pids or time.monotonic() > deadline:
-            return pids
-        time.sleep(0.05)
+    return kill_until_gone(lambda: marked(marker), timeout)
 
 
 def main() -> None:

@@ -22,9 +22,10 @@ import select
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["NETNS_DIR", "PREFIX", "netns_name", "owned_namespaces", "processes_in", "sweep", "wait_for_exit"]
+__all__ = ["NETNS_DIR", "PREFIX", "kill_until_gone", "netns_name", "owned_namespaces", "processes_in", "sweep", "wait_for_exit"]
 
 PREFIX = "rlmqh-"
 NETNS_DIR = Path("/run/netns")
@@ -77,9 +78,15 @@ def processes_in(netns: str) -> list[int]:
 
 def kill_namespace_processes(netns: str, timeout: float = 5.0) -> list[int]:
     """SIGKILL everything inside ``netns`` and wait until it is gone; returns the pids still there."""
+    return kill_until_gone(lambda: processes_in(netns), timeout)
+
+
+def kill_until_gone(find: Callable[[], list[int]], timeout: float) -> list[int]:
+    """SIGKILL the processes ``find`` names until it names none (a dying parent may fork one more);
+    the pids still there at ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
-        pids = processes_in(netns)
+        pids = find()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
