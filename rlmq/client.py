@@ -22,12 +22,12 @@ from typing import Any, TypeVar
 
 import redis
 from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError
 
 from rlmq.celery_config import client_app
 from rlmq.flower_repr import describe_value, human_bytes
 from rlmq.inputs import StreamedInput
+from rlmq.redis_retry import OutageRetry
 from rlmq.redis_url import connect
 from rlmq.run_options import check_tools, with_options
 from rlmq.run_send import cancel_run, send_run
@@ -42,7 +42,7 @@ from rlmq.tree import RunTree, read_tree
 __all__ = ["Client", "ClientError", "RedisUnreachable", "UnknownRun", "check_run_id", "check_signature", "check_tool_path", "redis_problem"]
 
 
-_RETRY = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5)  # 0.1 + 0.2 + 0.4 + 0.8 + 1 s
+_RETRY = OutageRetry(ExponentialBackoff(cap=1.0, base=0.05), retries=5)  # 0.1 + 0.2 + 0.4 + 0.8 + 1 s
 _T = TypeVar("_T")
 
 

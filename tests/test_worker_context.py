@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import threading
 import uuid
+from urllib.parse import urlsplit, urlunsplit
 
+import pytest
 import redis
 
+from rlmq.client import Client
 from workers.context import redis_client
 
 RUNS = 200  # what bench/scale.py puts on one worker; redis-py 8's default pool holds 100
@@ -35,3 +38,18 @@ def test_the_shared_client_serves_a_blocking_wait_from_every_run_at_once(redis_u
     for thread in threads:
         thread.join(30)
     assert not errors, f"{len(errors)} of {RUNS} waits failed, e.g. {errors[0]!r}"
+
+
+@pytest.mark.parametrize("make_client", [lambda url: redis_client(url), lambda url: Client(url).redis],
+                         ids=["workers", "client"])
+def test_a_refused_password_is_asked_once_not_waited_out(redis_url: str, make_client) -> None:
+    """redis-py counts a refused password as a connection error, so the outage policy asked it again for its
+    whole budget: 6 times (3 s) before the CLI said "refused the password", 61 (two minutes) in a worker."""
+    admin = redis.Redis.from_url(redis_url)
+    admin.acl_log_reset()  # Redis logs each refused AUTH there (INFO's counter of them is Redis >= 7.2)
+    parts = urlsplit(redis_url)
+    wrong = urlunsplit(parts._replace(netloc=f":wrong@{parts.hostname}:{parts.port}"))
+    with pytest.raises(redis.AuthenticationError):
+        make_client(wrong).ping()
+    assert sum(entry["count"] for entry in admin.acl_log() if entry["reason"] == "auth") == 1
+    admin.close()

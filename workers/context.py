@@ -25,13 +25,14 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
+from rlmq.redis_retry import OutageRetry
 from rlmq.redis_url import connect
 from rlmq.settings import Settings, SettingsError
 
 __all__ = ["MAX_CONNECTIONS", "OUTAGE_RETRY", "SOCKET_TIMEOUT", "redis_client", "setting_at_import", "worker_settings"]
 
 # 0.2 + 0.4 + 0.8 + 1.6 s, then every 2 s: about 115 s in all before the error reaches the caller.
-OUTAGE_RETRY = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=60)
+OUTAGE_RETRY = OutageRetry(ExponentialBackoff(cap=2.0, base=0.1), retries=60)
 _OUTAGE_ERRORS = [redis.ConnectionError, redis.TimeoutError]
 # Longer than any blocking wait sent on these clients (a single-flight waiter's BLPOP lasts up to the
 # lock's lease, 10 s): redis-py 8's default of 5 s would turn that wait into a TimeoutError, retried.
