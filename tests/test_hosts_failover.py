@@ -75,7 +75,7 @@ def test_the_redis_primarys_host_lost_mid_fan_out_fails_over_and_the_run_finishe
     fleet.redis_group.wait_failover(via=fleet.d, away_from=fleet.a)
     failed_over = time.monotonic() - lost_at
     # 44-60 s here; on a loaded box a claim can lapse in the failover's stalls and the restarted run's
-    # message be lost with the old primary: it is sent again 10 leases (200 s) later, hence the bound
+    # message be lost with the old primary: it is sent again 3 leases (60 s) later, hence the bound
     done = fleet.wait_finished(r, run_id, timeout=300)
     recovered = time.monotonic() - lost_at
     assert done.status is RunStatus.SUCCEEDED, why(fleet, r, run_id, script, f"{done.status}: {done.error}")

@@ -43,12 +43,15 @@ __all__ = ["RECOVERY_GRACE_SECONDS", "RESEND_AFTER_LEASES", "maintain", "reap_he
 logger = logging.getLogger(__name__)
 
 # A run still QUEUED this many leases after it was sent (submitted, restarted or handed back) while no
-# message waits in the rlm queue is sent again (300 s with the default 30-s lease): its message was lost.
+# message waits in the rlm queue is sent again (90 s with the default 30-s lease): its message was lost.
+# Run workers take no message they cannot start at once (prefetch is disabled) and claim a run first
+# thing, so a run QUEUED this long with nothing waiting is not in anyone's hands; three leases leave a
+# claim delayed by a Redis stall room, and a lost run waits 90 s, not the 300 s of ten.
 # kombu's BRPOP takes a message off the list before the worker reads it, so a consumer whose connection
 # then breaks loses it (a Redis failover lost a restarted run's message so, tests/test_hosts_faults.py);
 # runs are acked early, so a worker that dies between taking a message and claiming its run loses it too;
 # a promoted replica may never have had it. A duplicate delivery is harmless: the claim runs it once.
-RESEND_AFTER_LEASES = 10
+RESEND_AFTER_LEASES = 3
 RESEND_BATCH = 500  # stale runs looked at per sweep
 
 
