@@ -18,16 +18,7 @@ from workers.liveness import Heartbeat
 from workers.sandbox_registry import LeaseRegistry, SandboxLease, reap_expired
 from workers.ticker import Ticker
 
-
-def start_worker(env_overrides: dict[str, str], *queue_args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RLMQ_", "REDIS_URL"))}
-    env.update(env_overrides)
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    cmd = [sys.executable, "-m", "celery", "-A", "tasks", "worker", *queue_args, "-P", "solo", "--without-mingle"]
-    return subprocess.run(cmd, cwd="/tmp", env=env, capture_output=True, text=True, timeout=60)
-
-
-@pytest.mark.parametrize("env, args, expect", [
+BAD_SETTINGS = [  # (environment, queue arguments, a fragment of the one-line error)
     ({"REDIS_URL": "redis://127.0.0.1:1/0"}, ("-Q", "llm"), "RLMQ_LM is not set"),
     ({"RLMQ_LM": "openai/x"}, ("-Q", "rlm"), "REDIS_URL is not set"),
     ({"REDIS_URL": "redis://127.0.0.1:1/0", "RLMQ_LM": "openai/x", "RLMQ_MAX_ITERS": "many"}, ("-Q", "rlm"),
@@ -36,13 +27,39 @@ def start_worker(env_overrides: dict[str, str], *queue_args: str) -> subprocess.
     ({"REDIS_URL": "redis://127.0.0.1:1/0", "RLMQ_LM": "openai/x"}, (), "pass -Q rlm"),
     ({"REDIS_URL": "redis://redis.example.com:6379/0", "RLMQ_LM": "openai/x"}, ("-Q", "llm"),
      "REDIS_URL points at redis.example.com without a password"),
-])
-def test_bad_worker_settings_stop_it_with_one_line(env, args, expect) -> None:
-    done = start_worker(env, *args)
-    assert done.returncode != 0
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("rlmq worker: ") and expect in lines[0], done.stderr
-    assert "Traceback" not in done.stderr + done.stdout
+]
+
+
+def start_worker(env_overrides: dict[str, str], *queue_args: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RLMQ_", "REDIS_URL"))}
+    env.update(env_overrides)
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    cmd = [sys.executable, "-m", "celery", "-A", "tasks", "worker", *queue_args, "-P", "solo", "--without-mingle"]
+    return subprocess.Popen(cmd, cwd="/tmp", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def badly_set_workers() -> list[tuple[int, str, str]]:
+    """Every case's worker, started at once (each imports the tasks first, ~2 s): (exit code, stdout, stderr)."""
+    workers = [start_worker(env, *args) for env, args, _ in BAD_SETTINGS]
+    ended = []
+    for worker in workers:
+        try:
+            out, err = worker.communicate(timeout=60)
+        finally:
+            worker.kill()
+        ended.append((worker.returncode, out, err))
+    return ended
+
+
+@pytest.mark.parametrize("case", range(len(BAD_SETTINGS)), ids=[expect for *_, expect in BAD_SETTINGS])
+def test_bad_worker_settings_stop_it_with_one_line(case: int, badly_set_workers) -> None:
+    expect = BAD_SETTINGS[case][2]
+    returncode, stdout, stderr = badly_set_workers[case]
+    assert returncode != 0
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("rlmq worker: ") and expect in lines[0], stderr
+    assert "Traceback" not in stderr + stdout
 
 
 def test_result_expires_reaches_celerys_result_backend(redis_url: str, redis_client: redis.Redis) -> None:
