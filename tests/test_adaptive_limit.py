@@ -222,6 +222,7 @@ def _hold_slots_and_die(redis_url: str, count: int, ready) -> None:
     time.sleep(60)
 
 
+@pytest.mark.slow  # waits out a timeout: not for the fast lane
 def test_a_dead_workers_slots_come_back_when_their_leases_expire(
         redis_url: str, redis_client: redis.Redis, mp_context: ForkServerContext) -> None:
     ready = mp_context.Event()

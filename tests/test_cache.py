@@ -158,6 +158,7 @@ def test_exception_in_compute_hands_over_to_a_waiter(redis_client: redis.Redis) 
     assert sum(o == ({"text": "ok"}, True) for o in outcomes) == 2
 
 
+@pytest.mark.slow  # waits out a timeout: not for the fast lane
 def test_dead_leader_is_taken_over_after_lock_ttl(
     redis_url: str, redis_client: redis.Redis, mp_context: ForkServerContext
 ) -> None:

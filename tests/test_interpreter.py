@@ -225,6 +225,7 @@ def test_shutdown_ends_the_session(backend):
     interp.shutdown()  # idempotent
 
 
+@pytest.mark.slow  # waits out a timeout: not for the fast lane
 def test_hung_execute_times_out_and_the_interpreter_reports_itself_dead(backend):
     interpreter = make_factory(backend, execution_timeout=2)()
     try:

@@ -10,6 +10,8 @@ import pytest
 from broker_bridge import SandboxTimeout
 from tests.support.sandboxes import assert_local_sandbox_gone, make_factory
 
+pytestmark = pytest.mark.slow  # each waits out a step's timeout: not for the fast lane
+
 
 def slow_tool(seconds: float) -> str:
     time.sleep(seconds)

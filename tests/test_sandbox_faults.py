@@ -46,6 +46,7 @@ def test_printing_100_mb_is_capped_with_a_statement(sandbox_pool):
         assert sandbox.execute("print('still alive')") == "still alive"
 
 
+@pytest.mark.slow  # waits out a timeout: not for the fast lane
 def test_infinite_loop_times_out_and_kills_the_sandbox():
     interpreter, sandbox_id, runtime_dir = started_local(execution_timeout=1.5)
     with pytest.raises(SandboxTimeout, match=r"exceeded the 1\.5s limit"):
