@@ -467,10 +467,18 @@ def test_a_sigkilled_emulator_takes_its_sandboxes_with_it():
 
         assert wait_until(lambda: bwraps() == 4, timeout=15), "two bwraps per sandbox: outside and its init"
         tree = _tree(emulator.process.pid)
+        # its own state directory (sandbox homes; --state-dir not given) and its agents' sockets' directory
+        state_dir = next(Path(a.decode()).parent for _, _, command in tree.values()
+                         for a in command.split(b"\0") if a.endswith(b"/opt") and b"daytona-emulator-" in a)
+        run_dir = next(Path(line.split()[-1]).parent for line in Path("/proc/net/unix").read_text().splitlines()
+                       if line.endswith(f"/{started.id}.sock"))
+        assert state_dir.is_dir() and run_dir.is_dir()
         emulator.process.kill()
         emulator.process.wait()
         wait_until(lambda: not _survivors(tree), timeout=10)
         assert _survivors(tree) == []
+        assert wait_until(lambda: not state_dir.exists() and not run_dir.exists(), timeout=15), \
+            f"left on disk: {[str(d) for d in (state_dir, run_dir) if d.exists()]}"
 
 
 def test_preview_latency_slows_only_preview_requests(emulator, client):

@@ -58,7 +58,8 @@ async def _serve(args: argparse.Namespace, keys: dict[str, str], state_dir: Path
     host, port = sock.getsockname()[:2]
     base_url = f"http://{host}:{port}"
     emulator = Emulator(state_dir, base_url, keys, minute=args.minute, cpu_quota=args.cpu_quota,
-                        create_delay=args.create_delay, faults=json.loads(args.faults) if args.faults else None)
+                        create_delay=args.create_delay, faults=json.loads(args.faults) if args.faults else None,
+                        owns_state_dir=not args.state_dir)
     runner = await serve(emulator, sock)
     print(f"{base_url}/api", flush=True)  # the first line of stdout: what DAYTONA_API_URL should be
     stop = asyncio.Event()

@@ -7,7 +7,9 @@ while a sandbox starts) leaves that init to run the agent, reparented to PID 1.
 ``python -m tests.support.daytona_emulator.janitor --watch PID --marker PATH`` (started by the emulator's
 ``Pool``) waits for PID to end, then SIGKILLs every process whose command line holds PATH (the
 emulator's own ``/opt/daytona`` source, in the arguments of each of its bwraps) until none is left;
-everything else in a sandbox dies with its init (its pid namespace ends). Stdlib only: it starts fast.
+everything else in a sandbox dies with its init (its pid namespace ends). Then it removes each
+``--remove`` directory, as the emulator's own close would have (sandbox homes, agents' sockets).
+Stdlib only until then: it starts fast.
 """
 
 from __future__ import annotations
@@ -43,9 +45,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--watch", type=int, required=True, help="the emulator's pid")
     parser.add_argument("--marker", required=True, help="an argument each of its bwraps carries")
+    parser.add_argument("--remove", action="append", default=[], help="a directory to remove afterwards")
     args = parser.parse_args()
     wait_for_exit(args.watch)
     kill_marked(args.marker)
+    from broker_bridge.backends.host_writes import remove_tree  # sandbox code may have locked its home
+
+    for directory in args.remove:
+        remove_tree(Path(directory))
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ class Pool:
 
     def __init__(self, state_dir: Path, base_url: str, emit: Callable[[Sandbox, str, dict], Awaitable[None]],
                  *, minute: float = 60.0, cpu_quota: int = 0, create_delay: float = 0.0,
-                 start_hold: Callable[[], int | None] = lambda: None) -> None:
+                 start_hold: Callable[[], int | None] = lambda: None, owns_state_dir: bool = False) -> None:
         self.state_dir = state_dir
         self.base_url = base_url
         self.emit = emit  # (sandbox, event name, payload) -> socket.io
@@ -119,11 +119,16 @@ class Pool:
         self._binary = bwrap.require_bwrap()
         self._opt = state_dir / "opt"
         self._opt.mkdir(parents=True, exist_ok=True)
-        # a sandbox still in bwrap's setup when the emulator dies outlives it (janitor.py): this one ends them
+        # Agents' sockets: host-only paths, short enough for sun_path (107 bytes) wherever the state is
+        self._run_dir = Path(tempfile.mkdtemp(prefix="daytona-emulator-run-"))
+        # a sandbox still in bwrap's setup when the emulator dies outlives it (janitor.py): this one ends them,
+        # then removes what close() would have (the whole state directory when it is the emulator's own)
+        litter = [self._run_dir, state_dir if owns_state_dir else state_dir / "homes"]
         self._janitor = subprocess.Popen(
             [sys.executable, "-m", "tests.support.daytona_emulator.janitor", "--watch", str(os.getpid()),
-             "--marker", str(self._opt)], cwd=Path(__file__).resolve().parents[3], stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, start_new_session=True)
+             "--marker", str(self._opt), *(f"--remove={path}" for path in litter)],
+            cwd=Path(__file__).resolve().parents[3], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            start_new_session=True)
         for name in AGENT_FILES:  # copied: the sandboxes see these, never the checkout
             shutil.copyfile(Path(__file__).with_name(name), self._opt / name)
         layout = bwrap.python_layout(sys.executable, tuple(dict.fromkeys(p for s in SNAPSHOTS.values() for p in s)))
@@ -135,8 +140,6 @@ class Pool:
         self._layout = layout
         self._packages = {name: tuple(p for p in wanted if p in layout.packages)  # numpy only where installed
                           for name, wanted in SNAPSHOTS.items()}
-        # Agents' sockets: host-only paths, short enough for sun_path (107 bytes) wherever the state is
-        self._run_dir = Path(tempfile.mkdtemp(prefix="daytona-emulator-run-"))
         (state_dir / "homes").mkdir(exist_ok=True)
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:

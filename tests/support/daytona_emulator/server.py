@@ -32,7 +32,8 @@ TICK_SECONDS = 0.1
 
 class Emulator:
     def __init__(self, state_dir: Path, base_url: str, keys: dict[str, str], *, minute: float = 60.0,
-                 cpu_quota: int = 0, create_delay: float = 0.0, faults: dict[str, Any] | None = None) -> None:
+                 cpu_quota: int = 0, create_delay: float = 0.0, faults: dict[str, Any] | None = None,
+                 owns_state_dir: bool = False) -> None:
         self.keys = keys  # API key -> organization id
         self.base_url = base_url
         self.faults = Faults()
@@ -42,7 +43,7 @@ class Emulator:
         self.sio = socketio.AsyncServer(async_mode="aiohttp", cors_allowed_origins="*", logger=False,
                                         engineio_logger=False)
         self.pool = Pool(state_dir, base_url, self._emit, minute=minute, cpu_quota=cpu_quota, create_delay=create_delay,
-                         start_hold=self.faults.start_hold)
+                         start_hold=self.faults.start_hold, owns_state_dir=owns_state_dir)
         self.preview = Preview(self.pool, keys, base_url)
         self.toolbox = Toolbox(self.pool, self.org_of)
         self.app = web.Application(middlewares=[self._errors, self._faults], client_max_size=1024 ** 3)
